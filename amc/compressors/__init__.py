@@ -1,0 +1,1 @@
+"""amc.compressors"""

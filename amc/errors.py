@@ -34,3 +34,7 @@ class TrainingError(AmcError, RuntimeError):
 
 class DataError(AmcError, ValueError):
     """A dataset is missing, empty or malformed."""
+
+
+class GraphError(AmcError, RuntimeError):
+    """A ReconstructedNetwork is internally inconsistent (found by `lint()`)."""

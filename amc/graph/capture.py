@@ -1,0 +1,535 @@
+"""Capture-boundary tracing: record what one real forward pass did, then rebuild it as modules.
+
+Three interception points, all active only between the boundaries:
+- `nn.Module.__call__`: registered module types become leaf nodes holding the original module;
+  every other module (containers, custom blocks, even custom leaves) is traced into.
+- a `TorchFunctionMode`: torch functions, Tensor methods and operators become op-module nodes.
+- `torch.autograd.Function.apply`: a custom autograd Function is kept whole (its backward too).
+
+Sizes read from tensors (`x.shape`, `x.size(1)`, `x.numel()`) come back as `TracedInt`s that remember
+where they came from, so `x.view(x.size(0), -1)` replays with the batch (and channel) sizes of the
+run, never the captured ones. Because capture runs the real forward, Python control flow, loops and
+containers need no support at all: the path taken is what is recorded.
+"""
+from __future__ import annotations
+
+import inspect
+import itertools
+import warnings
+from collections import Counter
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.overrides import TorchFunctionMode
+
+from ..errors import CaptureError
+from .node import InputNode, Node
+from .ops import (AutogradFunctionOp, Constant, FunctionOp, GetAttr, ParamHolder, SetItem, TensorSize,
+                  function_spec, module_spec, name_of_callable)
+from .template import Ref, iter_refs, map_template
+
+_ACTIVE: Optional["Tracer"] = None
+_ORIG_CALL = nn.Module.__call__
+_ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
+_PASS_THROUGH = {
+    torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.__len__, torch.Tensor.item, torch.Tensor.tolist,
+    torch.Tensor.numpy, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
+    torch.Tensor.__index__, torch.Tensor.__format__, torch.Tensor.__repr__, torch.Tensor.is_contiguous,
+    torch.Tensor.stride, torch.Tensor.data_ptr, torch.Tensor.storage_offset, torch.Tensor.is_floating_point,
+    torch.Tensor.element_size, torch.Tensor.get_device, torch.Tensor.__hash__, torch.Tensor.__array__,
+    torch.Tensor.untyped_storage, torch.Tensor.nelement if hasattr(torch.Tensor, "nelement") else torch.Tensor.dim,
+    torch.Tensor.register_hook, torch.Tensor.retain_grad, torch.Tensor.requires_grad_,
+}
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                    "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
+
+
+def _is_getter(func: Any) -> bool:
+    return getattr(func, "__name__", None) == "__get__" and type(func).__name__ == "method-wrapper"
+
+
+def is_inplace(func: Any) -> bool:
+    """True for `add_`-style methods and augmented assignments: they mutate their first argument."""
+    name = getattr(func, "__name__", "") or ""
+    return name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes that remember their origin.
+
+class TracedInt(int):
+    """An int read from a tensor's shape during capture; arithmetic on it is recorded."""
+
+    def __new__(cls, value: int, ref: Ref) -> "TracedInt":
+        obj = int.__new__(cls, value)
+        obj._amc_ref = ref
+        return obj
+
+    def __reduce__(self):  # pickles (and deep-copies) as the plain int it stands for
+        return (int, (int(self),))
+
+    def _arith(self, other: Any, op: Any, reverse: bool = False) -> Any:
+        a, b = (other, self) if reverse else (self, other)
+        result = op(int(a) if isinstance(a, int) else a, int(b) if isinstance(b, int) else b)
+        tracer = _ACTIVE
+        if tracer is None or tracer.state != "recording" or type(result) is not int:
+            return result
+        if not isinstance(other, (int, TracedInt)) or isinstance(other, bool):
+            return result
+        return tracer.record_int_arith(op, (a, b), result)
+
+
+def _make_arith(op: Any, reverse: bool = False):
+    def method(self: TracedInt, other: Any) -> Any:
+        return self._arith(other, op, reverse)
+    return method
+
+
+import operator as _op  # noqa: E402  (kept next to its only use)
+
+for _name, _fn in [("add", _op.add), ("sub", _op.sub), ("mul", _op.mul), ("floordiv", _op.floordiv),
+                   ("mod", _op.mod)]:
+    setattr(TracedInt, f"__{_name}__", _make_arith(_fn))
+    setattr(TracedInt, f"__r{_name}__", _make_arith(_fn, reverse=True))
+TracedInt.__neg__ = lambda self: self._arith(0, lambda a, b: -a)  # type: ignore[assignment]
+
+
+class TracedSize(tuple):
+    """`x.shape` during capture: a tuple of TracedInts that also knows the whole-shape node."""
+
+    def __new__(cls, values: Tuple[int, ...], ref: Ref) -> "TracedSize":
+        obj = tuple.__new__(cls, (TracedInt(v, Ref(ref.node, (i,))) for i, v in enumerate(values)))
+        obj._amc_ref = ref
+        return obj
+
+    def numel(self) -> int:
+        n = 1
+        for v in self:
+            n *= v
+        return n
+
+    def __reduce__(self):
+        return (torch.Size, (tuple(int(v) for v in self),))
+
+
+def _plain(obj: Any) -> Any:
+    """The concrete value of a possibly traced argument (what torch itself should see)."""
+    if isinstance(obj, TracedInt):
+        return int(obj)
+    if isinstance(obj, TracedSize):
+        return torch.Size(int(v) for v in obj)
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (TracedInt, list, tuple, slice)) for v in obj):
+        vals = [_plain(v) for v in obj]
+        return vals if isinstance(obj, list) else (type(obj)(*vals) if hasattr(obj, "_fields") else tuple(vals))
+    if isinstance(obj, dict) and obj:
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, slice):
+        return slice(_plain(obj.start), _plain(obj.stop), _plain(obj.step))
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+
+class Tracer(TorchFunctionMode):
+    """State of one capture. Use `trace()` or the seed's boundary functions, not this class."""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root = root
+        self.state = "waiting"  # -> "recording" during the root call -> "done"
+        self.nodes: List[Node] = []
+        self.modules: Dict[str, nn.Module] = {}
+        self.input_nodes: List[InputNode] = []
+        self.input_constants: Dict[Any, Any] = {}
+        self.outputs: Any = None
+        self.fallbacks: Counter = Counter()
+        self._values: Dict[int, Ref] = {}
+        self._keepalive: List[Any] = []
+        self._leaf_depth = 0
+        self._scope: List[str] = []
+        self._names: set = set()
+        self._module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+        self._module_keys: Dict[int, str] = {}
+        self._params: Dict[int, Tuple[str, torch.Tensor, bool]] = {}
+        for n, p in root.named_parameters(remove_duplicate=False):
+            self._params.setdefault(id(p), (n, p, False))
+        for n, b in root.named_buffers(remove_duplicate=False):
+            self._params.setdefault(id(b), (n, b, True))
+        self._param_nodes: Dict[int, str] = {}
+        self._const_nodes: Dict[int, str] = {}
+        self._anon = itertools.count()
+
+    # -- naming ------------------------------------------------------------------------------
+    def _unique(self, base: str) -> str:
+        base = base or "node"
+        name, i = base, 1
+        while name in self._names:
+            name, i = f"{base}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def _key_for(self, name: str) -> str:
+        key, i = name.replace(".", "_"), 1
+        base = key
+        while key in self.modules:
+            key, i = f"{base}_{i}", i + 1
+        return key
+
+    def _scoped(self, short: str) -> str:
+        scope = self._scope[-1] if self._scope else ""
+        return f"{scope}.{short}" if scope else short
+
+    # -- values ------------------------------------------------------------------------------
+    def _is_traced(self, obj: Any) -> bool:
+        if isinstance(obj, torch.Tensor):
+            return id(obj) in self._values or id(obj) in self._params
+        if isinstance(obj, (TracedInt, TracedSize)):
+            return True
+        if isinstance(obj, (list, tuple)):
+            return any(self._is_traced(v) for v in obj)
+        if isinstance(obj, dict):
+            return any(self._is_traced(v) for v in obj.values())
+        if isinstance(obj, slice):
+            return any(self._is_traced(v) for v in (obj.start, obj.stop, obj.step))
+        return False
+
+    def _leaf_template(self, obj: Any) -> Any:
+        if isinstance(obj, TracedSize):
+            return obj._amc_ref
+        if isinstance(obj, TracedInt):
+            return obj._amc_ref
+        if isinstance(obj, torch.Tensor):
+            ref = self._values.get(id(obj))
+            if ref is not None:
+                return ref
+            if id(obj) in self._params:
+                return Ref(self._param_node(obj))
+            return Ref(self._const_node(obj))
+        if isinstance(obj, torch.Size):
+            return tuple(int(v) for v in obj)
+        return obj
+
+    def to_template(self, obj: Any) -> Any:
+        if isinstance(obj, (TracedSize, TracedInt, torch.Tensor)):
+            return self._leaf_template(obj)
+        if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
+            vals = [self.to_template(v) for v in obj]
+            if isinstance(obj, list):
+                return vals
+            return type(obj)(*vals) if hasattr(obj, "_fields") else tuple(vals)
+        if isinstance(obj, dict):
+            return type(obj)((k, self.to_template(v)) for k, v in obj.items())
+        if isinstance(obj, slice):
+            return slice(self.to_template(obj.start), self.to_template(obj.stop), self.to_template(obj.step))
+        return self._leaf_template(obj)
+
+    def _param_node(self, t: torch.Tensor) -> str:
+        if id(t) not in self._param_nodes:
+            pname, tensor, is_buffer = self._params[id(t)]
+            name = self._unique(pname)
+            self._add(name, ParamHolder(tensor, is_buffer), (), {}, {"op": "Parameter", "target": pname}, t)
+            self._param_nodes[id(t)] = name
+        return self._param_nodes[id(t)]
+
+    def _const_node(self, t: torch.Tensor) -> str:
+        if id(t) not in self._const_nodes:
+            name = self._unique(self._scoped("constant"))
+            self._add(name, Constant(t), (), {}, {"op": "Constant"}, t)
+            self._const_nodes[id(t)] = name
+        return self._const_nodes[id(t)]
+
+    def _bind(self, node: str, out: Any, path: Tuple[Any, ...] = ()) -> None:
+        if isinstance(out, torch.Tensor):
+            self._values[id(out)] = Ref(node, path)
+            self._keepalive.append(out)
+        elif isinstance(out, (list, tuple)):
+            for i, v in enumerate(out):
+                self._bind(node, v, path + (i,))
+        elif isinstance(out, dict):
+            for k, v in out.items():
+                self._bind(node, v, path + (k,))
+
+    def _add(self, name: str, module: nn.Module, args: Any, kwargs: Any, meta: Dict[str, Any], out: Any,
+             key: Optional[str] = None) -> Node:
+        if key is None:
+            key = self._key_for(name)
+            self.modules[key] = module
+        meta.setdefault("out", describe(out))
+        node = Node(name, key, tuple(args), dict(kwargs), meta)
+        self.nodes.append(node)
+        self._bind(name, out)
+        return node
+
+    # -- recording ---------------------------------------------------------------------------
+    def record_int_arith(self, op: Any, operands: Tuple[Any, Any], result: int) -> TracedInt:
+        name = self._unique(self._scoped(op.__name__))
+        args = tuple(self.to_template(v) for v in operands)
+        if op.__name__ == "<lambda>":  # unary minus
+            op, args = _op.neg, args[1:]
+        self._add(name, FunctionOp(op), args, {}, {"op": "IntArith"}, None)
+        return TracedInt(result, Ref(name))
+
+    def _record_size(self, x: torch.Tensor, dim: Optional[int], numel: bool = False) -> Any:
+        value = x.numel() if numel else (x.shape if dim is None else x.shape[dim])
+        short = "numel" if numel else ("size" if dim is None else f"size{dim}")
+        name = self._unique(self._scoped(short))
+        self._add(name, TensorSize(dim, numel), (self.to_template(x),), {}, {"op": "TensorSize"}, None)
+        if dim is None and not numel:
+            return TracedSize(tuple(value), Ref(name))
+        return TracedInt(value, Ref(name))
+
+    def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if self.state != "recording" or self._leaf_depth or func in _PASS_THROUGH:
+            return func(*_plain(args), **_plain(kwargs))
+        if _is_getter(func):
+            return self._getter(func, args)
+        if func is torch.Tensor.size and self._is_traced(args[0]):
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            return self._record_size(args[0], None if dim is None else int(dim))
+        if func is torch.Tensor.numel and self._is_traced(args[0]):
+            return self._record_size(args[0], None, numel=True)
+        if not self._is_traced(args) and not self._is_traced(kwargs):
+            return func(*_plain(args), **_plain(kwargs))
+        return self._record_call(func, args, kwargs)
+
+    def _getter(self, func: Any, args: Tuple[Any, ...]) -> Any:
+        attr = getattr(func.__self__, "__name__", "")
+        x = args[0]
+        if attr == "shape" and self._is_traced(x):
+            return self._record_size(x, None)
+        out = func(*args)
+        if isinstance(out, torch.Tensor) and self._is_traced(x) and attr not in ("grad",):
+            name = self._unique(self._scoped(attr))
+            self._add(name, GetAttr(attr), (self.to_template(x),), {}, {"op": "GetAttr"}, out)
+        return out
+
+    def _record_call(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        targs, tkwargs = self.to_template(args), self.to_template(kwargs)
+        out = func(*_plain(args), **_plain(kwargs))
+        short = (getattr(func, "__name__", None) or "call").strip("_") or "call"
+        name = self._unique(self._scoped(short))
+        spec = function_spec(func)
+        if func is torch.Tensor.__setitem__:
+            module: nn.Module = SetItem()
+            meta = {"op": "SetItem", "mutates": True}
+            out = args[0]
+        else:
+            module = (spec.wrapper if spec else FunctionOp)(func)
+            meta = {"op": spec.name if spec else "Fallback"}
+            if spec is None:
+                self.fallbacks[name_of_callable(func) or repr(func)] += 1
+                meta["fallback"] = True
+            if is_inplace(func):
+                meta["mutates"] = True
+        if meta.get("mutates"):
+            self._mark_mutated_constant(targs)
+        self._add(name, module, targs, tkwargs, meta, out)
+        if isinstance(out, torch.Size):
+            return TracedSize(tuple(out), Ref(name))
+        return out
+
+    def _mark_mutated_constant(self, targs: Any) -> None:
+        first = targs[0] if targs else None
+        if isinstance(first, Ref) and isinstance(self.modules.get(self._node_key(first.node)), Constant):
+            self.modules[self._node_key(first.node)].clone = True
+
+    def _node_key(self, name: str) -> Optional[str]:
+        for n in reversed(self.nodes):
+            if n.name == name:
+                return n.module
+        return None
+
+    def call_module(self, mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        spec = module_spec(mod)
+        if spec is None or not spec.leaf:
+            self._scope.append(self._module_names.get(id(mod), type(mod).__name__.lower()))
+            try:
+                return _ORIG_CALL(mod, *args, **kwargs)
+            finally:
+                self._scope.pop()
+        if not self._is_traced(args) and not self._is_traced(kwargs):
+            return _ORIG_CALL(mod, *args, **kwargs)
+        targs, tkwargs = self.to_template(args), self.to_template(kwargs)
+        self._leaf_depth += 1
+        try:
+            out = _ORIG_CALL(mod, *_plain(args), **_plain(kwargs))
+        finally:
+            self._leaf_depth -= 1
+        mname = self._module_names.get(id(mod)) or f"{type(mod).__name__.lower()}{next(self._anon)}"
+        key = self._module_keys.get(id(mod))
+        name = self._unique(mname or type(mod).__name__.lower())
+        node = self._add(name, mod, targs, tkwargs, {"op": spec.name, "target": mname}, out, key=key)
+        self._module_keys.setdefault(id(mod), node.module)
+        return out
+
+    def call_autograd_function(self, cls: type, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        targs, tkwargs = self.to_template(args), self.to_template(kwargs)
+        self._leaf_depth += 1
+        try:
+            out = _ORIG_APPLY.__get__(None, cls)(*_plain(args), **_plain(kwargs))
+        finally:
+            self._leaf_depth -= 1
+        name = self._unique(self._scoped(cls.__name__.lower()))
+        self._add(name, AutogradFunctionOp(cls.apply), targs, tkwargs, {"op": "AutogradFunction"}, out)
+        return out
+
+    # -- the root call -------------------------------------------------------------------------
+    def run_root(self, mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        self.state = "recording"
+        try:
+            names = list(inspect.signature(mod.forward).parameters)
+        except (TypeError, ValueError):
+            names = []
+        for i, a in enumerate(args):
+            base = names[i] if i < len(names) and not names[i].startswith("*") else f"input_{i}"
+            self._add_input(base, i, a)
+        for k, v in kwargs.items():
+            self._add_input(k, k, v)
+        try:
+            out = self.call_module(mod, args, kwargs) if module_spec(mod) else _ORIG_CALL(mod, *args, **kwargs)
+        finally:
+            self.state = "done"
+        self.outputs = self.to_template(out)
+        return out
+
+    def _add_input(self, name: str, index: Any, value: Any) -> None:
+        if not _contains_tensor(value):
+            self.input_constants[index] = value
+            return
+        name = self._unique(name)
+        self.input_nodes.append(InputNode(name, index, {"out": describe(value)}))
+        self._bind(name, value)
+
+    # -- boundary ------------------------------------------------------------------------------
+    def start(self) -> None:
+        global _ACTIVE
+        if _ACTIVE is not None:
+            raise CaptureError("a capture is already in progress: call insertCaptureBoundaryEnd() first")
+        _ACTIVE = self
+        nn.Module.__call__ = _patched_call
+        torch.autograd.Function.apply = classmethod(_patched_apply)
+        self.__enter__()
+
+    def end(self) -> None:
+        global _ACTIVE
+        try:
+            self.__exit__(None, None, None)
+        finally:
+            nn.Module.__call__ = _ORIG_CALL
+            torch.autograd.Function.apply = _ORIG_APPLY
+            _ACTIVE = None
+
+    def build(self, name: str = "") -> "ReconstructedNetwork":
+        from .network import ReconstructedNetwork
+
+        if self.state == "waiting":
+            raise CaptureError("the network was never called between the capture boundaries: call "
+                               "network(example_input) after insertCaptureBoundaryStart(network)")
+        if not any(True for r in iter_refs(self.outputs) if r.node not in self._const_names()):
+            raise CaptureError(f"{type(self.root).__name__} returned no tensor computed from its inputs "
+                               f"(got {describe(self.outputs)}); amc captures networks whose outputs are tensors")
+        nodes = _dead_code_elimination(self.nodes, self.outputs, self.modules)
+        used = {n.module for n in nodes}
+        modules = {k: m for k, m in self.modules.items() if k in used}
+        meta = {"source": f"{type(self.root).__module__}.{type(self.root).__qualname__}",
+                "fallback_ops": dict(self.fallbacks), "input_constants": self.input_constants,
+                "training": self.root.training}
+        if self.fallbacks:
+            warnings.warn("amc capture: ops without a dedicated wrapper were captured by the generic replay "
+                          f"node (exact, but frozen for pruning): {dict(self.fallbacks)}", stacklevel=3)
+        return ReconstructedNetwork(modules, self.input_nodes, nodes, self.outputs, meta)
+
+    def _const_names(self) -> set:
+        return set(self._const_nodes.values())
+
+
+def _patched_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    tracer = _ACTIVE
+    if tracer is None:
+        return _ORIG_CALL(mod, *args, **kwargs)
+    if tracer.state == "waiting" and mod is tracer.root:
+        return tracer.run_root(mod, args, kwargs)
+    if tracer.state != "recording" or tracer._leaf_depth:
+        return _ORIG_CALL(mod, *args, **kwargs)
+    return tracer.call_module(mod, args, kwargs)
+
+
+def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+    tracer = _ACTIVE
+    if tracer is None or tracer.state != "recording" or tracer._leaf_depth or not tracer._is_traced((args, kwargs)):
+        return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
+    return tracer.call_autograd_function(cls, args, kwargs)
+
+
+def _contains_tensor(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return any(_contains_tensor(v) for v in obj)
+    if isinstance(obj, dict):
+        return any(_contains_tensor(v) for v in obj.values())
+    return False
+
+
+def describe(obj: Any) -> Any:
+    """JSON-friendly summary of a value: shapes and dtypes of tensors, structure kept."""
+    if isinstance(obj, torch.Tensor):
+        return {"shape": list(obj.shape), "dtype": str(obj.dtype).replace("torch.", "")}
+    if isinstance(obj, (list, tuple)):
+        return [describe(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): describe(v) for k, v in obj.items()}
+    if isinstance(obj, Ref):
+        return repr(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj if not isinstance(obj, TracedInt) else int(obj)
+    return type(obj).__name__
+
+
+_PURE_OPS = {"TensorSize", "IntArith", "GetAttr", "Parameter", "Constant"}
+
+
+def _dead_code_elimination(nodes: List[Node], outputs: Any, modules: Dict[str, nn.Module]) -> List[Node]:
+    """Drop size reads, int arithmetic and pure tensor ops whose results nobody used (asserts, prints)."""
+    used = {r.node for r in iter_refs(outputs)}
+    keep: List[Node] = []
+    for node in reversed(nodes):
+        pure = node.meta.get("op") in _PURE_OPS or (
+            isinstance(modules[node.module], FunctionOp) and not isinstance(modules[node.module], AutogradFunctionOp)
+            and not node.meta.get("mutates"))
+        if node.name in used or not pure:
+            keep.append(node)
+            used.update(r.node for r in iter_refs((node.args, node.kwargs)))
+    keep.reverse()
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry points.
+
+def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "ReconstructedNetwork":
+    """Run `model` once on the example inputs and return the captured ReconstructedNetwork.
+
+    >>> net = amc.trace(torchvision.models.resnet18().eval(), torch.randn(2, 3, 224, 224))
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"amc.trace expects an nn.Module, got {type(model).__name__}; "
+                           "wrap plain functions in an nn.Module first")
+    if not example_inputs and not example_kwargs:
+        raise CaptureError("amc.trace needs example inputs: amc.trace(model, torch.randn(1, 3, 224, 224))")
+    tracer = Tracer(model)
+    tracer.start()
+    try:
+        with torch.no_grad():
+            model(*example_inputs, **example_kwargs)
+    except CaptureError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised with context
+        raise CaptureError(f"running {type(model).__name__} on the example inputs failed: "
+                           f"{type(exc).__name__}: {exc}. Check that the inputs run in eager mode "
+                           f"(shapes {describe(list(example_inputs))}).") from exc
+    finally:
+        tracer.end()
+    return tracer.build()

@@ -1,0 +1,79 @@
+"""MACs and parameter counting over a ReconstructedNetwork, one rule per op in the op registry.
+
+Module rules follow the ptflops / Torch-Pruning conventions (conv and linear with bias, norms 2x
+numel when affine, activations and pools by numel) so that our counts compare like for like.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+
+from .network import ReconstructedNetwork
+from .node import Node
+from .ops import FunctionOp, spec_of
+
+
+def _as_network(model: nn.Module, example_inputs: Tuple[Any, ...]) -> ReconstructedNetwork:
+    if isinstance(model, ReconstructedNetwork):
+        return model
+    from .capture import trace
+
+    return trace(model, *example_inputs)
+
+
+def node_costs(net: ReconstructedNetwork, *example_inputs: Any) -> List[Dict[str, Any]]:
+    """Per node: name, op, output shapes and MACs, measured by running the graph once."""
+    if not example_inputs:
+        example_inputs = net.example_inputs()
+    rows: List[Dict[str, Any]] = []
+
+    def observe(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        spec = spec_of(module)
+        macs = 0
+        if spec is not None and spec.macs is not None:
+            macs = int(spec.macs(module.fn if isinstance(module, FunctionOp) else module, args, kwargs, out))
+        rows.append({"name": node.name, "op": node.op, "macs": macs, "out": _shapes(out),
+                     "params": 0 if isinstance(module, FunctionOp) else sum(p.numel() for p in module.parameters())})
+
+    with torch.no_grad():
+        net.run_observed(tuple(example_inputs), {}, observe)
+    return rows
+
+
+def _shapes(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (list, tuple)):
+        return [_shapes(o) for o in out]
+    return type(out).__name__ if out is not None else None
+
+
+def count_params(module: nn.Module) -> int:
+    """Unique parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def count(model: nn.Module, *example_inputs: Any) -> Tuple[int, int]:
+    """`(macs, params)` of any module on the example inputs (traced first when not a graph already).
+
+    >>> macs, params = amc.count(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    """
+    net = _as_network(model, example_inputs)
+    return sum(r["macs"] for r in node_costs(net, *example_inputs)), count_params(net)
+
+
+def summary_table(net: ReconstructedNetwork, *example_inputs: Any) -> str:
+    rows = node_costs(net, *example_inputs)
+    total = sum(r["macs"] for r in rows) or 1
+    lines = [f"{'node':<48} {'op':<22} {'output':<24} {'MACs':>14} {'%':>6} {'params':>10}"]
+    for r in rows:
+        if r["op"] in ("TensorSize", "IntArith", "Parameter"):
+            continue
+        out = str(r["out"])
+        lines.append(f"{r['name'][:48]:<48} {r['op'][:22]:<22} {out[:24]:<24} {r['macs']:>14,} "
+                     f"{100 * r['macs'] / total:>5.1f}% {r['params']:>10,}")
+    lines.append(f"total: {sum(r['macs'] for r in rows):,} MACs, {count_params(net):,} params, "
+                 f"{len(net.layer_nodes)} nodes")
+    return "\n".join(lines)

@@ -1,0 +1,256 @@
+"""ReconstructedNetwork: the captured graph as an nn.Module (an nn.ModuleDict plus node records).
+
+Running it is one loop over `layer_nodes` in topological order; every size comes from the tensors
+of the current run, so it works at any batch size and after passes change channel counts.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import GraphError
+from .node import InputNode, Node
+from .template import Ref, compile_args, compile_getter, iter_refs
+
+Observer = Callable[[Node, nn.Module, tuple, dict, Any], None]
+
+
+class ReconstructedNetwork(nn.Module):
+    """A traced network that runs without the original model's class.
+
+    Attributes (seed names): `network` is the nn.ModuleDict of op modules, `input_nodes` and
+    `layer_nodes` the ordered node records, `outputs` the output template.
+    """
+
+    def __init__(self, modules: Dict[str, nn.Module], input_nodes: List[InputNode], layer_nodes: List[Node],
+                 outputs: Any, meta: Optional[Dict[str, Any]] = None):
+        super().__init__()
+        self.network = nn.ModuleDict(modules)
+        self.input_nodes = list(input_nodes)
+        self.layer_nodes = list(layer_nodes)
+        self.outputs = outputs
+        self.meta = dict(meta or {})
+        self.recompile()
+
+    # -- running -------------------------------------------------------------------------------
+    def recompile(self) -> None:
+        """Rebuild the run plan from the node records (call after editing nodes in place)."""
+        last_use: Dict[str, int] = {}
+        for i, node in enumerate(self.layer_nodes):
+            for r in iter_refs((node.args, node.kwargs)):
+                last_use[r.node] = i
+        keep = {r.node for r in iter_refs(self.outputs)}
+        frees: List[List[str]] = [[] for _ in self.layer_nodes]
+        for i, node in enumerate(self.layer_nodes):
+            if node.name not in last_use and node.name not in keep:
+                frees[i].append(node.name)
+        for name, i in last_use.items():
+            if name not in keep:
+                frees[i].append(name)
+        plan = []
+        for i, node in enumerate(self.layer_nodes):
+            if node.module not in self.network:
+                raise GraphError(f"node {node.name!r} uses module {node.module!r}, which is not in the ModuleDict")
+            get_kwargs = compile_getter(node.kwargs) if node.kwargs else None
+            plan.append((node.name, self.network[node.module], compile_args(node.args), get_kwargs, tuple(frees[i])))
+        self._plan = plan
+        self._get_output = compile_getter(self.outputs)
+
+    def _bind_inputs(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        env: Dict[str, Any] = {}
+        kwargs = dict(kwargs)
+        for node in self.input_nodes:
+            if isinstance(node.index, int) and node.index < len(args):
+                env[node.name] = args[node.index]
+            elif node.name in kwargs or (not isinstance(node.index, int) and node.index in kwargs):
+                env[node.name] = kwargs.pop(node.name if node.name in kwargs else node.index)
+            else:
+                raise TypeError(f"ReconstructedNetwork.forward() missing input {node.name!r} "
+                                f"(captured with {len(self.input_nodes)} tensor input(s): "
+                                f"{[n.name for n in self.input_nodes]})")
+        constants = self.meta.get("input_constants", {})
+        for i, a in enumerate(args):
+            if i in constants and not _same(a, constants[i]):
+                raise ValueError(f"argument {i} was captured as the constant {constants[i]!r}; the graph took "
+                                 f"the path for that value, so it cannot run with {a!r}: trace again instead")
+        for k, v in kwargs.items():
+            if k in constants and not _same(v, constants[k]):
+                raise ValueError(f"keyword argument {k!r} was captured as the constant {constants[k]!r}; "
+                                 f"trace again to run with {v!r}")
+        return env
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        env = self._bind_inputs(args, kwargs)
+        for name, module, get_args, get_kwargs, frees in self._plan:
+            if get_kwargs is None:
+                env[name] = module(*get_args(env))
+            else:
+                env[name] = module(*get_args(env), **get_kwargs(env))
+            for f in frees:
+                del env[f]
+        return self._get_output(env)
+
+    def run_observed(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], observer: Observer) -> Any:
+        """Run like forward, calling `observer(node, module, args, kwargs, out)` after each node."""
+        env = self._bind_inputs(args, kwargs)
+        nodes = {n.name: n for n in self.layer_nodes}
+        for name, module, get_args, get_kwargs, frees in self._plan:
+            a = tuple(get_args(env))
+            kw = get_kwargs(env) if get_kwargs is not None else {}
+            out = module(*a, **kw)
+            observer(nodes[name], module, a, kw, out)
+            env[name] = out
+            for f in frees:
+                del env[f]
+        return self._get_output(env)
+
+    # -- structure -----------------------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        for n in self.layer_nodes:
+            if n.name == name:
+                return n
+        raise KeyError(f"no node named {name!r}; see [n.name for n in net.layer_nodes]")
+
+    def module_of(self, name: str) -> nn.Module:
+        return self.network[self.node(name).module]
+
+    def users(self) -> Dict[str, List[Node]]:
+        """Node name -> the nodes that read its output."""
+        out: Dict[str, List[Node]] = {n.name: [] for n in self.input_nodes}
+        out.update({n.name: [] for n in self.layer_nodes})
+        for node in self.layer_nodes:
+            for name in dict.fromkeys(r.node for r in iter_refs((node.args, node.kwargs))):
+                out[name].append(node)
+        return out
+
+    def lint(self) -> None:
+        """Check the invariants every pass must keep (topological order, known modules, unique names)."""
+        seen = set()
+        for node in self.input_nodes:
+            if node.name in seen:
+                raise GraphError(f"duplicate input node name {node.name!r}")
+            seen.add(node.name)
+        for node in self.layer_nodes:
+            if node.name in seen:
+                raise GraphError(f"duplicate node name {node.name!r}")
+            for r in iter_refs((node.args, node.kwargs)):
+                if r.node not in seen:
+                    raise GraphError(f"node {node.name!r} reads {r!r} before it is computed (not topological)")
+            if node.module not in self.network:
+                raise GraphError(f"node {node.name!r} uses missing module {node.module!r}")
+            seen.add(node.name)
+        for r in iter_refs(self.outputs):
+            if r.node not in seen:
+                raise GraphError(f"output reads unknown node {r.node!r}")
+        used = {n.module for n in self.layer_nodes}
+        extra = set(self.network.keys()) - used
+        if extra:
+            raise GraphError(f"modules not used by any node: {sorted(extra)[:5]}")
+
+    def copy(self) -> "ReconstructedNetwork":
+        """A deep copy (passes copy, then edit the copy)."""
+        return copy.deepcopy(self)
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "ReconstructedNetwork":
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k not in ("_plan", "_get_output"):
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        new.recompile()
+        return new
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_plan", None)
+        state.pop("_get_output", None)
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.recompile()
+
+    def iter_nodes(self) -> Iterator[Tuple[Node, nn.Module]]:
+        for node in self.layer_nodes:
+            yield node, self.network[node.module]
+
+    @property
+    def fallback_ops(self) -> Dict[str, int]:
+        """Ops captured by the generic replay node (exact, but frozen for pruning)."""
+        return dict(self.meta.get("fallback_ops", {}))
+
+    def example_inputs(self, batch_size: Optional[int] = None) -> Tuple[Any, ...]:
+        """Random inputs shaped like the captured ones (for counting, export and quick checks)."""
+        out = []
+        for node in sorted((n for n in self.input_nodes if isinstance(n.index, int)), key=lambda n: n.index):
+            out.append(_make_like(node.meta.get("out"), batch_size))
+        return tuple(out)
+
+    # -- convenience delegates (seed names) ------------------------------------------------------
+    def summary(self, *example_inputs: Any, file: Any = None) -> str:
+        from .counting import summary_table
+
+        text = summary_table(self, *example_inputs)
+        print(text, file=file)
+        return text
+
+    def draw(self, path: str, format: str = "png") -> str:
+        from .drawing import draw
+
+        return draw(self, path, format=format)
+
+    def save(self, pkl: str) -> str:
+        from ..export.pkl import save_pkl
+
+        return save_pkl(self, pkl)
+
+    @staticmethod
+    def load(pkl: str, map_location: Any = "cpu") -> "ReconstructedNetwork":
+        from ..export.pkl import load_pkl
+
+        return load_pkl(pkl, map_location=map_location)
+
+    def save_to_json(self, file: str) -> str:
+        from ..export.json_io import save_json
+
+        return save_json(self, file)
+
+    @staticmethod
+    def load_from_json(file: str) -> "ReconstructedNetwork":
+        from ..export.json_io import load_json
+
+        return load_json(file)
+
+    def save_to_onnx(self, file: str, *example_inputs: Any, opset: int = 17, check: bool = True) -> str:
+        from ..export.onnx_io import save_onnx
+
+        return save_onnx(self, file, *example_inputs, opset=opset, check=check)
+
+    def extra_repr(self) -> str:
+        return f"inputs={[n.name for n in self.input_nodes]}, nodes={len(self.layer_nodes)}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return a is b
+
+
+def _make_like(desc: Any, batch_size: Optional[int]) -> Any:
+    if isinstance(desc, dict) and "shape" in desc and "dtype" in desc:
+        shape = list(desc["shape"])
+        if batch_size is not None and shape:
+            shape[0] = batch_size
+        dtype = getattr(torch, desc["dtype"])
+        if dtype.is_floating_point:
+            return torch.randn(shape, dtype=dtype)
+        return torch.zeros(shape, dtype=dtype)
+    if isinstance(desc, list):
+        return [_make_like(d, batch_size) for d in desc]
+    if isinstance(desc, dict):
+        return {k: _make_like(v, batch_size) for k, v in desc.items()}
+    return desc

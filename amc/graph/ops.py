@@ -1,0 +1,471 @@
+"""The op registry: one entry per captured op, keyed by the module class or the callable itself.
+
+An entry says how the op is wrapped and replayed (which op-module class), how many MACs it costs, and
+whether the capture treats it as dedicated or as a fallback. Adding an op is one `register_*` call.
+Pruning rules live in their own registry in `amc.compressors`, keyed the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import operator
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import LoadError, UnsupportedOpError
+
+MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
+
+
+@dataclass
+class OpSpec:
+    """What the graph layer knows about one op."""
+
+    key: Any
+    name: str
+    wrapper: Optional[type] = None  # op-module class for callables; None for leaf modules
+    macs: Optional[MacsFn] = None
+    leaf: bool = True  # modules only: held as a leaf node rather than traced into
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+_MODULE_OPS: Dict[type, OpSpec] = {}
+_FUNCTION_OPS: Dict[Any, OpSpec] = {}
+
+
+def _put(table: Dict[Any, OpSpec], key: Any, spec: OpSpec) -> None:
+    if key in table:
+        warnings.warn(f"amc: op registry entry for {key!r} overwritten", stacklevel=3)
+    table[key] = spec
+
+
+def register_module_op(*classes: type, name: Optional[str] = None, macs: Optional[MacsFn] = None,
+                       leaf: bool = True) -> None:
+    """Register module classes that capture keeps as leaf layer nodes."""
+    for cls in classes:
+        _put(_MODULE_OPS, cls, OpSpec(cls, name or cls.__name__, None, macs, leaf))
+
+
+def register_function_op(*fns: Any, name: str, wrapper: Optional[type] = None,
+                         macs: Optional[MacsFn] = None, **meta: Any) -> None:
+    """Register torch functions / Tensor methods that get a dedicated wrapper (no fallback warning)."""
+    for fn in dict.fromkeys(fns):  # aliases such as Tensor.__neg__ is Tensor.neg appear once
+        _put(_FUNCTION_OPS, fn, OpSpec(fn, name, wrapper or FunctionOp, macs, True, dict(meta)))
+
+
+def module_spec(module: nn.Module) -> Optional[OpSpec]:
+    """Spec of a leaf module: exact class, or a subclass that keeps its parent's forward."""
+    cls = type(module)
+    spec = _MODULE_OPS.get(cls)
+    if spec is not None:
+        return spec
+    for base in cls.__mro__[1:]:
+        spec = _MODULE_OPS.get(base)
+        if spec is not None:
+            return spec if cls.forward is base.forward else None
+    return None
+
+
+def function_spec(fn: Any) -> Optional[OpSpec]:
+    try:
+        return _FUNCTION_OPS.get(fn)
+    except TypeError:  # unhashable callable
+        return None
+
+
+def spec_of(module: nn.Module) -> Optional[OpSpec]:
+    """Spec for any op module held by a graph node."""
+    if isinstance(module, FunctionOp):
+        return function_spec(module.fn)
+    return module_spec(module)
+
+
+# ----------------------------------------------------------------------------------------------
+# Naming callables so that graphs pickle by name and JSON can name them without code.
+
+_NAMESPACES: List[Tuple[str, Any]] = []
+_NAME_OF: Dict[Any, str] = {}
+
+
+def _namespaces() -> List[Tuple[str, Any]]:
+    if not _NAMESPACES:
+        import torchvision.ops  # noqa: F401  (torchvision functions appear in some models)
+
+        _NAMESPACES.extend([
+            ("torch.nn.functional", F), ("torch", torch), ("torch.Tensor", torch.Tensor),
+            ("torch.linalg", torch.linalg), ("torch.fft", torch.fft), ("torch.special", torch.special),
+            ("torch.nn.init", torch.nn.init), ("torchvision.ops", importlib.import_module("torchvision.ops")),
+            ("operator", operator), ("math", math), ("amc.graph.ops", importlib.import_module(__name__)),
+        ])
+    return _NAMESPACES
+
+
+def _build_names() -> None:
+    for ns_name, ns in _namespaces():
+        for attr in dir(ns):
+            try:
+                obj = getattr(ns, attr)
+            except Exception:  # noqa: BLE001 - some attributes raise on access
+                continue
+            if not callable(obj) or isinstance(obj, type) and ns_name != "torch.Tensor":
+                continue
+            try:
+                _NAME_OF.setdefault(obj, f"{ns_name}.{attr}")
+            except TypeError:
+                pass
+
+
+def name_of_callable(fn: Any) -> Optional[str]:
+    """Stable dotted name of a torch callable, or None when it has none we can resolve back."""
+    if not _NAME_OF:
+        _build_names()
+    try:
+        name = _NAME_OF.get(fn)
+    except TypeError:
+        name = None
+    if name is None and isinstance(getattr(fn, "__self__", None), type) and hasattr(fn, "__func__"):
+        cls = fn.__self__  # autograd.Function.apply of a user class
+        name = f"{cls.__module__}.{cls.__qualname__}.apply"
+    return name
+
+
+def resolve_callable(name: str, allow_any: bool = False) -> Any:
+    """Inverse of `name_of_callable`. Only the known torch namespaces unless `allow_any` (pickle path)."""
+    for ns_name, ns in _namespaces():
+        if name.startswith(ns_name + ".") and "." not in name[len(ns_name) + 1:]:
+            attr = name[len(ns_name) + 1:]
+            if hasattr(ns, attr):
+                return getattr(ns, attr)
+    if allow_any:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            try:
+                obj: Any = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for p in parts[i:]:
+                obj = getattr(obj, p)
+            return obj
+    raise LoadError(f"unknown op callable {name!r}: it is not a torch/torchvision function amc can load "
+                    "without running foreign code; save with pkl for custom ops")
+
+
+# ----------------------------------------------------------------------------------------------
+# Op modules: every captured call becomes one of these, so the graph is modules and parameters.
+
+class FunctionOp(nn.Module):
+    """Replays one torch function or Tensor method; the node supplies the arguments."""
+
+    def __init__(self, fn: Any, fn_name: Optional[str] = None):
+        super().__init__()
+        self.fn = fn
+        self.fn_name = fn_name or name_of_callable(fn)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return self.fn_name or repr(self.fn)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.fn_name is not None:
+            state["fn"] = None  # pickled by name, resolved on load
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.fn is None:
+            self.fn = resolve_callable(self.fn_name, allow_any=True)
+
+
+class ElemAdd(FunctionOp):
+    """Seed name: element-wise addition (residual connections)."""
+
+
+class ElemMul(FunctionOp):
+    """Element-wise multiplication (gates, squeeze-excitation)."""
+
+
+class Concatenate(FunctionOp):
+    """Seed name: torch.cat along a dim."""
+
+
+class TensorReshape(FunctionOp):
+    """Seed name: view / reshape / flatten; sizes come from the graph, never frozen."""
+
+
+class TensorTranspose(FunctionOp):
+    """Seed name: permute / transpose."""
+
+
+class TensorSqueeze(FunctionOp):
+    """Seed name: squeeze / unsqueeze."""
+
+
+class Interpolate(FunctionOp):
+    """Seed name: F.interpolate / upsample."""
+
+
+class PixelShuffle(FunctionOp):
+    """Seed name: F.pixel_shuffle."""
+
+
+class TensorSlice(FunctionOp):
+    """Indexing, chunk, split, unbind: one input, pieces out."""
+
+
+class MatMul(FunctionOp):
+    """matmul / bmm / einsum / attention products."""
+
+
+class SetItem(nn.Module):
+    """`x[idx] = v`, returning the mutated `x` so later uses point at this node."""
+
+    fn_name = "torch.Tensor.__setitem__"
+
+    def forward(self, x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+        x[index] = value
+        return x
+
+
+class TensorSize(nn.Module):
+    """`x.shape` / `x.size(dim)` / `x.numel()` at run time: sizes are read, never frozen."""
+
+    def __init__(self, dim: Optional[int] = None, numel: bool = False):
+        super().__init__()
+        self.dim = dim
+        self.numel = numel
+
+    def forward(self, x: torch.Tensor) -> Any:
+        if self.numel:
+            return x.numel()
+        return x.shape if self.dim is None else x.shape[self.dim]
+
+    def extra_repr(self) -> str:
+        return "numel" if self.numel else f"dim={self.dim}"
+
+
+class GetAttr(nn.Module):
+    """A tensor-valued attribute such as `x.T`, `x.mT`, `x.real`."""
+
+    def __init__(self, attr: str):
+        super().__init__()
+        self.attr = attr
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return getattr(x, self.attr)
+
+    def extra_repr(self) -> str:
+        return self.attr
+
+
+class ParamHolder(nn.Module):
+    """A parameter or buffer that traced-into code used directly (not through a leaf module)."""
+
+    def __init__(self, value: torch.Tensor, is_buffer: bool = False):
+        super().__init__()
+        if is_buffer or not isinstance(value, nn.Parameter):
+            self.register_buffer("value", value)
+        else:
+            self.value = value
+
+    def forward(self) -> torch.Tensor:
+        return self.value
+
+
+class Constant(nn.Module):
+    """A tensor made during forward from constants only; cloned when a later op mutates it."""
+
+    def __init__(self, value: torch.Tensor, clone: bool = False):
+        super().__init__()
+        self.register_buffer("value", value.detach().clone())
+        self.clone = clone
+
+    def forward(self) -> torch.Tensor:
+        return self.value.clone() if self.clone else self.value
+
+
+class AutogradFunctionOp(FunctionOp):
+    """A custom `torch.autograd.Function` kept whole, so its backward is kept too."""
+
+
+# ----------------------------------------------------------------------------------------------
+# MACs rules, ptflops/Torch-Pruning conventions for modules so counts compare like for like.
+
+def _numel(t: Any) -> int:
+    return t.numel() if isinstance(t, torch.Tensor) else 0
+
+
+def _conv_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    per_pos = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
+    active = out.shape[0] * math.prod(out.shape[2:])
+    return per_pos * active + (m.out_channels * active if m.bias is not None else 0)
+
+
+def _linear_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    return _numel(args[0]) * out.shape[-1] + (out.numel() if m.bias is not None else 0)
+
+
+def _norm_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    affine = getattr(m, "affine", getattr(m, "elementwise_affine", False))
+    return _numel(args[0]) * (2 if affine else 1)
+
+
+def _out_numel(m: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    return _numel(out)
+
+
+def _in_numel(m: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    return _numel(args[0]) if args else 0
+
+
+def _mha_macs(m: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> int:
+    q = args[0] if args else kwargs["query"]
+    k = args[1] if len(args) > 1 else kwargs.get("key", q)
+    v = args[2] if len(args) > 2 else kwargs.get("value", k)
+    bdim, ldim = (0, 1) if m.batch_first else (1, 0)
+    if q.dim() == 2:
+        bdim, ldim, batch = None, 0, 1
+    else:
+        batch = q.shape[bdim]
+    qlen, klen, vlen = q.shape[ldim], k.shape[ldim], v.shape[ldim]
+    qdim, kdim, vdim = q.shape[-1], k.shape[-1], v.shape[-1]
+    e = m.embed_dim
+    flops = qlen * e + qlen * qdim * e + klen * kdim * e + vlen * vdim * e
+    if m.in_proj_bias is not None:
+        flops += (qlen + klen + vlen) * e
+    head = e // m.num_heads
+    flops += m.num_heads * (qlen * klen * head * 2 + qlen * klen)
+    flops += qlen * e * (m.out_proj.out_features + 1)
+    return flops * batch
+
+
+def _fconv_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    active = out.shape[0] * math.prod(out.shape[2:])
+    return math.prod(w.shape[1:]) * w.shape[0] * active + (w.shape[0] * active if bias is not None else 0)
+
+
+def _flinear_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return _numel(args[0]) * out.shape[-1] + (out.numel() if bias is not None else 0)
+
+
+def _matmul_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    a = args[0]
+    return (out.numel() * a.shape[-1]) if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor) else 0
+
+
+def _einsum_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    eq = args[0].replace(" ", "")
+    ops = args[1:] if not (len(args) == 2 and isinstance(args[1], (list, tuple))) else args[1]
+    lhs = eq.split("->")[0].split(",")
+    sizes: Dict[str, int] = {}
+    for term, t in zip(lhs, ops):
+        if "..." in term:
+            return _numel(out)  # broadcasting einsum: only the output is known reliably
+        for ch, n in zip(term, t.shape):
+            sizes[ch] = n
+    return math.prod(sizes.values()) if len(ops) > 1 else 0
+
+
+def _sdpa_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    q, k, v = args[0], args[1], args[2]
+    lq, e = q.shape[-2], q.shape[-1]
+    s, ev = k.shape[-2], v.shape[-1]
+    batch = math.prod(q.shape[:-2])
+    return batch * lq * s * (e + ev + 1)
+
+
+def _fnorm_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    weight = kwargs.get("weight", args[2] if fn is F.layer_norm and len(args) > 2 else None)
+    return _numel(args[0]) * (2 if weight is not None else 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The entries. Modules: held as leaves. Functions: dedicated wrappers.
+
+register_module_op(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                   nn.ConvTranspose3d, macs=_conv_macs)
+register_module_op(nn.Linear, macs=_linear_macs)
+register_module_op(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell,
+                   nn.LSTMCell, nn.GRUCell)
+register_module_op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+                   nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, macs=_norm_macs)
+register_module_op(nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, macs=_out_numel)
+register_module_op(nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
+                   nn.Softmax, nn.LogSoftmax, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                   nn.AlphaDropout, nn.Flatten, nn.Unflatten, nn.Hardtanh, nn.SELU, nn.CELU, nn.GLU,
+                   nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, nn.ZeroPad2d, nn.ConstantPad2d,
+                   nn.ReflectionPad2d, nn.ReplicationPad2d)
+register_module_op(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                   nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, macs=_in_numel)
+register_module_op(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, macs=_out_numel)
+register_module_op(nn.MultiheadAttention, macs=_mha_macs)
+
+T = torch.Tensor
+register_function_op(torch.add, T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, operator.add, name="ElemAdd",
+                     wrapper=ElemAdd)
+register_function_op(torch.sub, T.sub, T.sub_, T.__sub__, T.__isub__, T.__rsub__, torch.rsub, name="ElemSub")
+register_function_op(torch.mul, T.mul, T.mul_, T.__mul__, T.__imul__, T.__rmul__, name="ElemMul", wrapper=ElemMul)
+register_function_op(torch.div, T.div, T.div_, T.__truediv__, T.__itruediv__, T.__rtruediv__, T.__floordiv__,
+                     T.__rfloordiv__, T.__pow__, T.__rpow__, torch.pow, T.pow, T.__neg__, torch.neg, T.neg,
+                     T.__mod__, T.sqrt, torch.sqrt, T.rsqrt, torch.rsqrt, T.exp, torch.exp, T.log, torch.log,
+                     T.abs, torch.abs, T.clamp, torch.clamp, T.clamp_, T.clamp_min, T.clamp_max, torch.maximum,
+                     torch.minimum, torch.where, T.masked_fill, T.masked_fill_, T.__and__, T.__or__, T.__invert__,
+                     T.__eq__, T.__ne__, T.__lt__, T.__le__, T.__gt__, T.__ge__, T.float, T.to, T.type_as,
+                     T.detach, T.clone, T.contiguous, T.zero_, T.fill_, T.copy_, T.sign, T.round,
+                     T.sigmoid, T.sigmoid_, T.tanh, T.tanh_, T.relu, T.relu_, T.softmax,
+                     T.log_softmax, T.mean, torch.mean, T.sum, torch.sum, T.max, T.min, T.amax, T.amin,
+                     torch.max, torch.min, T.norm, torch.norm, T.var, T.std, T.argmax, torch.argmax, T.cumsum,
+                     torch.cumsum, T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor,
+                     torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.zeros,
+                     torch.ones, torch.full, torch.empty, torch.arange, torch.linspace, torch.tensor,
+                     torch.as_tensor, torch.meshgrid, T.roll, torch.roll, T.flip, torch.flip, T.type, T.bool,
+                     T.long, T.int, T.half, T.bfloat16, T.double, T.abs_,
+                     name="Elementwise")
+register_function_op(torch.cat, torch.concat, torch.concatenate, name="Concatenate", wrapper=Concatenate)
+register_function_op(torch.stack, name="Stack")
+register_function_op(T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.unflatten, torch.unflatten,
+                     T.view_as, T.reshape_as, name="TensorReshape", wrapper=TensorReshape)
+register_function_op(T.permute, torch.permute, T.transpose, torch.transpose, T.transpose_, T.t, torch.t,
+                     T.swapaxes, T.movedim, torch.movedim, name="TensorTranspose", wrapper=TensorTranspose)
+register_function_op(T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze, T.squeeze_, T.unsqueeze_,
+                     name="TensorSqueeze", wrapper=TensorSqueeze)
+register_function_op(T.expand, T.expand_as, T.repeat, T.repeat_interleave, torch.repeat_interleave,
+                     T.tile, torch.tile, torch.broadcast_to, name="TensorExpand")
+register_function_op(T.__getitem__, T.chunk, torch.chunk, T.split, torch.split, T.unbind, torch.unbind,
+                     T.narrow, torch.narrow, T.select, torch.select, T.index_select, torch.index_select,
+                     T.gather, torch.gather, T.unfold, T.tensor_split, name="TensorSlice", wrapper=TensorSlice)
+register_function_op(F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest, name="Interpolate",
+                     wrapper=Interpolate, macs=_out_numel)
+register_function_op(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle,
+                     name="PixelShuffle", wrapper=PixelShuffle)
+register_function_op(torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm, T.bmm, torch.mm, T.mm,
+                     torch.baddbmm, name="MatMul", wrapper=MatMul, macs=_matmul_macs)
+register_function_op(torch.einsum, name="Einsum", wrapper=MatMul, macs=_einsum_macs)
+register_function_op(F.scaled_dot_product_attention, name="ScaledDotProductAttention", wrapper=MatMul,
+                     macs=_sdpa_macs)
+register_function_op(F.linear, name="FunctionalLinear", macs=_flinear_macs)
+register_function_op(F.conv1d, F.conv2d, F.conv3d, name="FunctionalConv", macs=_fconv_macs)
+register_function_op(F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize, F.rms_norm,
+                     name="FunctionalNorm", macs=_fnorm_macs)
+register_function_op(F.relu, F.relu6, F.relu_, torch.relu, torch.relu_, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
+                     torch.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish, F.softplus, F.hardtanh, F.glu,
+                     name="Activation", macs=_out_numel)
+register_function_op(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.dropout, F.dropout2d,
+                     F.pad, F.embedding, F.one_hot, name="Functional")
+register_function_op(F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+                     F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.unfold, F.fold,
+                     name="Pooling", macs=_in_numel)
+register_function_op(operator.mul, operator.floordiv, operator.truediv, operator.sub, operator.mod,
+                     operator.neg, operator.getitem, name="IntArith")

@@ -1,0 +1,128 @@
+"""Run one function per subprocess, with a wall-clock timeout and an address-space guard.
+
+A zoo sweep must survive a model that hangs, leaks or segfaults: each job runs
+
+    python scripts/_isolate.py --call <script.py>:<function> --kwargs '<json>' --result-file <path>
+
+in its own process group, and the parent kills the whole group when the timeout expires. The child
+writes the function's (JSON-able) return value to the result file; the parent returns it as a dict, or
+a dict with `status` "timeout" / "crash" / "oom" and the tail of stderr when the child gave none.
+
+Also holds `write_atomic`, used by every script so a killed run never leaves half a result file.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Dict, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_atomic(path: str, text: str) -> str:
+    """Write `text` to `path` via a temporary file in the same folder and an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _limit_memory(mem_gb: Optional[float]):
+    def apply() -> None:
+        os.setsid()
+        if mem_gb:
+            import resource
+
+            limit = int(mem_gb * (1 << 30))
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return apply
+
+
+def run_isolated(call: str, kwargs: Dict[str, Any], timeout: float = 300.0, mem_gb: Optional[float] = 16.0,
+                 env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Run `call` ("path/to/script.py:function") with `kwargs` in a fresh interpreter.
+
+    Returns the function's dict result plus `wall_s`, or {"status": "timeout"|"crash"|"oom", "error": ...}.
+    """
+    fd, result_file = tempfile.mkstemp(prefix="amc_isolate_", suffix=".json")
+    os.close(fd)
+    os.unlink(result_file)
+    cmd = [sys.executable, os.path.join(HERE, "_isolate.py"), "--call", call, "--kwargs", json.dumps(kwargs),
+           "--result-file", result_file]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_limit_memory(mem_gb), env={**os.environ, **(env or {})})
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+        status = None
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _, stderr = proc.communicate()
+        status = "timeout"
+    wall = time.perf_counter() - start
+    try:
+        if status is None and os.path.exists(result_file):
+            with open(result_file, encoding="utf-8") as f:
+                result = json.load(f)
+            result.setdefault("wall_s", wall)
+            return result
+    finally:
+        if os.path.exists(result_file):
+            os.unlink(result_file)
+    tail = (stderr or "").strip().splitlines()[-6:]
+    if status is None:
+        oom = proc.returncode in (-signal.SIGKILL, -signal.SIGSEGV) or any(
+            "MemoryError" in line or "can't allocate memory" in line or "std::bad_alloc" in line for line in tail)
+        status = "oom" if oom else "crash"
+    msg = f"timed out after {timeout:.0f}s" if status == "timeout" else f"exit code {proc.returncode}"
+    return {"status": status, "error": msg + ("; " + " | ".join(tail) if tail else ""), "wall_s": wall}
+
+
+def _load(call: str):
+    path, func = call.rsplit(":", 1)
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(HERE, path)
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    spec.loader.exec_module(module)
+    return getattr(module, func)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Child side of run_isolated(): call one function, write its JSON "
+                                            "result. Normally started by run_isolated(), not by hand.")
+    p.add_argument("--call", required=True, help="path/to/script.py:function")
+    p.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+    p.add_argument("--result-file", required=True, help="where to write the JSON result")
+    args = p.parse_args(argv)
+    try:
+        result = _load(args.call)(**json.loads(args.kwargs))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as data
+        result = {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:500],
+                  "traceback": traceback.format_exc()[-2000:]}
+    write_atomic(args.result_file, json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,655 @@
+"""Capture features, one tiny hand-written module each.
+
+Every test traces, `lint()`s, compares with eager at the traced batch size and another one (the
+`check_trace` fixture in conftest.py) and then asserts the one property the feature is about.
+"""
+from __future__ import annotations
+
+import io
+import shutil
+from collections import namedtuple
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import amc
+from amc.errors import CaptureError
+from amc.graph import reconstructor
+from amc.graph import drawing as drawing_mod
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def img(c: int = 4, hw: int = 6):
+    return lambda b: torch.randn(b, c, hw, hw)
+
+
+def seq(length: int = 5, dim: int = 8):
+    return lambda b: torch.randn(b, length, dim)
+
+
+def ops_of(net) -> list:
+    return [n.op for n in net.layer_nodes]
+
+
+def modules_of(net, cls) -> list:
+    return [n for n in net.layer_nodes if isinstance(net.network[n.module], cls)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Python control flow and containers
+
+class FlagAndLoop(nn.Module):
+    def __init__(self, use_relu: bool, n: int):
+        super().__init__()
+        self.use_relu, self.n = use_relu, n
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = torch.relu(x) if self.use_relu else torch.tanh(x)
+        for _ in range(self.n):
+            x = self.lin(x) * 0.5
+        return x
+
+
+@pytest.mark.parametrize("use_relu,n", [(True, 3), (False, 1)])
+def test_control_flow_records_the_path_taken(check_trace, use_relu, n):
+    net = check_trace(FlagAndLoop(use_relu, n).eval(), seq())
+    linear_nodes = modules_of(net, nn.Linear)
+    assert len(linear_nodes) == n, "the loop body must be recorded once per iteration"
+    assert len({node.module for node in linear_nodes}) == 1, "every iteration reuses the same module"
+    fns = [getattr(net.network[node.module], "fn", None) for node in net.layer_nodes]
+    assert (torch.relu in fns) == use_relu and (torch.tanh in fns) == (not use_relu)
+
+
+class Containers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)])
+        self.heads = nn.ModuleDict({"a": nn.Conv2d(4, 2, 1), "b": nn.Conv2d(4, 3, 1)})
+
+    def forward(self, x):
+        for blk in self.blocks:
+            x = x + blk(x)
+        return torch.cat([self.heads[k](x) for k in ("b", "a")], dim=1)
+
+
+def test_modulelist_and_moduledict(check_trace):
+    model = Containers().eval()
+    net = check_trace(model, img())
+    targets = [n.meta.get("target") for n in modules_of(net, nn.Conv2d)]
+    assert targets == ["blocks.0", "blocks.1", "blocks.2", "heads.b", "heads.a"]
+    assert amc.graph.count_params(net) == sum(p.numel() for p in model.parameters())
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+def test_shared_module_called_twice_shares_weights(check_trace):
+    model = Shared().eval()
+    net = check_trace(model, img())
+    convs = modules_of(net, nn.Conv2d)
+    assert len(convs) == 2 and convs[0].module == convs[1].module
+    assert any(p is model.conv.weight for p in net.parameters())
+    assert amc.graph.count_params(net) == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        model.conv.weight.mul_(2)  # still the same Parameter: the net sees the change
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# In-place ops
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y += x
+        z = y * 2
+        z.relu_()
+        z = self.act(z - 1)
+        z[:, :2] = z[:, :2] * 3
+        torch.relu_(y)
+        return z + y
+
+
+def test_inplace_ops(check_trace):
+    net = check_trace(InPlace().eval(), img())
+    assert "SetItem" in ops_of(net)
+    mutating = [n for n in net.layer_nodes if n.meta.get("mutates")]
+    assert len(mutating) >= 4, f"`+=`, relu_, torch.relu_ and setitem must all be kept: {mutating}"
+    x = torch.randn(3, 4, 6, 6)
+    before = x.clone()
+    with torch.no_grad():
+        net(x)
+    assert torch.equal(x, before), "in-place ops on intermediates must not touch the caller's input"
+
+
+class InPlaceOnConstant(nn.Module):
+    def forward(self, x):
+        mask = torch.zeros(4, 6)
+        mask[1] = 1.0  # mutates a tensor created from constants only
+        return x * mask
+
+
+def test_inplace_on_constant_is_replayed_fresh_each_run(check_trace):
+    net = check_trace(InPlaceOnConstant().eval(), lambda b: torch.randn(b, 4, 6))
+    x = torch.randn(2, 4, 6)
+    with torch.no_grad():
+        first, second = net(x), net(x)
+    torch.testing.assert_close(first, second)
+
+
+# ----------------------------------------------------------------------------------------------
+# Slicing and sizes
+
+class Slicing(nn.Module):
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        c, d = torch.split(x, [1, x.shape[1] - 1], dim=1)
+        rows = x.unbind(2)
+        half = x[:, : x.shape[1] // 2]
+        last = x[..., -1:]
+        return a * b + half, c.sum(1, keepdim=True) + d.mean(1, keepdim=True), rows[0] + rows[-1], last
+
+
+def test_chunk_split_unbind_indexing(check_trace, assert_same):
+    model = Slicing().eval()
+    net = check_trace(model, img())
+    assert ops_of(net).count("TensorSlice") >= 4
+    x6 = torch.randn(2, 6, 6, 7)  # sizes read from x.shape follow the input: more channels, wider
+    with torch.no_grad():
+        assert_same(model(x6), net(x6))
+
+
+class LastRow(nn.Module):
+    def forward(self, x):
+        rows = x.unbind(2)
+        return rows[-1] * 2
+
+
+@pytest.mark.xfail(strict=True, reason="amc bug: a negative Python index into a tuple output (unbind/split/"
+                   "chunk) is recorded as its captured positive position, so at another size it picks the "
+                   "wrong piece silently")
+def test_negative_index_into_unbind_follows_size():
+    model = LastRow().eval()
+    net = amc.trace(model, torch.randn(2, 3, 4))
+    x = torch.randn(2, 3, 6)  # 6 rows instead of 4: rows[-1] is rows[5], the graph replays rows[3]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x))
+
+
+class Flattens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.shape
+        tokens = y.reshape(b, c, h * w).mean(-1)
+        flat = y.view(y.size(0), -1)
+        return tokens, flat.sum(1)
+
+
+def test_view_and_reshape_sizes_not_frozen(check_trace, assert_same):
+    model = Flattens().eval()
+    net = check_trace(model, img(3, 5), other_batches=(1, 4))
+    x = torch.randn(3, 3, 9, 9)  # other batch and other spatial size
+    with torch.no_grad():
+        assert_same(model(x), net(x))
+    assert "TensorSize" in ops_of(net) and "IntArith" in ops_of(net)
+
+
+class Einsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Parameter(torch.randn(6, 4))
+
+    def forward(self, x, y):
+        z = torch.einsum("bchw,oc->bohw", x, self.proj)
+        a = z.flatten(2)
+        return torch.einsum("bij,bkj->bik", a, a)
+
+
+def test_einsum(check_trace):
+    net = check_trace(Einsum().eval(), lambda b: (torch.randn(b, 4, 3, 3), torch.randn(b)))
+    assert ops_of(net).count("Einsum") == 2
+    assert [n.name for n in net.input_nodes] == ["x", "y"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+class MHA(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out, weights = self.attn(x, x, x, need_weights=False)
+        assert weights is None
+        return out
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention(check_trace, batch_first):
+    model = MHA(batch_first).eval()
+    net = check_trace(model, seq())
+    assert len(modules_of(net, nn.MultiheadAttention)) == 1
+    assert any(p is model.attn.in_proj_weight for p in net.parameters())
+
+
+class SDPA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+
+def test_scaled_dot_product_attention(check_trace):
+    model = SDPA().eval()
+    net = check_trace(model, seq(length=6))
+    node = next(n for n in net.layer_nodes if n.op == "ScaledDotProductAttention")
+    assert node.kwargs.get("is_causal") is True
+    x = torch.randn(2, 9, 8)  # another sequence length: sizes come from x.shape
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom autograd Function
+
+class ScaledSTE(torch.autograd.Function):
+    """round() forward, gradient 3x the incoming one: distinguishable from autograd of round (zero)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 3
+
+
+class Quant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return ScaledSTE.apply(self.lin(x) * 4)
+
+
+def test_custom_autograd_function_kept_whole(check_trace):
+    model = Quant().eval()
+    net = check_trace(model, seq())
+    assert ops_of(net).count("AutogradFunction") == 1
+    assert "round" not in " ".join(n.name for n in net.layer_nodes), "the Function must not be traced into"
+    x = torch.randn(2, 5, 8)
+    xe, xn = x.clone().requires_grad_(), x.clone().requires_grad_()
+    model(xe).sum().backward()
+    net(xn).sum().backward()
+    assert xn.grad.abs().sum() > 0, "gradient must flow through the custom backward (round's is zero)"
+    torch.testing.assert_close(xn.grad, xe.grad)
+    expected = 3 * 4 * model.lin.weight.sum(0)  # d/dx of sum(STE(4 * (x W^T + b)))
+    torch.testing.assert_close(xn.grad, expected.expand_as(x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and outputs
+
+Pair = namedtuple("Pair", ["logits", "features"])
+
+
+class Outputs(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.lin = nn.Linear(8, 3)
+
+    def forward(self, x):
+        f = x.mean(1)
+        y = self.lin(f)
+        if self.kind == "tuple":
+            return y, f
+        if self.kind == "list":
+            return [y, f, (y, f)]
+        if self.kind == "dict":
+            return {"out": y, "aux": {"f": f}}
+        return Pair(y, f)
+
+
+@pytest.mark.parametrize("kind", ["tuple", "list", "dict", "namedtuple"])
+def test_structured_outputs(check_trace, kind):
+    net = check_trace(Outputs(kind).eval(), seq())  # check_trace compares container types too
+    with torch.no_grad():
+        out = net(torch.randn(2, 5, 8))
+    expected_type = {"tuple": tuple, "list": list, "dict": dict, "namedtuple": Pair}[kind]
+    assert type(out) is expected_type
+    if kind == "namedtuple":
+        assert out.logits.shape == (2, 3)
+
+
+class KeywordInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, *, mask=None, scale: float = 1.0, use_mask: bool = True):
+        y = self.lin(x) * scale
+        if use_mask and mask is not None:
+            y = y.masked_fill(mask.unsqueeze(-1), 0.0)
+        return y
+
+
+def test_keyword_inputs(check_trace):
+    model = KeywordInputs().eval()
+    make = lambda b: ((torch.randn(b, 5, 8),), {"mask": torch.rand(b, 5) > 0.5, "scale": 2.0})  # noqa: E731
+    net = check_trace(model, make)
+    assert [n.name for n in net.input_nodes] == ["x", "mask"]
+    x, mask = torch.randn(3, 5, 8), torch.rand(3, 5) > 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, scale=2.0, mask=mask), model(x, mask=mask, scale=2.0))
+        with pytest.raises(ValueError, match="scale"):
+            net(x, mask=mask, scale=3.0)  # non-tensor inputs are captured as constants, and checked
+
+
+class MultiInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+        self.b = nn.Linear(6, 4)
+
+    def forward(self, x, y, z):
+        return self.a(x) * self.b(y) + z
+
+
+def test_multiple_inputs(check_trace):
+    make = lambda b: (torch.randn(b, 8), torch.randn(b, 6), torch.randn(b, 4))  # noqa: E731
+    net = check_trace(MultiInput().eval(), make)
+    assert [(n.name, n.index) for n in net.input_nodes] == [("x", 0), ("y", 1), ("z", 2)]
+    shapes = [tuple(t.shape) for t in net.example_inputs(batch_size=5)]
+    assert shapes == [(5, 8), (5, 6), (5, 4)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters, buffers and custom leaves inside traced-into code
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.randn(1, 6, 8))
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, self.lin(x)], dim=1) + self.pos_embed
+        return x[:, 0]
+
+
+def test_parameters_used_directly(check_trace):
+    model = TokenModel().eval()
+    net = check_trace(model, seq(length=5), other_batches=(1, 7))
+    params = list(net.parameters())
+    assert any(p is model.pos_embed for p in params) and any(p is model.cls_token for p in params)
+    assert "TensorExpand" in ops_of(net) and "Parameter" in ops_of(net)
+    names = {n for n, _ in net.named_parameters()}
+    assert any("cls_token" in n for n in names), names
+
+
+class Scale(nn.Module):
+    """A custom leaf (no children) with its own parameter: amc traces into it."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+class WithCustomLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.scale = Scale(4)
+
+    def forward(self, x):
+        return self.scale(self.conv(x))
+
+
+def test_custom_leaf_module_is_traced_into(check_trace):
+    model = WithCustomLeaf().eval()
+    net = check_trace(model, img())
+    assert not any(isinstance(m, Scale) for m in net.modules())
+    assert {"ElemMul", "TensorReshape", "Parameter"} <= set(ops_of(net))
+    assert any(p is model.scale.gamma for p in net.parameters())
+
+
+class Normalize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.5, 0.6, 0.7]).view(1, 3, 1, 1))
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.conv((x - self.mean) / self.std)
+
+
+def test_module_with_buffer(check_trace):
+    model = Normalize().eval()
+    net = check_trace(model, img(3))
+    buffers = list(net.buffers())
+    assert any(b is model.mean for b in buffers) and any(b is model.std for b in buffers)
+    assert not any(p is model.mean for p in net.parameters()), "a buffer must stay a buffer"
+    net64 = net.double()  # buffers follow .to()/.double() like any module's
+    assert all(b.dtype == torch.float64 for b in net64.buffers() if b.is_floating_point())
+
+
+def test_bare_leaf_module_as_root(check_trace):
+    net = check_trace(nn.Conv2d(4, 3, 3), img())
+    assert ops_of(net) == ["Conv2d"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fallback ops
+
+class UsesFallbacks(nn.Module):
+    def forward(self, x):
+        y = torch.cumprod(x, dim=1)
+        return y * x.ne(0)
+
+
+def test_fallback_op_is_replayed_and_reported(check_trace):
+    with pytest.warns(UserWarning, match="generic replay"):
+        net = check_trace(UsesFallbacks().eval(), lambda b: torch.rand(b, 5) + 0.5)
+    assert net.fallback_ops == {"torch.cumprod": 1, "torch.Tensor.ne": 1}
+    flagged = [n for n in net.layer_nodes if n.meta.get("fallback")]
+    assert len(flagged) == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+class Returns(nn.Module):
+    def __init__(self, what):
+        super().__init__()
+        self.what = what
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        self.lin(x)
+        return self.what() if callable(self.what) else self.what
+
+
+def _capture_is_clean():
+    from amc.graph import capture
+
+    return capture._ACTIVE is None and nn.Module.__call__ is capture._ORIG_CALL
+
+
+def test_non_module_is_rejected():
+    with pytest.raises(CaptureError, match="nn.Module"):
+        amc.trace(lambda x: x * 2, torch.randn(2, 3))
+    with pytest.raises(CaptureError, match="nn.Module"):
+        reconstructor.insertCaptureBoundaryStart(object())
+    assert _capture_is_clean()
+
+
+def test_failing_example_inputs_report_the_original_error():
+    with pytest.raises(CaptureError, match="mat1 and mat2 shapes cannot be multiplied") as info:
+        amc.trace(nn.Linear(4, 4), torch.randn(2, 5))
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert _capture_is_clean(), "a failed capture must restore nn.Module.__call__"
+    net = amc.trace(nn.Linear(4, 4), torch.randn(2, 4))  # and the next capture works
+    assert ops_of(net) == ["Linear"]
+
+
+@pytest.mark.parametrize("what", [3, None, lambda: torch.ones(4)], ids=["int", "none", "constant"])
+def test_model_returning_no_computed_tensor(what):
+    with pytest.raises(CaptureError, match="returned no tensor"):
+        amc.trace(Returns(what), torch.randn(2, 4))
+    assert _capture_is_clean()
+
+
+def test_missing_example_inputs():
+    with pytest.raises(CaptureError, match="example inputs"):
+        amc.trace(nn.Linear(4, 4))
+
+
+def test_boundary_misuse():
+    model = nn.Linear(4, 4)
+    with pytest.raises(CaptureError, match="without insertCaptureBoundaryStart"):
+        reconstructor.insertCaptureBoundaryEnd()
+    reconstructor.insertCaptureBoundaryStart(model)
+    try:
+        with pytest.raises(CaptureError, match="twice"):
+            reconstructor.insertCaptureBoundaryStart(model)
+        with pytest.raises(CaptureError, match="insertCaptureBoundaryEnd"):
+            reconstructor.getReconstructedNetwork()
+        with pytest.raises(CaptureError, match="already in progress"):
+            amc.trace(model, torch.randn(2, 4))
+    finally:
+        reconstructor.insertCaptureBoundaryEnd()
+    assert _capture_is_clean()
+    with pytest.raises(CaptureError, match="never called"):
+        reconstructor.getReconstructedNetwork()  # boundaries without a forward in between
+
+
+# ----------------------------------------------------------------------------------------------
+# Seed API and drawing
+
+class Code1Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = F.adaptive_avg_pool2d(x, 1)
+        x = x.view(x.size(0), -1)
+        return self.fc(x)
+
+
+class RootCast(nn.Module):
+    def forward(self, x):
+        return x.float() * 2  # an op at root scope whose name is also an nn.Module attribute
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError,
+                   reason="amc bug: capture names an op module after the call ('float', 'to', 'type', ...); at "
+                          "root scope that key collides with an nn.Module attribute and nn.ModuleDict raises "
+                          "KeyError(\"attribute 'float' already exists\") in build()")
+def test_root_op_named_like_a_module_attribute(check_trace):
+    check_trace(RootCast().eval(), lambda b: torch.randn(b, 3))
+
+
+def test_seed_api_code1(tmp_path, assert_same):
+    import graphviz
+
+    network = Code1Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = network(x)
+    reconstructor.insertCaptureBoundaryStart(network)
+    out = network(x)
+    reconstructor.insertCaptureBoundaryEnd()
+    net, graph = reconstructor.getReconstructedNetwork(ifDraw=True, drawPath=str(tmp_path / "origin_net"))
+    assert_same(ref, out.detach())  # the captured forward returns the real output
+    net.lint()
+    with torch.no_grad():
+        assert_same(ref, net(x))
+        x5 = torch.randn(5, 3, 8, 8)
+        assert_same(network(x5), net(x5))
+    assert isinstance(graph, graphviz.Digraph) and "fc" in graph.source
+    assert (tmp_path / "origin_net.gv").exists()
+    pngs = list(tmp_path.glob("origin_net*.png"))
+    assert len(pngs) == (1 if shutil.which("dot") else 0)
+    assert _capture_is_clean()
+
+
+def test_draw_writes_gv_and_png(tmp_path):
+    net = amc.trace(Code1Net().eval(), torch.randn(2, 3, 8, 8))
+    result = net.draw(str(tmp_path / "g"))
+    gv = (tmp_path / "g.gv").read_text()
+    assert "digraph" in gv and "Conv2d" in gv and "__output__" in gv
+    if shutil.which("dot") is not None:
+        with open(result, "rb") as f:
+            assert result.endswith(".png") and f.read(8) == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert result.endswith(".gv")
+
+
+@pytest.mark.xfail(strict=True, reason="amc bug: draw() renders '<path>.gv.png' (graphviz appends the format to "
+                                       "the .gv filename) instead of the documented '<path>.png'")
+def test_draw_png_named_after_path(tmp_path):
+    net = amc.trace(Code1Net().eval(), torch.randn(2, 3, 8, 8))
+    if shutil.which("dot") is None:  # nothing to check without dot: make the xfail hold either way
+        raise AssertionError("dot missing")
+    assert net.draw(str(tmp_path / "g")) == str(tmp_path / "g.png")
+    assert (tmp_path / "g.png").exists()
+
+
+def test_draw_without_dot_writes_gv_only(tmp_path, monkeypatch):
+    net = amc.trace(Code1Net().eval(), torch.randn(2, 3, 8, 8))
+    monkeypatch.setattr(drawing_mod.shutil, "which", lambda *a, **k: None)
+    result = net.draw(str(tmp_path / "nodot"))
+    assert result == str(tmp_path / "nodot.gv")
+    assert (tmp_path / "nodot.gv").exists() and not (tmp_path / "nodot.png").exists()
+
+
+def test_summary_and_count_agree(check_trace):
+    model = Code1Net().eval()
+    net = check_trace(model, lambda b: torch.randn(b, 3, 8, 8))
+    macs, params = amc.count(net, torch.randn(1, 3, 8, 8))
+    conv = 3 * 3 * 3 * 8 * 64 + 8 * 64  # k*k*cin*cout*HW + bias
+    assert macs >= conv + 8 * 10 + 10
+    assert params == sum(p.numel() for p in model.parameters())
+    text = net.summary(torch.randn(1, 3, 8, 8), file=io.StringIO())
+    assert f"{macs:,} MACs" in text

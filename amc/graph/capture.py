@@ -439,7 +439,9 @@ class Tracer(TorchFunctionMode):
         if self.fallbacks:
             warnings.warn("amc capture: ops without a dedicated wrapper were captured by the generic replay "
                           f"node (exact, but frozen for pruning): {dict(self.fallbacks)}", stacklevel=3)
-        return ReconstructedNetwork(modules, self.input_nodes, nodes, self.outputs, meta)
+        net = ReconstructedNetwork(modules, self.input_nodes, nodes, self.outputs, meta)
+        net.training = self.root.training  # the flag only: submodules keep the modes they were captured in
+        return net
 
     def _const_names(self) -> set:
         return set(self._const_nodes.values())

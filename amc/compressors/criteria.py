@@ -1,0 +1,290 @@
+"""Filter-importance criteria: one registry, one class per criterion, `__call__(group) -> Tensor`.
+
+A criterion scores every prunable unit of a group (higher = more important); the group's members
+(every parameter slice the unit owns, in producers and consumers alike) all contribute.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Type
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import PruningError
+from .groups import Group, Member, param_of
+
+CRITERIA: Dict[str, Type["Criterion"]] = {}
+
+
+def register_criterion(name: str) -> Callable[[Type["Criterion"]], Type["Criterion"]]:
+    def deco(cls: Type["Criterion"]) -> Type["Criterion"]:
+        if name in CRITERIA:
+            warnings.warn(f"amc: criterion {name!r} overwritten", stacklevel=2)
+        CRITERIA[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+class Criterion:
+    """Base class. `data_driven` criteria get `prepare(net, analysis, dataloader)` called first."""
+
+    name = "base"
+    data_driven = False
+
+    def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
+        self.net = net
+        self.analysis = analysis
+
+    def __call__(self, group: Group) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _param(self, m: Member) -> torch.Tensor:
+        return param_of(self.net, self.net.node(m.axis.node).module, m.axis.attr).detach()
+
+
+def _slice_stat(p: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    flat = p.movedim(dim, 0).reshape(p.shape[dim], -1).float()
+    return fn(flat)
+
+
+def _scatter(group: Group, m: Member, values: torch.Tensor, out: torch.Tensor) -> None:
+    idx = torch.from_numpy(m.unit_index)
+    ok = idx >= 0
+    out.index_add_(0, idx[ok], values[ok].double())
+
+
+class Magnitude(Criterion):
+    p = 2.0
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        out = torch.zeros(group.size, dtype=torch.float64)
+        for m in group.members:
+            if m.axis.attr.endswith(("running_mean", "running_var")):
+                continue
+            vals = _slice_stat(self._param(m), m.axis.dim, lambda f: f.abs().pow(self.p).sum(1))
+            _scatter(group, m, vals, out)
+        return out.pow(1.0 / self.p)
+
+
+@register_criterion("l1")
+class L1(Magnitude):
+    """Sum of |w| over every slice the channel owns (Li et al. filter norm)."""
+
+    p = 1.0
+
+
+@register_criterion("l2")
+class L2(Magnitude):
+    """L2 norm over every slice the channel owns (Torch-Pruning's group magnitude, p=2)."""
+
+    p = 2.0
+
+
+@register_criterion("random")
+class Random(Criterion):
+    """Uniform random scores (a baseline)."""
+
+    def __init__(self, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        return torch.rand(group.size, generator=self.gen, dtype=torch.float64)
+
+
+def _producer_members(group: Group) -> List[Member]:
+    """Members that are a layer's output filters (weight rows of conv/linear, parameter dims)."""
+    out = []
+    for m in group.members:
+        if m.axis.attr in ("weight", "value") and m.axis.dim == 0:
+            out.append(m)
+    return out
+
+
+@register_criterion("fpgm")
+class FPGM(Criterion):
+    """Filter pruning via geometric median (He et al. 2019): filters near the median are redundant."""
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        out = torch.zeros(group.size, dtype=torch.float64)
+        members = [m for m in _producer_members(group) if self._param(m).dim() > 1] or group.members
+        for m in members:
+            idx = torch.from_numpy(m.unit_index)
+            ok = idx >= 0
+            flat = self._param(m).movedim(m.axis.dim, 0).reshape(len(idx), -1).float()[ok]
+            if flat.shape[0] < 2:
+                continue
+            dist = torch.cdist(flat, flat).sum(1)
+            out.index_add_(0, idx[ok], dist.double())
+        return out
+
+
+def run_with_observer(net: nn.Module, dataloader: Iterable, observer: Callable, max_batches: int) -> None:
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(dataloader):
+                if i >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                net.run_observed((x,), {}, observer)
+    finally:
+        net.train(was)
+
+
+def _require_loader(name: str, dataloader: Optional[Iterable]) -> None:
+    if dataloader is None:
+        raise PruningError(f"criterion {name!r} is data-driven: pass dataloader= (batches of inputs, or "
+                           "(inputs, labels) pairs)")
+
+
+@register_criterion("apoz")
+class APoZ(Criterion):
+    """Average Percentage of Zeros after ReLU-like activations (Hu et al. 2016): mostly-zero channels go.
+
+    Units no ReLU observes are scored by mean |activation| at their producers, rescaled into the same range.
+    """
+
+    data_driven = True
+
+    def __init__(self, max_batches: int = 8):
+        self.max_batches = max_batches
+
+    def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
+        super().prepare(net, analysis, dataloader)
+        _require_loader(self.name, dataloader)
+        self.nonzero: Dict[int, List[float]] = {}
+        self.magnitude: Dict[int, List[float]] = {}
+        roots = analysis.uf.roots()
+        relu_ops = {"ReLU", "ReLU6", "Activation"}
+
+        def observe(node, module, args, kwargs, out) -> None:
+            tl = analysis.labels.get(node.name)
+            if not isinstance(out, torch.Tensor) or tl is None or not hasattr(tl, "dims") or out.dim() < 2:
+                return
+            for d, vec in enumerate(tl.dims):
+                if vec is None or len(vec) != out.shape[d]:
+                    continue
+                flat = out.detach().movedim(d, 0).reshape(out.shape[d], -1)
+                target = self.nonzero if node.op in relu_ops else self.magnitude
+                stat = (flat != 0).double().mean(1) if target is self.nonzero else flat.abs().double().mean(1)
+                for r, s in zip(roots[vec].tolist(), stat.tolist()):
+                    target.setdefault(r, []).append(s)
+
+        run_with_observer(net, dataloader, observe, self.max_batches)
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        score = np.full(group.size, np.nan)
+        mag = np.zeros(group.size)
+        for i, r in enumerate(group.units.tolist()):
+            if r in self.nonzero:
+                score[i] = float(np.mean(self.nonzero[r]))  # 1 - APoZ
+            mag[i] = float(np.mean(self.magnitude.get(r, [0.0])))
+        missing = np.isnan(score)
+        if missing.any():
+            scale = mag[missing].max() or 1.0
+            score[missing] = mag[missing] / scale
+        return torch.from_numpy(score)
+
+
+@register_criterion("thinet")
+class ThiNet(Criterion):
+    """ThiNet (Luo et al. 2017): greedily remove the channels whose summed contribution to the next
+    layer's sampled outputs stays smallest. Scores are the reverse greedy removal order."""
+
+    data_driven = True
+
+    def __init__(self, max_batches: int = 4, samples_per_batch: int = 256, seed: int = 0):
+        self.max_batches = max_batches
+        self.samples = samples_per_batch
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
+        super().prepare(net, analysis, dataloader)
+        _require_loader(self.name, dataloader)
+        consumers = {ax.node for ax in analysis.axes if ax.attr == "weight" and ax.dim == 1}
+        self.contrib: Dict[str, List[torch.Tensor]] = {n: [] for n in consumers}
+
+        def observe(node, module, args, kwargs, out) -> None:
+            if node.name not in self.contrib or not args or not isinstance(args[0], torch.Tensor):
+                return
+            c = self._contributions(module, args[0])
+            if c is not None:
+                self.contrib[node.name].append(c)
+
+        run_with_observer(net, dataloader, observe, self.max_batches)
+        self.contrib = {k: torch.cat(v, 1) for k, v in self.contrib.items() if v}
+
+    def _contributions(self, m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """[in_channels, samples]: each input channel's share of randomly sampled output values."""
+        if isinstance(m, nn.Linear):
+            x2 = x.reshape(-1, x.shape[-1])
+            rows = torch.randint(0, x2.shape[0], (self.samples,), generator=self.gen)
+            outs = torch.randint(0, m.out_features, (self.samples,), generator=self.gen)
+            return (x2[rows] * m.weight[outs]).T.detach()
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            cols = torch.nn.functional.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)
+            n, _, L = cols.shape
+            cols = cols.view(n, m.in_channels, -1, L)
+            b = torch.randint(0, n, (self.samples,), generator=self.gen)
+            pos = torch.randint(0, L, (self.samples,), generator=self.gen)
+            f = torch.randint(0, m.out_channels, (self.samples,), generator=self.gen)
+            patches = cols[b, :, :, pos]  # [S, C, k]
+            w = m.weight.view(m.out_channels, m.in_channels, -1)[f]  # [S, C, k]
+            return (patches * w).sum(-1).T.detach()
+        return None
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        blocks = []
+        for m in group.members:
+            if m.axis.node in self.contrib and m.axis.attr == "weight" and m.axis.dim == 1:
+                c = self.contrib[m.axis.node]
+                idx = torch.from_numpy(m.unit_index)
+                ok = idx >= 0
+                per_unit = torch.zeros(group.size, c.shape[1], dtype=torch.float64)
+                per_unit.index_add_(0, idx[ok], c[ok].double())
+                blocks.append(per_unit)
+        if not blocks:
+            fallback = L2()  # no conv/linear consumer observed: magnitude instead
+            fallback.net = self.net
+            return fallback(group)
+        contrib = torch.cat(blocks, 1)
+        n = group.size
+        removed: List[int] = []
+        acc = torch.zeros(contrib.shape[1], dtype=torch.float64)
+        left = torch.ones(n, dtype=torch.bool)
+        for _ in range(n):
+            cand = torch.nonzero(left).flatten()
+            cost = (acc.unsqueeze(0) + contrib[cand]).pow(2).sum(1)
+            best = int(cand[torch.argmin(cost)])
+            removed.append(best)
+            acc += contrib[best]
+            left[best] = False
+        score = torch.empty(n, dtype=torch.float64)
+        score[torch.tensor(removed)] = torch.arange(n, dtype=torch.float64)
+        return score
+
+
+def get_criterion(criterion: Any) -> Criterion:
+    """A criterion instance from a registry name or an instance/callable."""
+    if isinstance(criterion, Criterion):
+        return criterion
+    if isinstance(criterion, str):
+        key = criterion.lower()
+        if key not in CRITERIA:
+            raise PruningError(f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)}")
+        return CRITERIA[key]()
+    if callable(criterion):
+        return _CallableCriterion(criterion)
+    raise PruningError(f"criterion must be a name in {sorted(CRITERIA)} or a Criterion, got {criterion!r}")
+
+
+class _CallableCriterion(Criterion):
+    def __init__(self, fn: Callable[[Group], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, group: Group) -> torch.Tensor:
+        return torch.as_tensor(self.fn(group), dtype=torch.float64)

@@ -1,0 +1,257 @@
+"""Channel dependency analysis: which dims of which parameters must be pruned together.
+
+Every prunable channel is an *element* (an int). Producers (conv/linear outputs, parameters used
+directly) create fresh elements; every tensor in the graph carries, per dim, a vector of the elements
+its positions belong to (None: a dim with no channels to prune, such as batch or space). Ops
+propagate those vectors by the rule registered for them (`amc.compressors.rules`): pass-through,
+coupling (union-find), concatenation (vectors joined), splitting (sliced), reshaping (blocks), or
+freezing (union with element 0, the frozen sentinel: what an unknown op touches is never pruned).
+
+An `Axis` says "index i along dim `dim` of parameter `attr` of node `node` is element vector[i]";
+pruning a set of elements is then slicing every axis, which `amc.compressors.apply` does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..graph.network import ReconstructedNetwork
+from ..graph.node import Node
+from ..graph.template import Ref, iter_refs, map_template
+
+Vec = Optional[np.ndarray]
+
+
+class TL:
+    """Labels of one tensor: one element vector (or None) per dim."""
+
+    __slots__ = ("dims",)
+
+    def __init__(self, dims: List[Vec]):
+        self.dims = dims
+
+    @classmethod
+    def unlabeled(cls, ndim: int) -> "TL":
+        return cls([None] * ndim)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.dims)
+
+    def __repr__(self) -> str:
+        return "TL(" + ", ".join("-" if d is None else f"[{len(d)}]" for d in self.dims) + ")"
+
+
+@dataclass
+class Axis:
+    """Index i along `dim` of `attr` (a dotted attribute of the node's module) is element `vec[i]`."""
+
+    node: str
+    attr: str
+    dim: int
+    vec: np.ndarray
+
+
+@dataclass
+class Fixup:
+    """A non-parameter edit hard pruning must make, e.g. a reshape's constant size or a head count."""
+
+    node: str
+    kind: str
+    data: Dict[str, Any] = field(default_factory=dict)
+
+
+class UnionFind:
+    """Union-find over elements; element 0 is the frozen sentinel."""
+
+    def __init__(self) -> None:
+        self.parent: List[int] = [0]
+        self.space: List[int] = [-1]
+
+    def new(self, n: int, space: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        self.space.extend([space] * n)
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if rb == 0 or (ra != 0 and ra > rb):  # the sentinel (and older elements) stay roots
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+
+    def union_vecs(self, a: Vec, b: Vec) -> None:
+        """Couple two equally long vectors position by position; None on one side freezes the other."""
+        if a is None and b is None:
+            return
+        if a is None or b is None:
+            self.freeze(b if a is None else a)
+            return
+        if len(a) != len(b):
+            self.freeze(a)
+            self.freeze(b)
+            return
+        pairs = np.unique(np.stack([a, b], 1), axis=0)
+        for x, y in pairs.tolist():
+            if x != y:
+                self.union(x, y)
+
+    def freeze(self, v: Vec) -> None:
+        if v is None:
+            return
+        for x in np.unique(v).tolist():
+            self.union(0, x)
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+@dataclass
+class Space:
+    """Where a block of elements was created: a node's output channels or a parameter dim."""
+
+    id: int
+    node: str
+    kind: str  # "out" (module producer) or "param"
+    size: int
+
+
+class Analysis:
+    """Result of `analyze`: elements, couplings, axes, fixups, and per-node labels."""
+
+    def __init__(self, net: ReconstructedNetwork):
+        self.net = net
+        self.uf = UnionFind()
+        self.spaces: List[Space] = []
+        self.axes: List[Axis] = []
+        self.fixups: List[Fixup] = []
+        self.multiples: List[Tuple[np.ndarray, int]] = []  # (dim vector, m): its kept count must be k*m
+        self.labels: Dict[str, Any] = {}
+        self.size_sources: Dict[str, Any] = {}  # TensorSize/IntArith node -> labels of the dims it read
+        self.output: Any = None  # the network's output on the example inputs (shapes are checked later)
+
+    # helpers for rules --------------------------------------------------------------------------
+    def new_space(self, node: str, size: int, kind: str = "out") -> np.ndarray:
+        space = Space(len(self.spaces), node, kind, size)
+        self.spaces.append(space)
+        return self.uf.new(size, space.id)
+
+    def axis(self, node: str, attr: str, dim: int, vec: Vec) -> None:
+        if vec is not None:
+            self.axes.append(Axis(node, attr, dim, vec))
+
+    def freeze_all(self, labels: Any) -> None:
+        for tl in iter_labels(labels):
+            for v in tl.dims:
+                self.uf.freeze(v)
+
+    def fixup(self, node: str, kind: str, **data: Any) -> None:
+        self.fixups.append(Fixup(node, kind, data))
+
+
+def iter_labels(obj: Any):
+    if isinstance(obj, TL):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from iter_labels(v)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from iter_labels(v)
+
+
+def unlabeled_like(value: Any) -> Any:
+    """Labels for a value: None per dim for tensors, structure kept."""
+    if isinstance(value, torch.Tensor):
+        return TL.unlabeled(value.dim())
+    if isinstance(value, (list, tuple)):
+        return [unlabeled_like(v) for v in value]
+    if isinstance(value, dict):
+        return {k: unlabeled_like(v) for k, v in value.items()}
+    return None
+
+
+def _index(value: Any, path: Tuple[Any, ...]) -> Any:
+    for p in path:
+        if value is None:
+            return None
+        value = value[p]
+    return value
+
+
+Rule = Callable[["RuleCall"], Any]
+
+
+@dataclass
+class RuleCall:
+    """Everything a rule sees for one node."""
+
+    a: Analysis
+    node: Node
+    module: nn.Module
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    out: Any
+    largs: List[Any]
+    lkwargs: Dict[str, Any]
+
+    def arg(self, i: int, name: Optional[str] = None, default: Any = None) -> Any:
+        if i < len(self.args):
+            return self.args[i]
+        return self.kwargs.get(name, default) if name else default
+
+    def larg(self, i: int, name: Optional[str] = None) -> Any:
+        if i < len(self.largs):
+            return self.largs[i]
+        return self.lkwargs.get(name) if name else None
+
+
+def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: Callable[[nn.Module, Node], Rule],
+            observe: Optional[Callable[[Node, nn.Module, tuple, dict, Any], None]] = None) -> Analysis:
+    """Run the graph once on example inputs and propagate channel labels through every node."""
+    a = Analysis(net)
+    for inp in net.input_nodes:
+        a.labels[inp.name] = None  # filled lazily below from the bound value
+
+    def get(ref: Any) -> Any:
+        if isinstance(ref, Ref):
+            return _index(a.labels.get(ref.node), ref.path)
+        return None
+
+    def observer(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        largs = [map_template(t, get) if _has_ref(t) else None for t in node.args]
+        lkwargs = {k: (map_template(t, get) if _has_ref(t) else None) for k, t in node.kwargs.items()}
+        call = RuleCall(a, node, module, args, kwargs, out, largs, lkwargs)
+        labels = rule_for(module, node)(call)
+        a.labels[node.name] = labels if labels is not None else unlabeled_like(out)
+        if observe is not None:
+            observe(node, module, args, kwargs, out)
+
+    env_inputs = list(example_inputs)
+    for inp in net.input_nodes:
+        if isinstance(inp.index, int) and inp.index < len(env_inputs):
+            a.labels[inp.name] = unlabeled_like(env_inputs[inp.index])
+    with torch.no_grad():
+        out = net.run_observed(tuple(example_inputs), {}, observer)
+    # outputs never change shape: everything that reaches them is frozen
+    for r in iter_refs(net.outputs):
+        a.freeze_all(_index(a.labels.get(r.node), r.path))
+    a.output = out
+    return a
+
+
+def _has_ref(t: Any) -> bool:
+    return any(True for _ in iter_refs(t))

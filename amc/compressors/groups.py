@@ -1,0 +1,134 @@
+"""Pruning groups: channels that must go together, clustered by the layers they touch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .dependency import Analysis, Axis
+
+
+@dataclass
+class Member:
+    """One parameter axis of a group: position i of `axis` belongs to unit `unit_index[i]` (-1: not ours)."""
+
+    axis: Axis
+    unit_index: np.ndarray
+
+
+@dataclass
+class Group:
+    """A set of coupled channels ("units"): pruning unit u slices every member axis where it appears."""
+
+    id: int
+    units: np.ndarray  # root element of each prunable unit
+    n_frozen: int  # frozen positions that count towards `multiple_of`
+    members: List[Member] = field(default_factory=list)
+    producers: List[str] = field(default_factory=list)
+    multiple_of: int = 1
+
+    @property
+    def size(self) -> int:
+        """Prunable channels in the group."""
+        return len(self.units)
+
+    @property
+    def layers(self) -> List[str]:
+        """Names of the nodes whose parameters this group slices."""
+        return list(dict.fromkeys(m.axis.node for m in self.members))
+
+    def __repr__(self) -> str:
+        return (f"Group({self.id}, channels={self.size}+{self.n_frozen} frozen, producers={self.producers[:3]}"
+                f"{'...' if len(self.producers) > 3 else ''}, layers={len(self.layers)})")
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // int(np.gcd(a, b))
+
+
+def build_groups(a: Analysis) -> Tuple[List[Group], np.ndarray]:
+    """Groups of prunable units, and the root of every element (index into it with an axis vector)."""
+    roots = a.uf.roots()
+    space_of = np.asarray(a.uf.space, dtype=np.int64)
+    n = len(roots)
+    elements = np.arange(1, n)
+    r = roots[1:]
+    live = r != 0
+    order = np.lexsort((space_of[1:][live], r[live]))
+    el, rr, sp = elements[live][order], r[live][order], space_of[1:][live][order]
+    signature: Dict[int, Tuple[int, ...]] = {}
+    if len(rr):
+        bounds = np.flatnonzero(np.diff(rr)) + 1
+        for chunk_r, chunk_s in zip(np.split(rr, bounds), np.split(sp, bounds)):
+            signature[int(chunk_r[0])] = tuple(np.unique(chunk_s).tolist())
+    del el
+    # frozen elements, by space signature of the unit they would otherwise have joined
+    by_sig: Dict[Tuple[int, ...], List[int]] = {}
+    for root, sig in signature.items():
+        by_sig.setdefault(sig, []).append(root)
+    groups: List[Group] = []
+    unit_pos = np.full(n, -1, dtype=np.int64)
+    group_of = np.full(n, -1, dtype=np.int64)
+    for sig, units in by_sig.items():
+        g = Group(len(groups), np.asarray(sorted(units), dtype=np.int64), 0)
+        g.producers = list(dict.fromkeys(a.spaces[s].node for s in sig))
+        unit_pos[g.units] = np.arange(len(g.units))
+        group_of[g.units] = g.id
+        groups.append(g)
+    for vec, m in a.multiples:  # e.g. attention: kept embed dims must stay a multiple of num_heads
+        rv = roots[vec]
+        gids = np.unique(group_of[rv[rv != 0]])
+        if len(gids) == 1:
+            g = groups[int(gids[0])]
+            g.multiple_of = _lcm(g.multiple_of, m)
+            g.n_frozen = max(g.n_frozen, int((rv == 0).sum()))
+        else:
+            for gid in gids.tolist():  # one dim split over several groups: no way to keep the multiple
+                groups[gid].multiple_of = 0
+    for ax in a.axes:
+        rv = roots[ax.vec]
+        gids = np.unique(group_of[rv])
+        for gid in gids.tolist():
+            if gid < 0:
+                continue
+            idx = np.where(group_of[rv] == gid, unit_pos[rv], -1)
+            groups[gid].members.append(Member(ax, idx))
+    return [g for g in groups if g.members], roots
+
+
+def param_of(net: nn.Module, node_module: str, attr: str) -> torch.Tensor:
+    obj: nn.Module = net.network[node_module]
+    *path, last = attr.split(".")
+    for p in path:
+        obj = getattr(obj, p)
+    return getattr(obj, last)
+
+
+def module_key(a: Analysis, node: str) -> str:
+    return a.net.node(node).module
+
+
+def keep_counts(group: Group, ratio: float) -> int:
+    """How many units of `group` to prune at `ratio`, keeping >= 1 and honouring multiple_of."""
+    n, frozen, m = group.size, group.n_frozen, group.multiple_of
+    if m == 0:
+        return 0
+    total = n + frozen
+    keep_total = max(1, total - int(np.floor(ratio * n + 1e-9)))
+    if m > 1:
+        keep_total = max(m, (keep_total // m) * m)
+        if total % m:
+            return 0
+    return max(0, min(n, total - keep_total))
+
+
+def select_units(group: Group, importance: torch.Tensor, ratio: float) -> np.ndarray:
+    """Roots of the least important units to prune."""
+    k = keep_counts(group, ratio)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    order = torch.argsort(importance.double(), stable=True)[:k].numpy()
+    return group.units[order]

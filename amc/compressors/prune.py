@@ -1,0 +1,234 @@
+"""The pruning API: `amc.prune` and `amc.prune_groups`.
+
+    pruned = amc.prune(model, ratio=0.5, criterion="l2", example_inputs=(x,))
+    pruned = amc.prune(net, target_macs=0.5)                 # until MACs fall to half
+    pruned = amc.prune(net, ratio={"layer1.0.conv1": 0.3})   # per-layer ratios
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import PruningError
+from ..graph.capture import trace
+from ..graph.counting import count
+from ..graph.network import ReconstructedNetwork
+from .apply import apply
+from .criteria import Criterion, get_criterion
+from .dependency import Analysis, analyze
+from .groups import Group, build_groups, param_of, select_units
+from .rules import rule_for
+
+Ratio = Union[float, Mapping[str, float]]
+
+
+@dataclass
+class PruningPlan:
+    """Everything needed to prune `net` at any ratio: analysis, groups, and unit importance."""
+
+    net: ReconstructedNetwork
+    example_inputs: Tuple[Any, ...]
+    analysis: Analysis
+    groups: List[Group]
+    roots: np.ndarray
+    importance: Optional[List[torch.Tensor]] = None
+
+    def pruned_roots(self, ratio: Ratio) -> np.ndarray:
+        chosen = []
+        for g, imp in zip(self.groups, self.importance or []):
+            r = group_ratio(g, ratio)
+            if r > 0:
+                chosen.append(select_units(g, imp, r))
+        return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+    def apply(self, ratio: Ratio, mode: str = "hard") -> ReconstructedNetwork:
+        return self.apply_units(self.pruned_roots(ratio), mode)
+
+    def apply_units(self, pruned_roots: np.ndarray, mode: str = "hard") -> ReconstructedNetwork:
+        """Prune exactly these units (group.units entries), e.g. the ones a LASSO chose."""
+        pruned = apply(self.net, self.analysis, self.roots, np.asarray(pruned_roots, dtype=np.int64), mode)
+        check_pruned(self.analysis.output, pruned, self.example_inputs)
+        return pruned
+
+    def rescore(self, criterion: Any, dataloader: Optional[Iterable] = None) -> "PruningPlan":
+        """Score the same groups with another criterion (the analysis is reused)."""
+        crit: Criterion = get_criterion(criterion)
+        if crit.data_driven:
+            crit.prepare(self.net, self.analysis, dataloader)
+        else:
+            crit.net, crit.analysis = self.net, self.analysis
+        self.importance = [torch.as_tensor(crit(g), dtype=torch.float64) for g in self.groups]
+        return self
+
+    def group_of_layer(self, node: str, attr: str = "weight", dim: int = 1) -> Tuple[Optional[Group], np.ndarray]:
+        """The group behind one parameter axis of a layer, and the unit index of each position along it
+        (-1 for frozen positions). `dim=1` of a conv/linear weight: its input channels."""
+        for g in self.groups:
+            for m in g.members:
+                if m.axis.node == node and m.axis.attr == attr and m.axis.dim == dim:
+                    return g, m.unit_index
+        return None, np.zeros(0, dtype=np.int64)
+
+
+def group_ratio(g: Group, ratio: Ratio) -> float:
+    if isinstance(ratio, Mapping):
+        rs = [ratio[p] for p in g.producers if p in ratio]
+        return max(rs) if rs else 0.0
+    return float(ratio)
+
+
+def _as_network(model: nn.Module, example_inputs: Optional[Sequence[Any]]) -> Tuple[ReconstructedNetwork, tuple]:
+    if isinstance(model, ReconstructedNetwork):
+        inputs = tuple(example_inputs) if example_inputs else model.example_inputs(batch_size=1)
+        return model, inputs
+    if not isinstance(model, nn.Module):
+        raise PruningError(f"expected an nn.Module or ReconstructedNetwork, got {type(model).__name__}")
+    if not example_inputs:
+        raise PruningError("pruning a plain nn.Module needs example_inputs=(tensor, ...) to trace it")
+    return trace(model, *example_inputs), tuple(example_inputs)
+
+
+def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
+    if isinstance(ratio, Mapping):
+        names = {n.name for n in net.layer_nodes}
+        unknown = [k for k in ratio if k not in names]
+        if unknown:
+            raise PruningError(f"ratio names unknown layers {unknown[:5]}; use node names such as "
+                               f"{[n.name for n in net.layer_nodes if n.op in ('Conv2d', 'Linear')][:3]}")
+        for k, v in ratio.items():
+            _validate_ratio(v, net) if not isinstance(v, Mapping) else None
+        return
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+        raise PruningError(f"ratio must be a float in [0, 1) or a dict of per-layer ratios, got {ratio!r}")
+    if not 0.0 <= float(ratio) < 1.0:
+        raise PruningError(f"ratio must be in [0, 1), got {ratio}: it is the fraction of channels removed")
+
+
+def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
+                 ignore: Iterable[str] = (), dataloader: Optional[Iterable] = None) -> PruningPlan:
+    """Analyse coupling and score every channel once; `plan.apply(ratio)` then prunes at any ratio."""
+    net, inputs = _as_network(model, example_inputs)
+    crit: Criterion = get_criterion(criterion)  # fail fast on a bad name, before the analysis
+    ignore = list(ignore)
+    names = {n.name for n in net.layer_nodes}
+    missing = [n for n in ignore if n not in names]
+    if missing:
+        raise PruningError(f"ignore names no node: {missing[:5]}; see [n.name for n in net.layer_nodes]")
+    was = net.training
+    net.eval()
+    try:
+        a = analyze(net, _batch1(inputs), rule_for)
+    finally:
+        net.train(was)
+    _couple_shared_params(a, net)
+    for space in a.spaces:  # ignored layers keep their output channels
+        if space.node in ignore:
+            a.uf.freeze(np.arange(1, len(a.uf.parent))[np.asarray(a.uf.space[1:]) == space.id])
+    groups, roots = build_groups(a)
+    return PruningPlan(net, inputs, a, groups, roots).rescore(crit, dataloader)
+
+
+def _batch1(inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
+    return tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > 1 else x for x in inputs)
+
+
+def _couple_shared_params(a: Analysis, net: ReconstructedNetwork) -> None:
+    """A parameter shared by several nodes (a module called twice, tied weights) is pruned once, alike."""
+    seen: Dict[Tuple[int, int], np.ndarray] = {}
+    for ax in a.axes:
+        p = param_of(net, net.node(ax.node).module, ax.attr)
+        key = (id(p), ax.dim)
+        if key in seen:
+            a.uf.union_vecs(seen[key], ax.vec)
+        else:
+            seen[key] = ax.vec
+
+
+def check_pruned(ref: Any, pruned: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> None:
+    """The pruned graph must lint, run, and give outputs of the shapes of `ref` (the original's output)."""
+    pruned.lint()
+    with torch.no_grad():
+        was = pruned.training
+        pruned.eval()
+        try:
+            out = pruned(*_batch1(inputs))
+        except Exception as exc:  # noqa: BLE001 - reported with context
+            raise PruningError(f"the pruned network no longer runs ({type(exc).__name__}: {exc}); an op "
+                               "between the pruned layers was not handled: pass its producer in "
+                               "ignore=[...] and report the model") from exc
+        finally:
+            pruned.train(was)
+    if _shapes(ref) != _shapes(out):
+        raise PruningError(f"pruning changed the output shapes {_shapes(ref)} -> {_shapes(out)}")
+
+
+def _shapes(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if isinstance(x, (list, tuple)):
+        return [_shapes(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _shapes(v) for k, v in x.items()}
+    return None
+
+
+def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
+          ignore: Iterable[str] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
+          target_macs: Optional[float] = None) -> ReconstructedNetwork:
+    """Prune channels and return a new ReconstructedNetwork; the input is left untouched.
+
+    ratio: fraction of each group's channels removed, or `{layer_name: ratio}` (groups not named stay).
+    target_macs: prune uniformly until MACs fall to this fraction of the original (<= 1), or to this
+    absolute number of MACs (> 1). Overrides `ratio`.
+    mode: "hard" removes channels; "soft" zeroes them (same function, same shapes).
+    """
+    if mode not in ("hard", "soft"):
+        raise PruningError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    net, inputs = _as_network(model, example_inputs)
+    if target_macs is None:
+        _validate_ratio(ratio, net)
+        if not isinstance(ratio, Mapping) and float(ratio) == 0.0:
+            return net.copy()
+    plan = plan_pruning(net, criterion, inputs, ignore, dataloader)
+    if target_macs is None:
+        return plan.apply(ratio, mode)
+    ratio = ratio_for_macs(plan, target_macs)
+    return plan.apply(ratio, mode)
+
+
+def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) -> float:
+    """The smallest uniform ratio whose hard-pruned MACs reach `target_macs` (binary search)."""
+    base, _ = count(plan.net, *_batch1(plan.example_inputs))
+    if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or target_macs <= 0:
+        raise PruningError(f"target_macs must be a positive fraction or MACs count, got {target_macs!r}")
+    target = target_macs * base if target_macs <= 1.0 else float(target_macs)
+    if target > base:
+        raise PruningError(f"target_macs={target_macs} is above the network's current {base:,} MACs")
+    if target >= base:
+        return 0.0
+
+    def macs_at(r: float) -> int:
+        pruned = apply(plan.net, plan.analysis, plan.roots, plan.pruned_roots(r), "hard")
+        return count(pruned, *_batch1(plan.example_inputs))[0]
+
+    lo, hi = 0.0, 0.99
+    if macs_at(hi) > target:
+        raise PruningError(f"cannot reach target_macs={target_macs}: even ratio 0.99 leaves "
+                           f"{macs_at(hi):,} of {base:,} MACs (frozen layers dominate)")
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if macs_at(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def prune_groups(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
+                 ignore: Iterable[str] = ()) -> List[Group]:
+    """The coupled channel groups of a network: `group.producers`, `group.layers`, `group.size`."""
+    return plan_pruning(model, "l2", example_inputs, ignore).groups

@@ -1,0 +1,309 @@
+"""BaseCompressor: what every seed-style compressor (`ChannelPruning`, `LowRankDecomposition`, ...) shares.
+
+The constructor takes the seed's keyword arguments (Code-2 of the seed document), validates them and
+traces `origin_net`; `compress()` runs the subclass's `_compress(ratio)` on a copy, honours
+`accuracy_first` / `accuracy_threshold` by backing off the ratio, stores the result in
+`self.compressed_net`, writes it to `checkpointfolder` and returns it.
+
+A subclass implements one method::
+
+    class MyCompressor(BaseCompressor):
+        name = "my_compressor"                       # file prefix in checkpointfolder
+
+        def _compress(self, ratio):                  # ratio: float or {layer_name: float}
+            net = self.origin_graph.copy()           # never edit origin_graph / origin_net
+            ...
+            return net                               # a ReconstructedNetwork
+
+and may override `backoff(ratio, attempt)` (how the ratio shrinks when accuracy is too low) or
+`validate_layer_names(names)` (which dict keys are accepted).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..errors import DataError, PruningError
+from ..graph.network import ReconstructedNetwork
+
+Ratio = Union[float, Dict[str, float]]
+logger = logging.getLogger("amc.compressors")
+
+__all__ = ["BaseCompressor", "Ratio", "batch_inputs"]
+
+
+def batch_inputs(batch: Any) -> Tuple[Any, ...]:
+    """The model inputs of one loader batch: `(x, y)` -> `(x,)`, a tensor -> `(tensor,)`, a dict -> its 'input'."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (list, tuple)) and batch:
+        return (batch[0],)
+    if isinstance(batch, Mapping):
+        for key in ("input", "inputs", "x", "image", "images"):
+            if key in batch:
+                return (batch[key],)
+    raise DataError(f"cannot find the model input in a batch of type {type(batch).__name__}; "
+                    "yield (inputs, labels) tuples or plain tensors")
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _loader_len(loader: Iterable) -> Optional[int]:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class BaseCompressor:
+    """Shared constructor, validation and `compress()` contract of the seed-style compressors.
+
+    Arguments (the seed's names):
+      origin_net: an nn.Module (traced, in eval mode, on one batch of `trainloader` or on
+        `example_inputs`) or a ReconstructedNetwork. It is never modified.
+      trainloader / valloader: DataLoaders of `(inputs, labels)`; train data calibrates, val data evaluates.
+      trainset_ratio: fraction in (0, 1] of `trainloader` batches used for calibration.
+      sampled_pixels_per_img: output positions sampled per image and layer (data-driven compressors).
+      compress_ratio: float in [0, 1), or `{layer_name: ratio}` with layer (node) names of the graph.
+      checkpointfolder: where `compress()` writes `<name>.json`, `<name>.pkl` (and a drawing); None: nowhere.
+      device: where calibration runs ("cpu", "cuda", torch.device).
+      verbose: INFO logging and tqdm progress bars.
+      drawgraph: also draw the compressed graph into `checkpointfolder`.
+      accuracy_first, accuracy_threshold: never return a network whose val accuracy is below the
+        threshold (a fraction, e.g. 0.9; values in (1, 100] are read as percent); the ratio backs off.
+      args: the seed's argparse namespace, kept as `self.args` (not read).
+      example_inputs: optional tuple of inputs used to trace a plain nn.Module.
+    """
+
+    name = "compressor"
+    max_backoff_attempts = 8
+
+    def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
+                 trainset_ratio: float = 0.1, sampled_pixels_per_img: int = 10, compress_ratio: Ratio = 0.5,
+                 checkpointfolder: Optional[str] = None, device: Any = "cpu", verbose: bool = False,
+                 drawgraph: bool = False, accuracy_first: bool = False, accuracy_threshold: float = 0.0,
+                 args: Any = None, example_inputs: Optional[Sequence[Any]] = None):
+        self.origin_net = origin_net
+        self.trainloader = trainloader
+        self.valloader = valloader
+        self.trainset_ratio = trainset_ratio
+        self.sampled_pixels_per_img = sampled_pixels_per_img
+        self.compress_ratio = compress_ratio
+        self.checkpointfolder = checkpointfolder
+        self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        self.verbose = bool(verbose)
+        self.drawgraph = bool(drawgraph)
+        self.accuracy_first = bool(accuracy_first)
+        self.accuracy_threshold = accuracy_threshold
+        self.args = args
+        self.compressed_net: Optional[ReconstructedNetwork] = None
+        self.history: List[Dict[str, Any]] = []  # one entry per compression attempt
+        self.saved_files: List[str] = []
+        if self.verbose:
+            _enable_info_logging()
+        self._validate_scalars()
+        self.example_inputs = self._example_inputs(example_inputs)
+        self.origin_graph = self._as_graph(origin_net)
+        self.validate_ratio(compress_ratio)
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate_scalars(self) -> None:
+        r = self.trainset_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+            raise PruningError(f"trainset_ratio must be a fraction in (0, 1], got {r!r}")
+        self.trainset_ratio = float(r)
+        s = self.sampled_pixels_per_img
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise PruningError(f"sampled_pixels_per_img must be a positive int, got {s!r}")
+        t = self.accuracy_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 100.0:
+            raise PruningError(f"accuracy_threshold must be a fraction in [0, 1] (or percent in (1, 100]), got {t!r}")
+        self.accuracy_threshold = float(t) / 100.0 if float(t) > 1.0 else float(t)
+        if self.trainloader is None or _loader_len(self.trainloader) == 0:
+            raise DataError("trainloader is empty: the compressor needs training batches to trace and calibrate")
+        if self.valloader is not None and _loader_len(self.valloader) == 0:
+            raise DataError("valloader is empty: pass a loader with validation batches (or valloader=None)")
+        if self.accuracy_first and self.valloader is None:
+            raise DataError("accuracy_first=True needs a valloader to measure accuracy")
+
+    def _example_inputs(self, example_inputs: Optional[Sequence[Any]]) -> Tuple[Any, ...]:
+        if example_inputs:
+            return tuple(_to(x, self.device) for x in example_inputs)
+        for batch in self.trainloader:
+            return tuple(_to(x, self.device) for x in batch_inputs(batch))
+        raise DataError("trainloader yielded no batches: the compressor needs training data")
+
+    def _as_graph(self, net: nn.Module) -> ReconstructedNetwork:
+        if isinstance(net, ReconstructedNetwork):
+            return net
+        if not isinstance(net, nn.Module):
+            raise PruningError(f"origin_net must be an nn.Module or ReconstructedNetwork, got {type(net).__name__}")
+        from ..graph.capture import trace
+
+        # trace an eval-mode copy: tracing runs a forward, which would update BN statistics of `net`
+        model = copy.deepcopy(net).to(self.device).eval()
+        return trace(model, *self.example_inputs)
+
+    def layer_names(self) -> List[str]:
+        """Names accepted as keys of a `compress_ratio` dict (every node of the graph by default)."""
+        return [n.name for n in self.origin_graph.layer_nodes]
+
+    def validate_ratio(self, ratio: Ratio) -> None:
+        if isinstance(ratio, Mapping):
+            if not ratio:
+                raise PruningError("compress_ratio is an empty dict; give {layer_name: ratio} or a float")
+            names = self.layer_names()
+            known = set(names)
+            for k, v in ratio.items():
+                if k not in known:
+                    raise PruningError(f"compress_ratio names unknown layer {k!r}; valid names include "
+                                       f"{self.example_layer_names()} (see [n.name for n in net.layer_nodes])")
+                _check_fraction(v, f"compress_ratio[{k!r}]")
+            return
+        _check_fraction(ratio, "compress_ratio")
+
+    def example_layer_names(self, n: int = 5) -> List[str]:
+        weighted = [nd.name for nd in self.origin_graph.layer_nodes
+                    if isinstance(self.origin_graph.network[nd.module], (nn.Conv2d, nn.Linear))]
+        return (weighted or self.layer_names())[:n]
+
+    # -- helpers ------------------------------------------------------------------------------
+    def log(self, msg: str, *args: Any) -> None:
+        logger.log(logging.INFO if self.verbose else logging.DEBUG, msg, *args)
+
+    def progress(self, iterable: Iterable, desc: str, total: Optional[int] = None) -> Iterable:
+        """`iterable` wrapped in a tqdm bar when verbose."""
+        if not self.verbose:
+            return iterable
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+
+    def calibration_batches(self) -> List[Tuple[Any, ...]]:
+        """Model inputs of the first `trainset_ratio` fraction of `trainloader` (at least one batch)."""
+        n = _loader_len(self.trainloader)
+        limit = max(1, math.ceil(self.trainset_ratio * n)) if n else None
+        out: List[Tuple[Any, ...]] = []
+        for batch in self.trainloader:
+            out.append(tuple(_to(x, self.device) for x in batch_inputs(batch)))
+            if limit is not None and len(out) >= limit:
+                break
+        if not out:
+            raise DataError("trainloader yielded no batches for calibration")
+        return out
+
+    def evaluate(self, net: nn.Module, loader: Optional[Iterable] = None) -> float:
+        """Top-1 accuracy (a fraction) of `net` on `loader` (default: `valloader`)."""
+        from ..models.training import evaluate
+
+        loader = self.valloader if loader is None else loader
+        if loader is None:
+            raise DataError("no valloader to evaluate on")
+        return float(evaluate(net.to(self.device), loader, self.device)["acc"])
+
+    # -- the contract --------------------------------------------------------------------------
+    def _compress(self, ratio: Ratio) -> ReconstructedNetwork:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement _compress(ratio)")
+
+    def backoff(self, ratio: Ratio, attempt: int) -> Ratio:
+        """The milder ratio to try after `attempt` failed the accuracy threshold (x0.8 per step)."""
+        if isinstance(ratio, Mapping):
+            return {k: float(v) * 0.8 for k, v in ratio.items()}
+        return float(ratio) * 0.8
+
+    def compress(self) -> ReconstructedNetwork:
+        """Compress a copy of the origin network; sets and returns `self.compressed_net`."""
+        ratio = self.compress_ratio
+        if not self.accuracy_first:
+            net = self._checked(self._compress(ratio))
+            self.history.append({"ratio": ratio})
+        else:
+            base = self.evaluate(self.origin_graph)
+            thr = self.accuracy_threshold
+            if base < thr:
+                raise PruningError(f"accuracy_threshold={thr:.4f} is above the origin network's own val "
+                                   f"accuracy {base:.4f}: no compressed network can honour it")
+            net = None
+            for attempt in range(self.max_backoff_attempts):
+                cand = self._checked(self._compress(ratio))
+                acc = self.evaluate(cand)
+                self.history.append({"ratio": ratio, "acc": acc})
+                self.log("%s attempt %d: ratio %s -> val acc %.4f (threshold %.4f)", self.name, attempt,
+                         _short_ratio(ratio), acc, thr)
+                if acc >= thr:
+                    net = cand
+                    break
+                ratio = self.backoff(ratio, attempt)
+            if net is None:
+                raise PruningError(f"{self.name}: could not keep val accuracy >= {thr:.4f} after "
+                                   f"{self.max_backoff_attempts} back-offs (last ratio {_short_ratio(ratio)}, "
+                                   f"origin accuracy {base:.4f}); lower accuracy_threshold or compress_ratio")
+        self.compressed_ratio = ratio
+        self.compressed_net = net
+        if self.checkpointfolder:
+            self.save(net, self.checkpointfolder)
+        return net
+
+    @staticmethod
+    def _checked(net: ReconstructedNetwork) -> ReconstructedNetwork:
+        if not isinstance(net, ReconstructedNetwork):
+            raise TypeError(f"_compress must return a ReconstructedNetwork, got {type(net).__name__}")
+        net.lint()
+        return net
+
+    def save(self, net: ReconstructedNetwork, folder: str) -> List[str]:
+        """Write `<name>.json` (+ weights sidecar), `<name>.pkl`, and a drawing when `drawgraph`."""
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.join(folder, self.name)
+        written: List[str] = []
+        for what, fn in (("json", lambda: net.save_to_json(file=base + ".json")),
+                         ("pkl", lambda: net.save(pkl=base + ".pkl"))):
+            try:
+                written.append(fn())
+            except Exception as exc:  # noqa: BLE001 - an exporter gap must not lose the compression
+                logger.warning("%s: could not write %s checkpoint (%s: %s)", self.name, what, type(exc).__name__, exc)
+        if self.drawgraph:
+            try:
+                written.append(net.draw(base + "_graph"))
+            except Exception as exc:  # noqa: BLE001
+                logger.warning("%s: could not draw the graph (%s: %s)", self.name, type(exc).__name__, exc)
+        self.saved_files = [str(p) for p in written]
+        return self.saved_files
+
+
+def _check_fraction(v: Any, what: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+        raise PruningError(f"{what} must be a float in [0, 1) (the fraction of computation removed), got {v!r}")
+
+
+def _short_ratio(r: Ratio) -> str:
+    if isinstance(r, Mapping):
+        vals = list(r.values())
+        return f"{{{len(vals)} layers, mean {sum(vals) / max(len(vals), 1):.3f}}}"
+    return f"{float(r):.3f}"
+
+
+_LOGGING_READY = False
+
+
+def _enable_info_logging() -> None:
+    """verbose=True: make amc's INFO messages visible when the application configured no logging."""
+    global _LOGGING_READY
+    if _LOGGING_READY:
+        return
+    _LOGGING_READY = True
+    amc_logger = logging.getLogger("amc")
+    if amc_logger.level == logging.NOTSET or amc_logger.level > logging.INFO:
+        amc_logger.setLevel(logging.INFO)
+    if not logging.getLogger().handlers and not amc_logger.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        amc_logger.addHandler(h)

@@ -1,0 +1,181 @@
+"""Export a ReconstructedNetwork to ONNX, with a dynamic batch axis, and check it with onnxruntime.
+
+The network is exported in eval mode with the TorchScript exporter (`torch.onnx.export(dynamo=False)`),
+which follows the graph's run loop and records every size read (`TensorSize` nodes), so batch size is
+free in the exported model. With `check=True` the file is validated by `onnx.checker` and run by
+onnxruntime at a batch size different from the example's; it only replaces `path` when that passes.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import ExportError
+from .atomic import atomic_path
+
+RTOL, ATOL = 1e-3, 1e-4
+
+
+def _flatten(obj: Any) -> List[Any]:
+    """Leaves in the order torch.onnx flattens nested inputs/outputs (lists, tuples, dict values)."""
+    if isinstance(obj, (list, tuple)):
+        return [leaf for v in obj for leaf in _flatten(v)]
+    if isinstance(obj, dict):
+        return [leaf for v in obj.values() for leaf in _flatten(v)]
+    return [obj]
+
+
+def _leaf_names(template: Any, base: str) -> List[str]:
+    """Readable names for the leaves of an output/input structure (dict keys, node names)."""
+    from ..graph.template import Ref
+
+    if isinstance(template, Ref):
+        return [template.node + "".join(f"_{p}" for p in template.path)]
+    if isinstance(template, dict):  # dict outputs (segmentation heads) are named by their keys
+        return [n for k, v in template.items()
+                for n in ([str(k)] if isinstance(v, Ref) else _leaf_names(v, f"{base}_{k}"))]
+    if isinstance(template, (list, tuple)):
+        return [n for i, v in enumerate(template) for n in _leaf_names(v, f"{base}_{i}")]
+    return [base]
+
+
+def _unique(names: Sequence[str]) -> List[str]:
+    seen: Dict[str, int] = {}
+    out = []
+    for n in names:
+        n = n.replace(".", "_") or "value"
+        if n in seen:
+            seen[n] += 1
+            n = f"{n}_{seen[n]}"
+        seen.setdefault(n, 0)
+        out.append(n)
+    return out
+
+
+@contextmanager
+def _eval_mode(net: nn.Module) -> Iterator[None]:
+    """Run in eval mode and restore every module's own flag afterwards (not just the root's)."""
+    flags = [(m, m.training) for m in net.modules()]
+    net.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _rebatch(x: Any, batch: int) -> Any:
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return x
+    if x.is_floating_point():
+        return torch.randn((batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    return x[torch.arange(batch) % x.shape[0]]  # keep valid ids / masks
+
+
+def _input_names(net: Any, inputs: Tuple[Any, ...]) -> List[str]:
+    nodes = sorted((n for n in net.input_nodes if isinstance(n.index, int)), key=lambda n: n.index)
+    names: List[str] = []
+    for i, value in enumerate(inputs):
+        base = nodes[i].name if i < len(nodes) else f"input_{i}"
+        leaves = _flatten(value)
+        names += [base] if len(leaves) == 1 else [f"{base}_{j}" for j in range(len(leaves))]
+    return names
+
+
+def _export(net: nn.Module, inputs: Tuple[Any, ...], path: str, opset: int, input_names: List[str],
+            output_names: List[str]) -> None:
+    dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
+        try:
+            torch.onnx.export(net, inputs, path, dynamo=False, opset_version=opset, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes, do_constant_folding=True)
+        except TypeError as exc:  # a torch without the TorchScript exporter: use torch.export's
+            if "dynamo" not in str(exc):
+                raise
+            batch = torch.export.Dim("batch")
+            shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
+            torch.onnx.export(net, inputs, path, dynamo=True, opset_version=opset, input_names=input_names,
+                              output_names=output_names, dynamic_shapes=shapes)
+
+
+def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List[str],
+           output_names: List[str]) -> None:
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported ONNX model is invalid: {exc}") from exc
+    first = next((x for x in _flatten(inputs) if isinstance(x, torch.Tensor) and x.dim()), None)
+    batch = (int(first.shape[0]) + 1) if first is not None else 2
+    new_inputs = tuple(_rebatch_tree(x, batch) for x in inputs)
+    with torch.no_grad():
+        expected = [t for t in _flatten(net(*new_inputs)) if isinstance(t, torch.Tensor)]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in session.get_inputs()}
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(input_names, _flatten(new_inputs)) if n in wanted}
+    got = session.run(None, feed)
+    if len(got) != len(expected):
+        raise ExportError(f"onnxruntime returned {len(got)} outputs, the network {len(expected)}")
+    for name, ref, out in zip(output_names, expected, got):
+        ref_np = ref.detach().cpu().numpy()
+        if ref_np.shape != out.shape:
+            raise ExportError(f"ONNX output {name!r} has shape {list(out.shape)} at batch {batch}, the network "
+                              f"gives {list(ref_np.shape)}: a size was frozen at export")
+        if not np.allclose(out, ref_np, rtol=RTOL, atol=ATOL, equal_nan=True):
+            diff = float(np.max(np.abs(out.astype(np.float64) - ref_np.astype(np.float64))))
+            raise ExportError(f"ONNX output {name!r} differs from the network at batch {batch} "
+                              f"(max abs diff {diff:.3g}, rtol {RTOL}, atol {ATOL})")
+
+
+def _rebatch_tree(x: Any, batch: int) -> Any:
+    if isinstance(x, (list, tuple)):
+        return type(x)(_rebatch_tree(v, batch) for v in x)
+    if isinstance(x, dict):
+        return {k: _rebatch_tree(v, batch) for k, v in x.items()}
+    return _rebatch(x, batch)
+
+
+def save_onnx(net: "ReconstructedNetwork", path: str, *example_inputs: Any, opset: int = 17,  # noqa: F821
+              check: bool = True) -> str:
+    """Write `net` as ONNX to `path` (atomically) with a dynamic batch axis on every input and output.
+
+    `example_inputs` default to `net.example_inputs()`. With `check`, the model must pass
+    `onnx.checker` and match the network under onnxruntime at another batch size, else ExportError.
+    """
+    from ..graph.network import ReconstructedNetwork
+
+    if not isinstance(net, ReconstructedNetwork):
+        raise ExportError(f"save_onnx expects a ReconstructedNetwork, got {type(net).__name__}")
+    inputs = tuple(example_inputs) if example_inputs else net.example_inputs()
+    if not inputs:
+        raise ExportError("save_onnx needs example inputs: the network has no positional tensor inputs recorded")
+    input_names = _unique(_input_names(net, inputs))
+    output_names = _unique(_leaf_names(net.outputs, "output"))
+    path = os.fspath(path)
+    with _eval_mode(net):
+        with torch.no_grad():
+            n_out = len([t for t in _flatten(net(*inputs)) if isinstance(t, torch.Tensor)])
+        if n_out != len(output_names):  # outputs holding non-tensors: let the exporter number them
+            output_names = [f"output_{i}" for i in range(n_out)]
+        with atomic_path(path) as tmp:
+            try:
+                _export(net, inputs, tmp, opset, input_names, output_names)
+            except ExportError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the exporter's errors are many and undocumented
+                raise ExportError(f"torch.onnx.export failed for {path!r}: {type(exc).__name__}: "
+                                  f"{str(exc)[:500]}") from exc
+            if check:
+                _check(tmp, net, inputs, input_names, output_names)
+    return path

@@ -1,0 +1,241 @@
+"""LowRankDecomposition: graph edit, rank formula, exactness at full rank, method ordering, seed API, errors.
+
+One small digits ResNet (amc.models.digits_resnet, width 16) is trained for 3 epochs once per module on
+the real sklearn digits; every test compresses it and checks the result against the original.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import amc
+from amc.compressors.lowrank import LowRankDecomposition, LowRankDecompostion, eligible_layers, lowrank_rank
+from amc.data import digits_loaders
+from amc.errors import DataError, PruningError
+from amc.graph.counting import node_costs
+from amc.models import digits_resnet, evaluate, train_classifier
+
+INNER = ["stages.0.0.conv1", "stages.0.0.conv2", "stages.1.0.conv1", "stages.1.0.conv2"]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    train, val = digits_loaders(batch_size=64, seed=0)
+    model = digits_resnet(width=16)
+    train_classifier(model, train, val, epochs=3, lr=0.05, seed=0)
+    model.eval()
+    return model, train, val
+
+
+def _state(model: nn.Module):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _lr(model, train, val, **kw):
+    kw.setdefault("trainset_ratio", 0.5)
+    return LowRankDecomposition(model, train, val, **kw)
+
+
+def _weight_macs(net, names):
+    rows = {r["name"]: r["macs"] for r in node_costs(net, *net.example_inputs(batch_size=1))}
+    return {n: rows[n] for n in names}
+
+
+def test_decomposed_runs_lints_counts_and_leaves_origin(trained):
+    model, train, val = trained
+    before = _state(model)
+    c = _lr(model, train, val, compress_ratio=0.5, layers=INNER)
+    origin_nodes = [n.name for n in c.origin_graph.layer_nodes]
+    net = c.compress()
+    net.lint()
+    # origin untouched: module weights, graph nodes
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert [n.name for n in c.origin_graph.layer_nodes] == origin_nodes
+    # node layout: <name>.lr0 then <name>; the folded BN is gone; consumers still read <name>
+    names = [n.name for n in net.layer_nodes]
+    for layer in INNER:
+        i = names.index(layer)
+        assert names[i - 1] == layer + ".lr0"
+        first, second = net.module_of(layer + ".lr0"), net.module_of(layer)
+        info = c.infos[layer]
+        r = lowrank_rank(info.C, info.k2, info.N, 0.5)
+        assert r == math.floor(0.5 * info.C * 9 * info.N / (info.C * 9 + info.N))
+        assert (first.out_channels, first.kernel_size, first.bias) == (r, (3, 3), None)
+        assert (second.in_channels, second.out_channels, second.kernel_size) == (r, info.N, (1, 1))
+        assert info.bn not in names
+        assert net.node(layer).meta["lowrank"]["rank"] == r
+    # per-layer weight MACs at most half of the original conv's
+    m_before = _weight_macs(c.origin_graph, INNER)
+    m_after = _weight_macs(net, INNER + [n + ".lr0" for n in INNER])
+    for layer in INNER:
+        info = c.infos[layer]
+        bias = info.positions * info.N
+        assert m_after[layer] + m_after[layer + ".lr0"] - bias <= 0.5 * m_before[layer]
+    assert amc.count(net)[0] < amc.count(c.origin_graph)[0]
+    x = next(iter(val))[0]
+    assert net(x).shape == model(x).shape
+    assert net(x[:3]).shape == (3, 10)  # any batch size
+
+
+@pytest.mark.parametrize("method", ["svd", "data"])
+def test_full_rank_reproduces_original(trained, method):
+    model, train, val = trained
+    infos = eligible_layers(amc.trace(model, torch.randn(1, 1, 8, 8)))
+    ranks = {n: i.full_rank for n, i in infos.items()}
+    net = _lr(model, train, val, method=method, ranks=ranks, compress_ratio={"fc": 0.0}).compress()
+    assert sum(1 for n in net.layer_nodes if n.name.endswith(".lr0")) == len(infos)
+    for x, _ in list(val)[:2]:
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_full_rank_nonlinear_stays_exact(trained):
+    model, train, val = trained
+    layer = "stages.0.0.conv1"
+    c = _lr(model, train, val, nonlinear_case=True, ranks={layer: 16}, compress_ratio={layer: 0.0})
+    net = c.compress()
+    x = next(iter(val))[0]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def _post_relu(net, relu: str, batches):
+    outs = []
+
+    def observe(node, module, args, kwargs, out):
+        if node.name == relu:
+            outs.append(out.detach().double())
+
+    with torch.no_grad():
+        for x, _ in batches:
+            net.run_observed((x,), {}, observe)
+    return torch.cat(outs)
+
+
+def test_nonlinear_le_linear_le_svd_on_post_relu_error(trained):
+    """2x on one layer: reconstruction error of the following ReLU's output on held-out val data."""
+    model, train, val = trained
+    layer, relu = "stages.1.0.conv1", "stages.1.0.relu1"
+    batches = list(val)[:3]
+    ref = _post_relu(amc.trace(model, batches[0][0]), relu, batches)
+    errs = {}
+    for name, kw in (("svd", dict(method="svd")), ("linear", dict(method="data")),
+                     ("nonlinear", dict(method="data", nonlinear_case=True))):
+        c = _lr(model, train, val, compress_ratio={layer: 0.5}, seed=0, **kw)
+        net = c.compress()
+        assert c.report[layer]["method"] == {"svd": "svd", "linear": "linear", "nonlinear": "nonlinear(relu)"}[name]
+        errs[name] = float(((_post_relu(net, relu, batches) - ref) ** 2).mean())
+    assert errs["nonlinear"] <= errs["linear"] <= errs["svd"], errs
+    # on the calibration data the nonlinear solver never does worse than its linear start
+    assert c.report[layer]["nonlinear_obj"] <= c.report[layer]["linear_obj"]
+
+
+def test_nonlinear_falls_back_where_no_relu(trained):
+    model, train, val = trained
+    c = _lr(model, train, val, nonlinear_case=True, compress_ratio={"stages.0.0.conv2": 0.5, "fc": 0.5})
+    c.compress()
+    assert c.report["stages.0.0.conv2"]["method"] == "linear"  # BN then residual add, no ReLU
+    assert c.report["fc"]["method"] == "linear"
+
+
+def test_fold_bn_off_keeps_bn(trained):
+    model, train, val = trained
+    c = _lr(model, train, val, nonlinear_case=True, fold_bn=False, compress_ratio={"stages.0.0.conv1": 0.5})
+    net = c.compress()
+    assert "stages.0.0.bn1" in [n.name for n in net.layer_nodes]
+    assert c.report["stages.0.0.conv1"]["method"] == "linear"
+    assert net.node("stages.0.0.bn1").args[0].node == "stages.0.0.conv1"
+
+
+@pytest.mark.parametrize("selection", ["energy", "accuracy", "combined"])
+def test_rank_selection_respects_budget(trained, selection):
+    model, train, val = trained
+    c = _lr(model, train, val, compress_ratio=0.5, rank_selection=selection, layers=INNER, val_batches=2,
+            acc_grid=4)
+    net = c.compress()
+    before = sum(c.infos[n].macs_before() for n in INNER)
+    after = sum(c.infos[n].macs_after(r) if r else c.infos[n].macs_before() for n, r in c.chosen_ranks.items())
+    after += sum(c.infos[n].macs_before() for n in INNER if n not in c.chosen_ranks)
+    assert after <= 0.5 * before
+    assert c.chosen_ranks
+    net.lint()
+    assert amc.count(net)[0] < amc.count(c.origin_graph)[0]
+
+
+def test_target_macs_whole_network(trained):
+    model, train, val = trained
+    c = _lr(model, train, val, target_macs=0.6, rank_selection="energy", ignore=["stem.0"])
+    net = c.compress()
+    x = torch.randn(1, 1, 8, 8)
+    assert amc.count(net, x)[0] <= 0.6 * amc.count(c.origin_graph, x)[0]
+
+
+def test_json_and_pkl_round_trip(trained, tmp_path):
+    pytest.importorskip("amc.export.json_io")
+    model, train, val = trained
+    net = _lr(model, train, val, compress_ratio=0.5, layers=INNER).compress()
+    x = next(iter(val))[0]
+    f = net.save_to_json(file=str(tmp_path / "lr.json"))
+    back = amc.ReconstructedNetwork.load_from_json(file=str(f))
+    back.lint()
+    assert [n.name for n in back.layer_nodes] == [n.name for n in net.layer_nodes]
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), net(x))
+    net.save(pkl=str(tmp_path / "lr.pkl"))
+    again = amc.ReconstructedNetwork.load(str(tmp_path / "lr.pkl"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), net(x))
+
+
+def test_seed_alias_with_code2_kwargs(trained, tmp_path):
+    model, train, val = trained
+
+    class Args:  # the seed's argparse namespace
+        compress_nonlinear_case = True
+
+    args = Args()
+    ca = LowRankDecompostion(
+        origin_net=model, trainloader=train, valloader=val, trainset_ratio=0.3, sampled_pixels_per_img=8,
+        compress_ratio={n: 0.3 for n in INNER}, checkpointfolder=str(tmp_path), device="cpu", verbose=False,
+        drawgraph=False, accuracy_first=True, accuracy_threshold=0.5, nonlinear_case=args.compress_nonlinear_case,
+        args=args)
+    origin_net = ca.origin_net
+    ca.compress()
+    compressed = ca.compressed_net
+    assert origin_net is model
+    assert evaluate(compressed, val)["acc"] >= 0.5
+    assert LowRankDecompostion is LowRankDecomposition
+    assert any(p.endswith(".pkl") for p in ca.saved_files) or ca.saved_files == []
+
+
+def test_bad_inputs(trained):
+    model, train, val = trained
+    with pytest.raises(PruningError, match=r"\[0, 1\)"):
+        _lr(model, train, val, compress_ratio=1.0)
+    with pytest.raises(PruningError, match=r"\[0, 1\)"):
+        _lr(model, train, val, compress_ratio=-0.1)
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(DataError, match="empty"):
+        _lr(model, empty, val)
+    with pytest.raises(PruningError, match="unknown layer 'nope'"):
+        _lr(model, train, val, compress_ratio={"nope": 0.5})
+    with pytest.raises(PruningError, match="stages.0.0.bn1"):  # a BN is not decomposable
+        _lr(model, train, val, compress_ratio={"stages.0.0.bn1": 0.5})
+    with pytest.raises(PruningError, match="not decomposable"):
+        _lr(model, train, val, layers=["stages.0.0.relu1"])
+    with pytest.raises(PruningError, match="method"):
+        _lr(model, train, val, method="tucker")
+    with pytest.raises(PruningError, match="rank_selection"):
+        _lr(model, train, val, rank_selection="magic")
+    with pytest.raises(PruningError, match="nonlinear_case"):
+        _lr(model, train, val, method="svd", nonlinear_case=True)
+    with pytest.raises(PruningError, match="ranks"):
+        _lr(model, train, val, ranks={"stages.0.0.conv1": 10_000})
+    with pytest.raises(PruningError, match="target_macs"):
+        _lr(model, train, val, target_macs=1.5)

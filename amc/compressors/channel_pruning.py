@@ -1,0 +1,559 @@
+"""Channel pruning by LASSO channel selection + least-squares reconstruction (He et al., ICCV 2017).
+
+    cp = ChannelPruning(net, trainloader, valloader, compress_ratio=0.3)   # or {layer_name: ratio}
+    small = cp.compress()                                                  # a ReconstructedNetwork
+
+For every prunable channel group (`amc.compressors.plan_pruning`; residual groups included) the layers
+that *consume* the group's channels (Conv2d with groups=1, Linear) are sampled: `sampled_pixels_per_img`
+output positions per calibration image, the input patch X at each position and the original output Y.
+The contribution of unit u to a consumer's output is Z_u = X_u W_u^T, so Y = sum_u Z_u (+ the rest).
+
+1. Selection: beta = argmin ||sum_u Z_u - sum_u beta_u Z_u||^2 + alpha |beta|_1 with at most k nonzeros,
+   solved by LARS on the unit Gram matrix G[u, v] = <Z_u, Z_v> (several consumers: their Grams, each
+   normalised by its ||Y||^2, are summed). G is formed without materialising Z: with M = W^T W and
+   S = X^T X over the (channel, kernel) columns, G = U^T blocksum(M * S) U, U mapping channels to units.
+   Baselines on the same statistics: "first_k" (keep the first k units) and "max_response" (the k
+   largest ||Z_u|| = sqrt(G[u, u])).
+2. All groups are pruned at once (`plan.apply_units`).
+3. Least squares: consumer by consumer in topological order, in ONE pass of the pruned network over the
+   calibration images, the consumer's kept weights (and bias) are re-fitted so that the PRUNED inputs
+   reproduce the ORIGINAL outputs at the sampled positions; the corrected output replaces the pass's
+   output in place, so later layers see corrected inputs (errors do not accumulate). The fit is ridge
+   regression towards the original kept weights (normal equations in float64): with few calibration
+   rows (100 images x 10 positions against 512 x 9 columns) plain least squares is underdetermined.
+
+`compress_ratio` r of a layer: the fraction of its group's channels removed (keep ceil((1 - r) n)),
+which removes about r of the consumer's MACs (and of the producer's). A dict is keyed by producer or
+consumer node names; groups not named are not pruned. `uniform_ratio_for_macs` finds the float ratio
+that reaches a MACs target.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import PruningError
+from ..graph.network import ReconstructedNetwork
+from .base import BaseCompressor, Ratio
+from .groups import Group, keep_counts, select_units
+from .prune import PruningPlan, plan_pruning, ratio_for_macs
+
+logger = logging.getLogger("amc.compressors")
+
+SELECTIONS = ("lasso", "first_k", "max_response")
+
+__all__ = ["ChannelPruning", "ChannelPrunning", "SELECTIONS", "uniform_ratio_for_macs", "lasso_select"]
+
+
+class _Stop(Exception):
+    """Raised inside an observer to end a graph run once the last interesting layer has been seen."""
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling
+
+
+@dataclass
+class _Consumer:
+    """A layer that reads a group's channels through dim 1 of its weight."""
+
+    node: str
+    group: int
+    unit_index: np.ndarray  # input channel (or feature) -> unit of the group, -1: not this group's
+
+
+@dataclass
+class _LayerSample:
+    """What the original network did at one layer, at the sampled positions."""
+
+    kind: str  # "conv" | "linear"
+    pos: Optional[torch.Tensor]  # [N, P] flat output positions (conv) or row positions (linear 3-d+)
+    y: torch.Tensor  # [N * P, out] original output (bias included)
+    grams: Dict[int, torch.Tensor] = field(default_factory=dict)  # group id -> [n, n] float64
+
+
+def _conv_ok(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups == 1 and not m.transposed
+
+
+def _pad_amounts(m: nn.Conv2d) -> Tuple[int, int, int, int]:
+    """(left, right, top, bottom) padding of a Conv2d, string paddings included."""
+    kh, kw = m.kernel_size
+    dh, dw = m.dilation
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return 0, 0, 0, 0
+        th, tw = dh * (kh - 1), dw * (kw - 1)  # "same"
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = m.padding
+    return pw, pw, ph, ph
+
+
+def conv_patches(m: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_w: int) -> torch.Tensor:
+    """Input patches of conv `m` at flat output positions `pos` [N, P] -> [N * P, C * kh * kw]."""
+    kh, kw = m.kernel_size
+    sh, sw = m.stride
+    dh, dw = m.dilation
+    left, right, top, bottom = _pad_amounts(m)
+    if left or right or top or bottom:
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, (left, right, top, bottom), mode=mode)
+    n, p = pos.shape
+    oh, ow = pos // out_w, pos % out_w
+    rows = (oh * sh).unsqueeze(-1) + torch.arange(kh, device=x.device) * dh  # [N, P, kh]
+    cols = (ow * sw).unsqueeze(-1) + torch.arange(kw, device=x.device) * dw  # [N, P, kw]
+    bi = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    patches = x[bi, :, rows.unsqueeze(-1), cols.unsqueeze(-2)]  # [N, P, kh, kw, C]
+    return patches.permute(0, 1, 4, 2, 3).reshape(n * p, -1)
+
+
+def _sample_positions(n: int, total: int, p: int, gen: torch.Generator) -> torch.Tensor:
+    p = min(p, total)
+    return torch.rand(n, total, generator=gen).argsort(1)[:, :p]
+
+
+def conv_out_size(m: nn.Conv2d, h: int, w: int) -> Tuple[int, int]:
+    left, right, top, bottom = _pad_amounts(m)
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    return (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1
+
+
+def layer_inputs(module: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    """Input rows X of a conv/linear call at the given output positions (see `_layer_io`)."""
+    if isinstance(module, nn.Conv2d):
+        _, wo = conv_out_size(module, x.shape[-2], x.shape[-1])
+        return conv_patches(module, x, pos.to(x.device), wo)
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+    if pos is not None:
+        x3 = x3.gather(1, pos.to(x.device).unsqueeze(-1).expand(-1, -1, x3.shape[-1]))
+    return x3.reshape(-1, x3.shape[-1])
+
+
+def _layer_io(module: nn.Module, x: torch.Tensor, out: torch.Tensor, p: int,
+              gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(X rows, Y rows, positions) of one conv/linear call, `p` random output positions per image.
+
+    Conv: positions index the flattened output map; X [N * P, C * kh * kw], Y [N * P, out].
+    Linear on [N, F]: every image is one row (positions None); on [N, T, F]: P of the T rows.
+    """
+    n = x.shape[0]
+    if isinstance(module, nn.Conv2d):
+        ho, wo = out.shape[-2:]
+        pos = _sample_positions(n, ho * wo, p, gen)
+        y = out.flatten(2).gather(2, pos.to(out.device).unsqueeze(1).expand(-1, out.shape[1], -1))
+        return layer_inputs(module, x, pos), y.permute(0, 2, 1).reshape(-1, out.shape[1]), pos
+    y3 = out.reshape(n, -1, out.shape[-1])
+    pos = _sample_positions(n, y3.shape[1], p, gen) if y3.shape[1] > 1 else None
+    if pos is not None:
+        y3 = y3.gather(1, pos.to(out.device).unsqueeze(-1).expand(-1, -1, y3.shape[-1]))
+    return layer_inputs(module, x, pos), y3.reshape(-1, y3.shape[-1]), pos
+
+
+def _flat_weight(module: nn.Module) -> torch.Tensor:
+    return module.weight.detach().reshape(module.weight.shape[0], -1)
+
+
+def unit_gram(xs: torch.Tensor, w: torch.Tensor, unit_index: np.ndarray, n_units: int, kk: int) -> torch.Tensor:
+    """G[u, v] = <Z_u, Z_v> summed over rows and outputs, Z_u = X[:, cols(u)] W[:, cols(u)]^T.
+
+    xs: [R, C * kk] input rows, w: [out, C * kk]; unit_index: channel -> unit (or -1).
+    """
+    ui = torch.as_tensor(unit_index, dtype=torch.long)
+    cols = torch.nonzero(ui >= 0).flatten()
+    c = len(unit_index)
+    xs3, w3 = xs.reshape(-1, c, kk)[:, cols], w.reshape(-1, c, kk)[:, cols]
+    xs2, w2 = xs3.reshape(xs3.shape[0], -1).float(), w3.reshape(w3.shape[0], -1).float()
+    d = xs2.shape[1]
+    if xs2.shape[0] * w2.shape[0] <= (xs2.shape[0] + w2.shape[0]) * kk * kk and d > 0:
+        # few rows x outputs: Z directly is cheaper than the (C kk)^2 second moments
+        z = torch.einsum("rck,ock->rco", xs3.float(), w3.float())  # [R, C', out]
+        zc = z.permute(1, 0, 2).reshape(len(cols), -1).double()
+        gc = zc @ zc.T
+    else:
+        s = xs2.T @ xs2  # [d, d]
+        m = w2.T @ w2
+        gc = (s * m).reshape(len(cols), kk, len(cols), kk).sum((1, 3)).double()
+    onehot = torch.zeros(len(cols), n_units, dtype=torch.float64)
+    onehot[torch.arange(len(cols)), ui[cols]] = 1.0
+    return onehot.T @ gc @ onehot
+
+
+# ------------------------------------------------------------------------------------------------
+# selection
+
+
+def lasso_select(gram: torch.Tensor, k: int, alpha_init: float = 1e-4) -> Tuple[np.ndarray, np.ndarray]:
+    """Keep k units: LASSO on ||sum_u Z_u - sum_u b_u Z_u||^2 given only G = <Z_u, Z_v>.
+
+    LARS (lasso path) from the Gram matrix; the first point of the path with >= k nonzeros gives the
+    kept units (top-k |beta| if more). If the path stalls before k, sklearn Lasso on a Cholesky factor
+    of G (an n x n design with the same Gram) with an alpha search starting at `alpha_init`.
+    Returns (kept unit indices, beta).
+    """
+    from sklearn.linear_model import lars_path_gram
+
+    g = gram.double().numpy()
+    n = g.shape[0]
+    if k >= n:
+        return np.arange(n), np.ones(n)
+    scale = float(np.trace(g)) / n or 1.0
+    g = g / scale
+    xy = g.sum(1)  # target sum_u Z_u: <Z_u, target> = (G 1)_u
+    beta = None
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, _, coefs = lars_path_gram(xy, g, n_samples=n, method="lasso", max_iter=8 * n)
+        nnz = (np.abs(coefs) > 0).sum(0)
+        hit = np.flatnonzero(nnz >= k)
+        if len(hit):
+            beta = coefs[:, hit[0]]
+    except (ValueError, np.linalg.LinAlgError, FloatingPointError):  # numerically stuck
+        beta = None
+    if beta is None:
+        beta = _lasso_fallback(g, xy, k, alpha_init)
+    order = np.argsort(-np.abs(beta), kind="stable")
+    kept = np.sort(order[:k])
+    return kept, beta
+
+
+def _lasso_fallback(g: np.ndarray, xy: np.ndarray, k: int, alpha_init: float) -> np.ndarray:
+    import warnings
+
+    from sklearn.linear_model import Lasso
+
+    n = g.shape[0]
+    jitter = 1e-8 * max(float(np.trace(g)) / n, 1e-12)
+    lchol = np.linalg.cholesky(g + jitter * np.eye(n))
+    xd = lchol.T  # xd^T xd = g
+    yd = np.linalg.solve(lchol, xy)  # xd^T yd = xy
+    alpha = float(alpha_init) if alpha_init and alpha_init > 0 else 1e-4
+    best, lo, hi = None, 0.0, None
+    for _ in range(40):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            coef = Lasso(alpha=alpha, fit_intercept=False, max_iter=5000).fit(xd, yd).coef_
+        nnz = int((np.abs(coef) > 0).sum())
+        if nnz <= k:
+            best, hi = coef, alpha
+            if nnz == k:
+                break
+            alpha = (lo + hi) / 2
+        else:
+            if best is None:
+                best = coef
+            lo = alpha
+            alpha = alpha * 2 if hi is None else (lo + hi) / 2
+    return best
+
+
+def _choose(selection: str, gram: torch.Tensor, k: int, alpha_init: float) -> np.ndarray:
+    n = gram.shape[0]
+    if k >= n:
+        return np.arange(n)
+    if selection == "first_k":
+        return np.arange(k)
+    if selection == "max_response":
+        resp = torch.diagonal(gram).numpy()
+        return np.sort(np.argsort(-resp, kind="stable")[:k])
+    return lasso_select(gram, k, alpha_init)[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# least squares
+
+
+def fit_layer(xs: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+              ridge: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Ridge least squares: argmin ||X W^T + 1 b^T - Y||^2 + lam ||W - W0||^2 (b unpenalised, if any).
+
+    lam = ridge * mean(diag(X^T X)). Solved for the correction D = W - W0 on the residual
+    E = Y - X W0^T (centred when there is a bias), in the primal (d x d) or, with fewer rows than
+    columns, the dual (R x R) form, in float64. Returns (W [out, d], b [out] or None).
+    """
+    x = xs.double()
+    w0d = w0.double()
+    e = y.double() - x @ w0d.T
+    if b0 is not None:
+        xm, em = x.mean(0, keepdim=True), e.mean(0, keepdim=True)
+        x, e = x - xm, e - em
+    r, d = x.shape
+    lam = ridge * float(x.pow(2).sum()) / max(d, 1)
+    lam = max(lam, 1e-12)
+    if d <= r:
+        a = x.T @ x
+        a.diagonal().add_(lam)
+        delta_t = torch.linalg.solve(a, x.T @ e)  # [d, out]
+    else:
+        k = x @ x.T
+        k.diagonal().add_(lam)
+        delta_t = x.T @ torch.linalg.solve(k, e)
+    w = w0d + delta_t.T
+    b = None
+    if b0 is not None:
+        b = (em - xm @ delta_t).flatten()  # intercept of the residual fit: b = mean(Y) - mean(X) W^T
+    return w, b
+
+
+def _rel_err(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """||pred - y||^2 / ||y||^2."""
+    return float((pred.float() - y.float()).pow(2).sum() / y.float().pow(2).sum().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------------
+# the compressor
+
+
+class ChannelPruning(BaseCompressor):
+    """He et al. 2017 channel pruning on amc's coupled channel groups (see the module docstring).
+
+    Seed arguments are those of `BaseCompressor`, plus `lars_alpha_init` (initial LASSO penalty of the
+    fallback alpha search). Extras: `selection` ("lasso" | "first_k" | "max_response"), `least_squares`
+    (re-fit weights after pruning), `ridge` (relative ridge of that fit), `seed` (position sampling).
+
+    After `compress()`: `self.kept` maps group producers to kept unit indices, `self.layer_errors`
+    maps consumer names to the relative reconstruction error of their output before/after the fit.
+    """
+
+    name = "channel_pruning"
+
+    def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
+                 trainset_ratio: float = 0.1, sampled_pixels_per_img: int = 10, compress_ratio: Ratio = 0.5,
+                 checkpointfolder: Optional[str] = None, device: Any = "cpu", verbose: bool = False,
+                 drawgraph: bool = False, lars_alpha_init: float = 1e-4, accuracy_first: bool = False,
+                 accuracy_threshold: float = 0.0, args: Any = None, example_inputs: Optional[Sequence[Any]] = None,
+                 selection: str = "lasso", least_squares: bool = True, ridge: float = 1e-3, seed: int = 0,
+                 ignore: Iterable[str] = ()):
+        if selection not in SELECTIONS:
+            raise PruningError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if isinstance(lars_alpha_init, bool) or not isinstance(lars_alpha_init, (int, float)) or lars_alpha_init < 0:
+            raise PruningError(f"lars_alpha_init must be a non-negative float, got {lars_alpha_init!r}")
+        if not isinstance(ridge, (int, float)) or ridge < 0:
+            raise PruningError(f"ridge must be a non-negative float, got {ridge!r}")
+        self.lars_alpha_init = float(lars_alpha_init)
+        self.selection = selection
+        self.least_squares = bool(least_squares)
+        self.ridge = float(ridge)
+        self.seed = int(seed)
+        self.ignore = list(ignore)
+        self._plan: Optional[PruningPlan] = None
+        self._samples: Optional[Dict[str, _LayerSample]] = None
+        self._calib: Optional[Tuple[Any, ...]] = None
+        self.kept: Dict[Tuple[str, ...], np.ndarray] = {}
+        self.layer_errors: Dict[str, Dict[str, float]] = {}
+        super().__init__(origin_net, trainloader, valloader, trainset_ratio=trainset_ratio,
+                         sampled_pixels_per_img=sampled_pixels_per_img, compress_ratio=compress_ratio,
+                         checkpointfolder=checkpointfolder, device=device, verbose=verbose, drawgraph=drawgraph,
+                         accuracy_first=accuracy_first, accuracy_threshold=accuracy_threshold, args=args,
+                         example_inputs=example_inputs)
+
+    # -- structure ------------------------------------------------------------------------------
+    def layer_names(self) -> List[str]:
+        """Conv2d / Linear node names: the keys a `compress_ratio` dict may use."""
+        g = self.origin_graph
+        return [n.name for n in g.layer_nodes if isinstance(g.network[n.module], (nn.Conv2d, nn.Linear))]
+
+    @property
+    def plan(self) -> PruningPlan:
+        if self._plan is None:
+            self._plan = plan_pruning(self.origin_graph, "l2", self.example_inputs, ignore=self.ignore)
+        return self._plan
+
+    def consumers(self) -> Dict[int, List[_Consumer]]:
+        """Group id -> the conv (groups=1) / linear layers reading its channels, in topological order."""
+        plan = self.plan
+        order = {n.name: i for i, n in enumerate(plan.net.layer_nodes)}
+        out: Dict[int, List[_Consumer]] = {}
+        for gi, g in enumerate(plan.groups):
+            cons = []
+            for m in g.members:
+                if m.axis.attr != "weight" or m.axis.dim != 1:
+                    continue
+                mod = plan.net.module_of(m.axis.node)
+                if _conv_ok(mod) or isinstance(mod, nn.Linear):
+                    cons.append(_Consumer(m.axis.node, gi, m.unit_index))
+            out[gi] = sorted(cons, key=lambda c: order[c.node])
+        return out
+
+    def group_ratio(self, g: Group, cons: List[_Consumer], ratio: Ratio) -> float:
+        if isinstance(ratio, Mapping):
+            names = set(g.producers) | {c.node for c in cons}
+            rs = [float(v) for k, v in ratio.items() if k in names]
+            return max(rs) if rs else 0.0
+        return float(ratio)
+
+    def uniform_ratio_for_macs(self, target_macs: float = 0.5) -> float:
+        """The float `compress_ratio` whose pruned MACs are <= target (a fraction of the original)."""
+        return ratio_for_macs(self.plan, target_macs)
+
+    # -- statistics of the original network (ratio independent, cached across back-off attempts) --
+    def calibration_inputs(self) -> Tuple[Any, ...]:
+        if self._calib is None:
+            batches = self.calibration_batches()
+            self._calib = tuple(torch.cat([b[i] for b in batches]) if isinstance(batches[0][i], torch.Tensor)
+                                else batches[0][i] for i in range(len(batches[0])))
+        return self._calib
+
+    def collect(self) -> Dict[str, _LayerSample]:
+        """One pass of the original network: sampled outputs and unit Gram matrices of every consumer."""
+        if self._samples is not None:
+            return self._samples
+        cons_by_node: Dict[str, List[_Consumer]] = {}
+        for gi, cons in self.consumers().items():
+            for c in cons:
+                cons_by_node.setdefault(c.node, []).append(c)
+        samples: Dict[str, _LayerSample] = {}
+        gen = torch.Generator().manual_seed(self.seed)
+        net = self.origin_graph
+        last = max((i for i, n in enumerate(net.layer_nodes) if n.name in cons_by_node), default=-1)
+        todo = len(cons_by_node)
+        bar = self.progress(range(todo), desc="channel pruning: sampling", total=todo)
+        bar_iter = iter(bar) if bar is not None else None
+
+        def observe(node, module, args, kwargs, out) -> None:
+            if node.name in cons_by_node:
+                xs, y, pos = _layer_io(module, args[0], out, self.sampled_pixels_per_img, gen)
+                w = _flat_weight(module)
+                kk = w.shape[1] // len(cons_by_node[node.name][0].unit_index)
+                s = _LayerSample("conv" if isinstance(module, nn.Conv2d) else "linear", pos, y.cpu())
+                for c in cons_by_node[node.name]:
+                    n_units = len(self.plan.groups[c.group].units)
+                    s.grams[c.group] = unit_gram(xs, w, c.unit_index, n_units, kk).cpu()
+                samples[node.name] = s
+                next(bar_iter, None)
+                if node.name == net.layer_nodes[last].name:
+                    raise _Stop
+
+        was = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                net.run_observed(self.calibration_inputs(), {}, observe)
+        except _Stop:
+            pass
+        finally:
+            net.train(was)
+        self._samples = samples
+        return samples
+
+    # -- the pass -------------------------------------------------------------------------------
+    def select(self, ratio: Ratio) -> np.ndarray:
+        """Roots of the units to prune in every group at `ratio` (also fills `self.kept`)."""
+        plan = self.plan
+        samples = self.collect()
+        pruned: List[np.ndarray] = []
+        self.kept = {}
+        for gi, cons in self.consumers().items():
+            g = plan.groups[gi]
+            r = self.group_ratio(g, cons, ratio)
+            n_prune = keep_counts(g, r) if r > 0 else 0
+            if n_prune <= 0:
+                continue
+            k = g.size - n_prune
+            grams = [samples[c.node].grams[gi] for c in cons if c.node in samples and gi in samples[c.node].grams]
+            if not grams:  # nothing reads the group through a weight: magnitude, as amc.prune would
+                pruned.append(select_units(g, plan.importance[gi], r))
+                continue
+            gram = sum(gm / max(float(gm.sum()), 1e-30) for gm in grams)  # each consumer's ||Y||^2 -> 1
+            kept = _choose(self.selection, gram, k, self.lars_alpha_init)
+            mask = np.ones(g.size, dtype=bool)
+            mask[kept] = False
+            self.kept[tuple(g.producers)] = kept
+            pruned.append(g.units[mask])
+        return np.concatenate(pruned) if pruned else np.zeros(0, dtype=np.int64)
+
+    def _compress(self, ratio: Ratio) -> ReconstructedNetwork:
+        plan = self.plan
+        pruned_roots = self.select(ratio)
+        pruned = plan.apply_units(pruned_roots)
+        self.layer_errors = {}
+        if self.least_squares and len(pruned_roots):
+            self.reconstruct(pruned, pruned_roots)
+        return pruned
+
+    def _out_keep(self, node: str, pruned_roots: np.ndarray) -> Optional[np.ndarray]:
+        """Kept output rows of `node`'s weight (None: all)."""
+        a, roots = self.plan.analysis, self.plan.roots
+        mask = np.zeros(len(roots), dtype=bool)
+        mask[pruned_roots] = True
+        for ax in a.axes:
+            if ax.node == node and ax.attr == "weight" and ax.dim == 0:
+                keep = ~mask[roots[ax.vec]]
+                return None if keep.all() else np.flatnonzero(keep)
+        return None
+
+    def reconstruct(self, pruned: ReconstructedNetwork, pruned_roots: np.ndarray) -> None:
+        """Least squares on every consumer of a pruned group, in one pass of the pruned network.
+
+        A forward pre-hook on each consumer fits its weights on the inputs it is about to receive,
+        so the layer then runs with the corrected weights and later layers see corrected inputs.
+        """
+        samples = self.collect()
+        mask = np.zeros(len(self.plan.roots), dtype=bool)
+        mask[pruned_roots] = True
+        targets = set()
+        for gi, cons in self.consumers().items():
+            g = self.plan.groups[gi]
+            if mask[g.units].any():
+                targets.update(c.node for c in cons if c.node in samples)
+        order = [n.name for n in pruned.layer_nodes if n.name in targets]
+        if not order:
+            return
+        bar = iter(self.progress(range(len(order)), desc="channel pruning: least squares", total=len(order)))
+
+        def make_hook(name: str, last: bool):
+            def hook(module: nn.Module, args: tuple) -> None:
+                self._fit_one(name, module, args[0], samples[name], pruned_roots)
+                next(bar, None)
+                if last:
+                    raise _Stop
+            return hook
+
+        handles = [pruned.module_of(name).register_forward_pre_hook(make_hook(name, name == order[-1]))
+                   for name in order]
+        was = pruned.training
+        pruned.eval()
+        try:
+            with torch.no_grad():
+                pruned(*self.calibration_inputs())
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+            pruned.train(was)
+
+    def _fit_one(self, name: str, module: nn.Module, x: torch.Tensor, s: _LayerSample,
+                 pruned_roots: np.ndarray) -> None:
+        xs = layer_inputs(module, x, s.pos)
+        rows = self._out_keep(name, pruned_roots)
+        y = (s.y if rows is None else s.y[:, torch.from_numpy(rows)]).to(xs.device)
+        w0 = _flat_weight(module)
+        b0 = module.bias.detach() if module.bias is not None else None
+        before = xs @ w0.T + (b0 if b0 is not None else 0)
+        w, b = fit_layer(xs, y, w0, b0, self.ridge)
+        w = w.to(module.weight.dtype)
+        module.weight.data.copy_(w.reshape(module.weight.shape))
+        if b is not None:
+            module.bias.data.copy_(b.to(module.bias.dtype))
+        after = xs @ w.T + (module.bias.detach() if module.bias is not None else 0)
+        self.layer_errors[name] = {"before": _rel_err(before, y), "after": _rel_err(after, y)}
+
+
+def uniform_ratio_for_macs(net: nn.Module, example_inputs: Sequence[Any], target_macs: float = 0.5,
+                           ignore: Iterable[str] = ()) -> float:
+    """The float compress_ratio whose hard-pruned MACs fall to `target_macs` (fraction) of `net`'s."""
+    plan = plan_pruning(net, "l2", tuple(example_inputs), ignore=ignore)
+    return ratio_for_macs(plan, target_macs)
+
+
+ChannelPrunning = ChannelPruning  # the seed's spelling

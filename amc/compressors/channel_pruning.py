@@ -23,8 +23,10 @@ The contribution of unit u to a consumer's output is Z_u = X_u W_u^T, so Y = sum
    rows (100 images x 10 positions against 512 x 9 columns) plain least squares is underdetermined.
 
 `compress_ratio` r of a layer: the fraction of its group's channels removed (keep ceil((1 - r) n)),
-which removes about r of the consumer's MACs (and of the producer's). A dict is keyed by producer or
-consumer node names; groups not named are not pruned. `uniform_ratio_for_macs` finds the float ratio
+which removes about r of the consumer's MACs (and of the producer's). A dict is keyed by conv/linear
+node names: a key prunes the INPUT channels of that layer (the group it consumes, as in He et al.), or,
+for a layer that consumes no prunable group (the first conv), its output channels; groups not named
+are not pruned. `uniform_ratio_for_macs` finds the float ratio
 that reaches a MACs target.
 """
 from __future__ import annotations
@@ -384,12 +386,36 @@ class ChannelPruning(BaseCompressor):
             out[gi] = sorted(cons, key=lambda c: order[c.node])
         return out
 
-    def group_ratio(self, g: Group, cons: List[_Consumer], ratio: Ratio) -> float:
+    def groups_of_key(self, key: str) -> List[int]:
+        """The groups a `compress_ratio` key names: the groups whose channels the layer consumes (He et al.:
+        pruning layer L removes L's input channels), else, for a layer that consumes no prunable group
+        (e.g. the first conv), the groups it produces."""
+        cons = [gi for gi, cs in self.consumers().items() if any(c.node == key for c in cs)]
+        if cons:
+            return cons
+        return [gi for gi, g in enumerate(self.plan.groups) if key in g.producers]
+
+    def validate_ratio(self, ratio: Ratio) -> None:
+        super().validate_ratio(ratio)
         if isinstance(ratio, Mapping):
-            names = set(g.producers) | {c.node for c in cons}
-            rs = [float(v) for k, v in ratio.items() if k in names]
-            return max(rs) if rs else 0.0
-        return float(ratio)
+            for k in ratio:
+                if not self.groups_of_key(k):
+                    raise PruningError(f"compress_ratio names layer {k!r}, whose channels cannot be pruned (its "
+                                       "input and output channels are frozen, e.g. by the network output); "
+                                       f"prunable layers include {self.prunable_layer_names()[:5]}")
+
+    def prunable_layer_names(self) -> List[str]:
+        return [n for n in self.layer_names() if self.groups_of_key(n)]
+
+    def group_ratios(self, ratio: Ratio) -> Dict[int, float]:
+        """Group id -> fraction of its channels to prune."""
+        if not isinstance(ratio, Mapping):
+            return {gi: float(ratio) for gi in range(len(self.plan.groups))}
+        out: Dict[int, float] = {}
+        for k, v in ratio.items():
+            for gi in self.groups_of_key(k):
+                out[gi] = max(out.get(gi, 0.0), float(v))
+        return out
 
     def uniform_ratio_for_macs(self, target_macs: float = 0.5) -> float:
         """The float `compress_ratio` whose pruned MACs are <= target (a fraction of the original)."""
@@ -452,9 +478,10 @@ class ChannelPruning(BaseCompressor):
         samples = self.collect()
         pruned: List[np.ndarray] = []
         self.kept = {}
+        ratios = self.group_ratios(ratio)
         for gi, cons in self.consumers().items():
             g = plan.groups[gi]
-            r = self.group_ratio(g, cons, ratio)
+            r = ratios.get(gi, 0.0)
             n_prune = keep_counts(g, r) if r > 0 else 0
             if n_prune <= 0:
                 continue

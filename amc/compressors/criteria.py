@@ -197,8 +197,10 @@ class ThiNet(Criterion):
 
     data_driven = True
 
-    def __init__(self, max_batches: int = 4, samples_per_batch: int = 256, seed: int = 0):
+    def __init__(self, max_batches: int = 4, samples_per_batch: int = 256, seed: int = 0,
+                 max_columns: int = 2048):
         self.max_batches = max_batches
+        self.max_columns = max_columns
         self.samples = samples_per_batch
         self.gen = torch.Generator().manual_seed(seed)
 
@@ -252,16 +254,20 @@ class ThiNet(Criterion):
             fallback.net = self.net
             return fallback(group)
         contrib = torch.cat(blocks, 1)
+        if contrib.shape[1] > self.max_columns:  # a random subset of sampled outputs keeps it O(n^2)
+            cols = torch.randperm(contrib.shape[1], generator=self.gen)[: self.max_columns]
+            contrib = contrib[:, cols]
+        gram = contrib @ contrib.T  # ||acc + x_c||^2 = ||acc||^2 + 2 <acc, x_c> + ||x_c||^2
         n = group.size
-        removed: List[int] = []
-        acc = torch.zeros(contrib.shape[1], dtype=torch.float64)
+        dots = torch.zeros(n, dtype=torch.float64)
+        diag = gram.diagonal().clone()
         left = torch.ones(n, dtype=torch.bool)
+        removed: List[int] = []
         for _ in range(n):
-            cand = torch.nonzero(left).flatten()
-            cost = (acc.unsqueeze(0) + contrib[cand]).pow(2).sum(1)
-            best = int(cand[torch.argmin(cost)])
+            cost = torch.where(left, 2 * dots + diag, torch.full_like(dots, float("inf")))
+            best = int(torch.argmin(cost))
             removed.append(best)
-            acc += contrib[best]
+            dots += gram[:, best]
             left[best] = False
         score = torch.empty(n, dtype=torch.float64)
         score[torch.tensor(removed)] = torch.arange(n, dtype=torch.float64)

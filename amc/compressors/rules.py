@@ -246,7 +246,8 @@ def check_sizes(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec],
         if kind == "direct" and srcs and srcs[0] is not None and len(srcs[0]) == len(out_dims[d]):
             c.a.uf.union_vecs(srcs[0], out_dims[d])
         elif kind in ("direct", "derived"):
-            ok = srcs and all(s is None or any(_same_classes(c, s, v) for v in in_vecs) for s in srcs)
+            # a size computed from other dims follows pruning only if it is read from this very dim
+            ok = bool(srcs) and all(s is not None and any(_same_classes(c, s, v) for v in in_vecs) for s in srcs)
             if not ok:
                 c.a.uf.freeze(out_dims[d])
                 for s in srcs:

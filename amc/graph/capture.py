@@ -170,9 +170,9 @@ class Tracer(TorchFunctionMode):
         return name
 
     def _key_for(self, name: str) -> str:
-        key, i = name.replace(".", "_"), 1
+        key, i = name.replace(".", "_") or "op", 1
         base = key
-        while key in self.modules:
+        while key in self.modules or hasattr(nn.ModuleDict, key):  # e.g. "double", "to", "train"
             key, i = f"{base}_{i}", i + 1
         return key
 

@@ -59,5 +59,12 @@ def draw(net: ReconstructedNetwork, path: str, format: str = "png") -> str:
     os.replace(tmp, gv)
     if shutil.which("dot") is None:
         return gv
-    return g.render(filename=os.path.basename(gv), directory=os.path.dirname(os.path.abspath(gv)),
-                    format=format, cleanup=False)
+    out = f"{base}.{format}"
+    tmp_out = f"{base}.tmp.{format}"
+    g.render(filename=os.path.basename(gv), directory=os.path.dirname(os.path.abspath(gv)), format=format,
+             outfile=tmp_out, cleanup=False)
+    os.replace(tmp_out, out)
+    with open(tmp, "w", encoding="utf-8") as f:  # render rewrote the source; keep ours, atomically
+        f.write(g.source)
+    os.replace(tmp, gv)
+    return out

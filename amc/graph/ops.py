@@ -136,11 +136,18 @@ def name_of_callable(fn: Any) -> Optional[str]:
 
 def resolve_callable(name: str, allow_any: bool = False) -> Any:
     """Inverse of `name_of_callable`. Only the known torch namespaces unless `allow_any` (pickle path)."""
+    if not _NAME_OF:
+        _build_names()
     for ns_name, ns in _namespaces():
         if name.startswith(ns_name + ".") and "." not in name[len(ns_name) + 1:]:
             attr = name[len(ns_name) + 1:]
-            if hasattr(ns, attr):
-                return getattr(ns, attr)
+            obj = getattr(ns, attr, None)
+            try:
+                known = obj is not None and _NAME_OF.get(obj) == name
+            except TypeError:
+                known = False
+            if known or (obj is not None and allow_any):  # only names capture itself would write
+                return obj
     if allow_any:
         parts = name.split(".")
         for i in range(len(parts) - 1, 0, -1):

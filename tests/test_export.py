@@ -481,7 +481,8 @@ def test_json_refuses_classes_and_callables_off_the_allowlist(saved_json):
                         ("torch.nn", "not a function")]:
         open(saved_json, "w").write(original)
         _edit(saved_json, set_fn(fn))
-        with pytest.raises(LoadError, match=message):
+        # refused either by the resolver (only names capture writes) or by the JSON loader's own checks
+        with pytest.raises(LoadError, match=f"{message}|unknown op callable"):
             load_json(saved_json)
     open(saved_json, "w").write(original)
 

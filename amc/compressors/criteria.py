@@ -45,9 +45,10 @@ class Criterion:
         return param_of(self.net, self.net.node(m.axis.node).module, m.axis.attr).detach()
 
 
-def _slice_stat(p: torch.Tensor, dim: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    flat = p.movedim(dim, 0).reshape(p.shape[dim], -1).float()
-    return fn(flat)
+def _slices(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """[size along dim, rest]: one row per channel slice."""
+    flat = p.movedim(dim, 0).reshape(p.shape[dim], -1)
+    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
 
 def _scatter(group: Group, m: Member, values: torch.Tensor, out: torch.Tensor) -> None:
@@ -64,7 +65,7 @@ class Magnitude(Criterion):
         for m in group.members:
             if m.axis.attr.endswith(("running_mean", "running_var")):
                 continue
-            vals = _slice_stat(self._param(m), m.axis.dim, lambda f: f.abs().pow(self.p).sum(1))
+            vals = torch.linalg.vector_norm(_slices(self._param(m), m.axis.dim), ord=self.p, dim=1).pow(self.p)
             _scatter(group, m, vals, out)
         return out.pow(1.0 / self.p)
 
@@ -113,7 +114,7 @@ class FPGM(Criterion):
         for m in members:
             idx = torch.from_numpy(m.unit_index)
             ok = idx >= 0
-            flat = self._param(m).movedim(m.axis.dim, 0).reshape(len(idx), -1).float()[ok]
+            flat = _slices(self._param(m), m.axis.dim)[ok]
             if flat.shape[0] < 2:
                 continue
             dist = torch.cdist(flat, flat).sum(1)

@@ -1,8 +1,15 @@
-"""amc.compressors: passes that take a ReconstructedNetwork and return a new, cheaper one."""
+"""amc.compressors: passes that take a ReconstructedNetwork and return a new, cheaper one.
+
+Seed spellings (`ChannelPrunning`, `LowRankDecompostion`) are aliases of the Pythonic names.
+"""
+from .base import BaseCompressor
+from .channel_pruning import ChannelPruning, ChannelPrunning
 from .criteria import CRITERIA, Criterion, register_criterion
 from .groups import Group
+from .lowrank import LowRankDecomposition, LowRankDecompostion
 from .prune import PruningPlan, plan_pruning, prune, prune_groups
 from .rules import register_rule
 
 __all__ = ["prune", "prune_groups", "plan_pruning", "PruningPlan", "Group", "Criterion", "CRITERIA",
-           "register_criterion", "register_rule"]
+           "register_criterion", "register_rule", "BaseCompressor", "ChannelPruning", "ChannelPrunning",
+           "LowRankDecomposition", "LowRankDecompostion"]

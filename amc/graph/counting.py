@@ -26,7 +26,7 @@ def _as_network(model: nn.Module, example_inputs: Tuple[Any, ...]) -> Reconstruc
 def node_costs(net: ReconstructedNetwork, *example_inputs: Any) -> List[Dict[str, Any]]:
     """Per node: name, op, output shapes and MACs, measured by running the graph once."""
     if not example_inputs:
-        example_inputs = net.example_inputs()
+        example_inputs = net.example_inputs(batch_size=1)  # MACs per sample unless inputs say otherwise
     rows: List[Dict[str, Any]] = []
 
     def observe(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:

@@ -1,6 +1,6 @@
 """Shared fixtures for the amc test-suite, and the `slow` tier.
 
-- `slow` marks tests that are too heavy for the default run; they are skipped unless `--runslow`.
+- `slow` marks tests that are too heavy for the default run; they are deselected unless `--runslow`.
 - `seed` (autouse) seeds torch so every test is deterministic.
 - `assert_same(ref, got)` compares nested outputs (tensors, tuples, lists, dicts, namedtuples): same
   structure and container types, tensors equal within rtol 1e-4 / atol 1e-5.
@@ -29,10 +29,10 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     if config.getoption("--runslow"):
         return
-    skip_slow = pytest.mark.skip(reason="slow tier: run with --runslow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip_slow)
+    slow = [item for item in items if "slow" in item.keywords]  # an opt-in tier: deselected, not skipped
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if "slow" not in item.keywords]
 
 
 @pytest.fixture(autouse=True)

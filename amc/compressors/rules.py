@@ -388,7 +388,8 @@ def permute(c: RuleCall) -> Any:
     return _out_tl(c.out, [dims[o] for o in order])
 
 
-@register_rule(T.transpose, torch.transpose, T.transpose_, T.swapaxes, torch.swapaxes, T.t, torch.t)
+@register_rule(T.transpose, torch.transpose, T.transpose_, T.swapaxes, torch.swapaxes, T.swapdims, torch.swapdims,
+               T.t, torch.t)
 def transpose(c: RuleCall) -> Any:
     i, x = _first_tensor(c)
     if x is None:
@@ -647,7 +648,8 @@ register_rule(torch.add, T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, torch
               T.relu_, torch.relu, torch.relu_, F.relu, F.relu6, F.relu_, F.gelu, F.silu, F.hardswish,
               F.hardsigmoid, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish,
               F.softplus, F.hardtanh, T.__eq__, T.__ne__, T.__lt__, T.__le__, T.__gt__, T.__ge__, T.__and__,
-              T.__or__, T.__invert__, T.bool, T.long, T.int, T.zero_, T.fill_, T.copy_, torch.zeros_like,
+              T.__or__, T.__invert__, T.eq, T.ne, T.lt, T.le, T.gt, T.ge, torch.eq, torch.ne, torch.lt, torch.le,
+              torch.gt, torch.ge, T.bool, T.long, T.int, T.zero_, T.fill_, T.copy_, torch.zeros_like,
               torch.ones_like, torch.full_like, torch.empty_like,
               nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
               nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU)(elementwise)

@@ -95,6 +95,19 @@ for _name, _fn in [("add", _op.add), ("sub", _op.sub), ("mul", _op.mul), ("floor
 TracedInt.__neg__ = lambda self: self._arith(0, lambda a, b: -a)  # type: ignore[assignment]
 
 
+class TracedTuple(tuple):
+    """A tuple output (unbind/split/chunk) during capture: `t[-1]` is recorded as -1, not its position,
+    so a different number of pieces at run time still picks the last one."""
+
+    def __getitem__(self, index: Any) -> Any:
+        item = tuple.__getitem__(self, index)
+        tracer = _ACTIVE
+        if (tracer is not None and tracer.state == "recording" and isinstance(index, int) and index < 0
+                and isinstance(item, torch.Tensor) and getattr(self, "_amc_node", None)):
+            tracer._values[id(item)] = Ref(self._amc_node, (index,))
+        return item
+
+
 class TracedSize(tuple):
     """`x.shape` during capture: a tuple of TracedInts that also knows the whole-shape node."""
 
@@ -265,8 +278,8 @@ class Tracer(TorchFunctionMode):
     def record_int_arith(self, op: Any, operands: Tuple[Any, Any], result: int) -> TracedInt:
         name = self._unique(self._scoped(op.__name__))
         args = tuple(self.to_template(v) for v in operands)
-        if op.__name__ == "<lambda>":  # unary minus
-            op, args = _op.neg, args[1:]
+        if op.__name__ == "<lambda>":  # unary minus: recorded as neg(self)
+            op, args = _op.neg, args[:1]
         self._add(name, FunctionOp(op), args, {}, {"op": "IntArith"}, None)
         return TracedInt(result, Ref(name))
 
@@ -328,6 +341,9 @@ class Tracer(TorchFunctionMode):
         self._add(name, module, targs, tkwargs, meta, out)
         if isinstance(out, torch.Size):
             return TracedSize(tuple(out), Ref(name))
+        if type(out) is tuple and out and all(isinstance(v, torch.Tensor) for v in out):
+            out = TracedTuple(out)
+            out._amc_node = name
         return out
 
     def _mark_mutated_constant(self, targs: Any) -> None:

@@ -72,6 +72,16 @@ class ReconstructedNetwork(nn.Module):
                                 f"(captured with {len(self.input_nodes)} tensor input(s): "
                                 f"{[n.name for n in self.input_nodes]})")
         constants = self.meta.get("input_constants", {})
+        known = {n.index for n in self.input_nodes if isinstance(n.index, int)} | {
+            k for k in constants if isinstance(k, int)}
+        extra = [i for i in range(len(args)) if i not in known]
+        if extra:
+            raise TypeError(f"ReconstructedNetwork.forward() got positional argument(s) {extra} that were not "
+                            "given at capture, so the graph never saw them: trace again with them")
+        unknown = [k for k in kwargs if k not in constants]
+        if unknown:
+            raise TypeError(f"ReconstructedNetwork.forward() got keyword argument(s) {unknown} that were not "
+                            "given at capture: trace again with them")
         for i, a in enumerate(args):
             if i in constants and not _same(a, constants[i]):
                 raise ValueError(f"argument {i} was captured as the constant {constants[i]!r}; the graph took "

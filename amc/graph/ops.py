@@ -407,9 +407,10 @@ register_module_op(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNN, nn.LSTM, 
 register_module_op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
                    nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, macs=_norm_macs)
 register_module_op(nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, macs=_out_numel)
-register_module_op(nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish,
-                   nn.Softmax, nn.LogSoftmax, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-                   nn.AlphaDropout, nn.Flatten, nn.Unflatten, nn.Hardtanh, nn.SELU, nn.CELU, nn.GLU,
+register_module_op(nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus,
+                   nn.Hardtanh, nn.SELU, nn.CELU, macs=_out_numel)
+register_module_op(nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                   nn.AlphaDropout, nn.Flatten, nn.Unflatten, nn.GLU,
                    nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, nn.ZeroPad2d, nn.ConstantPad2d,
                    nn.ReflectionPad2d, nn.ReplicationPad2d)
 register_module_op(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
@@ -428,7 +429,8 @@ register_function_op(torch.div, T.div, T.div_, T.__truediv__, T.__itruediv__, T.
                      T.__mod__, T.sqrt, torch.sqrt, T.rsqrt, torch.rsqrt, T.exp, torch.exp, T.log, torch.log,
                      T.abs, torch.abs, T.clamp, torch.clamp, T.clamp_, T.clamp_min, T.clamp_max, torch.maximum,
                      torch.minimum, torch.where, T.masked_fill, T.masked_fill_, T.__and__, T.__or__, T.__invert__,
-                     T.__eq__, T.__ne__, T.__lt__, T.__le__, T.__gt__, T.__ge__, T.float, T.to, T.type_as,
+                     T.__eq__, T.__ne__, T.__lt__, T.__le__, T.__gt__, T.__ge__, T.eq, T.ne, T.lt, T.le, T.gt,
+                     T.ge, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, T.float, T.to, T.type_as,
                      T.detach, T.clone, T.contiguous, T.zero_, T.fill_, T.copy_, T.sign, T.round,
                      T.sigmoid, T.sigmoid_, T.tanh, T.tanh_, T.relu, T.relu_, T.softmax,
                      T.log_softmax, T.mean, torch.mean, T.sum, torch.sum, T.max, T.min, T.amax, T.amin,
@@ -444,7 +446,8 @@ register_function_op(torch.stack, name="Stack")
 register_function_op(T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.unflatten, torch.unflatten,
                      T.view_as, T.reshape_as, name="TensorReshape", wrapper=TensorReshape)
 register_function_op(T.permute, torch.permute, T.transpose, torch.transpose, T.transpose_, T.t, torch.t,
-                     T.swapaxes, T.movedim, torch.movedim, name="TensorTranspose", wrapper=TensorTranspose)
+                     T.swapaxes, torch.swapaxes, T.swapdims, torch.swapdims, T.movedim, torch.movedim,
+                     name="TensorTranspose", wrapper=TensorTranspose)
 register_function_op(T.squeeze, torch.squeeze, T.unsqueeze, torch.unsqueeze, T.squeeze_, T.unsqueeze_,
                      name="TensorSqueeze", wrapper=TensorSqueeze)
 register_function_op(T.expand, T.expand_as, T.repeat, T.repeat_interleave, torch.repeat_interleave,

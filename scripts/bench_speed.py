@@ -34,19 +34,29 @@ import torchvision  # noqa: E402
 import amc  # noqa: E402
 
 
+CPU_TIMES: Dict[str, List[float]] = {}
+
+
 def interleaved(fns: Dict[str, Callable[[], Any]], reps: int, warmup: int) -> Dict[str, List[float]]:
-    """Time every fn once per repetition, rotating the order; returns the per-rep times of each."""
+    """Time every fn once per repetition, rotating the order; returns the per-rep wall times of each.
+
+    The process CPU time of each run is kept in CPU_TIMES (a second signal on a shared machine, where
+    wall time also counts the time other processes held the cores).
+    """
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
     times: Dict[str, List[float]] = {n: [] for n in names}
+    CPU_TIMES.clear()
+    CPU_TIMES.update({n: [] for n in names})
     for rep in range(reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for n in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
+            CPU_TIMES[n].append(time.process_time() - c0)
     return times
 
 
@@ -87,7 +97,9 @@ def bench_forward(name: str, batches: List[int], reps: Dict[int, int], warmup: i
             times = interleaved(fns, reps[b], warmup)
             med = {k: statistics.median(v) for k, v in times.items()}
             paired = statistics.median(a / e for a, e in zip(times["amc"], times["eager"]))
+            cpu = {k: statistics.median(v) for k, v in CPU_TIMES.items()}
             row = {"median_s": med, "ratio_amc": med["amc"] / med["eager"], "paired_ratio_amc": paired,
+                   "cpu_median_s": cpu, "cpu_ratio_amc": cpu["amc"] / cpu["eager"],
                    "ratio_fx": med["fx"] / med["eager"] if "fx" in med else None, "reps": reps[b]}
             if row["ratio_amc"] > 1.05:
                 row["profile_amc"] = profile_top(lambda: net(x), repeat=2)
@@ -119,7 +131,9 @@ def bench_capture(name: str, batch: int, reps: int, warmup: int) -> Dict[str, An
         pass
     times = interleaved(fns, reps, warmup)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu = {k: statistics.median(v) for k, v in CPU_TIMES.items()}
     row = {"model": name, "batch": batch, "reps": reps, "median_s": med, "ratio": med["capture"] / med["eager"],
+           "cpu_ratio": cpu["capture"] / cpu["eager"],
            "paired_ratio": statistics.median(c / e for c, e in zip(times["capture"], times["eager"]))}
     if row["ratio"] > 3.0:
         row["profile_capture"] = profile_top(capture)
@@ -143,8 +157,9 @@ def render(fwd: List[Dict[str, Any]], cap: Dict[str, Any], args: argparse.Namesp
            f"{', '.join(f'{v:.1f}' for v in load['after'])} (2 cores)."] if load else []),
         *([args.note] if getattr(args, "note", "") else []),
         "",
-        "| model | batch | reps | eager ms | amc ms | amc / eager | paired | fx GraphModule ms | fx / eager |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | batch | reps | eager ms | amc ms | amc / eager | paired | CPU-time amc / eager | "
+        "fx GraphModule ms | fx / eager |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in fwd:
         for b, row in r["batches"].items():
@@ -152,16 +167,18 @@ def render(fwd: List[Dict[str, Any]], cap: Dict[str, Any], args: argparse.Namesp
             fx = f"{m['fx'] * 1e3:.1f}" if "fx" in m else f"n/a ({r['fx_error']})"
             fxr = f"{row['ratio_fx']:.3f}" if row["ratio_fx"] is not None else "-"
             lines.append(f"| {r['model']} | {b} | {row['reps']} | {m['eager'] * 1e3:.1f} | {m['amc'] * 1e3:.1f} | "
-                         f"**{row['ratio_amc']:.3f}** | {row['paired_ratio_amc']:.3f} | {fx} | {fxr} |")
+                         f"**{row['ratio_amc']:.3f}** | {row['paired_ratio_amc']:.3f} | {row.get('cpu_ratio_amc', float('nan')):.3f} | "
+                         f"{fx} | {fxr} |")
     m = cap["median_s"]
     lines += [
         "",
         "## Capture time",
         "",
-        "| model | batch | reps | eager forward ms | amc.trace ms | trace / eager | paired | fx symbolic_trace ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | batch | reps | eager forward ms | amc.trace ms | trace / eager | paired | CPU-time ratio | "
+        "fx symbolic_trace ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {cap['model']} | {cap['batch']} | {cap['reps']} | {m['eager'] * 1e3:.1f} | {m['capture'] * 1e3:.1f} | "
-        f"**{cap['ratio']:.2f}** | {cap['paired_ratio']:.2f} | "
+        f"**{cap['ratio']:.2f}** | {cap['paired_ratio']:.2f} | {cap.get('cpu_ratio', float('nan')):.2f} | "
         + (f"{m['fx_symbolic_trace'] * 1e3:.1f} |" if "fx_symbolic_trace" in m else "n/a |"),
         "",
         f"Target: forward within 5% of eager, capture <= 3x one eager forward. Forward: "

@@ -122,7 +122,8 @@ def _export_roundtrips(net, x2, out2, result: Dict[str, Any]) -> None:
                 result.setdefault(f"{kind}_error", f"{type(exc).__name__}: {exc}"[:300])
 
 
-def trace_one(source: str, name: str, size: int, seed: int = 0, threads: int = 2) -> Dict[str, Any]:
+def trace_one(source: str, name: str, size: int, seed: int = 0, threads: int = 2,
+              max_params: Optional[float] = None) -> Dict[str, Any]:
     """Everything the sweep records for one model. Runs in its own process (see _isolate.py)."""
     import warnings
 
@@ -138,6 +139,9 @@ def trace_one(source: str, name: str, size: int, seed: int = 0, threads: int = 2
     try:
         model = build_model(source, name).eval()
         result["params"] = sum(p.numel() for p in model.parameters())
+        if max_params is not None and result["params"] > max_params:  # the meta-device count failed
+            result["status"] = "skipped"
+            return result
         gen = torch.Generator().manual_seed(seed)
         x2 = torch.randn(2, 3, size, size, generator=gen)
         x3 = torch.randn(3, 3, size, size, generator=gen)
@@ -265,6 +269,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-timm", action="store_true", help="leave out the timm models")
     p.add_argument("--resume", action="store_true",
                    help="keep results already in the JSON for models not being re-run")
+    p.add_argument("--skip-done", action="store_true",
+                   help="with --resume: run only models missing from the JSON, timed out, crashed, or "
+                        "recorded before export existed (json/pkl round trip 'n/a')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = p.parse_args(argv)
@@ -277,6 +284,11 @@ def main(argv=None) -> int:
         with open(json_path, encoding="utf-8") as f:
             previous = {f"{r['source']}:{r['model']}": r for r in json.load(f)["results"]}
     order = [f"{j['source']}:{j['model']}" for j in jobs]
+    if args.skip_done:
+        def done(r: Dict[str, Any]) -> bool:
+            return r.get("status") in ("pass", "fail", "skipped") and "n/a" not in (
+                r.get("json_roundtrip"), r.get("pkl_roundtrip"))
+        jobs = [j for j in jobs if not done(previous.get(f"{j['source']}:{j['model']}", {}))]
     results: Dict[str, Dict[str, Any]] = dict(previous)
     for key in previous:
         if key not in order:
@@ -300,7 +312,8 @@ def main(argv=None) -> int:
             return
         r = run_isolated(os.path.join(HERE, "sweep_trace.py") + ":trace_one",
                          {"source": job["source"], "name": job["model"], "size": job["input"], "seed": args.seed,
-                          "threads": args.threads}, timeout=args.timeout, mem_gb=args.mem_gb)
+                          "threads": args.threads, "max_params": args.max_params},
+                         timeout=args.timeout, mem_gb=args.mem_gb)
         for k in ("source", "model", "input"):
             r.setdefault(k, job[k])
         if r.get("params") is None:

@@ -153,5 +153,22 @@ def trace_command(args: argparse.Namespace) -> int:
     return 0
 
 
+
+# ----------------------------------------------------------------------------------------------
+# amc compress (the main job lives in amc.jobs.compress)
+
+def _configure_compress(p: argparse.ArgumentParser) -> None:
+    from .jobs.compress import configure
+
+    configure(p)
+
+
+@command("compress", "train a zoo model, compress it, fine-tune, export, print before/after", _configure_compress)
+def _compress(args: argparse.Namespace) -> int:
+    from .jobs.compress import run_from_args
+
+    return run_from_args(args)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

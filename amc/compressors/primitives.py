@@ -1,0 +1,97 @@
+"""In-place, group-aware primitives for training-time pruning (Soft Filter Pruning, RePr).
+
+They act on every parameter slice a channel owns across its coupled group (producer rows, norm
+parameters, consumer columns), so masking a channel of a residual stage masks it everywhere.
+
+    plan = plan_pruning(net, "l2", (x,))
+    saved = mask_units(plan, roots)            # zero the channels (SFP: then let them regrow)
+    regrow_units(plan, saved)                  # put the old values back
+    reinit_orthogonal(plan, roots)             # RePr: fresh filters orthogonal to the kept ones
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import PruningError
+from .groups import param_of
+from .prune import PruningPlan
+
+Saved = Dict[Tuple[str, str, int], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _slices(plan: PruningPlan, roots: np.ndarray) -> Iterator[Tuple[Tuple[str, str, int], torch.Tensor, torch.Tensor]]:
+    """(key, parameter, positions along its axis) for every axis touching the given units, each once."""
+    chosen = np.zeros(len(plan.roots), dtype=bool)
+    chosen[np.asarray(roots, dtype=np.int64)] = True
+    seen = set()
+    for ax in plan.analysis.axes:
+        pos = np.flatnonzero(chosen[plan.roots[ax.vec]])
+        if not len(pos):
+            continue
+        module_key = plan.net.node(ax.node).module
+        p = param_of(plan.net, module_key, ax.attr)
+        key = (module_key, ax.attr, ax.dim)
+        if (id(p), ax.dim) in seen or ax.attr.endswith(("running_mean", "running_var")):
+            continue
+        seen.add((id(p), ax.dim))
+        yield key, p, torch.from_numpy(pos)
+
+
+def mask_units(plan: PruningPlan, roots: np.ndarray) -> Saved:
+    """Zero the units' slices in `plan.net` (in place); returns what was there, for `regrow_units`."""
+    saved: Saved = {}
+    with torch.no_grad():
+        for key, p, pos in _slices(plan, roots):
+            saved[key] = (pos, p.data.index_select(key[2], pos).clone())
+            p.data.index_fill_(key[2], pos, 0)
+    return saved
+
+
+def regrow_units(plan: PruningPlan, saved: Saved) -> None:
+    """Restore slices saved by `mask_units`."""
+    with torch.no_grad():
+        for (module_key, attr, dim), (pos, values) in saved.items():
+            param_of(plan.net, module_key, attr).data.index_copy_(dim, pos, values)
+
+
+def _orthogonal_rows(kept: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` random rows orthogonal to the rows of `kept` (and to each other), scaled like them."""
+    dim = kept.shape[1]
+    if kept.shape[0] + count > dim:
+        raise PruningError(f"cannot make {count} filters orthogonal to {kept.shape[0]} kept ones in {dim} dims")
+    rand = torch.randn(count, dim, generator=gen, dtype=torch.float64)
+    if kept.shape[0]:
+        q, _ = torch.linalg.qr(kept.double().T)  # basis of the kept filters' span
+        rand = rand - (rand @ q) @ q.T
+    q2, _ = torch.linalg.qr(rand.T)
+    scale = kept.norm(dim=1).mean() if kept.shape[0] else torch.tensor(1.0)
+    return (q2.T[:count] * scale).to(kept.dtype)
+
+
+def reinit_orthogonal(plan: PruningPlan, roots: np.ndarray, seed: int = 0) -> List[str]:
+    """RePr: re-initialise the units' producer filters orthogonally to the kept filters of the same layer;
+    other slices of the units (norm params, consumer columns) are zeroed so the fresh filters start silent
+    downstream. Returns the layers whose filters were re-initialised."""
+    gen = torch.Generator().manual_seed(seed)
+    done: List[str] = []
+    with torch.no_grad():
+        for key, p, pos in _slices(plan, roots):
+            module_key, attr, dim = key
+            if attr == "weight" and dim == 0 and p.dim() > 1:
+                flat = p.data.reshape(p.shape[0], -1)
+                keep = torch.ones(p.shape[0], dtype=torch.bool)
+                keep[pos] = False
+                flat[pos] = _orthogonal_rows(flat[keep], len(pos), gen)
+                done.append(module_key)
+            elif attr == "bias":
+                p.data.index_fill_(0, pos, 0)
+    return done
+
+
+def unit_roots(plan: PruningPlan, group_index: int, units: Optional[List[int]] = None) -> np.ndarray:
+    """Roots of some units of one group (all of them by default), for the functions above."""
+    g = plan.groups[group_index]
+    return g.units if units is None else g.units[np.asarray(units, dtype=np.int64)]

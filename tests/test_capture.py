@@ -714,3 +714,13 @@ def test_dtype_read_from_input_follows_the_input():
     net = amc.trace(model, torch.randn(2, 4)).double()
     x = torch.randn(2, 4, dtype=torch.float64)
     torch.testing.assert_close(net(x), model(x))
+
+
+class UsesLen(nn.Module):
+    def forward(self, x):
+        return x.reshape(len(x), -1)
+
+
+def test_len_of_a_traced_tensor_warns_that_the_size_is_frozen():
+    with pytest.warns(UserWarning, match=r"len\(tensor\) returns a plain int"):
+        amc.trace(UsesLen(), torch.randn(2, 3, 4))

@@ -295,6 +295,11 @@ class Tracer(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if self.state != "recording" or self._leaf_depth or func in _PASS_THROUGH:
+            if func is torch.Tensor.__len__ and self.state == "recording" and not self._leaf_depth \
+                    and self._is_traced(args[0]):
+                warnings.warn("amc capture: len(tensor) returns a plain int, so the graph keeps the captured "
+                              f"size {len(args[0])}; use x.shape[0] / x.size(0) where the size must follow "
+                              "the input", stacklevel=3)
             return func(*_plain(args), **_plain(kwargs))
         if _is_getter(func):
             return self._getter(func, args)

@@ -30,6 +30,7 @@ setup(
         "test": [
             "pytest",
             "pytest-timeout",
+            "pytest-xdist",
             "scikit-image",
             "timm",
             "torch-pruning==1.6.1",

@@ -159,14 +159,15 @@ def render(results: Dict[str, Any], args: argparse.Namespace, tp_version: str) -
              f"after one warm-up round.", "",
              "| model | ours: amc.prune on traced net (s) | = plan_pruning + apply (s) | trace (s) | ours: trace + prune (s) | "
              "TP: DependencyGraph (s) | TP: step (s) | TP total (s) | ours/TP (prune) | ours/TP (trace + prune) | "
-             "per-round ours/TP (prune) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "per-round ours/TP (prune) | median per-round ours/TP (prune) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, r in results.items():
         m = r["median"]
         lines.append(f"| {name} | {m['ours_prune']:.2f} | {m['ours_plan']:.2f} + {m['ours_apply']:.2f} | "
                      f"{m['ours_trace']:.2f} | {m['ours_total']:.2f} | {m['tp_graph']:.2f} | {m['tp_step']:.2f} | "
                      f"{m['tp']:.2f} | **{r['ratio_prune']:.2f}x** | **{r['ratio_total']:.2f}x** | "
-                     f"{', '.join(f'{v:.2f}' for v in r['ratio_per_round'])} |")
+                     f"{', '.join(f'{v:.2f}' for v in r['ratio_per_round'])} | "
+                     f"{statistics.median(r['ratio_per_round']):.2f}x |")
     for name, r in results.items():
         if "profile" in r:
             lines += ["", f"## cProfile of one `amc.prune` on traced {name} (ours is slower)", "",

@@ -212,10 +212,27 @@ class Grouped(nn.Module):
         return self.out(self.grouped(self.conv(x)))
 
 
-def test_grouped_conv_inputs_are_frozen_never_guessed() -> None:
+def test_grouped_conv_keeps_equal_groups() -> None:
     hard = _check(Grouped(), torch.randn(2, 3, 6, 6))
-    assert hard.module_of("conv").out_channels == 8
-    assert hard.module_of("grouped").out_channels == 8  # per-group counts must stay equal: kept whole
+    g = hard.module_of("grouped")
+    assert (hard.module_of("conv").out_channels, g.in_channels, g.out_channels, g.groups) == (4, 4, 4, 2)
+    assert hard.module_of("out").in_channels == 4
+
+
+class GroupedMultiplier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)  # in != out: not ours to guess
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.grouped(self.conv(x)))
+
+
+def test_grouped_conv_with_channel_multiplier_is_frozen() -> None:
+    hard = _check(GroupedMultiplier(), torch.randn(2, 3, 6, 6))
+    assert hard.module_of("conv").out_channels == 4
 
 
 class Shuffle(nn.Module):

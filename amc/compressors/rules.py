@@ -799,6 +799,18 @@ def conv(c: RuleCall) -> Any:
             c.a.axis(name, "bias", 0, cin)
         c.a.fixup(name, "depthwise")
         out_dims[ch] = cin
+    elif not transposed and m.in_channels == m.out_channels and cin is not None:
+        # grouped (ResNeXt/RegNet): channel i in, channel i out; the same offsets are kept in every
+        # group (offset j is coupled across groups), so groups stay equal and weight dim 1 is sliced
+        # by the offsets
+        grid = cin.reshape(m.groups, -1)
+        for row in grid[1:]:
+            c.a.uf.union_vecs(grid[0], row)
+        c.a.axis(name, "weight", 0, cin)
+        c.a.axis(name, "weight", 1, grid[0].copy())
+        if m.bias is not None:
+            c.a.axis(name, "bias", 0, cin)
+        out_dims[ch] = cin
     else:
         c.a.uf.freeze(cin)
     return TL(out_dims)

@@ -51,15 +51,16 @@ FULL: Dict[str, Any] = {
     "digits": dict(model="digits_resnet", data="digits", epochs=10, lr=0.1, ft_epochs=5, ft_lr=0.02,
                    trainset_ratio=0.5, batch_size=64, train_limit=None, val_limit=None),
     # resnet20 needs ~20 ms of CPU per training image here, and this shared machine gave each process
-    # 5-10% of a core (load average 15-22 on 2 cores): hence the tiny subset and epochs.
-    "fashion": dict(model="resnet20", data="fashion_mnist", epochs=2, lr=0.05, ft_epochs=2, ft_lr=0.02,
-                    trainset_ratio=0.25, batch_size=64, train_limit=1000, val_limit=1000),
+    # 5-30% of a core (load average 15-22 on 2 cores): hence the small subset and epochs.
+    "fashion": dict(model="resnet20", data="fashion_mnist", epochs=3, lr=0.05, ft_epochs=2, ft_lr=0.02,
+                    trainset_ratio=0.1, batch_size=64, train_limit=4000, val_limit=2000),
     "plugins": dict(epochs=12, lr=0.05, ratio=0.3, s1=3, s2=2),
     "kd": dict(alpha=0.7, temperature=4.0),
     # part "digits_sweep" (not in the default run): fine-tuning lr x KD (alpha, T) on the digits
     "sweep": [(lr, a, t) for lr in (0.01, 0.02, 0.05) for a, t in ((0.7, 4.0), (0.9, 4.0))],
 }
-# train_classifier's OneCycleLR (pct_start 0.25) divides by zero below 8 steps: keep >= 8 batches.
+# train_classifier's OneCycleLR (pct_start 0.25) raises ZeroDivisionError at exactly 4 total steps
+# (its warm-up phase ends at step 0.25 * 4 - 1 = 0): the quick budgets stay at >= 8 steps.
 QUICK: Dict[str, Any] = {
     "digits": dict(FULL["digits"], epochs=1, ft_epochs=1, trainset_ratio=0.2),
     "fashion": dict(FULL["fashion"], epochs=1, ft_epochs=1, train_limit=256, val_limit=128, batch_size=32,
@@ -122,6 +123,22 @@ def loaders(cfg: Dict[str, Any], seed: int):
 
 def acc(net: nn.Module, val) -> float:
     return float(evaluate(net, val)["acc"])
+
+
+@torch.no_grad()
+def recalibrate_bn(net: nn.Module, train) -> nn.Module:
+    """A copy of ``net`` whose BatchNorm running statistics are re-estimated over the training images
+    (one pass, cumulative average, no labels, no weight update): after filters are zeroed or removed the
+    statistics collected with them active no longer describe the activations."""
+    net = copy.deepcopy(net)
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    net.train()
+    for x, _ in train:
+        net(x)
+    return net.eval()
 
 
 # ------------------------------------------------------------------------------------------ part A
@@ -256,7 +273,8 @@ def sfp_repr(cfg: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
             cbs.append(probes[name])
         secs = run_trainer("ce", net, train, cfg["epochs"], cfg["lr"], seed, callbacks=cbs)
         net.eval()
-        rows[name] = {"acc": acc(net, val), "seconds": secs}
+        rows[name] = {"acc": acc(net, val), "acc_bn_recalibrated": acc(recalibrate_bn(net, train), val),
+                      "seconds": secs}
         if name.startswith("SFP"):
             rows[name]["zeroed_filters"] = {n: int((~k).sum()) for n, k in cbs[0].masks.items()}
         nets[name] = net
@@ -265,7 +283,8 @@ def sfp_repr(cfg: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
     for name in ("plain", "SFP(0.3)"):
         pruned = amc.prune(nets[name], ratio=cfg["ratio"], criterion="l2", example_inputs=(x1,))
         macs, params = amc.count(pruned, x1)
-        hard[name] = {"acc": acc(pruned, val), "macs_fraction": macs / macs0, "params": params}
+        hard[name] = {"acc": acc(pruned, val), "acc_bn_recalibrated": acc(recalibrate_bn(pruned, train), val),
+                      "macs_fraction": macs / macs0, "params": params}
     for name, probe in probes.items():
         rows[name]["drops"] = probe.drops
         rows[name]["reinit_grad_ratio"] = probe.grad_ratios
@@ -311,6 +330,10 @@ def run_bench(quick: bool = False, parts=("digits", "fashion", "plugins"), jobs:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
+
+
+def _pct_or_dash(x: Optional[float]) -> str:
+    return "-" if x is None else _pct(x)
 
 
 def to_markdown(res: Dict[str, Any], command: str) -> str:
@@ -371,16 +394,24 @@ def to_markdown(res: Dict[str, Any], command: str) -> str:
                   f"s2={c['s2']}, ratio={c['ratio']})`, i.e. drop at the end of epochs "
                   f"{c['s1']}, {c['s1'] + c['s2'] + c['s1']}, ..., re-initialise {c['s2']} epochs later; the "
                   "epoch count is chosen so training ends with full-network epochs after the last re-init.", "",
-                  "| variant | val acc | vs plain (pts) | train time (s) |", "|---|---:|---:|---:|"]
+                  "| variant | val acc | vs plain (pts) | val acc, BN statistics re-estimated* | train time (s) |",
+                  "|---|---:|---:|---:|---:|"]
         for name, row in r["rows"].items():
-            lines.append(f"| {name} | {_pct(row['acc'])} | {row['gap_pts']:+.2f} | {row['seconds']:.0f} |")
+            lines.append(f"| {name} | {_pct(row['acc'])} | {row['gap_pts']:+.2f} | "
+                         f"{_pct_or_dash(row.get('acc_bn_recalibrated'))} | {row['seconds']:.0f} |")
         hp = r["hard_pruned_l2"]
         lines += ["", f"Hard pruning after training, `amc.prune(net, ratio={c['ratio']}, criterion='l2')` on the "
                   "traced net (coupled residual groups pruned together, so it does not remove exactly SFP's masked "
                   "filters of each conv), no fine-tuning:", "",
-                  "| trained with | val acc after hard prune | MACs after / before |", "|---|---:|---:|"]
+                  "| trained with | val acc after hard prune | same, BN statistics re-estimated* | MACs after / before |",
+                  "|---|---:|---:|---:|"]
         for name, row in hp.items():
-            lines.append(f"| {name} | {_pct(row['acc'])} | {row['macs_fraction']:.3f} |")
+            lines.append(f"| {name} | {_pct(row['acc'])} | {_pct_or_dash(row.get('acc_bn_recalibrated'))} | "
+                         f"{row['macs_fraction']:.3f} |")
+        lines += ["", "\\* one no-grad pass over the training images in train mode with fresh, cumulative BatchNorm "
+                  "statistics (no labels, no weight update). `SoftFilterPruning` zeroes conv filters only, so the "
+                  "BN after a zeroed filter still holds statistics gathered while the filter was active and emits "
+                  "a wrong constant for that channel."]
         lines += ["", "What RePr did (first drop; layer: dropped / filters) and, in the epoch after each "
                   "re-initialisation, the mean gradient norm of re-initialised filters over that of the other "
                   "filters of the same layers:", ""]
@@ -430,11 +461,17 @@ def observations(res: Dict[str, Any]) -> List[str]:
                    f"({'within' if ft >= -0.5 else 'NOT within'} the 0.5-pt goal); distillation {kd:+.2f} pts, "
                    f"{'>=' if kd >= ft else '<'} fine-tuning ({kd - ft:+.2f} pts, i.e. "
                    f"{abs(kd - ft) * r['n_val'] / 100:.0f} of {r['n_val']:,} validation images).")
+        if ft > 0 and kd > 0:
+            out.append(f"{r['model']}: both retrained nets beat the original, i.e. at this budget the original had not "
+                       "converged and the retraining epochs still add accuracy; the 0.5-pt goal is not really "
+                       "tested by this row.")
     if "plugins" in res:
         rows = res["plugins"]["rows"]
         for name in rows:
             if name != "plain":
-                out.append(f"{name}: {rows[name]['gap_pts']:+.2f} pts vs plain training.")
+                bn = rows[name].get("acc_bn_recalibrated")
+                out.append(f"{name}: {rows[name]['gap_pts']:+.2f} pts vs plain training"
+                           + (f" ({_pct(bn)} with BN statistics re-estimated)." if bn is not None else "."))
         for name, row in rows.items():
             for d in row.get("drops", [])[:1]:
                 worst = max(d["dropped"], key=lambda n: d["dropped"][n] / d["sizes"][n])

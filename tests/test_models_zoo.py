@@ -142,3 +142,15 @@ def test_training_errors():
         M.evaluate(model, [])
     with pytest.raises(TrainingError):
         M.train_classifier(model, nan_loader, nan_loader, epochs=0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 8])
+def test_train_classifier_handles_tiny_budgets(steps: int) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from amc.models import create, train_classifier
+
+    ds = TensorDataset(torch.randn(steps * 4, 1, 8, 8), torch.randint(0, 10, (steps * 4,)))
+    loader = DataLoader(ds, batch_size=4)
+    out = train_classifier(create("digits_resnet"), loader, loader, epochs=1, lr=0.01)
+    assert 0.0 <= out["acc"] <= 1.0

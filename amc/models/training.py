@@ -72,9 +72,12 @@ def train_classifier(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, momentum=momentum, nesterov=momentum > 0,
     )
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, epochs=int(epochs), steps_per_epoch=steps_per_epoch, pct_start=0.25
-    )
+    if int(epochs) * steps_per_epoch < 10:  # OneCycleLR divides by zero-length phases on tiny budgets
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, epochs=int(epochs), steps_per_epoch=steps_per_epoch, pct_start=0.25
+        )
     history: List[Dict[str, float]] = []
     start = time.perf_counter()
     loader_gen = getattr(train_loader, "generator", None)

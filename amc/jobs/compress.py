@@ -16,12 +16,13 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from ..errors import AmcError, PruningError
+
+if TYPE_CHECKING:  # torch is imported when the job runs, so `amc --help` stays fast
+    import torch
+    import torch.nn as nn
 
 logger = logging.getLogger("amc.jobs.compress")
 
@@ -32,9 +33,8 @@ DATASETS = ("digits", "fashion_mnist")
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Declare the job's options on `p` (used by `amc compress` and by `run`)."""
-    from ..models import list_models
-
-    p.add_argument("--model", default="digits_resnet", choices=list_models(), help="zoo model (default: digits_resnet)")
+    p.add_argument("--model", default="digits_resnet",
+                   help="amc.models zoo name: digits_resnet, vgg_small, resnet20 (default: digits_resnet)")
     p.add_argument("--method", default="channel_pruning", choices=METHODS, help="compression method")
     p.add_argument("--ratio", type=float, default=0.5,
                    help="fraction of MACs to remove, in (0, 1) (default: 0.5 = halve the MACs)")
@@ -81,6 +81,8 @@ def _loaders(ns: argparse.Namespace, image_size: int):
 
 
 def _model(ns: argparse.Namespace) -> Any:
+    import torch
+
     from ..models import create, model_info
 
     native = model_info(ns.model).input_size[-1]
@@ -95,6 +97,8 @@ def _model(ns: argparse.Namespace) -> Any:
 
 def latency_ms(net: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
     """Median CPU latency (ms) of one forward at the batch size of `x`."""
+    import torch
+
     net.eval()
     with torch.no_grad():
         for _ in range(3):
@@ -159,6 +163,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
 
 def compress_job(ns: argparse.Namespace) -> Dict[str, Any]:
     """Run the job for parsed options; returns the summary (also written to `<out>/summary.json`)."""
+    import torch
+
     from ..graph.capture import trace
     from ..graph.counting import count
     from ..models import evaluate, train_classifier

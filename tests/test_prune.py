@@ -14,7 +14,13 @@ import amc
 from amc.compressors import CRITERIA, plan_pruning, prune_groups
 from amc.errors import PruningError
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """Inference only in this file (without touching the global autograd state of other tests)."""
+    with torch.no_grad():
+        yield
 
 
 def _loader(x: torch.Tensor, n: int = 2):

@@ -23,7 +23,6 @@ Writes scripts/results/mobilenet_pretrained.{md,json}.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import json
 import platform

@@ -22,16 +22,7 @@ from amc.trainers import BaseTrainer, SoftFilterPruning, TrainerCallback  # noqa
 from amc.trainers.basedistiller import *  # noqa: E402,F401,F403  (seed import spelling)
 from amc.trainers.basetrainer import *  # noqa: E402,F401,F403
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and do not fight other jobs for the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 
 # ---------------------------------------------------------------------------- Code-3, verbatim but imports

@@ -18,16 +18,7 @@ from amc.errors import TrainingError  # noqa: E402
 from amc.trainers import (BaseDistiller, BaseTrainer, FeatureReconstructionLoss, KDLoss,  # noqa: E402
                           LabelSmoothingCrossEntropy, kd_loss, label_smoothing_cross_entropy, make_adapter)
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and do not fight other jobs for the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 
 def test_kd_loss_equals_hand_computation():

@@ -15,16 +15,7 @@ from _ddp_worker import TinyCNN, digits_loaders, seed_everything  # noqa: E402
 from amc.errors import PruningError  # noqa: E402
 from amc.trainers import BaseTrainer, RePr, SoftFilterPruning, TrainerCallback, orthogonality_scores  # noqa: E402
 
-pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded, and do not fight other jobs for the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("one_thread")]
 
 
 def _train(callbacks, epochs, seed=0, lr=0.05):

@@ -28,19 +28,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def write_atomic(path: str, text: str) -> str:
-    """Write `text` to `path` via a temporary file in the same folder and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `text` to `path` atomically (amc's own temp-file + rename writer)."""
+    from amc.export.atomic import atomic_write
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path, "w") as f:
+        f.write(text)
     return path
+
+
+def package_version(mod: str) -> str:
+    """`mod.__version__`, or "n/a" when it is not installed (for result headers)."""
+    try:
+        return __import__(mod).__version__
+    except Exception:  # noqa: BLE001
+        return "n/a"
 
 
 def _limit_memory(mem_gb: Optional[float]):

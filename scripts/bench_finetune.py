@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import amc
+from amc.export.atomic import atomic_write as _atomic_write
 from amc.compressors.channel_pruning import ChannelPruning
 from amc.data import digits_loaders, fashion_mnist_loaders
 from amc.models import create, evaluate, train_classifier
@@ -481,16 +481,10 @@ def observations(res: Dict[str, Any]) -> List[str]:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Write a result file atomically with amc's own writer."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with _atomic_write(path, "w") as f:
+        f.write(text)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

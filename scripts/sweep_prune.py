@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _isolate import run_isolated, write_atomic  # noqa: E402
+from _isolate import package_version as _version, run_isolated, write_atomic  # noqa: E402
 
 INPUT_SIZE = {"inception_v3": 299}
 NUM_CLASSES = 1000
@@ -506,13 +506,6 @@ def _yn(v: Any) -> str:
 
 def _med(xs: List[float]) -> Optional[float]:
     return statistics.median(xs) if xs else None
-
-
-def _version(mod: str) -> str:
-    try:
-        return __import__(mod).__version__
-    except Exception:  # noqa: BLE001
-        return "n/a"
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _isolate import run_isolated, write_atomic  # noqa: E402
+from _isolate import package_version as _version, run_isolated, write_atomic  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-5
 TIMM_MODELS = ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224", "convnext_atto", "mobilenetv3_small_100"]
@@ -249,13 +249,6 @@ def render_markdown(results: List[Dict[str, Any]], args: argparse.Namespace) -> 
                      f"{_fmt_bool(r.get('json_roundtrip'))} | {_fmt_bool(r.get('pkl_roundtrip'))} | "
                      f"{fbs} | {('[' + r['status'] + '] ' if r.get('status') not in ('pass', 'fail') else '') + err} |")
     return "\n".join(lines) + "\n"
-
-
-def _version(mod: str) -> str:
-    try:
-        return __import__(mod).__version__
-    except Exception:  # noqa: BLE001
-        return "n/a"
 
 
 def main(argv=None) -> int:

@@ -156,11 +156,6 @@ def _fix_split(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str)
         node.args = (node.args[0], int(keep_of(fx.data["vec"]).sum())) + tuple(node.args[2:])
 
 
-@register_fixup("depthwise")
-def _fix_depthwise(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
-    return None  # groups follow the weight in _fix_module_attrs
-
-
 @register_fixup("layernorm")
 def _fix_layernorm(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
     keep = keep_of(fx.data["vec"])

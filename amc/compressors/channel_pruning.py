@@ -32,7 +32,6 @@ that reaches a MACs target.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from ..errors import PruningError
 from ..graph.network import ReconstructedNetwork
 from .base import BaseCompressor, Ratio
-from .groups import Group, keep_counts, select_units
+from .groups import keep_counts, select_units
 from .prune import PruningPlan, plan_pruning, ratio_for_macs
 
 logger = logging.getLogger("amc.compressors")

@@ -797,7 +797,6 @@ def conv(c: RuleCall) -> Any:
         c.a.axis(name, "weight", 0, cin)
         if m.bias is not None:
             c.a.axis(name, "bias", 0, cin)
-        c.a.fixup(name, "depthwise")
         out_dims[ch] = cin
     elif not transposed and m.in_channels == m.out_channels and cin is not None:
         # grouped (ResNeXt/RegNet): channel i in, channel i out; the same offsets are kept in every

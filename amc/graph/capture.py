@@ -27,7 +27,7 @@ from ..errors import CaptureError
 from .node import InputNode, Node
 from .ops import (AutogradFunctionOp, Constant, FunctionOp, GetAttr, ParamHolder, SetItem, TensorSize,
                   function_spec, module_spec, name_of_callable)
-from .template import Ref, iter_refs, map_template
+from .template import Ref, iter_refs
 
 _ACTIVE: Optional["Tracer"] = None
 _ORIG_CALL = nn.Module.__call__

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..errors import GraphError
 from .node import InputNode, Node
-from .template import Ref, compile_args, compile_getter, iter_refs
+from .template import compile_args, compile_getter, iter_refs
 
 Observer = Callable[[Node, nn.Module, tuple, dict, Any], None]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import LoadError, UnsupportedOpError
+from ..errors import LoadError
 
 MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
 

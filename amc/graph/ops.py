@@ -354,7 +354,7 @@ def _mha_macs(m: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> 
 
 
 def _fconv_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    x, w = args[0], args[1]
+    w = args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     active = out.shape[0] * math.prod(out.shape[2:])
     return math.prod(w.shape[1:]) * w.shape[0] * active + (w.shape[0] * active if bias is not None else 0)

@@ -268,12 +268,18 @@ def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Op
             if batch > 1:
                 # estimate from batch 1 (measured: a batch-32 image costs 0.2-0.3x a batch-1 image here)
                 est = sum(r["b1"][k] for k in models) * batch * 0.3 if "b1" in r else float("inf")
-                if est * 2 > left:  # warm-up + one round would not fit
+                # a forward of several seconds gains nothing from a warm-up round: spend the budget on timing
+                warm = est < 3.0 * len(models)
+                if est * (2 if warm else 1) > left:  # (warm-up +) one round would not fit
                     r[f"b{batch}_skipped"] = f"estimated {est:.0f}s per round > budget"
                     continue
+            else:
+                warm = True
             times: Dict[str, List[float]] = {k: [] for k in models}
-            for k, m in models.items():  # warm-up
-                timed(m, inp)
+            if warm:
+                for k, m in models.items():
+                    timed(m, inp)
+            r[f"b{batch}_warmup"] = warm
             t_round = None
             for i in range(max_reps):
                 t0 = time.perf_counter()

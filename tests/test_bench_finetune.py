@@ -61,7 +61,7 @@ def test_compress_finetune_part(quick, part):
 
 def test_plugins_part(quick):
     p = quick["plugins"]
-    assert set(p["rows"]) == {"plain", "SFP(0.3)", "RePr global", "RePr per-layer"}
+    assert set(p["rows"]) == {"plain", "SFP(0.3)", "SFP(0.3) per-conv", "RePr global", "RePr per-layer"}
     for row in p["rows"].values():
         assert _frac(row["acc"])
     assert p["rows"]["plain"]["gap_pts"] == 0.0

@@ -39,7 +39,7 @@ def test_sfp_prunes_lowest_l2_norm_filters():
         base = torch.randn(2, 3, 3)
         for i, scale in enumerate([5.0, 0.1, 3.0, 0.2, 4.0, 0.3]):
             conv.weight[i] = base * scale
-    sfp = SoftFilterPruning(ratio=0.5)
+    sfp = SoftFilterPruning(ratio=0.5, scope="layer")
     masks = sfp.prune(nn.Sequential(conv))
     assert masks["0"].tolist() == [True, False, True, False, True, False]
     assert _zero_filters(conv).tolist() == [False, True, False, True, False, True]
@@ -66,6 +66,41 @@ def test_sfp_end_to_end_zeroes_filters_each_epoch_and_lets_them_regrow():
         assert _zero_filters(conv).tolist() == (~keep).tolist()  # exactly the masked filters are zero
     assert regrown == [True, True]
     assert history[-1]["val"]["accuracy"] > 0.5  # the soft-pruned network still works
+
+
+def test_sfp_group_scope_silences_coupled_channels_and_hard_prune_is_exact():
+    """A residual net: coupled convs share masks, silenced channels are exactly 0 after BN (so the
+    eval network equals its hard-pruned self), and the silenced filters regrow in the next epoch."""
+    from amc.models import create
+
+    seed_everything(0)
+    tr, va = digits_loaders(batch_size=32, n_train=256, n_val=128)
+    net = create("digits_resnet", in_channels=1, image_size=8)
+    sfp = SoftFilterPruning(ratio=0.3)
+    regrown = []
+
+    class BeforeSFP(TrainerCallback):
+        def on_epoch_end(self, trainer, epoch):
+            if sfp.masks:
+                mods = dict(trainer.module.named_modules())
+                regrown.append(all(not _zero_filters(mods[n])[~m].all() for n, m in sfp.masks.items() if (~m).any()))
+
+    opt = optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    trainer = BaseTrainer(tr, va, None, net, nn.CrossEntropyLoss(), opt, None, 3, "cpu", None, None, None,
+                          callbacks=[BeforeSFP(), sfp], progress=False)
+    trainer.run()
+    assert regrown == [True, True]
+    masks = sfp.masks
+    residual = [n for n in masks if n == "stem.0" or n.startswith("stages.0.") and n.endswith("conv2")]
+    assert len(residual) >= 2 and all(torch.equal(masks[n], masks[residual[0]]) for n in residual)
+    assert any((~m).any() for m in masks.values())
+    net.eval()
+    x = next(iter(va))[0]
+    hard = sfp.hard_prune()
+    with torch.no_grad():
+        torch.testing.assert_close(hard(x), net(x), atol=1e-5, rtol=1e-4)
+    import amc
+    assert amc.count(hard, x[:1])[0] < amc.count(net, x[:1])[0]
 
 
 # ---------------------------------------------------------------------------- RePr
@@ -133,10 +168,18 @@ def test_plugin_bad_input():
     with pytest.raises(PruningError, match="must be in \\[0, 1\\)"):
         SoftFilterPruning(ratio=1.0)
     with pytest.raises(PruningError, match="'fc' is not an nn.Conv2d"):
-        SoftFilterPruning(0.5, layers=["fc"]).prune(TinyCNN())
+        SoftFilterPruning(0.5, layers=["fc"], scope="layer").prune(TinyCNN())
+    with pytest.raises(PruningError, match="use scope='layer'"):
+        SoftFilterPruning(0.5, layers=["conv1"])
+    with pytest.raises(PruningError, match="scope='conv'"):
+        SoftFilterPruning(0.5, scope="conv")
+    with pytest.raises(PruningError, match="needs example_inputs"):
+        SoftFilterPruning(0.5).prune(TinyCNN())
+    with pytest.raises(PruningError, match="at least one SoftFilterPruning step"):
+        SoftFilterPruning(0.5).hard_prune()
     with pytest.raises(PruningError, match="s1 >= 1 and s2 >= 1"):
         RePr(s1=0, s2=1)
     with pytest.raises(PruningError, match="scope='net'"):
         RePr(s1=1, s2=1, scope="net")
     with pytest.raises(PruningError, match="has no nn.Conv2d layers"):
-        SoftFilterPruning(0.5).prune(nn.Linear(3, 3))
+        SoftFilterPruning(0.5, scope="layer").prune(nn.Linear(3, 3))

@@ -4,7 +4,8 @@ They act on every parameter slice a channel owns across its coupled group (produ
 parameters, consumer columns), so masking a channel of a residual stage masks it everywhere.
 
     plan = plan_pruning(net, "l2", (x,))
-    saved = mask_units(plan, roots)            # zero the channels (SFP: then let them regrow)
+    saved = mask_units(plan, roots)            # zero every slice of the channels
+    silence_units(plan, roots)                 # SFP: output exactly 0, yet free to regrow
     regrow_units(plan, saved)                  # put the old values back
     reinit_orthogonal(plan, roots)             # RePr: fresh filters orthogonal to the kept ones
 """
@@ -14,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from ..errors import PruningError
 from .groups import param_of
@@ -48,6 +50,40 @@ def mask_units(plan: PruningPlan, roots: np.ndarray) -> Saved:
             saved[key] = (pos, p.data.index_select(key[2], pos).clone())
             p.data.index_fill_(key[2], pos, 0)
     return saved
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def silence_units(plan: PruningPlan, roots: np.ndarray) -> List[str]:
+    """Make the units output exactly 0 while leaving them trainable (Soft Filter Pruning).
+
+    Zeroes what *produces* each channel: conv/linear output rows and biases, and the norm layers'
+    bias and running mean, so a conv-BN channel evaluates to exactly 0 and a later hard prune of the
+    same units computes the same function. Norm scales and consumer columns are kept: zeroing them
+    would cut the gradient a silenced filter needs to regrow. Returns the layers touched.
+    """
+    chosen = np.zeros(len(plan.roots), dtype=bool)
+    chosen[np.asarray(roots, dtype=np.int64)] = True
+    touched: List[str] = []
+    with torch.no_grad():
+        for ax in plan.analysis.axes:
+            pos = np.flatnonzero(chosen[plan.roots[ax.vec]])
+            if not len(pos):
+                continue
+            module = plan.net.network[plan.net.node(ax.node).module]
+            idx = torch.from_numpy(pos)
+            if isinstance(module, _NORMS):
+                if ax.attr == "bias" or (ax.attr == "running_mean"):
+                    param_of(plan.net, plan.net.node(ax.node).module, ax.attr).data.index_fill_(ax.dim, idx, 0)
+                if ax.attr == "weight" and getattr(module, "running_mean", None) is not None:
+                    module.running_mean.index_fill_(0, idx, 0)
+            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                if (ax.attr == "weight" and ax.dim == 0) or ax.attr == "bias":
+                    param_of(plan.net, plan.net.node(ax.node).module, ax.attr).data.index_fill_(ax.dim, idx, 0)
+                    if ax.attr == "weight" and ax.node not in touched:
+                        touched.append(ax.node)
+    return touched
 
 
 def regrow_units(plan: PruningPlan, saved: Saved) -> None:

@@ -1,7 +1,7 @@
 """Training-time pruning plug-ins: Soft Filter Pruning (He et al., IJCAI 2018) and RePr (Prakash et al., CVPR 2019).
 
-Both work on ``nn.Conv2d`` weights directly with per-filter (output-channel) masks; a later hard prune
-removes the masked filters.  They talk to the trainer through :class:`TrainerCallback` only.
+SFP silences whole coupled channel groups through the pruning engine (or single convs' filters with
+``scope="layer"``); RePr works on ``nn.Conv2d`` weights with per-filter masks.  They talk to the trainer through :class:`TrainerCallback` only.
 """
 from __future__ import annotations
 
@@ -118,27 +118,102 @@ def _ratio_for(ratio: Union[float, Mapping[str, float]], name: str) -> float:
 
 # ---------------------------------------------------------------------------- Soft Filter Pruning
 class SoftFilterPruning(TrainerCallback):
-    """At each epoch end zero the ``ratio`` lowest-L2-norm filters of every conv; they may regrow next epoch.
+    """At each epoch end silence the ``ratio`` lowest-L2-norm filters; they may regrow next epoch.
 
-    ``masks`` (``{layer: keep BoolTensor}``) after training are the filters a hard prune should remove.
+    ``scope="group"`` (default) works on the pruning engine's coupled channel groups: a channel of a
+    residual stage is scored and silenced in every conv that writes it, and silencing also zeroes the
+    following norm layer's bias and running mean, so a silenced channel evaluates to exactly 0 and
+    :meth:`hard_prune` removes exactly those channels without changing the output. The network is
+    traced once, at the first epoch end, on one sample of the first training batch (or on
+    ``example_inputs``). ``scope="layer"`` is the paper's per-conv version: conv weights only, so a
+    BatchNorm after a zeroed filter keeps emitting a constant from stale statistics.
+
+    ``masks`` (``{conv name: keep BoolTensor}``) after training are the filters a hard prune removes.
     ``ratio`` may be a float or ``{layer_name: ratio}``; ``start_epoch`` delays the first pruning.
     """
 
     def __init__(self, ratio: Union[float, Mapping[str, float]] = 0.3, layers: Optional[Sequence[str]] = None,
-                 start_epoch: int = 0) -> None:
+                 start_epoch: int = 0, scope: str = "group", example_inputs: Optional[Sequence[Any]] = None) -> None:
+        if scope not in ("group", "layer"):
+            raise PruningError(f"SoftFilterPruning scope={scope!r}; use 'group' (coupled channels) or 'layer'")
+        if scope == "group" and layers is not None:
+            raise PruningError("SoftFilterPruning(layers=...) picks convs one by one: use scope='layer', or a "
+                               "ratio dict {layer: ratio} with scope='group'")
         if isinstance(ratio, Mapping):
             for name in ratio:
                 _ratio_for(ratio, name)
-            if layers is None:
+            if layers is None and scope == "layer":
                 layers = list(ratio)
         else:
             _ratio_for(ratio, "<all>")
-        self.ratio, self.layers, self.start_epoch = ratio, layers, int(start_epoch)
+        self.ratio, self.layers, self.start_epoch, self.scope = ratio, layers, int(start_epoch), scope
+        self.example_inputs = tuple(example_inputs) if example_inputs is not None else None
         self.masks: Dict[str, torch.Tensor] = {}
+        self.roots: Optional[Any] = None  # group scope: engine units silenced last
+        self._plan: Any = None
+        self._hook: Any = None
 
+    # -- group scope ------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Any) -> None:
+        if self.scope == "group" and self.example_inputs is None and self._hook is None:
+            def grab(module: nn.Module, args: tuple) -> None:  # one sample of the first batch, then done
+                self.example_inputs = tuple(a[:1].detach() if isinstance(a, torch.Tensor) else a for a in args)
+                self._hook.remove()
+                self._hook = None
+            self._hook = trainer.module.register_forward_pre_hook(grab)
+
+    def plan(self, module: nn.Module) -> Any:
+        """The engine's pruning plan over ``module`` (traced once; it shares ``module``'s parameters)."""
+        if self._plan is None:
+            from amc.compressors.prune import plan_pruning
+
+            if not self.example_inputs:
+                raise PruningError("SoftFilterPruning(scope='group') needs example_inputs=(tensor,) when it is "
+                                   "used outside a trainer (or before the first training step)")
+            was = module.training
+            module.eval()
+            try:
+                with torch.no_grad():
+                    self._plan = plan_pruning(module, "l2", self.example_inputs)
+            finally:
+                module.train(was)
+        return self._plan
+
+    @torch.no_grad()
+    def _prune_groups(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        import numpy as np
+
+        from amc.compressors.primitives import silence_units
+
+        plan = self.plan(module).rescore("l2")
+        roots = plan.pruned_roots(self.ratio)
+        silence_units(plan, roots)
+        chosen = np.zeros(len(plan.roots), dtype=bool)
+        chosen[roots] = True
+        masks: Dict[str, torch.Tensor] = {}
+        for ax in plan.analysis.axes:
+            m = plan.net.network[plan.net.node(ax.node).module]
+            if isinstance(m, nn.Conv2d) and ax.attr == "weight" and ax.dim == 0:
+                masks[ax.node] = torch.from_numpy(~chosen[plan.roots[ax.vec]])
+        self.roots = roots
+        return masks
+
+    def hard_prune(self, module: Optional[nn.Module] = None) -> Any:
+        """A ReconstructedNetwork with the silenced channels physically removed (group scope)."""
+        if self.scope != "group" or self.roots is None:
+            raise PruningError("hard_prune needs scope='group' and at least one SoftFilterPruning step; for "
+                               "scope='layer' use amc.prune on the trained network")
+        if module is not None:
+            self.plan(module)
+        return self._plan.apply_units(self.roots)
+
+    # -- both scopes ------------------------------------------------------------------------------
     @torch.no_grad()
     def prune(self, module: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, torch.Tensor]:
         """One SFP step on ``module``; returns and remembers the keep-masks."""
+        if self.scope == "group":
+            self.masks = self._prune_groups(module)
+            return self.masks
         masks = {}
         for name, conv in select_convs(module, self.layers).items():
             n_out = conv.out_channels
@@ -157,6 +232,9 @@ class SoftFilterPruning(TrainerCallback):
             self.prune(trainer.module)
 
     def on_train_end(self, trainer: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         summary = {n: int((~m).sum()) for n, m in self.masks.items()}
         log.info("SoftFilterPruning: zeroed filters per layer %s; hard-prune them with the graph engine", summary)
 
@@ -165,10 +243,15 @@ class SoftFilterPruning(TrainerCallback):
         return {name: torch.nonzero(~keep).flatten().tolist() for name, keep in self.masks.items()}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"masks": {k: v.clone() for k, v in self.masks.items()}}
+        return {"masks": {k: v.clone() for k, v in self.masks.items()},
+                "roots": None if self.roots is None else [int(r) for r in self.roots]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        import numpy as np
+
         self.masks = {k: v.clone().bool() for k, v in state.get("masks", {}).items()}
+        roots = state.get("roots")
+        self.roots = None if roots is None else np.asarray(roots, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------- RePr

@@ -1,0 +1,93 @@
+"""The Fashion-MNIST originals the compression benchmarks start from, trained once and cached.
+
+    python scripts/fashion_originals.py                 # train (or load) vgg_small and resnet20, print accuracy
+
+One recipe for every benchmark (bench_channel_pruning, bench_lowrank, bench_finetune), so their tables
+compare methods on the same converged network: all 60,000 training images, ``EPOCHS`` epochs of
+``amc.models.train_classifier`` (SGD-Nesterov, OneCycle, max lr ``LR``, batch 128, seed 0), accuracy on
+the official 10,000-image test set (never used for any choice). Weights are cached under
+``$AMC_BENCH_CACHE`` (default ``~/.cache/amc_bench``) with the recipe in the file name, and a JSON
+beside them records accuracy and training time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from amc.data import fashion_mnist_loaders  # noqa: E402
+from amc.models import create, evaluate, train_classifier  # noqa: E402
+from amc.export.atomic import atomic_path, atomic_write  # noqa: E402
+
+EPOCHS = 8
+LR = 0.05
+BATCH = 128
+CACHE = Path(os.environ.get("AMC_BENCH_CACHE", Path.home() / ".cache" / "amc_bench"))
+
+
+def recipe(name: str, epochs: int = EPOCHS, train_limit: Optional[int] = None, lr: float = LR,
+           seed: int = 0) -> Dict[str, Any]:
+    return {"model": name, "epochs": epochs, "train_limit": train_limit, "lr": lr, "batch": BATCH, "seed": seed}
+
+
+def _stem(r: Dict[str, Any]) -> str:
+    n = "all" if r["train_limit"] is None else str(r["train_limit"])
+    return f"{r['model']}_fmnist_n{n}_e{r['epochs']}_lr{r['lr']}_b{r['batch']}_s{r['seed']}"
+
+
+def loaders(train_limit: Optional[int] = None, val_limit: Optional[int] = None, seed: int = 0):
+    return fashion_mnist_loaders(batch_size=BATCH, train_limit=train_limit, val_limit=val_limit, seed=seed)
+
+
+def original(name: str, epochs: int = EPOCHS, train_limit: Optional[int] = None, lr: float = LR,
+             seed: int = 0) -> Tuple[nn.Module, Dict[str, Any]]:
+    """``(model in eval mode, info)``; trains and caches on first use. info: recipe, test acc, seconds."""
+    r = recipe(name, epochs, train_limit, lr, seed)
+    path = CACHE / (_stem(r) + ".pt")
+    torch.manual_seed(seed)
+    model = create(name)
+    if path.exists() and path.with_suffix(".json").exists():
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        return model.eval(), json.loads(path.with_suffix(".json").read_text())
+    train, val = loaders(train_limit, seed=seed)
+    t = time.perf_counter()
+    res = train_classifier(model, train, val, epochs=epochs, lr=lr, seed=seed)
+    secs = time.perf_counter() - t
+    model.eval()
+    info = {**r, "test_acc": float(evaluate(model, val)["acc"]), "train_seconds": secs,
+            "n_train": len(train.dataset), "n_test": len(val.dataset),
+            "history": res.get("history", []), "torch_threads": torch.get_num_threads()}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    with atomic_write(path.with_suffix(".json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1, default=str)
+    return model, info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["vgg_small", "resnet20"])
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for name in args.models:
+        _, info = original(name, epochs=args.epochs)
+        print(f"{name}: test acc {info['test_acc']:.4f} after {info['epochs']} epochs on {info['n_train']:,} "
+              f"images ({info['train_seconds']:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -290,7 +290,7 @@ def write_markdown(args: argparse.Namespace, rows, curves, r18) -> str:
         f" --train-limit {args.train_limit} --val-limit {args.val_limit} --epochs {args.epochs}" if args.train_limit
         else "")
     lines = ["# Channel pruning (He et al. 2017) — benchmark", "",
-             f"`{cmd}` — CPU, {args.threads} threads (2 shared cores: times are noisy).", ""]
+             f"`{cmd}` — CPU, {args.threads} torch thread(s) (2 shared cores: times are noisy).", ""]
     if args.train_limit:
         data = (f"Subset for time on 2 cores: the first {args.train_limit} training images (trained "
                 f"{args.epochs} epochs, SGD OneCycle), accuracy on {args.val_limit or 10000} test images.")
@@ -324,6 +324,16 @@ def write_markdown(args: argparse.Namespace, rows, curves, r18) -> str:
                 continue
             for sel, errs in c.items():
                 lines.append(f"| {layer} | {sel} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
+        lines += ["", "Reading (computed from the table; mean error over the nine ratios, and at how many ratios "
+                  "LASSO's error is the lowest of the three or within 5% of it):", ""]
+        for layer, c in curves.items():
+            if layer.startswith("_"):
+                continue
+            means = {sel: sum(e) / len(e) for sel, e in c.items()}
+            best = [min(v[i] for v in c.values()) for i in range(len(curves["_ratios"]))]
+            wins = sum(c["lasso"][i] <= 1.05 * best[i] + 1e-4 for i in range(len(best)))
+            lines.append(f"- {layer}: mean " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+                         + f"; LASSO lowest or within 5% at {wins}/{len(best)} ratios.")
         lines.append("")
     if r18:
         lines += ["## torchvision resnet18, 2x MACs target", "",

@@ -265,13 +265,17 @@ def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Op
         for batch, share, max_reps in ((1, 0.35, max_reps_b1), (32, 1.0, max_reps_b32)):
             inp = x.repeat(batch, 1, 1, 1)
             left = budget_s * share - (time.perf_counter() - start)
+            # Every model takes every position in the round order once (a full rotation) before the
+            # budget may stop the rounds: with fewer rounds, whichever model follows the unpruned one
+            # pays for its freed memory and the comparison between pruned models is biased.
+            rotation = len(models)
             if batch > 1:
                 # estimate from batch 1 (measured: a batch-32 image costs 0.2-0.3x a batch-1 image here)
                 est = sum(r["b1"][k] for k in models) * batch * 0.3 if "b1" in r else float("inf")
                 # a forward of several seconds gains nothing from a warm-up round: spend the budget on timing
                 warm = est < 3.0 * len(models)
-                if est * (2 if warm else 1) > left:  # (warm-up +) one round would not fit
-                    r[f"b{batch}_skipped"] = f"estimated {est:.0f}s per round > budget"
+                if est * (rotation + (1 if warm else 0)) > left:  # (warm-up +) a full rotation would not fit
+                    r[f"b{batch}_skipped"] = f"estimated {est:.0f}s per round x {rotation} rounds > budget"
                     continue
             else:
                 warm = True
@@ -280,8 +284,7 @@ def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Op
                 for k, m in models.items():
                     timed(m, inp)
             r[f"b{batch}_warmup"] = warm
-            t_round = None
-            for i in range(max_reps):
+            for i in range(max(max_reps, rotation)):
                 t0 = time.perf_counter()
                 keys = list(models)
                 keys = keys[i % len(keys):] + keys[:i % len(keys)]  # rotate the order each round
@@ -289,9 +292,7 @@ def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Op
                     times[k].append(timed(models[k], inp))
                 t_round = time.perf_counter() - t0
                 left = budget_s * share - (time.perf_counter() - start)
-                if i >= 2 and t_round > left:
-                    break
-                if i >= 0 and batch > 1 and t_round > left:
+                if i + 1 >= rotation and t_round > left:
                     break
             r[f"b{batch}"] = {k: statistics.median(v) for k, v in times.items()}
             r[f"b{batch}_reps"] = len(times["orig"])
@@ -445,9 +446,7 @@ def render_markdown(rows: List[Dict[str, Any]], remaining: List[str], args: argp
         f"max {_f(tr[-1] if tr else None, '{:.2f}')}); see prune_time.md for the careful benchmark.",
         f"- Median latency speedup vs unpruned, batch 1: ours {_f(_med(sp['ours_b1']), '{:.2f}')}x, "
         f"TP {_f(_med(sp['tp_b1']), '{:.2f}')}x; batch 32: ours {_f(_med(sp['ours_b32']), '{:.2f}')}x, "
-        f"TP {_f(_med(sp['tp_b32']), '{:.2f}')}x. Latency measured on {len(sp['ours_b1'])} models at batch 1 "
-        f"({', '.join(r['model'] for r in ran if r.get('speedup_ours_b1')) or 'none'}) and "
-        f"{len(sp['ours_b32'])} at batch 32; the rest ran with --skip-latency or over budget.",
+        f"TP {_f(_med(sp['tp_b32']), '{:.2f}')}x. " + _latency_coverage(ran, sp),
         *_speedup_vs_tp(ran),
         "",
         "### Failures", ""]
@@ -506,6 +505,15 @@ def render_markdown(rows: List[Dict[str, Any]], remaining: List[str], args: argp
             f"{_f(r.get('speedup_ours_b32'), '{:.2f}')} / {_f(r.get('speedup_tp_b32'), '{:.2f}')} | {time_s} | "
             f"{'; '.join(notes)} |")
     return "\n".join(lines) + "\n"
+
+
+def _latency_coverage(ran: List[Dict[str, Any]], sp: Dict[str, List[float]]) -> str:
+    n1, n32 = len(sp["ours_b1"]), len(sp["ours_b32"])
+    if n1 == n32 == len(ran):
+        return f"Latency measured on all {len(ran)} models at batch 1 and 32."
+    return (f"Latency measured on {n1} models at batch 1 "
+            f"({', '.join(r['model'] for r in ran if r.get('speedup_ours_b1')) or 'none'}) and {n32} at batch 32; "
+            "the rest ran with --skip-latency or over budget.")
 
 
 def _command(args: argparse.Namespace) -> str:

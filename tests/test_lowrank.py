@@ -95,6 +95,29 @@ def test_full_rank_reproduces_original(trained, method):
             torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("nonlinear", [False, True])
+def test_asymmetric_full_rank_is_exact_and_low_rank_beats_symmetric(trained, nonlinear):
+    """Asymmetric (sequential) fitting: exact at full rank; at 2x on every inner conv its output error
+    on held-out images is below the per-layer (symmetric) fit, whose errors pile up with depth."""
+    model, train, val = trained
+    full = {n: 16 if "stages.0" in n else 32 for n in INNER}
+    net = _lr(model, train, val, ranks=full, compress_ratio={n: 0.0 for n in INNER}, asymmetric=True,
+              nonlinear_case=nonlinear).compress()
+    x = torch.cat([b[0] for b in list(val)[:2]])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), atol=1e-4, rtol=1e-4)
+        ref = model(x)
+        errs = {}
+        for asym in (False, True):
+            c = _lr(model, train, val, compress_ratio={n: 0.5 for n in INNER}, asymmetric=asym,
+                    nonlinear_case=nonlinear)
+            out = c.compress()(x)
+            errs[asym] = float(((out - ref) ** 2).sum() / (ref ** 2).sum())
+            if asym:
+                assert all("asymmetric" in c.report[n]["method"] for n in INNER), c.report
+    assert errs[True] < errs[False], errs
+
+
 def test_full_rank_nonlinear_stays_exact(trained):
     model, train, val = trained
     layer = "stages.0.0.conv1"
@@ -216,6 +239,8 @@ def test_seed_alias_with_code2_kwargs(trained, tmp_path):
 
 def test_bad_inputs(trained):
     model, train, val = trained
+    with pytest.raises(PruningError, match="asymmetric=True reconstructs from data"):
+        _lr(model, train, val, method="svd", asymmetric=True)
     with pytest.raises(PruningError, match=r"\[0, 1\)"):
         _lr(model, train, val, compress_ratio=1.0)
     with pytest.raises(PruningError, match=r"\[0, 1\)"):

@@ -236,8 +236,27 @@ def _z_step(t: torch.Tensor, p: torch.Tensor, lam: float, kind: str) -> torch.Te
     return z
 
 
+def _rrr(Y: torch.Tensor, X: torch.Tensor, r: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced-rank regression of Y on X: (P [N, r], Q [r, N], c) minimising ||Y - (P Q X + c)||^2.
+
+    The asymmetric linear case (Zhang et al. 2015, sec. 3.3): X are the layer's responses to the
+    *approximated* network's inputs, Y the original network's; with X = Y it is the response PCA.
+    """
+    xbar, ybar = X.mean(0), Y.mean(0)
+    Xc, Yc = X - xbar, Y - ybar
+    Sxx = Xc.T @ Xc
+    Sxx.diagonal().add_(1e-6 * float(Sxx.diagonal().mean()) + 1e-12)
+    B = torch.linalg.solve(Sxx, Xc.T @ Yc).T  # OLS: Yc ~ Xc B^T
+    Fit = Xc @ B.T
+    _, evecs = torch.linalg.eigh(Fit.T @ Fit)
+    P = evecs[:, -r:].flip(1)
+    Q = P.T @ B
+    return P, Q, ybar - P @ (Q @ xbar)
+
+
 def _nonlinear_factors(info: LayerInfo, resp: Responses, r: int, iters: int = 25, lam0: float = 0.01,
-                       growth: float = 1.5) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], Dict[str, float]]:
+                       growth: float = 1.5, X: Optional[torch.Tensor] = None, raw: bool = False
+                       ) -> Tuple[Tuple[torch.Tensor, torch.Tensor, torch.Tensor], Dict[str, float]]:
     """Zhang et al. 2015 nonlinear case: min ||act(y) - act(M y + b)||^2 over rank(M) <= r.
 
     Alternates (1) z-step: per element argmin (act(y) - act(z))^2 + lam (z - M y - b)^2, and (2) (M, b)-step:
@@ -248,40 +267,51 @@ def _nonlinear_factors(info: LayerInfo, resp: Responses, r: int, iters: int = 25
     Y = resp.Y
     n, N = Y.shape
     T = _act(Y, kind)
-    Yc = Y - resp.mean
-    Syy = Yc.T @ Yc
-    ridge = 1e-6 * float(Syy.diagonal().mean()) + 1e-12
-    Syy_inv_chol = torch.linalg.cholesky(Syy + ridge * torch.eye(N, dtype=Y.dtype))
-
-    U = resp.evecs[:, :r]
-    P, Q = U, U.T.clone()  # M = P Q
-    b = resp.mean - P @ (Q @ resp.mean)
+    if X is None:  # symmetric: the layer sees the original inputs
+        X, xbar = Y, resp.mean
+        U = resp.evecs[:, :r]
+        P, Q = U, U.T.clone()  # M = P Q
+        b = resp.mean - P @ (Q @ resp.mean)
+    else:  # asymmetric: regress on the responses to the approximated inputs
+        xbar = X.mean(0)
+        P, Q, b = _rrr(Y, X, r)
+    Xc = X - xbar
+    Sxx = Xc.T @ Xc
+    ridge = 1e-6 * float(Sxx.diagonal().mean()) + 1e-12
+    Sxx_inv_chol = torch.linalg.cholesky(Sxx + ridge * torch.eye(N, dtype=Y.dtype))
 
     def objective(P: torch.Tensor, Q: torch.Tensor, b: torch.Tensor) -> float:
-        return float(((T - _act(Y @ Q.T @ P.T + b, kind)) ** 2).sum())
+        return float(((T - _act(X @ Q.T @ P.T + b, kind)) ** 2).sum())
 
     best = (objective(P, Q, b), P, Q, b)
     start = best[0]
     lam = lam0
     for _ in range(iters):
-        pred = Y @ Q.T @ P.T + b
+        pred = X @ Q.T @ P.T + b
         Z = _z_step(T, pred, lam, kind)
         zbar = Z.mean(0)
         Zc = Z - zbar
-        # OLS B = Zc^T Yc Syy^-1 ; fitted values F = Yc B^T
-        B = torch.cholesky_solve((Zc.T @ Yc).T, Syy_inv_chol).T
-        Fit = Yc @ B.T
+        # OLS B = Zc^T Xc Sxx^-1 ; fitted values F = Xc B^T
+        B = torch.cholesky_solve((Zc.T @ Xc).T, Sxx_inv_chol).T
+        Fit = Xc @ B.T
         evals, evecs = torch.linalg.eigh(Fit.T @ Fit)
         Ur = evecs[:, -r:].flip(1)
         P, Q = Ur, Ur.T @ B
-        b = zbar - P @ (Q @ resp.mean)
+        b = zbar - P @ (Q @ xbar)
         obj = objective(P, Q, b)
         if obj < best[0]:
             best = (obj, P, Q, b)
         lam *= growth
     obj, P, Q, b = best
+    stats = {"linear_obj": start / max(n, 1), "nonlinear_obj": obj / max(n, 1)}
+    if raw:  # y' = P Q y + b
+        return (P, Q, b), stats
     # y' = P Q (W x + b0) + b
-    return (Q @ info.weight, P, P @ (Q @ info.bias) + b), {"linear_obj": start / max(n, 1), "nonlinear_obj": obj / max(n, 1)}
+    return (Q @ info.weight, P, P @ (Q @ info.bias) + b), stats
+
+
+class _StopPass(Exception):
+    """Raised by the last hook of the asymmetric pass: nothing after it needs to run."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -481,6 +511,9 @@ class LowRankDecomposition(BaseCompressor):
       fold_bn: fold a conv's sole BatchNorm2d user into it first (default True).
       val_batches, acc_grid: cost of the "accuracy" metric (batches per evaluation, ranks measured per layer).
       nonlinear_iters: alternating iterations of the nonlinear solver. seed: position sampling.
+      asymmetric: fit each layer, in network order, to the original responses from the inputs the
+        already-decomposed layers before it produce (Zhang et al. 2015, sec. 3.3), so errors do not
+        pile up with depth. One pass over the calibration images, held in memory as one batch.
     A `compress_ratio` dict decomposes only the layers it names, each at its own ratio.
     """
 
@@ -494,13 +527,17 @@ class LowRankDecomposition(BaseCompressor):
                  method: str = "data", rank_selection: Optional[str] = None,
                  ranks: Optional[Mapping[str, int]] = None, target_macs: Optional[float] = None,
                  layers: Optional[Sequence[str]] = None, ignore: Sequence[str] = (), fold_bn: bool = True,
-                 val_batches: int = 4, acc_grid: int = 8, nonlinear_iters: int = 25, seed: int = 0):
+                 val_batches: int = 4, acc_grid: int = 8, nonlinear_iters: int = 25, seed: int = 0,
+                 asymmetric: bool = False):
         if method not in METHODS:
             raise PruningError(f"method must be one of {METHODS}, got {method!r}")
         if rank_selection not in RANK_SELECTIONS:
             raise PruningError(f"rank_selection must be one of {RANK_SELECTIONS}, got {rank_selection!r}")
         if nonlinear_case and method != "data":
             raise PruningError("nonlinear_case=True reconstructs from data: use method='data'")
+        if asymmetric and method != "data":
+            raise PruningError("asymmetric=True reconstructs from data: use method='data'")
+        self.asymmetric = bool(asymmetric)
         if target_macs is not None and (isinstance(target_macs, bool) or not isinstance(target_macs, (int, float))
                                         or not 0.0 < float(target_macs) <= 1.0):
             raise PruningError(f"target_macs must be a fraction in (0, 1] of the network's MACs, got {target_macs!r}")
@@ -737,7 +774,9 @@ class LowRankDecomposition(BaseCompressor):
         ranks = self.plan_ranks(ratio)
         self.report = {}
         factors = {}
-        for n in self.progress(list(ranks), "decomposing"):
+        if self.asymmetric and self.method == "data":
+            factors = self._asymmetric_factors(ranks)
+        for n in self.progress([n for n in ranks if n not in factors], "decomposing"):
             A, P, b = self.factors(n, ranks[n])
             factors[n] = (A, P, b if self._bias_after(n) else None)
         net = decompose(self.origin_graph, factors, self.infos, copy=True,
@@ -746,6 +785,98 @@ class LowRankDecomposition(BaseCompressor):
         self.log("lowrank: decomposed %d layers (%s)", len(factors),
                  ", ".join(f"{n}:r={r}" for n, r in list(ranks.items())[:8]) + (" ..." if len(ranks) > 8 else ""))
         return net
+
+    def _asymmetric_factors(self, ranks: Mapping[str, int]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Factors fitted in network order against the original responses (see `asymmetric`).
+
+        Pass 1 samples the original responses Y at fixed positions; pass 2 runs a copy of the network
+        in which a forward hook on each layer's output (after its folded BN) fits y' = M x + c from the
+        responses x to the approximated inputs, then hands y' on, so later layers see the error so far.
+        """
+        batches = self.calibration_batches()
+        inputs = tuple(torch.cat([b[i] for b in batches]) if isinstance(batches[0][i], torch.Tensor)
+                       else batches[0][i] for i in range(len(batches[0])))
+        infos = [self.infos[n] for n in ranks]
+        watch = {(i.bn or i.name): i for i in infos}
+        gen = torch.Generator().manual_seed(self.seed)
+        positions: Dict[str, torch.Tensor] = {}
+        targets: Dict[str, torch.Tensor] = {}
+
+        def rows(info: LayerInfo, y: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+            y = y.detach().double().cpu()
+            if info.kind == "conv":
+                flat = y.reshape(y.shape[0], y.shape[1], -1)
+                return torch.gather(flat, 2, idx[:, None, :].expand(-1, y.shape[1], -1)).permute(0, 2, 1).reshape(-1, y.shape[1])
+            y3 = y.reshape(y.shape[0], -1, y.shape[-1])
+            if idx is not None:
+                y3 = torch.gather(y3, 1, idx[:, :, None].expand(-1, -1, y3.shape[2]))
+            return y3.reshape(-1, y.shape[-1])
+
+        def sample(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            info = watch.get(node.name)
+            if info is None or not isinstance(out, torch.Tensor):
+                return
+            n_img = out.shape[0]
+            per = out[0, 0].numel() if info.kind == "conv" else int(np.prod(out.shape[1:-1], dtype=np.int64))
+            k = min(self.sampled_pixels_per_img, per)
+            idx = torch.argsort(torch.rand(n_img, per, generator=gen), dim=1)[:, :k] if per > 1 else None
+            if info.kind == "conv" and idx is None:
+                idx = torch.zeros(n_img, 1, dtype=torch.long)
+            positions[info.name] = idx
+            targets[info.name] = rows(info, out, idx)
+
+        was = self.origin_graph.training
+        self.origin_graph.eval()
+        try:
+            with torch.no_grad():
+                self.origin_graph.run_observed(inputs, {}, sample)
+        finally:
+            self.origin_graph.train(was)
+
+        work = self.origin_graph.copy()
+        work.eval()
+        factors: Dict[str, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = {}
+        order = [n.name for n in work.layer_nodes if n.name in watch]
+        bar = iter(self.progress(range(len(order)), "decomposing (asymmetric)", total=len(order)) or [])
+
+        def make_hook(name: str):
+            info = watch[name]
+
+            def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+                r = ranks[info.name]
+                X = rows(info, out, positions[info.name])
+                Y = targets[info.name]
+                nonlinear = self.nonlinear_case and info.act is not None and r < info.N
+                if nonlinear:
+                    (P, Q, c), stats = _nonlinear_factors(info, _pca(Y), r, iters=self.nonlinear_iters, X=X, raw=True)
+                    self.report[info.name] = {"rank": r, "method": f"nonlinear({info.act}), asymmetric", **stats}
+                else:
+                    P, Q, c = _rrr(Y, X, r)
+                    self.report[info.name] = {"rank": r, "method": "linear, asymmetric"}
+                # y' = P Q (W x + b0) + c, i.e. M = P Q applied to this layer's observed output
+                factors[info.name] = (Q @ info.weight, P, (P @ (Q @ info.bias) + c) if self._bias_after(info.name) else None)
+                PQ, shift = P @ Q, c
+                o = out.double()
+                if info.kind == "conv":
+                    new = torch.einsum("nm,bm...->bn...", PQ.to(o), o) + shift.to(o).reshape(1, -1, *([1] * (o.dim() - 2)))
+                else:
+                    new = o @ PQ.to(o).T + shift.to(o)
+                next(bar, None)
+                if name == order[-1]:
+                    raise _StopPass
+                return new.to(out.dtype)
+            return hook
+
+        handles = [work.module_of(name).register_forward_hook(make_hook(name)) for name in order]
+        try:
+            with torch.no_grad():
+                work(*inputs)
+        except _StopPass:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return factors
 
     def backoff(self, ratio: Ratio, attempt: int) -> Ratio:
         if self.target_macs is not None:

@@ -421,6 +421,12 @@ def to_markdown(res: Dict[str, Any], command: str) -> str:
              + "; seconds are indicative only. Seed "
              f"{meta['seed']}. Accuracies are the final epoch's (no best-epoch picking), top-1 on the "
              "validation set, via `amc.models.evaluate`.", ""]
+    later = [(p, res[p]["run"]) for p in ("digits", "fashion", "plugins", "digits_seeds", "digits_sweep")
+             if isinstance(res.get(p), dict) and "run" in res[p]]
+    if later:
+        lines += ["Parts re-run afterwards and merged in (they replace that part of the run above): "
+                  + "; ".join(f"**{p}** by `{run['command']}` on {run.get('date', '?')}" for p, run in later)
+                  + ".", ""]
     part_a = [p for p in ("digits", "fashion") if p in res]
     if part_a:
         lines += ["## 1-2. ChannelPruning to <= 0.5x MACs, then fine-tuning vs distillation", "",

@@ -39,12 +39,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 VARIANTS = [  # (label, kwargs)
     ("svd", dict(method="svd")),
-    ("linear", dict(method="data")),
-    ("nonlinear", dict(method="data", nonlinear_case=True)),
+    ("linear", dict(method="data", asymmetric=False)),
+    ("nonlinear", dict(method="data", nonlinear_case=True, asymmetric=False)),
     ("svd + ENC energy", dict(method="svd", rank_selection="energy")),
-    ("linear + ENC energy", dict(method="data", rank_selection="energy")),
-    ("nonlinear + ENC energy", dict(method="data", nonlinear_case=True, rank_selection="energy")),
-    ("linear + ENC combined", dict(method="data", rank_selection="combined")),
+    ("linear + ENC energy", dict(method="data", rank_selection="energy", asymmetric=False)),
+    ("nonlinear + ENC energy", dict(method="data", nonlinear_case=True, rank_selection="energy", asymmetric=False)),
+    ("linear + ENC combined", dict(method="data", rank_selection="combined", asymmetric=False)),
     # Zhang et al. 2015 sec. 3.3: each layer fitted to the original responses from the inputs the
     # already-decomposed layers before it produce (LowRankDecomposition(asymmetric=True))
     ("linear, asymmetric", dict(method="data", asymmetric=True)),

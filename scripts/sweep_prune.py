@@ -519,6 +519,8 @@ def _latency_coverage(ran: List[Dict[str, Any]], sp: Dict[str, List[float]]) -> 
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces the table (non-default options only)."""
     parts = ["python scripts/sweep_prune.py"]
+    if getattr(args, "models", ""):
+        parts.append(f"--models {args.models}")
     if getattr(args, "skip_latency", False):
         parts.append("--skip-latency")
     if getattr(args, "threads", 2) != 2:

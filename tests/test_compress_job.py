@@ -31,6 +31,16 @@ def test_job_l1_method_and_bad_ratio(tmp_path, capsys):
         job.run(["--ratio", "1.5", "--out", str(tmp_path), "--no-progress"])
 
 
+def test_job_lowrank_meets_the_budget_and_fine_tunes(tmp_path, capsys):
+    """Low-rank through the job: whole-net MACs within the budget, and fine-tuning improves it (it
+    diverged to NaN when the BN was folded away before fine-tuning)."""
+    summary = job.run(["--method", "lowrank", "--epochs", "4", "--finetune-epochs", "2", "--out", str(tmp_path),
+                       "--no-progress"])
+    rows = summary["rows"]
+    assert summary["macs_fraction"] <= 0.5
+    assert rows[2]["acc"] >= rows[1]["acc"] - 0.01 and rows[2]["acc"] > 0.8, rows
+
+
 def test_add_parser_registers_subcommand():
     import argparse
 

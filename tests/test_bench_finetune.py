@@ -61,7 +61,8 @@ def test_compress_finetune_part(quick, part):
 
 def test_plugins_part(quick):
     p = quick["plugins"]
-    assert set(p["rows"]) == {"plain", "SFP(0.3)", "SFP(0.3) per-conv", "RePr global", "RePr per-layer"}
+    assert set(p["rows"]) == {"plain", "SFP(0.3)", "SFP(0.3) per-conv", "RePr global", "RePr per-layer",
+                              "plain, 3 epochs", "SFP(0.3), 3 epochs"}
     for row in p["rows"].values():
         assert _frac(row["acc"])
     assert p["rows"]["plain"]["gap_pts"] == 0.0

@@ -103,6 +103,26 @@ def test_sfp_group_scope_silences_coupled_channels_and_hard_prune_is_exact():
     assert amc.count(hard, x[:1])[0] < amc.count(net, x[:1])[0]
 
 
+def test_recalibrate_bn_re_estimates_statistics_on_a_copy():
+    from amc.errors import DataError
+    from amc.trainers import recalibrate_bn
+
+    seed_everything(0)
+    tr, _ = digits_loaders(batch_size=32, n_train=96, n_val=32)
+    net = TinyCNN(width=4).eval()
+    with torch.no_grad():
+        net.bn1.running_mean.fill_(5.0)
+        net.bn1.running_var.fill_(9.0)
+    fresh = recalibrate_bn(net, tr)
+    assert not fresh.training and net.bn1.running_mean.eq(5.0).all()  # the original is untouched
+    with torch.no_grad():
+        acts = torch.cat([net.conv1(x) for x, _ in tr])  # what bn1 sees, over the whole loader
+    torch.testing.assert_close(fresh.bn1.running_mean, acts.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+    assert fresh.bn1.momentum == net.bn1.momentum
+    with pytest.raises(DataError, match="no batches"):
+        recalibrate_bn(net, [])
+
+
 # ---------------------------------------------------------------------------- RePr
 def test_orthogonality_score_matches_paper_formula():
     w = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]]).view(4, 3, 1, 1)

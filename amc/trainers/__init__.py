@@ -5,6 +5,7 @@ the Pythonic ones; ``BaseDistiller`` distils a teacher into a compressed student
 and ``RePr`` are callbacks.
 """
 from .base import BaseTrainer
+from .batchnorm import recalibrate_bn
 from .distiller import BaseDistiller, DistillPreds, FeatureCapture
 from .losses import (FeatureReconstructionLoss, KDLoss, LabelSmoothingCrossEntropy, kd_loss,
                      label_smoothing_cross_entropy, make_adapter)
@@ -14,5 +15,5 @@ __all__ = [
     "BaseTrainer", "BaseDistiller", "DistillPreds", "FeatureCapture",
     "TrainerCallback", "SoftFilterPruning", "RePr", "orthogonality_scores",
     "kd_loss", "KDLoss", "label_smoothing_cross_entropy", "LabelSmoothingCrossEntropy",
-    "FeatureReconstructionLoss", "make_adapter",
+    "FeatureReconstructionLoss", "make_adapter", "recalibrate_bn",
 ]

@@ -118,6 +118,21 @@ def test_asymmetric_full_rank_is_exact_and_low_rank_beats_symmetric(trained, non
     assert errs[True] < errs[False], errs
 
 
+def test_asymmetric_memory_guard(trained, monkeypatch):
+    """All calibration images go through the asymmetric pass as one batch: past the memory guard the
+    default falls back to the per-layer fit with a warning, an explicit asymmetric=True refuses."""
+    import amc.compressors.lowrank as lowrank
+
+    model, train, val = trained
+    monkeypatch.setattr(lowrank, "ASYMMETRIC_MAX_BYTES", 1)
+    c = _lr(model, train, val, compress_ratio={"stages.0.0.conv1": 0.5})
+    with pytest.warns(UserWarning, match="falling back to the per-layer fit"):
+        c.compress()
+    assert c.report["stages.0.0.conv1"]["method"] == "linear"
+    with pytest.raises(DataError, match="lower trainset_ratio, or pass asymmetric=False"):
+        _lr(model, train, val, compress_ratio={"stages.0.0.conv1": 0.5}, asymmetric=True).compress()
+
+
 def test_full_rank_nonlinear_stays_exact(trained):
     model, train, val = trained
     layer = "stages.0.0.conv1"

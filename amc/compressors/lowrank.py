@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -310,6 +311,10 @@ def _nonlinear_factors(info: LayerInfo, resp: Responses, r: int, iters: int = 25
     return (Q @ info.weight, P, P @ (Q @ info.bias) + b), stats
 
 
+#: above this estimated activation memory the asymmetric pass refuses (explicit) or falls back (default)
+ASYMMETRIC_MAX_BYTES = 6 * 2**30
+
+
 class _StopPass(Exception):
     """Raised by the last hook of the asymmetric pass: nothing after it needs to run."""
 
@@ -540,6 +545,7 @@ class LowRankDecomposition(BaseCompressor):
         if asymmetric and method != "data":
             raise PruningError("asymmetric=True reconstructs from data: use method='data'")
         self.asymmetric = (method == "data") if asymmetric is None else bool(asymmetric)
+        self._asymmetric_by_default = asymmetric is None
         if target_macs is not None and (isinstance(target_macs, bool) or not isinstance(target_macs, (int, float))
                                         or not 0.0 < float(target_macs) <= 1.0):
             raise PruningError(f"target_macs must be a fraction in (0, 1] of the network's MACs, got {target_macs!r}")
@@ -796,6 +802,15 @@ class LowRankDecomposition(BaseCompressor):
         responses x to the approximated inputs, then hands y' on, so later layers see the error so far.
         """
         batches = self.calibration_batches()
+        need = self._one_batch_bytes(batches)
+        if need > ASYMMETRIC_MAX_BYTES:
+            msg = (f"the asymmetric low-rank pass holds all {sum(int(b[0].shape[0]) for b in batches)} calibration "
+                   f"images as one batch, about {need / 2**30:.1f} GiB of activations (limit "
+                   f"{ASYMMETRIC_MAX_BYTES / 2**30:.0f} GiB); lower trainset_ratio")
+            if not self._asymmetric_by_default:
+                raise DataError(msg + ", or pass asymmetric=False")
+            warnings.warn(msg + "; falling back to the per-layer fit (asymmetric=False) for this run", stacklevel=3)
+            return {}
         inputs = tuple(torch.cat([b[i] for b in batches]) if isinstance(batches[0][i], torch.Tensor)
                        else batches[0][i] for i in range(len(batches[0])))
         infos = [self.infos[n] for n in ranks]
@@ -879,6 +894,23 @@ class LowRankDecomposition(BaseCompressor):
             for h in handles:
                 h.remove()
         return factors
+
+    def _one_batch_bytes(self, batches: Sequence[Tuple[Any, ...]]) -> float:
+        """Rough peak activation memory of one forward over all calibration images at once: the three
+        largest node outputs (per image, from the capture) times the number of images."""
+        n_img = sum(int(b[0].shape[0]) for b in batches if isinstance(b[0], torch.Tensor))
+        trace_batch = 1
+        for node in self.origin_graph.input_nodes:
+            shape = (node.meta.get("out") or {}).get("shape") if isinstance(node.meta.get("out"), dict) else None
+            if shape:
+                trace_batch = max(1, int(shape[0]))
+                break
+        sizes = []
+        for node in self.origin_graph.layer_nodes:
+            out = node.meta.get("out")
+            if isinstance(out, dict) and out.get("shape"):
+                sizes.append(float(np.prod(out["shape"], dtype=np.float64)) / trace_batch * 4)
+        return sum(sorted(sizes)[-3:]) * n_img
 
     def backoff(self, ratio: Ratio, attempt: int) -> Ratio:
         if self.target_macs is not None:

@@ -101,6 +101,10 @@ def test_sfp_group_scope_silences_coupled_channels_and_hard_prune_is_exact():
         torch.testing.assert_close(hard(x), net(x), atol=1e-5, rtol=1e-4)
     import amc
     assert amc.count(hard, x[:1])[0] < amc.count(net, x[:1])[0]
+    tuned = sfp.hard_prune(recalibrate=tr)  # same channels, fresh BatchNorm statistics
+    assert amc.count(tuned, x[:1]) == amc.count(hard, x[:1]) and not tuned.training
+    bn = next(n for n, m in tuned.named_modules() if isinstance(m, nn.BatchNorm2d))
+    assert not torch.equal(dict(tuned.named_modules())[bn].running_mean, dict(hard.named_modules())[bn].running_mean)
 
 
 def test_recalibrate_bn_re_estimates_statistics_on_a_copy():

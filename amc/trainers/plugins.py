@@ -198,14 +198,23 @@ class SoftFilterPruning(TrainerCallback):
         self.roots = roots
         return masks
 
-    def hard_prune(self, module: Optional[nn.Module] = None) -> Any:
-        """A ReconstructedNetwork with the silenced channels physically removed (group scope)."""
+    def hard_prune(self, module: Optional[nn.Module] = None, recalibrate: Optional[Any] = None) -> Any:
+        """A ReconstructedNetwork with the silenced channels physically removed (group scope).
+
+        ``recalibrate``: a loader of training batches; BatchNorm statistics are then re-estimated on
+        the pruned network (they were gathered while the silenced filters were regrowing).
+        """
         if self.scope != "group" or self.roots is None:
             raise PruningError("hard_prune needs scope='group' and at least one SoftFilterPruning step; for "
                                "scope='layer' use amc.prune on the trained network")
         if module is not None:
             self.plan(module)
-        return self._plan.apply_units(self.roots)
+        pruned = self._plan.apply_units(self.roots)
+        if recalibrate is not None:
+            from .batchnorm import recalibrate_bn
+
+            pruned = recalibrate_bn(pruned, recalibrate, copy=False)
+        return pruned
 
     # -- both scopes ------------------------------------------------------------------------------
     @torch.no_grad()

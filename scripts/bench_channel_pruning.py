@@ -160,17 +160,40 @@ def _measure(net: nn.Module, x1: torch.Tensor, val) -> Dict[str, Any]:
 
 def recon_curves(args: argparse.Namespace) -> Dict[str, Dict[str, List[float]]]:
     import amc
-    from amc.compressors.channel_pruning import ChannelPruning
     from amc.data import fashion_mnist_loaders
 
     train, val = fashion_mnist_loaders(batch_size=128, train_limit=args.train_limit or None,
                                        val_limit=args.val_limit or None)
     model = trained_model("vgg_small", train, val, args.epochs, args.train_limit)
     x1 = next(iter(val))[0][:1]
-    net = amc.trace(model, x1)
     held_out = torch.cat([b[0] for _, b in zip(range(4), val)])[:500]
-    cp = ChannelPruning(net, train, val, trainset_ratio=args.trainset_ratio, compress_ratio=0.0, example_inputs=(x1,))
-    layers = [n for n in ("features.3", "features.10", "features.14", "classifier.0") if n in cp.prunable_layer_names()]
+    return _curves(amc.trace(model, x1), train, held_out, x1, ("features.3", "features.10", "features.14",
+                                                                "classifier.0"), args.trainset_ratio)
+
+
+def recon_curves_mobilenet(args: argparse.Namespace) -> Dict[str, Dict[str, List[float]]]:
+    """The same curves on a real ImageNet network: torchvision MobileNetV2 with its pretrained weights,
+    calibrated on one half of the bundled photo crops and measured on the other half."""
+    import amc
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from amc.data import photo_split, pretrained_mobilenet_v2
+
+    calib, held_out = photo_split()
+    x1 = calib[:1]
+    net = amc.trace(pretrained_mobilenet_v2(), x1)
+    loader = DataLoader(TensorDataset(calib), batch_size=25)
+    return _curves(net, loader, held_out, x1, ("features.6.conv.2", "features.13.conv.2", "features.17.conv.2",
+                                               "features.18.0"), 1.0)
+
+
+def _curves(net, loader, held_out: torch.Tensor, x1: torch.Tensor, names, trainset_ratio: float
+            ) -> Dict[str, Dict[str, List[float]]]:
+    """Relative output error of each layer, after least squares, when only its input channels are pruned."""
+    from amc.compressors.channel_pruning import ChannelPruning
+
+    cp = ChannelPruning(net, loader, None, trainset_ratio=trainset_ratio, compress_ratio=0.0, example_inputs=(x1,))
+    layers = [n for n in names if n in cp.prunable_layer_names()]
     ratios = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     curves: Dict[str, Dict[str, List[float]]] = {}
     ref = _layer_outputs(net, held_out, layers)
@@ -202,7 +225,8 @@ def _layer_outputs(net, x: torch.Tensor, layers: List[str]) -> Dict[str, torch.T
     return out
 
 
-def plot_curves(curves: Dict[str, Any], path: str) -> None:
+def plot_curves(curves: Dict[str, Any], path: str, net_name: str = "vgg_small",
+                title: str = "Single-layer pruning error on Fashion-MNIST (cf. He et al. 2017, Fig. 3)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,13 +239,13 @@ def plot_curves(curves: Dict[str, Any], path: str) -> None:
     for ax, layer in zip(axes[0], layers):
         for sel, style in (("first_k", "s--"), ("max_response", "^-."), ("lasso", "o-")):
             ax.plot(ratios, curves[layer][sel], style, label=labels[sel], markersize=4)
-        ax.set_title(f"vgg_small {layer}")
+        ax.set_title(f"{net_name} {layer}", fontsize=9)
         ax.set_xlabel("fraction of input channels pruned")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("relative error ‖Y − Y′‖² / ‖Y‖²\n(held-out images, after LS)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("Single-layer pruning error on Fashion-MNIST (cf. He et al. 2017, Fig. 3)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -285,7 +309,28 @@ def resnet18_cost(threads: int) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def write_markdown(args: argparse.Namespace, rows, curves, r18) -> str:
+def _curve_lines(curves: Dict[str, Any]) -> List[str]:
+    lines = ["| layer | method | " + " | ".join(f"{r:.1f}" for r in curves["_ratios"]) + " |",
+             "|---|---|" + "---:|" * len(curves["_ratios"])]
+    for layer, c in curves.items():
+        if layer.startswith("_"):
+            continue
+        for sel, errs in c.items():
+            lines.append(f"| {layer} | {sel} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
+    lines += ["", "Reading (computed from the table; mean error over the nine ratios, and at how many ratios "
+              "LASSO's error is the lowest of the three or within 5% of it):", ""]
+    for layer, c in curves.items():
+        if layer.startswith("_"):
+            continue
+        means = {sel: sum(e) / len(e) for sel, e in c.items()}
+        best = [min(v[i] for v in c.values()) for i in range(len(curves["_ratios"]))]
+        wins = sum(c["lasso"][i] <= 1.05 * best[i] + 1e-4 for i in range(len(best)))
+        lines.append(f"- {layer}: mean " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+                     + f"; LASSO lowest or within 5% at {wins}/{len(best)} ratios.")
+    return lines + [""]
+
+
+def write_markdown(args: argparse.Namespace, rows, curves, r18, curves_mb=None) -> str:
     cmd = "python scripts/bench_channel_pruning.py" + (
         f" --train-limit {args.train_limit} --val-limit {args.val_limit} --epochs {args.epochs}" if args.train_limit
         else "")
@@ -315,26 +360,16 @@ def write_markdown(args: argparse.Namespace, rows, curves, r18) -> str:
     if curves:
         lines += ["## Single-layer reconstruction error (cf. He et al. Fig. 3)", "",
                   "![recon](channel_pruning_recon.png)", "",
-                  "Relative error ||Y - Y'||² / ||Y||² of the layer output on 500 held-out test images; only "
-                  "that layer's input channels are pruned; every method is followed by the same least squares.", "",
-                  "| layer | method | " + " | ".join(f"{r:.1f}" for r in curves["_ratios"]) + " |",
-                  "|---|---|" + "---:|" * len(curves["_ratios"])]
-        for layer, c in curves.items():
-            if layer.startswith("_"):
-                continue
-            for sel, errs in c.items():
-                lines.append(f"| {layer} | {sel} | " + " | ".join(f"{e:.3f}" for e in errs) + " |")
-        lines += ["", "Reading (computed from the table; mean error over the nine ratios, and at how many ratios "
-                  "LASSO's error is the lowest of the three or within 5% of it):", ""]
-        for layer, c in curves.items():
-            if layer.startswith("_"):
-                continue
-            means = {sel: sum(e) / len(e) for sel, e in c.items()}
-            best = [min(v[i] for v in c.values()) for i in range(len(curves["_ratios"]))]
-            wins = sum(c["lasso"][i] <= 1.05 * best[i] + 1e-4 for i in range(len(best)))
-            lines.append(f"- {layer}: mean " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
-                         + f"; LASSO lowest or within 5% at {wins}/{len(best)} ratios.")
-        lines.append("")
+                  "vgg_small on Fashion-MNIST. Relative error ||Y - Y'||² / ||Y||² of the layer output on 500 "
+                  "held-out test images; only that layer's input channels are pruned; every method is followed by "
+                  "the same least squares.", ""] + _curve_lines(curves)
+    if curves_mb:
+        lines += ["### The same on a real ImageNet network: pretrained MobileNetV2", "",
+                  "![recon MobileNetV2](channel_pruning_recon_mobilenet_v2.png)", "",
+                  "torchvision MobileNetV2 with its ImageNet weights; calibrated on 100 bundled photo crops "
+                  "(`photo_split()` first half), error on the other 100. The layers are 1x1 convs whose inputs "
+                  "are wide: the project convs of blocks 6, 13 and 17 (192, 576 and 960 input channels) and the "
+                  "last 1x1 conv (320).", ""] + _curve_lines(curves_mb)
     if r18:
         lines += ["## torchvision resnet18, 2x MACs target", "",
                   f"weights=None, {r18['images']} {r18['source']} at 224x224, 10 sampled positions per image "
@@ -365,6 +400,7 @@ def main() -> None:
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-recon", action="store_true")
     p.add_argument("--skip-resnet18", action="store_true")
+    p.add_argument("--skip-recon-mobilenet", action="store_true")
     p.add_argument("--resnet18-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.resnet18_child:
@@ -381,12 +417,16 @@ def main() -> None:
     curves = old.get("recon", {}) if args.skip_recon else recon_curves(args)
     if curves and not args.skip_recon:
         plot_curves(curves, os.path.join(RESULTS, "channel_pruning_recon.png"))
+    curves_mb = old.get("recon_mobilenet_v2", {}) if args.skip_recon_mobilenet else recon_curves_mobilenet(args)
+    if curves_mb and not args.skip_recon_mobilenet:
+        plot_curves(curves_mb, os.path.join(RESULTS, "channel_pruning_recon_mobilenet_v2.png"), "mobilenet_v2",
+                    "Single-layer pruning error, pretrained MobileNetV2 on natural photos (cf. He et al. 2017, Fig. 3)")
     r18 = old.get("resnet18", {}) if args.skip_resnet18 else resnet18_cost(args.threads)
     md_args = argparse.Namespace(**{**vars(args), **old.get("args", {})}) if args.skip_accuracy else args
-    md = write_markdown(md_args, rows, curves, r18)
+    md = write_markdown(md_args, rows, curves, r18, curves_mb)
     write_atomic(os.path.join(RESULTS, "channel_pruning.md"), md + "\n")
     write_atomic(json_path, json.dumps({"args": vars(md_args), "accuracy": rows, "recon": curves,
-                                        "resnet18": r18}, indent=1))
+                                        "recon_mobilenet_v2": curves_mb, "resnet18": r18}, indent=1))
     print(md)
 
 

@@ -322,6 +322,30 @@ class _StopPass(Exception):
 # ------------------------------------------------------------------------------------------------
 # Collecting responses
 
+def _positions(kind: str, y: torch.Tensor, k: int, gen: torch.Generator) -> Optional[torch.Tensor]:
+    """Random sample positions per image: [B, min(k, H*W)] for a conv map; [B, k] of the T tokens of a
+    [B, T, F] linear output when T > k, else None (every row kept)."""
+    if kind == "conv":
+        per = y[0, 0].numel()
+        return torch.argsort(torch.rand(y.shape[0], per, generator=gen), dim=1)[:, :min(k, per)]
+    per = int(np.prod(y.shape[1:-1], dtype=np.int64))
+    if per <= k:
+        return None
+    return torch.argsort(torch.rand(y.shape[0], per, generator=gen), dim=1)[:, :k]
+
+
+def _rows(kind: str, y: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
+    """The responses at `idx` as float64 CPU rows [n, N] (channels last)."""
+    y = y.detach().double().cpu()
+    if kind == "conv":
+        flat = y.reshape(y.shape[0], y.shape[1], -1)
+        return torch.gather(flat, 2, idx[:, None, :].expand(-1, y.shape[1], -1)).permute(0, 2, 1).reshape(-1, y.shape[1])
+    y3 = y.reshape(y.shape[0], -1, y.shape[-1])
+    if idx is not None:
+        y3 = torch.gather(y3, 1, idx[:, :, None].expand(-1, -1, y3.shape[2]))
+    return y3.reshape(-1, y.shape[-1])
+
+
 def collect_responses(net: ReconstructedNetwork, infos: Sequence[LayerInfo], batches: Iterable[Tuple[Any, ...]],
                       samples_per_img: int, seed: int = 0) -> Dict[str, Responses]:
     """Sample `samples_per_img` output positions per image of every layer in `infos` (BN folded)."""
@@ -333,21 +357,7 @@ def collect_responses(net: ReconstructedNetwork, infos: Sequence[LayerInfo], bat
         info = watch.get(node.name)
         if info is None or not isinstance(out, torch.Tensor):
             return
-        y = out.detach().double().cpu()
-        if info.kind == "conv":
-            B, N = y.shape[:2]
-            flat = y.reshape(B, N, -1)
-            P = flat.shape[2]
-            k = min(samples_per_img, P)
-            idx = torch.argsort(torch.rand(B, P, generator=gen), dim=1)[:, :k]
-            rows = torch.gather(flat, 2, idx[:, None, :].expand(B, N, k)).permute(0, 2, 1).reshape(-1, N)
-        else:
-            rows = y.reshape(y.shape[0], -1, y.shape[-1])
-            if rows.shape[1] > samples_per_img:
-                idx = torch.argsort(torch.rand(rows.shape[0], rows.shape[1], generator=gen), dim=1)[:, :samples_per_img]
-                rows = torch.gather(rows, 1, idx[:, :, None].expand(-1, -1, rows.shape[2]))
-            rows = rows.reshape(-1, y.shape[-1])
-        store[info.name].append(rows)
+        store[info.name].append(_rows(info.kind, out, _positions(info.kind, out, samples_per_img, gen)))
 
     was = net.training
     net.eval()
@@ -782,7 +792,7 @@ class LowRankDecomposition(BaseCompressor):
         ranks = self.plan_ranks(ratio)
         self.report = {}
         factors = {}
-        if self.asymmetric and self.method == "data":
+        if self.asymmetric:  # implies method == "data" (checked in __init__)
             factors = self._asymmetric_factors(ranks)
         for n in self.progress([n for n in ranks if n not in factors], "decomposing"):
             A, P, b = self.factors(n, ranks[n])
@@ -819,28 +829,12 @@ class LowRankDecomposition(BaseCompressor):
         positions: Dict[str, torch.Tensor] = {}
         targets: Dict[str, torch.Tensor] = {}
 
-        def rows(info: LayerInfo, y: torch.Tensor, idx: Optional[torch.Tensor]) -> torch.Tensor:
-            y = y.detach().double().cpu()
-            if info.kind == "conv":
-                flat = y.reshape(y.shape[0], y.shape[1], -1)
-                return torch.gather(flat, 2, idx[:, None, :].expand(-1, y.shape[1], -1)).permute(0, 2, 1).reshape(-1, y.shape[1])
-            y3 = y.reshape(y.shape[0], -1, y.shape[-1])
-            if idx is not None:
-                y3 = torch.gather(y3, 1, idx[:, :, None].expand(-1, -1, y3.shape[2]))
-            return y3.reshape(-1, y.shape[-1])
-
         def sample(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             info = watch.get(node.name)
             if info is None or not isinstance(out, torch.Tensor):
                 return
-            n_img = out.shape[0]
-            per = out[0, 0].numel() if info.kind == "conv" else int(np.prod(out.shape[1:-1], dtype=np.int64))
-            k = min(self.sampled_pixels_per_img, per)
-            idx = torch.argsort(torch.rand(n_img, per, generator=gen), dim=1)[:, :k] if per > 1 else None
-            if info.kind == "conv" and idx is None:
-                idx = torch.zeros(n_img, 1, dtype=torch.long)
-            positions[info.name] = idx
-            targets[info.name] = rows(info, out, idx)
+            positions[info.name] = _positions(info.kind, out, self.sampled_pixels_per_img, gen)
+            targets[info.name] = _rows(info.kind, out, positions[info.name])
 
         was = self.origin_graph.training
         self.origin_graph.eval()
@@ -861,7 +855,7 @@ class LowRankDecomposition(BaseCompressor):
 
             def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
                 r = ranks[info.name]
-                X = rows(info, out, positions[info.name])
+                X = _rows(info.kind, out, positions[info.name])
                 Y = targets[info.name]
                 nonlinear = self.nonlinear_case and info.act is not None and r < info.N
                 if nonlinear:

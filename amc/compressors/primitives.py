@@ -71,16 +71,17 @@ def silence_units(plan: PruningPlan, roots: np.ndarray) -> List[str]:
             pos = np.flatnonzero(chosen[plan.roots[ax.vec]])
             if not len(pos):
                 continue
-            module = plan.net.network[plan.net.node(ax.node).module]
+            key = plan.net.node(ax.node).module
+            module = plan.net.network[key]
             idx = torch.from_numpy(pos)
             if isinstance(module, _NORMS):
-                if ax.attr == "bias" or (ax.attr == "running_mean"):
-                    param_of(plan.net, plan.net.node(ax.node).module, ax.attr).data.index_fill_(ax.dim, idx, 0)
-                if ax.attr == "weight" and getattr(module, "running_mean", None) is not None:
+                if ax.attr in ("bias", "running_mean"):
+                    param_of(plan.net, key, ax.attr).data.index_fill_(ax.dim, idx, 0)
+                elif ax.attr == "weight" and getattr(module, "running_mean", None) is not None:
                     module.running_mean.index_fill_(0, idx, 0)
             elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 if (ax.attr == "weight" and ax.dim == 0) or ax.attr == "bias":
-                    param_of(plan.net, plan.net.node(ax.node).module, ax.attr).data.index_fill_(ax.dim, idx, 0)
+                    param_of(plan.net, key, ax.attr).data.index_fill_(ax.dim, idx, 0)
                     if ax.attr == "weight" and ax.node not in touched:
                         touched.append(ax.node)
     return touched

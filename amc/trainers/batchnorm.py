@@ -29,6 +29,7 @@ def recalibrate_bn(net: nn.Module, loader: Iterable[Any], max_batches: Optional[
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
     net.train()
     seen = 0
     try:
@@ -36,7 +37,6 @@ def recalibrate_bn(net: nn.Module, loader: Iterable[Any], max_batches: Optional[
             if max_batches is not None and i >= max_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            device = next((p.device for p in net.parameters()), torch.device("cpu"))
             net(x.to(device))
             seen += 1
     finally:

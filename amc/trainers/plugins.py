@@ -10,6 +10,7 @@ import math
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -181,8 +182,6 @@ class SoftFilterPruning(TrainerCallback):
 
     @torch.no_grad()
     def _prune_groups(self, module: nn.Module) -> Dict[str, torch.Tensor]:
-        import numpy as np
-
         from amc.compressors.primitives import silence_units
 
         plan = self.plan(module).rescore("l2")
@@ -256,8 +255,6 @@ class SoftFilterPruning(TrainerCallback):
                 "roots": None if self.roots is None else [int(r) for r in self.roots]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        import numpy as np
-
         self.masks = {k: v.clone().bool() for k, v in state.get("masks", {}).items()}
         roots = state.get("roots")
         self.roots = None if roots is None else np.asarray(roots, dtype=np.int64)

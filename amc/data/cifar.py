@@ -28,11 +28,27 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
+# A CIFAR batch is a dict of bytes, ints, lists and numpy arrays (bytes come through _codecs.encode in
+# protocol 2): nothing else may be named in the file.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                  ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Refuses every global but numpy's array rebuild, so a crafted batch file cannot run code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR batch file")
+
+
 def _load_pickle(path: Path) -> Dict[str, Any]:
-    """Unpickle a CIFAR batch and normalise its keys to ``str``."""
+    """Unpickle a CIFAR batch (numpy arrays only, no code) and normalise its keys to ``str``."""
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _CifarUnpickler(f, encoding="latin1").load()
     except FileNotFoundError as exc:
         raise DataError(f"CIFAR file {str(path)!r} is missing") from exc
     except Exception as exc:  # pickle raises many types on garbage: report them all the same way

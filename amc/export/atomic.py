@@ -41,13 +41,35 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+def previous_path(dest: PathLike) -> str:
+    """Where `atomic_paths` keeps the previous version of a file of a group while the group is renamed."""
+    dest = os.path.abspath(os.fspath(dest))
+    return os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.prev")
+
+
+def _keep_previous(dest: str) -> None:
+    if not os.path.isfile(dest):
+        return
+    backup = previous_path(dest)
+    _remove(backup)
+    try:
+        os.link(dest, backup)  # free and instant; the rename below then leaves the old data here
+    except OSError:
+        import shutil
+
+        shutil.copy2(dest, backup)
+
+
 @contextlib.contextmanager
 def atomic_paths(*paths: PathLike) -> Iterator[List[str]]:
     """Yield one temporary path per destination; on success move them all into place.
 
     Use it for writers that take a path (safetensors, onnx) and for files that belong together
     (a JSON description and its weights sidecar): all temporaries are complete before the first
-    rename, and on failure none of the destinations is touched.
+    rename, and on failure none of the destinations is touched. A group's renames are not one atomic
+    step, so for a group the previous version of every file but the last is kept at `previous_path`
+    until the last rename is done: a process killed between two renames leaves the old description with
+    its old weights still readable (the JSON loader looks there when the sidecar's checksum differs).
     """
     dests = [os.path.abspath(os.fspath(p)) for p in paths]
     temps: List[str] = []
@@ -63,8 +85,15 @@ def atomic_paths(*paths: PathLike) -> Iterator[List[str]]:
             _fsync(tmp)
             with contextlib.suppress(OSError):
                 os.chmod(tmp, _FILE_MODE)
+        group = len(dests) > 1
+        if group:
+            for dest in dests[:-1]:
+                _keep_previous(dest)
         for tmp, dest in zip(temps, dests):
             os.replace(tmp, dest)
+        if group:
+            for dest in dests[:-1]:
+                _remove(previous_path(dest))
     except BaseException:
         for tmp in temps:
             _remove(tmp)

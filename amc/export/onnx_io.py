@@ -49,6 +49,8 @@ def _unique(names: Sequence[str]) -> List[str]:
     out = []
     for n in names:
         n = n.replace(".", "_") or "value"
+        if n.isdigit():  # TorchScript reserves numeric names for unnamed values ("Invalid name: '1'")
+            n = f"value_{n}"
         if n in seen:
             seen[n] += 1
             n = f"{n}_{seen[n]}"

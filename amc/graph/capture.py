@@ -28,6 +28,7 @@ from .node import InputNode, Node
 from .ops import (AutogradFunctionOp, Constant, FunctionOp, GetAttr, ParamHolder, SetItem, TensorSize,
                   function_spec, module_spec, name_of_callable)
 from .template import Ref, iter_refs
+from .untouched import untouched
 
 _ACTIVE: Optional["Tracer"] = None
 _ORIG_CALL = nn.Module.__call__
@@ -545,7 +546,7 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     tracer = Tracer(model)
     tracer.start()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), untouched(model):  # BN statistics, flags and RNG stay the user's
             model(*example_inputs, **example_kwargs)
     except CaptureError:
         raise
@@ -556,3 +557,19 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     finally:
         tracer.end()
     return tracer.build()
+
+
+def as_network(model: Any, example_inputs: Tuple[Any, ...] = (), example_kwargs: Optional[Dict[str, Any]] = None,
+               error: type = CaptureError, what: str = "model") -> "ReconstructedNetwork":
+    """The one place that turns "a graph, or a module to trace" into a graph (count, prune, compressors,
+    tuners). A ReconstructedNetwork is returned as it is; a module is traced, left untouched."""
+    from .network import ReconstructedNetwork
+
+    if isinstance(model, ReconstructedNetwork):
+        return model
+    if not isinstance(model, nn.Module):
+        raise error(f"{what} must be an nn.Module or a ReconstructedNetwork, got {type(model).__name__}")
+    if not example_inputs and not example_kwargs:
+        raise error(f"a plain nn.Module needs example inputs to be traced: pass example_inputs=(tensor, ...) "
+                    f"shaped like one real batch (got none for {type(model).__name__})")
+    return trace(model, *example_inputs, **(example_kwargs or {}))

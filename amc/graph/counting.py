@@ -10,23 +10,22 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from .capture import as_network
 from .network import ReconstructedNetwork
 from .node import Node
 from .ops import FunctionOp, spec_of
-
-
-def _as_network(model: nn.Module, example_inputs: Tuple[Any, ...]) -> ReconstructedNetwork:
-    if isinstance(model, ReconstructedNetwork):
-        return model
-    from .capture import trace
-
-    return trace(model, *example_inputs)
+from .untouched import untouched
 
 
 def node_costs(net: ReconstructedNetwork, *example_inputs: Any) -> List[Dict[str, Any]]:
     """Per node: name, op, output shapes and MACs, measured by running the graph once."""
-    if not example_inputs:
-        example_inputs = net.example_inputs(batch_size=1)  # MACs per sample unless inputs say otherwise
+    with torch.no_grad(), untouched(net):  # a train-mode net keeps its BN statistics, flags and RNG
+        if not example_inputs:
+            example_inputs = net.example_inputs(batch_size=1)  # MACs per sample unless inputs say otherwise
+        return _observe_costs(net, tuple(example_inputs))
+
+
+def _observe_costs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...]) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
 
     def observe(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -37,8 +36,7 @@ def node_costs(net: ReconstructedNetwork, *example_inputs: Any) -> List[Dict[str
         rows.append({"name": node.name, "op": node.op, "macs": macs, "out": _shapes(out),
                      "params": 0 if isinstance(module, FunctionOp) else sum(p.numel() for p in module.parameters())})
 
-    with torch.no_grad():
-        net.run_observed(tuple(example_inputs), {}, observe)
+    net.run_observed(example_inputs, {}, observe)
     return rows
 
 
@@ -60,7 +58,7 @@ def count(model: nn.Module, *example_inputs: Any) -> Tuple[int, int]:
 
     >>> macs, params = amc.count(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
     """
-    net = _as_network(model, example_inputs)
+    net = as_network(model, example_inputs, what="amc.count's model")
     return sum(r["macs"] for r in node_costs(net, *example_inputs)), count_params(net)
 
 

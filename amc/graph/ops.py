@@ -6,6 +6,7 @@ Pruning rules live in their own registry in `amc.compressors`, keyed the same wa
 """
 from __future__ import annotations
 
+import contextvars
 import importlib
 import math
 import operator
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 from ..errors import LoadError
 
 MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
+
+# Set by the safe pkl loader: op callables named in a file then resolve from the known torch namespaces
+# only, so a file can never make unpickling import an arbitrary module.
+STRICT_CALLABLE_NAMES: "contextvars.ContextVar[bool]" = contextvars.ContextVar("amc_strict_names", default=False)
 
 
 @dataclass
@@ -188,7 +193,7 @@ class FunctionOp(nn.Module):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self.fn is None:
-            self.fn = resolve_callable(self.fn_name, allow_any=True)
+            self.fn = resolve_callable(self.fn_name, allow_any=not STRICT_CALLABLE_NAMES.get())
 
 
 class ElemAdd(FunctionOp):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -41,15 +42,25 @@ def atomic_save(obj: Any, path: PathLike) -> None:
         raise
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
-    """Read a trainer checkpoint, turning a missing or corrupt file into a LoadError that says what to do."""
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", trusted: bool = False) -> dict:
+    """Read a trainer checkpoint, turning a missing, corrupt or code-carrying file into a LoadError.
+
+    `trusted=True` unpickles anything (runs code from the file): only for files you wrote.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"checkpoint {str(path)!r} does not exist; pass resume=True to use "
                         f"'<checkpoints_folder>/{LAST_NAME}' or give the path of an existing checkpoint")
     try:
-        # Our own files hold RNG states (numpy/python tuples), so the full unpickler is needed.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint is tensors, numbers and containers (RNG states are stored as such),
+        # so a file that names any other global is refused before anything in it runs.
+        state = torch.load(path, map_location=map_location, weights_only=not trusted)
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower() or "unrecognized function" in str(exc):
+            raise LoadError(f"checkpoint {str(path)!r} refused: it names code to run on load ({str(exc)[:160]}). "
+                            "amc checkpoints never do; pass trusted=True only for a file you wrote") from exc
+        raise LoadError(f"checkpoint {str(path)!r} is unreadable ({exc}); it may be truncated or "
+                        f"foreign - delete it or resume from '{BEST_NAME}' instead") from exc
     except Exception as exc:  # torch raises many types for truncated files
         raise LoadError(f"checkpoint {str(path)!r} is unreadable ({exc}); it may be truncated or "
                         f"foreign - delete it or resume from '{BEST_NAME}' instead") from exc
@@ -78,7 +89,7 @@ def capture_rng_state(generators: Iterable[torch.Generator] = ()) -> dict:
     """Every RNG that decides shuffling, dropout and augmentation, so a resumed epoch replays exactly."""
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state_as_tensors(np.random.get_state()),
         "torch": torch.get_rng_state(),
         "generators": [g.get_state() for g in generators],
     }
@@ -90,7 +101,7 @@ def capture_rng_state(generators: Iterable[torch.Generator] = ()) -> dict:
 def restore_rng_state(state: dict, generators: Iterable[torch.Generator] = ()) -> None:
     """Inverse of :func:`capture_rng_state`."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state_from_tensors(state["numpy"]))
     torch.set_rng_state(state["torch"].cpu())
     generators = list(generators)
     saved = state.get("generators", [])
@@ -100,6 +111,18 @@ def restore_rng_state(state: dict, generators: Iterable[torch.Generator] = ()) -
         cuda_states = [s.cpu() for s in state["cuda"]]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _numpy_state_as_tensors(state: tuple) -> tuple:
+    """numpy's MT19937 state with its key array as a tensor, so weights_only loading can read it."""
+    name, keys, pos, has_gauss, gauss = state
+    return (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss))
+
+
+def _numpy_state_from_tensors(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, gauss = state
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    return (name, keys.astype(np.uint32), pos, has_gauss, gauss)
 
 
 def resolve_resume_path(resume: Any, folder: Optional[PathLike]) -> Optional[Path]:

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import linecache
+import os
+import sys
 import warnings
 from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
@@ -25,8 +28,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import CaptureError
 from .node import InputNode, Node
-from .ops import (AutogradFunctionOp, Constant, FunctionOp, GetAttr, ParamHolder, SetItem, TensorSize,
-                  function_spec, module_spec, name_of_callable)
+from .ops import (_GUARD_OPS, AutogradFunctionOp, Constant, FunctionOp, GetAttr, ParamHolder, SetItem, ShapeGuard,
+                  TensorSize, function_spec, module_spec, name_of_callable)
 from .template import Ref, iter_refs
 from .untouched import untouched
 
@@ -94,6 +97,27 @@ for _name, _fn in [("add", _op.add), ("sub", _op.sub), ("mul", _op.mul), ("floor
     setattr(TracedInt, f"__{_name}__", _make_arith(_fn))
     setattr(TracedInt, f"__r{_name}__", _make_arith(_fn, reverse=True))
 TracedInt.__neg__ = lambda self: self._arith(0, lambda a, b: -a)  # type: ignore[assignment]
+
+
+def _make_compare(op_name: str):
+    fn = _GUARD_OPS[op_name]
+
+    def method(self: TracedInt, other: Any = None) -> Any:
+        plain_other = int(other) if isinstance(other, int) else other
+        result = fn(int(self)) if op_name == "truth" else fn(int(self), plain_other)
+        tracer = _ACTIVE
+        if (tracer is not None and tracer.state == "recording" and not tracer._leaf_depth
+                and (op_name == "truth" or isinstance(other, (int, float)))):
+            tracer.record_guard(op_name, (self,) if op_name == "truth" else (self, other), bool(result))
+        return result
+    return method
+
+
+# A comparison of a traced size decides a Python branch or an assert: each one becomes a ShapeGuard.
+for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
+    setattr(TracedInt, f"__{_name}__", _make_compare(_name))
+TracedInt.__bool__ = _make_compare("truth")  # type: ignore[assignment]
+TracedInt.__hash__ = int.__hash__  # type: ignore[assignment]  (defining __eq__ would drop it)
 
 
 class TracedTuple(tuple):
@@ -283,6 +307,14 @@ class Tracer(TorchFunctionMode):
             op, args = _op.neg, args[:1]
         self._add(name, FunctionOp(op), args, {}, {"op": "IntArith"}, None)
         return TracedInt(result, Ref(name))
+
+    def record_guard(self, op_name: str, operands: Tuple[Any, ...], result: bool) -> None:
+        name = self._unique(self._scoped(f"guard_{op_name}"))
+        args = tuple(self.to_template(v) for v in operands)
+        source = _user_source_line()
+        values = tuple(int(v) if isinstance(v, int) else v for v in operands) + ((None,) if len(operands) == 1 else ())
+        self._add(name, ShapeGuard(op_name, result, source, values), args, {},
+                  {"op": "ShapeGuard", "source": source}, None)
 
     def _record_size(self, x: torch.Tensor, dim: Optional[int], numel: bool = False) -> Any:
         value = x.numel() if numel else (x.shape if dim is None else x.shape[dim])
@@ -485,6 +517,20 @@ def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
     if tracer is None or tracer.state != "recording" or tracer._leaf_depth or not tracer._is_traced((args, kwargs)):
         return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
     return tracer.call_autograd_function(cls, args, kwargs)
+
+
+_AMC_GRAPH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_source_line() -> str:
+    """`file:line: code` of the first frame outside amc's graph package (where the decision was made)."""
+    frame = sys._getframe(1)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _AMC_GRAPH_DIR:
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    line = (linecache.getline(frame.f_code.co_filename, frame.f_lineno) or "").strip()
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}" + (f" `{line}`" if line else "")
 
 
 def _contains_tensor(obj: Any) -> bool:

@@ -67,11 +67,17 @@ def summary_table(net: ReconstructedNetwork, *example_inputs: Any) -> str:
     total = sum(r["macs"] for r in rows) or 1
     lines = [f"{'node':<48} {'op':<22} {'output':<24} {'MACs':>14} {'%':>6} {'params':>10}"]
     for r in rows:
-        if r["op"] in ("TensorSize", "IntArith", "Parameter"):
+        if r["op"] in ("TensorSize", "IntArith", "Parameter", "ShapeGuard"):
             continue
         out = str(r["out"])
         lines.append(f"{r['name'][:48]:<48} {r['op'][:22]:<22} {out[:24]:<24} {r['macs']:>14,} "
                      f"{100 * r['macs'] / total:>5.1f}% {r['params']:>10,}")
     lines.append(f"total: {sum(r['macs'] for r in rows):,} MACs, {count_params(net):,} params, "
                  f"{len(net.layer_nodes)} nodes")
+    guards = net.guards
+    if guards:
+        lines.append(f"guards ({len(guards)}): runs whose sizes decide these differently raise GraphError")
+        lines += [f"  {g['condition']} is {g['expected']}  at {g['source']}" for g in guards[:20]]
+        if len(guards) > 20:
+            lines.append(f"  ... and {len(guards) - 20} more (net.guards lists them all)")
     return "\n".join(lines)

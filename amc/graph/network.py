@@ -65,8 +65,10 @@ class ReconstructedNetwork(nn.Module):
         for node in self.input_nodes:
             if isinstance(node.index, int) and node.index < len(args):
                 env[node.name] = args[node.index]
+                _check_structure(node.name, env[node.name], node.meta.get("out"))
             elif node.name in kwargs or (not isinstance(node.index, int) and node.index in kwargs):
                 env[node.name] = kwargs.pop(node.name if node.name in kwargs else node.index)
+                _check_structure(node.name, env[node.name], node.meta.get("out"))
             else:
                 raise TypeError(f"ReconstructedNetwork.forward() missing input {node.name!r} "
                                 f"(captured with {len(self.input_nodes)} tensor input(s): "
@@ -116,6 +118,40 @@ class ReconstructedNetwork(nn.Module):
             for f in frees:
                 del env[f]
         return self._get_output(env)
+
+    # -- guards --------------------------------------------------------------------------------
+    @property
+    def guards(self) -> List[Dict[str, Any]]:
+        """The Python decisions capture took on traced sizes, checked on every run (see ShapeGuard)."""
+        from .ops import ShapeGuard
+
+        out = _input_structure_guards(self)
+        for node in self.layer_nodes:
+            m = self.network[node.module]
+            if isinstance(m, ShapeGuard):
+                out.append({"node": node.name, "source": m.source, "condition": m.describe(m.captured),
+                            "expected": m.expected})
+        return out
+
+    def rebaseline_guards(self, *example_inputs: Any) -> None:
+        """Re-record every guard's outcome on this network (after a pass changed sizes on purpose: the
+        pruned graph still takes the captured path, so its own sizes define what the guards expect)."""
+        from .ops import ShapeGuard
+
+        guards = [m for m in self.network.values() if isinstance(m, ShapeGuard)]
+        if not guards:
+            return
+        from .untouched import untouched
+
+        for g in guards:
+            g.rebaseline = True
+        try:
+            with torch.no_grad(), untouched(self):
+                self.eval()
+                self(*(example_inputs or self.example_inputs(batch_size=1)))
+        finally:
+            for g in guards:
+                g.rebaseline = False
 
     # -- structure -----------------------------------------------------------------------------
     def node(self, name: str) -> Node:
@@ -218,10 +254,11 @@ class ReconstructedNetwork(nn.Module):
         return save_pkl(self, pkl)
 
     @staticmethod
-    def load(pkl: str, map_location: Any = "cpu") -> "ReconstructedNetwork":
+    def load(pkl: str, map_location: Any = "cpu", trusted: bool = False) -> "ReconstructedNetwork":
+        """Safe by default (allowlisted classes only); `trusted=True` runs code from the file."""
         from ..export.pkl import load_pkl
 
-        return load_pkl(pkl, map_location=map_location)
+        return load_pkl(pkl, map_location=map_location, trusted=trusted)
 
     def save_to_json(self, file: str) -> str:
         from ..export.json_io import save_json
@@ -239,8 +276,64 @@ class ReconstructedNetwork(nn.Module):
 
         return save_onnx(self, file, *example_inputs, opset=opset, check=check)
 
+    def save_to_vnmodel(self, pkl: str, model_base_size_hw: Tuple[int, int], model_id: int = 0) -> str:
+        """Seed name: an ONNX Runtime ORT-format file (not Venus's private format), see amc.export.vnmodel."""
+        from ..export.vnmodel import save_vnmodel
+
+        return save_vnmodel(self, pkl, model_base_size_hw, model_id=model_id)
+
     def extra_repr(self) -> str:
         return f"inputs={[n.name for n in self.input_nodes]}, nodes={len(self.layer_nodes)}"
+
+
+def _is_tensor_desc(desc: Any) -> bool:
+    return isinstance(desc, dict) and set(desc) == {"shape", "dtype"}
+
+
+def _structure_problem(value: Any, desc: Any, where: str) -> Optional[str]:
+    """Where a list/tuple/dict input differs in length or keys from the captured one (None if it does not).
+    Capture recorded the model's Python loops over these containers for the captured length only."""
+    if desc is None or _is_tensor_desc(desc):
+        return None
+    if isinstance(desc, list) and isinstance(value, (list, tuple)):
+        if len(value) != len(desc):
+            return f"{where} has {len(value)} item(s); it was captured with {len(desc)}"
+        for i, (v, d) in enumerate(zip(value, desc)):
+            problem = _structure_problem(v, d, f"{where}[{i}]")
+            if problem:
+                return problem
+    elif isinstance(desc, dict) and isinstance(value, dict):
+        keys, captured = sorted(map(str, value)), sorted(desc)
+        if keys != captured:
+            return f"{where} has keys {keys}; it was captured with keys {captured}"
+        for k, v in value.items():
+            problem = _structure_problem(v, desc[str(k)], f"{where}[{k!r}]")
+            if problem:
+                return problem
+    return None
+
+
+def _check_structure(name: str, value: Any, desc: Any) -> None:
+    if isinstance(value, torch.Tensor) or not isinstance(desc, (list, dict)):
+        return
+    problem = _structure_problem(value, desc, f"input {name!r}")
+    if problem:
+        raise GraphError(f"input structure guard failed: {problem}. The graph holds what the model did for the "
+                         "captured structure (its Python loops over this container ran that many times): trace "
+                         "again with this structure, or call the network once per item")
+
+
+def _input_structure_guards(net: "ReconstructedNetwork") -> List[Dict[str, Any]]:
+    out = []
+    for node in net.input_nodes:
+        desc = node.meta.get("out")
+        if isinstance(desc, list):
+            out.append({"node": node.name, "source": "input structure", "condition": f"len({node.name}) == {len(desc)}",
+                        "expected": True})
+        elif isinstance(desc, dict) and not _is_tensor_desc(desc):
+            out.append({"node": node.name, "source": "input structure",
+                        "condition": f"keys({node.name}) == {sorted(desc)}", "expected": True})
+    return out
 
 
 def _same(a: Any, b: Any) -> bool:

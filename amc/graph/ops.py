@@ -303,6 +303,57 @@ class Constant(nn.Module):
         return self.value.clone() if self.clone else self.value
 
 
+_GUARD_OPS = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
+              "ge": operator.ge, "truth": operator.truth}
+_GUARD_SYMBOLS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "truth": "bool"}
+
+
+class ShapeGuard(nn.Module):
+    """A Python decision capture took on a traced size (`if x.shape[-1] > 8:`, `assert C == 64`).
+
+    The graph holds the path taken for the captured sizes; at run time the same comparison is evaluated
+    on the new sizes and, if it comes out differently, the run stops with a GraphError naming the source
+    line instead of computing something else (or failing deep inside a layer). Passes that change sizes
+    on purpose (pruning) re-baseline `expected` on the pruned network, whose path is by construction the
+    captured one."""
+
+    def __init__(self, op: str, expected: bool, source: str = "", captured: Any = None):
+        super().__init__()
+        if op not in _GUARD_OPS:
+            raise LoadError(f"unknown guard comparison {op!r}; expected one of {sorted(_GUARD_OPS)}")
+        self.op = op
+        self.expected = bool(expected)
+        self.source = str(source)
+        self.captured = captured
+        self.rebaseline = False
+
+    def forward(self, a: Any, b: Any = None) -> None:
+        fn = _GUARD_OPS[self.op]
+        result = bool(fn(a) if self.op == "truth" else fn(a, b))
+        if self.rebaseline:
+            self.expected, self.captured = result, _guard_values(a, b)
+        elif result != self.expected:
+            from ..errors import GraphError
+
+            raise GraphError(f"shape guard failed at {self.source or 'an unknown line'}: capture took the path "
+                             f"where {self.describe(self.captured)} is {self.expected}, but this input gives "
+                             f"{self.describe(_guard_values(a, b))} = {result}. The graph only holds the captured "
+                             "path: trace the model again with an input of this shape (or call it with inputs "
+                             "shaped like the example)")
+        return None
+
+    def describe(self, values: Any) -> str:
+        a, b = values if isinstance(values, (list, tuple)) and len(values) == 2 else (values, None)
+        return f"bool({a})" if self.op == "truth" else f"{a} {_GUARD_SYMBOLS[self.op]} {b}"
+
+    def extra_repr(self) -> str:
+        return f"{self.describe(self.captured)} is {self.expected} ({self.source})"
+
+
+def _guard_values(a: Any, b: Any) -> Tuple[Any, Any]:
+    return (int(a) if isinstance(a, int) else a, int(b) if isinstance(b, int) else b)
+
+
 class AutogradFunctionOp(FunctionOp):
     """A custom `torch.autograd.Function` kept whole, so its backward is kept too."""
 

@@ -194,7 +194,10 @@ def size_source(c: RuleCall, t: Any) -> Tuple[str, List[Vec]]:
         kind, vecs = src
         if kind == "shape":
             if t.path:
-                return "direct", [vecs[t.path[0]]]
+                i = t.path[0]
+                if isinstance(i, int) and -len(vecs) <= i < len(vecs):
+                    return "direct", [vecs[i]]
+                return "derived", []  # a shape with no channel vectors recorded (e.g. an int mask's)
             return "derived", list(vecs)
         return kind, list(vecs)
     if isinstance(t, int) and t == -1:

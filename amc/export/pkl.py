@@ -206,7 +206,7 @@ def _amc_classes() -> Dict[str, type]:
     from ..graph import network, node, ops, template
     from .json_io import class_path, registered_json_classes
 
-    classes = [network.ReconstructedNetwork, node.Node, node.InputNode, template.Ref,
+    classes = [network.ReconstructedNetwork, node.Node, node.InputNode, template.Ref, template.MappingTemplate,
                apply.MaskedLayerNorm, apply.MaskedFunctionalLayerNorm, *registered_json_classes()]
     classes += [c for c in vars(ops).values()
                 if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == ops.__name__]

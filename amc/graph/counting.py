@@ -17,15 +17,16 @@ from .ops import FunctionOp, spec_of
 from .untouched import untouched
 
 
-def node_costs(net: ReconstructedNetwork, *example_inputs: Any) -> List[Dict[str, Any]]:
+def node_costs(net: ReconstructedNetwork, *example_inputs: Any, **example_kwargs: Any) -> List[Dict[str, Any]]:
     """Per node: name, op, output shapes and MACs, measured by running the graph once."""
     with torch.no_grad(), untouched(net):  # a train-mode net keeps its BN statistics, flags and RNG
-        if not example_inputs:
+        if not example_inputs and not example_kwargs:
             example_inputs = net.example_inputs(batch_size=1)  # MACs per sample unless inputs say otherwise
-        return _observe_costs(net, tuple(example_inputs))
+        return _observe_costs(net, tuple(example_inputs), example_kwargs)
 
 
-def _observe_costs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...]) -> List[Dict[str, Any]]:
+def _observe_costs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...],
+                   example_kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
 
     def observe(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
@@ -36,7 +37,7 @@ def _observe_costs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...]) -
         rows.append({"name": node.name, "op": node.op, "macs": macs, "out": _shapes(out),
                      "params": 0 if isinstance(module, FunctionOp) else sum(p.numel() for p in module.parameters())})
 
-    net.run_observed(example_inputs, {}, observe)
+    net.run_observed(example_inputs, example_kwargs, observe)
     return rows
 
 
@@ -53,13 +54,13 @@ def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
-def count(model: nn.Module, *example_inputs: Any) -> Tuple[int, int]:
+def count(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Tuple[int, int]:
     """`(macs, params)` of any module on the example inputs (traced first when not a graph already).
 
     >>> macs, params = amc.count(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
     """
-    net = as_network(model, example_inputs, what="amc.count's model")
-    return sum(r["macs"] for r in node_costs(net, *example_inputs)), count_params(net)
+    net = as_network(model, example_inputs, example_kwargs, what="amc.count's model")
+    return sum(r["macs"] for r in node_costs(net, *example_inputs, **example_kwargs)), count_params(net)
 
 
 def summary_table(net: ReconstructedNetwork, *example_inputs: Any) -> str:

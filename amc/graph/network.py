@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..errors import GraphError
 from .node import InputNode, Node
-from .template import compile_args, compile_getter, iter_refs
+from .template import compile_args, compile_getter, iter_refs, portable_mappings, restore_mappings
 
 Observer = Callable[[Node, nn.Module, tuple, dict, Any], None]
 
@@ -59,9 +59,27 @@ class ReconstructedNetwork(nn.Module):
         self._plan = plan
         self._get_output = compile_getter(self.outputs)
 
+    def _positional_slots(self) -> int:
+        """How many positional arguments the capture saw (tensor inputs and constants)."""
+        constants = self.meta.get("input_constants", {})
+        ints = [n.index for n in self.input_nodes if isinstance(n.index, int)] + [k for k in constants if isinstance(k, int)]
+        return max(ints) + 1 if ints else 0
+
     def _bind_inputs(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
         env: Dict[str, Any] = {}
         kwargs = dict(kwargs)
+        slots = self._positional_slots()
+        if len(args) > slots:  # inputs captured as keywords may also be given positionally, in capture order
+            keyword_nodes = [n for n in self.input_nodes if not isinstance(n.index, int)]
+            extra, args = args[slots:], args[:slots]
+            if len(extra) > len(keyword_nodes):
+                raise TypeError(f"ReconstructedNetwork.forward() got {slots + len(extra)} positional arguments; "
+                                f"the capture saw {slots} positional and {len(keyword_nodes)} keyword input(s) "
+                                f"{[n.name for n in keyword_nodes]}: trace again with the extra ones")
+            for node, value in zip(keyword_nodes, extra):
+                if node.name in kwargs or node.index in kwargs:
+                    raise TypeError(f"ReconstructedNetwork.forward() got input {node.name!r} twice")
+                kwargs[node.name] = value
         for node in self.input_nodes:
             if isinstance(node.index, int) and node.index < len(args):
                 env[node.name] = args[node.index]
@@ -213,10 +231,12 @@ class ReconstructedNetwork(nn.Module):
         state = self.__dict__.copy()
         state.pop("_plan", None)
         state.pop("_get_output", None)
+        state["outputs"] = portable_mappings(self.outputs)  # ModelOutput classes stored by name
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.outputs = restore_mappings(self.outputs)
         self.recompile()
 
     def iter_nodes(self) -> Iterator[Tuple[Node, nn.Module]]:
@@ -229,11 +249,18 @@ class ReconstructedNetwork(nn.Module):
         return dict(self.meta.get("fallback_ops", {}))
 
     def example_inputs(self, batch_size: Optional[int] = None) -> Tuple[Any, ...]:
-        """Random inputs shaped like the captured ones (for counting, export and quick checks)."""
-        out = []
-        for node in sorted((n for n in self.input_nodes if isinstance(n.index, int)), key=lambda n: n.index):
-            out.append(_make_like(node.meta.get("out"), batch_size))
-        return tuple(out)
+        """Random inputs shaped like the captured ones (for counting, export and quick checks), positional
+        first, then the inputs captured as keywords in capture order: `net(*net.example_inputs())` runs."""
+        positional = sorted((n for n in self.input_nodes if isinstance(n.index, int)), key=lambda n: n.index)
+        keyword = [n for n in self.input_nodes if not isinstance(n.index, int)]
+        if not keyword:
+            return tuple(_make_like(n.meta.get("out"), batch_size) for n in positional)
+        # keyword inputs follow every positional slot (constants included), as forward() binds them
+        constants = self.meta.get("input_constants", {})
+        by_index = {n.index: n for n in positional}
+        out = [_make_like(by_index[i].meta.get("out"), batch_size) if i in by_index else constants.get(i)
+               for i in range(self._positional_slots())]
+        return tuple(out + [_make_like(n.meta.get("out"), batch_size) for n in keyword])
 
     # -- convenience delegates (seed names) ------------------------------------------------------
     def summary(self, *example_inputs: Any, file: Any = None) -> str:

@@ -6,8 +6,9 @@ into JSON.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,65 @@ def compile_args(args: Tuple[Any, ...]) -> Callable[[Dict[str, Any]], List[Any]]
         return lambda env: [env[n] for n in names]
     getters = [compile_getter(a) for a in args]
     return lambda env: [g(env) for g in getters]
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping subclasses (Hugging Face `ModelOutput`) in templates, stored by class name.
+
+@dataclass
+class MappingTemplate:
+    """A stand-in for a dict subclass inside a template, so files name the class as data, not as code:
+    pkl and JSON store `cls` (a dotted path) and the items, and loading rebuilds the class only when
+    `mapping_class` allows it (else a plain dict with the same keys)."""
+
+    cls: str
+    items: List[Tuple[Any, Any]]
+
+
+def _plain_mapping(obj: Any) -> bool:
+    return type(obj) is dict or type(obj).__name__ == "OrderedDict" and type(obj).__module__ == "collections"
+
+
+def portable_mappings(obj: Any) -> Any:
+    """`obj` with every dict subclass other than dict/OrderedDict replaced by a MappingTemplate."""
+    if isinstance(obj, dict) and not _plain_mapping(obj):
+        return MappingTemplate(f"{type(obj).__module__}.{type(obj).__qualname__}",
+                               [(k, portable_mappings(v)) for k, v in obj.items()])
+    if isinstance(obj, dict):
+        return type(obj)((k, portable_mappings(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [portable_mappings(v) for v in obj]
+    if isinstance(obj, tuple) and not _is_namedtuple(obj):
+        return tuple(portable_mappings(v) for v in obj)
+    return obj
+
+
+def restore_mappings(obj: Any) -> Any:
+    """Inverse of `portable_mappings` for the classes `mapping_class` allows; others become dicts."""
+    if isinstance(obj, MappingTemplate):
+        cls = mapping_class(obj.cls) or dict
+        items = [(k, restore_mappings(v)) for k, v in obj.items]
+        return cls(**{str(k): v for k, v in items}) if cls is not dict else dict(items)
+    if isinstance(obj, dict):
+        return type(obj)((k, restore_mappings(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [restore_mappings(v) for v in obj]
+    if isinstance(obj, tuple) and not _is_namedtuple(obj):
+        return tuple(restore_mappings(v) for v in obj)
+    return obj
+
+
+def mapping_class(path: str) -> Optional[type]:
+    """A Hugging Face `ModelOutput` class named by `path`, or None. Imports nothing the path names: only
+    `transformers.modeling_outputs` (a fixed module), when transformers is installed."""
+    if not isinstance(path, str) or not path.startswith("transformers."):
+        return None
+    try:
+        import transformers.modeling_outputs  # noqa: F401
+        from transformers.utils import ModelOutput
+    except ImportError:
+        return None
+    module, _, name = path.rpartition(".")
+    mod = sys.modules.get(module)
+    cls = getattr(mod, name, None) if mod is not None else None
+    return cls if isinstance(cls, type) and issubclass(cls, ModelOutput) else None

@@ -2,9 +2,12 @@
 
 Public API (see README): ``amc.trace``, ``amc.count``, ``amc.prune``, ``amc.prune_groups``,
 ``amc.ReconstructedNetwork``; compressors, tuners and trainers live in their subpackages.
-Attributes are imported lazily so ``import amc`` stays cheap and subpackages stay independent.
+Attributes and subpackages (``amc.compressors``, ``amc.trainers``, ...) are imported lazily on first
+access, so ``import amc`` stays cheap and ``amc.compressors.ChannelPruning`` works without importing
+the subpackage first.
 """
 from importlib import import_module
+from typing import Any, List
 
 from .version import __version__
 
@@ -14,15 +17,22 @@ _LAZY = {
     "count": "amc.graph.counting",
     "prune": "amc.compressors.prune",
     "prune_groups": "amc.compressors.prune",
-    "errors": "amc.errors",
 }
 
+#: Subpackages and modules reachable as attributes of ``amc`` without an explicit import.
+_SUBMODULES = ("compressors", "data", "errors", "export", "graph", "jobs", "models", "trainers", "tuners", "cli")
 
-def __getattr__(name: str):
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return import_module(f"amc.{name}")  # the import also binds it on this module
     if name in _LAZY:
-        module = import_module(_LAZY[name])
-        return module if name == "errors" else getattr(module, name)
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'amc' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_LAZY]
+def __dir__() -> List[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
+
+
+__all__ = ["__version__", *_LAZY, "errors"]

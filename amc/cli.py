@@ -31,6 +31,17 @@ class Command:
 COMMANDS: Dict[str, Command] = {}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` appends each option's default, so no help string has to repeat it. Flags and unset
+    options (default False, None or []) show none, nor does help that already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == [] or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
     """Register `fn(args) -> exit code` as `amc <name>`; `configure(parser)` declares its options."""
     def decorate(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -44,17 +55,29 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
-    parser = argparse.ArgumentParser(prog="amc", description="Auto Model Compressor")
+    parser = argparse.ArgumentParser(prog="amc", description="Auto Model Compressor", formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"amc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, formatter_class=HelpFormatter)
         cmd.configure(p)
         p.set_defaults(_run=cmd.run)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (`amc trace --list-models | head`): stop quietly, as Unix tools do.
+        # stdout is pointed at /dev/null so the interpreter's final flush cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a tool killed by the signal reports
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
@@ -78,11 +101,13 @@ def classification_models() -> List[str]:
 
 def _configure_trace(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="torchvision classification model name, e.g. resnet18")
-    p.add_argument("--out", default="amc_out", help="output directory (default: amc_out)")
-    p.add_argument("--input-size", type=int, default=224, help="square input resolution (default: 224)")
-    p.add_argument("--batch", type=int, default=2, help="example batch size (default: 2)")
+    p.add_argument("--out", default="amc_out", help="output directory")
+    p.add_argument("--input-size", type=int, default=224, help="square input resolution")
+    p.add_argument("--batch", type=int, default=2,
+                   help="example batch size used for tracing (the summary's MACs are per sample, batch 1)")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
-    p.add_argument("--format", default="png", help="drawing format rendered by graphviz dot (default: png)")
+    p.add_argument("--format", default="png",
+                   help="drawing format rendered by graphviz dot; an .svg is written beside a raster format")
     p.add_argument("--list-models", action="store_true", help="print the valid model names and exit")
 
 
@@ -128,7 +153,8 @@ def trace_command(args: argparse.Namespace) -> int:
     model = tvm.get_model(args.model, weights=None).eval()
     x = torch.randn(args.batch, 3, args.input_size, args.input_size)
     net = trace(model, x)
-    net.summary(x)
+    net.summary(x[:1])  # per-sample figures: what papers and model cards quote
+    print(f"(MACs per sample, batch 1; traced with an example batch of {args.batch})")
 
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, args.model)
@@ -137,6 +163,8 @@ def trace_command(args: argparse.Namespace) -> int:
         written.append(net.save_to_onnx(base + ".onnx", x))
     drawing = net.draw(base, format=args.format)
     written += [base + ".gv"] + ([drawing] if drawing != base + ".gv" else [])
+    if drawing not in (base + ".gv", base + ".svg") and os.path.isfile(base + ".svg"):  # drawn beside it
+        written.append(base + ".svg")
     if shutil.which("dot") is None:
         print("graphviz `dot` not found: wrote the .gv source only", file=sys.stderr)
 
@@ -153,7 +181,6 @@ def trace_command(args: argparse.Namespace) -> int:
     return 0
 
 
-
 # ----------------------------------------------------------------------------------------------
 # amc compress (the main job lives in amc.jobs.compress)
 
@@ -166,6 +193,23 @@ def _configure_compress(p: argparse.ArgumentParser) -> None:
 @command("compress", "train a zoo model, compress it, fine-tune, export, print before/after", _configure_compress)
 def _compress(args: argparse.Namespace) -> int:
     from .jobs.compress import run_from_args
+
+    return run_from_args(args)
+
+
+# ----------------------------------------------------------------------------------------------
+# amc search (the job lives in amc.jobs.search)
+
+def _configure_search(p: argparse.ArgumentParser) -> None:
+    from .jobs.search import configure
+
+    configure(p)
+
+
+@command("search", "search per-layer ratios (DDPG, GA, random) under a MACs budget; writes policy, history, plot",
+         _configure_search)
+def _search(args: argparse.Namespace) -> int:
+    from .jobs.search import run_from_args
 
     return run_from_args(args)
 

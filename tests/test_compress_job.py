@@ -1,10 +1,15 @@
-"""The main job end to end on the digits: files written, before/after table printed, MACs halved."""
+"""The main job end to end on the digits: files written, before/after table printed, MACs halved,
+the budget vocabulary (`--target-macs` kept, deprecated `--ratio` removed), progress, `--original`."""
 from __future__ import annotations
 
 import json
+import re
+import warnings
 
 import pytest
+import torch
 
+from amc.errors import LoadError, PruningError
 from amc.jobs import compress as job
 
 
@@ -14,8 +19,10 @@ def test_job_writes_files_and_table(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "before (digits_resnet)" in text and "after channel_pruning + FT" in text
     assert "params" in text and "MACs" in text and "latency" in text
-    for name in ("compressed.json", "compressed.pkl", "compressed.onnx", "summary.json"):
+    wrote = re.search(r"wrote (.*)$", text, re.M).group(1).split(", ")
+    for name in ("compressed.json", "compressed.safetensors", "compressed.pkl", "compressed.onnx", "summary.json"):
         assert (out / name).is_file(), name
+        assert str(out / name) in wrote, name  # every file written is named, the weights sidecar too
     saved = json.loads((out / "summary.json").read_text())
     assert saved["macs_fraction"] <= 0.5
     before, after = saved["rows"][0], saved["rows"][-1]
@@ -23,12 +30,82 @@ def test_job_writes_files_and_table(tmp_path, capsys):
     assert summary["rows"][1]["acc"] > 0.5  # channel pruning + least squares before fine-tuning
 
 
-def test_job_l1_method_and_bad_ratio(tmp_path, capsys):
+def test_job_l1_method_and_bad_budget(tmp_path, capsys):
     summary = job.run(["--method", "l1", "--epochs", "1", "--finetune-epochs", "0", "--out", str(tmp_path),
                        "--no-progress"])
-    assert summary["macs_fraction"] <= 0.5
-    with pytest.raises(Exception, match="ratio"):
-        job.run(["--ratio", "1.5", "--out", str(tmp_path), "--no-progress"])
+    assert summary["macs_fraction"] <= 0.5 and summary["target_macs"] == 0.5
+    with pytest.raises(PruningError, match="--target-macs is the fraction of MACs kept"):
+        job.run(["--target-macs", "1.5", "--out", str(tmp_path), "--no-progress"])
+
+
+def test_target_macs_is_the_fraction_kept(tmp_path, capsys):
+    """--target-macs 0.7 keeps 70% of the MACs (as the API's target_macs); read as 'removed' it would keep 30%."""
+    fast = ["--method", "l1", "--epochs", "1", "--finetune-epochs", "0", "--out", str(tmp_path), "--no-progress"]
+    summary = job.run(["--target-macs", "0.7", *fast])
+    assert 0.6 < summary["macs_fraction"] <= 0.7 and summary["target_macs"] == 0.7
+    with pytest.warns(FutureWarning, match=r"--ratio .* is deprecated.*--ratio 0.3 is --target-macs 0.7"):
+        old = job.run(["--ratio", "0.3", *fast])  # the deprecated alias: the fraction removed
+    assert old["target_macs"] == pytest.approx(0.7) and old["macs_fraction"] == summary["macs_fraction"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        job.resolve_options(job.build_parser().parse_args(["--target-macs", "0.7"]))  # no warning without --ratio
+    with pytest.warns(FutureWarning), pytest.raises(PruningError, match="disagree"):
+        job.resolve_options(job.build_parser().parse_args(["--ratio", "0.3", "--target-macs", "0.5"]))
+    with pytest.raises(PruningError, match="--ratio is the fraction of MACs removed"):
+        job.resolve_options(job.build_parser().parse_args(["--ratio", "1.5"]))
+
+
+def test_per_data_defaults():
+    digits = job.resolve_options(job.build_parser().parse_args([]))
+    fashion = job.resolve_options(job.build_parser().parse_args(["--data", "fashion_mnist"]))
+    assert (digits.epochs, digits.finetune_epochs, digits.trainset_ratio) == (10, 3, 0.5)
+    assert fashion.epochs == job.DATA_DEFAULTS["fashion_mnist"]["epochs"] and fashion.trainset_ratio < 0.5
+    given = job.resolve_options(job.build_parser().parse_args(["--data", "fashion_mnist", "--epochs", "1"]))
+    assert given.epochs == 1  # an explicit value wins
+
+
+def test_job_shows_progress_per_batch(tmp_path, capsys):
+    """Stage lines and a per-batch bar with loss, accuracy and ETA, not one bar that sits at 0/5."""
+    job.run(["--method", "l1", "--epochs", "1", "--finetune-epochs", "1", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    for stage in ("[1/5] train digits_resnet on digits: 1 epochs x 23 batches", "[2/5] compress with l1",
+                  "[3/5] fine-tune: 1 epochs", "[4/5] export", "[5/5] measure"):
+        assert stage in err, stage
+    assert re.search(r"train: +\d+%.*\| *\d+/23 \[.*<.*loss=\d\.\d+, acc=\d+\.\d%", err), err[-500:]
+    assert "23/23" in err and "val_acc=" in err and "fine-tune:" in err
+
+
+def test_original_weights_are_used_instead_of_training(tmp_path, capsys, one_thread):
+    from amc.data import digits_loaders
+    from amc.models import create, evaluate, train_classifier
+
+    torch.manual_seed(0)
+    model = create("digits_resnet")
+    train, val = digits_loaders(batch_size=64, seed=0)
+    train_classifier(model, train, val, epochs=1, seed=0)
+    acc = evaluate(model, val)["acc"]
+    torch.save(model.state_dict(), tmp_path / "original.pt")
+    summary = job.run(["--original", str(tmp_path / "original.pt"), "--method", "l1", "--finetune-epochs", "0",
+                       "--out", str(tmp_path / "out"), "--no-progress"])
+    assert "[1/5] original: loaded digits_resnet weights" in capsys.readouterr().err
+    assert summary["rows"][0]["acc"] == acc and summary["original"] == str(tmp_path / "original.pt")
+    with pytest.raises(LoadError, match="no such file"):
+        job.run(["--original", str(tmp_path / "missing.pt"), "--out", str(tmp_path), "--no-progress"])
+    torch.save(create("vgg_small").state_dict(), tmp_path / "vgg.pt")
+    with pytest.raises(LoadError, match="does not fit --model digits_resnet"):
+        job.run(["--original", str(tmp_path / "vgg.pt"), "--out", str(tmp_path), "--no-progress"])
+
+
+def test_channels_last_training_returns_the_default_format(one_thread):
+    from amc.data import digits_loaders
+    from amc.models import create, train_classifier
+
+    torch.manual_seed(0)
+    model = create("digits_resnet")
+    train, val = digits_loaders(batch_size=64, seed=0)
+    res = train_classifier(model, train, val, epochs=2, seed=0, channels_last=True)
+    assert res["acc"] > 0.85
+    assert all(p.is_contiguous() for p in model.parameters())  # NCHW again for capture and export
 
 
 def test_job_lowrank_meets_the_budget_and_fine_tunes(tmp_path, capsys):
@@ -47,5 +124,5 @@ def test_add_parser_registers_subcommand():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command")
     job.add_parser(sub)
-    ns = parser.parse_args(["compress", "--model", "vgg_small", "--method", "fpgm", "--ratio", "0.3"])
-    assert ns.model == "vgg_small" and ns.method == "fpgm" and ns.ratio == 0.3 and ns._run is job.run_from_args
+    ns = parser.parse_args(["compress", "--model", "vgg_small", "--method", "fpgm", "--target-macs", "0.7"])
+    assert ns.model == "vgg_small" and ns.method == "fpgm" and ns.target_macs == 0.7 and ns._run is job.run_from_args

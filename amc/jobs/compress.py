@@ -1,11 +1,14 @@
 """The main job: train a zoo model, compress it, fine-tune it, export it, and print before/after.
 
-    python -m amc.jobs.compress                     # digits_resnet on digits, MACs halved by ChannelPruning
-    python -m amc.jobs.compress --model vgg_small --data fashion_mnist --method l1 --ratio 0.5
+    amc compress                                    # digits_resnet on digits, MACs halved by ChannelPruning
+    amc compress --data fashion_mnist               # the same on Fashion-MNIST (minutes, see the README)
+    amc compress --model vgg_small --data fashion_mnist --method l1 --target-macs 0.5
 
-`--ratio` is the fraction of MACs to remove (0.5: the compressed network has <= half the MACs,
-checked with `amc.count`). Writes `<out>/compressed.{json,pkl,onnx}` (a format whose exporter fails
-is skipped with a logged warning) and `<out>/summary.json`.
+`--target-macs` is the fraction of the whole network's MACs kept (0.5: the compressed network has
+<= half the MACs, checked with `amc.count`), as `target_macs` means everywhere in the API; the old
+`--ratio` (fraction removed) still works with a deprecation warning. Writes
+`<out>/compressed.{json,safetensors,pkl,onnx}` (a format whose exporter fails is skipped with a logged
+warning) and `<out>/summary.json`; `--export vnmodel` adds `compressed.vnmodel`.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from ..errors import AmcError, PruningError
+from ..errors import AmcError, LoadError, PruningError
 
 if TYPE_CHECKING:  # torch is imported when the job runs, so `amc --help` stays fast
     import torch
@@ -29,42 +33,109 @@ logger = logging.getLogger("amc.jobs.compress")
 HELP = "train a zoo model, compress it (channel pruning, l1/l2/fpgm pruning, low-rank), fine-tune, export"
 METHODS = ("channel_pruning", "l1", "l2", "fpgm", "lowrank")
 DATASETS = ("digits", "fashion_mnist")
+EXTRA_EXPORTS = ("vnmodel",)
+#: Per-dataset defaults of the options left unset, chosen so the job finishes on a 2-core CPU (digits: under
+#: a minute; Fashion-MNIST: minutes at >= 90% test accuracy, see the README). One torch thread: these small
+#: models gain little from a second one, and on a shared machine it stalls waiting for a busy core. The
+#: Fashion nets train in NHWC (channels_last), ~1.5x faster on CPU; calibration uses few of its 469 batches.
+DATA_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "digits": {"epochs": 10, "finetune_epochs": 3, "trainset_ratio": 0.5, "threads": 1, "channels_last": False},
+    "fashion_mnist": {"epochs": 4, "finetune_epochs": 2, "trainset_ratio": 0.05, "threads": 1,
+                      "channels_last": True},
+}
+
+
+def _per_data(option: str) -> str:
+    return ", ".join(f"{v[option]} on {k}" for k, v in DATA_DEFAULTS.items())
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     """Declare the job's options on `p` (used by `amc compress` and by `run`)."""
-    p.add_argument("--model", default="digits_resnet",
-                   help="amc.models zoo name: digits_resnet, vgg_small, resnet20 (default: digits_resnet)")
+    p.add_argument("--model", default="digits_resnet", help="amc.models zoo name: digits_resnet, vgg_small, resnet20")
     p.add_argument("--method", default="channel_pruning", choices=METHODS, help="compression method")
-    p.add_argument("--ratio", type=float, default=0.5,
-                   help="fraction of MACs to remove, in (0, 1) (default: 0.5 = halve the MACs)")
-    p.add_argument("--data", default="digits", choices=DATASETS, help="dataset (default: digits)")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs of the original model (default: 10)")
-    p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs after compression (default: 3)")
-    p.add_argument("--out", default=os.path.join("out", "compress"), help="output folder (default: out/compress)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--trainset-ratio", type=float, default=0.5,
-                   help="fraction of the training batches used to calibrate channel pruning (default: 0.5)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="fraction of the whole network's MACs kept, in (0, 1); 0.5 halves them (default: 0.5)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="deprecated: fraction of MACs removed, i.e. 1 - --target-macs; use --target-macs")
+    p.add_argument("--data", default="digits", choices=DATASETS, help="dataset")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs of the original model (default: {_per_data('epochs')})")
+    p.add_argument("--finetune-epochs", type=int, default=None,
+                   help=f"fine-tuning epochs after compression (default: {_per_data('finetune_epochs')})")
+    p.add_argument("--original", default=None, metavar="PATH",
+                   help="start from these weights of --model (a state_dict saved with torch.save, e.g. the cached "
+                        "originals of scripts/fashion_originals.py in ~/.cache/amc_bench) instead of training")
+    p.add_argument("--out", default=os.path.join("out", "compress"), help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--trainset-ratio", type=float, default=None,
+                   help="fraction of the training batches used to calibrate channel pruning and low-rank "
+                        f"(default: {_per_data('trainset_ratio')})")
     p.add_argument("--sampled-pixels", type=int, default=10,
-                   help="output positions sampled per image and layer by channel pruning (default: 10)")
+                   help="output positions sampled per image and layer by channel pruning")
     p.add_argument("--train-limit", type=int, default=None, help="use only this many training images (fashion_mnist)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: 1 for the tiny digits models, else torch's default)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="torch threads (default: 1; small models gain little from more, and a shared machine's "
+                        "busy core stalls them)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the stage lines stay)")
+    p.add_argument("--policy", default=None,
+                   help="policy JSON of `amc search`: its compressor and per-layer ratios replace --method and "
+                        "--target-macs")
+    p.add_argument("--export", action="append", choices=EXTRA_EXPORTS, default=[],
+                   help="also write <out>/compressed.vnmodel: an ONNX Runtime ORT file at the data's image size "
+                        "(the seed's save_to_vnmodel; not Venus's own format)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """`amc compress`: add this job to an argparse subparsers object."""
-    p = subparsers.add_parser("compress", help=HELP, description=HELP)
+    from ..cli import HelpFormatter
+
+    p = subparsers.add_parser("compress", help=HELP, description=HELP, formatter_class=HelpFormatter)
     configure(p)
     p.set_defaults(_run=run_from_args)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="amc compress", description=HELP)
+    from ..cli import HelpFormatter
+
+    p = argparse.ArgumentParser(prog="amc compress", description=HELP, formatter_class=HelpFormatter)
     configure(p)
     return p
+
+
+def resolve_options(ns: argparse.Namespace) -> argparse.Namespace:
+    """Fill the per-dataset defaults and turn the deprecated `--ratio` into `--target-macs` (in place).
+
+    Raises PruningError on a budget outside (0, 1), or `--ratio` and `--target-macs` that disagree.
+    """
+    ratio = getattr(ns, "ratio", None)
+    if ratio is not None:
+        if not 0.0 < ratio < 1.0:
+            raise PruningError(f"--ratio is the fraction of MACs removed and must be in (0, 1), got {ratio}; "
+                               "better, give --target-macs, the fraction kept (--ratio is deprecated)")
+        warnings.warn("amc compress: --ratio (fraction of MACs removed) is deprecated; use --target-macs, the "
+                      f"fraction kept: --ratio {ratio:g} is --target-macs {1.0 - ratio:g}", FutureWarning,
+                      stacklevel=2)
+        if ns.target_macs is not None and abs(ns.target_macs - (1.0 - ratio)) > 1e-9:
+            raise PruningError(f"--ratio {ratio} (fraction removed) and --target-macs {ns.target_macs} (fraction "
+                               "kept) disagree; give only --target-macs")
+        ns.target_macs = 1.0 - ratio
+        ns.ratio = None
+    if ns.target_macs is None:
+        ns.target_macs = 0.5
+    if getattr(ns, "original", None) and not os.path.isfile(ns.original):
+        raise LoadError(f"--original {ns.original!r}: no such file; give a state_dict saved with torch.save, e.g. "
+                        "one of ~/.cache/amc_bench/*.pt written by scripts/fashion_originals.py")
+    if not 0.0 < ns.target_macs < 1.0:
+        raise PruningError(f"--target-macs is the fraction of MACs kept and must be in (0, 1), got "
+                           f"{ns.target_macs}; 0.5 halves the MACs")
+    defaults = DATA_DEFAULTS[ns.data]
+    for option in ("epochs", "finetune_epochs", "trainset_ratio"):
+        if getattr(ns, option, None) is None:
+            setattr(ns, option, defaults[option])
+    if ns.epochs < 1 or ns.finetune_epochs < 0:
+        raise PruningError("--epochs must be >= 1 and --finetune-epochs >= 0")
+    return ns
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,14 +185,17 @@ def latency_ms(net: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
 def _compress(ns: argparse.Namespace, net: Any, train, val, x1: torch.Tensor) -> Any:
     from ..compressors.prune import prune
 
-    target = 1.0 - ns.ratio
+    if getattr(ns, "policy", None):
+        from .search import compress_with_policy
+
+        return compress_with_policy(ns, net, train, x1)
+
+    target = ns.target_macs
     if ns.method == "channel_pruning":
         from ..compressors.channel_pruning import ChannelPruning
 
         cp = ChannelPruning(net, train, val, trainset_ratio=ns.trainset_ratio, sampled_pixels_per_img=ns.sampled_pixels,
-                            compress_ratio=0.0, example_inputs=(x1,), seed=ns.seed)
-        cp.compress_ratio = cp.uniform_ratio_for_macs(target)
-        logger.info("channel pruning: per-group channel ratio %.4f for MACs <= %.2f", cp.compress_ratio, target)
+                            target_macs=target, example_inputs=(x1,), seed=ns.seed)
         return cp.compress()
     if ns.method in ("l1", "l2", "fpgm"):
         return prune(net, criterion=ns.method, example_inputs=(x1,), target_macs=target)
@@ -134,25 +208,53 @@ def _compress(ns: argparse.Namespace, net: Any, train, val, x1: torch.Tensor) ->
     # BatchNorm after its split conv: with it folded away the BN-free net diverges when fine-tuned at
     # the job's lr (digits_resnet: NaN at lr 0.02; with BN kept: 97.8% after 3 epochs).
     lr = LowRankDecomposition(origin_net=net, trainloader=train, valloader=val, trainset_ratio=ns.trainset_ratio,
-                              sampled_pixels_per_img=ns.sampled_pixels, compress_ratio=ns.ratio,
-                              target_macs=1.0 - ns.ratio, fold_bn=False, example_inputs=(x1,), seed=ns.seed)
+                              sampled_pixels_per_img=ns.sampled_pixels, compress_ratio=1.0 - target,
+                              target_macs=target, fold_bn=False, example_inputs=(x1,), seed=ns.seed)
     return lr.compress()
 
 
-def _export(net: Any, out: str, x1: torch.Tensor) -> List[str]:
+def _export(net: Any, out: str, x1: torch.Tensor, extra: Sequence[str] = ()) -> List[str]:
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, "compressed")
     written: List[str] = []
-    for fmt, fn in (("json", lambda: net.save_to_json(file=base + ".json")),
-                    ("pkl", lambda: net.save(pkl=base + ".pkl")),
-                    ("onnx", lambda: net.save_to_onnx(base + ".onnx", x1))):
+    formats = [("json", lambda: net.save_to_json(file=base + ".json")),
+               ("pkl", lambda: net.save(pkl=base + ".pkl")),
+               ("onnx", lambda: net.save_to_onnx(base + ".onnx", x1))]
+    if "vnmodel" in extra:
+        formats.append(("vnmodel", lambda: net.save_to_vnmodel(pkl=base + ".vnmodel",
+                                                              model_base_size_hw=tuple(x1.shape[-2:]))))
+    for fmt, fn in formats:
         try:
             written.append(str(fn()))
         except ImportError as exc:
             logger.warning("skipped the %s export: its exporter is not available (%s)", fmt, exc)
+            continue
         except Exception as exc:  # noqa: BLE001 - one exporter's gap must not lose the others
             logger.warning("skipped the %s export: %s: %s", fmt, type(exc).__name__, exc)
+            continue
+        if fmt == "json" and os.path.isfile(base + ".safetensors"):
+            written.append(base + ".safetensors")  # the JSON's weights sidecar: ship the two together
     return written
+
+
+def _stage(index: int, text: str) -> None:
+    """One line per stage on stderr, so a long stage is never silent even without bars."""
+    print(f"amc compress [{index}/5] {text}", file=sys.stderr, flush=True)
+
+
+def _load_original(ns: argparse.Namespace, model: Any) -> None:
+    import torch
+
+    try:
+        state = torch.load(ns.original, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise LoadError(f"--original {ns.original!r} is not a torch.save state_dict ({type(exc).__name__}: "
+                        f"{exc})") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise LoadError(f"--original {ns.original!r} does not fit --model {ns.model} on --data {ns.data}: {exc}; "
+                        "give the weights of that model") from None
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
@@ -168,71 +270,65 @@ def compress_job(ns: argparse.Namespace) -> Dict[str, Any]:
     """Run the job for parsed options; returns the summary (also written to `<out>/summary.json`)."""
     import torch
 
+    from ..export.atomic import atomic_write
     from ..graph.capture import trace
     from ..graph.counting import count
     from ..models import evaluate, train_classifier
 
-    if not 0.0 < ns.ratio < 1.0:
-        raise PruningError(f"--ratio is the fraction of MACs to remove and must be in (0, 1), got {ns.ratio}")
-    if ns.epochs < 1 or ns.finetune_epochs < 0:
-        raise PruningError("--epochs must be >= 1 and --finetune-epochs >= 0")
-    threads = ns.threads if ns.threads else (1 if ns.data == "digits" else None)
+    resolve_options(ns)
+    defaults = DATA_DEFAULTS[ns.data]
+    threads = ns.threads if ns.threads else defaults["threads"]
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)  # tiny models: one thread is measurably faster on a shared box
-    steps = ["train", "compress", "fine-tune", "export", "measure"]
-    bar = None
-    if not ns.no_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(steps), desc="amc compress", file=sys.stderr)
-
-    def step(name: str) -> None:
-        if bar is not None:
-            bar.set_postfix_str(name)
-
-    def done() -> None:
-        if bar is not None:
-            bar.update(1)
-
+    bars = not ns.no_progress
+    t0 = time.perf_counter()
     try:
         model, size = _model(ns)
         train, val = _loaders(ns, size)
-        step("train")
-        t0 = time.perf_counter()
-        res = train_classifier(model, train, val, epochs=ns.epochs, seed=ns.seed)
-        logger.info("trained %s for %d epochs in %.1fs: val acc %.4f", ns.model, ns.epochs, res["seconds"], res["acc"])
-        done()
+        if ns.original:
+            _load_original(ns, model)
+            _stage(1, f"original: loaded {ns.model} weights from {ns.original}")
+        else:
+            _stage(1, f"train {ns.model} on {ns.data}: {ns.epochs} epochs x {len(train)} batches")
+            res = train_classifier(model, train, val, epochs=ns.epochs, seed=ns.seed, channels_last=defaults[
+                "channels_last"], progress="train" if bars else None)
+            logger.info("trained %s for %d epochs in %.1fs: val acc %.4f", ns.model, ns.epochs, res["seconds"],
+                        res["acc"])
         x1 = next(iter(val))[0][:1]
         net = trace(model.eval(), x1)
-        step("compress")
+        _stage(2, f"compress with {ns.method} to <= {ns.target_macs:g} of the MACs"
+               + (f" (calibrating on {ns.trainset_ratio:g} of the training batches)"
+                  if ns.method in ("channel_pruning", "lowrank") else ""))
         t1 = time.perf_counter()
         small = _compress(ns, net, train, val, x1)
         compress_s = time.perf_counter() - t1
+        if getattr(ns, "ratio", None) is not None:  # `--policy` records its budget as a removed fraction
+            ns.target_macs, ns.ratio = 1.0 - ns.ratio, None
         small.lint()
         macs0, params0 = count(net, x1)
         macs1, params1 = count(small, x1)
-        target = (1.0 - ns.ratio) * macs0
+        target = ns.target_macs * macs0
         if macs1 > target * 1.0001:
-            raise PruningError(f"compressed MACs {macs1:,} exceed the target {target:,.0f} (ratio {ns.ratio})")
+            raise PruningError(f"compressed MACs {macs1:,} exceed the target {target:,.0f} "
+                               f"(--target-macs {ns.target_macs:g})")
         acc_pruned = evaluate(small, val)["acc"]
-        done()
-        step("fine-tune")
         acc_ft = acc_pruned
         if ns.finetune_epochs > 0:
-            acc_ft = train_classifier(small, train, val, epochs=ns.finetune_epochs, lr=0.02, seed=ns.seed)["acc"]
-        done()
-        step("export")
+            _stage(3, f"fine-tune: {ns.finetune_epochs} epochs x {len(train)} batches "
+                          f"(compressed in {compress_s:.1f}s, {100 * acc_pruned:.2f}% before fine-tuning)")
+            acc_ft = train_classifier(small, train, val, epochs=ns.finetune_epochs, lr=0.02, seed=ns.seed,
+                                      channels_last=defaults["channels_last"],
+                                      progress="fine-tune" if bars else None)["acc"]
+        else:
+            _stage(3, "fine-tune: skipped (--finetune-epochs 0)")
+        _stage(4, f"export to {ns.out}")
         small.eval()
-        files = _export(small, ns.out, x1)
-        done()
-        step("measure")
+        files = _export(small, ns.out, x1, getattr(ns, "export", None) or ())
+        _stage(5, "measure accuracy and latency")
         acc0 = evaluate(net, val)["acc"]
         lat0, lat1 = latency_ms(net, x1), latency_ms(small, x1)
-        done()
     finally:
-        if bar is not None:
-            bar.close()
         torch.set_num_threads(old_threads)
     rows = [
         {"name": f"before ({ns.model})", "params": params0, "macs": macs0, "acc": acc0, "latency_ms": lat0},
@@ -240,16 +336,17 @@ def compress_job(ns: argparse.Namespace) -> Dict[str, Any]:
         {"name": f"after {ns.method} + FT", "params": params1, "macs": macs1, "acc": acc_ft, "latency_ms": lat1},
     ]
     table = format_table(rows)
-    summary = {"model": ns.model, "method": ns.method, "data": ns.data, "ratio": ns.ratio, "rows": rows,
+    summary = {"model": ns.model, "method": ns.method, "data": ns.data, "target_macs": ns.target_macs,
+               "epochs": ns.epochs, "finetune_epochs": ns.finetune_epochs, "original": ns.original, "rows": rows,
                "macs_fraction": macs1 / macs0, "compress_seconds": compress_s,
                "total_seconds": time.perf_counter() - t0, "files": files, "table": table}
     os.makedirs(ns.out, exist_ok=True)
-    with open(os.path.join(ns.out, "summary.json"), "w") as f:
+    with atomic_write(os.path.join(ns.out, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "table"}, f, indent=2)
     summary["files"].append(os.path.join(ns.out, "summary.json"))
     print(table)
-    print(f"MACs {macs1 / macs0:.3f}x of the original; compressed in {compress_s:.1f}s; wrote "
-          + ", ".join(summary["files"]))
+    print(f"MACs {macs1 / macs0:.3f}x of the original; compressed in {compress_s:.1f}s; whole job "
+          f"{summary['total_seconds']:.0f}s; wrote " + ", ".join(summary["files"]))
     return summary
 
 

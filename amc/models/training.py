@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Iterable, List, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -49,12 +49,19 @@ def train_classifier(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     seed: int = 0,
+    progress: Optional[str] = None,
+    channels_last: bool = False,
 ) -> Dict[str, object]:
     """Train ``model`` in place; return final validation ``acc``/``loss`` plus ``history`` and ``seconds``.
 
     Deterministic for a given ``seed``: the global RNG is seeded inside a fork (and restored after),
     and a loader with its own shuffle ``generator`` (as amc.data builds them) has it reseeded, so
     reusing a loader does not change the run.
+
+    ``progress``: a label to show one tqdm bar (stderr) over all ``epochs x batches``, with the
+    running loss and accuracy of the epoch, the last validation accuracy and an ETA; None: silent.
+    ``channels_last``: train in NHWC memory format (oneDNN's CPU convolutions run ~1.5x faster on
+    the small CNNs here); the weights are returned in the default format.
 
     Raises TrainingError if the loss becomes non-finite (lower ``lr``), DataError on an empty loader.
     """
@@ -64,6 +71,8 @@ def train_classifier(
     if steps_per_epoch == 0:
         raise DataError("train_classifier: train_loader yields no batches")
     model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -83,14 +92,37 @@ def train_classifier(
     loader_gen = getattr(train_loader, "generator", None)
     if isinstance(loader_gen, torch.Generator):
         loader_gen.manual_seed(int(seed))  # the loader's own shuffle stream restarts too
-    with torch.random.fork_rng(devices=[]):
+    bar = _bar(progress, int(epochs) * steps_per_epoch)
+    try:
+        _run_epochs(model, train_loader, val_loader, int(epochs), opt, sched, device, lr, seed, bar, channels_last,
+                    history)
+    finally:
+        if channels_last:
+            model.to(memory_format=torch.contiguous_format)
+    final = history[-1]
+    return {
+        "acc": final["acc"],
+        "loss": final["loss"],
+        "train_loss": final["train_loss"],
+        "history": history,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _run_epochs(model: nn.Module, train_loader: Iterable[Batch], val_loader: Iterable[Batch], epochs: int,
+                opt: torch.optim.Optimizer, sched: Any, device: Union[str, torch.device], lr: float, seed: int,
+                bar: Any, channels_last: bool, history: List[Dict[str, float]]) -> None:
+    with torch.random.fork_rng(devices=[]), bar:
         torch.manual_seed(int(seed))
         for epoch in range(int(epochs)):
             model.train()
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen, hits = 0.0, 0, 0
             for x, y in train_loader:
                 x, y = x.to(device), y.to(device)
-                loss = F.cross_entropy(model(x), y)
+                if channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
                 if not math.isfinite(loss.item()):
                     raise TrainingError(
                         f"train_classifier: loss became {loss.item()} in epoch {epoch}; lower lr (now {lr})"
@@ -101,13 +133,39 @@ def train_classifier(
                 sched.step()
                 loss_sum += loss.item() * int(y.numel())
                 seen += int(y.numel())
+                hits += int((logits.detach().argmax(1) == y).sum())
+                bar.update(1)
+                bar.set_postfix(_postfix(epoch, epochs, loss_sum / seen, hits / seen, history), refresh=False)
             val = evaluate(model, val_loader, device)
             history.append({"epoch": float(epoch + 1), "train_loss": loss_sum / max(seen, 1), **val})
-    final = history[-1]
-    return {
-        "acc": final["acc"],
-        "loss": final["loss"],
-        "train_loss": final["train_loss"],
-        "history": history,
-        "seconds": time.perf_counter() - start,
-    }
+            bar.set_postfix(_postfix(epoch, epochs, loss_sum / max(seen, 1), hits / max(seen, 1), history))
+
+
+def _bar(label: Optional[str], total: int) -> Any:
+    """A tqdm bar on stderr, or a do-nothing stand-in when ``label`` is None."""
+    if label is None:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=label, unit="batch", dynamic_ncols=True, mininterval=0.5)
+
+
+def _postfix(epoch: int, epochs: int, loss: float, acc: float, history: List[Dict[str, float]]) -> Dict[str, str]:
+    post = {"epoch": f"{epoch + 1}/{int(epochs)}", "loss": f"{loss:.3f}", "acc": f"{100 * acc:.1f}%"}
+    if history:
+        post["val_acc"] = f"{100 * history[-1]['acc']:.1f}%"
+    return post
+
+
+class _NoBar:
+    def __enter__(self) -> "_NoBar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def update(self, n: int = 1) -> None:
+        return None
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        return None

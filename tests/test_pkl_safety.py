@@ -189,3 +189,26 @@ def test_own_pkl_of_zoo_loads_safely_and_runs_equal(tmp_path, name, one_thread):
     back = amc.ReconstructedNetwork.load(pkl=path)
     with torch.no_grad():
         assert torch.equal(back(x), net(x))
+
+
+def test_search_checkpoint_with_payload_refused(tmp_path):
+    from amc.tuners import RandomSearch
+
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "search.ckpt"
+    torch.save({"version": 1, "state": _System(marker)}, path)
+    with pytest.raises(LoadError, match="cannot read the search checkpoint"):
+        RandomSearch()._load(str(path), None)
+    assert not marker.exists()
+
+
+def test_ga_state_blob_needs_this_users_signature(tmp_path):
+    """pymoo's GA state can only be stored as a pickle: it is read only when this user's key signed it."""
+    from amc.tuners import GA
+
+    marker = tmp_path / "PWNED"
+    blob = pickle.dumps(_System(marker))
+    state = {"algorithm": torch.frombuffer(bytearray(blob), dtype=torch.uint8), "signature": "0" * 64}
+    with pytest.raises(LoadError, match="not written by this user"):
+        GA().load_state_dict(state)
+    assert not marker.exists()

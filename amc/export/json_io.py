@@ -34,6 +34,7 @@ import collections
 import hashlib
 import importlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -47,7 +48,7 @@ import torch.nn as nn
 
 from ..errors import ExportError, LoadError
 from ..version import __version__
-from .atomic import atomic_paths
+from .atomic import atomic_paths, previous_path
 
 FORMAT = "amc.ReconstructedNetwork/json"
 VERSION = 1
@@ -59,7 +60,7 @@ VERSION = 1
 _SIGNATURES = {frozenset(k): k[0] for k in [
     ("ref", "path"), ("tuple",), ("namedtuple", "fields", "values"), ("slice",), ("dtype",), ("device",),
     ("memory_format",), ("layout",), ("ellipsis",), ("float",), ("complex",), ("size",), ("dict",), ("odict",),
-    ("repr",)]}
+    ("repr",), ("mapping", "items")]}
 _DTYPES = {str(v).replace("torch.", ""): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
 _FORMATS = {str(v).replace("torch.", ""): v for v in vars(torch).values() if isinstance(v, torch.memory_format)}
 _LAYOUTS = {str(v).replace("torch.", ""): v for v in vars(torch).values() if isinstance(v, torch.layout)}
@@ -75,7 +76,7 @@ def encode_value(obj: Any, lenient: bool = False, tuples_as_lists: bool = False)
     def enc(v: Any) -> Any:
         return encode_value(v, lenient, tuples_as_lists)
 
-    from ..graph.template import Ref
+    from ..graph.template import MappingTemplate, Ref, portable_mappings
 
     if obj is None or isinstance(obj, (bool, str)):
         return obj
@@ -97,6 +98,10 @@ def encode_value(obj: Any, lenient: bool = False, tuples_as_lists: bool = False)
         return [enc(v) for v in obj] if tuples_as_lists else {"tuple": [enc(v) for v in obj]}
     if isinstance(obj, list):
         return [enc(v) for v in obj]
+    if isinstance(obj, MappingTemplate):  # a ModelOutput-like container, by class name
+        return {"mapping": obj.cls, "items": [[enc(k), enc(v)] for k, v in obj.items]}
+    if isinstance(obj, dict) and type(obj) not in (dict, collections.OrderedDict) and not lenient:
+        return enc(portable_mappings(obj))
     if isinstance(obj, dict):
         if type(obj) is collections.OrderedDict:
             return {"odict": [[enc(k), enc(v)] for k, v in obj.items()]}
@@ -124,7 +129,7 @@ def encode_value(obj: Any, lenient: bool = False, tuples_as_lists: bool = False)
 
 def decode_value(obj: Any) -> Any:
     """Inverse of `encode_value` (raises ValueError/KeyError/TypeError on malformed input)."""
-    from ..graph.template import Ref
+    from ..graph.template import MappingTemplate, Ref, restore_mappings
 
     if isinstance(obj, list):
         return [decode_value(v) for v in obj]
@@ -170,6 +175,11 @@ def decode_value(obj: Any) -> Any:
         return torch.Size(int(x) for x in _as_list(v, tag))
     if tag == "dict":
         return {_hashable(decode_value(k)): decode_value(x) for k, x in _as_list(v, tag)}
+    if tag == "mapping":  # rebuilt as that class only if it is an allowed ModelOutput; else a plain dict
+        if not isinstance(v, str):
+            raise TypeError(f"mapping must name a class, got {v!r}")
+        items = [(_hashable(decode_value(k)), decode_value(x)) for k, x in _as_list(obj["items"], tag)]
+        return restore_mappings(MappingTemplate(v, items))
     if tag == "odict":
         return collections.OrderedDict((_hashable(decode_value(k)), decode_value(x)) for k, x in _as_list(v, tag))
     return str(v)  # "repr": a meta value JSON could not hold, kept as its text
@@ -235,6 +245,11 @@ def register_json_op(*classes: type, to_config: ToConfig, from_config: Optional[
 
 def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def registered_json_classes() -> List[type]:
+    """Classes taught to the JSON format; the safe pkl loader allows them too."""
+    return list(_JSON_OPS)
 
 
 def _json_op(cls: type) -> Optional[JsonOp]:
@@ -355,6 +370,8 @@ def _register_defaults() -> None:
     register_json_op(ops.GetAttr, to_config=_getattr_config, from_config=_getattr_build)
     register_json_op(ops.ParamHolder, to_config=_param_config, from_config=_param_build)
     register_json_op(ops.Constant, to_config=lambda m: {"clone": bool(m.clone)}, from_config=_constant_build)
+    register_json_op(ops.ShapeGuard, to_config=lambda m: {"op": m.op, "expected": m.expected, "source": m.source,
+                                                          "captured": m.captured})
 
 
 _register_defaults()
@@ -699,11 +716,21 @@ def _load_tensors(path: str, doc: Dict[str, Any], device: Any) -> Tuple[Dict[str
     sidecar = os.path.join(os.path.dirname(os.path.abspath(path)), name)
     if not os.path.isfile(sidecar):
         raise _fail(path, f"its weights file {sidecar!r} is missing; copy it next to the JSON")
+    sidecar = _sidecar_matching(sidecar, weights.get("sha256"))
     try:
         tensors = load_file(sidecar, device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise _fail(path, f"weights file {sidecar!r} is truncated or not a safetensors file ({exc})") from None
     return tensors, sidecar
+
+
+def _sidecar_matching(sidecar: str, expected: Any) -> str:
+    """The sidecar, or the previous version `atomic_paths` kept when a save was killed between renames."""
+    backup = previous_path(sidecar)
+    if isinstance(expected, str) and os.path.isfile(backup) and _sha256(sidecar) != expected \
+            and _sha256(backup) == expected:
+        return backup
+    return sidecar
 
 
 def _assign(root: nn.ModuleDict, name: str, value: torch.Tensor, frozen: set) -> torch.Tensor:
@@ -730,7 +757,11 @@ def _has_meta_state(module: nn.Module) -> bool:
 
 
 def load_json(path: str, device: Any = "cpu") -> "ReconstructedNetwork":  # noqa: F821
-    """Rebuild a network written by `save_json` (no pickle; classes and functions from allowlists only)."""
+    """Rebuild a network written by `save_json` (no pickle; classes and functions from allowlists only).
+
+    The rebuilt graph is run once on inputs shaped like the recorded ones, so a file that is missing,
+    truncated, edited into inconsistency or paired with the wrong weights raises `amc.errors.LoadError`
+    (a ValueError) here, never another exception and never at the first call."""
     from ..graph.network import ReconstructedNetwork
     from ..graph.node import InputNode, Node
 
@@ -781,7 +812,10 @@ def load_json(path: str, device: Any = "cpu") -> "ReconstructedNetwork":  # noqa
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as exc:
         raise _fail(path, f"malformed amc JSON ({type(exc).__name__}: {exc})") from None
 
-    root = nn.ModuleDict(modules)
+    try:
+        root = nn.ModuleDict(modules)
+    except (KeyError, TypeError) as exc:  # "", or a name with a dot
+        raise _fail(path, f"a node names a module key nn.ModuleDict cannot hold ({exc})") from None
     _check_weights(path, root, tensors, aliases, sidecar)
     placed: Dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -804,11 +838,92 @@ def load_json(path: str, device: Any = "cpu") -> "ReconstructedNetwork":  # noqa
         net.lint()
     except Exception as exc:  # noqa: BLE001
         raise _fail(path, f"the described graph is inconsistent: {exc}") from exc
+    check_runs(path, net, device)
+    differs = weights.get("training_differs", [])
+    names = dict(net.named_modules())
+    if not isinstance(differs, list) or not all(isinstance(n, str) and n in names for n in differs):
+        raise _fail(path, f"weights.training_differs must list submodule names of the network, got {_short(repr(differs))}")
     net.train(bool(doc.get("training", False)))
-    for name in weights.get("training_differs", []):
-        sub = net.get_submodule(name)
-        sub.training = not net.training
+    for name in differs:
+        names[name].training = not net.training
     return net
+
+
+_CHECK_MAX_ELEMENTS = 1 << 26  # inputs bigger than this (256 MB of float32) are not built just to check
+
+
+def _described_elements(desc: Any) -> Any:
+    """Elements of the tensors a recorded description (`{"shape", "dtype"}`, nested) asks for."""
+    if isinstance(desc, dict) and isinstance(desc.get("shape"), list):
+        return math.prod(abs(v) if isinstance(v, (int, float)) else 1 for v in desc["shape"])
+    if isinstance(desc, (list, dict)):
+        return sum(_described_elements(v) for v in (desc.values() if isinstance(desc, dict) else desc))
+    return 0
+
+
+def check_runs(path: str, net: "ReconstructedNetwork", device: Any = None) -> None:  # noqa: F821
+    """Run the loaded graph once, in eval mode, on inputs shaped like the recorded ones: a file whose
+    nodes are wired or typed inconsistently fails here with a LoadError instead of at the user's first
+    call. The network's training flags and the caller's RNG state are kept; BN statistics are not
+    touched (it runs in eval mode, without grad). `device`:
+    where the inputs go (default: where the network's first tensor is)."""
+    try:
+        if device is None:
+            first = next(itertools.chain(net.parameters(), net.buffers()), None)
+            device = first.device if first is not None else "cpu"
+        bad = [n.name for n in net.input_nodes if not isinstance(n.meta, dict)]
+        training = [(m, m.training) for m in net.modules()]
+    except Exception as exc:  # noqa: BLE001 - a half-built module (corrupted pickle)
+        raise _fail(path, f"the stored network is incomplete ({type(exc).__name__}: {_short(str(exc), 200)})") from None
+    if bad:
+        raise _fail(path, f"inputs {bad[:5]} have a meta that is not an object")
+    if any(_described_elements(n.meta.get("out")) > _CHECK_MAX_ELEMENTS for n in net.input_nodes):
+        return
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        args, kwargs = _recorded_inputs(path, net, device)
+        try:
+            for m, _ in training:
+                m.training = False
+            net(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported as a problem of the file
+            # a network cast after tracing (net.double(), .half()) records inputs of the old dtype
+            if not _runs_cast(net, args, kwargs):
+                raise _fail(path, f"the described network does not run on inputs shaped like its recorded ones "
+                                  f"({type(exc).__name__}: {_short(str(exc), 300)}); the file was edited or "
+                                  "corrupted") from None
+        finally:
+            for m, flag in training:
+                m.training = flag
+
+
+def _runs_cast(net: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> bool:
+    """Whether `net` runs with the floating inputs cast to its parameters' dtype."""
+    def cast(v: Any) -> Any:
+        return v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    try:
+        dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), None)
+        if dtype is None:
+            return False
+        net(*map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+        return True
+    except Exception:  # noqa: BLE001 - the caller reports the first failure
+        return False
+
+
+def _recorded_inputs(path: str, net: "ReconstructedNetwork", device: Any) -> Tuple[tuple, Dict[str, Any]]:  # noqa: F821
+    """Random inputs shaped like the recorded ones (positional and keyword), on `device`."""
+    from ..graph.network import _make_like
+
+    try:
+        args = net.example_inputs()  # keyword inputs included, after the positional ones
+        kwargs: Dict[str, Any] = {}
+    except Exception as exc:  # noqa: BLE001 - the recorded input descriptions are malformed
+        raise _fail(path, f"the recorded input descriptions cannot be built ({type(exc).__name__}: "
+                          f"{_short(str(exc), 200)})") from None
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return args, kwargs
 
 
 def _check_weights(path: str, root: nn.ModuleDict, tensors: Dict[str, torch.Tensor], aliases: Dict[str, str],

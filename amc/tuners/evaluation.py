@@ -1,0 +1,168 @@
+"""Scoring candidate policies: the default evaluator, one evaluation job, and where jobs run.
+
+The default score is top-1 accuracy on held-out batches after the BatchNorm statistics of the
+compressed network are re-estimated on a few calibration batches (adaptive BN, as EagleEye and
+MetaPruning do): without it a pruned network's stale statistics rank policies almost at random.
+
+`executor="local"` evaluates in this process; `executor="ray"` hands candidates to Ray actors, each of
+which rebuilds the search space once from the same arguments, so results are identical and the same
+search runs on a Ray cluster (`ray.init(address=...)` before `search()` is the user's choice).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import DataError, PruningError
+
+Evaluator = Callable[[nn.Module], float]
+
+
+def take_batches(loader: Iterable, n: Optional[int], skip: int = 0) -> List[Any]:
+    """The first `n` batches (after `skip`) of one pass over `loader`, as a list (None: all).
+
+    The loader's shuffle generator and the global RNG are restored afterwards, so taking the same
+    batches twice (a resumed search, a Ray worker, a second search) gives the same batches."""
+    if isinstance(loader, (list, tuple)):
+        return list(loader[skip:] if n is None else loader[skip:skip + n])
+    gen = getattr(loader, "generator", None)
+    saved = gen.get_state() if isinstance(gen, torch.Generator) else None
+    out: List[Any] = []
+    try:
+        with torch.random.fork_rng():
+            for i, batch in enumerate(loader):
+                if i < skip:
+                    continue
+                if n is not None and len(out) >= n:
+                    break
+                out.append(batch)
+    finally:
+        if saved is not None:
+            gen.set_state(saved)
+    return out
+
+
+class AccuracyEvaluator:
+    """Accuracy on `holdout` batches after BN re-estimation on `bn_batches` (both lists of (x, y))."""
+
+    def __init__(self, bn_batches: Sequence[Any], holdout: Sequence[Any]):
+        if not holdout:
+            raise DataError("the default evaluator needs held-out batches: pass holdout=<a DataLoader> or a "
+                            "calibration loader with more batches than bn_batches")
+        self.bn_batches, self.holdout = list(bn_batches), list(holdout)
+
+    def __call__(self, net: nn.Module) -> float:
+        from ..models.training import evaluate
+        from ..trainers.batchnorm import recalibrate_bn
+
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        if has_bn and self.bn_batches:
+            net = recalibrate_bn(net, self.bn_batches)
+        with torch.no_grad():
+            return float(evaluate(net, self.holdout)["acc"])
+
+
+def default_evaluator(calibration: Optional[Iterable], holdout: Optional[Iterable] = None, bn_batches: int = 4,
+                      holdout_batches: Optional[int] = None) -> AccuracyEvaluator:
+    """`bn_batches` calibration batches re-estimate BN; the score is accuracy on `holdout` (all of it, or its
+    first `holdout_batches`), or, without one, on the next `holdout_batches` (default 4) calibration batches."""
+    if calibration is None:
+        raise DataError("the default evaluator needs calibration=<a train DataLoader> (BN re-estimation) and "
+                        "holdout=<a held-out DataLoader>; or pass evaluate=<net -> score>")
+    bn = take_batches(calibration, bn_batches)
+    if holdout is not None:
+        held = take_batches(holdout, holdout_batches)
+    else:
+        held = take_batches(calibration, holdout_batches or 4, skip=bn_batches)
+    return AccuracyEvaluator(bn, held)
+
+
+class EvalJob:
+    """Compress one policy vector, measure its MACs on the network, score it; never raises for a
+    failing evaluator (the candidate is returned as failed, with the reason)."""
+
+    def __init__(self, space: Any, evaluate: Evaluator, threads: Optional[int] = None):
+        self.space, self.evaluate, self.threads = space, evaluate, threads
+
+    def __call__(self, x: Sequence[float]) -> Dict[str, Any]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        t0 = time.perf_counter()
+        out: Dict[str, Any] = {"status": "ok", "error": None, "score": None, "macs": None}
+        try:
+            net = self.space.compress(x)
+            out["macs"] = self.space.measure(net)
+        except PruningError as exc:
+            out.update(status="failed", error=f"compression failed: {exc}")
+            out["seconds"] = time.perf_counter() - t0
+            return out
+        if out["macs"] > self.space.budget:
+            out.update(status="failed", error=f"over budget: {out['macs']:,} MACs > {self.space.budget:,.0f}")
+        else:
+            try:
+                score = self.evaluate(net)
+                score = float(score)
+                if not math.isfinite(score):
+                    raise ValueError(f"the evaluator returned {score}")
+                out["score"] = score
+            except Exception as exc:  # noqa: BLE001 - recorded as a failed candidate, the search goes on
+                out.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, job: EvalJob):
+        self.job = job
+
+    def map(self, xs: Sequence[np.ndarray]) -> List[Dict[str, Any]]:
+        return [self.job(x) for x in xs]
+
+    def close(self) -> None:
+        pass
+
+
+class RayExecutor:
+    """Ray actors, each holding its own copy of the search space and evaluator (built once)."""
+
+    name = "ray"
+
+    def __init__(self, build: Callable[[], EvalJob], workers: int = 2, threads: int = 1):
+        try:
+            import ray
+            from ray.util import ActorPool
+        except ImportError as exc:
+            raise PruningError("executor='ray' needs Ray: pip install 'amc[ray]'") from exc
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+        @ray.remote(num_cpus=1)
+        class _Worker:
+            def __init__(self, build_blob: Any, n_threads: int):
+                torch.set_num_threads(n_threads)
+                self.job = build_blob()
+
+            def run(self, x: Any) -> Dict[str, Any]:
+                return self.job(x)
+
+        blob = ray.put(build)
+        self.actors = [_Worker.remote(blob, threads) for _ in range(workers)]
+        self.pool = ActorPool(self.actors)
+
+    def map(self, xs: Sequence[np.ndarray]) -> List[Dict[str, Any]]:
+        return list(self.pool.map(lambda actor, x: actor.run.remote(x), list(xs)))
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        if self.started:
+            self.ray.shutdown()

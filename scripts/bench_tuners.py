@@ -1,0 +1,266 @@
+"""Tuners benchmark: DDPG, GA and random search against the uniform policy, at equal MACs.
+
+    python scripts/bench_tuners.py                                   # digits CNN, prune (L2), 0.5x and 0.3x
+    python scripts/bench_tuners.py --compressors prune channel --evaluations 60 --seeds 0 1 2
+    python scripts/bench_tuners.py --data fashion_mnist --models resnet20 vgg_small   # cached originals
+    python scripts/bench_tuners.py --render-only                     # tables from the saved JSON
+
+For each (model, target MACs, compressor, tuner, seed): a search with the same number of evaluated
+policies, every candidate scored by the default proxy (accuracy on 8 training batches after BN
+re-estimation on 4 others; the test split is never used for a choice). The best policy's network is
+then scored on the test split (digits: the 20% val split; Fashion-MNIST: the official test set)
+after BN re-estimation ("before FT") and after the same short fine-tuning ("after FT"). The uniform
+policy (`amc.prune(target_macs=...)`, or ChannelPruning's uniform ratio) gets the same treatment.
+Also: Spearman correlation of proxy score and fine-tuned accuracy over the first 24 distinct
+policies of random search at the first target, and search wall time with the load average beside it
+(labelled: the machine was shared, so these are not clean timings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import amc  # noqa: E402
+from amc.export.atomic import atomic_write  # noqa: E402
+from amc.jobs.search import make_tuner  # noqa: E402
+from amc.models import create, evaluate, train_classifier  # noqa: E402
+from amc.trainers import recalibrate_bn  # noqa: E402
+from amc.tuners.evaluation import default_evaluator, take_batches  # noqa: E402
+
+RESULTS = HERE / "results"
+TUNERS = ("ddpg", "ga", "random")
+FT_EPOCHS, FT_LR = 3, 0.02
+
+
+def original(data: str, name: str, seed: int = 0):
+    """The trained original, its loaders and an example input."""
+    if data == "digits":
+        from amc.data import digits_loaders
+
+        train, test = digits_loaders(batch_size=64, seed=0)
+        torch.manual_seed(seed)
+        model = create(name, image_size=8) if name != "digits_resnet" else create(name)
+        train_classifier(model, train, test, epochs=10, seed=0)
+    else:
+        sys.path.insert(0, str(HERE))
+        import fashion_originals as fo  # scripts/fashion_originals.py: cached, trained on all 60k images
+
+        model, _ = fo.original(name)
+        train, test = fo.loaders()
+    model.eval()
+    return model, train, test, next(iter(test))[0][:1]
+
+
+BN_BATCHES: Dict[int, List[Any]] = {}
+
+
+def test_scores(net: torch.nn.Module, train, test, ft_epochs: int) -> Dict[str, float]:
+    """Test accuracy after BN re-estimation on the same 4 training batches for every row, then after FT."""
+    if id(train) not in BN_BATCHES:  # taken once, right after the original was trained, for every row
+        BN_BATCHES[id(train)] = take_batches(train, 4)
+    bn = BN_BATCHES[id(train)]
+    before = evaluate(recalibrate_bn(net, bn), test)["acc"]
+    after = before
+    if ft_epochs:
+        tuned = recalibrate_bn(net, bn)
+        after = train_classifier(tuned, train, test, epochs=ft_epochs, lr=FT_LR, seed=0)["acc"]
+    return {"before_ft": before, "after_ft": after}
+
+
+def uniform_net(model, x, train, compressor: str, target: float):
+    if compressor == "prune":
+        return amc.prune(model, example_inputs=(x,), target_macs=target)
+    from amc.compressors.channel_pruning import ChannelPruning
+
+    return ChannelPruning(model, train, trainset_ratio=0.1, example_inputs=(x,), target_macs=target).compress()
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    torch.set_num_threads(1 if args.data == "digits" else torch.get_num_threads())
+    out: Dict[str, Any] = {"args": vars(args), "rows": [], "spearman": {}, "cost": [], "executors": []}
+    for name in args.models:
+        model, train, test, x = original(args.data, name)
+        base_acc = evaluate(model, test)["acc"]
+        test_scores(model, train, test, 0)  # fixes the rows' BN batches before anything reads the loader
+        base_macs = amc.count(model, x)[0]
+        score = default_evaluator(train, None, bn_batches=4, holdout_batches=8)
+        if args.ray:
+            out["executors"] += executor_cost(model, x, train, score, args.compressors[0], args.targets[0])
+            print(json.dumps(out["executors"]), flush=True)
+        for target in args.targets:
+            for comp in args.compressors:
+                net = uniform_net(model, x, train, comp, target)
+                row = {"model": name, "target": target, "compressor": comp, "tuner": "uniform", "seed": None,
+                       "macs_ratio": amc.count(net, x)[0] / base_macs, "proxy": score(net),
+                       **test_scores(net, train, test, args.ft_epochs), "original_acc": base_acc}
+                out["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                for tuner in args.tuners:
+                    for seed in args.seeds:
+                        t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size)
+                        load0 = os.getloadavg()[0]
+                        t0 = time.perf_counter()
+                        res = t.search(model, example_inputs=(x,), target_macs=target, compressor=comp,
+                                       evaluate=score, calibration=train, progress=False)
+                        wall = time.perf_counter() - t0
+                        row = {"model": name, "target": target, "compressor": comp, "tuner": tuner, "seed": seed,
+                               "macs_ratio": res.macs_ratio, "proxy": res.score, "policy": res.policy,
+                               **test_scores(res.net, train, test, args.ft_epochs), "original_acc": base_acc,
+                               "evaluations": len(res.history),
+                               "distinct": sum(not h["cached"] for h in res.history)}
+                        out["rows"].append(row)
+                        out["cost"].append({"model": name, "compressor": comp, "tuner": tuner, "seed": seed,
+                                            "target": target, "wall_s": wall, "evaluations": len(res.history),
+                                            "load_avg_1m": [load0, os.getloadavg()[0]]})
+                        print(json.dumps({k: v for k, v in row.items() if k != "policy"}), flush=True)
+                        if tuner == "random" and seed == args.seeds[0] and args.spearman and target == args.targets[0]:
+                            out["spearman"][f"{name}/{comp}/{target}"] = spearman(res, model, x, train, test, comp,
+                                                                                  args.ft_epochs)
+                        if tuner == "ddpg" and seed == args.seeds[0]:
+                            tag = f"_{args.tag}" if args.tag else ""
+                            res.plot(str(RESULTS / f"tuners_{args.data}{tag}_{name}_{comp}_{target}_ddpg.png"))
+    return out
+
+
+def executor_cost(model, x, train, score, comp: str, target: float, n: int = 24) -> List[Dict[str, Any]]:
+    """Evaluations per second of the same random search (batches of 2) in-process and on 2 Ray workers."""
+    from amc.tuners import RandomSearch
+
+    rows, histories = [], {}
+    for executor in ("local", "ray"):
+        load0 = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        res = RandomSearch(samples=n, seed=0, batch=2).search(model, example_inputs=(x,), target_macs=target,
+                                                              compressor=comp, evaluate=score, calibration=train,
+                                                              progress=False, executor=executor, workers=2)
+        wall = time.perf_counter() - t0
+        histories[executor] = [{k: v for k, v in h.items() if k != "seconds"} for h in res.history]
+        rows.append({"executor": executor, "compressor": comp, "evaluations": n, "wall_s": wall,
+                     "load_avg_1m": [load0, os.getloadavg()[0]]})
+    for r in rows:
+        r["same_history_as_local"] = histories[r["executor"]] == histories["local"]
+    return rows
+
+
+def spearman(res, model, x, train, test, comp: str, ft_epochs: int, limit: int = 24) -> Dict[str, Any]:
+    from scipy.stats import spearmanr
+
+    from amc.tuners import build_space
+
+    space = build_space(model, (x,), res.target_macs, comp, calibration=train)
+    seen, proxies, tuned = set(), [], []
+    for h in res.history:
+        key = tuple(sorted(h["policy"].items()))
+        if h["status"] != "ok" or key in seen or len(seen) >= limit:
+            continue
+        seen.add(key)
+        net = space.compress(space.vector(h["policy"]))
+        proxies.append(h["score"])
+        tuned.append(test_scores(net, train, test, ft_epochs)["after_ft"])
+    rho, p = spearmanr(proxies, tuned)
+    return {"n": len(proxies), "rho": float(rho), "p": float(p), "proxy": proxies, "after_ft": tuned}
+
+
+def _ms(vals: List[float]) -> str:
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.2f}"
+    return f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals):.2f}"
+
+
+def render(out: Dict[str, Any]) -> str:
+    a = out["args"]
+    lines = [f"# Tuners benchmark ({a['data']})", "",
+             f"`python scripts/bench_tuners.py --data {a['data']} --models {' '.join(a['models'])} --targets "
+             f"{' '.join(map(str, a['targets']))} --compressors {' '.join(a['compressors'])} --evaluations "
+             f"{a['evaluations']} --seeds {' '.join(map(str, a['seeds']))}`", "",
+             f"Every search evaluates {a['evaluations']} policies (DDPG: episodes, warm-up a third; GA: "
+             f"{a['evaluations'] // a['pop_size']} generations x {a['pop_size']}; random: samples). "
+             "Proxy = accuracy on 8 training batches after BN re-estimation on 4 others. "
+             "Test accuracy (%) on the held-out split, after "
+             f"BN re-estimation (before FT) and after {a['ft_epochs']} epochs of fine-tuning (lr {FT_LR}); mean ± std "
+             "over the search seeds. MACs = measured MACs / original (amc.count).", "",
+             "| model | MACs target | compressor | policy | MACs (measured) | proxy | test before FT | test after FT |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = out["rows"]
+    keys = list(dict.fromkeys((r["model"], r["target"], r["compressor"]) for r in rows))
+    for m, t, c in keys:
+        for tuner in ("uniform", *TUNERS):
+            rs = [r for r in rows if (r["model"], r["target"], r["compressor"], r["tuner"]) == (m, t, c, tuner)]
+            if not rs:
+                continue
+            macs = f"{min(r['macs_ratio'] for r in rs):.3f}–{max(r['macs_ratio'] for r in rs):.3f}"
+            lines.append(f"| {m} | {t} | {c} | {tuner} | {macs} | {_ms([r['proxy'] for r in rs])} | "
+                         f"{_ms([r['before_ft'] for r in rs])} | {_ms([r['after_ft'] for r in rs])} |")
+    if rows:
+        lines += ["", "Original accuracy: " + ", ".join(sorted({f"{r['model']} {100 * r['original_acc']:.2f}%"
+                                                                 for r in rows}))]
+    if out["spearman"]:
+        lines += ["", "Proxy vs fine-tuned test accuracy (distinct policies of the first random search):", "",
+                  "| search | policies | Spearman rho | p |", "|---|---|---|---|"]
+        for k, s in out["spearman"].items():
+            lines.append(f"| {k} | {s['n']} | {s['rho']:.3f} | {s['p']:.2g} |")
+    if out["cost"]:
+        lines += ["", "Search wall time, **measured on a shared 2-core machine under load** (1-min load average "
+                  "before/after beside each; not a clean timing, for orders of magnitude only):", "",
+                  "| model | compressor | tuner | seed | target | evaluations | wall (s) | eval/s | load avg |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for c in out["cost"]:
+            lines.append(f"| {c['model']} | {c['compressor']} | {c['tuner']} | {c['seed']} | {c['target']} | "
+                         f"{c['evaluations']} | {c['wall_s']:.0f} | {c['evaluations'] / c['wall_s']:.2f} | "
+                         f"{c['load_avg_1m'][0]:.1f}/{c['load_avg_1m'][1]:.1f} |")
+    if out.get("executors"):
+        lines += ["", "Evaluations per second, in-process vs 2 Ray workers (random search, batches of 2; same "
+                  "shared machine under load, labelled):", "",
+                  "| executor | compressor | evaluations | wall (s) | eval/s | same history as local | load avg |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in out["executors"]:
+            lines.append(f"| {e['executor']} | {e['compressor']} | {e['evaluations']} | {e['wall_s']:.0f} | "
+                         f"{e['evaluations'] / e['wall_s']:.2f} | {e['same_history_as_local']} | "
+                         f"{e['load_avg_1m'][0]:.1f}/{e['load_avg_1m'][1]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="digits", choices=("digits", "fashion_mnist"))
+    p.add_argument("--models", nargs="+", default=None)
+    p.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3])
+    p.add_argument("--compressors", nargs="+", default=["prune"], choices=("prune", "channel"))
+    p.add_argument("--tuners", nargs="+", default=list(TUNERS), choices=TUNERS)
+    p.add_argument("--evaluations", type=int, default=40)
+    p.add_argument("--pop-size", type=int, default=10)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--ft-epochs", type=int, default=FT_EPOCHS)
+    p.add_argument("--no-spearman", dest="spearman", action="store_false")
+    p.add_argument("--ray", action="store_true", help="also time 24 evaluations in-process vs on 2 Ray workers")
+    p.add_argument("--tag", default=None, help="suffix of the result files")
+    p.add_argument("--render-only", action="store_true")
+    args = p.parse_args()
+    if args.models is None:
+        args.models = ["digits_resnet"] if args.data == "digits" else ["resnet20", "vgg_small"]
+    stem = RESULTS / f"tuners_{args.data}{'_' + args.tag if args.tag else ''}"
+    if args.render_only:
+        out = json.loads(Path(str(stem) + ".json").read_text())
+    else:
+        RESULTS.mkdir(exist_ok=True)
+        out = run(args)
+        with atomic_write(str(stem) + ".json", "w") as f:
+            json.dump(out, f, indent=1)
+    with atomic_write(str(stem) + ".md", "w") as f:
+        f.write(render(out))
+    print(render(out))
+
+
+if __name__ == "__main__":
+    main()

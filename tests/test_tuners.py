@@ -1,0 +1,249 @@
+"""amc.tuners: short searches on the digits CNN; budget, reproduction, resume, Ray, bad input."""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import amc
+from amc.errors import LoadError, PruningError, TuningError
+from amc.tuners import DDPG, GA, TUNERS, RandomSearch, Tuner, get_tuner, register_tuner
+
+
+@pytest.fixture(scope="module")
+def digits(one_thread):
+    from amc.data import digits_loaders
+    from amc.models import create, train_classifier
+
+    torch.manual_seed(0)
+    train, val = digits_loaders(batch_size=64, seed=0)
+    model = create("digits_resnet")
+    train_classifier(model, train, val, epochs=3, seed=0)
+    model.eval()
+    x = next(iter(val))[0][:1]
+    return model, x, train, val
+
+
+def _search(tuner, digits, **kw):
+    model, x, train, val = digits
+    kw.setdefault("target_macs", 0.5)
+    return tuner.search(model, example_inputs=(x,), calibration=train, holdout=val, progress=False, **kw)
+
+
+def _strip(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def _assert_budget(result, model, x, target):
+    base = amc.count(model, x)[0]
+    for h in result.history:
+        if h["status"] == "ok":
+            assert h["macs"] <= target * base, h
+    # independently: every distinct evaluated policy, pruned by amc.prune, meets the budget
+    seen = set()
+    for h in result.history:
+        key = tuple(sorted(h["policy"].items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        macs = amc.count(amc.prune(model, ratio=h["policy"], example_inputs=(x,)), x)[0]
+        assert macs <= target * base
+        assert macs == h["macs"]
+
+
+@pytest.mark.parametrize("make", [lambda: DDPG(episodes=10, warmup=4, seed=0),
+                                  lambda: GA(generations=2, pop_size=5, seed=0),
+                                  lambda: RandomSearch(samples=8, seed=0)], ids=["ddpg", "ga", "random"])
+def test_search_meets_budget_and_policy_reproduces_net(digits, make):
+    model, x, _, _ = digits
+    res = _search(make(), digits)
+    assert len(res.history) == make().total_evaluations
+    _assert_budget(res, model, x, 0.5)
+    assert res.macs_ratio <= 0.5 and res.macs_ratio > 0.45  # the budget is spent, not wasted
+    again = amc.prune(model, ratio=res.policy, example_inputs=(x,))
+    assert amc.count(again, x) == amc.count(res.net, x)
+    torch.testing.assert_close(again(x), res.net(x))
+    assert res.score == max(h["score"] for h in res.history if h["status"] == "ok")
+    # no layer is emptied and the bounds hold
+    assert all(0.0 <= r <= 0.8 for r in res.policy.values())
+    for node in res.net.layer_nodes:
+        mod = res.net.module_of(node.name)
+        if isinstance(mod, torch.nn.Conv2d):
+            assert mod.out_channels >= 1 and mod.in_channels >= 1
+
+
+def test_ddpg_beats_its_warmup_on_a_longer_run(digits):
+    """After warm-up the agent's episodes score better on average than the random warm-up ones."""
+    res = _search(DDPG(episodes=48, warmup=16, seed=0, parallel_episodes=4), digits)
+    warm = [h["score"] for h in res.history[:16] if h["status"] == "ok"]
+    late = [h["score"] for h in res.history[-16:] if h["status"] == "ok"]
+    assert np.mean(late) > np.mean(warm)
+
+
+def test_channel_and_lowrank_policies_are_accepted_as_is(digits):
+    from amc.compressors.channel_pruning import ChannelPruning
+    from amc.compressors.lowrank import LowRankDecomposition
+
+    model, x, train, val = digits
+    res = _search(RandomSearch(samples=3, seed=1), digits, compressor="channel")
+    assert res.macs_ratio <= 0.5
+    cp = ChannelPruning(model, train, compress_ratio=res.policy, example_inputs=(x,), **res.info["compressor_options"])
+    torch.testing.assert_close(cp.compress()(x), res.net(x))
+    res = _search(RandomSearch(samples=3, seed=1), digits, compressor="lowrank")
+    assert res.macs_ratio <= 0.5
+    assert all(h["macs"] <= 0.5 * res.base_macs for h in res.history)
+    lr = LowRankDecomposition(model, train, compress_ratio=res.policy, example_inputs=(x,),
+                              **res.info["compressor_options"])
+    torch.testing.assert_close(lr.compress()(x), res.net(x))
+
+
+def test_multi_objective_ga_returns_a_pareto_front(digits):
+    res = _search(GA(generations=3, pop_size=6, seed=0, objectives=("score", "macs")), digits, target_macs=0.7)
+    front = res.front
+    assert len(front) >= 2
+    ok = [h for h in res.history if h["status"] == "ok"]
+    for f in front:  # nothing evaluated dominates a front point
+        assert not any(h["macs"] <= f["macs"] and h["score"] > f["score"] for h in ok)
+    assert [f["macs"] for f in front] == sorted(f["macs"] for f in front)
+
+
+def test_resume_after_a_kill_equals_the_uninterrupted_run(digits, tmp_path):
+    class Killed(BaseException):
+        pass
+
+    model, x, train, val = digits
+    from amc.tuners.evaluation import default_evaluator
+
+    score = default_evaluator(train, val)
+    for make in (lambda: DDPG(episodes=12, warmup=4, seed=3, parallel_episodes=2, batch_size=8),
+                 lambda: GA(generations=3, pop_size=4, seed=3)):
+        full = _search(make(), digits, evaluate=score)
+        calls = {"n": 0}
+
+        def dying(net):
+            calls["n"] += 1
+            if calls["n"] == 7:
+                raise Killed()  # not an Exception: the search does not record it, it dies
+            return score(net)
+
+        ckpt = str(tmp_path / f"{make().name}.ckpt")
+        with pytest.raises(Killed):
+            _search(make(), digits, evaluate=dying, checkpoint=ckpt)
+        resumed = _search(make(), digits, evaluate=score, checkpoint=ckpt, resume=True)
+        assert _strip(resumed.history) == _strip(full.history)
+        assert resumed.policy == full.policy
+        assert any(h["cached"] is False for h in resumed.history[-2:])  # it really evaluated after resuming
+    with pytest.raises(LoadError, match="another search"):
+        _search(GA(generations=4, pop_size=4, seed=3), digits, checkpoint=ckpt, resume=True)
+
+
+def test_failing_evaluator_is_recorded_and_the_search_goes_on(digits):
+    calls = {"n": 0}
+
+    def flaky(net):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError("flaky evaluator")
+        return float("nan") if calls["n"] % 3 == 1 else 0.5
+
+    res = _search(RandomSearch(samples=6, seed=0), digits, evaluate=flaky)
+    failed = [h for h in res.history if h["status"] == "failed"]
+    assert {"flaky evaluator" in h["error"] or "nan" in h["error"] for h in failed} == {True}
+    assert len(failed) == 4 and res.score == 0.5
+    with pytest.raises(TuningError, match="all 3 evaluated policies failed"):
+        _search(RandomSearch(samples=3, seed=0), digits, evaluate=lambda net: float("nan"))
+
+
+def test_bad_input_gets_clear_errors(digits):
+    model, x, train, val = digits
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(PruningError, match="target_macs"):
+            _search(RandomSearch(samples=1), digits, target_macs=bad)
+    with pytest.raises(PruningError, match="unreachable"):
+        _search(RandomSearch(samples=1), digits, target_macs=0.05, max_ratio=0.3)
+    with pytest.raises(PruningError, match="unknown layers"):
+        _search(RandomSearch(samples=1), digits, max_ratio={"no.such.layer": 0.5})
+    with pytest.raises(PruningError, match="max_ratio"):
+        _search(RandomSearch(samples=1), digits, max_ratio=1.0)
+    with pytest.raises(PruningError, match="compressor"):
+        _search(RandomSearch(samples=1), digits, compressor="magic")
+    with pytest.raises(PruningError, match="unknown tuner"):
+        get_tuner("nope")
+    res = _search(RandomSearch(samples=1), digits)
+    from amc.tuners import build_space
+
+    space = build_space(model, (x,), 0.5)
+    with pytest.raises(PruningError, match="unknown layers"):
+        space.vector({"stem.9": 0.1})
+    with pytest.raises(PruningError, match="unknown layers"):
+        amc.prune(model, ratio={**res.policy, "stem.9": 0.1}, example_inputs=(x,))
+
+
+def test_min_ratio_ignore_and_a_callable_compressor(digits):
+    model, x, _, _ = digits
+    res = _search(RandomSearch(samples=3, seed=0), digits, ignore=["stem.0"], min_ratio={"stages.0.0.conv1": 0.3})
+    assert "stem.0" not in res.policy and res.policy["stages.0.0.conv1"] >= 0.3
+    assert res.net.module_of("stem.0").out_channels == model.stem[0].out_channels
+    seen = []
+
+    def compress(policy):
+        seen.append(policy)
+        return amc.prune(model, ratio=policy, example_inputs=(x,), criterion="l1")
+
+    res = _search(RandomSearch(samples=2, seed=0), digits, compressor=compress)
+    assert len(seen) == 3 and res.macs_ratio <= 0.5  # 2 evaluations + the final network
+
+
+def test_ddpg_rewards():
+    rec = {"status": "ok", "score": 0.9, "macs": 1000}
+    assert DDPG(reward="score").reward(rec) == 0.9
+    assert math.isclose(DDPG(reward="score_log_macs").reward(rec), -0.1 * math.log(1000))
+    assert DDPG().reward({"status": "failed", "score": None, "macs": 10}) is None
+    with pytest.raises(PruningError, match="reward"):
+        DDPG(reward="speed")
+
+
+def test_registry_result_files_and_plot(digits, tmp_path):
+    assert {"ddpg", "ga", "random"} <= set(TUNERS)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        @register_tuner("random")
+        class Other(RandomSearch):
+            pass
+    assert any("registered twice" in str(w.message) for w in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        register_tuner("random")(RandomSearch)  # put the real one back
+    assert get_tuner("random") is RandomSearch and issubclass(get_tuner("ddpg"), Tuner)
+
+    res = _search(RandomSearch(samples=3, seed=0), digits, logdir=str(tmp_path / "tb"))
+    doc = json.loads(open(res.to_json(str(tmp_path / "policy.json"))).read())
+    assert doc["policy"] == res.policy and math.isclose(doc["macs_ratio"], res.macs_ratio)
+    png = res.plot(str(tmp_path / "search.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_cli_search_then_compress_with_the_policy(tmp_path, one_thread):
+    from amc.cli import main
+
+    out = tmp_path / "search"
+    assert main(["search", "--tuner", "random", "--compressor", "prune", "--target-macs", "0.5", "--evaluations", "3",
+                 "--epochs", "2", "--out", str(out), "--no-progress", "--checkpoint"]) == 0
+    doc = json.loads((out / "policy.json").read_text())
+    assert doc["compressor"] == "prune" and doc["macs_ratio"] <= 0.5 and doc["policy"]
+    assert len(json.loads((out / "history.json").read_text())["history"]) == 3
+    assert (out / "search.png").exists() and (out / "search.ckpt").exists()
+    summary_dir = tmp_path / "compress"
+    assert main(["compress", "--policy", str(out / "policy.json"), "--epochs", "2", "--finetune-epochs", "0",
+                 "--out", str(summary_dir), "--no-progress"]) == 0
+    summary = json.loads((summary_dir / "summary.json").read_text())
+    assert summary["method"] == "l2" and abs(summary["macs_fraction"] - doc["macs_ratio"]) < 1e-9
+    assert main(["search", "--target-macs", "1.5", "--out", str(out)]) == 1  # a clear error, exit code 1
+    assert main(["search", "--tuner", "nope", "--out", str(out)]) == 1

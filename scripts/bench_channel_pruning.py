@@ -117,20 +117,22 @@ def accuracy_table(args: argparse.Namespace) -> List[Dict[str, Any]]:
         t = time.perf_counter()
         cp = ChannelPruning(net, train, val, trainset_ratio=args.trainset_ratio, sampled_pixels_per_img=10,
                             compress_ratio=0.0, example_inputs=(x1,))
-        cp.compress_ratio = cp.uniform_ratio_for_macs(0.5)
+        cp.compress_ratio = cp.uniform_ratio_for_macs(0.5)  # fraction of the conv/linear MACs removed
         small = cp.compress()
-        rows.append({"model": name, "method": "ChannelPruning (LASSO + LS)", "ratio": cp.compress_ratio,
+        rows.append({"model": name, "method": "ChannelPruning (LASSO + LS)", "ratio": cp.channel_fraction(cp.compress_ratio),
+                     "compress_ratio": cp.compress_ratio,
                      "seconds": time.perf_counter() - t, **_measure(small, x1, val)})
         for sel in ("max_response", "first_k"):
             cp.selection = sel
             t = time.perf_counter()
             small = cp._compress(cp.compress_ratio)
-            rows.append({"model": name, "method": f"{sel} + LS (He et al. baseline)", "ratio": cp.compress_ratio,
+            rows.append({"model": name, "method": f"{sel} + LS (He et al. baseline)",
+                         "ratio": cp.channel_fraction(cp.compress_ratio),
                          "seconds": time.perf_counter() - t, **_measure(small, x1, val)})
         cp.selection, cp.least_squares = "lasso", False
         t = time.perf_counter()
         small = cp._compress(cp.compress_ratio)
-        rows.append({"model": name, "method": "LASSO selection, no LS", "ratio": cp.compress_ratio,
+        rows.append({"model": name, "method": "LASSO selection, no LS", "ratio": cp.channel_fraction(cp.compress_ratio),
                      "seconds": time.perf_counter() - t, **_measure(small, x1, val)})
 
         t = time.perf_counter()
@@ -279,7 +281,7 @@ def resnet18_child(out_path: str, threads: int) -> None:
     t1 = time.perf_counter()
     ratio = cp.uniform_ratio_for_macs(0.5)
     t2 = time.perf_counter()
-    cp.compress_ratio = ratio
+    cp.compress_ratio = ratio  # the compress_ratio (conv/linear MACs removed) that reaches 0.5x
     ru = resource.getrusage(resource.RUSAGE_SELF)
     small = cp.compress()
     t3 = time.perf_counter()
@@ -287,7 +289,8 @@ def resnet18_child(out_path: str, threads: int) -> None:
     cpu = (ru2.ru_utime + ru2.ru_stime) - (ru.ru_utime + ru.ru_stime)
     macs0 = amc.count(cp.origin_graph, x[:1])[0]
     macs1 = amc.count(small, x[:1])[0]
-    res = {"images": int(len(x)), "source": source, "threads": threads, "ratio": ratio,
+    res = {"images": int(len(x)), "source": source, "threads": threads, "ratio": cp.channel_fraction(ratio),
+           "compress_ratio": ratio,
            "trace_seconds": t1 - t0, "ratio_search_seconds": t2 - t1, "compress_seconds": t3 - t2,
            "total_seconds": t3 - t0, "compress_cpu_seconds": cpu, "macs_before": macs0, "macs_after": macs1,
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -346,7 +349,7 @@ def write_markdown(args: argparse.Namespace, rows, curves, r18, curves_mb=None) 
     if rows:
         lines += ["## Fashion-MNIST, MACs <= 0.5x, no fine-tuning", "",
                   f"{data} "
-                  f"ChannelPruning calibrates on {args.trainset_ratio:.1%} of the training batches, 10 positions "
+                  f"ChannelPruning calibrates on {args.trainset_ratio:.1%} of the training images, 10 positions "
                   "per image. MACs by `amc.count` (ptflops conventions). All pruned networks are evaluated "
                   "as they come out of the pruner.", "",
                   "| model | method | MACs | MACs ratio | params | top-1 | seconds |",
@@ -395,7 +398,7 @@ def main() -> None:
     p.add_argument("--val-limit", type=int, default=0, help="0: the whole 10k test set (default)")
     p.add_argument("--epochs", type=int, default=3, help="epochs of a --train-limit subset model")
     p.add_argument("--trainset-ratio", type=float, default=0.085,
-                   help="calibration share of the training batches (default 0.085: about 5,000 images, as He et al.)")
+                   help="calibration share of the training images (default 0.085: about 5,000 images, as He et al.)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--skip-recon", action="store_true")

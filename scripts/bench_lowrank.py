@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--budget", nargs="*", default=[],
                     help="per-model NAME=TRAIN_LIMIT,EPOCHS overrides (resnet20 is ~4x slower per image)")
     ap.add_argument("--trainset-ratio", type=float, default=0.043,
-                    help="calibration share of the training batches (default 0.043: about 2,500 full-data images)")
+                    help="calibration share of the training images (default 0.043: about 2,500 full-data images)")
     ap.add_argument("--pixels", type=int, default=10)
     ap.add_argument("--out", default=str(RESULTS / "lowrank"))
     a = ap.parse_args()
@@ -179,7 +179,7 @@ def write_md(res, path: Path) -> None:
          "- Decomposed: every Conv2d except the stem (1 input channel); BN folded into each decomposed conv. "
          "**Budget: MACs of the decomposed layers (conv + folded BN) <= 0.5x** (column `layers`); whole-net ratio "
          "in column `net` (the stem, pools, residual adds and classifier stay).",
-         f"- Calibration: {100 * cfg['trainset_ratio']:g}% of the training batches (batch 128), "
+         f"- Calibration: {100 * cfg['trainset_ratio']:g}% of the training images (a subset drawn with the compressor's seed), "
          f"{cfg['pixels']} sampled positions per image. ENC `combined` measures accuracy on 1,024 training "
          "images (the last ones; " + ("seen in training by the full-data originals" if full else "never trained on")
          + "), never on the test set.",

@@ -1,9 +1,11 @@
 """ChannelPruning (He et al. 2017) on amc's graph: MACs target, origin untouched, accuracy vs L1,
-least squares, seed alias and arguments, errors, accuracy threshold, and the pure helpers."""
+least squares, seed alias and arguments, errors, accuracy threshold, the pure helpers; compress_ratio as
+the fraction of each layer's MACs removed; reproducible under any global seed, RNG left untouched."""
 from __future__ import annotations
 
 import argparse
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
@@ -191,7 +193,7 @@ def test_bad_arguments(trained):
 
 
 def test_accuracy_threshold_backs_off(trained):
-    """Without least squares, ratio 0.5 gives ~0.26 accuracy (measured; 0.1 gives ~0.90): the threshold
+    """Without least squares, compress_ratio 0.5 (half the MACs) falls below 0.85 accuracy: the threshold
     forces milder ratios (0.5 x 0.8^k)."""
     model, tr, va, x1 = trained
     cp = ChannelPruning(model, tr, va, trainset_ratio=0.5, compress_ratio=0.5, least_squares=False,
@@ -213,7 +215,8 @@ def test_residual_and_linear_consumers_on_vgg():
     data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
     loader = torch.utils.data.DataLoader(data, batch_size=16)
     cp = ChannelPruning(model, loader, loader, trainset_ratio=1.0, compress_ratio=0.4)
-    net = cp.compress()
+    with pytest.warns(UserWarning, match=r"under-determined: classifier\.0 \(32 rows"):  # 32 images, 1 row each
+        net = cp.compress()
     net.lint()
     x = torch.randn(2, 1, 28, 28)
     assert net(x).shape == (2, 10)
@@ -274,3 +277,118 @@ def test_fit_layer_recovers_weights_and_prefers_prior_when_underdetermined():
     w, b = fit_layer(x, x @ w_true.T, w_true, None, ridge=1e-3)
     torch.testing.assert_close(w.float(), w_true, rtol=1e-3, atol=1e-3)
     assert b is None
+
+
+# -- budgets: compress_ratio is the fraction of each layer's MACs removed (seed 003, section 4) ---------
+
+
+@pytest.mark.parametrize("name, shape", [("digits_resnet", (1, 8, 8)), ("resnet20", (1, 28, 28))])
+def test_compress_ratio_half_gives_half_the_macs(name, shape):
+    """compress_ratio=0.5 halves the MACs (0.5x +- 0.05), as LowRankDecomposition does; it used to prune
+    half the channels of every group (0.255x). target_macs keeps meaning the fraction of MACs kept."""
+    torch.manual_seed(0)
+    model = create(name).eval()
+    x1 = torch.randn(1, *shape)
+    loader = [(torch.randn(8, *shape), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    macs0 = amc.count(model, x1)[0]
+    cp = ChannelPruning(model, loader, None, trainset_ratio=1.0, compress_ratio=0.5, least_squares=False,
+                        selection="first_k", example_inputs=(x1,))  # the budget, not the selection, is tested
+    got = amc.count(cp.compress(), x1)[0] / macs0
+    assert abs(got - 0.5) <= 0.05, got
+    # one uniform channel fraction for every group: about 1 - sqrt(0.5), not 0.5
+    assert 0.25 < cp.channel_fraction(0.5) < 0.35
+    # a float from uniform_ratio_for_macs passed back reaches that whole-network target
+    cp2 = ChannelPruning(model, loader, None, trainset_ratio=1.0, compress_ratio=cp.uniform_ratio_for_macs(0.6),
+                         least_squares=False, selection="first_k", example_inputs=(x1,))
+    assert amc.count(cp2.compress(), x1)[0] <= 0.6 * macs0
+    small = ChannelPruning(model, loader, None, trainset_ratio=1.0, target_macs=0.3, least_squares=False,
+                           selection="first_k", example_inputs=(x1,)).compress()
+    assert 0.25 <= amc.count(small, x1)[0] / macs0 <= 0.3
+
+
+def test_compress_ratio_out_of_reach_is_refused(trained):
+    """Two channels between a conv and a linear: at most half of their MACs can go."""
+    torch.manual_seed(0)
+    tiny = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 10)).eval()
+    loader = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
+    with pytest.raises(PruningError, match=r"removes only 4\d\.\d% of them; lower compress_ratio"):
+        ChannelPruning(tiny, loader, None, trainset_ratio=1.0, compress_ratio=0.6).compress()
+    model, tr, va, x1 = trained
+    with pytest.raises(PruningError, match="target_macs"):
+        ChannelPruning(model, tr, va, target_macs=1.5, example_inputs=(x1,))
+
+
+# -- reproducible: the compressor's seed decides, the caller's RNG is neither read nor changed ------------
+
+
+def _rng_states():
+    import random
+
+    return torch.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate()
+
+
+def _same_rng(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_same_arguments_same_network_under_any_global_seed(trained):
+    """A loader with shuffle=True and no generator of its own reads the global RNG when iterated: the
+    compressor must neither depend on it nor leave it changed."""
+    model, tr, va, x1 = trained
+    shuffled = torch.utils.data.DataLoader(tr.dataset, batch_size=64, shuffle=True)
+    hashes = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        np.random.seed(global_seed)
+        before = _rng_states()
+        cp = ChannelPruning(model, shuffled, va, trainset_ratio=0.3, compress_ratio=0.5)
+        net = cp.compress()
+        assert _same_rng(before, _rng_states()), "compress() changed the caller's global RNG state"
+        hashes.append(_hash(net))
+    assert hashes[0] == hashes[1]
+    # reusing a loader that shuffles from its own generator does not advance that generator either
+    gen_state = tr.generator.get_state().clone()
+    other = ChannelPruning(model, tr, va, trainset_ratio=0.3, compress_ratio=0.5, seed=1).compress()
+    assert torch.equal(gen_state, tr.generator.get_state())
+    assert _hash(other) != hashes[0]  # and the seed is what decides: another seed, other samples
+
+
+@pytest.mark.parametrize("criterion", ["thinet", "apoz"])
+def test_sampling_criteria_reproducible_and_rng_neutral(trained, criterion):
+    from amc.compressors import plan_pruning
+
+    model, tr, va, x1 = trained
+    shuffled = torch.utils.data.DataLoader(tr.dataset, batch_size=32, shuffle=True)
+    scores = []
+    for global_seed in (3, 4):
+        torch.manual_seed(global_seed)
+        before = _rng_states()
+        plan = plan_pruning(model, criterion, (x1,), dataloader=shuffled)
+        assert _same_rng(before, _rng_states())
+        scores.append(torch.cat([s.flatten() for s in plan.importance]))
+    assert torch.equal(scores[0], scores[1])
+
+
+# -- robust defaults: samples sized from the layer, a warning when a given count leaves a fit short --------
+
+
+def test_samples_sized_per_layer_and_underdetermined_warning(trained):
+    model, tr, va, x1 = trained
+    cp = ChannelPruning(model, tr, va, trainset_ratio=0.2, compress_ratio=0.5, example_inputs=(x1,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cp.compress()
+    assert not [w for w in caught if "under-determined" in str(w.message)]
+    n_img = int(cp.calibration_inputs()[0].shape[0])
+    for name, rows in cp.sampled_rows.items():
+        mod = cp.origin_graph.module_of(name)
+        if isinstance(mod, nn.Conv2d):
+            d = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]
+            h, w = cp.origin_graph.node(name).meta["out"]["shape"][-2:]
+            assert rows >= min(16 * d, n_img * h * w), (name, rows, d)  # 16 rows per column, or every position
+    few = ChannelPruning(model, tr, va, trainset_ratio=0.05, sampled_pixels_per_img=1, compress_ratio=0.5,
+                         example_inputs=(x1,))
+    with pytest.warns(UserWarning, match=r"under-determined.*raise sampled_pixels_per_img \(now 1\)"):
+        few.compress()
+    n_few = int(few.calibration_inputs()[0].shape[0])
+    assert set(few.sampled_rows.values()) == {n_few}  # the given count is honoured: one row per image

@@ -5,6 +5,14 @@ traces `origin_net`; `compress()` runs the subclass's `_compress(ratio)` on a co
 `accuracy_first` / `accuracy_threshold` by backing off the ratio, stores the result in
 `self.compressed_net`, writes it to `checkpointfolder` and returns it.
 
+Budgets (one vocabulary, seed 003 section 4): `compress_ratio` is the fraction of each conv/linear
+layer's computation (MACs) removed, a float or `{layer_name: fraction}`; `target_macs`, where a
+compressor takes it, is the fraction of the whole network's MACs kept and overrides `compress_ratio`.
+
+Reproducible: calibration images come from `calibration_batches()`, drawn with the compressor's own
+`seed` (`amc.compressors.calibration`), and `compress()` runs under `seeded_rng(seed)`, so the same
+arguments give bit-identical networks whatever the caller's global RNG state, which is left as it was.
+
 A subclass implements one method::
 
     class MyCompressor(BaseCompressor):
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
+import numbers
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -30,12 +38,15 @@ import torch
 import torch.nn as nn
 
 from ..errors import DataError, PruningError
+from ..graph.capture import as_network
 from ..graph.network import ReconstructedNetwork
+from ..graph.untouched import untouched
+from .calibration import DEFAULT_SEED, calibration_batches, first_batch, seeded_rng
 
 Ratio = Union[float, Dict[str, float]]
 logger = logging.getLogger("amc.compressors")
 
-__all__ = ["BaseCompressor", "Ratio", "batch_inputs"]
+__all__ = ["BaseCompressor", "Ratio", "batch_inputs", "check_target_macs"]
 
 
 def batch_inputs(batch: Any) -> Tuple[Any, ...]:
@@ -70,9 +81,12 @@ class BaseCompressor:
       origin_net: an nn.Module (traced, in eval mode, on one batch of `trainloader` or on
         `example_inputs`) or a ReconstructedNetwork. It is never modified.
       trainloader / valloader: DataLoaders of `(inputs, labels)`; train data calibrates, val data evaluates.
-      trainset_ratio: fraction in (0, 1] of `trainloader` batches used for calibration.
-      sampled_pixels_per_img: output positions sampled per image and layer (data-driven compressors).
-      compress_ratio: float in [0, 1), or `{layer_name: ratio}` with layer (node) names of the graph.
+      trainset_ratio: fraction in (0, 1] of the training images used for calibration (a random subset
+        drawn with `seed`; for a loader without a map-style dataset, its first batches).
+      sampled_pixels_per_img: output positions sampled per image and layer (data-driven compressors);
+        None (default): sized per layer from its dimensions (`calibration.positions_per_image`).
+      compress_ratio: fraction in [0, 1) of each conv/linear layer's MACs removed, or
+        `{layer_name: fraction}` with layer (node) names of the graph.
       checkpointfolder: where `compress()` writes `<name>.json`, `<name>.pkl` (and a drawing); None: nowhere.
       device: where calibration runs ("cpu", "cuda", torch.device).
       verbose: INFO logging and tqdm progress bars.
@@ -81,24 +95,28 @@ class BaseCompressor:
         threshold (a fraction, e.g. 0.9; values in (1, 100] are read as percent); the ratio backs off.
       args: the seed's argparse namespace, kept as `self.args` (not read).
       example_inputs: optional tuple of inputs used to trace a plain nn.Module.
+      seed: seeds every random draw of the compressor (calibration subset, sampled positions, loader
+        shuffling while it reads); the caller's global RNG is never consumed.
     """
 
     name = "compressor"
     max_backoff_attempts = 8
 
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
-                 trainset_ratio: float = 0.1, sampled_pixels_per_img: int = 10, compress_ratio: Ratio = 0.5,
-                 checkpointfolder: Optional[str] = None, device: Any = "cpu", verbose: bool = False,
-                 drawgraph: bool = False, accuracy_first: bool = False, accuracy_threshold: float = 0.0,
-                 args: Any = None, example_inputs: Optional[Sequence[Any]] = None):
+                 trainset_ratio: float = 0.1, sampled_pixels_per_img: Optional[int] = None,
+                 compress_ratio: Ratio = 0.5, checkpointfolder: Optional[str] = None, device: Any = "cpu",
+                 verbose: bool = False, drawgraph: bool = False, accuracy_first: bool = False,
+                 accuracy_threshold: float = 0.0, args: Any = None, example_inputs: Optional[Sequence[Any]] = None,
+                 seed: int = DEFAULT_SEED):
         self.origin_net = origin_net
+        self.seed = seed
         self.trainloader = trainloader
         self.valloader = valloader
         self.trainset_ratio = trainset_ratio
         self.sampled_pixels_per_img = sampled_pixels_per_img
         self.compress_ratio = compress_ratio
         self.checkpointfolder = checkpointfolder
-        self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        self.device = _as_device(device)
         self.verbose = bool(verbose)
         self.drawgraph = bool(drawgraph)
         self.accuracy_first = bool(accuracy_first)
@@ -121,12 +139,19 @@ class BaseCompressor:
             raise PruningError(f"trainset_ratio must be a fraction in (0, 1], got {r!r}")
         self.trainset_ratio = float(r)
         s = self.sampled_pixels_per_img
-        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise PruningError(f"sampled_pixels_per_img must be a positive int, got {s!r}")
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
+            raise PruningError(f"sampled_pixels_per_img must be a positive int (or None: sized per layer), got {s!r}")
+        sd = self.seed
+        if isinstance(sd, bool) or not isinstance(sd, numbers.Integral) or not 0 <= int(sd) < 2 ** 63:
+            raise PruningError(f"seed must be an int in [0, 2**63), got {sd!r}")
+        self.seed = int(sd)
         t = self.accuracy_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 100.0:
             raise PruningError(f"accuracy_threshold must be a fraction in [0, 1] (or percent in (1, 100]), got {t!r}")
         self.accuracy_threshold = float(t) / 100.0 if float(t) > 1.0 else float(t)
+        for what, loader in (("trainloader", self.trainloader), ("valloader", self.valloader)):
+            if loader is not None and (isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable)):
+                raise DataError(f"{what} must be an iterable of batches (a DataLoader), got {type(loader).__name__}")
         if self.trainloader is None or _loader_len(self.trainloader) == 0:
             raise DataError("trainloader is empty: the compressor needs training batches to trace and calibrate")
         if self.valloader is not None and _loader_len(self.valloader) == 0:
@@ -137,20 +162,17 @@ class BaseCompressor:
     def _example_inputs(self, example_inputs: Optional[Sequence[Any]]) -> Tuple[Any, ...]:
         if example_inputs:
             return tuple(_to(x, self.device) for x in example_inputs)
-        for batch in self.trainloader:
-            return tuple(_to(x, self.device) for x in batch_inputs(batch))
-        raise DataError("trainloader yielded no batches: the compressor needs training data")
+        batch = first_batch(self.trainloader, self.seed, self.device)
+        if batch is None:
+            raise DataError("trainloader yielded no batches: the compressor needs training data")
+        return tuple(_to(x, self.device) for x in batch_inputs(batch))
 
     def _as_graph(self, net: nn.Module) -> ReconstructedNetwork:
         if isinstance(net, ReconstructedNetwork):
             return net
-        if not isinstance(net, nn.Module):
-            raise PruningError(f"origin_net must be an nn.Module or ReconstructedNetwork, got {type(net).__name__}")
-        from ..graph.capture import trace
-
-        # trace an eval-mode copy: tracing runs a forward, which would update BN statistics of `net`
-        model = copy.deepcopy(net).to(self.device).eval()
-        return trace(model, *self.example_inputs)
+        # trace an eval-mode copy: the compressed network is for inference, and the user's stays as it is
+        model = copy.deepcopy(net).to(self.device).eval() if isinstance(net, nn.Module) else net
+        return as_network(model, self.example_inputs, error=PruningError, what="origin_net")
 
     def layer_names(self) -> List[str]:
         """Names accepted as keys of a `compress_ratio` dict (every node of the graph by default)."""
@@ -188,17 +210,13 @@ class BaseCompressor:
         return tqdm(iterable, desc=desc, total=total, leave=False)
 
     def calibration_batches(self) -> List[Tuple[Any, ...]]:
-        """Model inputs of the first `trainset_ratio` fraction of `trainloader` (at least one batch)."""
-        n = _loader_len(self.trainloader)
-        limit = max(1, math.ceil(self.trainset_ratio * n)) if n else None
-        out: List[Tuple[Any, ...]] = []
-        for batch in self.trainloader:
-            out.append(tuple(_to(x, self.device) for x in batch_inputs(batch)))
-            if limit is not None and len(out) >= limit:
-                break
-        if not out:
-            raise DataError("trainloader yielded no batches for calibration")
-        return out
+        """Model inputs of the calibration images: a `trainset_ratio` share of the training set drawn
+        with `seed` (see `amc.compressors.calibration`); the caller's RNG and loader are left as they were."""
+        key = (self.trainset_ratio, self.seed)
+        if getattr(self, "_calibration", (None, None))[0] != key:
+            self._calibration = (key, calibration_batches(self.trainloader, self.trainset_ratio, self.seed,
+                                                          batch_inputs, self.device))
+        return list(self._calibration[1])
 
     def evaluate(self, net: nn.Module, loader: Optional[Iterable] = None) -> float:
         """Top-1 accuracy (a fraction) of `net` on `loader` (default: `valloader`)."""
@@ -220,7 +238,14 @@ class BaseCompressor:
         return float(ratio) * 0.8
 
     def compress(self) -> ReconstructedNetwork:
-        """Compress a copy of the origin network; sets and returns `self.compressed_net`."""
+        """Compress a copy of the origin network; sets and returns `self.compressed_net`.
+
+        Runs under `seeded_rng(seed)`: the result depends on the arguments only, and the caller's global
+        RNG state (torch, numpy, random) is the same after the call as before."""
+        with untouched(self.origin_net, self.origin_graph), seeded_rng(self.seed, self.device):
+            return self._compress_with_backoff()
+
+    def _compress_with_backoff(self) -> ReconstructedNetwork:
         ratio = self.compress_ratio
         if not self.accuracy_first:
             net = self._checked(self._compress(ratio))
@@ -281,7 +306,43 @@ class BaseCompressor:
 
 def _check_fraction(v: Any, what: str) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
-        raise PruningError(f"{what} must be a float in [0, 1) (the fraction of computation removed), got {v!r}")
+        raise PruningError(f"{what} must be a float in [0, 1) (the fraction of the layer's MACs removed), got {v!r}")
+
+
+def _as_device(device: Any) -> torch.device:
+    """`device` as a torch.device this machine has (an unknown or absent device is a PruningError now,
+    not a RuntimeError at the first tensor moved there)."""
+    try:
+        dev = device if isinstance(device, torch.device) else torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
+        raise PruningError(f"device {device!r} is not usable here ({type(exc).__name__}: {str(exc)[:120]}); "
+                           "pass 'cpu' or an available 'cuda:N'") from None
+    return dev
+
+
+def check_count(value: Any, what: str, minimum: int = 1) -> int:
+    """An int argument (iterations, batches, grid points) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise PruningError(f"{what} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_names(value: Any, what: str) -> List[str]:
+    """A list of node names (`ignore=`, `layers=`): any iterable of str, but not a bare string."""
+    names = None if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) else list(value)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise PruningError(f"{what} must be a list of node names, got {value!r}")
+    return names
+
+
+def check_target_macs(target_macs: Any) -> Optional[float]:
+    """None, or a fraction in (0, 1] of the whole network's MACs to keep."""
+    if target_macs is None:
+        return None
+    if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0.0 < float(target_macs) <= 1.0:
+        raise PruningError(f"target_macs must be a fraction in (0, 1] of the network's MACs kept, got {target_macs!r}")
+    return float(target_macs)
 
 
 def _short_ratio(r: Ratio) -> str:

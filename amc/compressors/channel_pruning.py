@@ -1,11 +1,14 @@
 """Channel pruning by LASSO channel selection + least-squares reconstruction (He et al., ICCV 2017).
 
-    cp = ChannelPruning(net, trainloader, valloader, compress_ratio=0.3)   # or {layer_name: ratio}
+    cp = ChannelPruning(net, trainloader, valloader, compress_ratio=0.5)   # half of each layer's MACs
     small = cp.compress()                                                  # a ReconstructedNetwork
+    small = ChannelPruning(net, trainloader, target_macs=0.4).compress()   # 0.4x the network's MACs
 
 For every prunable channel group (`amc.compressors.plan_pruning`; residual groups included) the layers
 that *consume* the group's channels (Conv2d with groups=1, Linear) are sampled: `sampled_pixels_per_img`
-output positions per calibration image, the input patch X at each position and the original output Y.
+output positions per calibration image (default None: enough for `ROWS_PER_DIM` rows per input
+column of the layer's least-squares fit, at least 10 per image), the input patch X at each position and
+the original output Y. Calibration images and positions come from the compressor's `seed` only.
 The contribution of unit u to a consumer's output is Z_u = X_u W_u^T, so Y = sum_u Z_u (+ the rest).
 
 1. Selection: beta = argmin ||sum_u Z_u - sum_u beta_u Z_u||^2 + alpha |beta|_1 with at most k nonzeros,
@@ -22,12 +25,21 @@ The contribution of unit u to a consumer's output is Z_u = X_u W_u^T, so Y = sum
    regression towards the original kept weights (normal equations in float64): with few calibration
    rows (100 images x 10 positions against 512 x 9 columns) plain least squares is underdetermined.
 
-`compress_ratio` r of a layer: the fraction of its group's channels removed (keep ceil((1 - r) n)),
-which removes about r of the consumer's MACs (and of the producer's). A dict is keyed by conv/linear
-node names: a key prunes the INPUT channels of that layer (the group it consumes, as in He et al.), or,
-for a layer that consumes no prunable group (the first conv), its output channels; groups not named
-are not pruned. `uniform_ratio_for_macs` finds the float ratio
-that reaches a MACs target.
+Budgets (seed 003 section 4, the same vocabulary as `LowRankDecomposition`):
+
+- `compress_ratio` r (float): the fraction of each conv/linear layer's MACs removed. Channels are
+  shared by the layers that write and read them, so one uniform channel fraction p is used for every
+  group, found by bisection so that the conv/linear layers pruning can shrink lose r of their summed
+  MACs: a layer whose input and output channels are both pruned loses 1 - (1 - p)^2 (about r), one with
+  a frozen side (the stem, the classifier) loses p. r = 0.5 gives about 0.5x the network's MACs.
+  `channel_fraction(r)` reports p.
+- `compress_ratio` dict `{layer: r}`: keyed by conv/linear node names; a key prunes the INPUT channels
+  of that layer (the group it consumes, as in He et al.) by the fraction r, which removes r of that
+  layer's MACs while its output channels stay; for a layer that consumes no prunable group (the first
+  conv) its output channels. Groups not named are not pruned; a layer whose input and output groups
+  are both named loses 1 - (1 - r_in)(1 - r_out).
+- `target_macs` t: the whole network keeps at most t of its MACs (overrides `compress_ratio`);
+  `uniform_ratio_for_macs(t)` gives the float `compress_ratio` that reaches it.
 """
 from __future__ import annotations
 
@@ -41,8 +53,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PruningError
+from ..graph.counting import node_costs
 from ..graph.network import ReconstructedNetwork
-from .base import BaseCompressor, Ratio
+from .apply import apply
+from .base import BaseCompressor, Ratio, check_names, check_target_macs
+from .calibration import DEFAULT_SEED, positions_per_image, warn_underdetermined
 from .groups import keep_counts, select_units
 from .prune import PruningPlan, plan_pruning, ratio_for_macs
 
@@ -50,7 +65,7 @@ logger = logging.getLogger("amc.compressors")
 
 SELECTIONS = ("lasso", "first_k", "max_response")
 
-__all__ = ["ChannelPruning", "ChannelPrunning", "SELECTIONS", "uniform_ratio_for_macs", "lasso_select"]
+__all__ = ["ChannelPruning", "ChannelPrunning", "ChannelBudget", "SELECTIONS", "uniform_ratio_for_macs", "lasso_select"]
 
 
 class _Stop(Exception):
@@ -155,6 +170,20 @@ def _layer_io(module: nn.Module, x: torch.Tensor, out: torch.Tensor, p: int,
     if pos is not None:
         y3 = y3.gather(1, pos.to(out.device).unsqueeze(-1).expand(-1, -1, y3.shape[-1]))
     return layer_inputs(module, x, pos), y3.reshape(-1, y3.shape[-1]), pos
+
+
+def _fan_in(module: nn.Module) -> int:
+    """Columns of a conv/linear layer's least-squares fit: in_channels / groups x kernel area, or in_features."""
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels // module.groups * int(np.prod(module.kernel_size))
+    return int(module.weight.shape[1])
+
+
+def _positions_available(module: nn.Module, out: torch.Tensor) -> int:
+    """Output positions per image that sampling can choose from (1 for a Linear on [N, F])."""
+    if isinstance(module, nn.Conv2d):
+        return int(out.shape[-2] * out.shape[-1])
+    return int(np.prod(out.shape[1:-1], dtype=np.int64)) if out.dim() > 2 else 1
 
 
 def _flat_weight(module: nn.Module) -> torch.Tensor:
@@ -311,6 +340,75 @@ def _rel_err(pred: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------------
+# budgets
+
+
+class ChannelBudget:
+    """`compress_ratio` (fraction of the conv/linear layers' MACs removed) <-> the uniform fraction of
+    every group's channels pruned, on one pruning plan, measured on the exact pruned shapes."""
+
+    def __init__(self, plan: PruningPlan):
+        self.plan = plan
+        self._macs: Dict[float, Dict[str, int]] = {}
+        self._fractions: Dict[float, float] = {}  # compress_ratio -> channel fraction
+
+    def layer_macs(self, fraction: float) -> Dict[str, int]:
+        """MACs per sample of every conv/linear node with all groups pruned at the channel `fraction`."""
+        key = round(float(fraction), 12)
+        if key not in self._macs:
+            plan = self.plan
+            net = plan.net if fraction <= 0 else apply(plan.net, plan.analysis, plan.roots,
+                                                       plan.pruned_roots(fraction), "hard")
+            x1 = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in plan.example_inputs)
+            self._macs[key] = {r["name"]: int(r["macs"]) for r in node_costs(net, *x1)
+                               if isinstance(net.module_of(r["name"]), (nn.modules.conv._ConvNd, nn.Linear))}
+        return self._macs[key]
+
+    def shrinkable_macs(self, fraction: float) -> int:
+        """Summed MACs, at `fraction`, of the conv/linear layers that pruning can shrink."""
+        full, most, now = self.layer_macs(0.0), self.layer_macs(0.99), self.layer_macs(fraction)
+        return sum(now[n] for n in full if most.get(n, full[n]) < full[n])
+
+    def channel_fraction(self, compress_ratio: float) -> float:
+        """Smallest uniform channel fraction at which those layers lose `compress_ratio` of their MACs."""
+        r = float(compress_ratio)
+        if r <= 0.0:
+            return 0.0
+        if r in self._fractions:
+            return self._fractions[r]
+        base, floor = self.shrinkable_macs(0.0), self.shrinkable_macs(0.99)
+        target = (1.0 - r) * base * (1 + 1e-12) + 1e-6  # MACs are integers: a ratio read back reaches them
+        if base == 0 or floor > target:
+            most = 1.0 - floor / max(base, 1)
+            raise PruningError(f"compress_ratio={r} asks for {r:.0%} of the conv/linear MACs, but pruning every "
+                               f"group down to 1% of its channels (at least one each) removes only {most:.1%} of them; "
+                               "lower compress_ratio")
+        lo, hi = 0.0, 0.99
+        while hi - lo > 5e-4:
+            mid = (lo + hi) / 2
+            if self.shrinkable_macs(mid) <= target:
+                hi = mid
+            else:
+                lo = mid
+        self._fractions[r] = hi
+        return hi
+
+    def fraction_for_target(self, target_macs: float) -> float:
+        """Smallest uniform channel fraction at which the whole network keeps <= `target_macs` of its MACs."""
+        key = -float(target_macs)  # negative keys: whole-network targets, beside compress_ratio entries
+        if key not in self._fractions:
+            self._fractions[key] = ratio_for_macs(self.plan, target_macs)
+        return self._fractions[key]
+
+    def ratio_for_target(self, target_macs: float) -> float:
+        """The float compress_ratio that prunes exactly as `target_macs` does."""
+        p = self.fraction_for_target(target_macs)
+        r = 1.0 - self.shrinkable_macs(p) / max(self.shrinkable_macs(0.0), 1)
+        self._fractions[r] = p
+        return r
+
+
+# ------------------------------------------------------------------------------------------------
 # the compressor
 
 
@@ -318,8 +416,11 @@ class ChannelPruning(BaseCompressor):
     """He et al. 2017 channel pruning on amc's coupled channel groups (see the module docstring).
 
     Seed arguments are those of `BaseCompressor`, plus `lars_alpha_init` (initial LASSO penalty of the
-    fallback alpha search). Extras: `selection` ("lasso" | "first_k" | "max_response"), `least_squares`
-    (re-fit weights after pruning), `ridge` (relative ridge of that fit), `seed` (position sampling).
+    fallback alpha search). `compress_ratio` is the fraction of each conv/linear layer's MACs removed
+    (module docstring, "Budgets"). Extras: `target_macs` (fraction of the whole network's MACs kept;
+    overrides `compress_ratio`), `selection` ("lasso" | "first_k" | "max_response"), `least_squares`
+    (re-fit weights after pruning), `ridge` (relative ridge of that fit), `seed` (calibration images
+    and positions), `ignore` (layers whose output channels stay).
 
     After `compress()`: `self.kept` maps group producers to kept unit indices, `self.layer_errors`
     maps consumer names to the relative reconstruction error of their output before/after the fit.
@@ -328,12 +429,13 @@ class ChannelPruning(BaseCompressor):
     name = "channel_pruning"
 
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
-                 trainset_ratio: float = 0.1, sampled_pixels_per_img: int = 10, compress_ratio: Ratio = 0.5,
-                 checkpointfolder: Optional[str] = None, device: Any = "cpu", verbose: bool = False,
-                 drawgraph: bool = False, lars_alpha_init: float = 1e-4, accuracy_first: bool = False,
-                 accuracy_threshold: float = 0.0, args: Any = None, example_inputs: Optional[Sequence[Any]] = None,
-                 selection: str = "lasso", least_squares: bool = True, ridge: float = 1e-3, seed: int = 0,
-                 ignore: Iterable[str] = ()):
+                 trainset_ratio: float = 0.1, sampled_pixels_per_img: Optional[int] = None,
+                 compress_ratio: Ratio = 0.5, checkpointfolder: Optional[str] = None, device: Any = "cpu",
+                 verbose: bool = False, drawgraph: bool = False, lars_alpha_init: float = 1e-4,
+                 accuracy_first: bool = False, accuracy_threshold: float = 0.0, args: Any = None,
+                 example_inputs: Optional[Sequence[Any]] = None, selection: str = "lasso", least_squares: bool = True,
+                 ridge: float = 1e-3, seed: int = DEFAULT_SEED, ignore: Iterable[str] = (),
+                 target_macs: Optional[float] = None):
         if selection not in SELECTIONS:
             raise PruningError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if isinstance(lars_alpha_init, bool) or not isinstance(lars_alpha_init, (int, float)) or lars_alpha_init < 0:
@@ -344,18 +446,20 @@ class ChannelPruning(BaseCompressor):
         self.selection = selection
         self.least_squares = bool(least_squares)
         self.ridge = float(ridge)
-        self.seed = int(seed)
-        self.ignore = list(ignore)
+        self.target_macs = check_target_macs(target_macs)
+        self.ignore = check_names(ignore, "ignore")
         self._plan: Optional[PruningPlan] = None
         self._samples: Optional[Dict[str, _LayerSample]] = None
         self._calib: Optional[Tuple[Any, ...]] = None
         self.kept: Dict[Tuple[str, ...], np.ndarray] = {}
         self.layer_errors: Dict[str, Dict[str, float]] = {}
+        self.sampled_rows: Dict[str, int] = {}  # consumer -> calibration rows its fit used
+        self._budget: Optional[ChannelBudget] = None
         super().__init__(origin_net, trainloader, valloader, trainset_ratio=trainset_ratio,
                          sampled_pixels_per_img=sampled_pixels_per_img, compress_ratio=compress_ratio,
                          checkpointfolder=checkpointfolder, device=device, verbose=verbose, drawgraph=drawgraph,
                          accuracy_first=accuracy_first, accuracy_threshold=accuracy_threshold, args=args,
-                         example_inputs=example_inputs)
+                         example_inputs=example_inputs, seed=seed)
 
     # -- structure ------------------------------------------------------------------------------
     def layer_names(self) -> List[str]:
@@ -407,18 +511,37 @@ class ChannelPruning(BaseCompressor):
         return [n for n in self.layer_names() if self.groups_of_key(n)]
 
     def group_ratios(self, ratio: Ratio) -> Dict[int, float]:
-        """Group id -> fraction of its channels to prune."""
+        """Group id -> fraction of its channels to prune (`target_macs`, when set, decides instead)."""
+        if self.target_macs is not None:
+            p = self._fraction_for_target(self.target_macs)
+            return {gi: p for gi in range(len(self.plan.groups))}
         if not isinstance(ratio, Mapping):
-            return {gi: float(ratio) for gi in range(len(self.plan.groups))}
+            p = self.channel_fraction(float(ratio))
+            return {gi: p for gi in range(len(self.plan.groups))}
         out: Dict[int, float] = {}
         for k, v in ratio.items():
             for gi in self.groups_of_key(k):
                 out[gi] = max(out.get(gi, 0.0), float(v))
         return out
 
+    # -- budgets: compress_ratio (per-layer MACs removed) <-> uniform channel fraction ------------
+    @property
+    def budget(self) -> "ChannelBudget":
+        if self._budget is None:
+            self._budget = ChannelBudget(self.plan)
+        return self._budget
+
+    def channel_fraction(self, compress_ratio: float) -> float:
+        """The uniform fraction of every group's channels pruned for a float `compress_ratio`."""
+        return self.budget.channel_fraction(compress_ratio)
+
+    def _fraction_for_target(self, target_macs: float) -> float:
+        return self.budget.fraction_for_target(target_macs)
+
     def uniform_ratio_for_macs(self, target_macs: float = 0.5) -> float:
-        """The float `compress_ratio` whose pruned MACs are <= target (a fraction of the original)."""
-        return ratio_for_macs(self.plan, target_macs)
+        """The float `compress_ratio` (fraction of the conv/linear MACs removed) whose pruned network
+        keeps at most `target_macs` of the original MACs; passing it back gives exactly that network."""
+        return self.budget.ratio_for_target(target_macs)
 
     # -- statistics of the original network (ratio independent, cached across back-off attempts) --
     def calibration_inputs(self) -> Tuple[Any, ...]:
@@ -439,6 +562,8 @@ class ChannelPruning(BaseCompressor):
         samples: Dict[str, _LayerSample] = {}
         gen = torch.Generator().manual_seed(self.seed)
         net = self.origin_graph
+        inputs = self.calibration_inputs()
+        n_images = int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
         last = max((i for i, n in enumerate(net.layer_nodes) if n.name in cons_by_node), default=-1)
         todo = len(cons_by_node)
         bar = self.progress(range(todo), desc="channel pruning: sampling", total=todo)
@@ -446,7 +571,9 @@ class ChannelPruning(BaseCompressor):
 
         def observe(node, module, args, kwargs, out) -> None:
             if node.name in cons_by_node:
-                xs, y, pos = _layer_io(module, args[0], out, self.sampled_pixels_per_img, gen)
+                p = positions_per_image(self.sampled_pixels_per_img, _fan_in(module), n_images,
+                                        _positions_available(module, out))
+                xs, y, pos = _layer_io(module, args[0], out, p, gen)
                 w = _flat_weight(module)
                 kk = w.shape[1] // len(cons_by_node[node.name][0].unit_index)
                 s = _LayerSample("conv" if isinstance(module, nn.Conv2d) else "linear", pos, y.cpu())
@@ -462,7 +589,7 @@ class ChannelPruning(BaseCompressor):
         net.eval()
         try:
             with torch.no_grad():
-                net.run_observed(self.calibration_inputs(), {}, observe)
+                net.run_observed(inputs, {}, observe)
         except _Stop:
             pass
         finally:
@@ -499,12 +626,23 @@ class ChannelPruning(BaseCompressor):
 
     def _compress(self, ratio: Ratio) -> ReconstructedNetwork:
         plan = self.plan
+        if not isinstance(ratio, Mapping) or self.target_macs is not None:
+            self.log("channel pruning: uniform channel fraction %.4f (%s)", next(iter(self.group_ratios(ratio).values()), 0.0),
+                     f"target_macs={self.target_macs}" if self.target_macs is not None else f"compress_ratio={ratio}")
         pruned_roots = self.select(ratio)
         pruned = plan.apply_units(pruned_roots)
         self.layer_errors = {}
+        self.sampled_rows = {}
         if self.least_squares and len(pruned_roots):
+            self._fit_dims: List[Tuple[str, int, int]] = []
             self.reconstruct(pruned, pruned_roots)
+            warn_underdetermined("ChannelPruning least squares", self._fit_dims, self.sampled_pixels_per_img)
         return pruned
+
+    def backoff(self, ratio: Ratio, attempt: int) -> Ratio:
+        if self.target_macs is not None:
+            self.target_macs = 1.0 - (1.0 - self.target_macs) * 0.8
+        return super().backoff(ratio, attempt)
 
     def _out_keep(self, node: str, pruned_roots: np.ndarray) -> Optional[np.ndarray]:
         """Kept output rows of `node`'s weight (None: all)."""
@@ -566,6 +704,8 @@ class ChannelPruning(BaseCompressor):
         w0 = _flat_weight(module)
         b0 = module.bias.detach() if module.bias is not None else None
         before = xs @ w0.T + (b0 if b0 is not None else 0)
+        self.sampled_rows[name] = int(xs.shape[0])
+        self._fit_dims.append((name, int(xs.shape[0]), int(xs.shape[1])))
         w, b = fit_layer(xs, y, w0, b0, self.ridge)
         w = w.to(module.weight.dtype)
         module.weight.data.copy_(w.reshape(module.weight.shape))
@@ -577,9 +717,10 @@ class ChannelPruning(BaseCompressor):
 
 def uniform_ratio_for_macs(net: nn.Module, example_inputs: Sequence[Any], target_macs: float = 0.5,
                            ignore: Iterable[str] = ()) -> float:
-    """The float compress_ratio whose hard-pruned MACs fall to `target_macs` (fraction) of `net`'s."""
+    """The float compress_ratio (fraction of the conv/linear MACs removed) whose channel-pruned network
+    keeps at most `target_macs` (fraction) of `net`'s MACs."""
     plan = plan_pruning(net, "l2", tuple(example_inputs), ignore=ignore)
-    return ratio_for_macs(plan, target_macs)
+    return ChannelBudget(plan).ratio_for_target(target_macs)
 
 
 ChannelPrunning = ChannelPruning  # the seed's spelling

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import PruningError
+from .calibration import DEFAULT_SEED, iter_calibration, seeded_rng
 from .groups import Group, Member, param_of
 
 CRITERIA: Dict[str, Type["Criterion"]] = {}
@@ -122,14 +123,15 @@ class FPGM(Criterion):
         return out
 
 
-def run_with_observer(net: nn.Module, dataloader: Iterable, observer: Callable, max_batches: int) -> None:
+def run_with_observer(net: nn.Module, dataloader: Iterable, observer: Callable, max_batches: int,
+                      seed: int = DEFAULT_SEED) -> None:
+    """Run `net` on `max_batches` batches' worth of `dataloader`, drawn with `seed` (a map-style
+    DataLoader is sampled through its dataset); the caller's RNG and loader are left as they were."""
     was = net.training
     net.eval()
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(dataloader):
-                if i >= max_batches:
-                    break
+        with torch.no_grad(), seeded_rng(seed):
+            for batch in iter_calibration(dataloader, 1.0, seed, max_batches=max_batches):
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 net.run_observed((x,), {}, observer)
     finally:
@@ -147,12 +149,14 @@ class APoZ(Criterion):
     """Average Percentage of Zeros after ReLU-like activations (Hu et al. 2016): mostly-zero channels go.
 
     Units no ReLU observes are scored by mean |activation| at their producers, rescaled into the same range.
+    The `max_batches` batches' worth of images it observes are drawn with `seed`.
     """
 
     data_driven = True
 
-    def __init__(self, max_batches: int = 8):
+    def __init__(self, max_batches: int = 8, seed: int = DEFAULT_SEED):
         self.max_batches = max_batches
+        self.seed = int(seed)
 
     def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
         super().prepare(net, analysis, dataloader)
@@ -175,7 +179,7 @@ class APoZ(Criterion):
                 for r, s in zip(roots[vec].tolist(), stat.tolist()):
                     target.setdefault(r, []).append(s)
 
-        run_with_observer(net, dataloader, observe, self.max_batches)
+        run_with_observer(net, dataloader, observe, self.max_batches, self.seed)
 
     def __call__(self, group: Group) -> torch.Tensor:
         score = np.full(group.size, np.nan)
@@ -194,20 +198,25 @@ class APoZ(Criterion):
 @register_criterion("thinet")
 class ThiNet(Criterion):
     """ThiNet (Luo et al. 2017): greedily remove the channels whose summed contribution to the next
-    layer's sampled outputs stays smallest. Scores are the reverse greedy removal order."""
+    layer's sampled outputs stays smallest. Scores are the reverse greedy removal order.
+
+    Images, sampled outputs and column subsets come from `seed` alone: every `prepare` restarts the
+    generator, so one instance scores the same network the same way each time."""
 
     data_driven = True
 
-    def __init__(self, max_batches: int = 4, samples_per_batch: int = 256, seed: int = 0,
+    def __init__(self, max_batches: int = 4, samples_per_batch: int = 256, seed: int = DEFAULT_SEED,
                  max_columns: int = 2048):
         self.max_batches = max_batches
         self.max_columns = max_columns
         self.samples = samples_per_batch
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed = int(seed)
+        self.gen = torch.Generator().manual_seed(self.seed)
 
     def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
         super().prepare(net, analysis, dataloader)
         _require_loader(self.name, dataloader)
+        self.gen = torch.Generator().manual_seed(self.seed)
         consumers = {ax.node for ax in analysis.axes if ax.attr == "weight" and ax.dim == 1}
         self.contrib: Dict[str, List[torch.Tensor]] = {n: [] for n in consumers}
 
@@ -218,7 +227,7 @@ class ThiNet(Criterion):
             if c is not None:
                 self.contrib[node.name].append(c)
 
-        run_with_observer(net, dataloader, observe, self.max_batches)
+        run_with_observer(net, dataloader, observe, self.max_batches, self.seed)
         self.contrib = {k: torch.cat(v, 1) for k, v in self.contrib.items() if v}
 
     def _contributions(self, m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -293,5 +302,5 @@ class _CallableCriterion(Criterion):
     def __init__(self, fn: Callable[[Group], torch.Tensor]):
         self.fn = fn
 
-    def __call__(self, group: Group) -> torch.Tensor:
-        return torch.as_tensor(self.fn(group), dtype=torch.float64)
+    def __call__(self, group: Group) -> Any:
+        return self.fn(group)  # PruningPlan checks and converts what a user's function returns

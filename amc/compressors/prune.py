@@ -6,17 +6,20 @@
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ..errors import PruningError
-from ..graph.capture import trace
+from ..errors import AmcError, PruningError
+from ..graph.capture import as_network
 from ..graph.counting import count
 from ..graph.network import ReconstructedNetwork
+from ..graph.untouched import untouched
 from .apply import apply
 from .criteria import Criterion, get_criterion
 from .dependency import Analysis, analyze
@@ -51,6 +54,14 @@ class PruningPlan:
     def apply_units(self, pruned_roots: np.ndarray, mode: str = "hard") -> ReconstructedNetwork:
         """Prune exactly these units (group.units entries), e.g. the ones a LASSO chose."""
         pruned = apply(self.net, self.analysis, self.roots, np.asarray(pruned_roots, dtype=np.int64), mode)
+        try:
+            pruned.rebaseline_guards(*_batch1(self.example_inputs))  # smaller sizes, same captured path
+        except AmcError:
+            raise
+        except (RuntimeError, ValueError, IndexError) as exc:  # torch's own errors
+            raise PruningError(f"the pruned network no longer runs on the example inputs ({type(exc).__name__}: "
+                               f"{exc}); the model's Python code may use tensor values as sizes (int(tensor), "
+                               "e.g. Mask R-CNN's paste_masks_in_image), which the graph keeps from the trace") from exc
         check_pruned(self.analysis.output, pruned, self.example_inputs)
         return pruned
 
@@ -61,7 +72,7 @@ class PruningPlan:
             crit.prepare(self.net, self.analysis, dataloader)
         else:
             crit.net, crit.analysis = self.net, self.analysis
-        self.importance = [torch.as_tensor(crit(g), dtype=torch.float64) for g in self.groups]
+        self.importance = [_scores(crit, g) for g in self.groups]
         return self
 
     def group_of_layer(self, node: str, attr: str = "weight", dim: int = 1) -> Tuple[Optional[Group], np.ndarray]:
@@ -72,6 +83,20 @@ class PruningPlan:
                 if m.axis.node == node and m.axis.attr == attr and m.axis.dim == dim:
                     return g, m.unit_index
         return None, np.zeros(0, dtype=np.int64)
+
+
+def _scores(crit: Criterion, g: Group) -> torch.Tensor:
+    """One float64 importance per unit of `g`; a criterion returning anything else is refused."""
+    raw = crit(g)
+    try:
+        scores = torch.as_tensor(raw, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise PruningError(f"criterion {crit!r} returned {type(raw).__name__} for group {g.id}; it must return "
+                           f"one number per channel ({g.size}) ({exc})") from exc
+    if scores.dim() != 1 or scores.numel() != g.size:
+        raise PruningError(f"criterion {crit!r} returned shape {list(scores.shape)} for group {g.id} of {g.size} "
+                           "channels; it must return one number per channel")
+    return scores
 
 
 def group_ratio(g: Group, ratio: Ratio) -> float:
@@ -85,11 +110,17 @@ def _as_network(model: nn.Module, example_inputs: Optional[Sequence[Any]]) -> Tu
     if isinstance(model, ReconstructedNetwork):
         inputs = tuple(example_inputs) if example_inputs else model.example_inputs(batch_size=1)
         return model, inputs
-    if not isinstance(model, nn.Module):
-        raise PruningError(f"expected an nn.Module or ReconstructedNetwork, got {type(model).__name__}")
-    if not example_inputs:
-        raise PruningError("pruning a plain nn.Module needs example_inputs=(tensor, ...) to trace it")
-    return trace(model, *example_inputs), tuple(example_inputs)
+    inputs = tuple(example_inputs or ())
+    return as_network(model, inputs, error=PruningError, what="the model to prune"), inputs
+
+
+def _keeps_model(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The user's model (module or graph) leaves these calls exactly as it came: buffers, flags, RNG."""
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with untouched(model):
+            return fn(model, *args, **kwargs)
+    return wrapper
 
 
 def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
@@ -100,7 +131,9 @@ def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
             raise PruningError(f"ratio names unknown layers {unknown[:5]}; use node names such as "
                                f"{[n.name for n in net.layer_nodes if n.op in ('Conv2d', 'Linear')][:3]}")
         for k, v in ratio.items():
-            _validate_ratio(v, net) if not isinstance(v, Mapping) else None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+                raise PruningError(f"ratio[{k!r}] must be a float in [0, 1) (the fraction of its channels "
+                                   f"removed), got {v!r}")
         return
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
         raise PruningError(f"ratio must be a float in [0, 1) or a dict of per-layer ratios, got {ratio!r}")
@@ -108,12 +141,16 @@ def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
         raise PruningError(f"ratio must be in [0, 1), got {ratio}: it is the fraction of channels removed")
 
 
+@_keeps_model
 def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
                  ignore: Iterable[str] = (), dataloader: Optional[Iterable] = None) -> PruningPlan:
     """Analyse coupling and score every channel once; `plan.apply(ratio)` then prunes at any ratio."""
     net, inputs = _as_network(model, example_inputs)
     crit: Criterion = get_criterion(criterion)  # fail fast on a bad name, before the analysis
-    ignore = list(ignore)
+    names = None if isinstance(ignore, (str, bytes)) or not isinstance(ignore, Iterable) else list(ignore)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise PruningError(f"ignore must be a list of node names, got {ignore!r}")
+    ignore = names
     names = {n.name for n in net.layer_nodes}
     missing = [n for n in ignore if n not in names]
     if missing:
@@ -121,6 +158,7 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
     was = net.training
     net.eval()
     try:
+        _check_inputs_run(net, inputs)
         a = analyze(net, _batch1(inputs), rule_for)
     finally:
         net.train(was)
@@ -130,6 +168,16 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
             a.uf.freeze(np.arange(1, len(a.uf.parent))[np.asarray(a.uf.space[1:]) == space.id])
     groups, roots = build_groups(a)
     return PruningPlan(net, inputs, a, groups, roots).rescore(crit, dataloader)
+
+
+def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> None:
+    """Bad example_inputs are the caller's mistake: say so, before the analysis trips over them."""
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            net(*_batch1(inputs))
+    except Exception as exc:  # noqa: BLE001 - reported with the inputs described
+        raise PruningError(f"the network does not run on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); "
+                           "pass the tensors it was traced with, e.g. example_inputs=(x,)") from exc
 
 
 def _batch1(inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
@@ -176,6 +224,7 @@ def _shapes(x: Any) -> Any:
     return None
 
 
+@_keeps_model
 def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
           ignore: Iterable[str] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
           target_macs: Optional[float] = None) -> ReconstructedNetwork:
@@ -185,9 +234,12 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     target_macs: prune uniformly until MACs fall to this fraction of the original (<= 1), or to this
     absolute number of MACs (> 1). Overrides `ratio`.
     mode: "hard" removes channels; "soft" zeroes them (same function, same shapes).
+    Bad arguments raise `amc.errors.PruningError` (a ValueError), a model that cannot be traced
+    `amc.errors.CaptureError`; no other exception is raised for bad input (fuzzed: scripts/fuzz.py).
     """
     if mode not in ("hard", "soft"):
         raise PruningError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    _check_target_macs(target_macs)
     net, inputs = _as_network(model, example_inputs)
     if target_macs is None:
         _validate_ratio(ratio, net)
@@ -200,11 +252,18 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     return plan.apply(ratio, mode)
 
 
+def _check_target_macs(target_macs: Any) -> None:
+    if target_macs is None:
+        return
+    if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) \
+            or not 0.0 < float(target_macs) < math.inf:
+        raise PruningError(f"target_macs must be a positive fraction (<= 1) or MACs count (> 1), got {target_macs!r}")
+
+
 def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) -> float:
     """The smallest uniform ratio whose hard-pruned MACs reach `target_macs` (binary search)."""
+    _check_target_macs(target_macs)
     base, _ = count(plan.net, *_batch1(plan.example_inputs))
-    if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or target_macs <= 0:
-        raise PruningError(f"target_macs must be a positive fraction or MACs count, got {target_macs!r}")
     target = target_macs * base if target_macs <= 1.0 else float(target_macs)
     if target > base:
         raise PruningError(f"target_macs={target_macs} is above the network's current {base:,} MACs")
@@ -228,6 +287,7 @@ def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) ->
     return hi
 
 
+@_keeps_model
 def prune_groups(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
                  ignore: Iterable[str] = ()) -> List[Group]:
     """The coupled channel groups of a network: `group.producers`, `group.layers`, `group.size`."""

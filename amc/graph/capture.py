@@ -583,6 +583,9 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     """Run `model` once on the example inputs and return the captured ReconstructedNetwork.
 
     >>> net = amc.trace(torchvision.models.resnet18().eval(), torch.randn(2, 3, 224, 224))
+
+    A model that is not an nn.Module, missing inputs, or a forward that fails on them raise
+    `amc.errors.CaptureError` (a RuntimeError) naming the problem.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"amc.trace expects an nn.Module, got {type(model).__name__}; "

@@ -4,6 +4,7 @@
 - Fashion-MNIST (Debian ``dataset-fashion-mnist``): :func:`fashion_mnist_loaders`, :func:`read_idx`
 - CIFAR-10/100 and ImageFolder trees already on disk: :func:`cifar_loaders`, :func:`imagefolder_loaders`
 - ImageNet MobileNetV2 + natural photos: :func:`pretrained_mobilenet_v2`, :func:`photo_crops`, :func:`photo_split`
+- English sentences from the stdlib docstrings (text models): :func:`text_sentences`
 """
 from .cifar import CIFAR10, CIFAR100, cifar_datasets, cifar_default_transforms, cifar_loaders
 from .digits import digits_datasets, digits_loaders
@@ -26,6 +27,7 @@ from .photos import (
     photo_split,
     pretrained_mobilenet_v2,
 )
+from .text import TEXT_MODULES, split_sentences, text_sentences, text_split_sizes
 
 __all__ = [
     "CIFAR10",
@@ -56,4 +58,8 @@ __all__ = [
     "read_fashion_mnist",
     "read_idx",
     "write_idx",
+    "TEXT_MODULES",
+    "split_sentences",
+    "text_sentences",
+    "text_split_sizes",
 ]

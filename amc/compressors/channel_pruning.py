@@ -262,8 +262,15 @@ def _lasso_fallback(g: np.ndarray, xy: np.ndarray, k: int, alpha_init: float) ->
     from sklearn.linear_model import Lasso
 
     n = g.shape[0]
-    jitter = 1e-8 * max(float(np.trace(g)) / n, 1e-12)
-    lchol = np.linalg.cholesky(g + jitter * np.eye(n))
+    scale = max(float(np.trace(g)) / n, 1e-12)
+    for rel in (1e-8, 1e-6, 1e-4, 1e-2):  # a Gram matrix of few, collinear samples is only semi-definite
+        try:
+            lchol = np.linalg.cholesky(g + rel * scale * np.eye(n))
+            break
+        except np.linalg.LinAlgError:
+            continue
+    else:
+        raise np.linalg.LinAlgError("response Gram matrix is not positive definite even with 1% jitter")
     xd = lchol.T  # xd^T xd = g
     yd = np.linalg.solve(lchol, xy)  # xd^T yd = xy
     alpha = float(alpha_init) if alpha_init and alpha_init > 0 else 1e-4

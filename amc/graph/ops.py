@@ -97,6 +97,16 @@ _NAMESPACES: List[Tuple[str, Any]] = []
 _NAME_OF: Dict[Any, str] = {}
 
 
+def _torchvision_ops() -> Any:
+    """`torch.ops.torchvision` with every registered op touched: capture records the dispatcher op
+    (nms, roi_align of the detectors), and the namespace lists only ops already looked up."""
+    ns = torch.ops.torchvision
+    for op in torch._C._dispatch_get_all_op_names():
+        if op.startswith("torchvision::"):
+            getattr(ns, op.split("::", 1)[1].split(".", 1)[0], None)
+    return ns
+
+
 def _namespaces() -> List[Tuple[str, Any]]:
     if not _NAMESPACES:
         import torchvision.ops  # noqa: F401  (torchvision functions appear in some models)
@@ -106,6 +116,7 @@ def _namespaces() -> List[Tuple[str, Any]]:
             ("torch.linalg", torch.linalg), ("torch.fft", torch.fft), ("torch.special", torch.special),
             ("torch.nn.init", torch.nn.init), ("torchvision.ops", importlib.import_module("torchvision.ops")),
             ("operator", operator), ("math", math), ("amc.graph.ops", importlib.import_module(__name__)),
+            ("torch.ops.torchvision", _torchvision_ops()),
         ])
     return _NAMESPACES
 

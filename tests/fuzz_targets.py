@@ -337,8 +337,11 @@ def check_json_doc(doc: Any) -> str:
 
 @st.composite
 def byte_mutations(draw: Callable, data: bytes) -> bytes:
-    """Truncation, bit flips, inserted or overwritten bytes, or plain garbage."""
-    kind = draw(st.sampled_from(["truncate", "flip", "insert", "overwrite", "garbage", "empty"]))
+    """The file as saved (the control: the success path), truncation, bit flips, inserted or overwritten
+    bytes, or plain garbage."""
+    kind = draw(st.sampled_from(["keep", "truncate", "flip", "insert", "overwrite", "garbage", "empty"]))
+    if kind == "keep":
+        return data
     if kind == "truncate":
         return data[:draw(st.integers(0, max(len(data) - 1, 0)))]
     if kind == "garbage":

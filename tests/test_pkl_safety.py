@@ -19,6 +19,7 @@ from amc.export.pkl import FORMAT, VERSION
 from amc.graph.ops import FunctionOp, GetAttr
 from amc.trainers.checkpoint import FORMAT as CKPT_FORMAT
 from amc.trainers.checkpoint import atomic_save, load_checkpoint
+from test_export import WithAutograd
 
 
 class _System:
@@ -142,37 +143,13 @@ def test_hooks_refused_and_trusted_loads_them(tmp_path):
 
 def test_trusted_loads_custom_classes(tmp_path):
     class_file = tmp_path / "custom.pkl"
-    net = amc.trace(_Custom().eval(), torch.randn(2, 4))
+    net = amc.trace(WithAutograd().eval(), torch.randn(2, 3))  # a custom autograd Function
     net.save(pkl=str(class_file))
     with pytest.raises(LoadError, match="trusted=True"):
         amc.ReconstructedNetwork.load(pkl=str(class_file))
     back = amc.ReconstructedNetwork.load(pkl=str(class_file), trusted=True)
-    x = torch.randn(3, 4)
+    x = torch.randn(3, 3)
     assert torch.equal(back(x), net(x))
-
-
-class _Leaf(nn.Module):
-    def forward(self, x):
-        return x * 2
-
-
-class _Custom(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return _Double.apply(self.fc(x))
-
-
-class _Double(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
 
 
 ZOO = ["resnet18", "mobilenet_v3_small", "densenet121", "vit_b_16", "convnext_tiny", "shufflenet_v2_x0_5",

@@ -913,8 +913,6 @@ def _runs_cast(net: nn.Module, args: tuple, kwargs: Dict[str, Any]) -> bool:
 
 def _recorded_inputs(path: str, net: "ReconstructedNetwork", device: Any) -> Tuple[tuple, Dict[str, Any]]:  # noqa: F821
     """Random inputs shaped like the recorded ones (positional and keyword), on `device`."""
-    from ..graph.network import _make_like
-
     try:
         args = net.example_inputs()  # keyword inputs included, after the positional ones
         kwargs: Dict[str, Any] = {}

@@ -17,7 +17,13 @@ _LAZY = {
     "count": "amc.graph.counting",
     "prune": "amc.compressors.prune",
     "prune_groups": "amc.compressors.prune",
+    "register_op": "amc.graph.ops",
 }
+
+#: Packages that register ReconstructedNetwork's file formats (``amc.graph.formats``) when imported.
+#: The registry imports them on its first lookup: amc.graph never imports amc.export, and ``import amc``
+#: stays cheap, yet ``net.save(...)`` works whatever was imported before.
+FORMAT_PROVIDERS = ("amc.export",)
 
 #: Subpackages and modules reachable as attributes of ``amc`` without an explicit import.
 _SUBMODULES = ("compressors", "data", "errors", "export", "graph", "jobs", "models", "trainers", "tuners", "cli")

@@ -195,3 +195,37 @@ def test_amc_errors_become_exit_code_1(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("amc.graph.network.ReconstructedNetwork.save_to_json", failing)
     assert cli.main(["trace", "resnet18", "--out", str(tmp_path), "--input-size", "32", "--no-onnx"]) == 1
     assert "amc trace: error: node 'x' cannot be exported" in capsys.readouterr().err
+
+
+def test_building_the_parser_imports_no_torch():
+    """`--method` reads the criteria registry only when a value is checked or help is printed."""
+    proc = _python("-c", "import sys, amc.cli as c; c.build_parser(); assert 'torch' not in sys.modules")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_registered_criterion_is_a_compress_method(monkeypatch, capsys):
+    """`amc compress --method` offers every criterion in the registry: a new one needs no edit of the job."""
+    from amc.compressors import criteria
+    from amc.jobs import compress as job
+
+    monkeypatch.setattr(criteria, "CRITERIA", dict(criteria.CRITERIA))
+    scored = []
+
+    @criteria.register_criterion("toy_index")
+    class ToyIndex(criteria.Criterion):
+        def __call__(self, group):
+            scored.append(group.id)
+            return torch.arange(group.size, dtype=torch.float64)  # the first channels go first
+
+    with pytest.raises(SystemExit):
+        cli.main(["compress", "--help"])
+    assert "toy_index" in capsys.readouterr().out
+    ns = cli.build_parser().parse_args(["compress", "--method", "toy_index", "--target-macs", "0.6"])
+    assert ns.method == "toy_index"
+    x = torch.randn(2, 3, 8, 8)
+    net = amc.trace(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).eval(), x)
+    small = job._compress(ns, net, [(x, torch.zeros(2))], None, x[:1])
+    assert scored and amc.count(small, x[:1])[0] <= 0.6 * amc.count(net, x[:1])[0]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["compress", "--method", "toy_nonsense"])
+    assert "invalid choice: 'toy_nonsense'" in capsys.readouterr().err

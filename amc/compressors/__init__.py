@@ -7,9 +7,10 @@ from .channel_pruning import ChannelPruning, ChannelPrunning
 from .criteria import CRITERIA, Criterion, register_criterion
 from .groups import Group
 from .lowrank import LowRankDecomposition, LowRankDecompostion
+from .masks import channel_masks
 from .prune import PruningPlan, plan_pruning, prune, prune_groups
 from .rules import register_rule
 
-__all__ = ["prune", "prune_groups", "plan_pruning", "PruningPlan", "Group", "Criterion", "CRITERIA",
+__all__ = ["prune", "prune_groups", "plan_pruning", "PruningPlan", "channel_masks", "Group", "Criterion", "CRITERIA",
            "register_criterion", "register_rule", "BaseCompressor", "ChannelPruning", "ChannelPrunning",
            "LowRankDecomposition", "LowRankDecompostion"]

@@ -41,7 +41,7 @@ from ..errors import DataError, PruningError
 from ..graph.capture import as_network
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import untouched
-from .calibration import DEFAULT_SEED, calibration_batches, first_batch, seeded_rng
+from .calibration import DEFAULT_SEED, calibration_batches, first_batch, loader_len, seeded_rng
 
 Ratio = Union[float, Dict[str, float]]
 logger = logging.getLogger("amc.compressors")
@@ -65,13 +65,6 @@ def batch_inputs(batch: Any) -> Tuple[Any, ...]:
 
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
-def _loader_len(loader: Iterable) -> Optional[int]:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 class BaseCompressor:
@@ -152,9 +145,9 @@ class BaseCompressor:
         for what, loader in (("trainloader", self.trainloader), ("valloader", self.valloader)):
             if loader is not None and (isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable)):
                 raise DataError(f"{what} must be an iterable of batches (a DataLoader), got {type(loader).__name__}")
-        if self.trainloader is None or _loader_len(self.trainloader) == 0:
+        if self.trainloader is None or loader_len(self.trainloader) == 0:
             raise DataError("trainloader is empty: the compressor needs training batches to trace and calibrate")
-        if self.valloader is not None and _loader_len(self.valloader) == 0:
+        if self.valloader is not None and loader_len(self.valloader) == 0:
             raise DataError("valloader is empty: pass a loader with validation batches (or valloader=None)")
         if self.accuracy_first and self.valloader is None:
             raise DataError("accuracy_first=True needs a valloader to measure accuracy")
@@ -168,11 +161,11 @@ class BaseCompressor:
         return tuple(_to(x, self.device) for x in batch_inputs(batch))
 
     def _as_graph(self, net: nn.Module) -> ReconstructedNetwork:
-        if isinstance(net, ReconstructedNetwork):
-            return net
-        # trace an eval-mode copy: the compressed network is for inference, and the user's stays as it is
-        model = copy.deepcopy(net).to(self.device).eval() if isinstance(net, nn.Module) else net
-        return as_network(model, self.example_inputs, error=PruningError, what="origin_net")
+        """`as_network`, on an eval-mode copy of a plain module: the compressed network is for inference,
+        and the user's stays as it is (a graph is used as given; compressors never edit their input)."""
+        if isinstance(net, nn.Module) and not isinstance(net, ReconstructedNetwork):
+            net = copy.deepcopy(net).to(self.device).eval()
+        return as_network(net, self.example_inputs, error=PruningError, what="origin_net")
 
     def layer_names(self) -> List[str]:
         """Names accepted as keys of a `compress_ratio` dict (every node of the graph by default)."""

@@ -12,32 +12,29 @@ Two guarantees the compressors build on:
   own shuffle generator is never advanced, and the same arguments give the same images); any other
   iterable gives its first `ceil(fraction * len)` batches, read under `seeded_rng(seed)`.
 
-`positions_per_image` sizes how many output positions per image a layer's fit samples: enough
-rows for its least-squares / covariance fit to be well posed (`ROWS_PER_DIM` x the fit's dimension).
+Which positions of those images a layer's fit samples, and how many, is `amc.compressors.sampling`'s
+job (`positions_per_image`, `warn_underdetermined` and their constants are re-exported here, their
+earlier home).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import random
-import warnings
-from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..errors import DataError
+from .sampling import MIN_POSITIONS_PER_IMAGE, ROWS_PER_DIM, positions_per_image, warn_underdetermined
 
-__all__ = ["seeded_rng", "calibration_batches", "first_batch", "positions_per_image", "warn_underdetermined",
-           "ROWS_PER_DIM", "MIN_POSITIONS_PER_IMAGE", "DEFAULT_SEED"]
+__all__ = ["seeded_rng", "calibration_batches", "iter_calibration", "first_batch", "loader_len", "DEFAULT_SEED",
+           "positions_per_image", "warn_underdetermined", "ROWS_PER_DIM", "MIN_POSITIONS_PER_IMAGE"]
 
 #: the compressors' default `seed`
 DEFAULT_SEED = 0
-#: sampled rows per dimension of a layer's fit (least squares: input dim; response covariance: output dim)
-ROWS_PER_DIM = 16
-#: automatic sampling never takes fewer positions per image than this (when the map has them)
-MIN_POSITIONS_PER_IMAGE = 10
 
 
 @contextlib.contextmanager
@@ -74,7 +71,8 @@ def _map_style(loader: Any) -> bool:
         return False
 
 
-def _loader_len(loader: Iterable) -> Optional[int]:
+def loader_len(loader: Iterable) -> Optional[int]:
+    """len(loader), or None for an iterable without one."""
     try:
         return len(loader)  # type: ignore[arg-type]
     except TypeError:
@@ -105,7 +103,7 @@ def iter_calibration(loader: Iterable, fraction: float, seed: int, max_batches: 
         k = math.ceil(fraction * n - 1e-9) if max_batches is None else max_batches * loader.batch_size  # type: ignore[union-attr]
         yield from _subset_loader(loader, k, seed)  # type: ignore[arg-type]
         return
-    n = _loader_len(loader)
+    n = loader_len(loader)
     limit = max(1, math.ceil(fraction * n - 1e-9)) if n else None
     if max_batches is not None:
         limit = max(1, int(max_batches))
@@ -134,33 +132,3 @@ def first_batch(loader: Iterable, seed: int, device: Any = None) -> Optional[Any
         for batch in iter_calibration(loader, 1.0, seed):
             return batch
     return None
-
-
-def positions_per_image(requested: Optional[int], fit_dim: int, n_images: int, available: int) -> int:
-    """Output positions to sample per image for one layer.
-
-    `requested` (the user's `sampled_pixels_per_img`) is honoured as given (capped at `available`, the
-    positions the map has). None: enough for `ROWS_PER_DIM * fit_dim` rows over `n_images` images,
-    at least `MIN_POSITIONS_PER_IMAGE`, at most `available`.
-    """
-    available = max(1, int(available))
-    if requested is not None:
-        return min(int(requested), available)
-    need = math.ceil(ROWS_PER_DIM * max(1, int(fit_dim)) / max(1, int(n_images)))
-    return max(1, min(available, max(MIN_POSITIONS_PER_IMAGE, need)))
-
-
-def warn_underdetermined(who: str, rows: Sequence[Tuple[str, int, int]], requested: Optional[int]) -> None:
-    """One warning naming the layers whose fit got fewer sampled rows than its dimension.
-
-    rows: (layer, sampled rows, fit dimension) for every layer that was fitted.
-    """
-    bad = [(n, r, d) for n, r, d in rows if r < d]
-    if not bad:
-        return
-    shown = ", ".join(f"{n} ({r} rows for {d} unknowns per output)" for n, r, d in bad[:4])
-    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
-    fix = (f"raise sampled_pixels_per_img (now {requested}) or pass None to size it per layer, or raise "
-           "trainset_ratio" if requested is not None else "raise trainset_ratio (more calibration images)")
-    warnings.warn(f"{who}: the fit of {len(bad)} layer(s) is under-determined: {shown}{more}; the ridge term "
-                  f"keeps it solvable but the result leans on it: {fix}", stacklevel=5)

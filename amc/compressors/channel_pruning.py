@@ -5,10 +5,11 @@
     small = ChannelPruning(net, trainloader, target_macs=0.4).compress()   # 0.4x the network's MACs
 
 For every prunable channel group (`amc.compressors.plan_pruning`; residual groups included) the layers
-that *consume* the group's channels (Conv2d with groups=1, Linear) are sampled: `sampled_pixels_per_img`
-output positions per calibration image (default None: enough for `ROWS_PER_DIM` rows per input
-column of the layer's least-squares fit, at least 10 per image), the input patch X at each position and
-the original output Y. Calibration images and positions come from the compressor's `seed` only.
+that *consume* the group's channels (Conv2d with groups=1, Linear) are sampled (`amc.compressors.sampling`):
+`sampled_pixels_per_img` output positions per calibration image (default None: enough for `ROWS_PER_DIM`
+rows per input column of the layer's least-squares fit, at least 10 per image), the input patch X at
+each position and the original output Y. Calibration images and positions come from the compressor's
+`seed` only.
 The contribution of unit u to a consumer's output is Z_u = X_u W_u^T, so Y = sum_u Z_u (+ the rest).
 
 1. Selection: beta = argmin ||sum_u Z_u - sum_u beta_u Z_u||^2 + alpha |beta|_1 with at most k nonzeros,
@@ -50,30 +51,29 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..errors import PruningError
 from ..graph.counting import node_costs
 from ..graph.network import ReconstructedNetwork
 from .apply import apply
 from .base import BaseCompressor, Ratio, check_names, check_target_macs
-from .calibration import DEFAULT_SEED, positions_per_image, warn_underdetermined
+from .budget import per_sample, smallest_within_budget
+from .calibration import DEFAULT_SEED
 from .groups import keep_counts, select_units
 from .prune import PruningPlan, plan_pruning, ratio_for_macs
+from .sampling import (PositionSampler, conv_patches, count_images, hooked_pass, input_rows, observe, output_rows,
+                       stack_batches, warn_underdetermined)
 
 logger = logging.getLogger("amc.compressors")
 
 SELECTIONS = ("lasso", "first_k", "max_response")
 
-__all__ = ["ChannelPruning", "ChannelPrunning", "ChannelBudget", "SELECTIONS", "uniform_ratio_for_macs", "lasso_select"]
-
-
-class _Stop(Exception):
-    """Raised inside an observer to end a graph run once the last interesting layer has been seen."""
+__all__ = ["ChannelPruning", "ChannelPrunning", "ChannelBudget", "SELECTIONS", "uniform_ratio_for_macs", "lasso_select",
+           "fit_layer", "unit_gram", "conv_patches"]  # conv_patches: re-exported from .sampling, its home
 
 
 # ------------------------------------------------------------------------------------------------
-# sampling
+# what is sampled
 
 
 @dataclass
@@ -89,7 +89,6 @@ class _Consumer:
 class _LayerSample:
     """What the original network did at one layer, at the sampled positions."""
 
-    kind: str  # "conv" | "linear"
     pos: Optional[torch.Tensor]  # [N, P] flat output positions (conv) or row positions (linear 3-d+)
     y: torch.Tensor  # [N * P, out] original output (bias included)
     grams: Dict[int, torch.Tensor] = field(default_factory=dict)  # group id -> [n, n] float64
@@ -99,91 +98,11 @@ def _conv_ok(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == 1 and not m.transposed
 
 
-def _pad_amounts(m: nn.Conv2d) -> Tuple[int, int, int, int]:
-    """(left, right, top, bottom) padding of a Conv2d, string paddings included."""
-    kh, kw = m.kernel_size
-    dh, dw = m.dilation
-    if isinstance(m.padding, str):
-        if m.padding == "valid":
-            return 0, 0, 0, 0
-        th, tw = dh * (kh - 1), dw * (kw - 1)  # "same"
-        return tw // 2, tw - tw // 2, th // 2, th - th // 2
-    ph, pw = m.padding
-    return pw, pw, ph, ph
-
-
-def conv_patches(m: nn.Conv2d, x: torch.Tensor, pos: torch.Tensor, out_w: int) -> torch.Tensor:
-    """Input patches of conv `m` at flat output positions `pos` [N, P] -> [N * P, C * kh * kw]."""
-    kh, kw = m.kernel_size
-    sh, sw = m.stride
-    dh, dw = m.dilation
-    left, right, top, bottom = _pad_amounts(m)
-    if left or right or top or bottom:
-        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-        x = F.pad(x, (left, right, top, bottom), mode=mode)
-    n, p = pos.shape
-    oh, ow = pos // out_w, pos % out_w
-    rows = (oh * sh).unsqueeze(-1) + torch.arange(kh, device=x.device) * dh  # [N, P, kh]
-    cols = (ow * sw).unsqueeze(-1) + torch.arange(kw, device=x.device) * dw  # [N, P, kw]
-    bi = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-    patches = x[bi, :, rows.unsqueeze(-1), cols.unsqueeze(-2)]  # [N, P, kh, kw, C]
-    return patches.permute(0, 1, 4, 2, 3).reshape(n * p, -1)
-
-
-def _sample_positions(n: int, total: int, p: int, gen: torch.Generator) -> torch.Tensor:
-    p = min(p, total)
-    return torch.rand(n, total, generator=gen).argsort(1)[:, :p]
-
-
-def conv_out_size(m: nn.Conv2d, h: int, w: int) -> Tuple[int, int]:
-    left, right, top, bottom = _pad_amounts(m)
-    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-    return (h + top + bottom - dh * (kh - 1) - 1) // sh + 1, (w + left + right - dw * (kw - 1) - 1) // sw + 1
-
-
-def layer_inputs(module: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
-    """Input rows X of a conv/linear call at the given output positions (see `_layer_io`)."""
-    if isinstance(module, nn.Conv2d):
-        _, wo = conv_out_size(module, x.shape[-2], x.shape[-1])
-        return conv_patches(module, x, pos.to(x.device), wo)
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-    if pos is not None:
-        x3 = x3.gather(1, pos.to(x.device).unsqueeze(-1).expand(-1, -1, x3.shape[-1]))
-    return x3.reshape(-1, x3.shape[-1])
-
-
-def _layer_io(module: nn.Module, x: torch.Tensor, out: torch.Tensor, p: int,
-              gen: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(X rows, Y rows, positions) of one conv/linear call, `p` random output positions per image.
-
-    Conv: positions index the flattened output map; X [N * P, C * kh * kw], Y [N * P, out].
-    Linear on [N, F]: every image is one row (positions None); on [N, T, F]: P of the T rows.
-    """
-    n = x.shape[0]
-    if isinstance(module, nn.Conv2d):
-        ho, wo = out.shape[-2:]
-        pos = _sample_positions(n, ho * wo, p, gen)
-        y = out.flatten(2).gather(2, pos.to(out.device).unsqueeze(1).expand(-1, out.shape[1], -1))
-        return layer_inputs(module, x, pos), y.permute(0, 2, 1).reshape(-1, out.shape[1]), pos
-    y3 = out.reshape(n, -1, out.shape[-1])
-    pos = _sample_positions(n, y3.shape[1], p, gen) if y3.shape[1] > 1 else None
-    if pos is not None:
-        y3 = y3.gather(1, pos.to(out.device).unsqueeze(-1).expand(-1, -1, y3.shape[-1]))
-    return layer_inputs(module, x, pos), y3.reshape(-1, y3.shape[-1]), pos
-
-
 def _fan_in(module: nn.Module) -> int:
     """Columns of a conv/linear layer's least-squares fit: in_channels / groups x kernel area, or in_features."""
     if isinstance(module, nn.Conv2d):
         return module.in_channels // module.groups * int(np.prod(module.kernel_size))
     return int(module.weight.shape[1])
-
-
-def _positions_available(module: nn.Module, out: torch.Tensor) -> int:
-    """Output positions per image that sampling can choose from (1 for a Linear on [N, F])."""
-    if isinstance(module, nn.Conv2d):
-        return int(out.shape[-2] * out.shape[-1])
-    return int(np.prod(out.shape[1:-1], dtype=np.int64)) if out.dim() > 2 else 1
 
 
 def _flat_weight(module: nn.Module) -> torch.Tensor:
@@ -366,8 +285,7 @@ class ChannelBudget:
             plan = self.plan
             net = plan.net if fraction <= 0 else apply(plan.net, plan.analysis, plan.roots,
                                                        plan.pruned_roots(fraction), "hard")
-            x1 = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in plan.example_inputs)
-            self._macs[key] = {r["name"]: int(r["macs"]) for r in node_costs(net, *x1)
+            self._macs[key] = {r["name"]: int(r["macs"]) for r in node_costs(net, *per_sample(plan.example_inputs))
                                if isinstance(net.module_of(r["name"]), (nn.modules.conv._ConvNd, nn.Linear))}
         return self._macs[key]
 
@@ -390,15 +308,8 @@ class ChannelBudget:
             raise PruningError(f"compress_ratio={r} asks for {r:.0%} of the conv/linear MACs, but pruning every "
                                f"group down to 1% of its channels (at least one each) removes only {most:.1%} of them; "
                                "lower compress_ratio")
-        lo, hi = 0.0, 0.99
-        while hi - lo > 5e-4:
-            mid = (lo + hi) / 2
-            if self.shrinkable_macs(mid) <= target:
-                hi = mid
-            else:
-                lo = mid
-        self._fractions[r] = hi
-        return hi
+        self._fractions[r] = smallest_within_budget(self.shrinkable_macs, target, hi=0.99, tol=5e-4)
+        return self._fractions[r]
 
     def fraction_for_target(self, target_macs: float) -> float:
         """Smallest uniform channel fraction at which the whole network keeps <= `target_macs` of its MACs."""
@@ -553,9 +464,7 @@ class ChannelPruning(BaseCompressor):
     # -- statistics of the original network (ratio independent, cached across back-off attempts) --
     def calibration_inputs(self) -> Tuple[Any, ...]:
         if self._calib is None:
-            batches = self.calibration_batches()
-            self._calib = tuple(torch.cat([b[i] for b in batches]) if isinstance(batches[0][i], torch.Tensor)
-                                else batches[0][i] for i in range(len(batches[0])))
+            self._calib = stack_batches(self.calibration_batches())
         return self._calib
 
     def collect(self) -> Dict[str, _LayerSample]:
@@ -566,41 +475,28 @@ class ChannelPruning(BaseCompressor):
         for gi, cons in self.consumers().items():
             for c in cons:
                 cons_by_node.setdefault(c.node, []).append(c)
-        samples: Dict[str, _LayerSample] = {}
-        gen = torch.Generator().manual_seed(self.seed)
-        net = self.origin_graph
         inputs = self.calibration_inputs()
-        n_images = int(inputs[0].shape[0]) if isinstance(inputs[0], torch.Tensor) and inputs[0].dim() else 1
-        last = max((i for i, n in enumerate(net.layer_nodes) if n.name in cons_by_node), default=-1)
-        todo = len(cons_by_node)
-        bar = self.progress(range(todo), desc="channel pruning: sampling", total=todo)
-        bar_iter = iter(bar) if bar is not None else None
+        sampler = PositionSampler(self.sampled_pixels_per_img, count_images([inputs]), self.seed)
+        samples: Dict[str, _LayerSample] = {}
+        bar = iter(self.progress(range(len(cons_by_node)), desc="channel pruning: sampling", total=len(cons_by_node)))
 
-        def observe(node, module, args, kwargs, out) -> None:
-            if node.name in cons_by_node:
-                p = positions_per_image(self.sampled_pixels_per_img, _fan_in(module), n_images,
-                                        _positions_available(module, out))
-                xs, y, pos = _layer_io(module, args[0], out, p, gen)
-                w = _flat_weight(module)
-                kk = w.shape[1] // len(cons_by_node[node.name][0].unit_index)
-                s = _LayerSample("conv" if isinstance(module, nn.Conv2d) else "linear", pos, y.cpu())
-                for c in cons_by_node[node.name]:
-                    n_units = len(self.plan.groups[c.group].units)
-                    s.grams[c.group] = unit_gram(xs, w, c.unit_index, n_units, kk).cpu()
-                samples[node.name] = s
-                next(bar_iter, None)
-                if node.name == net.layer_nodes[last].name:
-                    raise _Stop
+        def record(node, module, args, kwargs, out) -> None:
+            cons = cons_by_node.get(node.name)
+            if cons is None:
+                return
+            conv = isinstance(module, nn.Conv2d)
+            pos = sampler.draw(out, _fan_in(module), channels_first=conv)
+            xs, w = input_rows(module, args[0], pos), _flat_weight(module)
+            kk = w.shape[1] // len(cons[0].unit_index)
+            s = _LayerSample(pos, output_rows(out, pos, channels_first=conv).cpu())
+            for c in cons:
+                n_units = len(self.plan.groups[c.group].units)
+                s.grams[c.group] = unit_gram(xs, w, c.unit_index, n_units, kk).cpu()
+            samples[node.name] = s
+            next(bar, None)
 
-        was = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                net.run_observed(inputs, {}, observe)
-        except _Stop:
-            pass
-        finally:
-            net.train(was)
+        last = [n.name for n in self.origin_graph.layer_nodes if n.name in cons_by_node]
+        observe(self.origin_graph, [inputs], record, stop_after=last[-1] if last else None)
         self._samples = samples
         return samples
 
@@ -676,36 +572,21 @@ class ChannelPruning(BaseCompressor):
             g = self.plan.groups[gi]
             if mask[g.units].any():
                 targets.update(c.node for c in cons if c.node in samples)
-        order = [n.name for n in pruned.layer_nodes if n.name in targets]
-        if not order:
+        if not targets:
             return
-        bar = iter(self.progress(range(len(order)), desc="channel pruning: least squares", total=len(order)))
+        bar = iter(self.progress(range(len(targets)), desc="channel pruning: least squares", total=len(targets)))
 
-        def make_hook(name: str, last: bool):
+        def fit(name: str):
             def hook(module: nn.Module, args: tuple) -> None:
                 self._fit_one(name, module, args[0], samples[name], pruned_roots)
                 next(bar, None)
-                if last:
-                    raise _Stop
             return hook
 
-        handles = [pruned.module_of(name).register_forward_pre_hook(make_hook(name, name == order[-1]))
-                   for name in order]
-        was = pruned.training
-        pruned.eval()
-        try:
-            with torch.no_grad():
-                pruned(*self.calibration_inputs())
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-            pruned.train(was)
+        hooked_pass(pruned, self.calibration_inputs(), {name: fit(name) for name in targets}, pre=True)
 
     def _fit_one(self, name: str, module: nn.Module, x: torch.Tensor, s: _LayerSample,
                  pruned_roots: np.ndarray) -> None:
-        xs = layer_inputs(module, x, s.pos)
+        xs = input_rows(module, x, s.pos)
         rows = self._out_keep(name, pruned_roots)
         y = (s.y if rows is None else s.y[:, torch.from_numpy(rows)]).to(xs.device)
         w0 = _flat_weight(module)

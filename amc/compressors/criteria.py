@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..errors import PruningError
 from .calibration import DEFAULT_SEED, iter_calibration, seeded_rng
 from .groups import Group, Member, param_of
+from .sampling import observe
 
 CRITERIA: Dict[str, Type["Criterion"]] = {}
 
@@ -127,15 +128,9 @@ def run_with_observer(net: nn.Module, dataloader: Iterable, observer: Callable, 
                       seed: int = DEFAULT_SEED) -> None:
     """Run `net` on `max_batches` batches' worth of `dataloader`, drawn with `seed` (a map-style
     DataLoader is sampled through its dataset); the caller's RNG and loader are left as they were."""
-    was = net.training
-    net.eval()
-    try:
-        with torch.no_grad(), seeded_rng(seed):
-            for batch in iter_calibration(dataloader, 1.0, seed, max_batches=max_batches):
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                net.run_observed((x,), {}, observer)
-    finally:
-        net.train(was)
+    with seeded_rng(seed):
+        batches = iter_calibration(dataloader, 1.0, seed, max_batches=max_batches)
+        observe(net, ((b[0] if isinstance(b, (list, tuple)) else b,) for b in batches), observer)
 
 
 def _require_loader(name: str, dataloader: Optional[Iterable]) -> None:

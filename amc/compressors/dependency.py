@@ -61,7 +61,7 @@ class Fixup:
     """A non-parameter edit hard pruning must make, e.g. a reshape's constant size or a head count."""
 
     node: str
-    kind: str
+    edit: Callable[..., None]  # (net, fixup, keep_of, mode): defined beside the rule that asks for it
     data: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,8 +158,8 @@ class Analysis:
             for v in tl.dims:
                 self.uf.freeze(v)
 
-    def fixup(self, node: str, kind: str, **data: Any) -> None:
-        self.fixups.append(Fixup(node, kind, data))
+    def fixup(self, node: str, edit: Callable[..., None], **data: Any) -> None:
+        self.fixups.append(Fixup(node, edit, data))
 
 
 def iter_labels(obj: Any):
@@ -212,6 +212,10 @@ class RuleCall:
         if i < len(self.args):
             return self.args[i]
         return self.kwargs.get(name, default) if name else default
+
+    def axis(self, attr: str, dim: int, vec: Vec) -> None:
+        """Record that `dim` of this node's parameter `attr` is indexed by the channels `vec`."""
+        self.a.axis(self.node.name, attr, dim, vec)
 
     def larg(self, i: int, name: Optional[str] = None) -> Any:
         if i < len(self.largs):

@@ -17,6 +17,7 @@ not accumulate), with the same ridge least squares as `ChannelPruning` (`fit_lay
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -28,18 +29,11 @@ from ..errors import PruningError
 from ..graph.network import ReconstructedNetwork
 from .channel_pruning import _rel_err, fit_layer
 from .prune import PruningPlan
+from .sampling import hooked_pass
 
 Inputs = Union[Sequence[Any], Mapping[str, Any]]
 
 __all__ = ["output_energy_scores", "refit_linears", "shrunk_linears"]
-
-
-class _Stop(Exception):
-    """Ends a pass once the last layer of interest has run."""
-
-
-def _call(net: ReconstructedNetwork, inputs: Inputs) -> Any:
-    return net(**inputs) if isinstance(inputs, Mapping) else net(*inputs)
 
 
 def _rows(x: torch.Tensor, row_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -73,28 +67,8 @@ def _kept(plan: PruningPlan, node: str, pruned_roots: np.ndarray, dim: int) -> O
 
 
 def _observe(net: ReconstructedNetwork, inputs: Inputs, names: Sequence[str], fn: Any) -> None:
-    """Run `net` on `inputs`, calling fn(name, module, args) as a pre-hook of each named layer."""
-    last = names[-1]
-
-    def make(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            fn(name, module, args)
-            if name == last:
-                raise _Stop
-        return hook
-
-    handles = [net.module_of(n).register_forward_pre_hook(make(n)) for n in names]
-    was = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            _call(net, inputs)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-        net.train(was)
+    """Run `net` on `inputs` up to the last named layer, calling fn(name, module, args) before each."""
+    hooked_pass(net, inputs, {n: functools.partial(fn, n) for n in names}, pre=True)
 
 
 def refit_linears(plan: PruningPlan, pruned_roots: np.ndarray, pruned: ReconstructedNetwork, inputs: Inputs,

@@ -18,7 +18,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import PruningError
+from ..graph.ops import spec_of
 from .groups import param_of
+from .masks import chosen_units
 from .prune import PruningPlan
 
 Saved = Dict[Tuple[str, str, int], Tuple[torch.Tensor, torch.Tensor]]
@@ -26,8 +28,7 @@ Saved = Dict[Tuple[str, str, int], Tuple[torch.Tensor, torch.Tensor]]
 
 def _slices(plan: PruningPlan, roots: np.ndarray) -> Iterator[Tuple[Tuple[str, str, int], torch.Tensor, torch.Tensor]]:
     """(key, parameter, positions along its axis) for every axis touching the given units, each once."""
-    chosen = np.zeros(len(plan.roots), dtype=bool)
-    chosen[np.asarray(roots, dtype=np.int64)] = True
+    chosen = chosen_units(plan, roots)
     seen = set()
     for ax in plan.analysis.axes:
         pos = np.flatnonzero(chosen[plan.roots[ax.vec]])
@@ -52,19 +53,20 @@ def mask_units(plan: PruningPlan, roots: np.ndarray) -> Saved:
     return saved
 
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+def _role(module: nn.Module) -> Optional[str]:
+    spec = spec_of(module)
+    return spec.get("role") if spec is not None else None
 
 
 def silence_units(plan: PruningPlan, roots: np.ndarray) -> List[str]:
     """Make the units output exactly 0 while leaving them trainable (Soft Filter Pruning).
 
-    Zeroes what *produces* each channel: conv/linear output rows and biases, and the norm layers'
-    bias and running mean, so a conv-BN channel evaluates to exactly 0 and a later hard prune of the
-    same units computes the same function. Norm scales and consumer columns are kept: zeroing them
+    Zeroes what *produces* each channel: output rows and biases of ops whose registry role is
+    "producer" (conv, linear), and the bias and running mean of "norm" ops, so a conv-BN channel
+    evaluates to exactly 0 and a later hard prune of the same units computes the same function. Norm scales and consumer columns are kept: zeroing them
     would cut the gradient a silenced filter needs to regrow. Returns the layers touched.
     """
-    chosen = np.zeros(len(plan.roots), dtype=bool)
-    chosen[np.asarray(roots, dtype=np.int64)] = True
+    chosen = chosen_units(plan, roots)
     touched: List[str] = []
     with torch.no_grad():
         for ax in plan.analysis.axes:
@@ -74,12 +76,13 @@ def silence_units(plan: PruningPlan, roots: np.ndarray) -> List[str]:
             key = plan.net.node(ax.node).module
             module = plan.net.network[key]
             idx = torch.from_numpy(pos)
-            if isinstance(module, _NORMS):
+            role = _role(module)
+            if role == "norm":
                 if ax.attr in ("bias", "running_mean"):
                     param_of(plan.net, key, ax.attr).data.index_fill_(ax.dim, idx, 0)
                 elif ax.attr == "weight" and getattr(module, "running_mean", None) is not None:
                     module.running_mean.index_fill_(0, idx, 0)
-            elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            elif role == "producer":
                 if (ax.attr == "weight" and ax.dim == 0) or ax.attr == "bias":
                     param_of(plan.net, key, ax.attr).data.index_fill_(ax.dim, idx, 0)
                     if ax.attr == "weight" and ax.node not in touched:

@@ -19,8 +19,9 @@ from ..errors import AmcError, PruningError
 from ..graph.capture import as_network
 from ..graph.counting import count
 from ..graph.network import ReconstructedNetwork
-from ..graph.untouched import untouched
+from ..graph.untouched import training_mode, untouched
 from .apply import apply
+from .budget import per_sample, smallest_within_budget
 from .criteria import Criterion, get_criterion
 from .dependency import Analysis, analyze
 from .groups import Group, build_groups, param_of, select_units
@@ -55,7 +56,7 @@ class PruningPlan:
         """Prune exactly these units (group.units entries), e.g. the ones a LASSO chose."""
         pruned = apply(self.net, self.analysis, self.roots, np.asarray(pruned_roots, dtype=np.int64), mode)
         try:
-            pruned.rebaseline_guards(*_batch1(self.example_inputs))  # smaller sizes, same captured path
+            pruned.rebaseline_guards(*per_sample(self.example_inputs))  # smaller sizes, same captured path
         except AmcError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:  # torch's own errors
@@ -63,7 +64,9 @@ class PruningPlan:
                                f"{exc}); the model's Python code may use tensor values as sizes (int(tensor), "
                                "e.g. Mask R-CNN's paste_masks_in_image), which the graph keeps from the trace") from exc
         check_pruned(self.analysis.output, pruned, self.example_inputs)
-        return pruned
+        # one mode throughout, the network's own: its modules keep the flags of the graph they were cut
+        # from, which a training loop may have switched since the plan was made (SoftFilterPruning)
+        return pruned.train(pruned.training)
 
     def rescore(self, criterion: Any, dataloader: Optional[Iterable] = None) -> "PruningPlan":
         """Score the same groups with another criterion (the analysis is reused)."""
@@ -155,13 +158,9 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
     missing = [n for n in ignore if n not in names]
     if missing:
         raise PruningError(f"ignore names no node: {missing[:5]}; see [n.name for n in net.layer_nodes]")
-    was = net.training
-    net.eval()
-    try:
+    with training_mode(net):
         _check_inputs_run(net, inputs)
-        a = analyze(net, _batch1(inputs), rule_for)
-    finally:
-        net.train(was)
+        a = analyze(net, per_sample(inputs), rule_for)
     _couple_shared_params(a, net)
     for space in a.spaces:  # ignored layers keep their output channels
         if space.node in ignore:
@@ -174,14 +173,10 @@ def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Non
     """Bad example_inputs are the caller's mistake: say so, before the analysis trips over them."""
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            net(*_batch1(inputs))
+            net(*per_sample(inputs))
     except Exception as exc:  # noqa: BLE001 - reported with the inputs described
         raise PruningError(f"the network does not run on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); "
                            "pass the tensors it was traced with, e.g. example_inputs=(x,)") from exc
-
-
-def _batch1(inputs: Tuple[Any, ...]) -> Tuple[Any, ...]:
-    return tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > 1 else x for x in inputs)
 
 
 def _couple_shared_params(a: Analysis, net: ReconstructedNetwork) -> None:
@@ -199,17 +194,13 @@ def _couple_shared_params(a: Analysis, net: ReconstructedNetwork) -> None:
 def check_pruned(ref: Any, pruned: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> None:
     """The pruned graph must lint, run, and give outputs of the shapes of `ref` (the original's output)."""
     pruned.lint()
-    with torch.no_grad():
-        was = pruned.training
-        pruned.eval()
+    with torch.no_grad(), training_mode(pruned):
         try:
-            out = pruned(*_batch1(inputs))
+            out = pruned(*per_sample(inputs))
         except Exception as exc:  # noqa: BLE001 - reported with context
             raise PruningError(f"the pruned network no longer runs ({type(exc).__name__}: {exc}); an op "
                                "between the pruned layers was not handled: pass its producer in "
                                "ignore=[...] and report the model") from exc
-        finally:
-            pruned.train(was)
     if _shapes(ref) != _shapes(out):
         raise PruningError(f"pruning changed the output shapes {_shapes(ref)} -> {_shapes(out)}")
 
@@ -263,7 +254,7 @@ def _check_target_macs(target_macs: Any) -> None:
 def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) -> float:
     """The smallest uniform ratio whose hard-pruned MACs reach `target_macs` (binary search)."""
     _check_target_macs(target_macs)
-    base, _ = count(plan.net, *_batch1(plan.example_inputs))
+    base, _ = count(plan.net, *per_sample(plan.example_inputs))
     target = target_macs * base if target_macs <= 1.0 else float(target_macs)
     if target > base:
         raise PruningError(f"target_macs={target_macs} is above the network's current {base:,} MACs")
@@ -272,19 +263,13 @@ def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) ->
 
     def macs_at(r: float) -> int:
         pruned = apply(plan.net, plan.analysis, plan.roots, plan.pruned_roots(r), "hard")
-        return count(pruned, *_batch1(plan.example_inputs))[0]
+        return count(pruned, *per_sample(plan.example_inputs))[0]
 
-    lo, hi = 0.0, 0.99
-    if macs_at(hi) > target:
+    most = macs_at(0.99)
+    if most > target:
         raise PruningError(f"cannot reach target_macs={target_macs}: even ratio 0.99 leaves "
-                           f"{macs_at(hi):,} of {base:,} MACs (frozen layers dominate)")
-    while hi - lo > tol:
-        mid = (lo + hi) / 2
-        if macs_at(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+                           f"{most:,} of {base:,} MACs (frozen layers dominate)")
+    return smallest_within_budget(macs_at, target, hi=0.99, tol=tol)
 
 
 @_keeps_model

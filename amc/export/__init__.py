@@ -1,12 +1,23 @@
 """amc.export: a ReconstructedNetwork to files and back.
 
-- `pkl`: the whole object with torch.save (exact for every op; loading unpickles code: trusted files only).
+- `pkl`: the whole object with torch.save (exact for every op; loads allowlisted classes only unless trusted).
 - `json_io`: readable JSON + safetensors weights, rebuilt from allowlists without unpickling (the safe path).
 - `onnx_io`: ONNX with a dynamic batch axis, checked with onnxruntime.
+- `vnmodel`: the seed's `.vnmodel`, written as an ONNX Runtime ORT file.
 Every writer is atomic (`atomic`): a failed save leaves the previous file intact.
+
+Importing this package registers the formats behind ReconstructedNetwork's `save`/`load`/`save_to_*`
+methods (`amc.graph.formats`): export knows the graph, the graph never imports export.
 """
+from ..graph.formats import register_format
 from .json_io import load_json, register_json_op, save_json
 from .onnx_io import save_onnx
 from .pkl import load_pkl, save_pkl
+from .vnmodel import save_vnmodel
 
-__all__ = ["save_pkl", "load_pkl", "save_json", "load_json", "save_onnx", "register_json_op"]
+register_format("pkl", save=save_pkl, load=load_pkl)
+register_format("json", save=save_json, load=load_json)
+register_format("onnx", save=save_onnx)
+register_format("vnmodel", save=save_vnmodel)
+
+__all__ = ["save_pkl", "load_pkl", "save_json", "load_json", "save_onnx", "save_vnmodel", "register_json_op"]

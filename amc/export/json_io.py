@@ -47,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError, LoadError
+from ..graph import ops
 from ..version import __version__
 from .atomic import atomic_paths, previous_path
 
@@ -211,7 +212,8 @@ def _tuplify(v: Any) -> Any:
 
 
 # ==============================================================================================
-# Module serialisers: one registry entry per class (torch.nn/torchvision.ops classes get a default).
+# Module serialisers: the `json` facet of the class's op registry entry (torch.nn/torchvision.ops classes,
+# and any class registered with amc.register_op, get a default derived from their constructor).
 
 ToConfig = Callable[[nn.Module], Dict[str, Any]]
 FromConfig = Callable[[type, Dict[str, Any], Dict[str, torch.Tensor]], nn.Module]
@@ -227,7 +229,6 @@ class JsonOp:
     from_config: FromConfig
 
 
-_JSON_OPS: Dict[type, JsonOp] = {}
 _ALLOWED_PACKAGES = ("torch.nn.", "torchvision.ops.")
 
 
@@ -236,11 +237,13 @@ def _default_from_config(cls: type, config: Dict[str, Any], tensors: Dict[str, t
 
 
 def register_json_op(*classes: type, to_config: ToConfig, from_config: Optional[FromConfig] = None) -> None:
-    """Teach the JSON format a module class (this also puts the class on the load allowlist)."""
+    """Teach the JSON format a module class (this also puts the class on the load allowlist).
+
+    The serialiser is the `json` facet of the class's op entry; a class new to the registry is added
+    as traced-into (leaf=False), so teaching JSON a class never changes how capture sees it."""
     for cls in classes:
-        if cls in _JSON_OPS:
-            warnings.warn(f"amc: JSON serialiser for {cls.__qualname__} overwritten", stacklevel=2)
-        _JSON_OPS[cls] = JsonOp(cls, to_config, from_config or _default_from_config)
+        leaf = None if ops.module_entry(cls) is not None else False
+        ops.register_op(cls, leaf=leaf, json=JsonOp(cls, to_config, from_config or _default_from_config))
 
 
 def class_path(cls: type) -> str:
@@ -248,14 +251,16 @@ def class_path(cls: type) -> str:
 
 
 def registered_json_classes() -> List[type]:
-    """Classes taught to the JSON format; the safe pkl loader allows them too."""
-    return list(_JSON_OPS)
+    """Module classes in the op registry: vetted by whoever registered them, so JSON and the safe
+    pkl loader allow them (torch.nn/torchvision.ops classes are allowed by package anyway)."""
+    return [spec.key for spec in ops.registered_ops() if isinstance(spec.key, type)]
 
 
 def _json_op(cls: type) -> Optional[JsonOp]:
-    if cls in _JSON_OPS:
-        return _JSON_OPS[cls]
-    if class_path(cls).startswith(_ALLOWED_PACKAGES):
+    spec = ops.module_entry(cls)
+    if spec is not None and spec.json is not None:
+        return spec.json
+    if spec is not None or class_path(cls).startswith(_ALLOWED_PACKAGES):
         return JsonOp(cls, _derive_config, _default_from_config)
     return None
 
@@ -356,8 +361,6 @@ def _constant_build(cls: type, config: Dict[str, Any], tensors: Dict[str, torch.
 
 def _register_defaults() -> None:
     import torchvision.ops
-
-    from ..graph import ops
 
     register_json_op(nn.MultiheadAttention, to_config=_mha_config)
     register_json_op(nn.RNN, nn.LSTM, nn.GRU, to_config=_rnn_config)
@@ -654,7 +657,7 @@ def save_json(net: "ReconstructedNetwork", path: str) -> str:  # noqa: F821
 def _resolve_class(path: str, node: str) -> type:
     module_name, _, qualname = path.rpartition(".")
     cls = None
-    for known in _JSON_OPS:
+    for known in registered_json_classes():
         if class_path(known) == path:
             cls = known
             break

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..errors import ExportError
+from ..graph.network import ReconstructedNetwork
+from ..graph.template import Ref
+from ..graph.untouched import training_mode
 from .atomic import atomic_path
 
 RTOL, ATOL = 1e-3, 1e-4
@@ -32,8 +34,6 @@ def _flatten(obj: Any) -> List[Any]:
 
 def _leaf_names(template: Any, base: str) -> List[str]:
     """Readable names for the leaves of an output/input structure (dict keys, node names)."""
-    from ..graph.template import Ref
-
     if isinstance(template, Ref):
         return [template.node + "".join(f"_{p}" for p in template.path)]
     if isinstance(template, dict):  # dict outputs (segmentation heads) are named by their keys
@@ -57,18 +57,6 @@ def _unique(names: Sequence[str]) -> List[str]:
         seen.setdefault(n, 0)
         out.append(n)
     return out
-
-
-@contextmanager
-def _eval_mode(net: nn.Module) -> Iterator[None]:
-    """Run in eval mode and restore every module's own flag afterwards (not just the root's)."""
-    flags = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _rebatch(x: Any, batch: int) -> Any:
@@ -148,15 +136,13 @@ def _rebatch_tree(x: Any, batch: int) -> Any:
     return _rebatch(x, batch)
 
 
-def save_onnx(net: "ReconstructedNetwork", path: str, *example_inputs: Any, opset: int = 17,  # noqa: F821
+def save_onnx(net: ReconstructedNetwork, path: str, *example_inputs: Any, opset: int = 17,
               check: bool = True) -> str:
     """Write `net` as ONNX to `path` (atomically) with a dynamic batch axis on every input and output.
 
     `example_inputs` default to `net.example_inputs()`. With `check`, the model must pass
     `onnx.checker` and match the network under onnxruntime at another batch size, else ExportError.
     """
-    from ..graph.network import ReconstructedNetwork
-
     if not isinstance(net, ReconstructedNetwork):
         raise ExportError(f"save_onnx expects a ReconstructedNetwork, got {type(net).__name__}")
     inputs = tuple(example_inputs) if example_inputs else net.example_inputs()
@@ -165,7 +151,7 @@ def save_onnx(net: "ReconstructedNetwork", path: str, *example_inputs: Any, opse
     input_names = _unique(_input_names(net, inputs))
     output_names = _unique(_leaf_names(net.outputs, "output"))
     path = os.fspath(path)
-    with _eval_mode(net):
+    with training_mode(net, False):
         with torch.no_grad():
             n_out = len([t for t in _flatten(net(*inputs)) if isinstance(t, torch.Tensor)])
         if n_out != len(output_names):  # outputs holding non-tensors: let the exporter number them

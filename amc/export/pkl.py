@@ -25,17 +25,19 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError, LoadError
+from ..graph import node, ops, template
+from ..graph.network import ReconstructedNetwork
+from ..graph.ops import STRICT_CALLABLE_NAMES, FunctionOp, GetAttr, name_of_callable
 from ..version import __version__
 from .atomic import atomic_write
+from .json_io import callable_problem, check_runs, class_path, registered_json_classes
 
 FORMAT = "amc.ReconstructedNetwork/pkl"
 VERSION = 1
 
 
-def save_pkl(net: "ReconstructedNetwork", path: str) -> str:  # noqa: F821
+def save_pkl(net: ReconstructedNetwork, path: str) -> str:
     """Write `net` to `path` (atomically) with a small header marking the file as ours; returns `path`."""
-    from ..graph.network import ReconstructedNetwork
-
     if not isinstance(net, ReconstructedNetwork):
         raise ExportError(f"save_pkl expects a ReconstructedNetwork, got {type(net).__name__}; "
                           "trace the model first: net = amc.trace(model, example_input)")
@@ -51,13 +53,11 @@ def save_pkl(net: "ReconstructedNetwork", path: str) -> str:  # noqa: F821
     return path
 
 
-def load_pkl(path: str, map_location: Any = "cpu", trusted: bool = False) -> "ReconstructedNetwork":  # noqa: F821
+def load_pkl(path: str, map_location: Any = "cpu", trusted: bool = False) -> ReconstructedNetwork:
     """Load a network written by `save_pkl`; refuses files naming code outside the allowlist.
 
     `trusted=True` unpickles anything, which **runs code from the file**: only for your own files.
     """
-    from ..graph.network import ReconstructedNetwork
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise LoadError(f"cannot load {path!r}: no such file")
@@ -84,8 +84,6 @@ def load_pkl(path: str, map_location: Any = "cpu", trusted: bool = False) -> "Re
         net.lint()
     except Exception as exc:  # noqa: BLE001 - reported as a load problem with the file named
         raise LoadError(f"cannot load {path!r}: the stored network is inconsistent: {exc}") from exc
-    from .json_io import check_runs
-
     check_runs(path, net)  # a corrupted pickle can still unpickle into a network that does not run
     return net
 
@@ -174,9 +172,6 @@ def allowed_global(full: str) -> Optional[Any]:
 
 
 def _callable_allowed(fn: Any) -> bool:
-    from ..graph.ops import name_of_callable
-    from .json_io import callable_problem
-
     name = name_of_callable(fn)
     return name is not None and not name.endswith(".apply") and callable_problem(name, fn) is None
 
@@ -203,10 +198,8 @@ def _already_imported(full: str) -> Optional[Any]:
 
 def _amc_classes() -> Dict[str, type]:
     from ..compressors import apply
-    from ..graph import network, node, ops, template
-    from .json_io import class_path, registered_json_classes
 
-    classes = [network.ReconstructedNetwork, node.Node, node.InputNode, template.Ref, template.MappingTemplate,
+    classes = [ReconstructedNetwork, node.Node, node.InputNode, template.Ref, template.MappingTemplate,
                apply.MaskedLayerNorm, apply.MaskedFunctionalLayerNorm, *registered_json_classes()]
     classes += [c for c in vars(ops).values()
                 if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == ops.__name__]
@@ -215,8 +208,6 @@ def _amc_classes() -> Dict[str, type]:
 
 @contextlib.contextmanager
 def _strict_names() -> Iterator[None]:
-    from ..graph.ops import STRICT_CALLABLE_NAMES
-
     token = STRICT_CALLABLE_NAMES.set(True)
     try:
         yield
@@ -226,8 +217,6 @@ def _strict_names() -> Iterator[None]:
 
 def _check_inert(net: nn.Module, path: str) -> None:
     """What allowlisted classes could still carry: hooks, replaced forwards, non-torch op callables."""
-    from ..graph.ops import FunctionOp, GetAttr
-
     for name, module in net.named_modules():
         where = f"module {name or '<root>'!r} ({type(module).__name__})"
         if any(getattr(module, h, None) for h in _HOOK_DICTS):

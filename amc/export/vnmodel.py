@@ -27,8 +27,12 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from ..errors import ExportError
+from ..graph.counting import count
+from ..graph.network import ReconstructedNetwork
+from ..graph.untouched import training_mode
+from ..version import __version__
 from .atomic import atomic_path
-from .onnx_io import ATOL, RTOL, _eval_mode, _flatten, save_onnx
+from .onnx_io import ATOL, RTOL, _flatten, save_onnx
 
 CHECK_BATCHES = (1, 3)
 BATCH_DIM = "batch"
@@ -75,8 +79,6 @@ def _shape(t: torch.Tensor) -> List[Any]:
 def _metadata(onnx_path: str, x: torch.Tensor, outputs: List[torch.Tensor], hw: Tuple[int, int], model_id: int,
               macs: int) -> Dict[str, str]:
     import onnx
-
-    from ..version import __version__
 
     graph = onnx.load(onnx_path, load_external_data=False).graph
     inits = {i.name for i in graph.initializer}
@@ -178,7 +180,7 @@ def _verify(path: str, net: Any, x: torch.Tensor, meta: Dict[str, str]) -> None:
                                   f"{diff:.3g}, rtol {RTOL}, atol {ATOL})")
 
 
-def save_vnmodel(net: "ReconstructedNetwork", path: str, model_base_size_hw: Tuple[int, int],  # noqa: F821
+def save_vnmodel(net: ReconstructedNetwork, path: str, model_base_size_hw: Tuple[int, int],
                  model_id: int = 0, opset: int = 17) -> str:
     """Write `net` to `path` as an ONNX Runtime ORT model at input size `model_base_size_hw` (dynamic batch).
 
@@ -187,9 +189,6 @@ def save_vnmodel(net: "ReconstructedNetwork", path: str, model_base_size_hw: Tup
     Raises ExportError for a bad size or id, a network that cannot run at that size, or a file that
     does not load back in onnxruntime with the network's outputs.
     """
-    from ..graph.counting import count
-    from ..graph.network import ReconstructedNetwork
-
     if not isinstance(net, ReconstructedNetwork):
         raise ExportError(f"save_vnmodel expects a ReconstructedNetwork, got {type(net).__name__}")
     hw = _base_size(model_base_size_hw)
@@ -197,7 +196,7 @@ def save_vnmodel(net: "ReconstructedNetwork", path: str, model_base_size_hw: Tup
         raise ExportError(f"model_id must be an int, got {model_id!r} ({type(model_id).__name__})")
     x = _base_input(net, hw)
     path = os.fspath(path)
-    with _eval_mode(net):
+    with training_mode(net, False):
         try:
             with torch.no_grad():
                 outputs = [t for t in _flatten(net(x)) if isinstance(t, torch.Tensor)]

@@ -32,8 +32,9 @@ def _observe_costs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...],
     def observe(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         spec = spec_of(module)
         macs = 0
-        if spec is not None and spec.macs is not None:
-            macs = int(spec.macs(module.fn if isinstance(module, FunctionOp) else module, args, kwargs, out))
+        macs_fn = spec.get("macs") if spec is not None else None
+        if macs_fn is not None:
+            macs = int(macs_fn(module.fn if isinstance(module, FunctionOp) else module, args, kwargs, out))
         rows.append({"name": node.name, "op": node.op, "macs": macs, "out": _shapes(out),
                      "params": 0 if isinstance(module, FunctionOp) else sum(p.numel() for p in module.parameters())})
 

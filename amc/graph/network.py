@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GraphError
+from .formats import file_format
 from .node import InputNode, Node
 from .template import compile_args, compile_getter, iter_refs, portable_mappings, restore_mappings
 
@@ -262,7 +263,7 @@ class ReconstructedNetwork(nn.Module):
                for i in range(self._positional_slots())]
         return tuple(out + [_make_like(n.meta.get("out"), batch_size) for n in keyword])
 
-    # -- convenience delegates (seed names) ------------------------------------------------------
+    # -- convenience delegates (seed names); the file formats are registered by amc.export --------
     def summary(self, *example_inputs: Any, file: Any = None) -> str:
         from .counting import summary_table
 
@@ -276,38 +277,26 @@ class ReconstructedNetwork(nn.Module):
         return draw(self, path, format=format)
 
     def save(self, pkl: str) -> str:
-        from ..export.pkl import save_pkl
-
-        return save_pkl(self, pkl)
+        return file_format("pkl").save(self, pkl)
 
     @staticmethod
     def load(pkl: str, map_location: Any = "cpu", trusted: bool = False) -> "ReconstructedNetwork":
         """Safe by default (allowlisted classes only); `trusted=True` runs code from the file."""
-        from ..export.pkl import load_pkl
-
-        return load_pkl(pkl, map_location=map_location, trusted=trusted)
+        return file_format("pkl").load(pkl, map_location=map_location, trusted=trusted)
 
     def save_to_json(self, file: str) -> str:
-        from ..export.json_io import save_json
-
-        return save_json(self, file)
+        return file_format("json").save(self, file)
 
     @staticmethod
     def load_from_json(file: str) -> "ReconstructedNetwork":
-        from ..export.json_io import load_json
-
-        return load_json(file)
+        return file_format("json").load(file)
 
     def save_to_onnx(self, file: str, *example_inputs: Any, opset: int = 17, check: bool = True) -> str:
-        from ..export.onnx_io import save_onnx
-
-        return save_onnx(self, file, *example_inputs, opset=opset, check=check)
+        return file_format("onnx").save(self, file, *example_inputs, opset=opset, check=check)
 
     def save_to_vnmodel(self, pkl: str, model_base_size_hw: Tuple[int, int], model_id: int = 0) -> str:
         """Seed name: an ONNX Runtime ORT-format file (not Venus's private format), see amc.export.vnmodel."""
-        from ..export.vnmodel import save_vnmodel
-
-        return save_vnmodel(self, pkl, model_base_size_hw, model_id=model_id)
+        return file_format("vnmodel").save(self, pkl, model_base_size_hw, model_id=model_id)
 
     def extra_repr(self) -> str:
         return f"inputs={[n.name for n in self.input_nodes]}, nodes={len(self.layer_nodes)}"

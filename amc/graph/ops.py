@@ -1,8 +1,11 @@
-"""The op registry: one entry per captured op, keyed by the module class or the callable itself.
+"""The op registry: one entry per op, keyed by the module class or the callable itself.
 
-An entry says how the op is wrapped and replayed (which op-module class), how many MACs it costs, and
-whether the capture treats it as dedicated or as a fallback. Adding an op is one `register_*` call.
-Pruning rules live in their own registry in `amc.compressors`, keyed the same way.
+Everything amc knows about an op lives in its `OpSpec`: how capture wraps and replays it, its MACs,
+and the facets the other layers attach to the same entry (how channels flow through it, how a hard
+prune resizes it, whether silencing must treat it as a norm or a producer, how it serialises to JSON).
+The graph stores those facets and never reads them, so it still knows nothing of pruning or export.
+`register_op` is the one call that adds or extends an entry; `register_module_op` /
+`register_function_op` are its older spellings.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LoadError
+from .macs import (conv_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs, in_numel, linear_macs, matmul_macs,
+                   mha_macs, norm_macs, out_numel, sdpa_macs)
 
 MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
 
@@ -26,10 +31,12 @@ MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
 # only, so a file can never make unpickling import an arbitrary module.
 STRICT_CALLABLE_NAMES: "contextvars.ContextVar[bool]" = contextvars.ContextVar("amc_strict_names", default=False)
 
+ROLES = ("producer", "norm")  # what silencing (Soft Filter Pruning) zeroes: a producer's rows, a norm's shift
+
 
 @dataclass
 class OpSpec:
-    """What the graph layer knows about one op."""
+    """Everything amc knows about one op, whichever layer uses it."""
 
     key: Any
     name: str
@@ -37,30 +44,123 @@ class OpSpec:
     macs: Optional[MacsFn] = None
     leaf: bool = True  # modules only: held as a leaf node rather than traced into
     meta: Dict[str, Any] = field(default_factory=dict)
+    channels: Optional[Callable] = None  # amc.compressors: how channel labels flow through the op
+    opaque: bool = False  # declared to stop channels (pruning never crosses it); not an oversight
+    resize: Optional[Callable[[nn.Module], None]] = None  # after a hard prune: size attributes from params
+    role: Optional[str] = None  # one of ROLES, or None
+    json: Optional[Any] = None  # amc.export.json_io: (to_config, from_config) serialiser
+    like: Optional["OpSpec"] = None  # facets left unset are read from this entry (`register_op(like=...)`)
+
+    def get(self, facet: str) -> Any:
+        """A facet, falling back to the `like` entry's: read at use, so facets registered later (the
+        channel rules load with amc.compressors) still reach a layer registered `like` a built-in."""
+        value = getattr(self, facet)
+        if value in (None, False) and self.like is not None:
+            return self.like.get(facet)
+        return value
+
+    @property
+    def declared(self) -> bool:
+        """Pruning knows what to do with it: a channel rule, or an explicit opaque mark."""
+        return self.get("channels") is not None or bool(self.get("opaque"))
 
 
 _MODULE_OPS: Dict[type, OpSpec] = {}
 _FUNCTION_OPS: Dict[Any, OpSpec] = {}
 
 
-def _put(table: Dict[Any, OpSpec], key: Any, spec: OpSpec) -> None:
-    if key in table:
-        warnings.warn(f"amc: op registry entry for {key!r} overwritten", stacklevel=3)
-    table[key] = spec
+def _table(key: Any) -> Dict[Any, OpSpec]:
+    return _MODULE_OPS if isinstance(key, type) and issubclass(key, nn.Module) else _FUNCTION_OPS
+
+
+def _entry(key: Any, name: Optional[str], wrapper: Optional[type], leaf: Optional[bool]) -> OpSpec:
+    table = _table(key)
+    spec = table.get(key)
+    if spec is None:
+        is_module = table is _MODULE_OPS
+        label = name or getattr(key, "__name__", None) or repr(key)
+        spec = OpSpec(key, label, None if is_module else (wrapper or FunctionOp), leaf=True if leaf is None else leaf)
+        table[key] = spec
+        return spec
+    if name is not None:
+        spec.name = name
+    if wrapper is not None:
+        spec.wrapper = wrapper
+    if leaf is not None:
+        spec.leaf = leaf
+    return spec
+
+
+def register_op(*keys: Any, name: Optional[str] = None, wrapper: Optional[type] = None, leaf: Optional[bool] = None,
+                macs: Optional[MacsFn] = None, channels: Optional[Callable] = None, opaque: Optional[bool] = None,
+                resize: Optional[Callable[[nn.Module], None]] = None, role: Optional[str] = None,
+                json: Optional[Any] = None, like: Any = None, **meta: Any) -> Callable[[Any], Any]:
+    """Add or extend the registry entry of module classes / callables; facets left None are kept.
+
+    `like=nn.Conv2d` starts from that entry's facets (MACs, channel rule, resize, role), so a layer that
+    behaves like a known one needs only what differs.
+    Returns a decorator, so it also reads as `@register_op(MyConv, macs=...)` above the channel rule
+    (the decorated function becomes the `channels` facet) or `@register_op(macs=...)` above a module
+    class (the class becomes the key). A facet set twice to different values warns, as timm does."""
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES} or None, got {role!r}")
+    facets = {"macs": macs, "channels": channels, "opaque": opaque, "resize": resize, "role": role, "json": json}
+    base = None
+    if like is not None:
+        base = _table(like).get(like)
+        if base is None:
+            raise ValueError(f"like={like!r} has no op registry entry to start from")
+
+    fresh: set = set()  # (key, facet) set by this call: the decorator may refine them without a warning
+
+    def put(key: Any, values: Dict[str, Any]) -> None:
+        spec = _entry(key, name, wrapper, leaf)
+        if base is not None:
+            spec.like = base
+        for facet, value in values.items():
+            if value is None:
+                continue
+            old = getattr(spec, facet)
+            if old not in (None, False) and old is not value and (key, facet) not in fresh:
+                warnings.warn(f"amc: {facet} of the op registry entry for {key!r} overwritten", stacklevel=4)
+            setattr(spec, facet, value)
+            fresh.add((key, facet))
+        spec.meta.update(meta)
+
+    for key in dict.fromkeys(keys):  # aliases such as Tensor.__neg__ is Tensor.neg appear once
+        put(key, facets)
+
+    def decorate(obj: Any) -> Any:
+        if keys:
+            for key in dict.fromkeys(keys):
+                put(key, {"channels": obj})
+        else:
+            put(obj, facets)
+        return obj
+    return decorate
 
 
 def register_module_op(*classes: type, name: Optional[str] = None, macs: Optional[MacsFn] = None,
                        leaf: bool = True) -> None:
-    """Register module classes that capture keeps as leaf layer nodes."""
+    """Module classes capture keeps as leaf layer nodes (older spelling of `register_op`)."""
     for cls in classes:
-        _put(_MODULE_OPS, cls, OpSpec(cls, name or cls.__name__, None, macs, leaf))
+        register_op(cls, name=name or cls.__name__, macs=macs, leaf=leaf)
 
 
 def register_function_op(*fns: Any, name: str, wrapper: Optional[type] = None,
                          macs: Optional[MacsFn] = None, **meta: Any) -> None:
-    """Register torch functions / Tensor methods that get a dedicated wrapper (no fallback warning)."""
-    for fn in dict.fromkeys(fns):  # aliases such as Tensor.__neg__ is Tensor.neg appear once
-        _put(_FUNCTION_OPS, fn, OpSpec(fn, name, wrapper or FunctionOp, macs, True, dict(meta)))
+    """Torch functions / Tensor methods with a dedicated wrapper (older spelling of `register_op`)."""
+    register_op(*fns, name=name, wrapper=wrapper or FunctionOp, macs=macs, **meta)
+
+
+def module_entry(cls: type) -> Optional[OpSpec]:
+    """The entry registered for exactly this class (no parent lookup): serialisers are per class."""
+    return _MODULE_OPS.get(cls)
+
+
+def registered_ops() -> List[OpSpec]:
+    """Every entry, modules first: what the registry-walking tests parametrize over."""
+    return list(_MODULE_OPS.values()) + list(_FUNCTION_OPS.values())
 
 
 def module_spec(module: nn.Module) -> Optional[OpSpec]:
@@ -370,121 +470,27 @@ class AutogradFunctionOp(FunctionOp):
 
 
 # ----------------------------------------------------------------------------------------------
-# MACs rules, ptflops/Torch-Pruning conventions for modules so counts compare like for like.
-
-def _numel(t: Any) -> int:
-    return t.numel() if isinstance(t, torch.Tensor) else 0
-
-
-def _conv_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
-    per_pos = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
-    active = out.shape[0] * math.prod(out.shape[2:])
-    return per_pos * active + (m.out_channels * active if m.bias is not None else 0)
-
-
-def _linear_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
-    return _numel(args[0]) * out.shape[-1] + (out.numel() if m.bias is not None else 0)
-
-
-def _norm_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
-    affine = getattr(m, "affine", getattr(m, "elementwise_affine", False))
-    return _numel(args[0]) * (2 if affine else 1)
-
-
-def _out_numel(m: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    return _numel(out)
-
-
-def _in_numel(m: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    return _numel(args[0]) if args else 0
-
-
-def _mha_macs(m: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> int:
-    q = args[0] if args else kwargs["query"]
-    k = args[1] if len(args) > 1 else kwargs.get("key", q)
-    v = args[2] if len(args) > 2 else kwargs.get("value", k)
-    bdim, ldim = (0, 1) if m.batch_first else (1, 0)
-    if q.dim() == 2:
-        bdim, ldim, batch = None, 0, 1
-    else:
-        batch = q.shape[bdim]
-    qlen, klen, vlen = q.shape[ldim], k.shape[ldim], v.shape[ldim]
-    qdim, kdim, vdim = q.shape[-1], k.shape[-1], v.shape[-1]
-    e = m.embed_dim
-    flops = qlen * e + qlen * qdim * e + klen * kdim * e + vlen * vdim * e
-    if m.in_proj_bias is not None:
-        flops += (qlen + klen + vlen) * e
-    head = e // m.num_heads
-    flops += m.num_heads * (qlen * klen * head * 2 + qlen * klen)
-    flops += qlen * e * (m.out_proj.out_features + 1)
-    return flops * batch
-
-
-def _fconv_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    w = args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    active = out.shape[0] * math.prod(out.shape[2:])
-    return math.prod(w.shape[1:]) * w.shape[0] * active + (w.shape[0] * active if bias is not None else 0)
-
-
-def _flinear_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    return _numel(args[0]) * out.shape[-1] + (out.numel() if bias is not None else 0)
-
-
-def _matmul_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    a = args[0]
-    return (out.numel() * a.shape[-1]) if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor) else 0
-
-
-def _einsum_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    eq = args[0].replace(" ", "")
-    ops = args[1:] if not (len(args) == 2 and isinstance(args[1], (list, tuple))) else args[1]
-    lhs = eq.split("->")[0].split(",")
-    sizes: Dict[str, int] = {}
-    for term, t in zip(lhs, ops):
-        if "..." in term:
-            return _numel(out)  # broadcasting einsum: only the output is known reliably
-        for ch, n in zip(term, t.shape):
-            sizes[ch] = n
-    return math.prod(sizes.values()) if len(ops) > 1 else 0
-
-
-def _sdpa_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    q, k, v = args[0], args[1], args[2]
-    lq, e = q.shape[-2], q.shape[-1]
-    s, ev = k.shape[-2], v.shape[-1]
-    batch = math.prod(q.shape[:-2])
-    return batch * lq * s * (e + ev + 1)
-
-
-def _fnorm_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    weight = kwargs.get("weight", args[2] if fn is F.layer_norm and len(args) > 2 else None)
-    return _numel(args[0]) * (2 if weight is not None else 1)
-
-
-# ----------------------------------------------------------------------------------------------
 # The entries. Modules: held as leaves. Functions: dedicated wrappers.
 
 register_module_op(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                   nn.ConvTranspose3d, macs=_conv_macs)
-register_module_op(nn.Linear, macs=_linear_macs)
+                   nn.ConvTranspose3d, macs=conv_macs)
+register_module_op(nn.Linear, macs=linear_macs)
 register_module_op(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell,
                    nn.LSTMCell, nn.GRUCell)
 register_module_op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
-                   nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, macs=_norm_macs)
-register_module_op(nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, macs=_out_numel)
+                   nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, macs=norm_macs)
+register_module_op(nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, macs=out_numel)
 register_module_op(nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus,
-                   nn.Hardtanh, nn.SELU, nn.CELU, macs=_out_numel)
+                   nn.Hardtanh, nn.SELU, nn.CELU, macs=out_numel)
 register_module_op(nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
                    nn.AlphaDropout, nn.Flatten, nn.Unflatten, nn.GLU,
                    nn.ChannelShuffle, nn.PixelShuffle, nn.PixelUnshuffle, nn.ZeroPad2d, nn.ConstantPad2d,
                    nn.ReflectionPad2d, nn.ReplicationPad2d)
 register_module_op(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
-                   nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, macs=_in_numel)
-register_module_op(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, macs=_out_numel)
-register_module_op(nn.MultiheadAttention, macs=_mha_macs)
+                   nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, macs=in_numel)
+register_module_op(nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, macs=out_numel)
+register_module_op(nn.MultiheadAttention, macs=mha_macs)
 
 T = torch.Tensor
 register_function_op(torch.add, T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, operator.add, name="ElemAdd",
@@ -500,7 +506,8 @@ register_function_op(torch.div, T.div, T.div_, T.__truediv__, T.__itruediv__, T.
                      T.ge, torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge, T.float, T.to, T.type_as,
                      T.detach, T.clone, T.contiguous, T.zero_, T.fill_, T.copy_, T.sign, T.round,
                      T.sigmoid, T.sigmoid_, T.tanh, T.tanh_, T.relu, T.relu_, T.softmax,
-                     T.log_softmax, T.mean, torch.mean, T.sum, torch.sum, T.max, T.min, T.amax, T.amin,
+                     T.log_softmax, T.mean, torch.mean, T.sum, torch.sum, T.max, T.min, T.amax, T.amin, torch.amax,
+                     torch.amin, torch.logsumexp, torch.clone,
                      torch.max, torch.min, T.norm, torch.norm, T.var, T.std, T.argmax, torch.argmax, T.cumsum,
                      torch.cumsum, T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor,
                      torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.zeros,
@@ -523,26 +530,30 @@ register_function_op(T.__getitem__, T.chunk, torch.chunk, T.split, torch.split, 
                      T.narrow, torch.narrow, T.select, torch.select, T.index_select, torch.index_select,
                      T.gather, torch.gather, T.unfold, T.tensor_split, name="TensorSlice", wrapper=TensorSlice)
 register_function_op(F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest, name="Interpolate",
-                     wrapper=Interpolate, macs=_out_numel)
+                     wrapper=Interpolate, macs=out_numel)
 register_function_op(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle,
                      name="PixelShuffle", wrapper=PixelShuffle)
 register_function_op(torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm, T.bmm, torch.mm, T.mm,
-                     torch.baddbmm, name="MatMul", wrapper=MatMul, macs=_matmul_macs)
-register_function_op(torch.einsum, name="Einsum", wrapper=MatMul, macs=_einsum_macs)
+                     torch.baddbmm, name="MatMul", wrapper=MatMul, macs=matmul_macs)
+register_function_op(torch.einsum, name="Einsum", wrapper=MatMul, macs=einsum_macs)
 register_function_op(F.scaled_dot_product_attention, name="ScaledDotProductAttention", wrapper=MatMul,
-                     macs=_sdpa_macs)
-register_function_op(F.linear, name="FunctionalLinear", macs=_flinear_macs)
-register_function_op(F.conv1d, F.conv2d, F.conv3d, name="FunctionalConv", macs=_fconv_macs)
+                     macs=sdpa_macs)
+register_function_op(F.linear, name="FunctionalLinear", macs=flinear_macs)
+register_function_op(F.conv1d, F.conv2d, F.conv3d, name="FunctionalConv", macs=fconv_macs)
 register_function_op(F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.normalize, F.rms_norm,
-                     name="FunctionalNorm", macs=_fnorm_macs)
+                     name="FunctionalNorm", macs=fnorm_macs)
 register_function_op(F.relu, F.relu6, F.relu_, torch.relu, torch.relu_, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
                      torch.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish, F.softplus, F.hardtanh, F.glu,
-                     name="Activation", macs=_out_numel)
+                     name="Activation", macs=out_numel)
 register_function_op(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.dropout, F.dropout2d,
                      F.pad, F.embedding, F.one_hot, name="Functional")
 register_function_op(F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
                      F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.unfold, F.fold,
-                     name="Pooling", macs=_in_numel)
+                     name="Pooling", macs=in_numel)
 register_function_op(operator.mul, operator.floordiv, operator.truediv, operator.sub, operator.mod,
                      operator.neg, operator.getitem, name="IntArith")
+
+# amc's own op modules: never in a user's model, so capture traces into them (leaf=False); their entries
+# exist so that the passes and the exporters find their facets in the same place as everyone else's.
+register_op(TensorSize, GetAttr, SetItem, ParamHolder, Constant, ShapeGuard, leaf=False)

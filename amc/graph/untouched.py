@@ -17,7 +17,9 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ["untouched", "rng_state", "set_rng_state"]
+from .._modes import training_mode  # re-exported; it lives outside amc.graph so the trainers can use it
+
+__all__ = ["untouched", "training_mode", "rng_state", "set_rng_state"]
 
 
 def rng_state() -> Dict[str, Any]:
@@ -77,3 +79,4 @@ def untouched(*models: Any) -> Iterator[None]:
         if changed:
             warnings.warn(f"amc: the model's forward changed parameters in place ({changed[:5]}); amc cannot "
                           "undo that, so the model now differs from before the call", stacklevel=3)
+

@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 import warnings
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import AmcError, LoadError, PruningError
 
@@ -30,8 +30,29 @@ if TYPE_CHECKING:  # torch is imported when the job runs, so `amc --help` stays 
 
 logger = logging.getLogger("amc.jobs.compress")
 
-HELP = "train a zoo model, compress it (channel pruning, l1/l2/fpgm pruning, low-rank), fine-tune, export"
-METHODS = ("channel_pruning", "l1", "l2", "fpgm", "lowrank")
+HELP = "train a zoo model, compress it (channel pruning, criterion pruning, low-rank), fine-tune, export"
+
+
+class MethodChoices:
+    """`--method` choices: channel_pruning, lowrank and every criterion in amc.compressors.criteria.CRITERIA.
+
+    The registry is read when argparse checks a value or prints help, not when the parser is built: a
+    criterion registered before the job runs is a method without editing this file, and `amc --help`
+    does not import torch."""
+
+    def names(self) -> Tuple[str, ...]:
+        from ..compressors.criteria import CRITERIA
+
+        return ("channel_pruning", *CRITERIA, "lowrank")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+METHODS = MethodChoices()
 DATASETS = ("digits", "fashion_mnist")
 EXTRA_EXPORTS = ("vnmodel",)
 #: Per-dataset defaults of the options left unset, chosen so the job finishes on a 2-core CPU (digits: under
@@ -52,7 +73,8 @@ def _per_data(option: str) -> str:
 def configure(p: argparse.ArgumentParser) -> None:
     """Declare the job's options on `p` (used by `amc compress` and by `run`)."""
     p.add_argument("--model", default="digits_resnet", help="amc.models zoo name: digits_resnet, vgg_small, resnet20")
-    p.add_argument("--method", default="channel_pruning", choices=METHODS, help="compression method")
+    p.add_argument("--method", default="channel_pruning", choices=METHODS, metavar="METHOD",
+                   help="compression method: %(choices)s (a criterion name prunes with amc.prune)")
     p.add_argument("--target-macs", type=float, default=None,
                    help="fraction of the whole network's MACs kept, in (0, 1); 0.5 halves them (default: 0.5)")
     p.add_argument("--ratio", type=float, default=None,
@@ -183,6 +205,7 @@ def latency_ms(net: nn.Module, x: torch.Tensor, repeats: int = 30) -> float:
 
 
 def _compress(ns: argparse.Namespace, net: Any, train, val, x1: torch.Tensor) -> Any:
+    from ..compressors.criteria import CRITERIA
     from ..compressors.prune import prune
 
     if getattr(ns, "policy", None):
@@ -197,13 +220,10 @@ def _compress(ns: argparse.Namespace, net: Any, train, val, x1: torch.Tensor) ->
         cp = ChannelPruning(net, train, val, trainset_ratio=ns.trainset_ratio, sampled_pixels_per_img=ns.sampled_pixels,
                             target_macs=target, example_inputs=(x1,), seed=ns.seed)
         return cp.compress()
-    if ns.method in ("l1", "l2", "fpgm"):
-        return prune(net, criterion=ns.method, example_inputs=(x1,), target_macs=target)
-    try:
-        from ..compressors.lowrank import LowRankDecomposition  # written alongside; may not exist yet
-    except ImportError as exc:
-        raise PruningError(f"--method lowrank is not available in this build ({exc}); use channel_pruning, "
-                           "l1, l2 or fpgm") from exc
+    if ns.method in CRITERIA:  # data-driven criteria (apoz, thinet) observe the training batches
+        return prune(net, criterion=ns.method, example_inputs=(x1,), target_macs=target, dataloader=train)
+    from ..compressors.lowrank import LowRankDecomposition
+
     # target_macs: the whole network meets the budget, like the other methods. fold_bn=False keeps each
     # BatchNorm after its split conv: with it folded away the BN-free net diverges when fine-tuned at
     # the job's lr (digits_resnet: NaN at lr 0.02; with BN kept: 97.8% after 3 epochs).

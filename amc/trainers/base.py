@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from amc._modes import training_mode
 from amc.errors import DataError, TrainingError
 
 from . import checkpoint, distributed
@@ -391,30 +392,28 @@ class BaseTrainer:
             return {}
         hook = "get_val_losses / __get_val_losses__"
         wrapped, module = self._network, self.module
-        was_training = module.training
-        module.eval()
-        self._network = module
         sums: Dict[str, float] = defaultdict(float)
         samples = correct = labelled = 0
-        try:
-            bar = progress(loader, "validate", self._progress and self._dist.is_main)
-            for i, batch in enumerate(bar, start=1):
-                with self._autocast():
-                    preds = self.get_val_batch_preds(batch, **kwargs)
-                    losses = self.get_val_losses(preds, batch, **kwargs)
-                values = self._check_losses(losses, hook, f"validation batch {i}", train=False)
-                n = _batch_size(batch, preds)
-                samples += n
-                for k, v in values.items():
-                    sums[k] += v * n
-                if _is_classification(preds, batch):
-                    labels = batch[1].to(preds.device)
-                    correct += int((preds.argmax(dim=1) == labels).sum())
-                    labelled += int(labels.numel())
-            bar.close()
-        finally:
-            self._network = wrapped
-            module.train(was_training)
+        with training_mode(module, False):
+            self._network = module
+            try:
+                bar = progress(loader, "validate", self._progress and self._dist.is_main)
+                for i, batch in enumerate(bar, start=1):
+                    with self._autocast():
+                        preds = self.get_val_batch_preds(batch, **kwargs)
+                        losses = self.get_val_losses(preds, batch, **kwargs)
+                    values = self._check_losses(losses, hook, f"validation batch {i}", train=False)
+                    n = _batch_size(batch, preds)
+                    samples += n
+                    for k, v in values.items():
+                        sums[k] += v * n
+                    if _is_classification(preds, batch):
+                        labels = batch[1].to(preds.device)
+                        correct += int((preds.argmax(dim=1) == labels).sum())
+                        labelled += int(labels.numel())
+                bar.close()
+            finally:
+                self._network = wrapped
         totals = distributed.all_reduce_sums({**sums, "__samples": samples, "__correct": correct,
                                               "__labelled": labelled}, self._dist, self._device)
         count, correct_all, labelled_all = totals.pop("__samples"), totals.pop("__correct"), totals.pop("__labelled")

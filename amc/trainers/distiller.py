@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from amc._modes import training_mode
 from amc.errors import TrainingError
 
 from . import distributed
@@ -129,11 +130,8 @@ class BaseDistiller(BaseTrainer):
         if self._adapters_built or not self.feature_pairs:
             return
         student = self.module
-        was_training = student.training
-        student.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with training_mode(student, False), torch.no_grad(), torch.random.fork_rng(devices=[]):
             self._forward_both(self.to_device(example_input), student)
-        student.train(was_training)
         self.feature_loss.build(self._student_capture.features, self._teacher_capture.features)
         self.feature_loss.to(self._device)
         params = [p for p in self.feature_loss.parameters()]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from amc._modes import training_mode
 from amc.errors import PruningError
 
 log = logging.getLogger("amc.trainers")
@@ -171,29 +172,19 @@ class SoftFilterPruning(TrainerCallback):
             if not self.example_inputs:
                 raise PruningError("SoftFilterPruning(scope='group') needs example_inputs=(tensor,) when it is "
                                    "used outside a trainer (or before the first training step)")
-            was = module.training
-            module.eval()
-            try:
-                with torch.no_grad():
-                    self._plan = plan_pruning(module, "l2", self.example_inputs)
-            finally:
-                module.train(was)
+            with training_mode(module, False), torch.no_grad():
+                self._plan = plan_pruning(module, "l2", self.example_inputs)
         return self._plan
 
     @torch.no_grad()
     def _prune_groups(self, module: nn.Module) -> Dict[str, torch.Tensor]:
+        from amc.compressors.masks import channel_masks
         from amc.compressors.primitives import silence_units
 
         plan = self.plan(module).rescore("l2")
         roots = plan.pruned_roots(self.ratio)
         silence_units(plan, roots)
-        chosen = np.zeros(len(plan.roots), dtype=bool)
-        chosen[roots] = True
-        masks: Dict[str, torch.Tensor] = {}
-        for ax in plan.analysis.axes:
-            m = plan.net.network[plan.net.node(ax.node).module]
-            if isinstance(m, nn.Conv2d) and ax.attr == "weight" and ax.dim == 0:
-                masks[ax.node] = torch.from_numpy(~chosen[plan.roots[ax.vec]])
+        masks = channel_masks(plan, roots)
         self.roots = roots
         return masks
 

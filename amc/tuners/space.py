@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import torch
 import torch.nn as nn
 
+from ..compressors.budget import per_sample as _batch1
 from ..errors import PruningError
 from ..graph.counting import count, node_costs
 from ..graph.network import ReconstructedNetwork
@@ -29,8 +29,6 @@ Bound = Union[float, Mapping[str, float]]
 COMPRESSORS = ("prune", "channel", "lowrank")
 
 
-def _batch1(inputs: Sequence[Any]) -> Tuple[Any, ...]:
-    return tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
 
 
 @dataclass
@@ -353,8 +351,7 @@ class _LowRankBackend:
         self.base = int(count(net, *_batch1(inputs))[0])
 
     def _bias(self, name: str) -> bool:
-        info = self.lr.infos[name]
-        return self.lr.method == "data" or info.has_bias or info.bn is not None
+        return self.lr.infos[name].keeps_bias(self.lr.method)
 
     def signature(self, policy: Mapping[str, float]) -> Tuple[int, ...]:
         return tuple(self.lr.infos[n].rank_for_ratio(float(policy.get(n, 0.0))) for n in self.names)

@@ -1,0 +1,187 @@
+"""Helpers the channel rules share: reading labels, broadcasting, where a size came from."""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ...graph.template import Ref
+from ..dependency import TL, RuleCall, Vec, unlabeled_like
+
+from .registry import opaque
+
+T = torch.Tensor
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+def _tl(x: Any) -> Optional[TL]:
+    return x if isinstance(x, TL) else None
+
+
+def _dims_of(c: RuleCall, i: int, value: torch.Tensor) -> List[Vec]:
+    tl = _tl(c.larg(i))
+    return list(tl.dims) if tl is not None and tl.ndim == value.dim() else [None] * value.dim()
+
+
+def _out_tl(out: Any, dims: List[Vec]) -> Any:
+    if isinstance(out, torch.Tensor) and out.dim() == len(dims):
+        return TL(dims)
+    return unlabeled_like(out)
+
+
+def _first_tensor(c: RuleCall) -> Tuple[int, Optional[torch.Tensor]]:
+    for i, v in enumerate(c.args):
+        if isinstance(v, torch.Tensor):
+            return i, v
+    return -1, None
+
+
+def passthrough(c: RuleCall) -> Any:
+    """Same shape in and out, channel by channel (activations, dropout, casts, copies)."""
+    i, x = _first_tensor(c)
+    if x is None:
+        return opaque(c)
+    dims = _dims_of(c, i, x)
+    if isinstance(c.out, torch.Tensor) and c.out.dim() == x.dim():
+        for d in range(x.dim()):
+            if c.out.shape[d] != x.shape[d]:
+                dims[d] = _freeze(c, dims[d])  # a channel dim whose size changes is not ours to follow
+        return TL(dims)
+    return opaque(c)
+
+
+def _freeze(c: RuleCall, v: Vec) -> None:
+    c.a.uf.freeze(v)
+    return None
+
+
+def _broadcast(c: RuleCall, items: Sequence[Tuple[List[Vec], Sequence[int]]], out_shape: Sequence[int]) -> List[Vec]:
+    nd = len(out_shape)
+    dims: List[Vec] = [None] * nd
+    for d in range(nd):
+        vecs: List[Vec] = []
+        for vd, shape in items:
+            k = d - (nd - len(shape))
+            if k < 0 or (shape[k] == 1 and out_shape[d] != 1):
+                continue
+            vecs.append(vd[k])
+        if not vecs:
+            continue
+        first = next((v for v in vecs if v is not None), None)
+        for v in vecs:
+            if v is not first:
+                c.a.uf.union_vecs(first, v) if first is not None else None
+        if first is not None and any(v is None for v in vecs):
+            c.a.uf.freeze(first)
+        dims[d] = first
+    return dims
+
+
+def elementwise(c: RuleCall) -> Any:
+    """Broadcasting ops couple the channels they line up (residual add, gating mul, where)."""
+    if not isinstance(c.out, torch.Tensor):
+        return opaque(c)
+    items = []
+    for i, v in enumerate(c.args):
+        if isinstance(v, torch.Tensor):
+            items.append((_dims_of(c, i, v), v.shape))
+    for k, v in c.kwargs.items():
+        if isinstance(v, torch.Tensor):
+            tl = _tl(c.lkwargs.get(k))
+            items.append((list(tl.dims) if tl and tl.ndim == v.dim() else [None] * v.dim(), v.shape))
+    return TL(_broadcast(c, items, c.out.shape))
+
+
+def _norm_dims(dims: Any, nd: int) -> List[int]:
+    if dims is None:
+        return list(range(nd))
+    if isinstance(dims, int):
+        dims = [dims]
+    return sorted(int(d) % nd for d in dims) if nd else []
+
+
+def reduction(c: RuleCall) -> Any:
+    """mean/sum/max over dims: reducing over channels freezes them; other dims pass."""
+    i, x = _first_tensor(c)
+    if x is None:
+        return opaque(c)
+    dims = _dims_of(c, i, x)
+    raw = c.arg(1, "dim") if len(c.args) > 1 or "dim" in c.kwargs else None
+    if isinstance(raw, torch.Tensor):
+        return opaque(c)
+    keep = bool(c.arg(2, "keepdim", False)) if not isinstance(c.arg(2, "keepdim", False), torch.Tensor) else False
+    red = _norm_dims(raw, x.dim())
+    for d in red:
+        dims[d] = _freeze(c, dims[d])
+    out_dims = [v for d, v in enumerate(dims) if d not in red or keep]
+    if isinstance(c.out, tuple):  # (values, indices)
+        return [_out_tl(o, list(out_dims)) for o in c.out]
+    return _out_tl(c.out, out_dims)
+
+
+def along_dim(c: RuleCall) -> Any:
+    """softmax / normalize / cumsum along one dim: that dim's channels are mixed, so frozen."""
+    i, x = _first_tensor(c)
+    if x is None:
+        return opaque(c)
+    dims = _dims_of(c, i, x)
+    d = c.arg(1, "dim")
+    if d is None and c.node.meta.get("op") == "Functional":
+        d = c.kwargs.get("dim", -1)
+    d = 1 if d is None and c.module.fn is F.normalize else d
+    if d is None:
+        return opaque(c)
+    dims[int(d) % x.dim()] = _freeze(c, dims[int(d) % x.dim()])
+    return _out_tl(c.out, dims)
+
+
+# ----------------------------------------------------------------------------------------------
+# sizes: where a shape argument came from
+
+def size_source(c: RuleCall, t: Any) -> Tuple[str, List[Vec]]:
+    """('const'|'auto'|'direct'|'derived', source vectors) for one size argument template."""
+    if isinstance(t, Ref):
+        src = c.a.size_sources.get(t.node)
+        if src is None:
+            return "derived", []
+        kind, vecs = src
+        if kind == "shape":
+            if t.path:
+                i = t.path[0]
+                if isinstance(i, int) and -len(vecs) <= i < len(vecs):
+                    return "direct", [vecs[i]]
+                return "derived", []  # a shape with no channel vectors recorded (e.g. an int mask's)
+            return "derived", list(vecs)
+        return kind, list(vecs)
+    if isinstance(t, int) and t == -1:
+        return "auto", []
+    return "const", []
+
+
+def _same_classes(c: RuleCall, a: Vec, b: Vec) -> bool:
+    if a is None or b is None or len(a) != len(b):
+        return a is None and b is None
+    find = c.a.uf.find
+    return all(find(int(x)) == find(int(y)) for x, y in zip(a, b))
+
+
+def check_sizes(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec], in_vecs: List[Vec]) -> None:
+    """Shape arguments of a labeled dim must follow pruning: constants are rewritten later; sizes read
+    from a tensor couple that tensor's dim; sizes computed from other dims must come from this input."""
+    for d, t in enumerate(size_templates):
+        if d >= len(out_dims) or out_dims[d] is None:
+            continue
+        kind, srcs = size_source(c, t)
+        if kind == "direct" and srcs and srcs[0] is not None and len(srcs[0]) == len(out_dims[d]):
+            c.a.uf.union_vecs(srcs[0], out_dims[d])
+        elif kind in ("direct", "derived"):
+            # a size computed from other dims follows pruning only if it is read from this very dim
+            ok = bool(srcs) and all(s is not None and any(_same_classes(c, s, v) for v in in_vecs) for s in srcs)
+            if not ok:
+                c.a.uf.freeze(out_dims[d])
+                for s in srcs:
+                    c.a.uf.freeze(s)
+
+
+# ----------------------------------------------------------------------------------------------

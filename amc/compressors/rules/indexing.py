@@ -1,0 +1,229 @@
+"""Rules of indexing, splitting, concatenation, expansion and padding, and the split-size edit."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...graph.ops import SetItem
+from ..dependency import TL, Fixup, RuleCall, Vec
+from ...graph.network import ReconstructedNetwork
+
+from .common import _dims_of, _freeze, _norm_dims, _out_tl, _tl, check_sizes
+from .registry import opaque, register_rule
+from .layout import fix_sizes, size_templates
+
+T = torch.Tensor
+KeepFn = Callable[[np.ndarray], np.ndarray]
+
+def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t: Any) -> Optional[List[Vec]]:
+    if not isinstance(idx, tuple):
+        idx, idx_t = (idx,), (idx_t,)
+    elif not isinstance(idx_t, tuple):
+        idx_t = tuple(idx_t) if isinstance(idx_t, list) else (idx_t,) * len(idx)
+    if any(isinstance(i, (torch.Tensor, list)) or isinstance(i, bool) for i in idx):
+        return None
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out: List[Vec] = []
+    d = 0
+    for i, t in zip(idx, idx_t):
+        if i is Ellipsis:
+            for _ in range(x.dim() - n_real):
+                out.append(dims[d])
+                d += 1
+        elif i is None:
+            out.append(None)
+        elif isinstance(i, int):
+            if dims[d] is not None:
+                c.a.uf.freeze(dims[d])
+            d += 1
+        elif isinstance(i, slice):
+            v = dims[d]
+            full = range(x.shape[d])[i] == range(x.shape[d])
+            if v is not None and not full:
+                c.a.uf.freeze(v)
+                v = None
+            out.append(v)
+            d += 1
+        else:
+            return None
+    out.extend(dims[d:])
+    return out
+
+
+@register_rule(T.__getitem__)
+def getitem(c: RuleCall) -> Any:
+    x = c.args[0]
+    if not isinstance(x, torch.Tensor) or not isinstance(c.out, torch.Tensor):
+        return opaque(c)
+    dims = _dims_of(c, 0, x)
+    out = _getitem_dims(c, x, dims, c.args[1], c.node.args[1])
+    if out is None or len(out) != c.out.dim():
+        return opaque(c)
+    return TL(out)
+
+
+@register_rule(SetItem)
+def setitem(c: RuleCall) -> Any:
+    tl = _tl(c.larg(0))
+    if tl is not None and any(v is not None for v in tl.dims) or _tl(c.larg(2)) is not None and any(
+            v is not None for v in _tl(c.larg(2)).dims):
+        opaque(c)
+        return TL.unlabeled(c.out.dim())
+    return TL(list(tl.dims)) if tl is not None else None
+
+
+def _split_dim(c: RuleCall, x: torch.Tensor, d: int) -> int:
+    return int(d) % x.dim()
+
+
+@register_rule(T.chunk, torch.chunk, T.split, torch.split, T.tensor_split, T.unbind, torch.unbind, T.narrow,
+               torch.narrow, T.select, torch.select)
+def split(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    fn = c.module.fn
+    if fn in (T.unbind, torch.unbind, T.select, torch.select, T.narrow, torch.narrow):
+        d = _split_dim(c, x, c.arg(1, "dim", 0))
+        if dims[d] is not None:
+            dims[d] = _freeze(c, dims[d])
+        if fn in (T.narrow, torch.narrow):
+            return _out_tl(c.out, dims)
+        rest = [v for k, v in enumerate(dims) if k != d]
+        return [_out_tl(o, list(rest)) for o in c.out] if isinstance(c.out, (list, tuple)) else _out_tl(c.out, rest)
+    d = _split_dim(c, x, c.arg(2, "dim", 0))
+    pieces = list(c.out)
+    v = dims[d]
+    if v is not None:
+        sizes = [p.shape[d] for p in pieces]
+        if len(set(sizes)) == 1 and fn in (T.chunk, torch.chunk, T.split, torch.split):
+            for k in range(1, len(pieces)):  # equal pieces: prune them alike, so they stay equal
+                c.a.uf.union_vecs(v[:sizes[0]], v[k * sizes[0]:(k + 1) * sizes[0]])
+            if fn in (T.split, torch.split):
+                c.a.fixup(c.node.name, fix_split_size, dim=d, vec=v[:sizes[0]].copy())
+        else:
+            c.a.uf.freeze(v)
+            v = None
+    out = []
+    start = 0
+    for p in pieces:
+        pd = list(dims)
+        pd[d] = None if v is None else v[start:start + p.shape[d]]
+        start += p.shape[d]
+        out.append(_out_tl(p, pd))
+    return out
+
+
+@register_rule(torch.cat, torch.concat, torch.concatenate, torch.stack)
+def cat(c: RuleCall) -> Any:
+    tensors = c.arg(0, "tensors")
+    ltensors = c.larg(0, "tensors") or [None] * len(tensors)
+    if not isinstance(c.out, torch.Tensor) or not tensors:
+        return opaque(c)
+    stack = c.module.fn is torch.stack
+    nd = c.out.dim()
+    d = int(c.arg(1, "dim", 0)) % nd
+    per = []
+    for t, lt in zip(tensors, ltensors):
+        per.append(list(lt.dims) if isinstance(lt, TL) and lt.ndim == t.dim() else [None] * t.dim())
+    out: List[Vec] = []
+    for k in range(nd):
+        if stack and k == d:
+            out.append(None)
+            continue
+        src = k if not stack or k < d else k - 1
+        vecs = [p[src] for p in per]
+        if k == d:  # concatenated: vectors joined (unlabeled pieces become frozen positions)
+            if all(v is None for v in vecs):
+                out.append(None)
+            else:
+                out.append(np.concatenate([v if v is not None else np.zeros(t.shape[src], np.int64)
+                                           for v, t in zip(vecs, tensors)]))
+            continue
+        first = next((v for v in vecs if v is not None), None)
+        for v in vecs:
+            if v is not first:
+                c.a.uf.union_vecs(first, v) if first is not None else None
+        out.append(first)
+    return TL(out)
+
+
+@register_rule(T.expand, T.expand_as, torch.broadcast_to, T.repeat, T.tile, torch.tile, T.repeat_interleave,
+               torch.repeat_interleave)
+def expand(c: RuleCall) -> Any:
+    x = c.args[0]
+    if not isinstance(c.out, torch.Tensor):
+        return opaque(c)
+    dims = _dims_of(c, 0, x)
+    lead = c.out.dim() - x.dim()
+    if lead < 0:
+        return opaque(c)
+    out: List[Vec] = [None] * lead
+    for k, v in enumerate(dims):
+        if v is not None and c.out.shape[lead + k] != x.shape[k]:
+            c.a.uf.freeze(v)
+            v = None
+        out.append(v)
+    fn = c.module.fn
+    if fn in (T.expand, torch.broadcast_to):
+        templates = size_templates(c)
+        check_sizes(c, templates, out, dims)
+        if any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
+            c.a.fixup(c.node.name, fix_sizes, out_dims=out)
+    elif fn is T.expand_as:
+        other = _tl(c.larg(1))
+        if other is not None:
+            for v, w in zip(out, other.dims):
+                c.a.uf.union_vecs(v, w) if (v is not None or w is not None) else None
+    return TL(out)
+
+
+@register_rule(F.pixel_shuffle, torch.pixel_shuffle, nn.PixelShuffle, F.pixel_unshuffle, torch.pixel_unshuffle,
+               nn.PixelUnshuffle)
+def pixel_shuffle(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    ch = x.dim() - 3
+    v = dims[ch]
+    out = [dims[k] if k < ch else None for k in range(c.out.dim())]
+    if v is not None:
+        r2 = x.shape[ch] // c.out.shape[ch] if c.out.shape[ch] < x.shape[ch] else None
+        if r2:  # shuffle: every output channel is a block of r*r input channels
+            grid = v.reshape(-1, r2)
+            for col in grid.T[1:]:
+                c.a.uf.union_vecs(grid[:, 0], col)
+            out[ch] = grid[:, 0].copy()
+        else:  # unshuffle: each input channel becomes r*r consecutive channels
+            out[ch] = np.repeat(v, c.out.shape[ch] // x.shape[ch])
+    return TL(out)
+
+
+@register_rule(F.pad, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)
+def pad(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    for k in range(x.dim()):
+        if c.out.shape[k] != x.shape[k]:
+            dims[k] = _freeze(c, dims[k])
+    return TL(dims)
+
+
+@register_rule(T.roll, torch.roll, T.flip, torch.flip)
+def roll(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    raw = c.arg(2, "dims") if c.module.fn in (T.roll, torch.roll) else c.arg(1, "dims")
+    for d in _norm_dims(raw, x.dim()):
+        dims[d] = _freeze(c, dims[d])  # a rolled/flipped channel order would not survive pruning
+    return TL(dims)
+
+
+
+def fix_split_size(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    node = net.node(fx.node)
+    if mode == "hard" and len(node.args) > 1 and isinstance(node.args[1], int):
+        node.args = (node.args[0], int(keep_of(fx.data["vec"]).sum())) + tuple(node.args[2:])
+

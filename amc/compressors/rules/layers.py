@@ -1,0 +1,319 @@
+"""Rules of the layers with parameters (conv, linear, norms, PReLU, parameters used directly), their
+hard-prune resize, their silencing role, and the layer-norm edits (soft pruning swaps in mask-aware norms)."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...graph.ops import Constant, ParamHolder, register_op
+from ..dependency import TL, Fixup, RuleCall, Vec, unlabeled_like
+from ...graph.network import ReconstructedNetwork
+
+from .common import _dims_of, _freeze, _tl
+from .registry import opaque, register_rule
+
+T = torch.Tensor
+KeepFn = Callable[[np.ndarray], np.ndarray]
+
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TCONVS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@register_rule(*_CONVS, *_TCONVS)
+def conv(c: RuleCall) -> Any:
+    m, x, name = c.module, c.args[0], c.node.name
+    dims = _dims_of(c, 0, x)
+    ch = x.dim() - len(m.kernel_size) - 1
+    cin = dims[ch]
+    transposed = isinstance(m, _TCONVS)
+    win, wout = (0, 1) if transposed else (1, 0)
+    out_dims: List[Vec] = [None] * c.out.dim()
+    out_dims[:ch] = dims[:ch]
+    if m.groups == 1:
+        c.a.axis(name, "weight", win, cin)
+        new = c.a.new_space(name, m.out_channels)
+        c.a.axis(name, "weight", wout, new)
+        if m.bias is not None:
+            c.a.axis(name, "bias", 0, new)
+        out_dims[ch] = new
+    elif not transposed and m.groups == m.in_channels == m.out_channels:
+        if cin is None:
+            cin = c.a.new_space(name, m.out_channels)
+        c.a.axis(name, "weight", 0, cin)
+        if m.bias is not None:
+            c.a.axis(name, "bias", 0, cin)
+        out_dims[ch] = cin
+    elif not transposed and m.in_channels == m.out_channels and cin is not None:
+        # grouped (ResNeXt/RegNet): channel i in, channel i out; the same offsets are kept in every
+        # group (offset j is coupled across groups), so groups stay equal and weight dim 1 is sliced
+        # by the offsets
+        grid = cin.reshape(m.groups, -1)
+        for row in grid[1:]:
+            c.a.uf.union_vecs(grid[0], row)
+        c.a.axis(name, "weight", 0, cin)
+        c.a.axis(name, "weight", 1, grid[0].copy())
+        if m.bias is not None:
+            c.a.axis(name, "bias", 0, cin)
+        out_dims[ch] = cin
+    else:
+        c.a.uf.freeze(cin)
+    return TL(out_dims)
+
+
+@register_rule(nn.Linear)
+def linear(c: RuleCall) -> Any:
+    m, x, name = c.module, c.args[0], c.node.name
+    dims = _dims_of(c, 0, x)
+    c.a.axis(name, "weight", 1, dims[-1])
+    new = c.a.new_space(name, m.out_features)
+    c.a.axis(name, "weight", 0, new)
+    if m.bias is not None:
+        c.a.axis(name, "bias", 0, new)
+    return TL(dims[:-1] + [new])
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
+               nn.InstanceNorm3d)
+def batchnorm(c: RuleCall) -> Any:
+    m, x, name = c.module, c.args[0], c.node.name
+    dims = _dims_of(c, 0, x)
+    ch = 1 if x.dim() > 1 else 0
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm) and x.dim() == len(_spatial_of(m)) + 1:
+        ch = 0
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        if getattr(m, attr, None) is not None:
+            c.a.axis(name, attr, 0, dims[ch])
+    return TL(dims)
+
+
+def _spatial_of(m: nn.Module) -> Tuple[int, ...]:
+    return {nn.InstanceNorm1d: (1,), nn.InstanceNorm2d: (1, 1), nn.InstanceNorm3d: (1, 1, 1)}.get(type(m), (1, 1))
+
+
+@register_rule(nn.LayerNorm)
+def layernorm(c: RuleCall) -> Any:
+    m, x, name = c.module, c.args[0], c.node.name
+    dims = _dims_of(c, 0, x)
+    if len(m.normalized_shape) != 1:
+        for d in range(x.dim() - len(m.normalized_shape), x.dim()):
+            dims[d] = _freeze(c, dims[d])
+        return TL(dims)
+    for attr in ("weight", "bias"):
+        if getattr(m, attr, None) is not None:
+            c.a.axis(name, attr, 0, dims[-1])
+    if dims[-1] is not None:
+        c.a.fixup(name, fix_layernorm, vec=dims[-1])
+    return TL(dims)
+
+
+@register_rule(nn.GroupNorm, nn.LocalResponseNorm, nn.ChannelShuffle)
+def mixes_channels(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    dims[1] = _freeze(c, dims[1]) if x.dim() > 1 else dims[1]
+    return TL(dims)
+
+
+@register_rule(nn.PReLU)
+def prelu(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    if c.module.num_parameters > 1:
+        c.a.axis(c.node.name, "weight", 0, dims[1])
+    return TL(dims)
+
+
+
+# parameters used directly, and their functional consumers
+
+@register_rule(ParamHolder)
+def param_holder(c: RuleCall) -> Any:
+    value = c.out
+    dims: List[Vec] = []
+    for d, n in enumerate(value.shape):
+        if n > 1:
+            v = c.a.new_space(c.node.name, n, kind="param")
+            c.a.axis(c.node.name, "value", d, v)
+            dims.append(v)
+        else:
+            dims.append(None)
+    return TL(dims)
+
+
+@register_rule(Constant)
+def constant(c: RuleCall) -> Any:
+    return unlabeled_like(c.out)
+
+
+@register_rule(F.linear)
+def f_linear(c: RuleCall) -> Any:
+    x, w = c.args[0], c.args[1]
+    dx, dw = _dims_of(c, 0, x), _dims_of(c, 1, w)
+    c.a.uf.union_vecs(dw[1], dx[-1]) if (dw[1] is not None or dx[-1] is not None) else None
+    b = c.arg(2, "bias")
+    if isinstance(b, torch.Tensor):
+        db = _dims_of(c, 2, b) if len(c.args) > 2 else list(_tl(c.lkwargs.get("bias")).dims)
+        c.a.uf.union_vecs(db[0], dw[0]) if (db[0] is not None or dw[0] is not None) else None
+    return TL(dx[:-1] + [dw[0]])
+
+
+@register_rule(F.conv1d, F.conv2d, F.conv3d)
+def f_conv(c: RuleCall) -> Any:
+    x, w = c.args[0], c.args[1]
+    dx, dw = _dims_of(c, 0, x), _dims_of(c, 1, w)
+    groups = c.arg(6, "groups", 1)
+    ch = x.dim() - (w.dim() - 2) - 1
+    if groups != 1:
+        opaque(c)
+        return TL.unlabeled(c.out.dim())
+    c.a.uf.union_vecs(dw[1], dx[ch]) if (dw[1] is not None or dx[ch] is not None) else None
+    b = c.arg(2, "bias")
+    if isinstance(b, torch.Tensor):
+        db = _dims_of(c, 2, b)
+        c.a.uf.union_vecs(db[0], dw[0]) if (db[0] is not None or dw[0] is not None) else None
+    out = [None] * c.out.dim()
+    out[:ch] = dx[:ch]
+    out[ch] = dw[0]
+    return TL(out)
+
+
+@register_rule(F.layer_norm)
+def f_layer_norm(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    shape = c.arg(1, "normalized_shape")
+    if len(shape) != 1:
+        for d in range(x.dim() - len(shape), x.dim()):
+            dims[d] = _freeze(c, dims[d])
+        return TL(dims)
+    for i, key in ((2, "weight"), (3, "bias")):
+        p = c.arg(i, key)
+        if isinstance(p, torch.Tensor):
+            dp = _dims_of(c, i, p) if len(c.args) > i else list(_tl(c.lkwargs.get(key)).dims)
+            c.a.uf.union_vecs(dp[0], dims[-1]) if (dp[0] is not None or dims[-1] is not None) else None
+    if dims[-1] is not None:
+        c.a.fixup(c.node.name, fix_functional_layernorm, vec=dims[-1])
+    return TL(dims)
+
+
+@register_rule(F.batch_norm, F.instance_norm)
+def f_batch_norm(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    names = ("running_mean", "running_var", "weight", "bias")
+    for i, key in enumerate(names, start=1):
+        p = c.arg(i, key)
+        if isinstance(p, torch.Tensor):
+            lp = c.larg(i, key)
+            dp = list(lp.dims) if isinstance(lp, TL) else [None]
+            c.a.uf.union_vecs(dp[0], dims[1]) if (dp[0] is not None or dims[1] is not None) else None
+    return TL(dims)
+
+
+class MaskedLayerNorm(nn.Module):
+    """LayerNorm over the kept channels only; pruned channels output 0 (soft pruning)."""
+
+    def __init__(self, ln: nn.LayerNorm, keep: torch.Tensor):
+        super().__init__()
+        self.ln = ln
+        self.register_buffer("keep_idx", torch.nonzero(keep).flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.keep_idx
+        w = self.ln.weight[idx] if self.ln.weight is not None else None
+        b = self.ln.bias[idx] if self.ln.bias is not None else None
+        y = torch.zeros_like(x)
+        y[..., idx] = F.layer_norm(x[..., idx], (len(idx),), w, b, self.ln.eps)
+        return y
+
+
+class MaskedFunctionalLayerNorm(nn.Module):
+    """`F.layer_norm` over the kept channels only (soft pruning of a traced-into LayerNorm)."""
+
+    def __init__(self, keep: torch.Tensor):
+        super().__init__()
+        self.register_buffer("keep_idx", torch.nonzero(keep).flatten())
+
+    def forward(self, x: torch.Tensor, normalized_shape: Any = None, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+        idx = self.keep_idx
+        y = torch.zeros_like(x)
+        y[..., idx] = F.layer_norm(x[..., idx], (len(idx),), None if weight is None else weight[idx],
+                                   None if bias is None else bias[idx], eps)
+        return y
+
+
+# Hard pruning slices parameters; each entry's `resize` makes the module's size attributes agree again.
+
+def _resize_conv(m: nn.Module) -> None:
+    w = m.weight
+    if m.transposed:
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * m.groups
+    elif m.groups > 1 and m.groups == m.in_channels == m.out_channels:
+        m.groups = m.in_channels = m.out_channels = w.shape[0]
+    else:
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * m.groups
+
+
+def _resize_linear(m: nn.Module) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _resize_batchnorm(m: nn.Module) -> None:
+    ref = m.weight if m.weight is not None else m.running_mean
+    if ref is not None:
+        m.num_features = ref.shape[0]
+
+
+def _resize_layernorm(m: nn.Module) -> None:
+    if m.weight is not None:
+        m.normalized_shape = (m.weight.shape[0],)
+
+
+def _resize_prelu(m: nn.Module) -> None:
+    m.num_parameters = m.weight.numel()
+
+
+register_op(*_CONVS, resize=_resize_conv)
+register_op(*_TCONVS, resize=_resize_conv)
+register_op(nn.Linear, resize=_resize_linear, role="producer")
+register_op(*_CONVS, role="producer")
+register_op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+            resize=_resize_batchnorm, role="norm")
+register_op(nn.LayerNorm, resize=_resize_layernorm, role="norm")
+register_op(nn.GroupNorm, role="norm")
+register_op(nn.PReLU, resize=_resize_prelu)
+
+
+def fix_layernorm(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    keep = keep_of(fx.data["vec"])
+    if keep.all():
+        return
+    key = net.node(fx.node).module
+    ln = net.network[key]
+    if mode == "hard":
+        ln.normalized_shape = (int(keep.sum()),)
+    elif not isinstance(ln, MaskedLayerNorm):
+        net.network[key] = MaskedLayerNorm(ln, torch.from_numpy(keep))
+
+
+def fix_functional_layernorm(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    keep = keep_of(fx.data["vec"])
+    if keep.all():
+        return
+    node = net.node(fx.node)
+    if mode == "hard":
+        args = list(node.args)
+        if len(args) > 1:
+            args[1] = (int(keep.sum()),)
+        else:
+            node.kwargs["normalized_shape"] = (int(keep.sum()),)
+        node.args = tuple(args)
+    else:
+        net.network[node.module] = MaskedFunctionalLayerNorm(torch.from_numpy(keep))
+

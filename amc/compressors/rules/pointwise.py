@@ -1,0 +1,83 @@
+"""Rules of element-wise ops, reductions, softmax and pooling, and the ops declared opaque."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...graph.ops import ShapeGuard
+from ..dependency import TL, RuleCall
+
+from .common import _dims_of, _freeze, along_dim, elementwise, reduction
+from .registry import mark_opaque, register_rule
+
+T = torch.Tensor
+
+register_rule(torch.add, T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, torch.sub, T.sub, T.sub_, T.__sub__,
+              T.__isub__, T.__rsub__, torch.rsub, torch.mul, T.mul, T.mul_, T.__mul__, T.__imul__, T.__rmul__,
+              torch.div, T.div, T.div_, T.__truediv__, T.__itruediv__, T.__rtruediv__, T.__floordiv__,
+              T.__rfloordiv__, T.__pow__, T.__rpow__, torch.pow, T.pow, T.__neg__, T.__mod__, T.sqrt, torch.sqrt,
+              T.rsqrt, torch.rsqrt, torch.neg, T.exp, torch.exp, T.log, torch.log, T.abs, torch.abs, T.abs_, T.clamp,
+              torch.clamp, T.clamp_, T.clamp_min, T.clamp_max, torch.maximum, torch.minimum, torch.where,
+              T.masked_fill, T.masked_fill_, T.sign, T.round, T.sigmoid, T.sigmoid_, T.tanh, T.tanh_, T.relu,
+              T.relu_, torch.relu, torch.relu_, F.relu, F.relu6, F.relu_, F.gelu, F.silu, F.hardswish,
+              F.hardsigmoid, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh, F.leaky_relu, F.elu, F.mish,
+              F.softplus, F.hardtanh, T.__eq__, T.__ne__, T.__lt__, T.__le__, T.__gt__, T.__ge__, T.__and__,
+              T.__or__, T.__invert__, T.eq, T.ne, T.lt, T.le, T.gt, T.ge, torch.eq, torch.ne, torch.lt, torch.le,
+              torch.gt, torch.ge, T.bool, T.long, T.int, T.zero_, T.fill_, T.copy_, torch.zeros_like,
+              torch.ones_like, torch.full_like, torch.empty_like,
+              nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+              nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU)(elementwise)
+
+register_rule(T.mean, torch.mean, T.sum, torch.sum, T.amax, T.amin, T.max, T.min, torch.max, torch.min, T.norm,
+              torch.norm, T.var, T.std, T.argmax, torch.argmax, torch.amax, torch.amin, torch.logsumexp)(reduction)
+register_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, T.softmax, T.log_softmax, T.cumsum,
+              torch.cumsum, F.normalize)(along_dim)
+
+
+@register_rule(nn.Softmax, nn.LogSoftmax)
+def softmax_module(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    d = c.module.dim if c.module.dim is not None else -1
+    dims[d % x.dim()] = _freeze(c, dims[d % x.dim()])
+    return TL(dims)
+
+
+@register_rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+               nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
+               nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+               nn.UpsamplingBilinear2d, F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest,
+               F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+               F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+               F.adaptive_max_pool2d, F.adaptive_max_pool3d)
+def spatial(c: RuleCall) -> Any:
+    """Pooling / resizing: channels (and batch) pass, spatial dims carry no channels."""
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    spatial_dims = {1: 1, 2: 1, 3: 2, 4: 2, 5: 3}.get(x.dim(), 0)
+    keep = x.dim() - spatial_dims
+    for k in range(keep, x.dim()):
+        dims[k] = _freeze(c, dims[k])
+    out = dims[:keep] + [None] * (c.out.dim() - keep) if isinstance(c.out, torch.Tensor) else None
+    if isinstance(c.out, tuple):  # return_indices
+        return [TL(list(out or dims)) for _ in c.out]
+    return TL(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# products
+
+
+# Declared opaque: channels stop here, on purpose. Recurrent, embedding and bilinear layers mix or
+# create features in ways no rule models yet; creation ops (zeros, arange, new_*) take a tensor only for
+# its dtype/device; gathers, unfold/fold, GLU halving and group/RMS norms move or mix channels.
+mark_opaque(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
+            nn.GLU, F.glu, F.embedding, F.one_hot, F.group_norm, F.rms_norm, F.unfold, F.fold,
+            T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor, torch.zeros, torch.ones, torch.full,
+            torch.empty, torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.meshgrid,
+            T.index_select, torch.index_select, T.gather, torch.gather, T.unfold, T.__rmatmul__, torch.baddbmm,
+            operator.getitem, ShapeGuard)

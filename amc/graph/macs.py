@@ -1,0 +1,103 @@
+"""MACs of the built-in ops, in ptflops / Torch-Pruning conventions so counts compare like for like.
+
+Each function is the `macs` facet of op registry entries (`amc.graph.ops`): `(module or callable, args,
+kwargs, output) -> MACs` of one call, read from the shapes that call actually saw.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+def _numel(t: Any) -> int:
+    return t.numel() if isinstance(t, torch.Tensor) else 0
+
+
+def conv_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    per_pos = math.prod(m.kernel_size) * m.in_channels * (m.out_channels // m.groups)
+    active = out.shape[0] * math.prod(out.shape[2:])
+    return per_pos * active + (m.out_channels * active if m.bias is not None else 0)
+
+
+def linear_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    return _numel(args[0]) * out.shape[-1] + (out.numel() if m.bias is not None else 0)
+
+
+def norm_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    affine = getattr(m, "affine", getattr(m, "elementwise_affine", False))
+    return _numel(args[0]) * (2 if affine else 1)
+
+
+def out_numel(m: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    return _numel(out)
+
+
+def in_numel(m: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    return _numel(args[0]) if args else 0
+
+
+def mha_macs(m: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> int:
+    q = args[0] if args else kwargs["query"]
+    k = args[1] if len(args) > 1 else kwargs.get("key", q)
+    v = args[2] if len(args) > 2 else kwargs.get("value", k)
+    bdim, ldim = (0, 1) if m.batch_first else (1, 0)
+    if q.dim() == 2:
+        bdim, ldim, batch = None, 0, 1
+    else:
+        batch = q.shape[bdim]
+    qlen, klen, vlen = q.shape[ldim], k.shape[ldim], v.shape[ldim]
+    qdim, kdim, vdim = q.shape[-1], k.shape[-1], v.shape[-1]
+    e = m.embed_dim
+    flops = qlen * e + qlen * qdim * e + klen * kdim * e + vlen * vdim * e
+    if m.in_proj_bias is not None:
+        flops += (qlen + klen + vlen) * e
+    head = e // m.num_heads
+    flops += m.num_heads * (qlen * klen * head * 2 + qlen * klen)
+    flops += qlen * e * (m.out_proj.out_features + 1)
+    return flops * batch
+
+
+def fconv_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    w = args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    active = out.shape[0] * math.prod(out.shape[2:])
+    return math.prod(w.shape[1:]) * w.shape[0] * active + (w.shape[0] * active if bias is not None else 0)
+
+
+def flinear_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return _numel(args[0]) * out.shape[-1] + (out.numel() if bias is not None else 0)
+
+
+def matmul_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    a = args[0]
+    return (out.numel() * a.shape[-1]) if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor) else 0
+
+
+def einsum_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    eq = args[0].replace(" ", "")
+    ops = args[1:] if not (len(args) == 2 and isinstance(args[1], (list, tuple))) else args[1]
+    lhs = eq.split("->")[0].split(",")
+    sizes: Dict[str, int] = {}
+    for term, t in zip(lhs, ops):
+        if "..." in term:
+            return _numel(out)  # broadcasting einsum: only the output is known reliably
+        for ch, n in zip(term, t.shape):
+            sizes[ch] = n
+    return math.prod(sizes.values()) if len(ops) > 1 else 0
+
+
+def sdpa_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    q, k, v = args[0], args[1], args[2]
+    lq, e = q.shape[-2], q.shape[-1]
+    s, ev = k.shape[-2], v.shape[-1]
+    batch = math.prod(q.shape[:-2])
+    return batch * lq * s * (e + ev + 1)
+
+
+def fnorm_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    weight = kwargs.get("weight", args[2] if fn is F.layer_norm and len(args) > 2 else None)
+    return _numel(args[0]) * (2 if weight is not None else 1)

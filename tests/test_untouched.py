@@ -72,7 +72,7 @@ def _cases():
     for name in MODELS:
         for op in OPS:
             for train in (True, False):
-                slow = op not in FAST_OPS and name not in ("dropout_bn", "resnet18")
+                slow = op not in FAST_OPS and name not in ("dropout_bn", "resnet18", "vit")
                 marks = [pytest.mark.slow] if slow else []
                 yield pytest.param(name, op, train, id=f"{name}-{op}-{'train' if train else 'eval'}", marks=marks)
 

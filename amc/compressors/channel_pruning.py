@@ -59,14 +59,14 @@ from .apply import apply
 from .base import BaseCompressor, Ratio, check_names, check_target_macs
 from .budget import per_sample, smallest_within_budget
 from .calibration import DEFAULT_SEED
+from .channel_selection import SELECTIONS, choose_units, lasso_select, unit_gram
 from .groups import keep_counts, select_units
 from .prune import PruningPlan, plan_pruning, ratio_for_macs
+from .refit import fit_layer, relative_error
 from .sampling import (PositionSampler, conv_patches, count_images, hooked_pass, input_rows, observe, output_rows,
                        stack_batches, warn_underdetermined)
 
 logger = logging.getLogger("amc.compressors")
-
-SELECTIONS = ("lasso", "first_k", "max_response")
 
 __all__ = ["ChannelPruning", "ChannelPrunning", "ChannelBudget", "SELECTIONS", "uniform_ratio_for_macs", "lasso_select",
            "fit_layer", "unit_gram", "conv_patches"]  # conv_patches: re-exported from .sampling, its home
@@ -107,162 +107,6 @@ def _fan_in(module: nn.Module) -> int:
 
 def _flat_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().reshape(module.weight.shape[0], -1)
-
-
-def unit_gram(xs: torch.Tensor, w: torch.Tensor, unit_index: np.ndarray, n_units: int, kk: int) -> torch.Tensor:
-    """G[u, v] = <Z_u, Z_v> summed over rows and outputs, Z_u = X[:, cols(u)] W[:, cols(u)]^T.
-
-    xs: [R, C * kk] input rows, w: [out, C * kk]; unit_index: channel -> unit (or -1).
-    """
-    ui = torch.as_tensor(unit_index, dtype=torch.long)
-    cols = torch.nonzero(ui >= 0).flatten()
-    c = len(unit_index)
-    xs3, w3 = xs.reshape(-1, c, kk)[:, cols], w.reshape(-1, c, kk)[:, cols]
-    xs2, w2 = xs3.reshape(xs3.shape[0], -1).float(), w3.reshape(w3.shape[0], -1).float()
-    d = xs2.shape[1]
-    if xs2.shape[0] * w2.shape[0] <= (xs2.shape[0] + w2.shape[0]) * kk * kk and d > 0:
-        # few rows x outputs: Z directly is cheaper than the (C kk)^2 second moments
-        z = torch.einsum("rck,ock->rco", xs3.float(), w3.float())  # [R, C', out]
-        zc = z.permute(1, 0, 2).reshape(len(cols), -1).double()
-        gc = zc @ zc.T
-    else:
-        s = xs2.T @ xs2  # [d, d]
-        m = w2.T @ w2
-        gc = (s * m).reshape(len(cols), kk, len(cols), kk).sum((1, 3)).double()
-    onehot = torch.zeros(len(cols), n_units, dtype=torch.float64)
-    onehot[torch.arange(len(cols)), ui[cols]] = 1.0
-    return onehot.T @ gc @ onehot
-
-
-# ------------------------------------------------------------------------------------------------
-# selection
-
-
-def lasso_select(gram: torch.Tensor, k: int, alpha_init: float = 1e-4) -> Tuple[np.ndarray, np.ndarray]:
-    """Keep k units: LASSO on ||sum_u Z_u - sum_u b_u Z_u||^2 given only G = <Z_u, Z_v>.
-
-    LARS (lasso path) from the Gram matrix; the first point of the path with >= k nonzeros gives the
-    kept units (top-k |beta| if more). If the path stalls before k, sklearn Lasso on a Cholesky factor
-    of G (an n x n design with the same Gram) with an alpha search starting at `alpha_init`.
-    Returns (kept unit indices, beta).
-    """
-    from sklearn.linear_model import lars_path_gram
-
-    g = gram.double().numpy()
-    n = g.shape[0]
-    if k >= n:
-        return np.arange(n), np.ones(n)
-    scale = float(np.trace(g)) / n or 1.0
-    g = g / scale
-    xy = g.sum(1)  # target sum_u Z_u: <Z_u, target> = (G 1)_u
-    beta = None
-    try:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _, _, coefs = lars_path_gram(xy, g, n_samples=n, method="lasso", max_iter=8 * n)
-        nnz = (np.abs(coefs) > 0).sum(0)
-        hit = np.flatnonzero(nnz >= k)
-        if len(hit):
-            beta = coefs[:, hit[0]]
-    except (ValueError, np.linalg.LinAlgError, FloatingPointError):  # numerically stuck
-        beta = None
-    if beta is None:
-        beta = _lasso_fallback(g, xy, k, alpha_init)
-    order = np.argsort(-np.abs(beta), kind="stable")
-    kept = np.sort(order[:k])
-    return kept, beta
-
-
-def _lasso_fallback(g: np.ndarray, xy: np.ndarray, k: int, alpha_init: float) -> np.ndarray:
-    import warnings
-
-    from sklearn.linear_model import Lasso
-
-    n = g.shape[0]
-    scale = max(float(np.trace(g)) / n, 1e-12)
-    for rel in (1e-8, 1e-6, 1e-4, 1e-2):  # a Gram matrix of few, collinear samples is only semi-definite
-        try:
-            lchol = np.linalg.cholesky(g + rel * scale * np.eye(n))
-            break
-        except np.linalg.LinAlgError:
-            continue
-    else:
-        raise np.linalg.LinAlgError("response Gram matrix is not positive definite even with 1% jitter")
-    xd = lchol.T  # xd^T xd = g
-    yd = np.linalg.solve(lchol, xy)  # xd^T yd = xy
-    alpha = float(alpha_init) if alpha_init and alpha_init > 0 else 1e-4
-    best, lo, hi = None, 0.0, None
-    for _ in range(40):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            coef = Lasso(alpha=alpha, fit_intercept=False, max_iter=5000).fit(xd, yd).coef_
-        nnz = int((np.abs(coef) > 0).sum())
-        if nnz <= k:
-            best, hi = coef, alpha
-            if nnz == k:
-                break
-            alpha = (lo + hi) / 2
-        else:
-            if best is None:
-                best = coef
-            lo = alpha
-            alpha = alpha * 2 if hi is None else (lo + hi) / 2
-    return best
-
-
-def _choose(selection: str, gram: torch.Tensor, k: int, alpha_init: float) -> np.ndarray:
-    n = gram.shape[0]
-    if k >= n:
-        return np.arange(n)
-    if selection == "first_k":
-        return np.arange(k)
-    if selection == "max_response":
-        resp = torch.diagonal(gram).numpy()
-        return np.sort(np.argsort(-resp, kind="stable")[:k])
-    return lasso_select(gram, k, alpha_init)[0]
-
-
-# ------------------------------------------------------------------------------------------------
-# least squares
-
-
-def fit_layer(xs: torch.Tensor, y: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
-              ridge: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Ridge least squares: argmin ||X W^T + 1 b^T - Y||^2 + lam ||W - W0||^2 (b unpenalised, if any).
-
-    lam = ridge * mean(diag(X^T X)). Solved for the correction D = W - W0 on the residual
-    E = Y - X W0^T (centred when there is a bias), in the primal (d x d) or, with fewer rows than
-    columns, the dual (R x R) form, in float64. Returns (W [out, d], b [out] or None).
-    """
-    x = xs.double()
-    w0d = w0.double()
-    e = y.double() - x @ w0d.T
-    if b0 is not None:
-        xm, em = x.mean(0, keepdim=True), e.mean(0, keepdim=True)
-        x, e = x - xm, e - em
-    r, d = x.shape
-    lam = ridge * float(x.pow(2).sum()) / max(d, 1)
-    lam = max(lam, 1e-12)
-    if d <= r:
-        a = x.T @ x
-        a.diagonal().add_(lam)
-        delta_t = torch.linalg.solve(a, x.T @ e)  # [d, out]
-    else:
-        k = x @ x.T
-        k.diagonal().add_(lam)
-        delta_t = x.T @ torch.linalg.solve(k, e)
-    w = w0d + delta_t.T
-    b = None
-    if b0 is not None:
-        b = (em - xm @ delta_t).flatten()  # intercept of the residual fit: b = mean(Y) - mean(X) W^T
-    return w, b
-
-
-def _rel_err(pred: torch.Tensor, y: torch.Tensor) -> float:
-    """||pred - y||^2 / ||y||^2."""
-    return float((pred.float() - y.float()).pow(2).sum() / y.float().pow(2).sum().clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -520,7 +364,7 @@ class ChannelPruning(BaseCompressor):
                 pruned.append(select_units(g, plan.importance[gi], r))
                 continue
             gram = sum(gm / max(float(gm.sum()), 1e-30) for gm in grams)  # each consumer's ||Y||^2 -> 1
-            kept = _choose(self.selection, gram, k, self.lars_alpha_init)
+            kept = choose_units(self.selection, gram, k, self.lars_alpha_init)
             mask = np.ones(g.size, dtype=bool)
             mask[kept] = False
             self.kept[tuple(g.producers)] = kept
@@ -600,7 +444,7 @@ class ChannelPruning(BaseCompressor):
         if b is not None:
             module.bias.data.copy_(b.to(module.bias.dtype))
         after = xs @ w.T + (module.bias.detach() if module.bias is not None else 0)
-        self.layer_errors[name] = {"before": _rel_err(before, y), "after": _rel_err(after, y)}
+        self.layer_errors[name] = {"before": relative_error(before, y), "after": relative_error(after, y)}
 
 
 def uniform_ratio_for_macs(net: nn.Module, example_inputs: Sequence[Any], target_macs: float = 0.5,

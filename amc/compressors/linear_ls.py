@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import PruningError
 from ..graph.network import ReconstructedNetwork
-from .channel_pruning import _rel_err, fit_layer
+from .refit import fit_layer, relative_error
 from .prune import PruningPlan
 from .sampling import hooked_pass
 
@@ -120,7 +120,7 @@ def refit_linears(plan: PruningPlan, pruned_roots: np.ndarray, pruned: Reconstru
         if b is not None:
             module.bias.data.copy_(b.to(module.bias.dtype))
         after = xs @ module.weight.detach().T + (module.bias.detach() if module.bias is not None else 0)
-        errors[name] = {"before": _rel_err(before, y), "after": _rel_err(after, y)}
+        errors[name] = {"before": relative_error(before, y), "after": relative_error(after, y)}
 
     _observe(pruned, inputs, order, fit)
     return errors

@@ -79,3 +79,16 @@ def test_count_takes_keyword_inputs(minilm_model, one_thread):
     macs_module, params = amc.count(model, **batch)
     macs_graph, _ = amc.count(amc.trace(model, **batch), **batch)
     assert macs_module == macs_graph > 0 and params == sum(p.numel() for p in model.parameters())
+
+
+def test_data_driven_criterion_sees_the_attention_mask(minilm_model, minilm_net, one_thread):
+    """A tokenizer's dict batches reach the graph as keyword inputs: a padded batch scores differently
+    from the same batch with its mask dropped (which is what reading only the first input would do)."""
+    tok, _ = minilm_model
+    padded = _batch(tok, ["short", "a much longer sentence that forces padding on the first one"], length=20)
+    unmasked = {"input_ids": padded["input_ids"], "attention_mask": torch.ones_like(padded["attention_mask"])}
+    with_mask = amc.compressors.plan_pruning(minilm_net, "apoz", dataloader=[padded])
+    without = amc.compressors.plan_pruning(minilm_net, "apoz", dataloader=[unmasked])
+    assert any(not torch.allclose(a, b) for a, b in zip(with_mask.importance, without.importance))
+    small = with_mask.apply(0.3)
+    assert small(**padded).last_hidden_state.shape == (2, 20, 384)  # the residual width is kept

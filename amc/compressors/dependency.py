@@ -24,6 +24,7 @@ from ..graph.node import Node
 from ..graph.template import Ref, iter_refs, map_template
 
 Vec = Optional[np.ndarray]
+OUTPUT_CAUSE = "the network's output shape"  # why the classifier's channels (and what feeds them 1:1) stay
 
 
 class TL:
@@ -65,33 +66,54 @@ class Fixup:
     data: Dict[str, Any] = field(default_factory=dict)
 
 
+def _find(parent: List[int], a: int) -> int:
+    while parent[a] != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
+
+
 class UnionFind:
-    """Union-find over elements; element 0 is the frozen sentinel."""
+    """Union-find over elements; element 0 is the frozen sentinel.
+
+    Beside it, `coupled` keeps the same unions without the sentinel, and `frozen_by` the first reason
+    each element was frozen (`cause`, set by the analysis to the node being read), so that a frozen
+    group can say which node froze it (`freeze_causes`)."""
 
     def __init__(self) -> None:
         self.parent: List[int] = [0]
+        self.coupled: List[int] = [0]
         self.space: List[int] = [-1]
+        self.frozen_by: Dict[int, str] = {}
+        self.cause = ""
 
     def new(self, n: int, space: int) -> np.ndarray:
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
+        self.coupled.extend(range(start, start + n))
         self.space.extend([space] * n)
         return np.arange(start, start + n, dtype=np.int64)
 
     def find(self, a: int) -> int:
-        parent = self.parent
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
+        return _find(self.parent, a)
 
     def union(self, a: int, b: int) -> None:
+        if a and b:
+            ca, cb = _find(self.coupled, a), _find(self.coupled, b)
+            if ca != cb:
+                self.coupled[max(ca, cb)] = min(ca, cb)
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
         if rb == 0 or (ra != 0 and ra > rb):  # the sentinel (and older elements) stay roots
             ra, rb = rb, ra
         self.parent[rb] = ra
+
+    def freeze_causes(self, elements: np.ndarray) -> List[str]:
+        """Why these (frozen) elements are frozen: the causes recorded on anything coupled to them."""
+        classes = {_find(self.coupled, int(e)) for e in np.unique(elements).tolist()}
+        causes = [c for e, c in self.frozen_by.items() if _find(self.coupled, e) in classes]
+        return list(dict.fromkeys(causes))
 
     def union_vecs(self, a: Vec, b: Vec) -> None:
         """Couple two equally long vectors position by position; None on one side freezes the other."""
@@ -113,6 +135,8 @@ class UnionFind:
         if v is None:
             return
         for x in np.unique(v).tolist():
+            if x and self.find(x) != 0:
+                self.frozen_by.setdefault(x, self.cause or "unknown")
             self.union(0, x)
 
     def roots(self) -> np.ndarray:
@@ -239,7 +263,10 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
         largs = [map_template(t, get) if _has_ref(t) else None for t in node.args]
         lkwargs = {k: (map_template(t, get) if _has_ref(t) else None) for k, t in node.kwargs.items()}
         call = RuleCall(a, node, module, args, kwargs, out, largs, lkwargs)
-        labels = rule_for(module, node)(call)
+        rule = rule_for(module, node)
+        a.uf.cause = f"{node.name} ({node.meta.get('op', type(module).__name__)}" + \
+            (", no channel rule)" if getattr(rule, "__name__", "") == "opaque" else ")")
+        labels = rule(call)
         a.labels[node.name] = labels if labels is not None else unlabeled_like(out)
         if observe is not None:
             observe(node, module, args, kwargs, out)
@@ -251,6 +278,7 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
     with torch.no_grad():
         out = net.run_observed(tuple(example_inputs), {}, observer)
     # outputs never change shape: everything that reaches them is frozen
+    a.uf.cause = OUTPUT_CAUSE
     for r in iter_refs(net.outputs):
         a.freeze_all(_index(a.labels.get(r.node), r.path))
     a.output = out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -23,7 +24,7 @@ from ..graph.untouched import training_mode, untouched
 from .apply import apply
 from .budget import per_sample, smallest_within_budget
 from .criteria import Criterion, get_criterion
-from .dependency import Analysis, analyze
+from .dependency import OUTPUT_CAUSE, Analysis, analyze
 from .groups import Group, build_groups, param_of, select_units
 from .rules import rule_for
 
@@ -51,6 +52,29 @@ class PruningPlan:
 
     def apply(self, ratio: Ratio, mode: str = "hard") -> ReconstructedNetwork:
         return self.apply_units(self.pruned_roots(ratio), mode)
+
+    def frozen_report(self) -> List[Dict[str, Any]]:
+        """Layers whose output channels cannot be pruned, and why: `{"node", "channels", "causes"}` rows,
+        the causes being the nodes that froze them (an op with no channel rule, a size tied to an
+        input, the network's output shape, `ignore=`)."""
+        uf = self.analysis.uf
+        space_of = np.asarray(uf.space, dtype=np.int64)
+        rows = []
+        for sp in self.analysis.spaces:
+            elements = np.flatnonzero(space_of == sp.id)
+            if sp.kind == "out" and len(elements) and (self.roots[elements] == 0).all():
+                rows.append({"node": sp.node, "channels": len(elements), "causes": uf.freeze_causes(elements)})
+        return rows
+
+    def prunable_fraction(self) -> float:
+        """Fraction of the layers' output channels that pruning can remove at all; channels that only
+        the network's output shape freezes (the classifier's) are left out of the count."""
+        uf = self.analysis.uf
+        space_of = np.asarray(uf.space, dtype=np.int64)
+        out_only = {row["node"] for row in self.frozen_report() if row["causes"] == [OUTPUT_CAUSE]}
+        ids = [sp.id for sp in self.analysis.spaces if sp.kind == "out" and sp.node not in out_only]
+        out = np.isin(space_of, ids)
+        return float((self.roots[out] != 0).sum() / out.sum()) if out.any() else 1.0
 
     def apply_units(self, pruned_roots: np.ndarray, mode: str = "hard") -> ReconstructedNetwork:
         """Prune exactly these units (group.units entries), e.g. the ones a LASSO chose."""
@@ -164,6 +188,7 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
     _couple_shared_params(a, net)
     for space in a.spaces:  # ignored layers keep their output channels
         if space.node in ignore:
+            a.uf.cause = f"ignore={space.node!r}"
             a.uf.freeze(np.arange(1, len(a.uf.parent))[np.asarray(a.uf.space[1:]) == space.id])
     groups, roots = build_groups(a)
     return PruningPlan(net, inputs, a, groups, roots).rescore(crit, dataloader)
@@ -237,10 +262,27 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
         if not isinstance(ratio, Mapping) and float(ratio) == 0.0:
             return net.copy()
     plan = plan_pruning(net, criterion, inputs, ignore, dataloader)
+    _warn_if_mostly_frozen(plan)
     if target_macs is None:
         return plan.apply(ratio, mode)
     ratio = ratio_for_macs(plan, target_macs)
     return plan.apply(ratio, mode)
+
+
+def _warn_if_mostly_frozen(plan: PruningPlan) -> None:
+    """A network that can lose less than half of its channels gets told why, not a silent near no-op."""
+    fraction = plan.prunable_fraction()
+    if fraction >= 0.5:
+        return
+    causes: Dict[str, int] = {}
+    for row in plan.frozen_report():
+        for cause in row["causes"][:1] or ["unknown"]:
+            causes[cause] = causes.get(cause, 0) + row["channels"]
+    top = sorted(causes.items(), key=lambda kv: -kv[1])[:5]
+    warnings.warn(f"amc.prune: only {fraction:.0%} of the layers' output channels can be pruned; the rest are "
+                  "frozen by " + "; ".join(f"{c} ({n} channels)" for c, n in top) +
+                  ". See amc.compressors.plan_pruning(...).frozen_report(); register a channel rule for an op "
+                  "that has none (amc.register_op)", stacklevel=4)
 
 
 def _check_target_macs(target_macs: Any) -> None:

@@ -174,9 +174,9 @@ def count_images(batches: Iterable[Tuple[Any, ...]]) -> int:
 
 def observe(net: ReconstructedNetwork, batches: Iterable[Tuple[Any, ...]], observer: Observer,
             stop_after: Optional[str] = None) -> None:
-    """Run `net` on each input tuple of `batches` in eval mode without gradients, calling
-    `observer(node, module, args, kwargs, out)` after every node; each pass ends once node `stop_after`
-    has been observed, or when the observer raises StopPass."""
+    """Run `net` on each input tuple (or dict of keyword inputs) of `batches` in eval mode without
+    gradients, calling `observer(node, module, args, kwargs, out)` after every node; each pass ends once
+    node `stop_after` has been observed, or when the observer raises StopPass."""
     def watch(node: Any, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         observer(node, module, args, kwargs, out)
         if node.name == stop_after:
@@ -184,10 +184,23 @@ def observe(net: ReconstructedNetwork, batches: Iterable[Tuple[Any, ...]], obser
 
     with training_mode(net), torch.no_grad():
         for inputs in batches:
+            args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {})
             try:
-                net.run_observed(tuple(inputs), {}, watch)
+                net.run_observed(args, kwargs, watch)
             except StopPass:
                 pass
+
+
+def loader_inputs(net: ReconstructedNetwork, batch: Any) -> Any:
+    """The network inputs in one loader batch: `(x, labels)` -> `(x,)`, a tensor -> `(x,)`, and a dict
+    (a tokenizer's output) -> the keyword inputs the network takes (`input_ids`, `attention_mask`...),
+    so a text model sees its attention mask, not only its first input."""
+    if isinstance(batch, Mapping):
+        names = {str(n.index) for n in net.input_nodes} | {n.name for n in net.input_nodes}
+        kwargs = {k: v for k, v in batch.items() if k in names}
+        if kwargs:
+            return kwargs
+    return (batch[0],) if isinstance(batch, (list, tuple)) else (batch,)
 
 
 def hooked_pass(net: ReconstructedNetwork, inputs: Inputs, hooks: Mapping[str, Callable[..., Any]],

@@ -158,6 +158,19 @@ def module_entry(cls: type) -> Optional[OpSpec]:
     return _MODULE_OPS.get(cls)
 
 
+def inplace_twin(key: Any) -> Optional[Any]:
+    """`torch.sigmoid` -> `torch.sigmoid_`, `Tensor.exp` -> `Tensor.exp_`, `F.elu` -> `F.elu_`: the in-place
+    form of a callable, looked up in the namespace the callable itself lives in."""
+    name = getattr(key, "__name__", "")
+    if isinstance(key, type) or not name or name.endswith("_"):
+        return None
+    for ns in (torch, torch.Tensor, F):
+        if getattr(ns, name, None) is key:
+            twin = getattr(ns, name + "_", None)
+            return twin if callable(twin) else None
+    return None
+
+
 def registered_ops() -> List[OpSpec]:
     """Every entry, modules first: what the registry-walking tests parametrize over."""
     return list(_MODULE_OPS.values()) + list(_FUNCTION_OPS.values())
@@ -557,3 +570,10 @@ register_function_op(operator.mul, operator.floordiv, operator.truediv, operator
 # amc's own op modules: never in a user's model, so capture traces into them (leaf=False); their entries
 # exist so that the passes and the exporters find their facets in the same place as everyone else's.
 register_op(TensorSize, GetAttr, SetItem, ParamHolder, Constant, ShapeGuard, leaf=False)
+
+# In-place forms of the element-wise ops (`torch.sigmoid_(z)`, `z.exp_()`) are the same op to every layer.
+for _spec in [s for s in _FUNCTION_OPS.values() if s.name in ("Elementwise", "Activation", "ElemAdd", "ElemSub",
+                                                                  "ElemMul")]:
+    _twin = inplace_twin(_spec.key)
+    if _twin is not None and function_spec(_twin) is None:
+        register_op(_twin, name=_spec.name, wrapper=_spec.wrapper, macs=_spec.macs)

@@ -1,0 +1,80 @@
+"""Channels flow through the forms users actually write: here, in-place element-wise chains."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import amc
+
+
+class InplaceBlock(nn.Module):
+    """A conv block written with in-place ops, then flattened into a Linear (issue 19's example)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = self.c1(x)
+        y.relu_()
+        z = self.c2(y)
+        z += y
+        z.mul_(0.5)
+        torch.sigmoid_(z)
+        z.exp_()
+        return self.fc(z.view(z.size(0), -1))
+
+
+def test_inplace_chain_is_captured_without_fallback_and_pruned():
+    torch.manual_seed(0)
+    model, x = InplaceBlock().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "frozen for pruning" fallback
+        net = amc.trace(model, x)
+    torch.testing.assert_close(net(x), model(x))
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert amc.count(hard, x)[0] < 0.5 * amc.count(model, x)[0]
+    assert hard(x).shape == (2, 10)
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+
+
+class UnknownOpNet(nn.Module):
+    """Both convs feed an op with no channel rule, so nothing can be pruned."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = torch.special.erf(self.c1(x))
+        z = torch.special.erf(self.c2(y))
+        return self.fc(z.mean((2, 3)))
+
+
+def test_prune_says_which_node_froze_the_channels():
+    model, x = UnknownOpNet().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # capture's own fallback warning
+        plan = amc.compressors.plan_pruning(model, "l2", (x,))
+    report = {row["node"]: row["causes"] for row in plan.frozen_report()}
+    assert report["c1"] == ["special_erf (Fallback, no channel rule)"]
+    assert report["c2"] == ["special_erf_1 (Fallback, no channel rule)"]
+    assert report["fc"] == ["the network's output shape"]
+    assert plan.prunable_fraction() == 0.0
+    with pytest.warns(UserWarning, match=r"only 0% of the layers' output channels can be pruned; the rest are "
+                                         r"frozen by special_erf"):
+        pruned = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    assert amc.count(pruned, x)[0] == amc.count(model, x)[0]
+
+
+def test_ignored_layers_are_reported_as_ignored():
+    model, x = InplaceBlock().eval(), torch.randn(2, 3, 8, 8)
+    plan = amc.compressors.plan_pruning(model, "l2", (x,), ignore=["c1"])
+    report = {row["node"]: row["causes"] for row in plan.frozen_report()}
+    assert report["c1"] == ["ignore='c1'"] and report["c2"] == ["ignore='c1'"]  # z += y couples c2 to c1

@@ -759,62 +759,53 @@ def _has_meta_state(module: nn.Module) -> bool:
     return False
 
 
-def load_json(path: str, device: Any = "cpu") -> "ReconstructedNetwork":  # noqa: F821
-    """Rebuild a network written by `save_json` (no pickle; classes and functions from allowlists only).
+def _module_of_entry(path: str, entry: Dict[str, Any], name: str, key: str, tensors: Dict[str, torch.Tensor],
+                     aliases: Dict[str, str]) -> nn.Module:
+    """Build one node's module on the meta device (its parameters come from the sidecar)."""
+    if "config" not in entry and "children" not in entry:
+        raise _fail(path, f"node {name!r} has no config for its module {key!r}")
+    local = {n[len(key) + 1:]: t for n, t in tensors.items() if n.startswith(key + ".")}
+    local.update({n[len(key) + 1:]: tensors[s] for n, s in aliases.items() if n.startswith(key + ".") and s in tensors})
+    try:
+        with torch.device("meta"):  # skip allocation and init
+            return _build_entry(entry, local, name)
+    except LoadError as exc:
+        raise _fail(path, f"node {name!r}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _fail(path, f"node {name!r}: cannot build {entry['class']} from config "
+                          f"{entry.get('config')}: {type(exc).__name__}: {exc}") from None
 
-    The rebuilt graph is run once on inputs shaped like the recorded ones, so a file that is missing,
-    truncated, edited into inconsistency or paired with the wrong weights raises `amc.errors.LoadError`
-    (a ValueError) here, never another exception and never at the first call."""
-    from ..graph.network import ReconstructedNetwork
+
+def _read_graph(path: str, doc: Dict[str, Any], tensors: Dict[str, torch.Tensor], aliases: Dict[str, str]) -> Tuple:
+    """(input nodes, modules by key, their JSON entries, layer nodes) as the document describes them."""
     from ..graph.node import InputNode, Node
 
-    path = os.fspath(path)
-    doc = _read_doc(path)
-    try:
-        tensors, sidecar = _load_tensors(path, doc, device)
-        weights = doc["weights"]
-        aliases: Dict[str, str] = dict(weights.get("aliases", {}))
-        frozen = set(weights.get("frozen", []))
-        input_nodes = [InputNode(str(n["name"]), decode_value(n["index"]), decode_value(n.get("meta", {})))
-                       for n in doc["inputs"]]
-        modules: Dict[str, nn.Module] = {}
-        entries: Dict[str, Dict[str, Any]] = {}
-        layer_nodes: List[Node] = []
-        for entry in doc["nodes"]:
-            name, key = str(entry["name"]), str(entry["module"])
-            cls = _resolve_class(str(entry["class"]), name)
-            if key in modules:
-                if type(modules[key]) is not cls:
-                    raise _fail(path, f"node {name!r} shares module {key!r} but names class {entry['class']!r}")
-            else:
-                if "config" not in entry and "children" not in entry:
-                    raise _fail(path, f"node {name!r} has no config for its module {key!r}")
-                local = {n[len(key) + 1:]: t for n, t in tensors.items() if n.startswith(key + ".")}
-                local.update({n[len(key) + 1:]: tensors[s] for n, s in aliases.items()
-                              if n.startswith(key + ".") and s in tensors})
-                try:
-                    with torch.device("meta"):  # parameters come from the sidecar: skip allocation and init
-                        modules[key] = _build_entry(entry, local, name)
-                except LoadError as exc:
-                    raise _fail(path, f"node {name!r}: {exc}") from None
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise _fail(path, f"node {name!r}: cannot build {entry['class']} from config "
-                                      f"{entry.get('config')}: {type(exc).__name__}: {exc}") from None
-                entries[key] = entry
-            meta = {"op": entry.get("op", "?"), "out": decode_value(entry.get("out"))}
-            meta.update(decode_value(entry.get("meta", {})))
-            inputs = entry.get("inputs", {})
-            layer_nodes.append(Node(name, key, tuple(decode_value(a) for a in inputs.get("args", [])),
-                                    {str(k): decode_value(v) for k, v in inputs.get("kwargs", {}).items()}, meta))
-        outputs = decode_value(doc["outputs"])
-        net_meta = decode_value(doc.get("meta", {}))
-    except LoadError as exc:
-        if str(exc).startswith("cannot load"):
-            raise
-        raise _fail(path, str(exc)) from None
-    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as exc:
-        raise _fail(path, f"malformed amc JSON ({type(exc).__name__}: {exc})") from None
+    input_nodes = [InputNode(str(n["name"]), decode_value(n["index"]), decode_value(n.get("meta", {})))
+                   for n in doc["inputs"]]
+    modules: Dict[str, nn.Module] = {}
+    entries: Dict[str, Dict[str, Any]] = {}
+    layer_nodes: List[Node] = []
+    for entry in doc["nodes"]:
+        name, key = str(entry["name"]), str(entry["module"])
+        cls = _resolve_class(str(entry["class"]), name)
+        if key in modules:
+            if type(modules[key]) is not cls:
+                raise _fail(path, f"node {name!r} shares module {key!r} but names class {entry['class']!r}")
+        else:
+            modules[key] = _module_of_entry(path, entry, name, key, tensors, aliases)
+            entries[key] = entry
+        meta = {"op": entry.get("op", "?"), "out": decode_value(entry.get("out"))}
+        meta.update(decode_value(entry.get("meta", {})))
+        inputs = entry.get("inputs", {})
+        layer_nodes.append(Node(name, key, tuple(decode_value(a) for a in inputs.get("args", [])),
+                                {str(k): decode_value(v) for k, v in inputs.get("kwargs", {}).items()}, meta))
+    return input_nodes, modules, entries, layer_nodes
 
+
+def _place_weights(path: str, modules: Dict[str, nn.Module], entries: Dict[str, Dict[str, Any]],
+                   tensors: Dict[str, torch.Tensor], aliases: Dict[str, str], frozen: set, sidecar: str,
+                   expected: Any) -> None:
+    """Put the sidecar's tensors (and their aliases) into the meta-built modules, checked against the JSON."""
     try:
         root = nn.ModuleDict(modules)
     except (KeyError, TypeError) as exc:  # "", or a name with a dot
@@ -832,16 +823,12 @@ def load_json(path: str, device: Any = "cpu") -> "ReconstructedNetwork":  # noqa
             for local, t in _local_tensors(module).items():
                 _assign(real, local, t, local_frozen)
             modules[key] = root[key] = real
-    expected = weights.get("sha256")
     if expected is not None and _sha256(sidecar) != expected:
         raise _fail(path, f"weights file {sidecar!r} does not match the JSON (sha256 differs): it was replaced "
                           "or modified after saving")
-    try:
-        net = ReconstructedNetwork(modules, input_nodes, layer_nodes, outputs, net_meta)
-        net.lint()
-    except Exception as exc:  # noqa: BLE001
-        raise _fail(path, f"the described graph is inconsistent: {exc}") from exc
-    check_runs(path, net, device)
+
+
+def _restore_training(path: str, net: nn.Module, doc: Dict[str, Any], weights: Dict[str, Any]) -> None:
     differs = weights.get("training_differs", [])
     names = dict(net.named_modules())
     if not isinstance(differs, list) or not all(isinstance(n, str) and n in names for n in differs):
@@ -849,6 +836,41 @@ def load_json(path: str, device: Any = "cpu") -> "ReconstructedNetwork":  # noqa
     net.train(bool(doc.get("training", False)))
     for name in differs:
         names[name].training = not net.training
+
+
+def load_json(path: str, device: Any = "cpu") -> "ReconstructedNetwork":  # noqa: F821
+    """Rebuild a network written by `save_json` (no pickle; classes and functions from allowlists only).
+
+    The rebuilt graph is run once on inputs shaped like the recorded ones, so a file that is missing,
+    truncated, edited into inconsistency or paired with the wrong weights raises `amc.errors.LoadError`
+    (a ValueError) here, never another exception and never at the first call."""
+    from ..graph.network import ReconstructedNetwork
+
+    path = os.fspath(path)
+    doc = _read_doc(path)
+    try:
+        tensors, sidecar = _load_tensors(path, doc, device)
+        weights = doc["weights"]
+        aliases: Dict[str, str] = dict(weights.get("aliases", {}))
+        frozen = set(weights.get("frozen", []))
+        expected = weights.get("sha256")
+        input_nodes, modules, entries, layer_nodes = _read_graph(path, doc, tensors, aliases)
+        outputs = decode_value(doc["outputs"])
+        net_meta = decode_value(doc.get("meta", {}))
+    except LoadError as exc:
+        if str(exc).startswith("cannot load"):
+            raise
+        raise _fail(path, str(exc)) from None
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError, RecursionError) as exc:
+        raise _fail(path, f"malformed amc JSON ({type(exc).__name__}: {exc})") from None
+    _place_weights(path, modules, entries, tensors, aliases, frozen, sidecar, expected)
+    try:
+        net = ReconstructedNetwork(modules, input_nodes, layer_nodes, outputs, net_meta)
+        net.lint()
+    except Exception as exc:  # noqa: BLE001
+        raise _fail(path, f"the described graph is inconsistent: {exc}") from exc
+    check_runs(path, net, device)
+    _restore_training(path, net, doc, weights)
     return net
 
 

@@ -39,6 +39,7 @@ Budgets (seed 003 section 4, the same vocabulary as `LowRankDecomposition`):
   layer's MACs while its output channels stay; for a layer that consumes no prunable group (the first
   conv) its output channels. Groups not named are not pruned; a layer whose input and output groups
   are both named loses 1 - (1 - r_in)(1 - r_out).
+- `round_to` n: every pruned group keeps a multiple of n channels (rounded up), as in `amc.prune`.
 - `target_macs` t: the whole network keeps at most t of its MACs (overrides `compress_ratio`);
   `uniform_ratio_for_macs(t)` gives the float `compress_ratio` that reaches it.
 """
@@ -61,7 +62,7 @@ from .budget import per_sample, smallest_within_budget
 from .calibration import DEFAULT_SEED
 from .channel_selection import SELECTIONS, choose_units, lasso_select, unit_gram
 from .groups import keep_counts, select_units
-from .prune import PruningPlan, plan_pruning, ratio_for_macs
+from .prune import PruningPlan, check_round_to, plan_pruning, ratio_for_macs
 from .refit import fit_layer, relative_error
 from .sampling import (PositionSampler, conv_patches, count_images, hooked_pass, input_rows, observe, output_rows,
                        stack_batches, warn_underdetermined)
@@ -197,7 +198,8 @@ class ChannelPruning(BaseCompressor):
                  accuracy_first: bool = False, accuracy_threshold: float = 0.0, args: Any = None,
                  example_inputs: Optional[Sequence[Any]] = None, selection: str = "lasso", least_squares: bool = True,
                  ridge: float = 1e-3, seed: int = DEFAULT_SEED, ignore: Iterable[str] = (),
-                 target_macs: Optional[float] = None):
+                 target_macs: Optional[float] = None, round_to: int = 1):
+        check_round_to(round_to)
         if selection not in SELECTIONS:
             raise PruningError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if isinstance(lars_alpha_init, bool) or not isinstance(lars_alpha_init, (int, float)) or lars_alpha_init < 0:
@@ -210,6 +212,7 @@ class ChannelPruning(BaseCompressor):
         self.ridge = float(ridge)
         self.target_macs = check_target_macs(target_macs)
         self.ignore = check_names(ignore, "ignore")
+        self.round_to = int(round_to)
         self._plan: Optional[PruningPlan] = None
         self._samples: Optional[Dict[str, _LayerSample]] = None
         self._calib: Optional[Tuple[Any, ...]] = None
@@ -232,7 +235,8 @@ class ChannelPruning(BaseCompressor):
     @property
     def plan(self) -> PruningPlan:
         if self._plan is None:
-            self._plan = plan_pruning(self.origin_graph, "l2", self.example_inputs, ignore=self.ignore)
+            self._plan = plan_pruning(self.origin_graph, "l2", self.example_inputs, ignore=self.ignore,
+                                      round_to=self.round_to)
         return self._plan
 
     def consumers(self) -> Dict[int, List[_Consumer]]:

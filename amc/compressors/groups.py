@@ -28,7 +28,8 @@ class Group:
     n_frozen: int  # frozen positions that count towards `multiple_of`
     members: List[Member] = field(default_factory=list)
     producers: List[str] = field(default_factory=list)
-    multiple_of: int = 1
+    multiple_of: int = 1  # structural: kept count must be a multiple (attention heads); else not pruned
+    round_to: int = 1  # kernel-friendly: kept count rounded up to a multiple where the group allows it
 
     @property
     def size(self) -> int:
@@ -112,7 +113,8 @@ def module_key(a: Analysis, node: str) -> str:
 
 
 def keep_counts(group: Group, ratio: float) -> int:
-    """How many units of `group` to prune at `ratio`, keeping >= 1 and honouring multiple_of."""
+    """How many units of `group` to prune at `ratio`, keeping >= 1 and honouring multiple_of; with
+    `round_to` > 1 the kept count is rounded up to a multiple of it (never more pruned than asked)."""
     n, frozen, m = group.size, group.n_frozen, group.multiple_of
     if m == 0:
         return 0
@@ -122,6 +124,9 @@ def keep_counts(group: Group, ratio: float) -> int:
         keep_total = max(m, (keep_total // m) * m)
         if total % m:
             return 0
+    if group.round_to > 1:
+        step = _lcm(max(m, 1), group.round_to)
+        keep_total = min(total, -(-keep_total // step) * step)
     return max(0, min(n, total - keep_total))
 
 

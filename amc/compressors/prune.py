@@ -170,8 +170,11 @@ def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
 
 @_keeps_model
 def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
-                 ignore: Iterable[str] = (), dataloader: Optional[Iterable] = None) -> PruningPlan:
-    """Analyse coupling and score every channel once; `plan.apply(ratio)` then prunes at any ratio."""
+                 ignore: Iterable[str] = (), dataloader: Optional[Iterable] = None, round_to: int = 1) -> PruningPlan:
+    """Analyse coupling and score every channel once; `plan.apply(ratio)` then prunes at any ratio.
+
+    round_to: kept channel counts are rounded up to a multiple of it (8 or 16 suit CPU/GPU kernels)."""
+    check_round_to(round_to)
     net, inputs = _as_network(model, example_inputs)
     crit: Criterion = get_criterion(criterion)  # fail fast on a bad name, before the analysis
     names = None if isinstance(ignore, (str, bytes)) or not isinstance(ignore, Iterable) else list(ignore)
@@ -191,7 +194,15 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
             a.uf.cause = f"ignore={space.node!r}"
             a.uf.freeze(np.arange(1, len(a.uf.parent))[np.asarray(a.uf.space[1:]) == space.id])
     groups, roots = build_groups(a)
+    for g in groups:
+        g.round_to = int(round_to)
     return PruningPlan(net, inputs, a, groups, roots).rescore(crit, dataloader)
+
+
+def check_round_to(round_to: Any) -> None:
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise PruningError(f"round_to must be a whole number >= 1 (kept channels become a multiple of it), "
+                           f"got {round_to!r}")
 
 
 def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> None:
@@ -243,25 +254,28 @@ def _shapes(x: Any) -> Any:
 @_keeps_model
 def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
           ignore: Iterable[str] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
-          target_macs: Optional[float] = None) -> ReconstructedNetwork:
+          target_macs: Optional[float] = None, round_to: int = 1) -> ReconstructedNetwork:
     """Prune channels and return a new ReconstructedNetwork; the input is left untouched.
 
     ratio: fraction of each group's channels removed, or `{layer_name: ratio}` (groups not named stay).
     target_macs: prune uniformly until MACs fall to this fraction of the original (<= 1), or to this
     absolute number of MACs (> 1). Overrides `ratio`.
     mode: "hard" removes channels; "soft" zeroes them (same function, same shapes).
+    round_to: every pruned group keeps a multiple of this many channels (rounded up; with target_macs
+    the budget is still met, by a higher uniform ratio).
     Bad arguments raise `amc.errors.PruningError` (a ValueError), a model that cannot be traced
     `amc.errors.CaptureError`; no other exception is raised for bad input (fuzzed: scripts/fuzz.py).
     """
     if mode not in ("hard", "soft"):
         raise PruningError(f"mode must be 'hard' or 'soft', got {mode!r}")
     _check_target_macs(target_macs)
+    check_round_to(round_to)
     net, inputs = _as_network(model, example_inputs)
     if target_macs is None:
         _validate_ratio(ratio, net)
         if not isinstance(ratio, Mapping) and float(ratio) == 0.0:
             return net.copy()
-    plan = plan_pruning(net, criterion, inputs, ignore, dataloader)
+    plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to)
     _warn_if_mostly_frozen(plan)
     if target_macs is None:
         return plan.apply(ratio, mode)
@@ -310,7 +324,7 @@ def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) ->
     most = macs_at(0.99)
     if most > target:
         raise PruningError(f"cannot reach target_macs={target_macs}: even ratio 0.99 leaves "
-                           f"{most:,} of {base:,} MACs (frozen layers dominate)")
+                           f"{most:,} of {base:,} MACs (frozen layers, or round_to, keep the rest)")
     return smallest_within_budget(macs_at, target, hi=0.99, tol=tol)
 
 

@@ -1,0 +1,82 @@
+"""`round_to`: kept channel counts become multiples of it (kernel-friendly sizes), budgets still met."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import amc
+from amc.errors import PruningError
+
+
+def _convs(net):
+    return [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("round_to", [8, 16])
+def test_kept_channels_are_multiples(resnet, round_to, one_thread):
+    model, x = resnet
+    pruned = amc.prune(model, ratio=0.37, example_inputs=(x,), round_to=round_to)
+    plain = amc.prune(model, ratio=0.37, example_inputs=(x,))
+    assert any(c.out_channels % round_to for c in _convs(plain))  # without it, sizes are ragged
+    assert all(c.out_channels % round_to == 0 for c in _convs(pruned))
+    # rounded up: never more pruned than asked
+    assert all(a.out_channels >= b.out_channels for a, b in zip(_convs(pruned), _convs(plain)))
+    assert pruned(x).shape == model(x).shape
+
+
+def test_budget_still_met_and_round_to_one_is_the_default(resnet, one_thread):
+    model, x = resnet
+    base = amc.count(model, x)[0]
+    pruned = amc.prune(model, target_macs=0.5, example_inputs=(x,), round_to=16)
+    assert amc.count(pruned, x)[0] <= 0.5 * base * 1.01
+    assert all(c.out_channels % 16 == 0 for c in _convs(pruned))
+    a = amc.prune(model, ratio=0.3, example_inputs=(x,), round_to=1)
+    b = amc.prune(model, ratio=0.3, example_inputs=(x,))
+    assert [c.out_channels for c in _convs(a)] == [c.out_channels for c in _convs(b)]
+
+
+def test_attention_heads_and_round_to_combine(one_thread):
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4,
+                                               hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned = amc.prune(vit, ratio=0.5, example_inputs=(x,), round_to=8)
+    for m in pruned.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            assert m.embed_dim % 8 == 0 and m.embed_dim % m.num_heads == 0
+        if isinstance(m, nn.Linear) and m.out_features != 10:
+            assert m.out_features % 8 == 0
+    assert pruned(x).shape == (1, 10)
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, True, "8"])
+def test_bad_round_to_is_refused(resnet, bad):
+    model, x = resnet
+    with pytest.raises(PruningError, match="round_to must be a whole number >= 1"):
+        amc.prune(model, ratio=0.3, example_inputs=(x,), round_to=bad)
+
+
+@pytest.mark.filterwarnings("ignore:ChannelPruning least squares")
+def test_channel_pruning_rounds_too(one_thread):
+    from amc.compressors import ChannelPruning
+
+    torch.manual_seed(0)
+    model = amc.models.create("digits_resnet").eval()
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)) for _ in range(2)]
+    x = loader[0][0][:1]
+    ragged = ChannelPruning(model, loader, trainset_ratio=1.0, target_macs=0.5).compress()
+    net = ChannelPruning(model, loader, trainset_ratio=1.0, target_macs=0.5, round_to=8).compress()
+    assert any(c.out_channels % 8 for c in _convs(ragged))
+    assert all(c.out_channels % 8 == 0 for c in _convs(net))
+    assert amc.count(net, x)[0] <= 0.5 * amc.count(model, x)[0]  # on a 32-channel net the step overshoots
+    with pytest.raises(PruningError, match="round_to"):
+        ChannelPruning(model, loader, round_to=0)

@@ -247,3 +247,16 @@ def test_cli_search_then_compress_with_the_policy(tmp_path, one_thread):
     assert summary["method"] == "l2" and abs(summary["macs_fraction"] - doc["macs_ratio"]) < 1e-9
     assert main(["search", "--target-macs", "1.5", "--out", str(out)]) == 1  # a clear error, exit code 1
     assert main(["search", "--tuner", "nope", "--out", str(out)]) == 1
+
+
+def test_round_to_reaches_the_searched_networks(digits):
+    """compressor_options={"round_to": 8}: every evaluated network has kernel-friendly widths, the budget
+    holds, and amc.prune(round_to=8) reproduces the result from its policy."""
+    model, x, _, _ = digits
+    res = _search(RandomSearch(samples=6, seed=0), digits, compressor_options={"round_to": 8})
+    base = amc.count(model, x)[0]
+    assert all(h["macs"] <= 0.5 * base for h in res.history if h["status"] == "ok")
+    widths = [m.out_channels for m in res.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths
+    again = amc.prune(model, ratio=res.policy, example_inputs=(x,), round_to=8)
+    assert amc.count(again, x) == amc.count(res.net, x)

@@ -265,7 +265,8 @@ class _ChannelBackend:
 
         self.net, self.inputs, self.kind, self.fn = net, inputs, kind, fn
         self.criterion, self.ignore = criterion, list(ignore)
-        self.plan = plan_pruning(net, "l2", inputs, ignore=self.ignore)
+        self.round_to = options.get("round_to", 1)  # kernel-friendly widths, as amc.prune(round_to=)
+        self.plan = plan_pruning(net, "l2", inputs, ignore=self.ignore, round_to=self.round_to)
         self.cp = None
         groups = self.plan.groups  # a variable's `groups` are indices into this list
         usable = [i for i, g in enumerate(groups) if g.size > 1 and g.multiple_of != 0]
@@ -328,7 +329,7 @@ class _ChannelBackend:
         from ..compressors.prune import prune
 
         return prune(self.net, ratio=dict(policy), criterion=self.criterion, example_inputs=self.inputs,
-                     ignore=self.ignore)
+                     ignore=self.ignore, round_to=self.round_to)
 
 
 class _LowRankBackend:

@@ -78,3 +78,46 @@ def test_ignored_layers_are_reported_as_ignored():
     plan = amc.compressors.plan_pruning(model, "l2", (x,), ignore=["c1"])
     report = {row["node"]: row["causes"] for row in plan.frozen_report()}
     assert report["c1"] == ["ignore='c1'"] and report["c2"] == ["ignore='c1'"]  # z += y couples c2 to c1
+
+
+def test_a_failing_channel_rule_names_the_node():
+    from amc.compressors import rules
+    from amc.errors import PruningError
+    from amc.graph import ops
+
+    class Odd(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    def broken(c):
+        raise IndexError("tuple index out of range")
+
+    rules.register_rule(Odd)(broken)
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), Odd(), nn.Conv2d(8, 4, 3)).eval()
+        with pytest.raises(PruningError, match=r"channel rule 'broken' failed on node 1 \(Odd.*IndexError"):
+            amc.prune(model, ratio=0.5, example_inputs=(torch.randn(1, 3, 8, 8),))
+    finally:
+        ops._MODULE_OPS.pop(Odd, None)
+
+
+class KeywordLinear(nn.Module):
+    """timm's EVA attention calls F.linear with keyword weight and bias (a raw IndexError before)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.proj, self.head = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = torch.nn.functional.linear(h, weight=self.proj.weight, bias=self.proj.bias)
+        return self.head(torch.relu(h))
+
+
+def test_functional_linear_with_keyword_weight_is_pruned():
+    torch.manual_seed(0)
+    model, x = KeywordLinear().eval(), torch.randn(2, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert amc.count(hard, x)[0] < 0.5 * amc.count(model, x)[0]
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import AmcError, PruningError
 from ..graph.network import ReconstructedNetwork
 from ..graph.node import Node
 from ..graph.template import Ref, iter_refs, map_template
@@ -266,7 +267,15 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
         rule = rule_for(module, node)
         a.uf.cause = f"{node.name} ({node.meta.get('op', type(module).__name__)}" + \
             (", no channel rule)" if getattr(rule, "__name__", "") == "opaque" else ")")
-        labels = rule(call)
+        try:
+            labels = rule(call)
+        except AmcError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a rule's bug must name the node, not surface raw
+            raise PruningError(f"the channel rule {getattr(rule, '__name__', rule)!r} failed on node {a.uf.cause}: "
+                               f"{type(exc).__name__}: {exc}. Pass ignore=[...] for the layers around it, or "
+                               "report the model; amc.compressors.rules.mark_opaque(op) stops channels there") \
+                from exc
         a.labels[node.name] = labels if labels is not None else unlabeled_like(out)
         if observe is not None:
             observe(node, module, args, kwargs, out)

@@ -24,6 +24,15 @@ def _dims_of(c: RuleCall, i: int, value: torch.Tensor) -> List[Vec]:
     return list(tl.dims) if tl is not None and tl.ndim == value.dim() else [None] * value.dim()
 
 
+def arg_dims(c: RuleCall, i: int, name: str) -> Tuple[Any, List[Vec]]:
+    """An argument given by position `i` or keyword `name` (`F.linear(x, weight=w)`), with its labels."""
+    value = c.arg(i, name)
+    if not isinstance(value, torch.Tensor):
+        return value, []
+    tl = _tl(c.larg(i, name))
+    return value, list(tl.dims) if tl is not None and tl.ndim == value.dim() else [None] * value.dim()
+
+
 def _out_tl(out: Any, dims: List[Vec]) -> Any:
     if isinstance(out, torch.Tensor) and out.dim() == len(dims):
         return TL(dims)

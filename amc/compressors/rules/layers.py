@@ -13,7 +13,7 @@ from ...graph.ops import Constant, ParamHolder, register_op
 from ..dependency import TL, Fixup, RuleCall, Vec, unlabeled_like
 from ...graph.network import ReconstructedNetwork
 
-from .common import _dims_of, _freeze, _tl
+from .common import arg_dims, _dims_of, _freeze, _tl
 from .registry import opaque, register_rule
 
 T = torch.Tensor
@@ -152,29 +152,28 @@ def constant(c: RuleCall) -> Any:
 
 @register_rule(F.linear)
 def f_linear(c: RuleCall) -> Any:
-    x, w = c.args[0], c.args[1]
-    dx, dw = _dims_of(c, 0, x), _dims_of(c, 1, w)
+    (x, dx), (w, dw), (b, db) = arg_dims(c, 0, "input"), arg_dims(c, 1, "weight"), arg_dims(c, 2, "bias")
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return opaque(c)
     c.a.uf.union_vecs(dw[1], dx[-1]) if (dw[1] is not None or dx[-1] is not None) else None
-    b = c.arg(2, "bias")
     if isinstance(b, torch.Tensor):
-        db = _dims_of(c, 2, b) if len(c.args) > 2 else list(_tl(c.lkwargs.get("bias")).dims)
         c.a.uf.union_vecs(db[0], dw[0]) if (db[0] is not None or dw[0] is not None) else None
     return TL(dx[:-1] + [dw[0]])
 
 
 @register_rule(F.conv1d, F.conv2d, F.conv3d)
 def f_conv(c: RuleCall) -> Any:
-    x, w = c.args[0], c.args[1]
-    dx, dw = _dims_of(c, 0, x), _dims_of(c, 1, w)
+    (x, dx), (w, dw) = arg_dims(c, 0, "input"), arg_dims(c, 1, "weight")
+    if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor):
+        return opaque(c)
     groups = c.arg(6, "groups", 1)
     ch = x.dim() - (w.dim() - 2) - 1
     if groups != 1:
         opaque(c)
         return TL.unlabeled(c.out.dim())
     c.a.uf.union_vecs(dw[1], dx[ch]) if (dw[1] is not None or dx[ch] is not None) else None
-    b = c.arg(2, "bias")
+    b, db = arg_dims(c, 2, "bias")
     if isinstance(b, torch.Tensor):
-        db = _dims_of(c, 2, b)
         c.a.uf.union_vecs(db[0], dw[0]) if (db[0] is not None or dw[0] is not None) else None
     out = [None] * c.out.dim()
     out[:ch] = dx[:ch]

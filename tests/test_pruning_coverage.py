@@ -121,3 +121,17 @@ def test_functional_linear_with_keyword_weight_is_pruned():
     soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
     assert amc.count(hard, x)[0] < 0.5 * amc.count(model, x)[0]
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kw", [("edgenext_xx_small", {}), ("eva02_tiny_patch14_224", {"img_size": 64})])
+def test_timm_models_that_broke_now_prune(name, kw, one_thread):
+    """edgenext: XCA reads its residual width into a reshape of unpruned data (the pruned net no longer
+    ran); eva02: F.linear with keyword weight (a raw IndexError). Both prune now, soft == hard."""
+    import timm  # test extra (setup.py)
+
+    torch.manual_seed(0)
+    model, x = timm.create_model(name, pretrained=False, **kw).eval(), torch.randn(1, 3, 64, 64)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert amc.count(hard, x)[0] < 0.75 * amc.count(model, x)[0]
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-4)

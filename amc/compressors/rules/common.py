@@ -193,4 +193,15 @@ def check_sizes(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec],
                     c.a.uf.freeze(s)
 
 
+def freeze_sizes_of_unlabeled(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec]) -> None:
+    """A reshape size read from a prunable dim, for an output dim whose data does not follow pruning,
+    would shrink while the data does not (XCA's `reshape(B, N, C)` with C read from the residual):
+    the channels it is read from are frozen."""
+    for d, t in enumerate(size_templates):
+        if d < len(out_dims) and out_dims[d] is None:
+            kind, srcs = size_source(c, t)
+            for s in srcs if kind in ("direct", "derived") else ():
+                c.a.uf.freeze(s)
+
+
 # ----------------------------------------------------------------------------------------------

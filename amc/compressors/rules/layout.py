@@ -13,7 +13,7 @@ from ...graph.ops import FunctionOp, GetAttr
 from ..dependency import TL, Fixup, RuleCall, Vec
 from ...graph.network import ReconstructedNetwork
 
-from .common import _dims_of, _first_tensor, _out_tl, _tl, check_sizes, passthrough
+from .common import freeze_sizes_of_unlabeled, _dims_of, _first_tensor, _out_tl, _tl, check_sizes, passthrough
 from .registry import opaque, register_rule
 
 T = torch.Tensor
@@ -115,11 +115,14 @@ def reshape(c: RuleCall) -> Any:
         return opaque(c)
     in_dims = _dims_of(c, i, x)
     out = reshape_labels(c, in_dims, x.shape, c.out.shape)
-    if out is None:
-        return TL.unlabeled(c.out.dim())
     fn = getattr(c.module, "fn", None)
+    if out is None:
+        if fn in (T.view, T.reshape, torch.reshape):
+            freeze_sizes_of_unlabeled(c, size_templates(c), [None] * c.out.dim())
+        return TL.unlabeled(c.out.dim())
     if fn in (T.view, T.reshape, torch.reshape):
         templates = size_templates(c)
+        freeze_sizes_of_unlabeled(c, templates, out)
         check_sizes(c, templates, out, in_dims)
         if any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
             c.a.fixup(c.node.name, fix_sizes, out_dims=out)

@@ -37,6 +37,20 @@ def write_atomic(path: str, text: str) -> str:
     return path
 
 
+def output_shapes(out: Any, leaf: Optional[Any] = None) -> Any:
+    """A model output with every tensor replaced by its shape (lists, tuples and dicts kept); other
+    values become `leaf(value)`, or None: what sweeps compare between the original and the pruned net."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return list(out.shape)
+    if isinstance(out, (list, tuple)):
+        return [output_shapes(o, leaf) for o in out]
+    if isinstance(out, dict):
+        return {k: output_shapes(v, leaf) for k, v in out.items()}
+    return leaf(out) if leaf is not None else None
+
+
 def package_version(mod: str) -> str:
     """`mod.__version__`, or "n/a" when it is not installed (for result headers)."""
     try:

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _isolate import run_isolated, write_atomic  # noqa: E402
+from _isolate import output_shapes, run_isolated, write_atomic  # noqa: E402
 
 SELF = os.path.join(HERE, "sweep_detection.py")
 RATIO = 0.5
@@ -86,18 +86,6 @@ def build(name: str, seed: int, for_tp: bool = False):
     imgs = [torch.rand(3, SIZE, SIZE, generator=g), torch.rand(3, SIZE, SIZE, generator=g),
             torch.rand(3, *OTHER, generator=g)]
     return model, imgs
-
-
-def _structure(out: Any) -> Any:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return list(out.shape)
-    if isinstance(out, (list, tuple)):
-        return [_structure(o) for o in out]
-    if isinstance(out, dict):
-        return {k: _structure(v) for k, v in out.items()}
-    return repr(out)
 
 
 def _max_diff(ref: Any, got: Any) -> float:
@@ -177,7 +165,7 @@ def ours_one(name: str, seed: int = 0, threads: int = 1, save_path: str = "") ->
         pruned.eval()
         with torch.no_grad():
             out = pruned([b])
-        r["structure_ok"] = _structure(out) == _structure(ref1)
+        r["structure_ok"] = output_shapes(out, repr) == output_shapes(ref1, repr)
         kept = {n: pruned.module_of(n) for n in heads}
         r["heads_kept"] = all(getattr(m, "out_channels", getattr(m, "out_features", None)) == heads[n]
                               for n, m in kept.items())
@@ -268,7 +256,7 @@ def tp_one(name: str, seed: int = 0, threads: int = 1, save_path: str = "") -> D
         model.eval()
         with torch.no_grad():
             out = model([b])
-        r["structure_ok"] = _structure(out) == _structure(ref)
+        r["structure_ok"] = output_shapes(out, repr) == output_shapes(ref, repr)
         r["heads_kept"] = all(getattr(model.get_submodule(n), "out_channels",
                                       getattr(model.get_submodule(n), "out_features", None)) == c
                               for n, c in heads.items())

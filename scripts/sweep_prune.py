@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _isolate import package_version as _version, run_isolated, write_atomic  # noqa: E402
+from _isolate import output_shapes, package_version as _version, run_isolated, write_atomic  # noqa: E402
 
 INPUT_SIZE = {"inception_v3": 299}
 NUM_CLASSES = 1000
@@ -86,18 +86,6 @@ def build(name: str, size: int, seed: int):
     return model, x
 
 
-def _out_shape(out: Any) -> Any:
-    import torch
-
-    if isinstance(out, torch.Tensor):
-        return list(out.shape)
-    if isinstance(out, (list, tuple)):
-        return [_out_shape(o) for o in out]
-    if isinstance(out, dict):
-        return {k: _out_shape(v) for k, v in out.items()}
-    return None
-
-
 def _attn_dims(mod) -> Optional[Dict[str, int]]:
     if mod is None:
         return None
@@ -133,7 +121,7 @@ def ours_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: s
         pruned.eval()
         with torch.no_grad():
             o1, o2 = pruned(x), pruned(x.repeat(2, 1, 1, 1))
-        r["out_shape_ok"] = _out_shape(o1) == _out_shape(ref1) and _out_shape(o2) == _out_shape(ref2)
+        r["out_shape_ok"] = output_shapes(o1) == output_shapes(ref1) and output_shapes(o2) == output_shapes(ref2)
         stage = "count pruned"
         r["macs_after"], r["params_after"] = amc.count(pruned, x)
         if name.startswith("vit_"):
@@ -141,7 +129,8 @@ def ours_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: s
             r["attn_after"] = _attn_dims(pruned.module_of(VIT_ATTN) if _has_node(pruned, VIT_ATTN) else None)
         r["handled"] = bool(r["out_shape_ok"])
         if not r["handled"]:
-            r["error"] = f"output shape {_out_shape(o1)} / {_out_shape(o2)} != {_out_shape(ref1)} / {_out_shape(ref2)}"
+            r["error"] = (f"output shape {output_shapes(o1)} / {output_shapes(o2)} != "
+                          f"{output_shapes(ref1)} / {output_shapes(ref2)}")
         if save_path:
             stage = "save"
             torch.save(pruned, save_path)
@@ -220,14 +209,15 @@ def tp_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: str
             r["attn_after"] = _attn_dims(model.get_submodule(VIT_ATTN))
         with torch.no_grad():
             o1, o2 = model(x), model(x.repeat(2, 1, 1, 1))
-        r["out_shape_ok"] = _out_shape(o1) == _out_shape(ref1) and _out_shape(o2) == _out_shape(ref2)
+        r["out_shape_ok"] = output_shapes(o1) == output_shapes(ref1) and output_shapes(o2) == output_shapes(ref2)
         stage = "tp count pruned"
         macs, params = tp.utils.count_ops_and_params(model, x)
         r["tp_macs_after"], r["tp_params_after"] = int(macs), int(params)
         r["params_after"] = sum(p.numel() for p in model.parameters())
         r["handled"] = bool(r["out_shape_ok"])
         if not r["handled"]:
-            r["error"] = f"output shape {_out_shape(o1)} / {_out_shape(o2)} != {_out_shape(ref1)} / {_out_shape(ref2)}"
+            r["error"] = (f"output shape {output_shapes(o1)} / {output_shapes(o2)} != "
+                          f"{output_shapes(ref1)} / {output_shapes(ref2)}")
         if save_path and r["handled"]:
             stage = "save"
             torch.save(model, save_path)

@@ -571,9 +571,10 @@ register_function_op(operator.mul, operator.floordiv, operator.truediv, operator
 # exist so that the passes and the exporters find their facets in the same place as everyone else's.
 register_op(TensorSize, GetAttr, SetItem, ParamHolder, Constant, ShapeGuard, leaf=False)
 
-# In-place forms of the element-wise ops (`torch.sigmoid_(z)`, `z.exp_()`) are the same op to every layer.
-for _spec in [s for s in _FUNCTION_OPS.values() if s.name in ("Elementwise", "Activation", "ElemAdd", "ElemSub",
-                                                                  "ElemMul")]:
+# The in-place form of a registered op (`torch.sigmoid_(z)`, `z.exp_()`, `x.cumsum_(1)`) computes the same
+# values into its first argument (capture records the mutation): it is the same op to every layer, so its
+# entry reads every facet from the out-of-place one (`like`), including those registered later.
+for _spec in list(_FUNCTION_OPS.values()):
     _twin = inplace_twin(_spec.key)
     if _twin is not None and function_spec(_twin) is None:
-        register_op(_twin, name=_spec.name, wrapper=_spec.wrapper, macs=_spec.macs)
+        register_op(_twin, name=_spec.name, wrapper=_spec.wrapper, like=_spec.key)

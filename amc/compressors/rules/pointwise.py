@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, List
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...graph.ops import ShapeGuard, function_spec, inplace_twin, register_op, registered_ops
+from ...graph.ops import ShapeGuard
 from ..dependency import TL, RuleCall
 from .common import _dims_of, _freeze, along_dim, elementwise, reduction
 from .registry import mark_opaque, register_rule
@@ -30,18 +30,6 @@ register_rule(torch.add, T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, torch
               torch.ones_like, torch.full_like, torch.empty_like,
               nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
               nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU)(elementwise)
-
-def _inplace_twins() -> List[Any]:
-    """The in-place form of an op with a rule (`torch.sigmoid_`, `x.cumsum_(1)`) gets the same rule:
-    it computes the same values, written into its first argument (capture records the mutation)."""
-    twins = []
-    for spec in registered_ops():
-        twin = None if isinstance(spec.key, type) or spec.channels is None else inplace_twin(spec.key)
-        if twin is not None and (function_spec(twin) is None or function_spec(twin).channels is None):
-            register_op(twin, name=spec.name, wrapper=spec.wrapper, macs=spec.macs, channels=spec.channels)
-            twins.append(twin)
-    return twins
-
 
 register_rule(T.mean, torch.mean, T.sum, torch.sum, T.amax, T.amin, T.max, T.min, torch.max, torch.min, T.norm,
               torch.norm, T.var, T.std, T.argmax, torch.argmax, torch.amax, torch.amin, torch.logsumexp)(reduction)

@@ -2,7 +2,7 @@
 and low-rank vs channel pruning at equal MACs (issue 20).
 
     python scripts/bench_robustness.py                    # digits CNN (a few minutes on 2 cores)
-    python scripts/bench_robustness.py --fashion          # + Fashion-MNIST resnet20 (needs the cached
+    python scripts/bench_robustness.py --fashion          # + Fashion-MNIST resnet20, vgg_small (needs the cached
                                                           #   originals of scripts/fashion_originals.py)
 
 Digits CNN: `vgg_small(image_size=16)` (5 conv-bn-relu, 3 max-pools, Linear-ReLU-Linear) trained 8 epochs
@@ -86,10 +86,10 @@ def digits_cnn() -> Tuple[torch.nn.Module, Any, Any, Dict[str, Any]]:
     return model.eval(), train, val, info
 
 
-def fashion_resnet20():
+def fashion_original(name: str = "resnet20"):
     import fashion_originals
 
-    model, info = fashion_originals.original("resnet20")
+    model, info = fashion_originals.original(name)
     train, test = fashion_originals.loaders()
     return model.eval(), train, test, info
 
@@ -254,7 +254,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--trainset-ratio", type=float, default=0.5)
     ap.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3])
-    ap.add_argument("--fashion", action="store_true", help="also Fashion-MNIST resnet20 (cached originals)")
+    ap.add_argument("--fashion", action="store_true", help="also Fashion-MNIST resnet20 and vgg_small (cached "
+                    "originals)")
     ap.add_argument("--fashion-trainset-ratio", type=float, default=0.043,
                     help="calibration share on Fashion (0.043: about 2,500 of the 60,000 images)")
     ap.add_argument("--out", default=str(RESULTS / "robustness"))
@@ -271,15 +272,15 @@ def main() -> int:
     m["about"] = (f"`vgg_small(image_size=16)` on scikit-learn digits at 16x16, trained {info['epochs']} epochs "
                   "(cached); accuracy on the 360 held-out images (1 image = 0.28 points).")
     res["models"]["digits CNN"] = m
-    if a.fashion:
-        model, train, test, info = fashion_resnet20()
+    for name in (("resnet20", "vgg_small") if a.fashion else ()):
+        model, train, test, info = fashion_original(name)
         x1 = next(iter(test))[0][:1]
         common = dict(trainset_ratio=a.fashion_trainset_ratio, compress_ratio=0.5, example_inputs=(x1,))
-        m = benchmark("Fashion-MNIST resnet20", model, train, test, x1, a.seeds, common, a.targets[:1],
-                      LOWRANK[:2] + LOWRANK[4:5], CHANNEL[:1])
+        settings = (LOWRANK[:2] + LOWRANK[4:5], CHANNEL[:1]) if name == "resnet20" else (LOWRANK[:1], CHANNEL[:1])
+        m = benchmark(f"Fashion-MNIST {name}", model, train, test, x1, a.seeds, common, a.targets[:1], *settings)
         m["about"] = ("The full-data original of `scripts/fashion_originals.py`; accuracy on the 10,000-image test "
                       f"set; calibration on {a.fashion_trainset_ratio:.1%} of the training images.")
-        res["models"]["Fashion-MNIST resnet20"] = m
+        res["models"][f"Fashion-MNIST {name}"] = m
     out = Path(a.out)
     from _isolate import write_atomic
 

@@ -10,7 +10,8 @@ from .lowrank import LowRankDecomposition, LowRankDecompostion
 from .masks import channel_masks
 from .prune import PruningPlan, plan_pruning, prune, prune_groups
 from .rules import register_rule
+from .tokens import TokenPruning
 
 __all__ = ["prune", "prune_groups", "plan_pruning", "PruningPlan", "channel_masks", "Group", "Criterion", "CRITERIA",
            "register_criterion", "register_rule", "BaseCompressor", "ChannelPruning", "ChannelPrunning",
-           "LowRankDecomposition", "LowRankDecompostion"]
+           "LowRankDecomposition", "LowRankDecompostion", "TokenPruning"]

@@ -43,7 +43,7 @@ class MethodChoices:
     def names(self) -> Tuple[str, ...]:
         from ..compressors.criteria import CRITERIA
 
-        return ("channel_pruning", *CRITERIA, "lowrank")
+        return ("channel_pruning", *CRITERIA, "lowrank", "tokens")
 
     def __contains__(self, name: object) -> bool:
         return name in self.names()
@@ -53,6 +53,12 @@ class MethodChoices:
 
 
 METHODS = MethodChoices()
+#: ViTs train and fine-tune with AdamW (SGD leaves vit_digits at 65%); (lr, fine-tune lr, weight decay)
+VIT_OPTIM = (3e-3, 1e-4, 0.05)
+
+
+def _is_vit(model: str) -> bool:
+    return model.startswith("vit")
 DATASETS = ("digits", "fashion_mnist")
 EXTRA_EXPORTS = ("vnmodel",)
 #: Per-dataset defaults of the options left unset, chosen so the job finishes on a 2-core CPU (digits: under
@@ -74,7 +80,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     """Declare the job's options on `p` (used by `amc compress` and by `run`)."""
     p.add_argument("--model", default="digits_resnet", help="amc.models zoo name: digits_resnet, vgg_small, resnet20")
     p.add_argument("--method", default="channel_pruning", choices=METHODS, metavar="METHOD",
-                   help="compression method: %(choices)s (a criterion name prunes with amc.prune)")
+                   help="compression method: %(choices)s (a criterion name prunes with amc.prune; tokens: APT "
+                        "token pruning of a ViT such as vit_digits)")
+    p.add_argument("--apt-epochs", type=int, default=2, help="--method tokens: APT training epochs (agents + model)")
     p.add_argument("--target-macs", type=float, default=None,
                    help="fraction of the whole network's MACs kept, in (0, 1); 0.5 halves them (default: 0.5)")
     p.add_argument("--ratio", type=float, default=None,
@@ -152,6 +160,8 @@ def resolve_options(ns: argparse.Namespace) -> argparse.Namespace:
         raise PruningError(f"--target-macs is the fraction of MACs kept and must be in (0, 1), got "
                            f"{ns.target_macs}; 0.5 halves the MACs")
     defaults = DATA_DEFAULTS[ns.data]
+    if getattr(ns, "epochs", None) is None and _is_vit(ns.model):
+        ns.epochs = 3 * defaults["epochs"]  # ViTs converge slower (vit_digits: 94% after 30 epochs)
     for option in ("epochs", "finetune_epochs", "trainset_ratio"):
         if getattr(ns, option, None) is None:
             setattr(ns, option, defaults[option])
@@ -222,6 +232,11 @@ def _compress(ns: argparse.Namespace, net: Any, train, val, x1: torch.Tensor) ->
         return cp.compress()
     if ns.method in CRITERIA:  # data-driven criteria (apoz, thinet) observe the training batches
         return prune(net, criterion=ns.method, example_inputs=(x1,), target_macs=target, dataloader=train)
+    if ns.method == "tokens":
+        from ..compressors.tokens import TokenPruning
+
+        return TokenPruning(net, train, val, target_macs=target, epochs=ns.apt_epochs, example_inputs=(x1,),
+                            seed=ns.seed, verbose=not ns.no_progress).compress()
     from ..compressors.lowrank import LowRankDecomposition
 
     # target_macs: the whole network meets the budget, like the other methods. fold_bn=False keeps each
@@ -311,8 +326,9 @@ def compress_job(ns: argparse.Namespace) -> Dict[str, Any]:
             _stage(1, f"original: loaded {ns.model} weights from {ns.original}")
         else:
             _stage(1, f"train {ns.model} on {ns.data}: {ns.epochs} epochs x {len(train)} batches")
+            optim = dict(optimizer="adamw", lr=VIT_OPTIM[0], weight_decay=VIT_OPTIM[2]) if _is_vit(ns.model) else {}
             res = train_classifier(model, train, val, epochs=ns.epochs, seed=ns.seed, channels_last=defaults[
-                "channels_last"], progress="train" if bars else None)
+                "channels_last"], progress="train" if bars else None, **optim)
             logger.info("trained %s for %d epochs in %.1fs: val acc %.4f", ns.model, ns.epochs, res["seconds"],
                         res["acc"])
         x1 = next(iter(val))[0][:1]
@@ -337,9 +353,11 @@ def compress_job(ns: argparse.Namespace) -> Dict[str, Any]:
         if ns.finetune_epochs > 0:
             _stage(3, f"fine-tune: {ns.finetune_epochs} epochs x {len(train)} batches "
                           f"(compressed in {compress_s:.1f}s, {100 * acc_pruned:.2f}% before fine-tuning)")
-            acc_ft = train_classifier(small, train, val, epochs=ns.finetune_epochs, lr=0.02, seed=ns.seed,
+            optim = dict(optimizer="adamw", lr=VIT_OPTIM[1], weight_decay=VIT_OPTIM[2]) if _is_vit(ns.model) \
+                else dict(lr=0.02)
+            acc_ft = train_classifier(small, train, val, epochs=ns.finetune_epochs, seed=ns.seed,
                                       channels_last=defaults["channels_last"],
-                                      progress="fine-tune" if bars else None)["acc"]
+                                      progress="fine-tune" if bars else None, **optim)["acc"]
         else:
             _stage(3, "fine-tune: skipped (--finetune-epochs 0)")
         _stage(4, f"export to {ns.out}")

@@ -4,12 +4,14 @@
 """
 from ._registry import ModelEntry, UnknownModelError, create, list_models, model_info, register_model
 from .training import evaluate, train_classifier
+from .vit import SmallViT, vit_digits, vit_fashion
 from .zoo import BasicBlock, SmallResNet, VGGSmall, digits_resnet, resnet20, vgg_small
 
 __all__ = [
     "BasicBlock",
     "ModelEntry",
     "SmallResNet",
+    "SmallViT",
     "UnknownModelError",
     "VGGSmall",
     "create",
@@ -21,4 +23,6 @@ __all__ = [
     "resnet20",
     "train_classifier",
     "vgg_small",
+    "vit_digits",
+    "vit_fashion",
 ]

@@ -51,6 +51,7 @@ def train_classifier(
     seed: int = 0,
     progress: Optional[str] = None,
     channels_last: bool = False,
+    optimizer: str = "sgd",
 ) -> Dict[str, object]:
     """Train ``model`` in place; return final validation ``acc``/``loss`` plus ``history`` and ``seconds``.
 
@@ -62,6 +63,8 @@ def train_classifier(
     running loss and accuracy of the epoch, the last validation accuracy and an ETA; None: silent.
     ``channels_last``: train in NHWC memory format (oneDNN's CPU convolutions run ~1.5x faster on
     the small CNNs here); the weights are returned in the default format.
+    ``optimizer``: "sgd" (Nesterov momentum; the CNN recipe) or "adamw" (what ViTs need: SGD leaves
+    ``vit_digits`` at 65% where AdamW reaches 95%+; ``momentum`` is then unused).
 
     Raises TrainingError if the loss becomes non-finite (lower ``lr``), DataError on an empty loader.
     """
@@ -77,10 +80,13 @@ def train_classifier(
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim > 1 else no_decay).append(p)  # no weight decay on BN / biases
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, momentum=momentum, nesterov=momentum > 0,
-    )
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr)
+    else:
+        raise TrainingError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
     if int(epochs) * steps_per_epoch < 10:  # OneCycleLR divides by zero-length phases on tiny budgets
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     else:

@@ -1,0 +1,138 @@
+"""The token-pruning agent (APT, seed 000): a graph node that scores the tokens of a ViT block output
+and removes the low-scoring ones, so the blocks after it run on fewer tokens (a real speed-up, not a mask).
+
+Input and output are `[B, N, D]` token tensors with the CLS token at index 0, which is always kept. The
+agent reads each token and its interaction with CLS (the seed's "the unit itself and its relation to
+the CLS unit"): `score_i = mlp([ln(x_i), ln(x_i) * ln(x_cls)])`. Its input is detached, so the agent
+learns only from its own losses (policy gradient + budget) and never pushes gradients into the model.
+
+Modes (`agent.mode`):
+  "batched": keep the `keep` highest-scoring tokens of every image (rectangular batches: fast in batches);
+  "dynamic": keep, per image, the tokens whose keep-probability sigmoid(score) is above `threshold`
+             (batch 1: each image its own length; in a batch, the largest such count, so it stays rectangular);
+  "off":     keep every token (APT trained, not pruning);
+  "criterion" scorers (`score="cls_attention" | "norm" | "random"`): the training-free baselines.
+Kept tokens stay in their original order.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ...errors import PruningError
+from ...graph.ops import register_op
+
+logger = logging.getLogger("amc.compressors.tokens")
+
+MODES = ("batched", "dynamic", "off")
+SCORES = ("agent", "cls_attention", "norm", "random")  # + "tome" (merge.TokenMerge) at placement
+
+
+class TokenAgent(nn.Module):
+    """Scores and drops tokens of a `[B, N, D]` sequence (CLS at 0 kept). See the module docstring."""
+
+    def __init__(self, dim: int, hidden: Optional[int] = None, keep: Optional[int] = None, mode: str = "batched",
+                 threshold: float = 0.5, score: str = "agent", label: str = ""):
+        super().__init__()
+        if mode not in MODES:
+            raise PruningError(f"TokenAgent mode must be one of {MODES}, got {mode!r}")
+        if score not in SCORES:
+            raise PruningError(f"TokenAgent score must be one of {SCORES}, got {score!r}")
+        self.dim, self.keep, self.mode = int(dim), keep, mode
+        self.hidden = int(hidden) if hidden else max(8, self.dim // 8)  # ~3% of a block's MACs per token
+        self.threshold, self.score, self.label = float(threshold), score, label
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, 1))
+        self.sample: Optional[int] = None  # training: drop `sample` tokens drawn from the policy (pass 2)
+        self._last_log_prob: Optional[torch.Tensor] = None
+        self._last_scores: Optional[torch.Tensor] = None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, keep={self.keep}, mode={self.mode!r}, score={self.score!r}"
+
+    def scores(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Keep-logits `[B, N-1]` of the non-CLS tokens (higher = keep)."""
+        x = x.detach()
+        if self.score == "agent":
+            h = self.norm(x)
+            feats = torch.cat([h[:, 1:], h[:, 1:] * h[:, :1]], dim=-1)
+            return self.mlp(feats).squeeze(-1)
+        if self.score == "cls_attention":  # EViT: attention the CLS query pays each token, mean over heads
+            if attn is None:
+                raise PruningError("score='cls_attention' needs the attention probabilities of the block")
+            return attn.detach()[:, :, 0, 1:].mean(1)
+        if self.score == "norm":
+            return x[:, 1:].norm(dim=-1)
+        return torch.rand(x.shape[0], x.shape[1] - 1, device=x.device)
+
+    def forward(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() != 3:
+            raise PruningError(f"TokenAgent {self.label!r} expects [B, N, D] tokens, got shape {tuple(x.shape)}")
+        n = x.shape[1] - 1
+        if self.sample is not None:
+            return self._sampled(x, attn)
+        if self.mode == "off" or (self.mode == "batched" and (self.keep is None or self.keep >= n)):
+            return x
+        s = self.scores(x, attn)
+        self._last_scores = s if self.training else s.detach()  # the budget term (training), thresholds
+        if self.mode == "batched":
+            k = int(self.keep)
+        else:
+            k = int((torch.sigmoid(s) > self.threshold).sum(1).max().item()) if n else 0
+        out = keep_top(x, s, max(1, min(k, n)))
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: tokens %s -> %s", self.label or "agent", tuple(x.shape), tuple(out.shape))
+        return out
+
+    def _sampled(self, x: torch.Tensor, attn: Optional[torch.Tensor]) -> torch.Tensor:
+        """Pass 2 of the seed's training: drop `sample` tokens drawn without replacement from
+        softmax(-score) (Plackett-Luce, via Gumbel-top-k) and keep their log-probability for the
+        policy gradient; grad-enabled even under `torch.no_grad()`."""
+        n, m = x.shape[1] - 1, int(self.sample)
+        m = max(0, min(m, n - 1))
+        with torch.enable_grad():
+            z = -self.scores(x, attn)  # prune-logits
+            gumbel = -torch.log(-torch.log(torch.rand_like(z).clamp_(1e-9, 1 - 1e-9)))
+            order = (z.detach() + gumbel).argsort(dim=1, descending=True)[:, :m]
+            log_prob = z.new_zeros(z.shape[0])
+            masked = z
+            for j in range(m):
+                idx = order[:, j:j + 1]
+                log_prob = log_prob + masked.gather(1, idx).squeeze(1) - torch.logsumexp(masked, dim=1)
+                masked = masked.scatter(1, idx, float("-inf"))
+        self._last_log_prob = log_prob
+        keep_mask = torch.ones_like(z, dtype=torch.bool).scatter(1, order, False)
+        idx = keep_mask.nonzero()[:, 1].view(x.shape[0], n - m)
+        return _gather(x, idx)
+
+
+def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """CLS plus the `k` highest-scoring other tokens of every image, in their original order."""
+    idx = scores.topk(k, dim=1).indices.sort(dim=1).values
+    return _gather(x, idx)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    rest = x[:, 1:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :1], rest], dim=1)
+
+
+def agent_macs(m: TokenAgent, args: tuple, kwargs: dict, out: Any) -> int:
+    """The scorer's cost when it runs (LayerNorm, the CLS product, two Linears); selection is free."""
+    x = args[0]
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or m.score != "agent" or m.sample is not None:
+        return 0
+    if m.mode == "off" or (m.mode == "batched" and (m.keep is None or m.keep >= x.shape[1] - 1)):
+        return 0
+    b, n, d = x.shape
+    per_token = 2 * d + d + (2 * d * m.hidden + m.hidden) + (m.hidden + 1)
+    return b * (n - 1) * per_token + b * 2 * d
+
+
+register_op(TokenAgent, leaf=True, macs=agent_macs)
+
+
+__all__ = ["TokenAgent", "keep_top", "agent_macs", "MODES", "SCORES"]

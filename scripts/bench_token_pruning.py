@@ -1,0 +1,266 @@
+"""Token pruning on the Fashion-MNIST ViT (issue 14): APT (seed 000) against training-free baselines.
+
+    python scripts/bench_token_pruning.py                       # accuracy + MACs (+ latency unless --skip-latency)
+    python scripts/bench_token_pruning.py --vit-b16             # + torchvision vit_b_16 (random weights) check
+
+The original is `vit_fashion` (49 patch tokens + CLS, width 96, 6 blocks), trained by
+scripts/fashion_originals.py and cached. At each MACs budget (fraction of the original's MACs, agents
+included, counted by amc.count at batch 1):
+  - APT batched: TokenPruning(target_macs=b, epochs=E) on `--train-limit` training images; per layer the
+    top-k tokens by agent score;
+  - APT dynamic: the same network, per image (batch 1) the tokens whose keep-probability passes the
+    calibrated threshold; MACs = mean over the test images actually run;
+  - APT not pruning at inference (the seed's "APT (no pruning)"), and the unpruned ViT fine-tuned the same
+    epochs without agents (the control for "joint training helps");
+  - training-free, same places, same token counts: CLS attention top-k (EViT's rule), token norm,
+    random, ToMe-style bipartite merging.
+Accuracy on the official 10,000-image test set. Latency: interleaved medians at batch 1 and 64.
+
+Writes scripts/results/token_pruning.{md,json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import amc  # noqa: E402
+from amc.compressors import TokenPruning  # noqa: E402
+from amc.compressors.tokens import agents_of, dynamic_macs, set_mode  # noqa: E402
+from amc.models import evaluate, train_classifier  # noqa: E402
+from _isolate import write_atomic  # noqa: E402
+from bench_speed import interleaved  # noqa: E402
+import fashion_originals  # noqa: E402
+
+RESULTS = HERE / "results"
+BASELINES = [("CLS attention top-k (EViT rule)", "cls_attention"), ("ToMe merging", "tome"),
+             ("token norm top-k", "norm"), ("random tokens", "random")]
+
+
+def acc_batch1(net, test, limit: int) -> float:
+    """Top-1 accuracy with every image run alone (dynamic mode's lengths differ per image)."""
+    hits = seen = 0
+    with torch.no_grad():
+        for x, y in test:
+            for i in range(x.shape[0]):
+                hits += int(net(x[i:i + 1]).argmax(1).item() == int(y[i]))
+                seen += 1
+                if seen >= limit:
+                    return hits / seen
+    return hits / seen
+
+
+def latency(nets: Dict[str, Any], x1, x64, reps1: int, reps64: int) -> Dict[str, Dict[str, float]]:
+    out: Dict[str, Dict[str, float]] = {k: {} for k in nets}
+    with torch.no_grad():
+        for label, x, reps in (("b1", x1, reps1), ("b64", x64, reps64)):
+            times = interleaved({k: (lambda n=n, x=x: n(x)) for k, n in nets.items()}, reps=reps, warmup=2)
+            for k, v in times.items():
+                out[k][label] = statistics.median(v)
+    return out
+
+
+def vit_b16_check() -> Dict[str, Any]:
+    """torchvision vit_b_16, random weights, 224 px: agents at the default layers, shapes, JSON round trip."""
+    import tempfile
+
+    import torchvision
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16().eval()
+    x = torch.randn(2, 3, 224, 224)
+    loader = DataLoader(TensorDataset(x, torch.zeros(2, dtype=torch.long)), batch_size=2)
+    c = TokenPruning(model, loader, target_macs=0.6, epochs=0, example_inputs=(x[:1],))
+    net = c.compress()
+    seen: List[int] = []
+    hooks = [a.register_forward_hook(lambda m, i, o: seen.append(int(o.shape[1]))) for a in agents_of(net)]
+    with torch.no_grad():
+        out = net(x)
+        ref = model(x)
+    for h in hooks:
+        h.remove()
+    with tempfile.TemporaryDirectory() as d:
+        path = net.save_to_json(os.path.join(d, "vit_b16_tokens.json"))
+        back = amc.ReconstructedNetwork.load_from_json(path)
+        with torch.no_grad():
+            same = bool(torch.equal(back(x), out))
+    macs = amc.count(net, x[:1])[0] / amc.count(model, x[:1])[0]
+    return {"layers": [b.output for b in c.chosen], "tokens_after_agents": seen[:len(c.keep)],
+            "tokens_in": c.blocks[0].tokens, "out_shape": list(out.shape), "ref_shape": list(ref.shape),
+            "macs_ratio": macs, "json_round_trip_equal": same}
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    model, info = fashion_originals.original("vit_fashion")
+    train, test = fashion_originals.loaders(args.train_limit, seed=0)
+    _, full_test = fashion_originals.loaders(None, seed=0)
+    x1 = next(iter(full_test))[0][:1]
+    base = amc.count(model, x1)[0]
+    res: Dict[str, Any] = {"original_acc": float(evaluate(model, full_test)["acc"]), "base_macs": base,
+                           "original_info": {k: info.get(k) for k in ("test_acc", "epochs", "lr", "train_seconds")},
+                           "rows": [], "args": vars(args)}
+    ctrl = copy.deepcopy(model)
+    t = time.perf_counter()
+    train_classifier(ctrl, train, full_test, epochs=args.epochs, lr=args.lr, optimizer="adamw", weight_decay=0.05)
+    res["finetuned_control_acc"] = float(evaluate(ctrl.eval(), full_test)["acc"])
+    res["finetuned_control_seconds"] = time.perf_counter() - t
+    print(f"original {res['original_acc']:.4f}, fine-tuned without agents {res['finetuned_control_acc']:.4f}",
+          flush=True)
+    nets: Dict[str, Any] = {"unpruned": model}
+    for b in args.budgets:
+        for label, score in BASELINES:
+            net = TokenPruning(model, train, full_test, target_macs=b, epochs=0, score=score).compress()
+            row = {"budget": b, "method": label, "acc": float(evaluate(net, full_test)["acc"]),
+                   "macs": amc.count(net, x1)[0] / base, "keep": [a.keep for a in agents_of(net)]}
+            res["rows"].append(row)
+            nets[f"{b}|{label}"] = net
+            print(row, flush=True)
+        t = time.perf_counter()
+        c = TokenPruning(model, train, full_test, target_macs=b, epochs=args.epochs, lr=args.lr,
+                         agent_lr=args.agent_lr)
+        net = c.compress()
+        secs = time.perf_counter() - t
+        row = {"budget": b, "method": "APT batched", "acc": float(evaluate(net, full_test)["acc"]),
+               "macs": amc.count(net, x1)[0] / base, "keep": list(c.keep), "train_seconds": secs,
+               "history": c.train_history}
+        res["rows"].append(row)
+        print({k: v for k, v in row.items() if k != "history"}, flush=True)
+        set_mode(net, "off")
+        res["rows"].append({"budget": b, "method": "APT trained, not pruning", "acc":
+                            float(evaluate(net, full_test)["acc"]), "macs": amc.count(net, x1)[0] / base})
+        set_mode(net, "dynamic")
+        res["rows"].append({"budget": b, "method": "APT dynamic (batch 1)",
+                            "acc": acc_batch1(net, full_test, args.dynamic_limit),
+                            "macs": dynamic_macs(net, full_test, args.dynamic_limit) / base,
+                            "images": args.dynamic_limit})
+        print(res["rows"][-2:], flush=True)
+        dyn = copy.deepcopy(net)
+        set_mode(net, "batched")
+        nets[f"{b}|APT batched"] = net
+        nets[f"{b}|APT dynamic (batch 1)"] = dyn
+    if not args.skip_latency:
+        res["load_before"] = os.getloadavg()
+        x64 = next(iter(full_test))[0][:64]
+        lat = latency(nets, x1, x64, args.reps1, args.reps64)
+        res["load_after"] = os.getloadavg()
+        for row in res["rows"]:
+            key = f"{row['budget']}|{row['method']}"
+            if key in lat:
+                row["latency"] = lat[key]
+                row["speedup"] = {k: lat["unpruned"][k] / v for k, v in lat[key].items()}
+        res["unpruned_latency"] = lat["unpruned"]
+    if args.vit_b16:
+        res["vit_b16"] = vit_b16_check()
+    return res
+
+
+def render(res: Dict[str, Any]) -> str:
+    a = res["args"]
+    lines = ["# Token pruning on the Fashion-MNIST ViT (issue 14)", "",
+             f"Generated by `python scripts/bench_token_pruning.py` on {time.strftime('%Y-%m-%d %H:%M')}; torch "
+             f"{torch.__version__}, {platform.machine()} CPU, {a['threads']} thread(s). Original `vit_fashion`: "
+             f"{100 * res['original_acc']:.2f}% on the 10,000 test images; {res['base_macs'] / 1e6:.1f} MMACs per image.",
+             "",
+             f"APT: {a['epochs']} epoch(s) on {a['train_limit'] or 60000} training images (three passes per batch, "
+             f"AdamW lr {a['lr']}, agents Adam lr {a['agent_lr']}). Training-free rows use the same agent places and "
+             "token counts. MACs: amc.count at batch 1, agents included; dynamic: mean over the images run. "
+             f"Control: the original fine-tuned {a['epochs']} epoch(s) the same way without agents: "
+             f"{100 * res['finetuned_control_acc']:.2f}%.", ""]
+    has_lat = any("latency" in r for r in res["rows"])
+    head = "| budget | method | accuracy | MACs | tokens kept per agent |"
+    sep = "|---|---|---:|---:|---|"
+    if has_lat:
+        head += " b1 speedup | b64 speedup | b64 efficiency |"
+        sep += "---:|---:|---:|"
+        lines.append(f"Latency: interleaved medians, load average before {res['load_before']}, after "
+                     f"{res['load_after']}; efficiency = speedup x MACs ratio (1.0 = as fast as the MACs promise).")
+        lines.append("")
+    lines += [head, sep]
+    for r in res["rows"]:
+        line = (f"| {r['budget']} | {r['method']} | {100 * r['acc']:.2f} | {r['macs']:.3f}x | "
+                f"{r.get('keep', '')} |")
+        if has_lat:
+            s = r.get("speedup")
+            line += (f" {s['b1']:.2f}x | {s['b64']:.2f}x | {s['b64'] * r['macs']:.2f} |" if s else " | | |")
+        lines.append(line)
+    lines += ["", "Reading:", ""]
+    for b in a["budgets"]:
+        rows = {r["method"]: r for r in res["rows"] if r["budget"] == b}
+        apt = rows.get("APT batched")
+        if not apt:
+            continue
+        free = {k: v for k, v in rows.items() if k in dict(BASELINES)}
+        best = max(free.values(), key=lambda r: r["acc"])
+        gap = 100 * (res["original_acc"] - apt["acc"])
+        lines.append(f"- budget {b}: APT batched {100 * apt['acc']:.2f}% at {apt['macs']:.3f}x MACs "
+                     f"({gap:+.2f} points below the unpruned ViT); best training-free: {best['method']} "
+                     f"{100 * best['acc']:.2f}% ({'APT above' if apt['acc'] > best['acc'] else 'APT NOT above'}).")
+    if "vit_b16" in res:
+        v = res["vit_b16"]
+        lines += ["", "## torchvision vit_b_16 (random weights, 224 px)", "",
+                  f"Agents after {v['layers']}; tokens {v['tokens_in']} -> {v['tokens_after_agents']} (CLS included); "
+                  f"output {v['out_shape']} (unpruned {v['ref_shape']}); MACs {v['macs_ratio']:.3f}x at "
+                  f"target 0.6; JSON round trip equal: {v['json_round_trip_equal']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    methods = dict.fromkeys(r["method"] for r in res["rows"] if r["method"] != "APT trained, not pruning")
+    for m in methods:
+        pts = sorted((r["macs"], 100 * r["acc"]) for r in res["rows"] if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.axhline(100 * res["original_acc"], color="k", ls="--", lw=1, label="unpruned")
+    ax.set_xlabel("MACs (fraction of the unpruned ViT)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("vit_fashion token pruning")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.45])
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--agent-lr", type=float, default=1e-3)
+    ap.add_argument("--train-limit", type=int, default=20000)
+    ap.add_argument("--dynamic-limit", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps1", type=int, default=30)
+    ap.add_argument("--reps64", type=int, default=10)
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--vit-b16", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "token_pruning"))
+    args = ap.parse_args(argv)
+    res = run(args)
+    write_atomic(args.out + ".json", json.dumps(res, indent=1, default=str))
+    write_atomic(args.out + ".md", render(res))
+    plot(res, Path(args.out + ".png"))
+    print(render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

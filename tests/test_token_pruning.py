@@ -1,0 +1,239 @@
+"""Token pruning (APT, seed 000): agents insert on real ViT layouts, tokens really shrink, training moves both
+the agents and the model, batched and dynamic modes, save/load, and bad input fails loudly."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils.data import DataLoader, TensorDataset
+
+import amc
+from amc.compressors import TokenPruning
+from amc.compressors.tokens import TokenAgent, agents_of, dynamic_macs, find_blocks, set_mode
+from amc.errors import PruningError, TrainingError
+from amc.models import create
+
+
+def _tiny_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return create("vit_digits", image_size=8, dim=24, depth=4, heads=2).eval()  # 16 tokens + CLS
+
+
+def _tv_vit() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=4, num_heads=2,
+                                                hidden_dim=24, mlp_dim=48, num_classes=10).eval()
+
+
+MODELS = {"timm_style": (_tiny_vit, (1, 8, 8)), "torchvision": (_tv_vit, (3, 16, 16))}
+
+
+def _loader(shape, n=24, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def _token_counts(net, x):
+    seen = []
+    hooks = [a.register_forward_hook(lambda m, i, o: seen.append(o.shape[1])) for a in agents_of(net)]
+    try:
+        out = net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_agents_insert_and_tokens_shrink(name):
+    build, shape = MODELS[name]
+    model = build()
+    loader = _loader(shape)
+    c = TokenPruning(model, loader, target_macs=0.75, epochs=0)
+    net = c.compress()
+    assert len(agents_of(net)) == 2  # 4 blocks: the seed's 2/5/8 of 12 -> after blocks 1 and 2
+    n = find_blocks(c.origin_graph)[0].tokens
+    for b in (1, 7):
+        x = torch.randn(b, *shape)
+        out, counts = _token_counts(net, x)
+        assert out.shape == model(x).shape
+        assert counts == [k + 1 for k in c.keep]
+        assert n > counts[0] > counts[1] >= 2  # tokens shrink layer by layer
+        set_mode(net, "dynamic")
+        out_d, counts_d = _token_counts(net, x)
+        set_mode(net, "batched")
+        assert out_d.shape == out.shape and all(1 < k <= n for k in counts_d)
+    x1 = torch.randn(1, *shape)
+    macs_after, macs_before = amc.count(net, x1)[0], amc.count(model, x1)[0]
+    assert macs_after <= 0.75 * macs_before
+    assert macs_after > 0.6 * macs_before  # the budget is met, not overshot to nothing
+
+
+def test_training_step_changes_agents_and_model_and_eval_is_deterministic():
+    model = _tiny_vit()
+    loader = _loader((1, 8, 8), n=16)
+    c = TokenPruning(model, loader, target_macs=0.7, epochs=1, lr=1e-3, agent_lr=1e-2)
+    net = c.compress()
+    before = dict(amc.trace(model, torch.randn(1, 1, 8, 8)).named_parameters())
+    moved = {k for k, p in net.named_parameters() if k in before and not torch.equal(p, before[k])}
+    assert any("blocks" in k for k in moved), "the model was not trained jointly"
+    fresh = TokenAgent(agents_of(net)[0].dim)
+    trained = agents_of(net)[0]
+    assert not torch.equal(trained.mlp[0].weight, fresh.mlp[0].weight)
+    assert len(c.train_history) == 1 and set(c.train_history[0]) >= {"loss_plain", "loss_pruned", "reward"}
+    x = torch.randn(5, 1, 8, 8)
+    assert torch.equal(net(x), net(x))
+    again = TokenPruning(model, loader, target_macs=0.7, epochs=1, lr=1e-3, agent_lr=1e-2).compress()
+    assert torch.equal(again(x), net(x))  # same arguments, same network
+
+
+def test_policy_gradient_learns_which_tokens_matter():
+    """The agent's sampled action and its log-probability form a working policy gradient: when dropping the
+    marked tokens costs reward, the agent learns to keep them (the seed's pass-2 reward, in isolation)."""
+    torch.manual_seed(0)
+    agent = TokenAgent(8, hidden=8)
+    agent.train()
+    opt = torch.optim.Adam(agent.parameters(), lr=0.05)
+
+    def batch():
+        x = torch.randn(32, 17, 8)
+        marked = torch.rand(32, 16) < 0.25
+        x[:, 1:, 0] = marked.float() * 3.0  # feature 0 marks the tokens the "task" needs
+        return x, marked
+
+    for _ in range(150):
+        x, marked = batch()
+        agent.sample = 8
+        out = agent(x)
+        agent.sample = None
+        kept_marked = (out[:, 1:, 0] > 1.5).sum(1).float()
+        reward = kept_marked - marked.sum(1).float()  # minus the marked tokens dropped
+        adv = (reward - reward.mean()) / (reward.std() + 1e-6)
+        loss = -(adv * agent._last_log_prob).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    agent.eval()
+    x, marked = batch()
+    agent.mode, agent.keep = "batched", 8
+    with torch.no_grad():
+        out = agent(x)
+    kept = (out[:, 1:, 0] > 1.5).sum(1)
+    assert (kept == marked.sum(1).clamp(max=8)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("fmt", ["json", "pkl"])
+def test_save_load_equal(tmp_path, fmt):
+    model = _tiny_vit()
+    net = TokenPruning(model, _loader((1, 8, 8)), target_macs=0.6, epochs=0).compress()
+    agents_of(net)[0].threshold = 0.42
+    path = str(tmp_path / f"net.{fmt}")
+    if fmt == "json":
+        net.save_to_json(path)
+        back = amc.ReconstructedNetwork.load_from_json(path)
+    else:
+        net.save(path)
+        back = amc.ReconstructedNetwork.load(path)
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(back(x), net(x))
+    assert [a.keep for a in agents_of(back)] == [a.keep for a in agents_of(net)]
+    assert agents_of(back)[0].threshold == 0.42
+
+
+def test_onnx_export_of_batched_mode(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    net = TokenPruning(_tiny_vit(), _loader((1, 8, 8)), target_macs=0.6, epochs=0).compress()
+    x = torch.randn(4, 1, 8, 8)
+    path = net.save_to_onnx(str(tmp_path / "net.onnx"), x[:1])
+    sess = ort.InferenceSession(path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), net(x).detach(), atol=1e-5)
+
+
+def test_dynamic_macs_and_training_free_scores():
+    model = _tiny_vit()
+    loader = _loader((1, 8, 8))
+    for score in ("cls_attention", "norm", "random", "tome"):
+        net = TokenPruning(model, loader, target_macs=0.6, epochs=0, score=score).compress()
+        assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    net = TokenPruning(model, loader, target_macs=0.6, epochs=0).compress()
+    full = amc.count(model, torch.randn(1, 1, 8, 8))[0]
+    d = dynamic_macs(net, loader, limit=8)
+    assert 0.2 * full < d < full
+
+
+def test_cls_attention_needs_softmax_probs():
+    with pytest.raises(PruningError, match="fused attention"):
+        TokenPruning(_tv_vit(), _loader((3, 16, 16)), target_macs=0.6, epochs=0, score="cls_attention").compress()
+
+
+def test_bad_input_is_refused(tmp_path):
+    loader = _loader((1, 8, 8))
+    with pytest.raises(PruningError, match="no transformer encoder"):
+        TokenPruning(create("digits_resnet"), loader, target_macs=0.6, epochs=0)
+    with pytest.raises(PruningError, match="not encoder block outputs"):
+        TokenPruning(_tiny_vit(), loader, target_macs=0.6, layers=["blocks.0.fc1"], epochs=0)
+    for bad in (0.0, 1.5, -0.1, "0.5"):
+        with pytest.raises(PruningError, match="target_macs"):
+            TokenPruning(_tiny_vit(), loader, target_macs=bad, epochs=0)
+    with pytest.raises(PruningError, match="out of reach"):
+        TokenPruning(_tiny_vit(), loader, target_macs=0.05, epochs=0).compress()
+    nan = DataLoader(TensorDataset(torch.full((8, 1, 8, 8), float("nan")), torch.zeros(8, dtype=torch.long)),
+                     batch_size=4)
+    folder = tmp_path / "ckpt"
+    with pytest.raises(TrainingError, match="became nan"):
+        TokenPruning(_tiny_vit(), nan, target_macs=0.6, epochs=1, checkpointfolder=str(folder)).compress()
+    assert not folder.exists() or not os.listdir(folder)
+
+
+def test_user_model_untouched():
+    model = _tiny_vit()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    TokenPruning(model, _loader((1, 8, 8), n=8), target_macs=0.7, epochs=1).compress()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+def test_apt_trainer_plugs_into_base_trainer():
+    """Users with their own BaseTrainer loop: agent_network() + APTTrainer train the agents and the model."""
+    from amc.compressors.tokens import APTTrainer
+
+    loader = _loader((1, 8, 8), n=16)
+    c = TokenPruning(_tiny_vit(), loader, target_macs=0.7, epochs=0)
+    net, step = c.agent_network()
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    trainer = APTTrainer(loader, loader, network=net, optimizer=torch.optim.AdamW(net.parameters(), 1e-3),
+                         criterion=nn.CrossEntropyLoss(), apt_step=step, epochs=1, progress=False, device="cpu")
+    trainer.run()
+    moved = {k for k, v in net.named_parameters() if not torch.equal(v, before[k])}
+    assert any(k.startswith("network.token_agent") for k in moved)
+    assert any("blocks" in k for k in moved)
+    assert [a.keep for a in agents_of(net)] == c.keep
+
+
+def test_batched_mode_is_per_image():
+    """Top-k is per image: an image's output does not depend on the rest of its batch."""
+    net = TokenPruning(_tiny_vit(), _loader((1, 8, 8)), target_macs=0.6, epochs=0).compress()
+    x = torch.randn(6, 1, 8, 8)
+    whole = net(x)
+    alone = torch.cat([net(x[i:i + 1]) for i in range(6)])
+    assert torch.allclose(whole, alone, atol=1e-5)
+
+
+def test_token_merge_keeps_duplicates_exact():
+    """ToMe-style merging of identical token pairs changes nothing a mean-pooled reader would see."""
+    from amc.compressors.tokens import TokenMerge
+
+    torch.manual_seed(0)
+    base = torch.randn(2, 4, 8)
+    x = torch.cat([torch.zeros(2, 1, 8), base.repeat_interleave(2, dim=1)], dim=1)  # 8 tokens: 4 pairs
+    out = TokenMerge(keep=4)(x)
+    assert out.shape == (2, 5, 8)
+    got = sorted(map(tuple, out[0, 1:].tolist()))
+    assert got == pytest.approx(sorted(map(tuple, base[0].tolist())))
+    assert TokenMerge(keep=3)(x).shape == (2, 4, 8)

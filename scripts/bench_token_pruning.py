@@ -2,6 +2,8 @@
 
     python scripts/bench_token_pruning.py                       # accuracy + MACs (+ latency unless --skip-latency)
     python scripts/bench_token_pruning.py --vit-b16             # + torchvision vit_b_16 (random weights) check
+    python scripts/bench_token_pruning.py --skip-latency --save-nets /tmp/tok   # accuracy now, then on a quiet
+    python scripts/bench_token_pruning.py --latency-from /tmp/tok               #   machine: the latency columns
 
 The original is `vit_fashion` (49 patch tokens + CLS, width 96, 6 blocks), trained by
 scripts/fashion_originals.py and cached. At each MACs budget (fraction of the original's MACs, agents
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     res["finetuned_control_seconds"] = time.perf_counter() - t
     print(f"original {res['original_acc']:.4f}, fine-tuned without agents {res['finetuned_control_acc']:.4f}",
           flush=True)
-    nets: Dict[str, Any] = {"unpruned": model}
+    nets: Dict[str, Any] = {"unpruned": amc.trace(model, x1)}  # graph vs graph: same per-op overhead
     for b in args.budgets:
         for label, score in BASELINES:
             net = TokenPruning(model, train, full_test, target_macs=b, epochs=0, score=score).compress()
@@ -153,19 +155,46 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         set_mode(net, "batched")
         nets[f"{b}|APT batched"] = net
         nets[f"{b}|APT dynamic (batch 1)"] = dyn
+    if args.save_nets:
+        os.makedirs(args.save_nets, exist_ok=True)
+        for i, (key, net) in enumerate(nets.items()):
+            net.save(os.path.join(args.save_nets, f"{i}.pkl"))
+        write_atomic(os.path.join(args.save_nets, "index.json"), json.dumps(list(nets)))
     if not args.skip_latency:
-        res["load_before"] = os.getloadavg()
-        x64 = next(iter(full_test))[0][:64]
-        lat = latency(nets, x1, x64, args.reps1, args.reps64)
-        res["load_after"] = os.getloadavg()
-        for row in res["rows"]:
-            key = f"{row['budget']}|{row['method']}"
-            if key in lat:
-                row["latency"] = lat[key]
-                row["speedup"] = {k: lat["unpruned"][k] / v for k, v in lat[key].items()}
-        res["unpruned_latency"] = lat["unpruned"]
+        add_latency(res, nets, full_test, x1, args)
     if args.vit_b16:
         res["vit_b16"] = vit_b16_check()
+    return res
+
+
+def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argparse.Namespace) -> None:
+    """Interleaved batch-1 and batch-64 medians of every network, speedups against the unpruned graph."""
+    torch.set_num_threads(args.threads)
+    res["load_before"] = os.getloadavg()
+    x64 = next(iter(test))[0][:64]
+    lat = latency(nets, x1, x64, args.reps1, args.reps64)
+    res["load_after"] = os.getloadavg()
+    for row in res["rows"]:
+        key = f"{row['budget']}|{row['method']}"
+        if key in lat:
+            row["latency"] = lat[key]
+            row["speedup"] = {k: lat["unpruned"][k] / v for k, v in lat[key].items()}
+    res["unpruned_latency"] = lat["unpruned"]
+    res["latency_threads"] = args.threads
+
+
+def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
+    """Time the networks a previous `--save-nets` run wrote (on a quiet machine), into its result JSON."""
+    res = json.loads(Path(args.out + ".json").read_text())
+    keys = json.loads(Path(args.latency_from, "index.json").read_text())
+    nets = {k: amc.ReconstructedNetwork.load(os.path.join(args.latency_from, f"{i}.pkl"), trusted=True)
+            for i, k in enumerate(keys)}
+    for k, n in nets.items():
+        if k.endswith("APT dynamic (batch 1)"):
+            set_mode(n, "dynamic")
+    _, test = fashion_originals.loaders(None, seed=0)
+    x1 = next(iter(test))[0][:1]
+    add_latency(res, nets, test, x1, args)
     return res
 
 
@@ -208,7 +237,7 @@ def render(res: Dict[str, Any]) -> str:
         best = max(free.values(), key=lambda r: r["acc"])
         gap = 100 * (res["original_acc"] - apt["acc"])
         lines.append(f"- budget {b}: APT batched {100 * apt['acc']:.2f}% at {apt['macs']:.3f}x MACs "
-                     f"({gap:+.2f} points below the unpruned ViT); best training-free: {best['method']} "
+                     f"(unpruned minus APT: {gap:+.2f} points); best training-free: {best['method']} "
                      f"{100 * best['acc']:.2f}% ({'APT above' if apt['acc'] > best['acc'] else 'APT NOT above'}).")
     if "vit_b16" in res:
         v = res["vit_b16"]
@@ -252,9 +281,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps64", type=int, default=10)
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--vit-b16", action="store_true")
+    ap.add_argument("--save-nets", default=None, help="also save every network (pkl) into this folder")
+    ap.add_argument("--latency-from", default=None, help="only time the networks saved by --save-nets")
     ap.add_argument("--out", default=str(RESULTS / "token_pruning"))
     args = ap.parse_args(argv)
-    res = run(args)
+    res = latency_from(args) if args.latency_from else run(args)
     write_atomic(args.out + ".json", json.dumps(res, indent=1, default=str))
     write_atomic(args.out + ".md", render(res))
     plot(res, Path(args.out + ".png"))

@@ -135,3 +135,27 @@ def test_timm_models_that_broke_now_prune(name, kw, one_thread):
     soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
     assert amc.count(hard, x)[0] < 0.75 * amc.count(model, x)[0]
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["vit_digits", "vit_fashion"])
+def test_fused_qkv_vit_prunes_residual_heads_and_mlp(name):
+    """timm's `qkv.reshape(B, N, 3, H, C // H)` reads C from the residual stream. That size is pinned (the
+    hard prune writes the kept head dim as a constant) instead of freezing the residual and the heads:
+    every group prunes, soft == hard, and the head count stays."""
+    from amc.compressors import plan_pruning
+    from amc.models import create, model_info
+
+    torch.manual_seed(0)
+    model = create(name, depth=2).eval()
+    x = torch.randn(3, *model_info(name).input_size)
+    plan = plan_pruning(model, example_inputs=(x[:1],))
+    assert plan.prunable_fraction() == 1.0, plan.frozen_report()
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x[:1],))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x[:1],), mode="soft")
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+    qkv = hard.network["blocks_0_attn_qkv"]
+    dim, heads = model.blocks[0].attn.qkv.in_features, model.blocks[0].attn.heads
+    assert qkv.in_features == dim // 2  # the residual stream shrank
+    assert qkv.out_features == 3 * heads * (dim // heads // 2)  # every head kept, each half its dims
+    assert hard.network["blocks_0_fc1"].out_features == model.blocks[0].fc1.out_features // 2
+    assert amc.count(hard, x[:1])[0] < 0.4 * amc.count(model, x[:1])[0]

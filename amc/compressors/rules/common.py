@@ -175,22 +175,25 @@ def _same_classes(c: RuleCall, a: Vec, b: Vec) -> bool:
     return all(find(int(x)) == find(int(y)) for x, y in zip(a, b))
 
 
-def check_sizes(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec], in_vecs: List[Vec]) -> None:
-    """Shape arguments of a labeled dim must follow pruning: constants are rewritten later; sizes read
-    from a tensor couple that tensor's dim; sizes computed from other dims must come from this input."""
+def check_sizes(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec], in_vecs: List[Vec]) -> List[int]:
+    """Shape arguments of a labeled dim must follow pruning. Constants are rewritten by the hard prune; a
+    size read from this very dim follows by itself; any other size read at run time (the residual width
+    `C` in timm's `qkv.reshape(B, N, 3, H, C // H)`, read from another tensor) is pinned: returned, so the
+    hard prune writes the kept count there as a constant. A channel dim's size is static once traced, so
+    the constant is exact, and the dims it was read from stay free to prune on their own."""
+    pinned: List[int] = []
     for d, t in enumerate(size_templates):
         if d >= len(out_dims) or out_dims[d] is None:
             continue
         kind, srcs = size_source(c, t)
-        if kind == "direct" and srcs and srcs[0] is not None and len(srcs[0]) == len(out_dims[d]):
-            c.a.uf.union_vecs(srcs[0], out_dims[d])
-        elif kind in ("direct", "derived"):
-            # a size computed from other dims follows pruning only if it is read from this very dim
-            ok = bool(srcs) and all(s is not None and any(_same_classes(c, s, v) for v in in_vecs) for s in srcs)
-            if not ok:
-                c.a.uf.freeze(out_dims[d])
-                for s in srcs:
-                    c.a.uf.freeze(s)
+        if kind == "direct" and srcs and srcs[0] is not None and _same_classes(c, srcs[0], out_dims[d]):
+            continue
+        if kind == "derived" and srcs and all(s is not None and any(_same_classes(c, s, v) for v in in_vecs)
+                                              for s in srcs):
+            continue  # computed from this input's own dims (C // groups): follows pruning
+        if kind in ("direct", "derived"):
+            pinned.append(d)
+    return pinned
 
 
 def freeze_sizes_of_unlabeled(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec]) -> None:

@@ -170,9 +170,9 @@ def expand(c: RuleCall) -> Any:
     fn = c.module.fn
     if fn in (T.expand, torch.broadcast_to):
         templates = size_templates(c)
-        check_sizes(c, templates, out, dims)
-        if any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
-            c.a.fixup(c.node.name, fix_sizes, out_dims=out)
+        pinned = check_sizes(c, templates, out, dims)
+        if pinned or any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
+            c.a.fixup(c.node.name, fix_sizes, out_dims=out, pinned=pinned)
     elif fn is T.expand_as:
         other = _tl(c.larg(1))
         if other is not None:

@@ -123,9 +123,9 @@ def reshape(c: RuleCall) -> Any:
     if fn in (T.view, T.reshape, torch.reshape):
         templates = size_templates(c)
         freeze_sizes_of_unlabeled(c, templates, out)
-        check_sizes(c, templates, out, in_dims)
-        if any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
-            c.a.fixup(c.node.name, fix_sizes, out_dims=out)
+        pinned = check_sizes(c, templates, out, in_dims)
+        if pinned or any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
+            c.a.fixup(c.node.name, fix_sizes, out_dims=out, pinned=pinned)
     elif fn in (T.view_as, T.reshape_as):
         other = _tl(c.larg(1))
         if other is not None:
@@ -200,10 +200,11 @@ def copy_like(c: RuleCall) -> Any:
 
 
 
-def _replace_const_sizes(templates: List[Any], out_dims: List[Any], keep_of: KeepFn) -> List[Any]:
+def _replace_const_sizes(templates: List[Any], out_dims: List[Any], keep_of: KeepFn,
+                         pinned: Sequence[int] = ()) -> List[Any]:
     new = list(templates)
     for d, (t, vec) in enumerate(zip(templates, out_dims)):
-        if vec is not None and isinstance(t, int) and not isinstance(t, bool) and t != -1:
+        if vec is not None and (d in pinned or (isinstance(t, int) and not isinstance(t, bool) and t != -1)):
             new[d] = int(keep_of(vec).sum())
     return new
 
@@ -212,14 +213,14 @@ def fix_sizes(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) 
     if mode != "hard":
         return
     node = net.node(fx.node)
-    out_dims = fx.data["out_dims"]
+    out_dims, pinned = fx.data["out_dims"], fx.data.get("pinned", ())
     args = list(node.args)
     if len(args) == 2 and isinstance(args[1], (list, tuple)):
-        args[1] = type(args[1])(_replace_const_sizes(list(args[1]), out_dims, keep_of))
+        args[1] = type(args[1])(_replace_const_sizes(list(args[1]), out_dims, keep_of, pinned))
     elif len(args) > 1:
-        args[1:] = _replace_const_sizes(args[1:], out_dims, keep_of)
+        args[1:] = _replace_const_sizes(args[1:], out_dims, keep_of, pinned)
     else:
         key = "shape" if "shape" in node.kwargs else "size"
-        node.kwargs[key] = tuple(_replace_const_sizes(list(node.kwargs[key]), out_dims, keep_of))
+        node.kwargs[key] = tuple(_replace_const_sizes(list(node.kwargs[key]), out_dims, keep_of, pinned))
     node.args = tuple(args)
 

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from ...errors import PruningError
 from ...graph.ops import register_op
+from ..rules.registry import mark_opaque
 
 logger = logging.getLogger("amc.compressors.tokens")
 
@@ -133,6 +134,7 @@ def agent_macs(m: TokenAgent, args: tuple, kwargs: dict, out: Any) -> int:
 
 
 register_op(TokenAgent, leaf=True, macs=agent_macs)
+mark_opaque(TokenAgent)  # its scorer reads every feature: channel pruning stops at an agent (for now)
 
 
 __all__ = ["TokenAgent", "keep_top", "agent_macs", "MODES", "SCORES"]

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ...graph.ops import register_op
+from ..rules.registry import mark_opaque
 
 
 class TokenMerge(nn.Module):
@@ -70,3 +71,4 @@ def merge_macs(m: TokenMerge, args: tuple, kwargs: dict, out: Any) -> int:
 
 
 register_op(TokenMerge, leaf=True, macs=merge_macs)
+mark_opaque(TokenMerge)

@@ -11,7 +11,9 @@ from .masks import channel_masks
 from .prune import PruningPlan, plan_pruning, prune, prune_groups
 from .rules import register_rule
 from .tokens import TokenPruning
+from .vtp import VTP, VisionTransformerPruning
 
 __all__ = ["prune", "prune_groups", "plan_pruning", "PruningPlan", "channel_masks", "Group", "Criterion", "CRITERIA",
            "register_criterion", "register_rule", "BaseCompressor", "ChannelPruning", "ChannelPrunning",
-           "LowRankDecomposition", "LowRankDecompostion", "TokenPruning"]
+           "LowRankDecomposition", "LowRankDecompostion", "TokenPruning", "VTP",
+           "VisionTransformerPruning"]

@@ -1,0 +1,184 @@
+"""`VTP` (Vision Transformer Pruning, seed 001): learned gates, L1 sparsity training, prune, fold, fine-tune.
+
+The dims come out through amc's pruning engine, so every coupling is kept: the residual width (every
+reader and writer of the stream), the per-head dims (q, k, v and the attention output alike, the head
+count unchanged, the softmax scale the original's), and each MLP's hidden width. A unit's score is the
+mean |gate| over the gates that scale it; units scoring below the threshold zeta are removed (at least one
+unit of a group, and whole heads' worth when the group asks for it, are kept), zeta being given or found
+by bisection for the MACs target.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...errors import PruningError, TrainingError
+from ...graph.network import ReconstructedNetwork
+from ..base import BaseCompressor, batch_inputs, check_count
+from ..groups import keep_counts
+from ..prune import PruningPlan, plan_pruning
+from ..tokens.placement import macs
+from .gates import FeatureGate, fold_gates, gates_of, insert_gates
+
+logger = logging.getLogger("amc.compressors.vtp")
+
+
+def gate_scores(plan: PruningPlan) -> List[Optional[np.ndarray]]:
+    """Per group, the mean |gate| of each unit (None for a group no gate scales)."""
+    out: List[Optional[np.ndarray]] = []
+    for g in plan.groups:
+        total, count = np.zeros(g.size), np.zeros(g.size)
+        for m in g.members:
+            if m.axis.attr != "gate":
+                continue
+            gate = plan.net.network[plan.net.node(m.axis.node).module]
+            vals = gate.gate.detach().abs().double().numpy()
+            ok = m.unit_index >= 0
+            np.add.at(total, m.unit_index[ok], vals[ok])
+            np.add.at(count, m.unit_index[ok], 1)
+        out.append(total / np.maximum(count, 1) if count.any() else None)
+    return out
+
+
+def units_below(plan: PruningPlan, scores: List[Optional[np.ndarray]], zeta: float) -> Tuple[np.ndarray, List[str]]:
+    """Units whose score is below `zeta`; every group keeps at least what `keep_counts` allows. Returns the
+    units and the groups that would have lost every unit (kept at their minimum instead)."""
+    chosen, emptied = [], []
+    for g, s in zip(plan.groups, scores):
+        if s is None:
+            continue
+        n = int((s < zeta).sum())
+        if n == 0:
+            continue
+        if n >= g.size:
+            emptied.append(g.producers[0] if g.producers else f"group {g.id}")
+        k = keep_counts(g, min(n, g.size - 1) / g.size)  # number pruned, honouring heads / round_to
+        if k > 0:
+            chosen.append(g.units[np.argsort(s, kind="stable")[:k]])
+    return (np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)), emptied
+
+
+def train_gates(net: nn.Module, loader: Iterable, epochs: int, lr: float, sparsity: float, device: Any) -> List[float]:
+    """Joint training: task loss + `sparsity` x sum |gate| (the model and the gates); mean loss per epoch."""
+    gates = [m.gate for m in net.modules() if isinstance(m, FeatureGate)]
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    history = []
+    for epoch in range(int(epochs)):
+        net.train()
+        total, seen = 0.0, 0
+        for batch in loader:
+            x, y = batch_inputs(batch)[0].to(device), batch[1].to(device)
+            loss = F.cross_entropy(net(x), y) + sparsity * sum(g.abs().sum() for g in gates)
+            if not math.isfinite(float(loss.detach())):
+                raise TrainingError(f"VTP sparsity training: loss became {float(loss.detach())} in epoch {epoch + 1};"
+                                    " lower lr or sparsity (the network was not changed)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * int(y.shape[0])
+            seen += int(y.shape[0])
+        history.append(total / max(seen, 1))
+        logger.info("VTP epoch %d: loss %.4f", epoch + 1, history[-1])
+    net.eval()
+    return history
+
+
+class VTP(BaseCompressor):
+    """Vision Transformer Pruning with learned gates (seed 001); see the module docstring.
+
+    `compress_ratio`: fraction of the MACs removed (or `target_macs`: fraction kept); `threshold` (zeta):
+    prune the units whose mean |gate| is below it instead of meeting a MACs budget. `sparsity`: the L1
+    weight on the gates; `epochs`: sparsity training; `finetune_epochs`: AdamW fine-tuning after pruning
+    (0: none); `lr`: both. `heads=True` (removing whole heads) is not implemented yet and is refused.
+    """
+
+    name = "vtp"
+
+    def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
+                 compress_ratio: float = 0.5, target_macs: Optional[float] = None, sparsity: float = 1e-4,
+                 epochs: int = 3, finetune_epochs: int = 3, lr: float = 1e-4, threshold: Optional[float] = None,
+                 heads: bool = False, round_to: int = 1, **kwargs: Any):
+        if target_macs is not None:
+            if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) \
+                    or not 0.0 < float(target_macs) <= 1.0:
+                raise PruningError(f"target_macs must be a fraction in (0, 1], got {target_macs!r}")
+            compress_ratio = 1.0 - float(target_macs)
+        super().__init__(origin_net, trainloader, valloader, compress_ratio=compress_ratio, **kwargs)
+        if isinstance(compress_ratio, dict):
+            raise PruningError("VTP takes a float compress_ratio (fraction of the MACs removed), not a dict")
+        if heads:
+            raise PruningError("VTP(heads=True), removing whole heads, is not implemented yet; use heads=False "
+                               "(per-head dims are pruned, the head count stays)")
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or sparsity < 0:
+            raise PruningError(f"sparsity must be a number >= 0, got {sparsity!r}")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise PruningError(f"threshold must be a number (zeta) or None, got {threshold!r}")
+        self.sparsity, self.lr, self.threshold, self.round_to = float(sparsity), float(lr), threshold, int(round_to)
+        self.epochs = check_count(epochs, "epochs", minimum=0)
+        self.finetune_epochs = check_count(finetune_epochs, "finetune_epochs", minimum=0)
+        self.gated, self.gate_pairs = insert_gates(self.origin_graph)
+        self.train_history: List[float] = []
+        self.zeta: Optional[float] = None
+        self.warnings: List[str] = []
+
+    def _compress(self, ratio: Any) -> ReconstructedNetwork:
+        gated = self.gated.copy().to(self.device)
+        if self.epochs:
+            self.train_history = train_gates(gated, self.trainloader, self.epochs, self.lr, self.sparsity, self.device)
+        self.trained_gated = gated  # the gated network after sparsity training (gates not yet folded)
+        x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in self.example_inputs)
+        plan = plan_pruning(gated, "l2", x, round_to=self.round_to)
+        scores = gate_scores(plan)
+        if self.threshold is not None:
+            self.zeta = float(self.threshold)
+        else:
+            self.zeta = self._zeta_for_macs(plan, scores, 1.0 - float(ratio), x)
+        units, emptied = units_below(plan, scores, self.zeta)
+        if emptied:
+            msg = (f"VTP threshold {self.zeta:.4g} would remove every dim of {emptied}; at least one is kept "
+                   "(lower the threshold or sparsity)")
+            self.warnings.append(msg)
+            logger.warning(msg)
+        pruned = fold_gates(plan.apply_units(units, "hard"))
+        if self.finetune_epochs:
+            from ...models.training import train_classifier
+
+            train_classifier(pruned, self.trainloader, self.valloader or self.trainloader,
+                             epochs=self.finetune_epochs, lr=self.lr, optimizer="adamw", weight_decay=0.05)
+        return pruned.eval()
+
+    def _zeta_for_macs(self, plan: PruningPlan, scores: List[Optional[np.ndarray]], target: float,
+                       x: Tuple[Any, ...]) -> float:
+        """The largest zeta whose pruned network has at most `target` of the original's MACs."""
+        base = macs(self.origin_graph, x)
+        known = [s for s in scores if s is not None]
+        if not known:
+            raise PruningError("VTP: no prunable group is scaled by a gate")
+        values = np.unique(np.concatenate(known))
+
+        def cost(z: float) -> float:
+            units, _ = units_below(plan, scores, z)
+            return macs(plan.apply_units(units, "hard"), x) / base
+
+        if cost(float(values[-1]) + 1e-12) > target:
+            raise PruningError(f"VTP cannot reach target {target:.3f} of the MACs even with one unit per group; "
+                               "raise target_macs")
+        lo, hi = 0, len(values) - 1
+        while lo < hi:  # smallest index i whose zeta = values[i] + eps meets the target
+            mid = (lo + hi) // 2
+            if cost(float(values[mid]) + 1e-12) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return float(values[lo]) + 1e-12
+
+
+VisionTransformerPruning = VTP
+
+__all__ = ["VTP", "VisionTransformerPruning", "gate_scores", "units_below", "train_gates"]

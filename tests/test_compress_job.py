@@ -126,3 +126,15 @@ def test_add_parser_registers_subcommand():
     job.add_parser(sub)
     ns = parser.parse_args(["compress", "--model", "vgg_small", "--method", "fpgm", "--target-macs", "0.7"])
     assert ns.model == "vgg_small" and ns.method == "fpgm" and ns.target_macs == 0.7 and ns._run is job.run_from_args
+
+
+def test_job_token_pruning_of_a_vit(tmp_path, capsys, one_thread):
+    """`amc compress --model vit_digits --method tokens`: APT on the embedded digits, budget met, exported."""
+    summary = job.run(["--model", "vit_digits", "--method", "tokens", "--target-macs", "0.7", "--epochs", "2",
+                       "--apt-epochs", "1", "--finetune-epochs", "1", "--out", str(tmp_path), "--no-progress"])
+    assert summary["macs_fraction"] <= 0.7
+    assert any(f.endswith("compressed.json") for f in summary["files"])
+    assert "after tokens" in capsys.readouterr().out
+    with pytest.raises(PruningError, match="no transformer encoder"):
+        job.run(["--model", "digits_resnet", "--method", "tokens", "--epochs", "1", "--out", str(tmp_path),
+                 "--no-progress"])

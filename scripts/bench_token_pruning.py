@@ -271,9 +271,9 @@ def plot(res: Dict[str, Any], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.8, 0.6, 0.45])
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--agent-lr", type=float, default=1e-3)
+    ap.add_argument("--agent-lr", type=float, default=1e-2)
     ap.add_argument("--train-limit", type=int, default=20000)
     ap.add_argument("--dynamic-limit", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)

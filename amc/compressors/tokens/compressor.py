@@ -21,7 +21,9 @@ class TokenPruning(BaseCompressor):
     `layers`: block-output node names to put agents after (default: the seed's 2/5/8 of 12, scaled).
     `epochs`: APT training epochs over `trainloader` (0: no training). `score` other than "agent" gives the
     training-free baselines: "cls_attention" (EViT's rule), "norm", "random", "tome" (ToMe-style merging).
-    `lr` / `agent_lr`: AdamW learning rate of the model, Adam learning rate of the agents.
+    `lr` / `agent_lr`: AdamW learning rate of the model, Adam learning rate of the agents (1e-2: on the
+    Fashion ViT at 0.8x MACs, 1e-3 and one epoch left APT below random token dropping, 84.4% vs 86.2%;
+    1e-2 and two epochs put it above every training-free rule, 86.8%).
     The result, `compressed_net`, runs in batched mode (`amc.compressors.tokens.set_mode(net, "dynamic")`
     switches to per-image thresholds); `keep` holds the per-agent token counts.
     """
@@ -30,7 +32,7 @@ class TokenPruning(BaseCompressor):
 
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
                  target_macs: float = 0.6, epochs: int = 5, layers: Optional[Sequence[str]] = None,
-                 score: str = "agent", lr: float = 1e-4, agent_lr: float = 1e-3, budget_weight: float = 1.0,
+                 score: str = "agent", lr: float = 1e-4, agent_lr: float = 1e-2, budget_weight: float = 1.0,
                  accumulation_steps: int = 1, hidden: Optional[int] = None, **kwargs: Any):
         target = check_target_macs(target_macs)
         if target is None:

@@ -87,7 +87,7 @@ class APTStep:
 
 
 def train_apt(net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int], tokens: int,
-              loader: Iterable, epochs: int = 5, lr: float = 1e-4, agent_lr: float = 1e-3,
+              loader: Iterable, epochs: int = 5, lr: float = 1e-4, agent_lr: float = 1e-2,
               budget_weight: float = 1.0, accumulation_steps: int = 1, device: Any = "cpu",
               loss_fn: Optional[LossFn] = None, progress: Optional[Callable[[Iterable, str, int], Iterable]] = None,
               ) -> List[Dict[str, float]]:

@@ -237,3 +237,19 @@ def test_token_merge_keeps_duplicates_exact():
     got = sorted(map(tuple, out[0, 1:].tolist()))
     assert got == pytest.approx(sorted(map(tuple, base[0].tolist())))
     assert TokenMerge(keep=3)(x).shape == (2, 4, 8)
+
+
+@pytest.mark.parametrize("score", ["agent", "tome"])
+def test_channel_pruning_composes_with_token_pruning(tmp_path, score):
+    """Dims and tokens on the same ViT: amc.prune shrinks a token-pruned network's residual width, heads and
+    MLP, the agents' scorers follow the pruned features, soft == hard, and the result round-trips."""
+    net = TokenPruning(_tiny_vit(), _loader((1, 8, 8)), target_macs=0.75, epochs=0, score=score).compress()
+    x = torch.randn(4, 1, 8, 8)
+    hard = amc.prune(net, ratio=0.5, example_inputs=(x[:1],))
+    soft = amc.prune(net, ratio=0.5, example_inputs=(x[:1],), mode="soft")
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+    assert amc.count(hard, x[:1])[0] < 0.4 * amc.count(net, x[:1])[0]
+    if score == "agent":
+        assert agents_of(hard)[0].dim == 12 and agents_of(hard)[0].mlp[0].in_features == 24
+    back = amc.ReconstructedNetwork.load_from_json(hard.save_to_json(str(tmp_path / "both.json")))
+    assert torch.equal(back(x), hard(x))

@@ -23,8 +23,10 @@ import torch
 import torch.nn as nn
 
 from ...errors import PruningError
+import numpy as np
+
 from ...graph.ops import register_op
-from ..rules.registry import mark_opaque
+from ..rules.common import passthrough
 
 logger = logging.getLogger("amc.compressors.tokens")
 
@@ -133,8 +135,35 @@ def agent_macs(m: TokenAgent, args: tuple, kwargs: dict, out: Any) -> int:
     return b * (n - 1) * per_token + b * 2 * d
 
 
-register_op(TokenAgent, leaf=True, macs=agent_macs)
-mark_opaque(TokenAgent)  # its scorer reads every feature: channel pruning stops at an agent (for now)
+def _resize_agent(m: TokenAgent) -> None:
+    m.dim = m.norm.weight.shape[0]
+    m.norm.normalized_shape = (m.dim,)
+    m.mlp[0].in_features = m.mlp[0].weight.shape[1]
+
+
+@register_op(TokenAgent, leaf=True, macs=agent_macs, resize=_resize_agent)
+def agent_rule(c: Any) -> Any:
+    """Tokens pass through channel by channel (the agent only drops rows), so the residual width stays
+    prunable; the scorer's LayerNorm and both halves of its first Linear follow the pruned features."""
+    out = passthrough(c)
+    dims = getattr(out, "dims", None)
+    if dims and dims[-1] is not None:
+        v = dims[-1]
+        c.axis("norm.weight", 0, v)
+        c.axis("norm.bias", 0, v)
+        c.axis("mlp.0.weight", 1, np.concatenate([v, v]))
+        c.a.fixup(c.node.name, _mask_agent_norm, vec=v)
+    return out
+
+
+def _mask_agent_norm(net: Any, fx: Any, keep_of: Any, mode: str) -> None:
+    """Soft pruning: the scorer's LayerNorm normalises over the kept features only, as the hard prune's does."""
+    from ..rules.layers import MaskedLayerNorm
+
+    keep = keep_of(fx.data["vec"])
+    agent = net.network[net.node(fx.node).module]
+    if mode == "soft" and not keep.all() and not isinstance(agent.norm, MaskedLayerNorm):
+        agent.norm = MaskedLayerNorm(agent.norm, torch.from_numpy(keep))
 
 
 __all__ = ["TokenAgent", "keep_top", "agent_macs", "MODES", "SCORES"]

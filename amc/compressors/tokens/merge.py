@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ...graph.ops import register_op
-from ..rules.registry import mark_opaque
+from ..rules.common import passthrough
 
 
 class TokenMerge(nn.Module):
@@ -70,5 +70,4 @@ def merge_macs(m: TokenMerge, args: tuple, kwargs: dict, out: Any) -> int:
     return total
 
 
-register_op(TokenMerge, leaf=True, macs=merge_macs)
-mark_opaque(TokenMerge)
+register_op(TokenMerge, leaf=True, macs=merge_macs, channels=passthrough)  # merges rows, channel by channel

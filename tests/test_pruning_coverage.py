@@ -159,3 +159,34 @@ def test_fused_qkv_vit_prunes_residual_heads_and_mlp(name):
     assert qkv.out_features == 3 * heads * (dim // heads // 2)  # every head kept, each half its dims
     assert hard.network["blocks_0_fc1"].out_features == model.blocks[0].fc1.out_features // 2
     assert amc.count(hard, x[:1])[0] < 0.4 * amc.count(model, x[:1])[0]
+
+
+class SplitSections(nn.Module):
+    """`torch.split(y, [8, 16])` (unequal pieces) used to freeze the producer; Tensor.split by keyword too."""
+
+    def __init__(self, keyword: bool):
+        super().__init__()
+        self.keyword = keyword
+        self.c1 = nn.Conv2d(3, 24, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.c1(x).relu()
+        p, q = y.split(split_size=[8, 16], dim=1) if self.keyword else torch.split(y, [8, 16], dim=1)
+        return self.fc(torch.cat([self.a(p), self.b(q)], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_split_with_size_list_prunes_each_piece(keyword):
+    from amc.compressors import plan_pruning
+
+    torch.manual_seed(0)
+    model, x = SplitSections(keyword).eval(), torch.randn(2, 3, 8, 8)
+    assert plan_pruning(model, example_inputs=(x[:1],)).prunable_fraction() == 1.0
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x[:1],))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x[:1],), mode="soft")
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+    assert hard.network["c1"].out_channels == 12
+    assert hard.network["a"].in_channels + hard.network["b"].in_channels == 12

@@ -99,7 +99,11 @@ def split(c: RuleCall) -> Any:
     v = dims[d]
     if v is not None:
         sizes = [p.shape[d] for p in pieces]
-        if len(set(sizes)) == 1 and fn in (T.chunk, torch.chunk, T.split, torch.split):
+        sections = fn in (T.split, torch.split) and isinstance(_split_arg(c.node), (list, tuple))
+        if sections:  # split(x, [a, b, c]): each piece prunes on its own; the hard prune rewrites the list
+            bounds = np.cumsum([0] + sizes)
+            c.a.fixup(c.node.name, fix_split_sections, vecs=[v[a:b].copy() for a, b in zip(bounds, bounds[1:])])
+        elif len(set(sizes)) == 1 and fn in (T.chunk, torch.chunk, T.split, torch.split):
             for k in range(1, len(pieces)):  # equal pieces: prune them alike, so they stay equal
                 c.a.uf.union_vecs(v[:sizes[0]], v[k * sizes[0]:(k + 1) * sizes[0]])
             if fn in (T.split, torch.split):
@@ -220,6 +224,26 @@ def roll(c: RuleCall) -> Any:
         dims[d] = _freeze(c, dims[d])  # a rolled/flipped channel order would not survive pruning
     return TL(dims)
 
+
+
+def _split_arg(node: Any) -> Any:
+    """The sizes argument of a split node (positional, or `split_size_or_sections` / `split_size`)."""
+    if len(node.args) > 1:
+        return node.args[1]
+    return node.kwargs.get("split_size_or_sections", node.kwargs.get("split_size"))
+
+
+def fix_split_sections(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    """Hard prune: `split(x, [a, b, c])` gets the kept count of each piece."""
+    if mode != "hard":
+        return
+    node = net.node(fx.node)
+    counts = [int(keep_of(v).sum()) for v in fx.data["vecs"]]
+    if len(node.args) > 1:
+        node.args = (node.args[0], type(node.args[1])(counts)) + tuple(node.args[2:])
+    else:
+        key = "split_size_or_sections" if "split_size_or_sections" in node.kwargs else "split_size"
+        node.kwargs[key] = type(node.kwargs[key])(counts)
 
 
 def fix_split_size(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:

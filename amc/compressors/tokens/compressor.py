@@ -10,7 +10,9 @@ from ...errors import PruningError
 from ...graph.network import ReconstructedNetwork
 from ..base import BaseCompressor, check_count, check_names, check_target_macs
 from .agent import SCORES, TokenAgent
-from .placement import agents_of, choose_layers, find_blocks, insert_agents, macs, solve_keep
+from ...graph.counting import count
+from ..base import batch_inputs
+from .placement import agents_of, choose_layers, find_blocks, insert_agents, solve_keep
 from .training import APTStep, calibrate_thresholds, train_apt
 
 
@@ -65,10 +67,10 @@ class TokenPruning(BaseCompressor):
         net, _ = insert_agents(self.origin_graph, self.chosen, score=self.score, hidden=self.hidden)
         net.to(self.device)
         x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in self.example_inputs)
-        base = macs(self.origin_graph, x)
+        base = count(self.origin_graph, *x)[0]
         self.keep = solve_keep(net, self.blocks[0].tokens, target, base, x)
         self.log("token pruning: keep %s of %d tokens after %s (%.3f of the MACs)", self.keep,
-                 self.blocks[0].tokens - 1, [b.output for b in self.chosen], macs(net, x) / base)
+                 self.blocks[0].tokens - 1, [b.output for b in self.chosen], count(net, *x)[0] / base)
         agents = [a for a in agents_of(net) if isinstance(a, TokenAgent)]
         step = APTStep(net, agents, self.keep, self.blocks[0].tokens, self.budget_weight) if agents else None
         return net, step  # type: ignore[return-value]
@@ -97,8 +99,6 @@ class TokenPruning(BaseCompressor):
 
 def dynamic_macs(net: ReconstructedNetwork, loader: Iterable, limit: int = 256) -> float:
     """Mean MACs per image of `net` in dynamic token mode, each image run alone (batch 1) over `loader`."""
-    from ..base import batch_inputs
-
     agents = [a for a in agents_of(net) if isinstance(a, TokenAgent)]
     modes = [a.mode for a in agents]
     for a in agents:
@@ -108,7 +108,7 @@ def dynamic_macs(net: ReconstructedNetwork, loader: Iterable, limit: int = 256) 
         for batch in loader:
             x = batch_inputs(batch)[0]
             for i in range(x.shape[0]):
-                total += macs(net, (x[i:i + 1],))
+                total += count(net, x[i:i + 1])[0]
                 seen += 1
                 if seen >= limit:
                     return total / seen

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import PruningError
-from ...graph.counting import node_costs
+from ...graph.counting import count
 from ...graph.network import ReconstructedNetwork
 from ...graph.node import Node
 from ...graph.template import Ref, rename_refs
@@ -41,7 +41,8 @@ def _shape(node: Node) -> Optional[Tuple[int, ...]]:
     return tuple(out["shape"]) if isinstance(out, dict) and "shape" in out else None
 
 
-def _is_attention(module: nn.Module) -> bool:
+def is_attention(module: nn.Module) -> bool:
+    """An attention op: nn.MultiheadAttention, a softmax, or F.scaled_dot_product_attention."""
     if isinstance(module, nn.MultiheadAttention):
         return True
     return getattr(getattr(module, "fn", None), "__name__", "") in ATTENTION_FNS
@@ -71,7 +72,7 @@ def _reads_cls(net: ReconstructedNetwork) -> bool:
 def find_blocks(net: ReconstructedNetwork) -> List[Block]:
     """The encoder blocks of a traced ViT, in order; PruningError naming what was looked for otherwise."""
     nodes = net.layer_nodes
-    attn = [i for i, n in enumerate(nodes) if _is_attention(net.network[n.module])]
+    attn = [i for i, n in enumerate(nodes) if is_attention(net.network[n.module])]
     looked_for = ("attention ops (nn.MultiheadAttention, softmax or F.scaled_dot_product_attention) each "
                   "followed by residual adds of [B, N, D] tokens, and a classifier reading the CLS token x[:, 0]")
     if not attn:
@@ -185,11 +186,6 @@ def keep_chain(tokens: int, count: int, rho: float) -> List[int]:
     return out
 
 
-def macs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...]) -> int:
-    with torch.no_grad():
-        return int(sum(r["macs"] for r in node_costs(net, *example_inputs)))
-
-
 def solve_keep(net: ReconstructedNetwork, tokens: int, target_macs: float, base_macs: int,
                example_inputs: Tuple[Any, ...], iters: int = 20) -> List[int]:
     """Per-agent keep counts (one keep share per agent, compounding, as DynamicViT and EViT schedule it) whose
@@ -201,7 +197,8 @@ def solve_keep(net: ReconstructedNetwork, tokens: int, target_macs: float, base_
             a.keep = k
             if isinstance(a, TokenAgent):
                 a.mode = "batched"
-        return macs(net, example_inputs)
+        with torch.no_grad():
+            return count(net, *example_inputs)[0]
 
     budget = target_macs * base_macs
     if cost(1.0) <= budget:

@@ -61,8 +61,8 @@ class APTStep:
         for a in agents:
             a.mode = "off"
         l0 = self.loss_fn(net(x), y)                                  # pass 1: plain
-        act = agents[self.step % len(agents)]
         j = self.step % len(agents)
+        act = agents[j]
         act.sample = self.arriving[j] - self.keep[j]
         try:
             with torch.no_grad():

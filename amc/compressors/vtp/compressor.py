@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from ...graph.network import ReconstructedNetwork
 from ..base import BaseCompressor, batch_inputs, check_count
 from ..groups import keep_counts
 from ..prune import PruningPlan, plan_pruning
-from ..tokens.placement import macs
-from .gates import FeatureGate, fold_gates, gates_of, insert_gates
+from ...graph.counting import count
+from .gates import FeatureGate, fold_gates, insert_gates
 
 logger = logging.getLogger("amc.compressors.vtp")
 
@@ -156,7 +156,7 @@ class VTP(BaseCompressor):
     def _zeta_for_macs(self, plan: PruningPlan, scores: List[Optional[np.ndarray]], target: float,
                        x: Tuple[Any, ...]) -> float:
         """The largest zeta whose pruned network has at most `target` of the original's MACs."""
-        base = macs(self.origin_graph, x)
+        base = count(self.origin_graph, *x)[0]
         known = [s for s in scores if s is not None]
         if not known:
             raise PruningError("VTP: no prunable group is scaled by a gate")
@@ -164,7 +164,7 @@ class VTP(BaseCompressor):
 
         def cost(z: float) -> float:
             units, _ = units_below(plan, scores, z)
-            return macs(plan.apply_units(units, "hard"), x) / base
+            return count(plan.apply_units(units, "hard"), *x)[0] / base
 
         if cost(float(values[-1]) + 1e-12) > target:
             raise PruningError(f"VTP cannot reach target {target:.3f} of the MACs even with one unit per group; "

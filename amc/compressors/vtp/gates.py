@@ -22,6 +22,7 @@ from ...graph.node import Node
 from ...graph.ops import register_op
 from ...graph.template import Ref, rename_refs
 from ..rules.common import passthrough
+from ..tokens.placement import is_attention
 
 
 class FeatureGate(nn.Module):
@@ -69,10 +70,7 @@ def insert_gates(net: ReconstructedNetwork) -> Tuple[ReconstructedNetwork, Dict[
     if not targets:
         raise PruningError("VTP found no Linear layer reading [B, N, D] tokens: is this a Vision Transformer? "
                            "(looked for qkv / attention-output / MLP Linears on 3-d token tensors)")
-    has_attention = any(isinstance(net.network[n.module], nn.MultiheadAttention)
-                        or getattr(getattr(net.network[n.module], "fn", None), "__name__", "") in
-                        ("softmax", "scaled_dot_product_attention") for n in net.layer_nodes)
-    if not has_attention:
+    if not any(is_attention(net.network[n.module]) for n in net.layer_nodes):
         raise PruningError("VTP found no attention op (nn.MultiheadAttention, softmax, "
                            "F.scaled_dot_product_attention): it prunes Vision Transformers only")
     src = net.copy()

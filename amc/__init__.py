@@ -1,6 +1,6 @@
 """amc: Auto Model Compressor.
 
-Public API (see README): ``amc.trace``, ``amc.count``, ``amc.prune``, ``amc.prune_groups``,
+Public API (see README): ``amc.trace``, ``amc.count``, ``amc.count_bytes``, ``amc.prune``, ``amc.prune_groups``,
 ``amc.ReconstructedNetwork``; compressors, tuners and trainers live in their subpackages.
 Attributes and subpackages (``amc.compressors``, ``amc.trainers``, ...) are imported lazily on first
 access, so ``import amc`` stays cheap and ``amc.compressors.ChannelPruning`` works without importing
@@ -15,6 +15,7 @@ _LAZY = {
     "trace": "amc.graph.capture",
     "ReconstructedNetwork": "amc.graph.network",
     "count": "amc.graph.counting",
+    "count_bytes": "amc.graph.counting",
     "prune": "amc.compressors.prune",
     "prune_groups": "amc.compressors.prune",
     "register_op": "amc.graph.ops",

@@ -42,3 +42,7 @@ class GraphError(AmcError, RuntimeError):
 
 class TuningError(AmcError, RuntimeError):
     """A ratio search could not produce a result (e.g. every candidate failed to evaluate)."""
+
+
+class QuantizationError(AmcError, ValueError):
+    """Bad quantisation settings or calibration data (bits, observer, block size, an empty loader)."""

@@ -138,3 +138,19 @@ def test_job_token_pruning_of_a_vit(tmp_path, capsys, one_thread):
     with pytest.raises(PruningError, match="no transformer encoder"):
         job.run(["--model", "digits_resnet", "--method", "tokens", "--epochs", "1", "--out", str(tmp_path),
                  "--no-progress"])
+
+
+def test_job_quantises_and_chains_after_pruning(tmp_path, capsys):
+    """`--method quant` keeps the MACs and writes an INT8 ONNX timed in onnxruntime; `channel,quant` prunes
+    first; a chain that quantises before pruning is refused by the parser."""
+    onnx = pytest.importorskip("onnx")
+    fast = ["--epochs", "2", "--finetune-epochs", "0", "--no-progress"]
+    summary = job.run(["--method", "quant", "--out", str(tmp_path / "q"), *fast])
+    assert summary["latency_by"] == "onnxruntime" and 0.99 < summary["macs_fraction"] <= 1.0
+    assert summary["rows"][1]["acc"] > summary["rows"][0]["acc"] - 0.02
+    model = onnx.load(str(tmp_path / "q" / "compressed.onnx"))
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in model.graph.initializer)
+    chained = job.run(["--method", "channel,quant", "--out", str(tmp_path / "cq"), *fast])
+    assert chained["macs_fraction"] <= 0.5 and chained["rows"][1]["acc"] > 0.8
+    with pytest.raises(SystemExit):
+        job.run(["--method", "quant,channel", "--out", str(tmp_path / "bad"), *fast])

@@ -9,6 +9,7 @@ from .groups import Group
 from .lowrank import LowRankDecomposition, LowRankDecompostion
 from .masks import channel_masks
 from .prune import PruningPlan, plan_pruning, prune, prune_groups
+from .quant import ProductQuantization, Quantization, QuantNoise
 from .rules import register_rule
 from .tokens import TokenPruning
 from .vtp import VTP, VisionTransformerPruning
@@ -16,4 +17,4 @@ from .vtp import VTP, VisionTransformerPruning
 __all__ = ["prune", "prune_groups", "plan_pruning", "PruningPlan", "channel_masks", "Group", "Criterion", "CRITERIA",
            "register_criterion", "register_rule", "BaseCompressor", "ChannelPruning", "ChannelPrunning",
            "LowRankDecomposition", "LowRankDecompostion", "TokenPruning", "VTP",
-           "VisionTransformerPruning"]
+           "VisionTransformerPruning", "Quantization", "QuantNoise", "ProductQuantization"]

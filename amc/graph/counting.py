@@ -36,7 +36,9 @@ def _observe_costs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...],
         if macs_fn is not None:
             macs = int(macs_fn(module.fn if isinstance(module, FunctionOp) else module, args, kwargs, out))
         rows.append({"name": node.name, "op": node.op, "macs": macs, "out": _shapes(out),
-                     "params": 0 if isinstance(module, FunctionOp) else sum(p.numel() for p in module.parameters())})
+                     "params": 0 if isinstance(module, FunctionOp) else sum(p.numel() for p in module.parameters()),
+                     "bits": weight_bits(module) if isinstance(getattr(module, "weight", None), torch.Tensor)
+                     else None})
 
     net.run_observed(example_inputs, example_kwargs, observe)
     return rows
@@ -64,18 +66,44 @@ def count(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Tupl
     return sum(r["macs"] for r in node_costs(net, *example_inputs, **example_kwargs)), count_params(net)
 
 
+def weight_bits(module: nn.Module) -> int:
+    """Bits per stored weight: a quantised layer's `weight_bits`, else the width of its weight's dtype."""
+    bits = getattr(module, "weight_bits", None)
+    if isinstance(bits, int):
+        return bits
+    w = getattr(module, "weight", None)
+    return w.element_size() * 8 if isinstance(w, torch.Tensor) else 32
+
+
+def count_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers as deployed: a quantised layer's weight packed at its
+    `weight_bits` plus one float32 scale per output channel, every other tensor at its dtype's width
+    (product-quantised codes are uint8 buffers already). Shared tensors are counted once."""
+    seen, total = set(), 0
+    for m in model.modules():
+        for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if name == "weight" and isinstance(getattr(m, "weight_bits", None), int):
+                total += -(-t.numel() * m.weight_bits // 8) + 4 * t.shape[0]
+            else:
+                total += t.numel() * t.element_size()
+    return total
+
+
 def summary_table(net: ReconstructedNetwork, *example_inputs: Any) -> str:
     rows = node_costs(net, *example_inputs)
     total = sum(r["macs"] for r in rows) or 1
-    lines = [f"{'node':<48} {'op':<22} {'output':<24} {'MACs':>14} {'%':>6} {'params':>10}"]
+    lines = [f"{'node':<48} {'op':<22} {'output':<24} {'MACs':>14} {'%':>6} {'params':>10} {'bits':>4}"]
     for r in rows:
         if r["op"] in ("TensorSize", "IntArith", "Parameter", "ShapeGuard"):
             continue
         out = str(r["out"])
         lines.append(f"{r['name'][:48]:<48} {r['op'][:22]:<22} {out[:24]:<24} {r['macs']:>14,} "
-                     f"{100 * r['macs'] / total:>5.1f}% {r['params']:>10,}")
+                     f"{100 * r['macs'] / total:>5.1f}% {r['params']:>10,} {r['bits'] or '':>4}")
     lines.append(f"total: {sum(r['macs'] for r in rows):,} MACs, {count_params(net):,} params, "
-                 f"{len(net.layer_nodes)} nodes")
+                 f"{count_bytes(net):,} bytes as stored, {len(net.layer_nodes)} nodes")
     guards = net.guards
     if guards:
         lines.append(f"guards ({len(guards)}): runs whose sizes decide these differently raise GraphError")

@@ -20,7 +20,8 @@ from ...graph.macs import out_numel
 from ...graph.network import ReconstructedNetwork
 from ...graph.node import Node
 from ...graph.ops import register_op
-from ...graph.template import Ref, rename_refs
+from ...graph.edit import remove_nodes
+from ...graph.template import Ref
 from ..rules.common import passthrough
 from ..tokens.placement import is_attention
 
@@ -105,8 +106,7 @@ def fold_gates(net: ReconstructedNetwork) -> ReconstructedNetwork:
     """A copy of `net` with every gate multiplied into the Linear it feeds and the gate nodes gone (exact)."""
     net = net.copy()
     users = net.users()
-    rename: Dict[str, str] = {}
-    drop = set()
+    drop = []
     for node in net.layer_nodes:
         gate = net.network[node.module]
         if not isinstance(gate, FeatureGate):
@@ -114,16 +114,9 @@ def fold_gates(net: ReconstructedNetwork) -> ReconstructedNetwork:
         readers = users.get(node.name, [])
         if len(readers) != 1 or not isinstance(net.network[readers[0].module], nn.Linear):
             raise PruningError(f"gate {node.name!r} does not feed exactly one Linear; cannot fold it")
+        if not (isinstance(node.args[0], Ref) and not node.args[0].path):
+            raise PruningError(f"gate {node.name!r} reads an indexed output; cannot fold it")
         lin = net.network[readers[0].module]
         lin.weight.mul_(gate.gate.detach().to(lin.weight.dtype).unsqueeze(0))
-        rename[node.name] = node.args[0].node if isinstance(node.args[0], Ref) and not node.args[0].path else None
-        if rename[node.name] is None:
-            raise PruningError(f"gate {node.name!r} reads an indexed output; cannot fold it")
-        drop.add(node.name)
-    modules = {k: m for k, m in net.network.items() if not isinstance(m, FeatureGate)}
-    nodes = [dataclasses.replace(n, args=rename_refs(n.args, rename), kwargs=dict(rename_refs(n.kwargs, rename)))
-             for n in net.layer_nodes if n.name not in drop]
-    new = ReconstructedNetwork(modules, net.input_nodes, nodes, rename_refs(net.outputs, rename), dict(net.meta))
-    new.train(net.training)
-    new.lint()
-    return new
+        drop.append(node.name)
+    return remove_nodes(net, drop)

@@ -1,0 +1,79 @@
+"""QuantNoise (Fan et al. 2020, seed 004) as a trainer plug-in: each training step, a random `rate` share of
+every Conv/Linear weight is replaced by its quantised value (straight-through), the rest stays float:
+
+    noise = Q(w) - w;  mask = rand_like(w) < rate;  w' = w + noise.detach() * mask
+
+`rate=1` is plain QAT (`w + (Q(w) - w).detach()`, bit for bit what `Quantization`'s layers compute), `rate=0`
+trains exactly as without the plug-in. The mask comes from the plug-in's own generator (`seed`), so the
+caller's RNG stream (shuffling, dropout) is the same with and without it. In eval mode the weights are fully
+quantised (`eval_quantized=True`: validation sees the network as it will be deployed).
+Works on any `nn.Module` (a ReconstructedNetwork or not), through `torch.nn.utils.parametrize`; the float
+weights are put back at the end of training, ready for `Quantization` (post-training) to quantise for good.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from ...errors import QuantizationError
+from ...trainers.plugins import TrainerCallback
+from .quantizers import FLOAT_TO_QUANT, check_bits, quantize_weight
+
+
+class _NoisyWeight(nn.Module):
+    def __init__(self, owner: "QuantNoise"):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not a submodule: the plug-in is not part of the model
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        q = quantize_weight(w, self.owner.bits)
+        if not self.training:
+            return w + (q - w).detach() if self.owner.eval_quantized else w
+        mask = torch.rand(w.shape, generator=self.owner.generator(w.device), device=w.device) < self.owner.rate
+        return w + (q - w).detach() * mask.to(w.dtype)
+
+
+class QuantNoise(TrainerCallback):
+    """`callbacks=[QuantNoise(rate=0.5, bits=4)]`: quantisation noise on a `rate` share of the weights per step."""
+
+    def __init__(self, rate: float = 0.5, bits: int = 8, seed: int = 0, eval_quantized: bool = True):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
+            raise QuantizationError(f"QuantNoise rate={rate!r}: use a share in [0, 1] (1 is plain QAT)")
+        self.rate = float(rate)
+        self.bits = check_bits(bits, "bits")
+        self.seed = int(seed)
+        self.eval_quantized = bool(eval_quantized)
+        self._generators: Dict[str, torch.Generator] = {}
+        self._layers: List[Tuple[nn.Module, str]] = []
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    def attach(self, model: nn.Module) -> int:
+        """Parametrize every Conv1d/Conv2d/Linear weight of `model`; returns how many."""
+        for m in model.modules():
+            if type(m) in FLOAT_TO_QUANT and not parametrize.is_parametrized(m, "weight"):
+                parametrize.register_parametrization(m, "weight", _NoisyWeight(self))
+                self._layers.append((m, "weight"))
+        if not self._layers:
+            raise QuantizationError(f"QuantNoise found no Conv1d, Conv2d or Linear in {type(model).__name__}")
+        return len(self._layers)
+
+    def detach(self) -> None:
+        """Put the float weights back (the parametrization removed, the trained values kept)."""
+        for m, name in self._layers:
+            if parametrize.is_parametrized(m, name):
+                parametrize.remove_parametrizations(m, name, leave_parametrized=False)
+        self._layers = []
+
+    def on_train_start(self, trainer: Any) -> None:
+        self.attach(trainer.module)
+
+    def on_train_end(self, trainer: Any) -> None:
+        self.detach()

@@ -1,0 +1,341 @@
+"""Quantisation benchmark (issue 16): amc PTQ INT8 beside torch.ao's, 4-bit QAT vs QuantNoise, product
+quantisation, pruning then INT8; accuracy, model bytes and onnxruntime CPU latency.
+
+    python scripts/bench_quant.py                       # accuracy phase: every model in its own process
+    python scripts/bench_quant.py --latency             # latency phase: times the saved ONNX files (quiet machine!)
+    python scripts/bench_quant.py --models resnet20 --qat-epochs 1 --qat-train-limit 20000
+
+Models: the Fashion-MNIST `resnet20` and `vgg_small` originals of `scripts/fashion_originals.py` (accuracy on
+the official 10,000-image test set) and the pretrained ImageNet MobileNetV2 (`amc.data`), judged like
+`bench_mobilenet_pretrained.py`: top-1 agreement with the float network and KL(float || quantised) on 100
+natural-photo crops, calibrated on 100 other crops.
+
+Rows (calibration: `--calib-batches` training batches, the same for amc and torch.ao):
+- fp32: the traced float network.
+- amc PTQ INT8 (`Quantization`, weights per channel, activations per tensor; min-max, percentile, MSE).
+- torch.ao PTQ INT8: `prepare_fx`/`convert_fx` with the x86 default qconfig mapping (the anchor; it runs in
+  torch's own INT8 kernels, so its bytes are its `state_dict` and its latency is not onnxruntime's).
+- 4-bit weights (8-bit activations), no training; then `--qat-epochs` of training with QuantNoise(rate=1) (=
+  QAT, seed 004) and QuantNoise(rate=0.5), same lr, data and seed, each followed by the same PTQ.
+- product quantisation at two sizes (k-means; 256 centroids over blocks of the kernel area, the seed's
+  setting, or 64 centroids over blocks twice as long; a Linear's block is 4 or 8), before and
+  after `--qat-epochs` of iPQ fine-tuning (codebooks + float parameters).
+- ChannelPruning to 0.5x MACs, then amc PTQ INT8.
+
+Bytes: the ONNX file (what onnxruntime loads; INT8 weights for the quantised rows), and for PQ the amc JSON's
+weights sidecar (uint8 codes + codebooks; its ONNX decodes float weights). Latency: onnxruntime 1 thread,
+median of 30 (batch 1) / 10 (batch 32) runs, in a separate phase so nothing else runs while it times.
+Writes scripts/results/quant.{md,json} (+ ONNX files under --work).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+RESULTS = HERE / "results"
+WORK = Path(os.environ.get("AMC_BENCH_CACHE", Path.home() / ".cache" / "amc_bench")) / "quant"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _judge_fashion(net, test) -> Dict[str, float]:
+    from amc.models import evaluate
+
+    return {"acc": 100 * float(evaluate(net, test)["acc"])}
+
+
+def _judge_photos(net, ref_logits, evalset) -> Dict[str, float]:
+    import torch
+    import torch.nn.functional as F
+
+    net.eval()
+    with torch.no_grad():
+        logits = torch.cat([net(evalset[i:i + 25]) for i in range(0, len(evalset), 25)])
+    agree = 100 * float((logits.argmax(1) == ref_logits.argmax(1)).float().mean())
+    kl = float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(ref_logits, 1), log_target=True,
+                        reduction="batchmean"))
+    return {"agree": agree, "kl": kl}
+
+
+def _onnx(net, path: Path, x1) -> int:
+    import amc
+
+    amc.export.save_onnx(net, str(path), x1)
+    return path.stat().st_size
+
+
+def _json_bytes(net, path: Path) -> int:
+    net.save_to_json(file=str(path))
+    return path.stat().st_size + path.with_suffix(".safetensors").stat().st_size
+
+
+def _state_bytes(model) -> int:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getbuffer().nbytes
+
+
+def _torch_ao(model, batches, example):
+    """torch's own FX post-training quantisation (x86 qconfig), calibrated on the same batches."""
+    import copy
+    import warnings
+
+    import torch
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (example,))
+        with torch.no_grad():
+            for (x,) in batches:
+                prepared(x)
+        return convert_fx(prepared)
+
+
+def _train_with_noise(model, train, val, epochs: int, rate: float, bits: int, lr: float, seed: int):
+    """`epochs` of SGD on a copy of `model` (BatchNorm kept) with QuantNoise(rate, bits); returns the copy."""
+    import copy
+
+    import torch
+    import torch.nn as nn
+
+    from amc.compressors import QuantNoise
+    from amc.trainers import BaseTrainer
+
+    net = copy.deepcopy(model).train()
+    torch.manual_seed(seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    BaseTrainer(train, val, None, net, nn.CrossEntropyLoss(), opt, None, epochs, "cpu",
+                callbacks=[QuantNoise(rate=rate, bits=bits, seed=seed)], progress=False).run()
+    return net.eval()
+
+
+# ------------------------------------------------------------------------------------------ one model
+def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, calib_batches: int = 16,
+              threads: int = 1, work: str = str(WORK), lr: float = 0.005) -> Dict[str, Any]:
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import amc
+    from amc.compressors import ChannelPruning, ProductQuantization, Quantization
+
+    torch.set_num_threads(threads)
+    out = Path(work) / name
+    out.mkdir(parents=True, exist_ok=True)
+    rows: List[Dict[str, Any]] = []
+    photos = name == "mobilenet_v2"
+    if photos:
+        from amc.data import photo_split, pretrained_mobilenet_v2
+
+        calib, evalset = photo_split()
+        model = pretrained_mobilenet_v2().eval()
+        train = DataLoader(TensorDataset(calib, torch.zeros(len(calib), dtype=torch.long)), batch_size=25)
+        with torch.no_grad():
+            ref = torch.cat([model(evalset[i:i + 25]) for i in range(0, len(evalset), 25)])
+        judge = lambda net: _judge_photos(net, ref, evalset)  # noqa: E731
+        x1 = evalset[:1]
+        ratio = 1.0
+    else:
+        import fashion_originals
+
+        model, info = fashion_originals.original(name)
+        train, test = fashion_originals.loaders()
+        judge = lambda net: _judge_fashion(net, test)  # noqa: E731
+        x1 = next(iter(test))[0][:1]
+        ratio = calib_batches / len(train)
+    graph = amc.trace(model, x1)
+    common = dict(trainset_ratio=min(1.0, ratio), example_inputs=(x1,), seed=0)
+
+    def add(label: str, net, kind: str = "onnx", seconds: float = 0.0, **extra) -> None:
+        t = time.perf_counter()
+        row = {"row": label, **judge(net), "seconds": round(seconds, 1), **extra}
+        stem = label.split(" (")[0].replace(" ", "_").replace(",", "").replace("/", "_").replace("=", "")
+        if kind == "onnx":
+            path = out / f"{stem}.onnx"
+            row["onnx_bytes"] = _onnx(net, path, x1)
+            row["onnx"] = str(path)
+        elif kind == "json":
+            row["json_bytes"] = _json_bytes(net, out / f"{stem}.json")
+        else:
+            row["state_bytes"] = _state_bytes(net)
+        rows.append(row)
+        print(f"[{name}] {label}: {row} ({time.perf_counter() - t:.0f}s to judge/export)", flush=True)
+
+    def timed(fn):
+        t = time.perf_counter()
+        net = fn()
+        return net, time.perf_counter() - t
+
+    add("fp32", graph)
+    for observer in ("minmax", "percentile", "mse"):
+        net, s = timed(lambda: Quantization(graph, train, observer=observer, **common).compress())
+        add(f"amc PTQ INT8 ({observer})", net, seconds=s)
+    batches = [(b[0],) for b, _ in zip(train, range(calib_batches))] if not photos else [(calib,)]
+    try:
+        ao, s = timed(lambda: _torch_ao(model, batches, x1))
+        add("torch.ao PTQ INT8 (FX, x86)", ao, kind="state", seconds=s)
+    except Exception as exc:  # noqa: BLE001 - the anchor failing is a result, not a crash
+        rows.append({"row": "torch.ao PTQ INT8 (FX, x86)", "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    net, s = timed(lambda: Quantization(graph, train, weight_bits=4, **common).compress())
+    add("amc PTQ W4A8 (no training)", net, seconds=s)
+    if not photos and qat_epochs:
+        import fashion_originals
+
+        small_train, val = fashion_originals.loaders(train_limit=qat_train_limit)
+        for rate, label in ((1.0, "QAT W4A8 = QuantNoise(rate=1)"), (0.5, "QuantNoise(rate=0.5) W4A8")):
+            trained, s = timed(lambda: _train_with_noise(model, small_train, val, qat_epochs, rate, 4, lr, 0))
+            tg = amc.trace(trained, x1)
+            net, s2 = timed(lambda: Quantization(tg, train, weight_bits=4, **common).compress())
+            add(f"{label} ({qat_epochs} ep)", net, seconds=s + s2)
+    for bs_mult, k in ((1, 256), (2, 64)):
+        block = {n.name: bs_mult * (int(torch.tensor(graph.network[n.module].kernel_size).prod())
+                                    if isinstance(graph.network[n.module], torch.nn.Conv2d) else 4)
+                 for n in graph.layer_nodes if type(graph.network[n.module]) in (torch.nn.Conv2d, torch.nn.Linear)}
+        block = {k: v for k, v in block.items()
+                 if (graph.network[graph.node(k).module].weight[0].numel() % v) == 0}
+        pq, s = timed(lambda: ProductQuantization(graph, train, block_size=block, n_centroids=k, seed=0).compress())
+        add(f"PQ {k} centroids, block x{bs_mult} (no FT)", pq, kind="json", seconds=s)
+        if not photos and qat_epochs:
+            ft, s2 = timed(lambda: ProductQuantization(graph, small_train, val, block_size=block, n_centroids=k,
+                                                       finetune_epochs=qat_epochs, lr=lr, seed=0).compress())
+            add(f"PQ {k} centroids, block x{bs_mult} + iPQ ({qat_epochs} ep)", ft, kind="json", seconds=s2)
+    cp, s = timed(lambda: ChannelPruning(graph, train, target_macs=0.5, **common).compress())
+    add("ChannelPruning 0.5x MACs (fp32)", cp, seconds=s, macs=amc.count(cp, x1)[0] / amc.count(graph, x1)[0])
+    net, s2 = timed(lambda: Quantization(cp, train, **common).compress())
+    add("ChannelPruning 0.5x MACs + amc PTQ INT8", net, seconds=s + s2)
+    meta = {"torch": torch.__version__, "threads": threads, "calib_batches": calib_batches,
+            "qat_epochs": qat_epochs, "qat_train_limit": qat_train_limit, "lr": lr}
+    if not photos:
+        meta["original"] = {k: info[k] for k in ("test_acc", "epochs") if k in info}
+    return {"model": name, "rows": rows, "meta": meta, "x_shape": list(x1.shape)}
+
+
+# ------------------------------------------------------------------------------------------ latency
+def ort_latency(path: str, shape: List[int], batch: int, repeats: int) -> float:
+    import torch
+
+    from amc.jobs.compress import ort_latency_ms
+
+    x = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    return ort_latency_ms(path, x, repeats)
+
+
+def latency_phase(res: Dict[str, Any]) -> None:
+    res["latency"] = {"load_before": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    for m in res["models"].values():
+        for row in m.get("rows", []):
+            if "onnx" in row and os.path.isfile(row["onnx"]):
+                row["ms_b1"] = ort_latency(row["onnx"], m["x_shape"], 1, 30)
+                row["ms_b32"] = ort_latency(row["onnx"], m["x_shape"], 32, 10)
+                print(f"{m['model']} {row['row']}: b1 {row['ms_b1']:.2f} ms, b32 {row['ms_b32']:.1f} ms", flush=True)
+    res["latency"]["load_after"] = os.getloadavg()
+
+
+# ------------------------------------------------------------------------------------------ report
+def write_md(res: Dict[str, Any], path: Path) -> None:
+    from _isolate import write_atomic
+
+    c = res["config"]
+    L = ["# Quantisation (issue 16): accuracy, bytes, onnxruntime INT8 latency", "",
+         f"Generated by `python scripts/bench_quant.py` on {c['date']} (accuracy) ; torch {c['torch']}, "
+         f"onnxruntime {c['onnxruntime']}, CPU, 1 thread.", ""]
+    lat = res.get("latency")
+    if lat:
+        L += [f"Latency phase {lat['date']}: onnxruntime CPU, 1 intra-op thread, median of 30 runs at batch 1 and "
+              f"10 at batch 32; load average before {lat['load_before'][0]:.2f}, after {lat['load_after'][0]:.2f} "
+              "(nothing else running).", ""]
+    else:
+        L += ["Latency: not measured yet (`--latency`).", ""]
+    L += [__doc__.split("Rows (")[1].split("Writes")[0].join(["Rows (", ""]), ""]
+    for m in res["models"].values():
+        if "rows" not in m:
+            L += [f"## {m['model']}", "", f"failed: {m.get('status')} {str(m.get('error', ''))[:300]}", ""]
+            continue
+        photos = m["model"] == "mobilenet_v2"
+        fp = m["rows"][0]
+        L += [f"## {m['model']}", ""]
+        if photos:
+            L += ["Pretrained ImageNet MobileNetV2; agreement (%) with the float network and KL(float || row) on 100 "
+                  "held-out photo crops.", ""]
+            head = "| row | agreement | KL | ONNX bytes | other bytes | ms b1 | x fp32 | ms b32 | x fp32 | s |"
+        else:
+            L += [f"Fashion-MNIST original, test accuracy {fp['acc']:.2f}% (fp32 row).", ""]
+            head = "| row | test acc | vs fp32 | ONNX bytes | other bytes | ms b1 | x fp32 | ms b32 | x fp32 | s |"
+        L += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in m["rows"]:
+            if "error" in r:
+                L.append(f"| {r['row']} | failed: {r['error']} |" + " |" * (head.count("|") - 3))
+                continue
+            q = (f"{r['agree']:.1f} | {r['kl']:.4f}" if photos else f"{r['acc']:.2f} | {r['acc'] - fp['acc']:+.2f}")
+            onnx_b = f"{r['onnx_bytes']:,}" if "onnx_bytes" in r else "-"
+            other = (f"{r['json_bytes']:,} (JSON+sidecar)" if "json_bytes" in r else
+                     f"{r['state_bytes']:,} (state_dict)" if "state_bytes" in r else "-")
+            lat_cells = []
+            for key in ("ms_b1", "ms_b32"):
+                if key in r and key in fp:
+                    lat_cells += [f"{r[key]:.2f}", f"{r[key] / fp[key]:.2f}"]
+                else:
+                    lat_cells += ["-", "-"]
+            L.append(f"| {r['row']} | {q} | {onnx_b} | {other} | {' | '.join(lat_cells)} | {r['seconds']} |")
+        L.append("")
+    write_atomic(str(path), "\n".join(L) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["resnet20", "vgg_small", "mobilenet_v2"])
+    ap.add_argument("--qat-epochs", type=int, default=1)
+    ap.add_argument("--qat-train-limit", type=int, default=20000)
+    ap.add_argument("--calib-batches", type=int, default=16)
+    ap.add_argument("--latency", action="store_true", help="time the ONNX files of an earlier accuracy run")
+    ap.add_argument("--timeout", type=float, default=5400.0, help="seconds per model")
+    ap.add_argument("--work", default=str(WORK))
+    ap.add_argument("--out", default=str(RESULTS / "quant"))
+    a = ap.parse_args()
+    out = Path(a.out)
+    if a.latency:
+        res = json.loads(out.with_suffix(".json").read_text())
+        latency_phase(res)
+        save(res, out)
+        return 0
+    from _isolate import package_version, run_isolated
+
+    res = {"config": {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": package_version("torch"),
+                      "onnxruntime": package_version("onnxruntime"), "python": platform.python_version()},
+           "models": {}}
+    if out.with_suffix(".json").exists():  # keep models of an earlier run that this one does not redo
+        res["models"] = json.loads(out.with_suffix(".json").read_text()).get("models", {})
+    for name in a.models:
+        r = run_isolated(f"{HERE / 'bench_quant.py'}:run_model",
+                         {"name": name, "qat_epochs": a.qat_epochs, "qat_train_limit": a.qat_train_limit,
+                          "calib_batches": a.calib_batches, "work": a.work}, timeout=a.timeout, mem_gb=16)
+        r.setdefault("model", name)
+        res["models"][name] = r
+        save(res, out)
+    return 0
+
+
+def save(res: Dict[str, Any], out: Path) -> None:
+    from _isolate import write_atomic
+
+    write_atomic(str(out.with_suffix(".json")), json.dumps(res, indent=1))
+    write_md(res, out.with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Quantisation: PTQ INT8 on the graph, ONNX QDQ export run by onnxruntime, QuantNoise, product quantisation,
+reproducibility and the bad-input guards."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.optim as optim
+from torch.utils.data import DataLoader, TensorDataset
+
+import amc
+from amc.compressors import ProductQuantization, Quantization, QuantNoise
+from amc.compressors.quant import (ActQuant, PQConv2d, QuantConv2d, QuantLinear, fold_batchnorm, product_quantize,
+                                   quantize_weights)
+from amc.errors import QuantizationError
+from amc.graph.edit import insert_after
+from amc.trainers import BaseTrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ddp_worker import TinyCNN, digits_loaders, seed_everything  # noqa: E402
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("one_thread")]
+
+
+class SmallResNet(nn.Module):
+    """conv-bn-relu, a residual block with a 1x1 shortcut, pooling, a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+                               nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.short = nn.Conv2d(8, 16, 1, stride=2)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(self.a(x) + self.short(x))
+        return self.head(x.mean((2, 3)))
+
+
+def _model():
+    torch.manual_seed(0)
+    m = SmallResNet()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, so folding is tested
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.1, 0.1)
+    return m.eval()
+
+
+def _loader(n=64, batch=16):
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.rand(n, 1, 12, 12, generator=g), torch.randint(0, 10, (n,), generator=g)),
+                      batch_size=batch)
+
+
+def _logit_error(a, b):
+    return float(((a - b) ** 2).sum() / (b ** 2).sum())
+
+
+def test_fold_batchnorm_is_exact_and_removes_the_bn_nodes():
+    model = _model()
+    x = torch.rand(4, 1, 12, 12)
+    net = amc.trace(model, x[:1])
+    folded, names = fold_batchnorm(net)
+    assert len(names) == 3 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_ptq_int8_stays_close_to_float(observer):
+    model, loader = _model(), _loader()
+    x = next(iter(loader))[0]
+    c = Quantization(model, loader, weight_bits=8, act_bits=8, observer=observer, trainset_ratio=1.0)
+    net = c.compress()
+    assert len(c.quantized_layers) == 5 and len(c.folded_bn) == 3
+    assert sum(isinstance(m, (QuantConv2d, QuantLinear)) for m in net.modules()) == 5
+    quants = [m for m in net.modules() if isinstance(m, ActQuant)]
+    assert quants and all(bool(q.calibrated) for q in quants)
+    with torch.no_grad():
+        err = _logit_error(net(x), model(x))
+    assert err < 1e-3, err
+    net.lint()
+
+
+def test_weights_sit_on_the_int_grid():
+    lin = nn.Linear(16, 4)
+    for bits in (8, 4, 2):
+        q = QuantLinear.from_float(lin, bits)
+        w = amc.compressors.quant.quantize_weight(q.weight, bits)
+        scale = q.weight.detach().abs().amax(1, keepdim=True) / (2 ** (bits - 1) - 1)
+        codes = w / scale
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+        assert codes.abs().max() <= 2 ** (bits - 1) - 1 + 1e-4
+        assert len(torch.unique(codes.round())) <= 2 ** bits
+
+
+def test_onnx_int8_matches_fake_quant_within_one_step(tmp_path):
+    """The quantised tensor at the end of the network: onnxruntime's integer kernels land on the same grid
+    point as torch's fake quantisation, or on the neighbouring one at a rounding tie."""
+    ort = pytest.importorskip("onnxruntime")
+    model, loader = _model(), _loader()
+    net = Quantization(model, loader, trainset_ratio=1.0).compress()
+    last = net.outputs.node  # the head Linear: quantise its output too, and make that the network output
+    qnet = insert_after(net, {last: ActQuant(8)}, "aq", "ActQuant", rewire_outputs=True)
+    aq = [m for m in qnet.modules() if isinstance(m, ActQuant) and not bool(m.calibrated)][0]
+    amc.compressors.quant.calibrate(qnet, [(b[0],) for b in loader], seed=0)
+    path = amc.export.save_onnx(qnet, str(tmp_path / "q.onnx"), next(iter(loader))[0][:2])
+    x = torch.rand(32, 1, 12, 12, generator=torch.Generator().manual_seed(5))
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = qnet(x).numpy()
+    steps = np.abs(got - ref) / float(aq.scale)
+    assert steps.max() <= 1.0 + 1e-3, steps.max()
+    assert (steps < 1e-3).mean() > 0.9  # most values exactly equal
+
+
+def test_onnx_int8_file_stores_int8_weights_and_is_smaller(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model, loader = _model(), _loader()
+    x = next(iter(loader))[0][:2]
+    fp = amc.export.save_onnx(amc.trace(model, x[:1]), str(tmp_path / "f.onnx"), x)
+    for bits in (8, 4):
+        q = Quantization(model, loader, weight_bits=bits, trainset_ratio=1.0).compress()
+        path = amc.export.save_onnx(q, str(tmp_path / f"q{bits}.onnx"), x)
+        m = onnx.load(path)
+        int8 = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+        assert len(int8) == 5, [i.name for i in m.graph.initializer]
+        assert sum(n.op_type == "DequantizeLinear" for n in m.graph.node) >= 5 + 5
+        assert _init_bytes(onnx, path) < 0.4 * _init_bytes(onnx, fp)
+
+
+def _init_bytes(onnx, path):
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(i).nbytes for i in onnx.load(path).graph.initializer)
+
+
+def test_same_arguments_give_identical_networks_and_leave_the_global_rng():
+    model, loader = _model(), _loader()
+    nets = []
+    for s in (1, 2):
+        torch.manual_seed(s)
+        state = torch.get_rng_state()
+        nets.append(Quantization(model, loader, observer="percentile", trainset_ratio=0.5).compress())
+        assert torch.equal(torch.get_rng_state(), state)
+    a, b = (n.state_dict() for n in nets)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quantised_network_round_trips_through_json_and_prunes(tmp_path):
+    model, loader = _model(), _loader()
+    x = next(iter(loader))[0]
+    net = Quantization(model, loader, weight_bits=4, trainset_ratio=1.0).compress()
+    back = amc.ReconstructedNetwork.load_from_json(net.save_to_json(file=str(tmp_path / "q.json")))
+    torch.testing.assert_close(back(x), net(x))
+    small = amc.prune(net, 0.5, example_inputs=(x[:1],))  # quantised layers keep the conv's channel rule
+    assert amc.count(small, x[:1])[0] < amc.count(net, x[:1])[0]
+    assert small(x).shape == (16, 10)
+
+
+def test_weight_only_and_qat_fine_tune():
+    model, loader = _model(), _loader()
+    net = Quantization(model, loader, act_bits=None).compress()
+    assert not any(isinstance(m, ActQuant) for m in net.modules())
+    qat = Quantization(model, loader, loader, weight_bits=4, qat_epochs=1, lr=0.01, trainset_ratio=1.0)
+    before = Quantization(model, loader, weight_bits=4, trainset_ratio=1.0).compress()
+    after = qat.compress()
+    w0 = [m.weight for m in before.modules() if isinstance(m, QuantConv2d)][0]
+    w1 = [m.weight for m in after.modules() if isinstance(m, QuantConv2d)][0]
+    assert not torch.equal(w0, w1)  # QAT moved the float weights (gradients reach them straight through)
+
+
+# ---------------------------------------------------------------------------- QuantNoise
+def _tiny():
+    seed_everything(0)
+    return TinyCNN(width=8)
+
+
+def _train(callbacks, net=None):
+    net = net if net is not None else _tiny()
+    seed_everything(0)
+    tr, va = digits_loaders(batch_size=32, n_train=128, n_val=64)
+    opt = optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    BaseTrainer(tr, va, None, net, nn.CrossEntropyLoss(), opt, None, 2, "cpu", None, None, None,
+                callbacks=callbacks, progress=False).run()
+    return net
+
+
+def _same(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_quantnoise_rate_zero_trains_exactly_as_without_it():
+    plain = _train([])
+    noisy = _train([QuantNoise(rate=0.0, bits=4, eval_quantized=False)])
+    assert _same(plain, noisy)
+
+
+def test_quantnoise_rate_one_is_qat():
+    """rate=1 quantises every weight every step: bit for bit the weight-quantised layers' training."""
+    ref = _tiny()
+    for name, m in list(ref.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if type(child) in (nn.Conv2d, nn.Linear):
+                cls = QuantConv2d if isinstance(child, nn.Conv2d) else QuantLinear
+                setattr(m, child_name, cls.from_float(child, 4))
+    qat = _train([], net=ref)
+    noisy = _train([QuantNoise(rate=1.0, bits=4)])
+    sa, sb = qat.state_dict(), noisy.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_quantnoise_half_rate_differs_and_restores_float_layers():
+    plain = _train([])
+    qn = QuantNoise(rate=0.5, bits=4)
+    noisy = _train([qn])
+    assert not _same(plain, noisy)
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in noisy.modules() if hasattr(m, "weight")
+               and not isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)))
+    assert not any("parametrizations" in k for k in noisy.state_dict())
+
+
+# ---------------------------------------------------------------------------- product quantisation
+def _pq_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 64), nn.ReLU(),
+                         nn.Linear(64, 10)).eval()
+
+
+def test_pq_decodes_codebook_entries_and_round_trips(tmp_path):
+    model, loader = _pq_model(), _loader()
+    x = next(iter(loader))[0]
+    net = ProductQuantization(model, loader, n_centroids=16).compress()
+    layers = [m for m in net.modules() if isinstance(m, PQConv2d)]
+    assert layers
+    pq = layers[0]
+    assert pq.codes.dtype == torch.uint8 and pq.weight.shape == (32, 16, 3, 3)
+    torch.testing.assert_close(pq.weight.reshape(-1, 9), pq.codebook[pq.codes.long()])
+    path = net.save_to_json(file=str(tmp_path / "pq.json"))
+    back = amc.ReconstructedNetwork.load_from_json(path)
+    for a, b in zip([m for m in net.modules() if isinstance(m, PQConv2d)],
+                    [m for m in back.modules() if isinstance(m, PQConv2d)]):
+        assert torch.equal(a.weight, b.weight) and b.codes.dtype == torch.uint8
+    torch.testing.assert_close(back(x), net(x))
+    assert amc.count_bytes(net) < 0.5 * amc.count_bytes(amc.trace(model, x[:1]))
+
+
+def test_pq_block_size_must_divide_the_rows():
+    model, loader = _pq_model(), _loader()
+    net = amc.trace(model, next(iter(loader))[0][:1])
+    with pytest.raises(QuantizationError, match="does not divide"):
+        product_quantize(net, block_size=7, n_centroids=4, layers=["2"])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weight_bits=1), "weight_bits=1"), (dict(weight_bits=9), "weight_bits=9"),
+    (dict(act_bits=16), "act_bits=16"), (dict(weight_bits=4.0), "weight_bits=4.0"),
+    (dict(observer="kl"), "observer='kl'"), (dict(percentile=20), "percentile=20"),
+])
+def test_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(QuantizationError, match=match):
+        Quantization(_model(), _loader(), **kwargs)
+
+
+def test_empty_calibration_is_refused():
+    model = _model()
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 12, 12), torch.zeros(0, dtype=torch.long)), batch_size=4)
+    with pytest.raises(amc.errors.AmcError, match="empty|no batches"):
+        Quantization(model, empty, example_inputs=(torch.rand(1, 1, 12, 12),)).compress()
+    with pytest.raises(QuantizationError, match="no batches"):
+        amc.compressors.quant.calibrate(_uncalibrated(model), [], seed=0)
+
+
+def _uncalibrated(model):
+    from amc.compressors.quant.prepare import insert_act_quants
+
+    net, _ = quantize_weights(amc.trace(model, torch.rand(1, 1, 12, 12)), 8)
+    return insert_act_quants(net, 8, "minmax", 99.99)[0]
+
+
+def test_uncalibrated_quantiser_fails_loudly():
+    with pytest.raises(QuantizationError, match="before calibration"):
+        _uncalibrated(_model())(torch.rand(1, 1, 12, 12))
+
+
+def test_quantnoise_bad_rate():
+    with pytest.raises(QuantizationError, match="rate"):
+        QuantNoise(rate=1.5)
+
+
+def test_count_bytes_reports_packed_weights():
+    model, loader = _model(), _loader()
+    x = next(iter(loader))[0][:1]
+    net = amc.trace(model, x)
+    q8 = Quantization(model, loader, trainset_ratio=1.0).compress()
+    q4 = Quantization(model, loader, weight_bits=4, trainset_ratio=1.0).compress()
+    weights = sum(m.weight.numel() for m in q8.modules() if isinstance(m, (QuantConv2d, QuantLinear)))
+    assert amc.count_bytes(q8) - amc.count_bytes(q4) == weights // 2  # 4 bits fewer per weight
+    assert amc.count_bytes(q8) < 0.45 * amc.count_bytes(net)
+    table = amc.graph.counting.summary_table(q4, x)
+    assert "bytes as stored" in table and " 4" in table

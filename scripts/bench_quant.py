@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -164,7 +165,7 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
     def add(label: str, net, kind: str = "onnx", seconds: float = 0.0, **extra) -> None:
         t = time.perf_counter()
         row = {"row": label, **judge(net), "seconds": round(seconds, 1), **extra}
-        stem = label.split(" (")[0].replace(" ", "_").replace(",", "").replace("/", "_").replace("=", "")
+        stem = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
         if kind == "onnx":
             path = out / f"{stem}.onnx"
             row["onnx_bytes"] = _onnx(net, path, x1)

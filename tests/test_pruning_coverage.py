@@ -190,3 +190,51 @@ def test_split_with_size_list_prunes_each_piece(keyword):
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
     assert hard.network["c1"].out_channels == 12
     assert hard.network["a"].in_channels + hard.network["b"].in_channels == 12
+
+
+class Recurrent(nn.Module):
+    """Linear -> 2-layer RNN/GRU/LSTM -> last step -> Linear; optionally time-major, or given h0 by the caller."""
+
+    def __init__(self, cls, bidirectional=False, batch_first=True):
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.rnn = cls(12, 16, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
+        self.head = nn.Linear(16 * (2 if bidirectional else 1), 5)
+
+    def forward(self, x, h=None):
+        y = torch.relu(self.inp(x))
+        if not self.rnn.batch_first:
+            y = y.transpose(0, 1)
+        h0 = None if h is None else h.unsqueeze(0).repeat(self.rnn.num_layers, 1, 1)
+        y, _ = self.rnn(y) if h0 is None else self.rnn(y, h0)
+        if not self.rnn.batch_first:
+            y = y.transpose(0, 1)
+        return self.head(y[:, -1])
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bidirectional,batch_first", [(False, True), (True, False)])
+def test_recurrent_hidden_size_prunes_with_gates_consistent(cls, bidirectional, batch_first, tmp_path):
+    torch.manual_seed(0)
+    model = Recurrent(cls, bidirectional, batch_first).eval()
+    x = torch.randn(3, 7, 6)
+    net = amc.trace(model, x[:1])
+    hard = amc.prune(net, 0.5, example_inputs=(x[:1],))
+    soft = amc.prune(net, 0.5, example_inputs=(x[:1],), mode="soft")
+    rnn = hard.network["rnn"]
+    assert rnn.hidden_size == 8 and rnn.weight_hh_l1.shape == (8 * {nn.LSTM: 4, nn.GRU: 3}.get(cls, 1), 8)
+    assert amc.count(hard, x[:1])[0] < 0.4 * amc.count(net, x[:1])[0]
+    torch.testing.assert_close(hard(x), soft(x), rtol=1e-5, atol=1e-6)  # removed units computed exactly zero
+    assert hard(x).shape == model(x).shape
+    back = amc.ReconstructedNetwork.load_from_json(hard.save_to_json(file=str(tmp_path / "r.json")))
+    torch.testing.assert_close(back(x), hard(x))
+
+
+def test_recurrent_state_given_by_the_caller_ties_the_hidden_units():
+    torch.manual_seed(0)
+    model = Recurrent(nn.GRU).eval()
+    x, h = torch.randn(2, 5, 6), torch.zeros(2, 16)
+    net = amc.trace(model, x[:1], h[:1])
+    pruned = amc.prune(net, 0.5, example_inputs=(x[:1], h[:1]))
+    assert pruned.network["rnn"].hidden_size == 16  # the caller's h0 has 16 features: nothing to remove
+    assert pruned.network["inp"].out_features == 6  # the input side still prunes

@@ -26,6 +26,22 @@ def linear_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
     return _numel(args[0]) * out.shape[-1] + (out.numel() if m.bias is not None else 0)
 
 
+def rnn_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    """nn.RNN/GRU/LSTM: per step, layer and direction, `gates * H * (input + H)` multiply-adds (+ biases)."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor):
+        return 0
+    steps, batch = (x.shape[0], 1) if x.dim() == 2 else \
+        ((x.shape[1], x.shape[0]) if m.batch_first else (x.shape[0], x.shape[1]))
+    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    h, d = m.hidden_size, 2 if m.bidirectional else 1
+    total = 0
+    for layer in range(m.num_layers):
+        inp = m.input_size if layer == 0 else h * d
+        total += gates * h * (inp + h + (2 if m.bias else 0))
+    return total * d * steps * batch
+
+
 def norm_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
     affine = getattr(m, "affine", getattr(m, "elementwise_affine", False))
     return _numel(args[0]) * (2 if affine else 1)

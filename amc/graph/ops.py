@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LoadError
-from .macs import (conv_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs, in_numel, linear_macs, matmul_macs,
+from .macs import (conv_macs, rnn_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs, in_numel, linear_macs, matmul_macs,
                    mha_macs, norm_macs, out_numel, sdpa_macs)
 
 MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
@@ -488,8 +488,8 @@ class AutogradFunctionOp(FunctionOp):
 register_module_op(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                    nn.ConvTranspose3d, macs=conv_macs)
 register_module_op(nn.Linear, macs=linear_macs)
-register_module_op(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell,
-                   nn.LSTMCell, nn.GRUCell)
+register_module_op(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+register_module_op(nn.RNN, nn.LSTM, nn.GRU, macs=rnn_macs)
 register_module_op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
                    nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, macs=norm_macs)
 register_module_op(nn.ReLU, nn.ReLU6, nn.PReLU, nn.ELU, nn.LeakyReLU, macs=out_numel)

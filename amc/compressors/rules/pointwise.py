@@ -71,10 +71,10 @@ def spatial(c: RuleCall) -> Any:
 # products
 
 
-# Declared opaque: channels stop here, on purpose. Recurrent, embedding and bilinear layers mix or
+# Declared opaque: channels stop here, on purpose. Recurrent cells, embedding and bilinear layers mix or
 # create features in ways no rule models yet; creation ops (zeros, arange, new_*) take a tensor only for
 # its dtype/device; gathers, unfold/fold, GLU halving and group/RMS norms move or mix channels.
-mark_opaque(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
+mark_opaque(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
             nn.GLU, F.glu, F.embedding, F.one_hot, F.group_norm, F.rms_norm, F.unfold, F.fold,
             T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor, torch.zeros, torch.ones, torch.full,
             torch.empty, torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.meshgrid,

@@ -312,3 +312,31 @@ def test_count_bytes_reports_packed_weights():
     assert amc.count_bytes(q8) < 0.45 * amc.count_bytes(net)
     table = amc.graph.counting.summary_table(q4, x)
     assert "bytes as stored" in table and " 4" in table
+
+
+def test_onnx_check_still_catches_a_wrong_export(tmp_path, monkeypatch):
+    """The quantised check's looser tolerance (rounding ties) must not hide an export that computes
+    something else: break one weight after export and the check fails."""
+    from amc.errors import ExportError
+    from amc.export import onnx_io
+
+    model, loader = _model(), _loader()
+    net = Quantization(model, loader, trainset_ratio=1.0).compress()
+    real = onnx_io.fold_constant_quantize
+
+    def corrupt(path):
+        import onnx
+        from onnx import numpy_helper
+
+        n = real(path)
+        m = onnx.load(path)
+        init = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8][-1]  # the head
+        arr = numpy_helper.to_array(init).copy()
+        arr[0] = -arr[0]  # one class's weights flipped: 23% relative error, where rounding ties give ~1%
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+        onnx.save(m, path)
+        return n
+
+    monkeypatch.setattr(onnx_io, "fold_constant_quantize", corrupt)
+    with pytest.raises(ExportError, match="differs from the network"):
+        amc.export.save_onnx(net, str(tmp_path / "bad.onnx"), next(iter(loader))[0][:2])

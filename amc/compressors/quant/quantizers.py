@@ -174,6 +174,9 @@ class ActQuant(nn.Module):
         tie goes to the next step, and a few such steps reach the logits (used by `save_onnx`'s check)."""
         return 4.0 * float(self.scale)
 
+    #: relative L2 error of the network output allowed between onnxruntime and torch (see `onnx_atol`)
+    onnx_rel_l2 = 0.05
+
     @property
     def qrange(self):
         return 0, 2 ** self.bits - 1

@@ -44,16 +44,17 @@ def test_inplace_chain_is_captured_without_fallback_and_pruned():
 
 
 class UnknownOpNet(nn.Module):
-    """Both convs feed an op with no channel rule, so nothing can be pruned."""
+    """Both convs feed an op with no channel rule: element-wise (`erf`), or mixing channels (`logcumsumexp`)."""
 
-    def __init__(self):
+    def __init__(self, fn=lambda t: torch.logcumsumexp(t, dim=1)):
         super().__init__()
+        self.fn = fn
         self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
-        y = torch.special.erf(self.c1(x))
-        z = torch.special.erf(self.c2(y))
+        y = self.fn(self.c1(x))
+        z = self.fn(self.c2(y))
         return self.fc(z.mean((2, 3)))
 
 
@@ -63,14 +64,53 @@ def test_prune_says_which_node_froze_the_channels():
         warnings.simplefilter("ignore")  # capture's own fallback warning
         plan = amc.compressors.plan_pruning(model, "l2", (x,))
     report = {row["node"]: row["causes"] for row in plan.frozen_report()}
-    assert report["c1"] == ["special_erf (Fallback, no channel rule)"]
-    assert report["c2"] == ["special_erf_1 (Fallback, no channel rule)"]
+    assert report["c1"] == ["logcumsumexp (Fallback, no channel rule)"]  # probed: it mixes channels
+    assert report["c2"] == ["logcumsumexp_1 (Fallback, no channel rule)"]
     assert report["fc"] == ["the network's output shape"]
-    assert plan.prunable_fraction() == 0.0
+    assert plan.prunable_fraction() == 0.0 and plan.analysis.probed == []
     with pytest.warns(UserWarning, match=r"only 0% of the layers' output channels can be pruned; the rest are "
-                                         r"frozen by special_erf"):
+                                         r"frozen by logcumsumexp"):
         pruned = amc.prune(model, ratio=0.5, example_inputs=(x,))
     assert amc.count(pruned, x)[0] == amc.count(model, x)[0]
+
+
+@pytest.mark.parametrize("fn", [torch.special.erf, torch.sinc, lambda t: torch.special.i0(t).log()],
+                         ids=["erf", "sinc", "i0_then_log"])
+def test_an_element_wise_op_without_a_rule_is_probed_and_pruned(fn):
+    model, x = UnknownOpNet(fn).eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = amc.compressors.plan_pruning(model, "l2", (x,))
+        hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+        soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert len(plan.analysis.probed) >= 2  # what was probed is reported
+    assert amc.count(hard, x)[0] < 0.5 * amc.count(model, x)[0]
+    torch.testing.assert_close(hard(x), soft(x))
+
+
+class ScaleByBuffer(nn.Module):
+    """Element-wise, but with a per-channel buffer a pass-through would not slice: never probed."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("s", torch.linspace(0.5, 1.5, 16).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_an_op_with_tensors_of_its_own_stays_frozen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), ScaleByBuffer(), nn.Conv2d(16, 8, 1))
+    amc.register_op(ScaleByBuffer, leaf=True)
+    try:
+        x = torch.randn(2, 3, 8, 8)
+        plan = amc.compressors.plan_pruning(model, "l2", (x,))
+        assert plan.analysis.probed == [] and plan.prunable_fraction() == 0.0
+    finally:
+        from amc.graph import ops
+
+        ops._MODULE_OPS.pop(ScaleByBuffer, None)
 
 
 def test_ignored_layers_are_reported_as_ignored():

@@ -167,6 +167,7 @@ class Analysis:
         self.labels: Dict[str, Any] = {}
         self.size_sources: Dict[str, Any] = {}  # TensorSize/IntArith node -> labels of the dims it read
         self.output: Any = None  # the network's output on the example inputs (shapes are checked later)
+        self.probed: List[str] = []  # nodes with no rule proven element-wise by probing (rules/probe.py)
 
     # helpers for rules --------------------------------------------------------------------------
     def new_space(self, node: str, size: int, kind: str = "out") -> np.ndarray:
@@ -266,7 +267,7 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
         call = RuleCall(a, node, module, args, kwargs, out, largs, lkwargs)
         rule = rule_for(module, node)
         a.uf.cause = f"{node.name} ({node.meta.get('op', type(module).__name__)}" + \
-            (", no channel rule)" if getattr(rule, "__name__", "") == "opaque" else ")")
+            (", no channel rule)" if getattr(rule, "__name__", "") in ("opaque", "probe_or_freeze") else ")")
         try:
             labels = rule(call)
         except AmcError:

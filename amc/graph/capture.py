@@ -492,7 +492,8 @@ class Tracer(TorchFunctionMode):
                 "training": self.root.training}
         if self.fallbacks:
             warnings.warn("amc capture: ops without a dedicated wrapper were captured by the generic replay "
-                          f"node (exact, but frozen for pruning): {dict(self.fallbacks)}", stacklevel=3)
+                          "node (exact; pruning passes channels through them only where a probe proves them "
+                          f"element-wise): {dict(self.fallbacks)}", stacklevel=3)
         net = ReconstructedNetwork(modules, self.input_nodes, nodes, self.outputs, meta)
         net.training = self.root.training  # the flag only: submodules keep the modes they were captured in
         return net

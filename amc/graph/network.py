@@ -246,7 +246,7 @@ class ReconstructedNetwork(nn.Module):
 
     @property
     def fallback_ops(self) -> Dict[str, int]:
-        """Ops captured by the generic replay node (exact, but frozen for pruning)."""
+        """Ops captured by the generic replay node (exact; pruning probes them and freezes the ones that are not element-wise)."""
         return dict(self.meta.get("fallback_ops", {}))
 
     def example_inputs(self, batch_size: Optional[int] = None) -> Tuple[Any, ...]:

@@ -39,7 +39,16 @@ def opaque(c: RuleCall) -> Any:
 
 
 def rule_for(module: nn.Module, node: Node) -> Rule:
-    """The registered channel rule of a graph node's op module, or `opaque`."""
-    spec = None if isinstance(module, AutogradFunctionOp) else spec_of(module)
+    """The registered channel rule of a graph node's op module; `opaque` for ops declared opaque and custom
+    autograd functions; for any other op without a rule, a probe that proves it element-wise or freezes."""
+    if isinstance(module, AutogradFunctionOp):
+        return opaque
+    spec = spec_of(module)
     rule = spec.get("channels") if spec is not None else None
-    return rule if rule is not None else opaque
+    if rule is not None:
+        return rule
+    if spec is not None and spec.get("opaque"):
+        return opaque
+    from .probe import probe_or_freeze
+
+    return probe_or_freeze

@@ -18,6 +18,7 @@ _LAZY = {
     "count_bytes": "amc.graph.counting",
     "prune": "amc.compressors.prune",
     "prune_groups": "amc.compressors.prune",
+    "latency_table": "amc.compressors.latency",
     "register_op": "amc.graph.ops",
 }
 

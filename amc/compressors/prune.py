@@ -254,7 +254,8 @@ def _shapes(x: Any) -> Any:
 @_keeps_model
 def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
           ignore: Iterable[str] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
-          target_macs: Optional[float] = None, round_to: int = 1) -> ReconstructedNetwork:
+          target_macs: Optional[float] = None, round_to: int = 1, target_latency: Optional[float] = None,
+          latency_table: Any = None) -> ReconstructedNetwork:
     """Prune channels and return a new ReconstructedNetwork; the input is left untouched.
 
     ratio: fraction of each group's channels removed, or `{layer_name: ratio}` (groups not named stay).
@@ -263,6 +264,9 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     mode: "hard" removes channels; "soft" zeroes them (same function, same shapes).
     round_to: every pruned group keeps a multiple of this many channels (rounded up; with target_macs
     the budget is still met, by a higher uniform ratio).
+    target_latency: prune uniformly until the measured latency at the example inputs' batch falls to this
+    fraction of the original's (`amc.compressors.latency`: a table of timed ratios, cached on disk, then
+    the result timed against the original). `latency_table`: a `LatencyTable` to reuse, else built here.
     Bad arguments raise `amc.errors.PruningError` (a ValueError), a model that cannot be traced
     `amc.errors.CaptureError`; no other exception is raised for bad input (fuzzed: scripts/fuzz.py).
     """
@@ -270,7 +274,18 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
         raise PruningError(f"mode must be 'hard' or 'soft', got {mode!r}")
     _check_target_macs(target_macs)
     check_round_to(round_to)
+    from .latency import build_table, check_target_latency, prune_to_latency
+
+    target_latency = check_target_latency(target_latency)
+    if target_latency is not None and target_macs is not None:
+        raise PruningError("give target_macs or target_latency, not both")
     net, inputs = _as_network(model, example_inputs)
+    if target_latency is not None:
+        plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to)
+        _warn_if_mostly_frozen(plan)
+        table = latency_table if latency_table is not None else build_table(
+            plan, inputs, extra_key={"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore)})
+        return prune_to_latency(plan, target_latency, inputs, table, mode)
     if target_macs is None:
         _validate_ratio(ratio, net)
         if not isinstance(ratio, Mapping) and float(ratio) == 0.0:

@@ -1,0 +1,180 @@
+"""Latency as a budget (issue 22): what a pruning ratio buys in measured milliseconds on this machine.
+
+`latency_table` prunes the network uniformly at a grid of ratios and times every candidate *interleaved*
+(round after round, each network once per round), so a load change on a shared machine hits them all
+alike; medians are kept. The table is cached on disk, keyed by the graph's structure, the input shapes,
+the device, the CPU model, torch's version and thread count, so a second call costs nothing.
+`amc.prune(..., target_latency=0.5)` reads the smallest ratio the table predicts, prunes, and checks by
+timing the pruned network against the original (interleaved again); if the check misses the budget it
+tries the next larger ratio, and raises if none meets it. Uniform ratios only: per-layer latency tables
+for non-uniform policies (NetAdapt's) are not built yet.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import PruningError
+
+DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+CACHE = Path(os.environ.get("AMC_CACHE", Path.home() / ".cache" / "amc")) / "latency"
+
+
+@dataclass
+class LatencyTable:
+    """Median latency (ms) of the network pruned uniformly at each ratio, at the example inputs' batch."""
+
+    ratios: List[float]
+    ms: List[float]
+    device: str
+    key: str
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_ms(self) -> float:
+        return self.ms[self.ratios.index(0.0)] if 0.0 in self.ratios else max(self.ms)
+
+    def fraction(self) -> List[float]:
+        """Latency of each ratio as a fraction of the unpruned network's, made non-increasing in the ratio
+        (a larger ratio is never predicted slower: timing noise is not a reason to prune less)."""
+        env = np.minimum.accumulate(np.asarray(self.ms, dtype=float))
+        return (env / self.base_ms).tolist()
+
+    def ratio_for(self, target: float) -> float:
+        """The smallest ratio predicted to run within `target` x the original latency (linear in between)."""
+        fr = self.fraction()
+        for i, (r, f) in enumerate(zip(self.ratios, fr)):
+            if f <= target:
+                if i == 0:
+                    return r
+                r0, f0 = self.ratios[i - 1], fr[i - 1]
+                return r0 + (r - r0) * (f0 - target) / max(f0 - f, 1e-12)
+        raise PruningError(f"target_latency={target:g} is below what the table reaches: ratio {self.ratios[-1]:g} "
+                           f"runs at {fr[-1]:.2f}x the original latency ({self.ms[-1]:.3g} of "
+                           f"{self.base_ms:.3g} ms); frozen layers and the unprunable rest set this floor")
+
+
+def measure(nets: Sequence[nn.Module], inputs: Tuple[Any, ...], rounds: int = 15, warmup: int = 2) -> List[float]:
+    """Median latency (ms) of each network on `inputs`, interleaved round by round."""
+    times: List[List[float]] = [[] for _ in nets]
+    sync = torch.cuda.synchronize if any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs) else None
+    with torch.no_grad():
+        for net in nets:
+            net.eval()
+            for _ in range(warmup):
+                net(*inputs)
+        for _ in range(rounds):
+            for i, net in enumerate(nets):
+                if sync:
+                    sync()
+                t = time.perf_counter()
+                net(*inputs)
+                if sync:
+                    sync()
+                times[i].append(time.perf_counter() - t)
+    return [1e3 * statistics.median(t) for t in times]
+
+
+def _key(net: nn.Module, inputs: Tuple[Any, ...], extra: Dict[str, Any]) -> str:
+    sig = {"nodes": [(n.name, n.meta.get("op", "?")) for n in getattr(net, "layer_nodes", [])],
+           "params": [(k, list(v.shape)) for k, v in net.state_dict().items()],
+           "inputs": [list(x.shape) if isinstance(x, torch.Tensor) else repr(x) for x in inputs],
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_name(), **extra}
+    return hashlib.sha1(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_table(plan: Any, inputs: Tuple[Any, ...], ratios: Sequence[float] = DEFAULT_RATIOS, rounds: int = 15,
+                cache_dir: Optional[os.PathLike] = CACHE, refresh: bool = False,
+                extra_key: Optional[Dict[str, Any]] = None) -> LatencyTable:
+    """The latency table of a pruning plan's network (see module doc); read from `cache_dir` when there."""
+    ratios = sorted({0.0, *[float(r) for r in ratios]})
+    if any(not 0.0 <= r < 1.0 for r in ratios):
+        raise PruningError(f"latency table ratios must be in [0, 1), got {ratios}")
+    device = str(next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu"))
+    key = _key(plan.net, inputs, {"ratios": ratios, "device": device, **(extra_key or {})})
+    path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
+    if path is not None and path.exists() and not refresh:
+        data = json.loads(path.read_text())
+        return LatencyTable(**data)
+    nets = [plan.net if r == 0.0 else plan.apply(r, "hard") for r in ratios]
+    ms = measure(nets, inputs, rounds)
+    table = LatencyTable(ratios, ms, device, key, {"rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M"),
+                                                   "load": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                                                   "threads": torch.get_num_threads(), "cpu": _cpu_name()})
+    if path is not None:
+        from ..export.atomic import atomic_write
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(str(path), "w") as f:
+            f.write(json.dumps(asdict(table), indent=1))
+    return table
+
+
+def latency_table(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
+                  ratios: Sequence[float] = DEFAULT_RATIOS, criterion: Any = "l2", ignore: Sequence[str] = (),
+                  round_to: int = 1, rounds: int = 15, cache_dir: Optional[os.PathLike] = CACHE,
+                  refresh: bool = False) -> LatencyTable:
+    """`amc.latency_table(model, (x,))`: measured latency of `model` pruned uniformly at `ratios` with
+    `criterion`, on this machine at the batch of `x` (see module doc). Pass it to `amc.prune(...,
+    target_latency=f, latency_table=table)`, or let `amc.prune` build (and cache) it."""
+    from .prune import _as_network, plan_pruning
+
+    net, inputs = _as_network(model, example_inputs)
+    plan = plan_pruning(net, criterion, inputs, ignore, None, round_to)
+    return build_table(plan, inputs, ratios, rounds, cache_dir, refresh,
+                       extra_key={"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore)})
+
+
+def check_target_latency(target_latency: Any) -> Optional[float]:
+    if target_latency is None:
+        return None
+    if isinstance(target_latency, bool) or not isinstance(target_latency, (int, float)) \
+            or not 0.0 < float(target_latency) < 1.0:
+        raise PruningError(f"target_latency is the fraction of the original's measured latency to keep, in (0, 1); "
+                           f"got {target_latency!r}")
+    return float(target_latency)
+
+
+def prune_to_latency(plan: Any, target: float, inputs: Tuple[Any, ...], table: LatencyTable, mode: str = "hard",
+                     rounds: int = 15, tolerance: float = 0.03, tries: int = 4) -> nn.Module:
+    """Prune `plan` uniformly to the table's ratio for `target`, then time it against the original; step up
+    the ratio until the measured latency is within `target` (x (1 + tolerance) for timing noise)."""
+    ratio = table.ratio_for(target)
+    grid = [r for r in table.ratios if r > ratio] + [min(0.99, max(table.ratios) + 0.05)]
+    tried = []
+    for _ in range(tries):
+        net = plan.apply(ratio, "hard")
+        base_ms, ms = measure([plan.net, net], inputs, rounds)
+        tried.append((round(ratio, 4), ms / base_ms))
+        if ms <= target * base_ms * (1 + tolerance):
+            out = net if mode == "hard" else plan.apply(ratio, mode)
+            out.meta["latency"] = {"target": target, "ratio": ratio, "measured": ms / base_ms, "ms": ms,
+                                   "original_ms": base_ms, "table": table.key, "tried": tried}
+            return out
+        if not grid:
+            break
+        ratio = grid.pop(0)
+    raise PruningError(f"target_latency={target:g} not met: measured (ratio, latency fraction) {tried}; the rest of "
+                       "the network (frozen layers, unprunable ops) or timing noise keeps it slower. Try a larger "
+                       "target_latency, or time on a quiet machine")

@@ -330,9 +330,9 @@ def test_onnx_check_still_catches_a_wrong_export(tmp_path, monkeypatch):
 
         n = real(path)
         m = onnx.load(path)
-        init = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8][-1]  # the head
+        init = [i for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT8][0]  # the stem
         arr = numpy_helper.to_array(init).copy()
-        arr[0] = -arr[0]  # one class's weights flipped: 23% relative error, where rounding ties give ~1%
+        arr = -arr  # the stem conv negated (a sign lost in export): 42% relative error
         init.CopyFrom(numpy_helper.from_array(arr, init.name))
         onnx.save(m, path)
         return n

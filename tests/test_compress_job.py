@@ -154,3 +154,18 @@ def test_job_quantises_and_chains_after_pruning(tmp_path, capsys):
     assert chained["macs_fraction"] <= 0.5 and chained["rows"][1]["acc"] > 0.8
     with pytest.raises(SystemExit):
         job.run(["--method", "quant,channel", "--out", str(tmp_path / "bad"), *fast])
+
+
+def test_job_prunes_to_a_latency_budget(tmp_path, monkeypatch):
+    from amc.compressors import latency
+
+    monkeypatch.setattr(latency, "CACHE", tmp_path / "cache")
+    summary = job.run(["--method", "l2", "--target-latency", "0.9", "--epochs", "1", "--finetune-epochs", "0",
+                       "--out", str(tmp_path / "out"), "--no-progress"])
+    check = summary["latency_check"]
+    assert check["measured"] <= 0.9 * 1.03 and (tmp_path / "cache").is_dir()
+    for bad, match in ((["--target-latency", "0.5", "--method", "lowrank"], "criterion methods"),
+                       (["--target-latency", "0.5", "--target-macs", "0.5"], "not both"),
+                       (["--target-latency", "1.5", "--method", "l1"], "in \\(0, 1\\)")):
+        with pytest.raises(PruningError, match=match):
+            job.run([*bad, "--out", str(tmp_path / "bad"), "--no-progress"])

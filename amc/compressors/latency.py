@@ -105,7 +105,7 @@ def _cpu_name() -> str:
 
 
 def build_table(plan: Any, inputs: Tuple[Any, ...], ratios: Sequence[float] = DEFAULT_RATIOS, rounds: int = 15,
-                cache_dir: Optional[os.PathLike] = CACHE, refresh: bool = False,
+                cache_dir: Any = None, refresh: bool = False,
                 extra_key: Optional[Dict[str, Any]] = None) -> LatencyTable:
     """The latency table of a pruning plan's network (see module doc); read from `cache_dir` when there."""
     ratios = sorted({0.0, *[float(r) for r in ratios]})
@@ -113,7 +113,9 @@ def build_table(plan: Any, inputs: Tuple[Any, ...], ratios: Sequence[float] = DE
         raise PruningError(f"latency table ratios must be in [0, 1), got {ratios}")
     device = str(next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu"))
     key = _key(plan.net, inputs, {"ratios": ratios, "device": device, **(extra_key or {})})
-    path = Path(cache_dir) / f"{key}.json" if cache_dir is not None else None
+    if cache_dir is None:
+        cache_dir = CACHE  # read at call time: AMC_CACHE or a patched CACHE applies
+    path = Path(cache_dir) / f"{key}.json" if cache_dir is not False else None
     if path is not None and path.exists() and not refresh:
         data = json.loads(path.read_text())
         return LatencyTable(**data)
@@ -133,11 +135,12 @@ def build_table(plan: Any, inputs: Tuple[Any, ...], ratios: Sequence[float] = DE
 
 def latency_table(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
                   ratios: Sequence[float] = DEFAULT_RATIOS, criterion: Any = "l2", ignore: Sequence[str] = (),
-                  round_to: int = 1, rounds: int = 15, cache_dir: Optional[os.PathLike] = CACHE,
+                  round_to: int = 1, rounds: int = 15, cache_dir: Any = None,
                   refresh: bool = False) -> LatencyTable:
     """`amc.latency_table(model, (x,))`: measured latency of `model` pruned uniformly at `ratios` with
     `criterion`, on this machine at the batch of `x` (see module doc). Pass it to `amc.prune(...,
-    target_latency=f, latency_table=table)`, or let `amc.prune` build (and cache) it."""
+    target_latency=f, latency_table=table)`, or let `amc.prune` build (and cache) it. `cache_dir`: None for
+    $AMC_CACHE/latency (default ~/.cache/amc/latency), a folder, or False for no cache."""
     from .prune import _as_network, plan_pruning
 
     net, inputs = _as_network(model, example_inputs)

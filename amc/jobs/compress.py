@@ -96,6 +96,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--apt-epochs", type=int, default=2, help="--method tokens: APT training epochs (agents + model)")
     p.add_argument("--target-macs", type=float, default=None,
                    help="fraction of the whole network's MACs kept, in (0, 1); 0.5 halves them (default: 0.5)")
+    p.add_argument("--target-latency", type=float, default=None,
+                   help="criterion methods (l1, l2, ...): fraction of the original's measured batch-1 latency "
+                        "kept, in (0, 1), instead of a MACs budget (timed on this machine; see amc.latency_table)")
     p.add_argument("--ratio", type=float, default=None,
                    help="deprecated: fraction of MACs removed, i.e. 1 - --target-macs; use --target-macs")
     p.add_argument("--data", default="digits", choices=DATASETS, help="dataset")
@@ -162,6 +165,18 @@ def resolve_options(ns: argparse.Namespace) -> argparse.Namespace:
                                "kept) disagree; give only --target-macs")
         ns.target_macs = 1.0 - ratio
         ns.ratio = None
+    latency = getattr(ns, "target_latency", None)
+    if latency is not None:
+        from ..compressors.criteria import CRITERIA
+
+        if ns.target_macs is not None:
+            raise PruningError("give --target-macs or --target-latency, not both")
+        if any(m not in CRITERIA for m in ns.method.split(",")) or getattr(ns, "policy", None):
+            raise PruningError(f"--target-latency works with the criterion methods ({', '.join(CRITERIA)}), "
+                               f"not --method {ns.method}")
+        if not 0.0 < latency < 1.0:
+            raise PruningError(f"--target-latency is the fraction of the measured latency kept, in (0, 1); got "
+                               f"{latency}")
     if ns.target_macs is None:
         ns.target_macs = 0.5
     if getattr(ns, "original", None) and not os.path.isfile(ns.original):
@@ -257,7 +272,10 @@ def _compress_step(ns: argparse.Namespace, method: str, net: Any, train, val, x1
                             target_macs=target, example_inputs=(x1,), seed=ns.seed)
         return cp.compress()
     if method in CRITERIA:  # data-driven criteria (apoz, thinet) observe the training batches
-        return prune(net, criterion=ns.method, example_inputs=(x1,), target_macs=target, dataloader=train)
+        if getattr(ns, "target_latency", None) is not None:
+            return prune(net, criterion=method, example_inputs=(x1,), target_latency=ns.target_latency,
+                         dataloader=train)
+        return prune(net, criterion=method, example_inputs=(x1,), target_macs=target, dataloader=train)
     if method == "tokens":
         from ..compressors.tokens import TokenPruning
 
@@ -383,7 +401,9 @@ def compress_job(ns: argparse.Namespace) -> Dict[str, Any]:
                         res["acc"])
         x1 = next(iter(val))[0][:1]
         net = trace(model.eval(), x1)
-        _stage(2, f"compress with {ns.method}" + (f" to <= {ns.target_macs:g} of the MACs" if _prunes(ns.method)
+        _stage(2, f"compress with {ns.method}" + (f" to <= {ns.target_latency:g} of the measured latency"
+                                                  if getattr(ns, "target_latency", None) is not None else
+                                                  f" to <= {ns.target_macs:g} of the MACs" if _prunes(ns.method)
                                                   else f" ({ns.bits}-bit weights)" if ns.method == "quant" else "")
                + (f" (calibrating on {ns.trainset_ratio:g} of the training batches)"
                   if ns.method in ("channel_pruning", "lowrank") else ""))
@@ -396,7 +416,7 @@ def compress_job(ns: argparse.Namespace) -> Dict[str, Any]:
         macs0, params0 = count(net, x1)
         macs1, params1 = count(small, x1)
         target = ns.target_macs * macs0
-        if macs1 > target * 1.0001 and _prunes(ns.method):
+        if macs1 > target * 1.0001 and _prunes(ns.method) and getattr(ns, "target_latency", None) is None:
             raise PruningError(f"compressed MACs {macs1:,} exceed the target {target:,.0f} "
                                f"(--target-macs {ns.target_macs:g})")
         acc_pruned = evaluate(small, val)["acc"]
@@ -439,6 +459,8 @@ def compress_job(ns: argparse.Namespace) -> Dict[str, Any]:
     ]
     table = format_table(rows)
     summary = {"model": ns.model, "method": ns.method, "data": ns.data, "target_macs": ns.target_macs,
+               "target_latency": getattr(ns, "target_latency", None),
+               "latency_check": getattr(small, "meta", {}).get("latency"),
                "epochs": ns.epochs, "finetune_epochs": ns.finetune_epochs, "original": ns.original, "rows": rows,
                "macs_fraction": macs1 / macs0, "compress_seconds": compress_s,
                "total_seconds": time.perf_counter() - t0, "files": files, "latency_by": latency_by, "table": table}

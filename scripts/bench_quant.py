@@ -5,7 +5,8 @@ quantisation, pruning then INT8; accuracy, model bytes and onnxruntime CPU laten
     python scripts/bench_quant.py --latency             # latency phase: times the saved ONNX files (quiet machine!)
     python scripts/bench_quant.py --models resnet20 --qat-epochs 1 --qat-train-limit 20000
 
-Models: the Fashion-MNIST `resnet20` and `vgg_small` originals of `scripts/fashion_originals.py` (accuracy on
+Models: `digits_cnn` (the digits CNN of bench_robustness.py: 3 epochs of QAT on its 1,437 images, 360 held out),
+the Fashion-MNIST `resnet20` and `vgg_small` originals of `scripts/fashion_originals.py` (accuracy on
 the official 10,000-image test set) and the pretrained ImageNet MobileNetV2 (`amc.data`), judged like
 `bench_mobilenet_pretrained.py`: top-1 agreement with the float network and KL(float || quantised) on 100
 natural-photo crops, calibrated on 100 other crops.
@@ -16,10 +17,13 @@ Rows (calibration: `--calib-batches` training batches, the same for amc and torc
 - torch.ao PTQ INT8: `prepare_fx`/`convert_fx` with the x86 default qconfig mapping (the anchor; it runs in
   torch's own INT8 kernels, so its bytes are its `state_dict` and its latency is not onnxruntime's).
 - 4-bit weights (8-bit activations), no training; then `--qat-epochs` of training with QuantNoise(rate=1) (=
-  QAT, seed 004) and QuantNoise(rate=0.5), same lr, data and seed, each followed by the same PTQ.
+  QAT, seed 004) and QuantNoise(rate=0.5) (without and with BatchNorm re-estimated on 20 batches with every
+  weight quantised), same lr, data and seed, each followed by the same PTQ; on the digits CNN at 2 bits too.
 - product quantisation at two sizes (k-means; 256 centroids over blocks of the kernel area, the seed's
   setting, or 64 centroids over blocks twice as long; a Linear's block is 4 or 8), before and
   after `--qat-epochs` of iPQ fine-tuning (codebooks + float parameters).
+  Fashion nets only: on MobileNetV2 a 1x1 conv's block is one weight, so each layer is a scalar k-means over
+  up to 400k weights, too slow for this 2-core sweep.
 - ChannelPruning to 0.5x MACs, then amc PTQ INT8.
 
 Bytes: the ONNX file (what onnxruntime loads; INT8 weights for the quantised rows), and for PQ the amc JSON's
@@ -108,7 +112,8 @@ def _torch_ao(model, batches, example):
         return convert_fx(prepared)
 
 
-def _train_with_noise(model, train, val, epochs: int, rate: float, bits: int, lr: float, seed: int):
+def _train_with_noise(model, train, val, epochs: int, rate: float, bits: int, lr: float, seed: int,
+                      bn_batches: int = 0):
     """`epochs` of SGD on a copy of `model` (BatchNorm kept) with QuantNoise(rate, bits); returns the copy."""
     import copy
 
@@ -122,7 +127,7 @@ def _train_with_noise(model, train, val, epochs: int, rate: float, bits: int, lr
     torch.manual_seed(seed)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     BaseTrainer(train, val, None, net, nn.CrossEntropyLoss(), opt, None, epochs, "cpu",
-                callbacks=[QuantNoise(rate=rate, bits=bits, seed=seed)], progress=False).run()
+                callbacks=[QuantNoise(rate=rate, bits=bits, seed=seed, bn_batches=bn_batches)], progress=False).run()
     return net.eval()
 
 
@@ -151,6 +156,14 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
         judge = lambda net: _judge_photos(net, ref, evalset)  # noqa: E731
         x1 = evalset[:1]
         ratio = 1.0
+    elif name == "digits_cnn":
+        from bench_robustness import digits_cnn
+
+        model, train, test, info = digits_cnn()
+        info = {"test_acc": None, **info}
+        judge = lambda net: _judge_fashion(net, test)  # noqa: E731
+        x1 = next(iter(test))[0][:1]
+        ratio = 1.0
     else:
         import fashion_originals
 
@@ -159,6 +172,9 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
         judge = lambda net: _judge_fashion(net, test)  # noqa: E731
         x1 = next(iter(test))[0][:1]
         ratio = calib_batches / len(train)
+    digits = name == "digits_cnn"
+    if digits:
+        qat_epochs = max(qat_epochs, 3)  # 23 batches an epoch: a few more to train at all
     graph = amc.trace(model, x1)
     common = dict(trainset_ratio=min(1.0, ratio), example_inputs=(x1,), seed=0)
 
@@ -197,13 +213,19 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
     if not photos and qat_epochs:
         import fashion_originals
 
-        small_train, val = fashion_originals.loaders(train_limit=qat_train_limit)
-        for rate, label in ((1.0, "QAT W4A8 = QuantNoise(rate=1)"), (0.5, "QuantNoise(rate=0.5) W4A8")):
-            trained, s = timed(lambda: _train_with_noise(model, small_train, val, qat_epochs, rate, 4, lr, 0))
-            tg = amc.trace(trained, x1)
-            net, s2 = timed(lambda: Quantization(tg, train, weight_bits=4, **common).compress())
-            add(f"{label} ({qat_epochs} ep)", net, seconds=s + s2)
-    for bs_mult, k in ((1, 256), (2, 64)):
+        small_train, val = (train, test) if digits else fashion_originals.loaders(train_limit=qat_train_limit)
+        for bits in (4, 2) if digits else (4,):
+            if bits != 4:
+                net, s = timed(lambda: Quantization(graph, train, weight_bits=bits, **common).compress())
+                add(f"amc PTQ W{bits}A8 (no training)", net, seconds=s)
+            for rate, bn, label in ((1.0, 0, "QAT = QuantNoise(rate=1)"), (0.5, 0, "QuantNoise(rate=0.5)"),
+                                    (0.5, 20, "QuantNoise(rate=0.5), BN re-estimated")):
+                trained, s = timed(lambda: _train_with_noise(model, small_train, val, qat_epochs, rate, bits, lr, 0,
+                                                             bn))
+                tg = amc.trace(trained, x1)
+                net, s2 = timed(lambda: Quantization(tg, train, weight_bits=bits, **common).compress())
+                add(f"{label} W{bits}A8 ({qat_epochs} ep)", net, seconds=s + s2)
+    for bs_mult, k in ((1, 256), (2, 64)) if not photos else ():  # MobileNetV2: see the module doc
         block = {n.name: bs_mult * (int(torch.tensor(graph.network[n.module].kernel_size).prod())
                                     if isinstance(graph.network[n.module], torch.nn.Conv2d) else 4)
                  for n in graph.layer_nodes if type(graph.network[n.module]) in (torch.nn.Conv2d, torch.nn.Linear)}
@@ -275,7 +297,9 @@ def write_md(res: Dict[str, Any], path: Path) -> None:
                   "held-out photo crops.", ""]
             head = "| row | agreement | KL | ONNX bytes | other bytes | ms b1 | x fp32 | ms b32 | x fp32 | s |"
         else:
-            L += [f"Fashion-MNIST original, test accuracy {fp['acc']:.2f}% (fp32 row).", ""]
+            what = "Digits CNN (16x16), accuracy on the 360 held-out images" if m["model"] == "digits_cnn" else \
+                "Fashion-MNIST original, accuracy on the 10,000 test images"
+            L += [f"{what}: {fp['acc']:.2f}% (fp32 row).", ""]
             head = "| row | test acc | vs fp32 | ONNX bytes | other bytes | ms b1 | x fp32 | ms b32 | x fp32 | s |"
         L += [head, "|" + "---|" * (head.count("|") - 1)]
         for r in m["rows"]:
@@ -299,7 +323,7 @@ def write_md(res: Dict[str, Any], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["resnet20", "vgg_small", "mobilenet_v2"])
+    ap.add_argument("--models", nargs="+", default=["digits_cnn", "resnet20", "vgg_small", "mobilenet_v2"])
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--qat-train-limit", type=int, default=20000)
     ap.add_argument("--calib-batches", type=int, default=16)

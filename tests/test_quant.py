@@ -340,3 +340,13 @@ def test_onnx_check_still_catches_a_wrong_export(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_io, "fold_constant_quantize", corrupt)
     with pytest.raises(ExportError, match="differs from the network"):
         amc.export.save_onnx(net, str(tmp_path / "bad.onnx"), next(iter(loader))[0][:2])
+
+
+def test_quantnoise_reestimates_batchnorm_with_every_weight_quantised():
+    plain = _train([QuantNoise(rate=0.5, bits=2)])
+    recal = _train([QuantNoise(rate=0.5, bits=2, bn_batches=2)])
+    sa, sb = plain.state_dict(), recal.state_dict()
+    assert torch.equal(sa["conv1.weight"], sb["conv1.weight"])  # the weights trained the same
+    assert not torch.equal(sa["bn1.running_mean"], sb["bn1.running_mean"])  # the statistics were re-estimated
+    with pytest.raises(QuantizationError, match="bn_batches"):
+        QuantNoise(bn_batches=-1)

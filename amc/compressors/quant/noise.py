@@ -6,7 +6,9 @@ every Conv/Linear weight is replaced by its quantised value (straight-through), 
 `rate=1` is plain QAT (`w + (Q(w) - w).detach()`, bit for bit what `Quantization`'s layers compute), `rate=0`
 trains exactly as without the plug-in. The mask comes from the plug-in's own generator (`seed`), so the
 caller's RNG stream (shuffling, dropout) is the same with and without it. In eval mode the weights are fully
-quantised (`eval_quantized=True`: validation sees the network as it will be deployed).
+quantised (`eval_quantized=True`: validation sees the network as it will be deployed). `bn_batches=N`
+re-estimates BatchNorm statistics on N training batches at the end with every weight quantised (training
+saw only a `rate` share quantised, so its statistics describe a network that is never deployed).
 Works on any `nn.Module` (a ReconstructedNetwork or not), through `torch.nn.utils.parametrize`; the float
 weights are put back at the end of training, ready for `Quantization` (post-training) to quantise for good.
 """
@@ -32,6 +34,8 @@ class _NoisyWeight(nn.Module):
         q = quantize_weight(w, self.owner.bits)
         if not self.training:
             return w + (q - w).detach() if self.owner.eval_quantized else w
+        if self.owner.full:
+            return w + (q - w).detach()
         mask = torch.rand(w.shape, generator=self.owner.generator(w.device), device=w.device) < self.owner.rate
         return w + (q - w).detach() * mask.to(w.dtype)
 
@@ -39,13 +43,18 @@ class _NoisyWeight(nn.Module):
 class QuantNoise(TrainerCallback):
     """`callbacks=[QuantNoise(rate=0.5, bits=4)]`: quantisation noise on a `rate` share of the weights per step."""
 
-    def __init__(self, rate: float = 0.5, bits: int = 8, seed: int = 0, eval_quantized: bool = True):
+    def __init__(self, rate: float = 0.5, bits: int = 8, seed: int = 0, eval_quantized: bool = True,
+                 bn_batches: int = 0):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
             raise QuantizationError(f"QuantNoise rate={rate!r}: use a share in [0, 1] (1 is plain QAT)")
         self.rate = float(rate)
         self.bits = check_bits(bits, "bits")
         self.seed = int(seed)
         self.eval_quantized = bool(eval_quantized)
+        if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+            raise QuantizationError(f"bn_batches={bn_batches!r}: use an int >= 0 (0: keep the trained statistics)")
+        self.bn_batches = bn_batches
+        self.full = False  # every weight quantised, in train mode too (BatchNorm re-estimation)
         self._generators: Dict[str, torch.Generator] = {}
         self._layers: List[Tuple[nn.Module, str]] = []
 
@@ -76,4 +85,20 @@ class QuantNoise(TrainerCallback):
         self.attach(trainer.module)
 
     def on_train_end(self, trainer: Any) -> None:
+        if self.bn_batches:
+            self.recalibrate_bn(trainer.module, trainer._train_loader)
         self.detach()
+
+    def recalibrate_bn(self, model: nn.Module, loader: Any) -> None:
+        """Re-estimate BatchNorm statistics with every weight quantised: training saw a `rate` share of them
+        quantised, so its running statistics describe a network that is never deployed."""
+        from ...trainers.batchnorm import recalibrate_bn
+
+        was = model.training
+        self.full = True
+        try:
+            with torch.no_grad():
+                recalibrate_bn(model, loader, max_batches=self.bn_batches, copy=False)
+        finally:
+            self.full = False
+            model.train(was)

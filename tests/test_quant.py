@@ -350,3 +350,21 @@ def test_quantnoise_reestimates_batchnorm_with_every_weight_quantised():
     assert not torch.equal(sa["bn1.running_mean"], sb["bn1.running_mean"])  # the statistics were re-estimated
     with pytest.raises(QuantizationError, match="bn_batches"):
         QuantNoise(bn_batches=-1)
+
+
+@pytest.mark.parametrize("build,shape", [
+    (lambda: amc.models.create("vit_digits", image_size=8, dim=24, depth=2, heads=2), (1, 8, 8)),
+    (lambda: __import__("torchvision").models.mobilenet_v3_small(num_classes=10), (3, 32, 32)),
+    (lambda: __import__("torchvision").models.resnet18(num_classes=10), (3, 32, 32)),
+], ids=["vit_digits", "mobilenet_v3_small", "resnet18"])
+def test_zoo_models_quantise_and_export(build, shape, tmp_path):
+    torch.manual_seed(0)
+    model = build().eval()
+    g = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(16, *shape, generator=g), torch.zeros(16, dtype=torch.long)),
+                        batch_size=8)
+    x = torch.randn(4, *shape, generator=g)
+    q = Quantization(model, loader, trainset_ratio=1.0).compress()
+    with torch.no_grad():
+        assert _logit_error(q(x), model(x)) < 0.05
+    amc.export.save_onnx(q, str(tmp_path / "q.onnx"), x[:2])  # checked by onnxruntime inside

@@ -28,7 +28,7 @@ Rows (calibration: `--calib-batches` training batches, the same for amc and torc
 
 Bytes: the ONNX file (what onnxruntime loads; INT8 weights for the quantised rows), and for PQ the amc JSON's
 weights sidecar (uint8 codes + codebooks; its ONNX decodes float weights). Latency: onnxruntime 1 thread,
-median of 30 (batch 1) / 10 (batch 32) runs, in a separate phase so nothing else runs while it times.
+rows of a model interleaved round by round, medians, in a separate phase so nothing else runs while it times.
 Writes scripts/results/quant.{md,json} (+ ONNX files under --work).
 """
 from __future__ import annotations
@@ -249,23 +249,46 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
 
 
 # ------------------------------------------------------------------------------------------ latency
-def ort_latency(path: str, shape: List[int], batch: int, repeats: int) -> float:
-    import torch
+def _session(path: str):
+    import onnxruntime as ort
 
-    from amc.jobs.compress import ort_latency_ms
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
-    x = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(0))
-    return ort_latency_ms(path, x, repeats)
+
+def interleaved_ms(paths: List[str], shape: List[int], batch: int, rounds: int) -> List[float]:
+    """Median onnxruntime latency (ms) of each file, timed round by round (every file once per round), so
+    a drift of the machine's speed hits every row alike."""
+    import numpy as np
+
+    sessions = [_session(p) for p in paths]
+    x = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(3):
+            s.run(None, f)
+    times: List[List[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            s.run(None, f)
+            times[i].append(time.perf_counter() - t)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def latency_phase(res: Dict[str, Any]) -> None:
     res["latency"] = {"load_before": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
     for m in res["models"].values():
-        for row in m.get("rows", []):
-            if "onnx" in row and os.path.isfile(row["onnx"]):
-                row["ms_b1"] = ort_latency(row["onnx"], m["x_shape"], 1, 30)
-                row["ms_b32"] = ort_latency(row["onnx"], m["x_shape"], 32, 10)
-                print(f"{m['model']} {row['row']}: b1 {row['ms_b1']:.2f} ms, b32 {row['ms_b32']:.1f} ms", flush=True)
+        rows = [r for r in m.get("rows", []) if "onnx" in r and os.path.isfile(r["onnx"])]
+        if not rows:
+            continue
+        for key, batch, rounds in (("ms_b1", 1, 50), ("ms_b32", 32, 15)):
+            for r, ms in zip(rows, interleaved_ms([r["onnx"] for r in rows], m["x_shape"], batch, rounds)):
+                r[key] = ms
+        for r in rows:
+            print(f"{m['model']} {r['row']}: b1 {r['ms_b1']:.2f} ms, b32 {r['ms_b32']:.1f} ms", flush=True)
     res["latency"]["load_after"] = os.getloadavg()
 
 
@@ -279,9 +302,10 @@ def write_md(res: Dict[str, Any], path: Path) -> None:
          f"onnxruntime {c['onnxruntime']}, CPU, 1 thread.", ""]
     lat = res.get("latency")
     if lat:
-        L += [f"Latency phase {lat['date']}: onnxruntime CPU, 1 intra-op thread, median of 30 runs at batch 1 and "
-              f"10 at batch 32; load average before {lat['load_before'][0]:.2f}, after {lat['load_after'][0]:.2f} "
-              "(nothing else running).", ""]
+        L += [f"Latency phase {lat['date']}: onnxruntime CPU, 1 intra-op thread; per model, every row's file timed "
+              "once per round, 50 rounds at batch 1 and 15 at batch 32, medians; load average before "
+              f"{lat['load_before'][0]:.2f}, after {lat['load_after'][0]:.2f} (nothing else running). Rows with the "
+              "same graph (INT8 and W4A8 both run int8 kernels) differ only by timing noise.", ""]
     else:
         L += ["Latency: not measured yet (`--latency`).", ""]
     L += [__doc__.split("Rows (")[1].split("Writes")[0].join(["Rows (", ""]), ""]

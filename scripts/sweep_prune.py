@@ -29,6 +29,7 @@ and scripts/results/prune_sweep.md. Examples:
     python scripts/sweep_prune.py --models resnet18,vit_b_16 --skip-latency
     python scripts/sweep_prune.py --resume --models swin_t      # re-run one model, keep the rest
     python scripts/sweep_prune.py --resume --jobs 2             # finish an interrupted sweep
+    python scripts/sweep_prune.py --zoo timm --skip-latency     # smallest model of every timm family
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -75,13 +76,26 @@ def _setup(seed: int, threads: int):
     return torch
 
 
+TIMM = "timm:"  # model names of the timm zoo carry this prefix (`--zoo timm`)
+
+
+def _create(name: str):
+    """A torchvision model, or a timm one for `timm:<name>` (random weights, 1000 classes)."""
+    if name.startswith(TIMM):
+        import timm
+
+        return timm.create_model(name[len(TIMM):], pretrained=False, num_classes=NUM_CLASSES)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None)
+
+
 def build(name: str, size: int, seed: int):
     """The model (seeded, eval) and a seeded example input of batch 1."""
     import torch
-    import torchvision
 
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None).eval()
+    model = _create(name).eval()
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
     return model, x
 
@@ -295,19 +309,54 @@ def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Op
 
 def param_count(name: str) -> int:
     import torch
-    import torchvision
 
     try:
         with torch.device("meta"):
-            model = torchvision.models.get_model(name, weights=None)
+            model = _create(name)
     except Exception:  # noqa: BLE001 - some builders (regnet) compute on tensors; build for real
-        model = torchvision.models.get_model(name, weights=None)
+        model = _create(name)
     return sum(p.numel() for p in model.parameters())
 
 
-def job_list(models: str, max_params: float) -> List[Dict[str, Any]]:
+def _timm_size(name: str) -> int:
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(name[len(TIMM):], pretrained=False)
+    return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+
+
+def timm_smallest_per_family() -> List[Tuple[str, int, int]]:
+    """`(timm:<name>, input size, params)` of the smallest model of every timm family (the name up to its
+    first '_' or digit: resnet18 -> resnet, vit_tiny_patch16_224 -> vit), by parameter count on meta."""
+    import re
+
+    import timm
+    import torch
+
+    best: Dict[str, Tuple[int, str, int]] = {}
+    for name in timm.list_models():
+        family = re.split(r"[_\d]", name, maxsplit=1)[0] or name
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+            n = sum(p.numel() for p in model.parameters())
+            size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        except Exception:  # noqa: BLE001 - a builder that cannot run on meta is skipped here
+            continue
+        if family not in best or n < best[family][0]:
+            best[family] = (n, name, size)
+    return [(TIMM + name, size, n) for n, name, size in sorted(best.values(), key=lambda v: v[1])]
+
+
+def job_list(models: str, max_params: float, zoo: str = "torchvision") -> List[Dict[str, Any]]:
     import torchvision
 
+    if zoo == "timm":
+        wanted = [m if m.startswith(TIMM) else TIMM + m for m in models.split(",") if m]
+        picked = [(n, _timm_size(n), param_count(n)) for n in wanted] if wanted else timm_smallest_per_family()
+        return [{"model": n, "input": size, "params": p, "skip": p > max_params} for n, size, p in picked]
     names = torchvision.models.list_models(module=torchvision.models)
     if models:
         wanted = [m for m in models.split(",") if m]
@@ -565,9 +614,13 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--note", default="", help="a sentence about the run's conditions, printed under the title")
     p.add_argument("--render-only", action="store_true", help="re-render the markdown from the JSON and exit")
+    p.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision",
+                   help="timm: the smallest model of every timm family (random weights, its default input size), "
+                        "written to prune_sweep_timm.{json,md}")
     args = p.parse_args(argv)
+    stem = "prune_sweep" if args.zoo == "torchvision" else "prune_sweep_timm"
     if args.render_only:
-        json_path = os.path.join(args.out_dir, "prune_sweep.json")
+        json_path = os.path.join(args.out_dir, f"{stem}.json")
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
         run_args = argparse.Namespace(**{**data["meta"]["args"], **({"note": args.note} if args.note else {})})
@@ -575,21 +628,23 @@ def main(argv=None) -> int:
         for r in rows:
             if not r.get("skipped"):
                 derive(r)
-        write_atomic(os.path.join(args.out_dir, "prune_sweep.md"),
+        write_atomic(os.path.join(args.out_dir, f"{stem}.md"),
                      render_markdown(rows, data["meta"].get("remaining", []), run_args))
-        print(f"re-rendered {os.path.join(args.out_dir, 'prune_sweep.md')}")
+        print(f"re-rendered {os.path.join(args.out_dir, stem + '.md')}")
         return 0
 
-    json_path = os.path.join(args.out_dir, "prune_sweep.json")
-    md_path = os.path.join(args.out_dir, "prune_sweep.md")
-    jobs = job_list(args.models, args.max_params)
+    json_path = os.path.join(args.out_dir, f"{stem}.json")
+    md_path = os.path.join(args.out_dir, f"{stem}.md")
+    jobs = job_list(args.models, args.max_params, args.zoo)
     results: Dict[str, Dict[str, Any]] = {}
-    order = [j["model"] for j in job_list("", args.max_params)] if args.resume else [j["model"] for j in jobs]
+    order = [j["model"] for j in job_list("", args.max_params, args.zoo)] if args.resume else \
+        [j["model"] for j in jobs]
     if args.resume and os.path.exists(json_path):
         with open(json_path, encoding="utf-8") as f:
             for r in json.load(f)["results"]:
                 results[r["model"]] = r
-    forced = set(m for m in args.models.split(",") if m)
+    forced = set(m if args.zoo == "torchvision" or m.startswith(TIMM) else TIMM + m
+                 for m in args.models.split(",") if m)
     todo = [j for j in jobs if not j["skip"] and (j["model"] in forced or j["model"] not in results)]
     for job in jobs:
         if job["skip"]:

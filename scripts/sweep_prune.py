@@ -350,12 +350,26 @@ def timm_smallest_per_family() -> List[Tuple[str, int, int]]:
     return [(TIMM + name, size, n) for n, name, size in sorted(best.values(), key=lambda v: v[1])]
 
 
+def _cached_families() -> List[Tuple[str, int, int]]:
+    """`timm_smallest_per_family()` (about 10 minutes of meta builds), kept per timm version in the cache."""
+    import timm
+
+    path = os.path.join(os.environ.get("AMC_BENCH_CACHE", os.path.expanduser("~/.cache/amc_bench")),
+                        f"timm_families_{timm.__version__}.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return [tuple(v) for v in json.load(f)]
+    picked = timm_smallest_per_family()
+    write_atomic(path, json.dumps(picked))
+    return picked
+
+
 def job_list(models: str, max_params: float, zoo: str = "torchvision") -> List[Dict[str, Any]]:
     import torchvision
 
     if zoo == "timm":
         wanted = [m if m.startswith(TIMM) else TIMM + m for m in models.split(",") if m]
-        picked = [(n, _timm_size(n), param_count(n)) for n in wanted] if wanted else timm_smallest_per_family()
+        picked = [(n, _timm_size(n), param_count(n)) for n in wanted] if wanted else _cached_families()
         return [{"model": n, "input": size, "params": p, "skip": p > max_params} for n, size, p in picked]
     names = torchvision.models.list_models(module=torchvision.models)
     if models:

@@ -56,3 +56,11 @@ def test_bad_latency_budgets_are_refused(kwargs, match):
     model, x = _wide(), torch.randn(1, 3, 32, 32)
     with pytest.raises(PruningError, match=match):
         amc.prune(model, example_inputs=(x,), **kwargs)
+
+
+def test_latency_table_leaves_the_model_as_it_was(tmp_path):
+    model, x = _wide(), torch.randn(1, 3, 32, 32)
+    net = amc.trace(model, x).train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    amc.latency_table(net, (x,), ratios=(0.5,), rounds=2, cache_dir=False)
+    assert net.training and all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())

@@ -133,6 +133,13 @@ def build_table(plan: Any, inputs: Tuple[Any, ...], ratios: Sequence[float] = DE
     return table
 
 
+def _keeps_model(fn):
+    from .prune import _keeps_model as keep
+
+    return keep(fn)
+
+
+@_keeps_model
 def latency_table(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
                   ratios: Sequence[float] = DEFAULT_RATIOS, criterion: Any = "l2", ignore: Sequence[str] = (),
                   round_to: int = 1, rounds: int = 15, cache_dir: Any = None,

@@ -278,3 +278,47 @@ def test_recurrent_state_given_by_the_caller_ties_the_hidden_units():
     pruned = amc.prune(net, 0.5, example_inputs=(x[:1], h[:1]))
     assert pruned.network["rnn"].hidden_size == 16  # the caller's h0 has 16 features: nothing to remove
     assert pruned.network["inp"].out_features == 6  # the input side still prunes
+
+
+class UntrackedDepthwise(nn.Module):
+    """cpubone's ConvAttention: GroupNorm(1) then a depthwise conv whose input channels are not tracked."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(1, 16)
+        self.dw, self.pw = nn.Conv2d(16, 16, 2, stride=2, groups=16), nn.Conv2d(16, 24, 1)
+        self.up, self.fc = nn.Conv2d(24, 16, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.up(self.pw(self.dw(self.norm(x)).relu()).relu())
+        x = x + nn.functional.interpolate(y, scale_factor=2.0)
+        return self.fc(x.mean((2, 3)))
+
+
+class ChannelsAlongLength(nn.Module):
+    """CoaT's head: class tokens of three branches stacked as [B, 3, C] and mixed by a Conv1d whose
+    length axis is the channel axis, then a Linear over C."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1))
+                                  for _ in range(3))
+        self.agg, self.fc = nn.Conv1d(3, 1, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        feats = torch.stack([m(x).mean((2, 3)) for m in (self.a, self.b, self.c)], dim=1)
+        return self.fc(self.agg(feats).squeeze(1))
+
+
+@pytest.mark.parametrize("cls", [UntrackedDepthwise, ChannelsAlongLength], ids=lambda c: c.__name__)
+def test_conv_over_untracked_or_laid_out_channels_prunes_safely(cls):
+    """A depthwise conv whose input cannot lose channels keeps its output (cpubone_nano broke), and
+    channels along a conv's spatial axis stay whole (coat_tiny and bat_resnext26ts broke)."""
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(2, 3, 8, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard(x).shape == (2, 10)
+    assert amc.count(hard, x)[0] < amc.count(model, x)[0]
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)

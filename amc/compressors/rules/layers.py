@@ -34,6 +34,9 @@ def conv(c: RuleCall) -> Any:
     win, wout = (0, 1) if transposed else (1, 0)
     out_dims: List[Vec] = [None] * c.out.dim()
     out_dims[:ch] = dims[:ch]
+    for spatial in dims[ch + 1:]:
+        if spatial is not None:     # channels laid out along a spatial axis (CoaT's Conv1d over
+            c.a.uf.freeze(spatial)  # [B, 3, C]) are mixed by the kernel: they stay whole
     if m.groups == 1:
         c.a.axis(name, "weight", win, cin)
         new = c.a.new_space(name, m.out_channels)
@@ -43,7 +46,10 @@ def conv(c: RuleCall) -> Any:
         out_dims[ch] = new
     elif not transposed and m.groups == m.in_channels == m.out_channels:
         if cin is None:
+            # the input's channels are not tracked, so it cannot lose the channel a removed output
+            # reads: the depthwise output is kept whole
             cin = c.a.new_space(name, m.out_channels)
+            c.a.uf.freeze(cin)
         c.a.axis(name, "weight", 0, cin)
         if m.bias is not None:
             c.a.axis(name, "bias", 0, cin)

@@ -721,6 +721,60 @@ class UsesLen(nn.Module):
         return x.reshape(len(x), -1)
 
 
-def test_len_of_a_traced_tensor_warns_that_the_size_is_frozen():
-    with pytest.warns(UserWarning, match=r"len\(tensor\) returns a plain int"):
-        amc.trace(UsesLen(), torch.randn(2, 3, 4))
+def test_len_of_a_traced_tensor_is_a_size_read_at_run_time(assert_same):
+    net = amc.trace(UsesLen(), torch.randn(2, 3, 4))
+    x = torch.randn(5, 3, 4)
+    assert_same(UsesLen()(x), net(x))
+
+
+class LenSized(nn.Module):
+    """`len(tensor)` sizes a new tensor (torchvision's `num_rois = len(rois)`)."""
+
+    def forward(self, x):
+        kept = x[x[:, 0] > 0]
+        return torch.zeros(len(kept), x.shape[1]) + kept
+
+
+def test_len_of_a_tensor_follows_the_input(assert_same):
+    torch.manual_seed(0)
+    a, b = torch.randn(9, 3), torch.randn(9, 3)
+    b[:, 0] = b[:, 0].abs()  # every row kept: another count than the traced one
+    net = amc.trace(LenSized(), a)
+    assert_same(LenSized()(b), net(b))
+
+
+def paste_by_value(x):
+    """A size read from a tensor's value: a trace would freeze it."""
+    n = int(x[0, 0].abs() * 3) + 1
+    return x[:, :n].sum(1)
+
+
+amc.register_op(paste_by_value, leaf=True)
+
+
+class PastesByValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return paste_by_value(self.fc(x))
+
+
+def test_registered_leaf_function_is_recorded_whole_and_round_trips(tmp_path, assert_same):
+    torch.manual_seed(0)
+    model = PastesByValue().eval()
+    xs = [torch.randn(2, 6) for _ in range(6)]
+    sizes = {int(model.fc(x)[0, 0].abs() * 3) + 1 for x in xs}
+    assert len(sizes) > 1, "the inputs must need different sizes"
+    net = amc.trace(model, xs[0])
+    assert [n.meta["op"] for n in net.layer_nodes if "paste" in n.name] == ["paste_by_value"]
+    assert paste_by_value.__name__ == "paste_by_value"  # the global was restored after capture
+    net.save_to_json(str(tmp_path / "n.json"))
+    net.save(pkl=str(tmp_path / "n.pkl"))
+    loaded = [amc.ReconstructedNetwork.load_from_json(str(tmp_path / "n.json")),
+              amc.ReconstructedNetwork.load(pkl=str(tmp_path / "n.pkl"))]
+    with torch.no_grad():
+        for x in xs:
+            for g in [net] + loaded:
+                assert_same(model(x), g(x))

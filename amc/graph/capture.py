@@ -13,6 +13,8 @@ containers need no support at all: the path taken is what is recorded.
 """
 from __future__ import annotations
 
+import builtins
+import functools
 import inspect
 import itertools
 import linecache
@@ -29,13 +31,14 @@ from torch.overrides import TorchFunctionMode
 from ..errors import CaptureError
 from .node import InputNode, Node
 from .ops import (_GUARD_OPS, AutogradFunctionOp, Constant, FunctionOp, GetAttr, ParamHolder, SetItem, ShapeGuard,
-                  TensorSize, function_spec, module_spec, name_of_callable)
+                  TensorSize, function_spec, leaf_functions, module_spec, name_of_callable)
 from .template import Ref, iter_refs
 from .untouched import untouched
 
 _ACTIVE: Optional["Tracer"] = None
 _ORIG_CALL = nn.Module.__call__
 _ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
+_ORIG_LEN = builtins.len
 _PASS_THROUGH = {
     torch.Tensor.dim, torch.Tensor.ndimension, torch.Tensor.__len__, torch.Tensor.item, torch.Tensor.tolist,
     torch.Tensor.numpy, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
@@ -418,6 +421,17 @@ class Tracer(TorchFunctionMode):
         self._module_keys.setdefault(id(mod), node.module)
         return out
 
+    def call_leaf_function(self, fn: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        targs, tkwargs = self.to_template(args), self.to_template(kwargs)
+        self._leaf_depth += 1
+        try:
+            out = fn(*_plain(args), **_plain(kwargs))
+        finally:
+            self._leaf_depth -= 1
+        name = self._unique(self._scoped(fn.__name__))
+        self._add(name, FunctionOp(fn), targs, tkwargs, {"op": function_spec(fn).name}, out)
+        return out
+
     def call_autograd_function(self, cls: type, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         targs, tkwargs = self.to_template(args), self.to_template(kwargs)
         self._leaf_depth += 1
@@ -464,6 +478,8 @@ class Tracer(TorchFunctionMode):
         _ACTIVE = self
         nn.Module.__call__ = _patched_call
         torch.autograd.Function.apply = classmethod(_patched_apply)
+        builtins.len = _patched_len
+        self._swapped = _swap_leaf_functions()
         self.__enter__()
 
     def end(self) -> None:
@@ -473,6 +489,9 @@ class Tracer(TorchFunctionMode):
         finally:
             nn.Module.__call__ = _ORIG_CALL
             torch.autograd.Function.apply = _ORIG_APPLY
+            builtins.len = _ORIG_LEN
+            for module, attr, fn in getattr(self, "_swapped", ()):
+                setattr(module, attr, fn)
             _ACTIVE = None
 
     def build(self, name: str = "") -> "ReconstructedNetwork":
@@ -511,6 +530,47 @@ def _patched_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if tracer.state != "recording" or tracer._leaf_depth:
         return _ORIG_CALL(mod, *args, **kwargs)
     return tracer.call_module(mod, args, kwargs)
+
+
+def _patched_len(obj: Any) -> int:
+    """`len(tensor)` as a size read at run time: Python's own `len` turns any int into a plain one, which
+    froze torchvision's `num_rois = len(rois)` (a data-dependent box count) into the graph."""
+    tracer = _ACTIVE
+    if (tracer is not None and isinstance(obj, torch.Tensor) and obj.dim() > 0 and tracer.state == "recording"
+            and not tracer._leaf_depth and tracer._is_traced(obj)):
+        return tracer._record_size(obj, 0)
+    return _ORIG_LEN(obj)
+
+
+def _leaf_call(fn: Any) -> Any:
+    """What a registered leaf function's name points to during capture."""
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        tracer = _ACTIVE
+        if (tracer is None or tracer.state != "recording" or tracer._leaf_depth
+                or not tracer._is_traced((args, kwargs))):
+            return fn(*args, **kwargs)
+        return tracer.call_leaf_function(fn, args, kwargs)
+    return call
+
+
+def _swap_leaf_functions() -> List[Tuple[Any, str, Any]]:
+    """Point every call site of a registered leaf function at its recording wrapper; returns what to restore."""
+    from .known_leaves import register_known
+
+    register_known()
+    swapped = []
+    for spec in leaf_functions():
+        fn = spec.key
+        for site in spec.call_sites:
+            module = sys.modules.get(site)
+            if module is None:  # a call site the user never imported is never called
+                continue
+            for attr, value in list(vars(module).items()):
+                if value is fn:
+                    swapped.append((module, attr, fn))
+                    setattr(module, attr, _leaf_call(fn))
+    return swapped
 
 
 def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:

@@ -13,9 +13,10 @@ import contextvars
 import importlib
 import math
 import operator
+import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,6 +50,7 @@ class OpSpec:
     resize: Optional[Callable[[nn.Module], None]] = None  # after a hard prune: size attributes from params
     role: Optional[str] = None  # one of ROLES, or None
     json: Optional[Any] = None  # amc.export.json_io: (to_config, from_config) serialiser
+    call_sites: Tuple[str, ...] = ()  # plain Python functions: modules whose global capture swaps for a leaf call
     like: Optional["OpSpec"] = None  # facets left unset are read from this entry (`register_op(like=...)`)
 
     def get(self, facet: str) -> Any:
@@ -94,8 +96,14 @@ def _entry(key: Any, name: Optional[str], wrapper: Optional[type], leaf: Optiona
 def register_op(*keys: Any, name: Optional[str] = None, wrapper: Optional[type] = None, leaf: Optional[bool] = None,
                 macs: Optional[MacsFn] = None, channels: Optional[Callable] = None, opaque: Optional[bool] = None,
                 resize: Optional[Callable[[nn.Module], None]] = None, role: Optional[str] = None,
-                json: Optional[Any] = None, like: Any = None, **meta: Any) -> Callable[[Any], Any]:
+                json: Optional[Any] = None, like: Any = None, call_sites: Sequence[str] = (),
+                **meta: Any) -> Callable[[Any], Any]:
     """Add or extend the registry entry of module classes / callables; facets left None are kept.
+
+    A plain Python function registered with `leaf=True` is recorded as one node, its body run as is:
+    for code whose sizes come from tensor values (`int(box[2] - box[0])`, a loop per detection), which
+    a trace would freeze. Capture swaps the function's global in its own module and in `call_sites`
+    (the modules that imported it by name), as torch.fx.wrap does.
 
     `like=nn.Conv2d` starts from that entry's facets (MACs, channel rule, resize, role), so a layer that
     behaves like a known one needs only what differs.
@@ -126,6 +134,8 @@ def register_op(*keys: Any, name: Optional[str] = None, wrapper: Optional[type] 
             setattr(spec, facet, value)
             fresh.add((key, facet))
         spec.meta.update(meta)
+        if call_sites or (leaf and _is_python_function(key)):
+            spec.call_sites = tuple(dict.fromkeys((key.__module__,) + spec.call_sites + tuple(call_sites)))
 
     for key in dict.fromkeys(keys):  # aliases such as Tensor.__neg__ is Tensor.neg appear once
         put(key, facets)
@@ -174,6 +184,15 @@ def inplace_twin(key: Any) -> Optional[Any]:
 def registered_ops() -> List[OpSpec]:
     """Every entry, modules first: what the registry-walking tests parametrize over."""
     return list(_MODULE_OPS.values()) + list(_FUNCTION_OPS.values())
+
+
+def _is_python_function(obj: Any) -> bool:
+    return isinstance(obj, types.FunctionType) and (getattr(obj, "__module__", "") or "").split(".")[0] != "torch"
+
+
+def leaf_functions() -> List[OpSpec]:
+    """Plain Python functions registered to be recorded whole (see `register_op`)."""
+    return [spec for key, spec in list(_FUNCTION_OPS.items()) if spec.leaf and spec.call_sites]
 
 
 def module_spec(module: nn.Module) -> Optional[OpSpec]:
@@ -257,6 +276,8 @@ def name_of_callable(fn: Any) -> Optional[str]:
         name = _NAME_OF.get(fn)
     except TypeError:
         name = None
+    if name is None and _is_python_function(fn) and function_spec(fn) is not None and function_spec(fn).call_sites:
+        name = f"{fn.__module__}.{fn.__qualname__}"
     if name is None and isinstance(getattr(fn, "__self__", None), type) and hasattr(fn, "__func__"):
         cls = fn.__self__  # autograd.Function.apply of a user class
         name = f"{cls.__module__}.{cls.__qualname__}.apply"
@@ -277,6 +298,9 @@ def resolve_callable(name: str, allow_any: bool = False) -> Any:
                 known = False
             if known or (obj is not None and allow_any):  # only names capture itself would write
                 return obj
+    for spec in leaf_functions():  # registered by code this process imported: no foreign import
+        if f"{spec.key.__module__}.{spec.key.__qualname__}" == name:
+            return spec.key
     if allow_any:
         parts = name.split(".")
         for i in range(len(parts) - 1, 0, -1):

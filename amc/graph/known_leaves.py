@@ -1,0 +1,36 @@
+"""Functions of popular libraries whose sizes come from tensor values, recorded whole by capture.
+
+torchvision's detectors paste each mask into its box (`int(box[2] - box[0] + 1)`) and decode each
+keypoint heatmap at its box's size (`int(widths_ceil[i].item())`), and `batched_nms` loops over the
+classes present: a trace would keep one image's boxes as constants and paste the next image's masks
+wrongly. Registered only once the library is
+imported (the user's model imported it), so amc itself does not import it.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Dict, Tuple
+
+from .ops import function_spec, register_op
+
+# module -> (function name, call sites: the modules that imported it by name)
+KNOWN: Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]] = {
+    # one NMS per class present: the loop runs over torch.unique(labels), a count that differs per image
+    "torchvision.ops.boxes": (("batched_nms", ("torchvision.ops",)),),
+    "torchvision.models.detection.roi_heads": (
+        ("paste_masks_in_image", ("torchvision.models.detection.transform",)),
+        ("heatmaps_to_keypoints", ()),
+    ),
+}
+
+
+def register_known() -> None:
+    """Register the entries of KNOWN whose module is imported (idempotent)."""
+    for module_name, entries in KNOWN.items():
+        module = sys.modules.get(module_name)
+        if module is None:
+            continue
+        for attr, sites in entries:
+            fn = getattr(module, attr, None)
+            if fn is not None and function_spec(fn) is None:
+                register_op(fn, leaf=True, call_sites=sites)

@@ -322,3 +322,49 @@ def test_conv_over_untracked_or_laid_out_channels_prunes_safely(cls):
     assert hard(x).shape == (2, 10)
     assert amc.count(hard, x)[0] < amc.count(model, x)[0]
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+
+
+class FunctionalConv(nn.Conv2d):
+    """timm's Conv2dSame / StdConv2d: a Conv2d subclass whose forward calls F.conv2d (traced into)."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class GroupNormNet(nn.Module):
+    """GroupNorm heads (FCOS, RetinaNet v2), timm's one-group GroupNorm1 (functional) and functional
+    dense and depthwise convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.gn1 = nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(8, 32)
+        self.c2, self.gn2 = FunctionalConv(32, 32, 3, padding=1), nn.GroupNorm(1, 32)
+        self.dw, self.c3 = FunctionalConv(32, 32, 3, padding=1, groups=32), nn.Conv2d(32, 16, 1)
+        self.gn3, self.fc = nn.GroupNorm(4, 16, affine=False), nn.Linear(16, 5)
+        with torch.no_grad():  # norms that are not the identity, so a wrong prune shows
+            for gn in (self.gn1, self.gn2):
+                gn.weight.uniform_(0.5, 1.5)
+                gn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        y = self.gn1(self.c1(x)).relu()
+        y = self.gn2(self.c2(y)).relu()
+        y = nn.functional.group_norm(self.dw(y), 1).relu()
+        return self.fc(self.gn3(self.c3(y)).relu().mean((2, 3)))
+
+
+def test_group_norms_and_functional_convs_prune_exactly():
+    """Whole groups go (the kept ones normalise as before), one-group norms go channel by channel,
+    functional convs keep their kernel size (they lost a kernel row and column before) and `groups`
+    of a functional depthwise conv follows its channels; soft == hard."""
+    torch.manual_seed(0)
+    model, x = GroupNormNet().eval(), torch.randn(2, 3, 8, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+    assert amc.count(hard, x)[0] < 0.5 * amc.count(model, x)[0]
+    gn1 = hard.module_of("gn1")
+    assert (gn1.num_groups, gn1.num_channels) == (4, 16) and hard.module_of("gn3").num_groups == 2
+    kernels = [p.shape[2:] for n, p in hard.named_parameters() if n.endswith(("c2_weight.value", "dw_weight.value"))]
+    assert kernels == [torch.Size([3, 3])] * 2
+

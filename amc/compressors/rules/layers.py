@@ -117,7 +117,112 @@ def layernorm(c: RuleCall) -> Any:
     return TL(dims)
 
 
-@register_rule(nn.GroupNorm, nn.LocalResponseNorm, nn.ChannelShuffle)
+def _group_units(c: RuleCall, cin: Vec, groups: int) -> None:
+    """GroupNorm's channels go a whole group at a time: the kept groups normalise over exactly what
+    they did, so the prune is exact for them and the group count shrinks. With one group (timm's
+    GroupNorm1) channels go one by one, as through a LayerNorm: the statistics follow the kept ones."""
+    if groups > 1:
+        grid = cin.reshape(groups, -1)
+        for col in grid.T[1:]:
+            c.a.uf.union_vecs(grid[:, 0].copy(), col.copy())
+
+
+@register_rule(nn.GroupNorm)
+def groupnorm(c: RuleCall) -> Any:
+    m, x, name = c.module, c.args[0], c.node.name
+    dims = _dims_of(c, 0, x)
+    cin = dims[1] if x.dim() > 1 else None
+    if cin is None:
+        return TL(dims)
+    _group_units(c, cin, m.num_groups)
+    for attr in ("weight", "bias"):
+        if getattr(m, attr, None) is not None:
+            c.a.axis(name, attr, 0, cin)
+    c.a.fixup(name, fix_groupnorm, vec=cin, per_group=m.num_channels // m.num_groups, groups=m.num_groups)
+    return TL(dims)
+
+
+@register_rule(F.group_norm)
+def f_group_norm(c: RuleCall) -> Any:
+    x = c.args[0]
+    dims = _dims_of(c, 0, x)
+    groups = c.arg(1, "num_groups")
+    cin = dims[1] if x.dim() > 1 else None
+    if cin is None or not isinstance(groups, int):
+        return opaque(c)
+    _group_units(c, cin, int(groups))
+    for i, key in ((2, "weight"), (3, "bias")):
+        p, dp = arg_dims(c, i, key)
+        if isinstance(p, torch.Tensor):
+            c.a.uf.union_vecs(dp[0], cin)
+    c.a.fixup(c.node.name, fix_functional_groupnorm, vec=cin, per_group=x.shape[1] // int(groups),
+              groups=int(groups))
+    return TL(dims)
+
+
+def fix_groupnorm(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    """Hard: the group count follows the kept channels. Soft: a silenced group outputs 0 as it is;
+    with one group the statistics must skip the silenced channels (MaskedGroupNorm)."""
+    keep = keep_of(fx.data["vec"])
+    if keep.all():
+        return
+    key = net.node(fx.node).module
+    gn = net.network[key]
+    if mode == "hard":
+        gn.num_channels = int(keep.sum())
+        gn.num_groups = 1 if fx.data["groups"] == 1 else gn.num_channels // fx.data["per_group"]
+    elif fx.data["groups"] == 1 and not isinstance(gn, MaskedGroupNorm):
+        net.network[key] = MaskedGroupNorm(torch.from_numpy(keep), gn)
+
+
+def fix_functional_depthwise(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    """Hard: `groups` of a depthwise `F.conv*` call is its kept channel count."""
+    keep = keep_of(fx.data["vec"])
+    if mode != "hard" or keep.all():
+        return
+    node = net.node(fx.node)
+    if len(node.args) > 6:
+        node.args = tuple(node.args[:6]) + (int(keep.sum()),) + tuple(node.args[7:])
+    else:
+        node.kwargs["groups"] = int(keep.sum())
+
+
+def fix_functional_groupnorm(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    keep = keep_of(fx.data["vec"])
+    if keep.all():
+        return
+    node = net.node(fx.node)
+    if mode == "hard":
+        groups = 1 if fx.data["groups"] == 1 else int(keep.sum()) // fx.data["per_group"]
+        if len(node.args) > 1:
+            node.args = (node.args[0], groups) + tuple(node.args[2:])
+        else:
+            node.kwargs["num_groups"] = groups
+    elif fx.data["groups"] == 1:
+        net.network[node.module] = MaskedGroupNorm(torch.from_numpy(keep))
+
+
+class MaskedGroupNorm(nn.Module):
+    """One-group GroupNorm over the kept channels only; pruned channels output 0 (soft pruning). Wraps
+    the module, or stands in for `F.group_norm(x, 1, weight, bias, eps)` when `gn` is None."""
+
+    def __init__(self, keep: torch.Tensor, gn: Optional[nn.GroupNorm] = None):
+        super().__init__()
+        self.gn = gn
+        self.register_buffer("keep_idx", torch.nonzero(keep).flatten())
+
+    def forward(self, x: torch.Tensor, num_groups: int = 1, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
+        if self.gn is not None:
+            weight, bias, eps = self.gn.weight, self.gn.bias, self.gn.eps
+        idx = self.keep_idx
+        y = torch.zeros_like(x)
+        y[:, idx] = F.group_norm(x[:, idx], 1, None if weight is None else weight[idx],
+                                 None if bias is None else bias[idx], eps)
+        return y
+
+
+@register_rule(nn.LocalResponseNorm, nn.ChannelShuffle)
 def mixes_channels(c: RuleCall) -> Any:
     x = c.args[0]
     dims = _dims_of(c, 0, x)
@@ -174,6 +279,19 @@ def f_conv(c: RuleCall) -> Any:
         return opaque(c)
     groups = c.arg(6, "groups", 1)
     ch = x.dim() - (w.dim() - 2) - 1
+    for kernel in dw[2:]:  # a kernel's spatial extent is never a channel
+        _freeze(c, kernel)
+    if groups != 1 and groups == x.shape[ch] == w.shape[0]:  # depthwise (timm's Conv2dSame): i in, i out
+        _freeze(c, dw[1])
+        c.a.uf.union_vecs(dw[0], dx[ch]) if (dw[0] is not None or dx[ch] is not None) else None
+        b, db = arg_dims(c, 2, "bias")
+        if isinstance(b, torch.Tensor):
+            c.a.uf.union_vecs(db[0], dw[0]) if (db[0] is not None or dw[0] is not None) else None
+        out = [None] * c.out.dim()
+        out[:ch + 1] = dx[:ch + 1]
+        if out[ch] is not None:
+            c.a.fixup(c.node.name, fix_functional_depthwise, vec=out[ch])
+        return TL(out)
     if groups != 1:
         opaque(c)
         return TL.unlabeled(c.out.dim())

@@ -73,9 +73,9 @@ def spatial(c: RuleCall) -> Any:
 
 # Declared opaque: channels stop here, on purpose. Recurrent cells, embedding and bilinear layers mix or
 # create features in ways no rule models yet; creation ops (zeros, arange, new_*) take a tensor only for
-# its dtype/device; gathers, unfold/fold, GLU halving and group/RMS norms move or mix channels.
+# its dtype/device; gathers, unfold/fold, GLU halving and RMS norm move or mix channels.
 mark_opaque(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
-            nn.GLU, F.glu, F.embedding, F.one_hot, F.group_norm, F.rms_norm, F.unfold, F.fold,
+            nn.GLU, F.glu, F.embedding, F.one_hot, F.rms_norm, F.unfold, F.fold,
             T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor, torch.zeros, torch.ones, torch.full,
             torch.empty, torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.meshgrid,
             T.index_select, torch.index_select, T.gather, torch.gather, T.unfold, T.__rmatmul__, torch.baddbmm,

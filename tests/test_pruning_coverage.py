@@ -368,3 +368,25 @@ def test_group_norms_and_functional_convs_prune_exactly():
     kernels = [p.shape[2:] for n, p in hard.named_parameters() if n.endswith(("c2_weight.value", "dw_weight.value"))]
     assert kernels == [torch.Size([3, 3])] * 2
 
+
+
+class L2NormNet(nn.Module):
+    """SSD's L2Norm: `F.normalize(x, dim=1) * weight` on conv4_3's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3), nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        y = nn.functional.normalize(self.c1(x).relu(), dim=1) * self.scale.view(1, -1, 1, 1)
+        return self.fc(self.c2(y).mean((2, 3)))
+
+
+def test_l2_normalize_over_channels_prunes_exactly():
+    torch.manual_seed(0)
+    model, x = L2NormNet().eval(), torch.randn(2, 3, 8, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("c1").out_channels == 8
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)

@@ -34,7 +34,17 @@ register_rule(torch.add, T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, torch
 register_rule(T.mean, torch.mean, T.sum, torch.sum, T.amax, T.amin, T.max, T.min, torch.max, torch.min, T.norm,
               torch.norm, T.var, T.std, T.argmax, torch.argmax, torch.amax, torch.amin, torch.logsumexp)(reduction)
 register_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, T.softmax, T.log_softmax, T.cumsum,
-              torch.cumsum, F.normalize)(along_dim)
+              torch.cumsum)(along_dim)
+
+
+@register_rule(F.normalize)
+def normalize(c: RuleCall) -> Any:
+    """`x / ||x||_p` along a dim: a pruned channel is 0 there (soft) or absent (hard), and adds nothing
+    to the norm either way, so channels pass through one by one (SSD's L2Norm on conv4_3)."""
+    p = c.arg(1, "p", 2.0)
+    if not isinstance(p, (int, float)) or p <= 0:
+        return along_dim(c)
+    return elementwise(c)
 
 
 @register_rule(nn.Softmax, nn.LogSoftmax)

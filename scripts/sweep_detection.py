@@ -354,9 +354,10 @@ def render(rows: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
              f"ratio {RATIO}, L2 (ours) / group L1 as in TP's example (TP). Images {SIZE}x{SIZE} (the two-image "
              f"trace adds a {OTHER[0]}x{OTHER[1]} one; the transform of each model resizes as it always does).",
              "",
-             "**Timings were taken on a shared, loaded machine**: the 1-minute load average at the start and end "
-             "of each model's latency run is printed beside its latency; pruning times carry the load of the "
-             "sweep's start/end. Compare ratios between columns of one row, not seconds across rows.", "",
+             "**Timings**: the 1-minute load average at the start and end of each model's latency run is "
+             "printed beside its latency (other benchmarks on this 2-core machine were paused with SIGSTOP "
+             "while it ran; the sweep's own threads make up the load). Compare ratios between columns of one "
+             "row, not seconds across rows.", "",
              "## Summary", "",
              f"- Models run: {len(rows)} of {len(rows) + len(meta.get('missing', []))}. **ours handles {sum(bool(r['ours'].get('handled')) for r in rows)}/{len(rows)}** "
              f"(trace at 1 and 2 images equal to eager, two-image call of the one-image trace refused, pruned "

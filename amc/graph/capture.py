@@ -490,8 +490,8 @@ class Tracer(TorchFunctionMode):
             nn.Module.__call__ = _ORIG_CALL
             torch.autograd.Function.apply = _ORIG_APPLY
             builtins.len = _ORIG_LEN
-            for module, attr, fn in getattr(self, "_swapped", ()):
-                setattr(module, attr, fn)
+            for space, attr, fn in getattr(self, "_swapped", ()):
+                space[attr] = fn
             _ACTIVE = None
 
     def build(self, name: str = "") -> "ReconstructedNetwork":
@@ -562,14 +562,12 @@ def _swap_leaf_functions() -> List[Tuple[Any, str, Any]]:
     swapped = []
     for spec in leaf_functions():
         fn = spec.key
-        for site in spec.call_sites:
-            module = sys.modules.get(site)
-            if module is None:  # a call site the user never imported is never called
-                continue
-            for attr, value in list(vars(module).items()):
+        spaces = [fn.__globals__] + [vars(sys.modules[site]) for site in spec.call_sites if site in sys.modules]
+        for space in {id(sp): sp for sp in spaces}.values():  # its own module (even exec'd code), then callers'
+            for attr, value in list(space.items()):
                 if value is fn:
-                    swapped.append((module, attr, fn))
-                    setattr(module, attr, _leaf_call(fn))
+                    swapped.append((space, attr, fn))
+                    space[attr] = _leaf_call(fn)
     return swapped
 
 

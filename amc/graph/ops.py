@@ -135,7 +135,7 @@ def register_op(*keys: Any, name: Optional[str] = None, wrapper: Optional[type] 
             fresh.add((key, facet))
         spec.meta.update(meta)
         if call_sites or (leaf and _is_python_function(key)):
-            spec.call_sites = tuple(dict.fromkeys((key.__module__,) + spec.call_sites + tuple(call_sites)))
+            spec.call_sites = tuple(dict.fromkeys((str(key.__module__),) + spec.call_sites + tuple(call_sites)))
 
     for key in dict.fromkeys(keys):  # aliases such as Tensor.__neg__ is Tensor.neg appear once
         put(key, facets)

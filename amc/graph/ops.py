@@ -136,6 +136,8 @@ def register_op(*keys: Any, name: Optional[str] = None, wrapper: Optional[type] 
         spec.meta.update(meta)
         if call_sites or (leaf and _is_python_function(key)):
             spec.call_sites = tuple(dict.fromkeys((str(key.__module__),) + spec.call_sites + tuple(call_sites)))
+            if spec.channels is None:  # its body is not traced: channels stop there unless a rule says more
+                spec.opaque = True
 
     for key in dict.fromkeys(keys):  # aliases such as Tensor.__neg__ is Tensor.neg appear once
         put(key, facets)

@@ -390,3 +390,25 @@ def test_l2_normalize_over_channels_prunes_exactly():
     soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
     assert hard.module_of("c1").out_channels == 8
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+
+
+class ChannelRuns(nn.Module):
+    """Contiguous runs of channels sliced off a conv's output (`g[:, -3:]`, `g[:, 2:5]`) and concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+        self.c3, self.fc = nn.Conv2d(8 + 3 + 3, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x):
+        g = self.c2(self.c1(x).relu()[..., ::2, 1::2])
+        return self.fc(self.c3(torch.cat([g, g[:, -3:], g[..., 2:5, :, :]], 1)).mean((2, 3)))
+
+
+def test_contiguous_channel_slices_prune_with_their_readers():
+    torch.manual_seed(0)
+    model, x = ChannelRuns().eval(), torch.randn(2, 3, 8, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("c2").out_channels < 8 and hard.module_of("c3").in_channels < 14
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)

@@ -20,7 +20,8 @@ T = torch.Tensor
 KeepFn = Callable[[np.ndarray], np.ndarray]
 
 def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t: Any) -> Optional[List[Vec]]:
-    if not isinstance(idx, tuple):
+    single = not isinstance(idx, tuple)
+    if single:
         idx, idx_t = (idx,), (idx_t,)
     elif not isinstance(idx_t, tuple):
         idx_t = tuple(idx_t) if isinstance(idx_t, list) else (idx_t,) * len(idx)
@@ -29,7 +30,7 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     out: List[Vec] = []
     d = 0
-    for i, t in zip(idx, idx_t):
+    for k, (i, t) in enumerate(zip(idx, idx_t)):
         if i is Ellipsis:
             for _ in range(x.dim() - n_real):
                 out.append(dims[d])
@@ -42,16 +43,35 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
             d += 1
         elif isinstance(i, slice):
             v = dims[d]
-            full = range(x.shape[d])[i] == range(x.shape[d])
-            if v is not None and not full:
-                c.a.uf.freeze(v)
-                v = None
+            r = range(x.shape[d])[i]
+            if v is not None and r != range(x.shape[d]):
+                if r.step == 1 and len(r):
+                    # a contiguous run of channels (`g[:, -3:]`): the rest prune freely, the run prunes
+                    # with its readers, and the hard prune moves the bounds onto the kept channels
+                    c.a.fixup(c.node.name, fix_channel_slice, pos=None if single else k,
+                              before=v[:r.start].copy(), inside=v[r.start:r.stop].copy())
+                    v = v[r.start:r.stop]
+                else:
+                    c.a.uf.freeze(v)
+                    v = None
             out.append(v)
             d += 1
         else:
             return None
     out.extend(dims[d:])
     return out
+
+
+def fix_channel_slice(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    """Hard: `x[..., a:b]` over pruned channels becomes the slice of the kept ones (order is kept)."""
+    if mode != "hard":
+        return
+    before = int(keep_of(fx.data["before"]).sum()) if len(fx.data["before"]) else 0
+    new = slice(before, before + int(keep_of(fx.data["inside"]).sum()))
+    node = net.node(fx.node)
+    idx, pos = node.args[1], fx.data["pos"]
+    idx = new if pos is None else tuple(idx[:pos]) + (new,) + tuple(idx[pos + 1:])
+    node.args = (node.args[0], idx) + tuple(node.args[2:])
 
 
 @register_rule(T.__getitem__)

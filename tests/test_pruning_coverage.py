@@ -412,3 +412,30 @@ def test_contiguous_channel_slices_prune_with_their_readers():
     soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
     assert hard.module_of("c2").out_channels < 8 and hard.module_of("c3").in_channels < 14
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+
+
+class FoldsTokensIntoBatch(nn.Module):
+    """hiera's Unroll: a position embedding labels the token dim, then tokens are folded into the batch
+    (`B *= 4`) and viewed with that run-time size."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.fc = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.pos = nn.Parameter(torch.randn(1, 16, 16))
+
+    def forward(self, x):
+        B = x.shape[0]
+        y = (self.proj(x) + self.pos).view(B, 4, 4, 16).permute(0, 2, 1, 3).flatten(0, 1)
+        B = B * 4
+        y = y.view(B, 2, 2, 16)
+        return self.fc(y.mean((1, 2))).view(x.shape[0], 4, 4).sum(1)
+
+
+def test_pruned_net_keeps_batch_folded_sizes_dynamic():
+    torch.manual_seed(0)
+    model = FoldsTokensIntoBatch().eval()
+    hard = amc.prune(model, ratio=0.5, example_inputs=(torch.randn(1, 16, 8),))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(torch.randn(1, 16, 8),), mode="soft")
+    x = torch.randn(3, 16, 8)
+    assert hard.module_of("proj").out_features < 16
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)

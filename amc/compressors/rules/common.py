@@ -191,6 +191,11 @@ def check_sizes(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec],
         if kind == "derived" and srcs and all(s is not None and any(_same_classes(c, s, v) for v in in_vecs)
                                               for s in srcs):
             continue  # computed from this input's own dims (C // groups): follows pruning
+        if kind in ("direct", "derived") and srcs and any(s is None for s in srcs):
+            # read at run time from a dim that is no channel (hiera's `B *= 4` folds the batch into a dim
+            # that carries pos_embed's token labels): the dim follows the input, so its labels stay whole
+            c.a.uf.freeze(out_dims[d])
+            continue
         if kind in ("direct", "derived"):
             pinned.append(d)
     return pinned

@@ -45,9 +45,11 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
             v = dims[d]
             r = range(x.shape[d])[i]
             if v is not None and r != range(x.shape[d]):
-                if r.step == 1 and len(r):
-                    # a contiguous run of channels (`g[:, -3:]`): the rest prune freely, the run prunes
-                    # with its readers, and the hard prune moves the bounds onto the kept channels
+                # a contiguous run of channels with constant bounds (`g[:, -3:]`): the rest prune freely,
+                # the run prunes with its readers, and the hard prune moves the bounds onto the kept
+                # channels; bounds read at run time (BERT's `position_ids[:, :seq_len]`) stay frozen
+                static = isinstance(t, slice) and all(b is None or type(b) is int for b in (t.start, t.stop, t.step))
+                if r.step == 1 and len(r) and static:
                     c.a.fixup(c.node.name, fix_channel_slice, pos=None if single else k,
                               before=v[:r.start].copy(), inside=v[r.start:r.stop].copy())
                     v = v[r.start:r.stop]

@@ -8,6 +8,7 @@ imported (the user's model imported it), so amc itself does not import it.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Dict, Tuple
 
@@ -24,9 +25,12 @@ KNOWN: Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]] = {
 }
 
 
-def register_known() -> None:
-    """Register the entries of KNOWN whose module is imported (idempotent)."""
+def register_known(name: str = "") -> None:
+    """Register the entries of KNOWN whose module is imported (idempotent). A loader resolving `name`
+    imports the module of a KNOWN entry it names: a fixed list, so a file cannot choose what is imported."""
     for module_name, entries in KNOWN.items():
+        if any(name == f"{module_name}.{attr}" for attr, _ in entries):
+            importlib.import_module(module_name)
         module = sys.modules.get(module_name)
         if module is None:
             continue

@@ -300,6 +300,9 @@ def resolve_callable(name: str, allow_any: bool = False) -> Any:
                 known = False
             if known or (obj is not None and allow_any):  # only names capture itself would write
                 return obj
+    from .known_leaves import register_known
+
+    register_known(name)
     for spec in leaf_functions():  # registered by code this process imported: no foreign import
         if f"{spec.key.__module__}.{spec.key.__qualname__}" == name:
             return spec.key

@@ -439,3 +439,17 @@ def test_pruned_net_keeps_batch_folded_sizes_dynamic():
     x = torch.randn(3, 16, 8)
     assert hard.module_of("proj").out_features < 16
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+
+
+
+def test_one_channel_split_piece_is_kept(one_thread):
+    """MobileViTv2's linear attention splits `qkv` into [1, d, d]: the one-channel query must not vanish
+    (the pruned network no longer ran)."""
+    import timm  # test extra (setup.py)
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("mobilevitv2_050", pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert amc.count(hard, x)[0] < 0.75 * amc.count(model, x)[0]
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-4)

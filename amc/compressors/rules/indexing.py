@@ -124,6 +124,9 @@ def split(c: RuleCall) -> Any:
         sections = fn in (T.split, torch.split) and isinstance(_split_arg(c.node), (list, tuple))
         if sections:  # split(x, [a, b, c]): each piece prunes on its own; the hard prune rewrites the list
             bounds = np.cumsum([0] + sizes)
+            for a, b in zip(bounds, bounds[1:]):
+                if b - a == 1:  # a one-channel piece (MobileViTv2's query) would vanish: it stays
+                    c.a.uf.freeze(v[a:b])
             c.a.fixup(c.node.name, fix_split_sections, vecs=[v[a:b].copy() for a, b in zip(bounds, bounds[1:])])
         elif len(set(sizes)) == 1 and fn in (T.chunk, torch.chunk, T.split, torch.split):
             for k in range(1, len(pieces)):  # equal pieces: prune them alike, so they stay equal

@@ -52,11 +52,17 @@ def output_shapes(out: Any, leaf: Optional[Any] = None) -> Any:
 
 
 def package_version(mod: str) -> str:
-    """`mod.__version__`, or "n/a" when it is not installed (for result headers)."""
+    """The installed distribution's version, or "n/a" (for result headers). Not `mod.__version__`:
+    torch_pruning 1.6.1 still reports 1.6.0 there."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return __import__(mod).__version__
-    except Exception:  # noqa: BLE001
-        return "n/a"
+        return version(mod.replace("_", "-"))
+    except PackageNotFoundError:
+        try:
+            return __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            return "n/a"
 
 
 def _limit_memory(mem_gb: Optional[float]):

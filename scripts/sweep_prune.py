@@ -388,7 +388,8 @@ def job_list(models: str, max_params: float, zoo: str = "torchvision") -> List[D
     return jobs
 
 
-def run_model(job: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+def run_model(job: Dict[str, Any], args: argparse.Namespace, previous: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """One model's stages; with `previous` (--ours-only) Torch-Pruning's stored result is kept."""
     name, size = job["model"], job["input"]
     row: Dict[str, Any] = {"model": name, "input": size, "params": job["params"]}
     tmp = tempfile.mkdtemp(prefix="amc_prune_sweep_")
@@ -398,9 +399,12 @@ def run_model(job: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
         row["ours"] = run_isolated(f"{SELF}:ours_one", {"name": name, "size": size, "seed": args.seed,
                                    "threads": args.threads, "save_path": paths["ours"] if keep else ""},
                                    timeout=args.timeout, mem_gb=args.mem_gb)
-        row["tp"] = run_isolated(f"{SELF}:tp_one", {"name": name, "size": size, "seed": args.seed,
-                                 "threads": args.threads, "save_path": paths["tp"] if keep else ""},
-                                 timeout=args.tp_timeout, mem_gb=args.mem_gb)
+        if previous is not None:
+            row["tp"] = previous["tp"]
+        else:
+            row["tp"] = run_isolated(f"{SELF}:tp_one", {"name": name, "size": size, "seed": args.seed,
+                                     "threads": args.threads, "save_path": paths["tp"] if keep else ""},
+                                     timeout=args.tp_timeout, mem_gb=args.mem_gb)
         if keep and any(os.path.exists(p) for p in paths.values()):
             row["latency"] = run_isolated(
                 f"{SELF}:latency_one", {"name": name, "size": size, "seed": args.seed, "threads": args.threads,
@@ -572,6 +576,8 @@ def _latency_coverage(ran: List[Dict[str, Any]], sp: Dict[str, List[float]]) -> 
 def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces the table (non-default options only)."""
     parts = ["python scripts/sweep_prune.py"]
+    if getattr(args, "zoo", "torchvision") != "torchvision":
+        parts.append(f"--zoo {args.zoo}")
     if getattr(args, "models", ""):
         parts.append(f"--models {args.models}")
     if getattr(args, "skip_latency", False):
@@ -615,6 +621,9 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true",
                    help="keep the results already in the JSON and run only the models missing there "
                         "(plus those named in --models)")
+    p.add_argument("--ours-only", action="store_true",
+                   help="re-run only amc's stage of the models already in the JSON (all, or those in --models) "
+                        "and keep Torch-Pruning's stored results: for a rerun after amc's rules change")
     p.add_argument("--jobs", type=int, default=1,
                    help="models run at the same time (default 1; more is faster but adds latency noise)")
     p.add_argument("--max-params", type=float, default=250e6, help="skip models with more parameters")
@@ -660,6 +669,12 @@ def main(argv=None) -> int:
     forced = set(m if args.zoo == "torchvision" or m.startswith(TIMM) else TIMM + m
                  for m in args.models.split(",") if m)
     todo = [j for j in jobs if not j["skip"] and (j["model"] in forced or j["model"] not in results)]
+    if args.ours_only:
+        if not args.resume:
+            p.error("--ours-only re-runs models stored in the JSON: use it with --resume")
+        todo = [j for j in jobs if not j["skip"] and "tp" in results.get(j["model"], {})
+                and (not forced or j["model"] in forced)]
+    previous = dict(results) if args.ours_only else {}
     for job in jobs:
         if job["skip"]:
             results[job["model"]] = {"model": job["model"], "input": job["input"], "params": job["params"],
@@ -679,7 +694,7 @@ def main(argv=None) -> int:
 
     def work(job: Dict[str, Any]) -> None:
         t0 = time.perf_counter()
-        row = run_model(job, args)
+        row = run_model(job, args, previous.get(job["model"]))
         with lock:
             results[job["model"]] = row
             i = next(counter)

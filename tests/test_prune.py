@@ -229,16 +229,18 @@ class GroupedMultiplier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 1)
-        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)  # in != out: not ours to guess
+        self.grouped = nn.Conv2d(4, 8, 3, padding=1, groups=2)  # in != out (SENet-154's widening 3x3)
         self.out = nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
         return self.out(self.grouped(self.conv(x)))
 
 
-def test_grouped_conv_with_channel_multiplier_is_frozen() -> None:
+def test_grouped_conv_with_channel_multiplier_keeps_equal_groups() -> None:
+    """Input and output offsets are each kept alike in every group (it was frozen before)."""
     hard = _check(GroupedMultiplier(), torch.randn(2, 3, 6, 6))
-    assert hard.module_of("conv").out_channels == 4
+    g = hard.module_of("grouped")
+    assert (hard.module_of("conv").out_channels, g.in_channels, g.out_channels, g.groups) == (2, 2, 4, 2)
 
 
 class Shuffle(nn.Module):

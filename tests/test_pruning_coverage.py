@@ -453,3 +453,193 @@ def test_one_channel_split_piece_is_kept(one_thread):
     soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
     assert amc.count(hard, x)[0] < 0.75 * amc.count(model, x)[0]
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-4)
+
+
+class ChannelStatistics(nn.Module):
+    """Reductions over the channel dim inside a block: timm's SimpleNorm (`x * rsqrt(var(x, channels))`,
+    channels last), ConvNeXt-V2's GRN (`g / g.mean(channels)` with `torch.addcmul`), CBAM-style spatial
+    attention (`amax` and `mean` over channels), `F.rms_norm` on tokens, and `x.norm(2, 1)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.att, self.fc = nn.Conv2d(2, 1, 3, padding=1), nn.Linear(16, 6)
+        self.gamma, self.beta = nn.Parameter(torch.rand(16) + 0.5), nn.Parameter(torch.rand(16) - 0.5)
+        self.w = nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        y = self.c1(x).permute(0, 2, 3, 1)
+        y = y * torch.rsqrt(torch.var(y, dim=(-1,), keepdim=True) + 1e-5) * self.w    # SimpleNorm
+        g = torch.norm(y, p=2, dim=(1, 2), keepdim=True)                               # GRN
+        y = torch.addcmul(self.beta, y, self.gamma * (g / (g.mean(dim=-1, keepdim=True) + 1e-6)) + 1)
+        z = self.c2(y.permute(0, 3, 1, 2).relu())
+        a = torch.cat([z.amax(dim=1, keepdim=True), z.mean(dim=1, keepdim=True)], 1)  # spatial attention
+        z = z * self.att(a).sigmoid() / z.norm(2, 1, keepdim=True).clamp_min(1e-3)
+        t = nn.functional.rms_norm(z.flatten(2).transpose(1, 2), (16,), None, 1e-6)   # tokens
+        return self.fc(t.logsumexp(dim=1))
+
+
+@pytest.mark.parametrize("fmt", ["pkl", "json"])
+def test_reductions_over_channels_prune_with_the_statistics_of_the_kept_ones(fmt, tmp_path):
+    """Channels reduced over (var, mean, amax, norm, rms_norm) are pruned as LayerNorm's are: the hard
+    network reduces over the kept ones, the soft one reads only those (a zeroed channel would still
+    count in a mean or a max), so soft == hard; both survive the safe loaders."""
+    torch.manual_seed(0)
+    model, x = ChannelStatistics().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing captured by the generic replay node, nothing frozen
+        hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("c1").out_channels == 8 and hard.module_of("c2").out_channels == 8
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+    masked = sorted(type(m).__name__ for m in soft.network.values() if type(m).__name__.startswith("Masked"))
+    assert masked == ["MaskedFunctionalRMSNorm"] + ["MaskedReduction"] * 5  # var, mean, amax, mean, norm
+    path = str(tmp_path / f"soft.{fmt}")
+    back = (amc.ReconstructedNetwork.load_from_json(soft.save_to_json(file=path)) if fmt == "json"
+            else amc.ReconstructedNetwork.load(soft.save(path)))
+    torch.testing.assert_close(back(x), soft(x))
+
+
+class ArgmaxOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        return y.argmax(dim=1), y.max(dim=1)[1]
+
+
+def test_reductions_that_return_channel_positions_freeze_them():
+    torch.manual_seed(0)
+    model, x = ArgmaxOverChannels().eval(), torch.randn(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="argmax"):
+        pruned = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    assert pruned.module_of("c1").out_channels == 8
+
+
+class GroupedWiden(nn.Module):
+    """SENet-154's bottleneck: a grouped 3x3 that widens (16 -> 32, 4 groups), then a residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 32, 3, padding=1, groups=4)
+        self.bn, self.c3, self.fc = nn.BatchNorm2d(32), nn.Conv2d(32, 16, 1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.c1(x).relu()
+        return self.fc((self.c3(self.bn(self.c2(y)).relu()) + y).mean((2, 3)))
+
+
+def test_grouped_conv_that_widens_keeps_equal_groups():
+    torch.manual_seed(0)
+    model, x = GroupedWiden().eval(), torch.randn(2, 3, 8, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    c2 = hard.module_of("c2")
+    assert (c2.in_channels, c2.out_channels, c2.groups) == (8, 16, 4)
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["convnext_zepto_rms", "convnextv2_atto", "resnest14d", "xcit_nano_12_p8_224"])
+def test_timm_models_that_pruned_less_than_torch_pruning_now_prune_as_much(name, one_thread):
+    """Frozen before: SimpleNorm's var over channels, GRN's mean over channels (and its addcmul), and
+    ResNeSt's widening radix conv. At 0.5 they now keep about a quarter of the MACs, as Torch-Pruning's
+    do (scripts/results/prune_sweep_timm.md)."""
+    import timm  # test extra (setup.py)
+
+    torch.manual_seed(0)
+    model, x = timm.create_model(name, pretrained=False).eval(), torch.randn(1, 3, 64, 64)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert amc.count(hard, x)[0] < 0.3 * amc.count(model, x)[0]
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-4)
+
+
+class EfficientChannelAttention(nn.Module):
+    """ECA (timm's EcaModule): a Conv1d with kernel 3 slides along the pooled channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.eca = nn.Conv2d(3, 16, 3, padding=1), nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.c2, self.fc = nn.Conv2d(16, 8, 3, padding=1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.c1(x).relu()
+        a = self.eca(y.mean((2, 3)).view(y.shape[0], 1, -1)).sigmoid().view(y.shape[0], -1, 1, 1)
+        return self.fc(self.c2(y * a.expand_as(y)).mean((2, 3)))
+
+
+def test_conv_along_pooled_channels_reads_the_same_neighbours_after_pruning(tmp_path):
+    """ECA's kernel mixes neighbouring channels; the hard network puts the kept ones back at their
+    positions (zeros between, as soft pruning leaves them), so soft == hard; it was frozen before."""
+    torch.manual_seed(0)
+    model, x = EfficientChannelAttention().eval(), torch.randn(2, 3, 8, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("c1").out_channels == 8
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-5, atol=1e-6)
+    again = amc.prune(hard, ratio=0.5, example_inputs=(x,))  # pruned twice: positions compose
+    assert again.module_of("c1").out_channels == 4 and again.module_of("eca").length == 16
+    back = amc.ReconstructedNetwork.load_from_json(again.save_to_json(file=str(tmp_path / "eca.json")))
+    torch.testing.assert_close(back(x), again(x))
+
+
+class ChannelAttention(nn.Module):
+    """DaViT's channel attention: a softmax over the head-dim channels (k^T v is head_dim x head_dim)."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.embed, self.fc = nn.Linear(6, dim), nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (k.transpose(-1, -2) @ v).softmax(dim=-1)
+        y = (attn @ q.transpose(-1, -2)).transpose(-1, -2).transpose(1, 2).reshape(B, N, C)
+        return self.fc(self.proj(y).mean(1))
+
+
+def test_softmax_over_channels_normalises_over_the_kept_ones(tmp_path):
+    torch.manual_seed(0)
+    model, x = ChannelAttention().eval(), torch.randn(2, 5, 6)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("qkv").out_features < 48 and amc.count(hard, x)[0] < 0.6 * amc.count(model, x)[0]
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-5, atol=1e-6)
+    assert any(type(m).__name__ == "MaskedSoftmax" for m in soft.network.values())
+    back = amc.ReconstructedNetwork.load_from_json(soft.save_to_json(file=str(tmp_path / "soft.json")))
+    torch.testing.assert_close(back(x), soft(x))
+
+
+class HeadsWithParameters(nn.Module):
+    """XCiT's temperature (one per head) and CaiT's talking heads (a Linear across heads): the head axis
+    carries channels of its own, so `(attn @ v).transpose(1, 2).reshape(B, N, C)` merges two labeled
+    axes. The head count stays; the head dims and the residual stream prune (all was frozen before)."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.heads, self.embed, self.qkv = heads, nn.Linear(6, dim), nn.Linear(dim, 3 * dim)
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.talk, self.proj, self.fc = nn.Linear(heads, heads), nn.Linear(dim, dim), nn.Linear(dim, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature
+        attn = self.talk(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(-1)
+        y = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.fc(self.proj(y).mean(1) + x.mean(1))
+
+
+def test_head_axis_with_parameters_keeps_heads_and_prunes_head_dims():
+    torch.manual_seed(0)
+    model, x = HeadsWithParameters().eval(), torch.randn(2, 5, 6)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("talk").in_features == 4  # heads kept
+    assert hard.module_of("embed").out_features == 8 and hard.module_of("qkv").out_features == 24
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-5, atol=1e-6)

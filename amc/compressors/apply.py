@@ -8,7 +8,7 @@ soft and hard pruning compute the same function. That equality is what the tests
 """
 from __future__ import annotations
 
-from typing import Callable, Set, Tuple
+from typing import Any, Callable, Dict, Set, Tuple
 
 import numpy as np
 import torch
@@ -16,12 +16,33 @@ import torch.nn as nn
 
 from ..errors import PruningError
 from ..graph.network import ReconstructedNetwork
+from ..export.json_io import register_json_op
 from ..graph.ops import spec_of
 from .dependency import Analysis
 from .groups import param_of
-from .rules.layers import MaskedFunctionalLayerNorm, MaskedLayerNorm  # noqa: F401 - soft-pruned nets hold them
+from .rules.layers import (MaskedFunctionalLayerNorm, MaskedFunctionalRMSNorm,  # noqa: F401 - soft-pruned nets
+                           MaskedGroupNorm, MaskedLayerNorm)
+from .rules.reductions import MaskedReduction, MaskedSoftmax  # noqa: F401 - soft-pruned nets hold them
 
-__all__ = ["apply", "MaskedLayerNorm", "MaskedFunctionalLayerNorm"]
+# the modules soft pruning swaps in: the safe loaders accept them
+SOFT_MODULES = (MaskedLayerNorm, MaskedFunctionalLayerNorm, MaskedFunctionalRMSNorm, MaskedGroupNorm, MaskedReduction,
+                MaskedSoftmax)
+
+
+
+def _from_keep_idx(cls: type, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> nn.Module:
+    m = cls.__new__(cls)
+    nn.Module.__init__(m)
+    m.register_buffer("keep_idx", tensors["keep_idx"])
+    return m
+
+
+# JSON for the masked norms that hold only their kept indices (MaskedLayerNorm/MaskedGroupNorm wrap a
+# module: a soft network holding them is saved with pkl)
+register_json_op(MaskedFunctionalLayerNorm, MaskedFunctionalRMSNorm, to_config=lambda m: {}, from_config=_from_keep_idx)
+
+__all__ = ["apply", "SOFT_MODULES", "MaskedLayerNorm", "MaskedFunctionalLayerNorm", "MaskedFunctionalRMSNorm",
+           "MaskedGroupNorm", "MaskedReduction", "MaskedSoftmax"]
 
 KeepFn = Callable[[np.ndarray], np.ndarray]
 

@@ -200,7 +200,7 @@ def _amc_classes() -> Dict[str, type]:
     from ..compressors import apply
 
     classes = [ReconstructedNetwork, node.Node, node.InputNode, template.Ref, template.MappingTemplate,
-               apply.MaskedLayerNorm, apply.MaskedFunctionalLayerNorm, *registered_json_classes()]
+               *apply.SOFT_MODULES, *registered_json_classes()]
     classes += [c for c in vars(ops).values()
                 if isinstance(c, type) and issubclass(c, nn.Module) and c.__module__ == ops.__name__]
     return {class_path(c): c for c in classes}

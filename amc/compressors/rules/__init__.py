@@ -4,7 +4,7 @@ A rule sees one node's call (`RuleCall`) and returns the labels of its outputs; 
 create channel spaces, record parameter axes, and ask for an edit hard or soft pruning must make. The
 modules group the rules by op family; importing this package registers all of them.
 """
-from . import attention, indexing, layout, pointwise, recurrent, sizes  # noqa: F401 - registration
+from . import attention, indexing, layout, pointwise, recurrent, reductions, sizes  # noqa: F401 - registration
 from .common import elementwise, passthrough
 from .layers import conv, linear
 from .registry import mark_opaque, opaque, register_rule, rule_for

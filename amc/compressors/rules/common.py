@@ -110,25 +110,6 @@ def _norm_dims(dims: Any, nd: int) -> List[int]:
     return sorted(int(d) % nd for d in dims) if nd else []
 
 
-def reduction(c: RuleCall) -> Any:
-    """mean/sum/max over dims: reducing over channels freezes them; other dims pass."""
-    i, x = _first_tensor(c)
-    if x is None:
-        return opaque(c)
-    dims = _dims_of(c, i, x)
-    raw = c.arg(1, "dim") if len(c.args) > 1 or "dim" in c.kwargs else None
-    if isinstance(raw, torch.Tensor):
-        return opaque(c)
-    keep = bool(c.arg(2, "keepdim", False)) if not isinstance(c.arg(2, "keepdim", False), torch.Tensor) else False
-    red = _norm_dims(raw, x.dim())
-    for d in red:
-        dims[d] = _freeze(c, dims[d])
-    out_dims = [v for d, v in enumerate(dims) if d not in red or keep]
-    if isinstance(c.out, tuple):  # (values, indices)
-        return [_out_tl(o, list(out_dims)) for o in c.out]
-    return _out_tl(c.out, out_dims)
-
-
 def along_dim(c: RuleCall) -> Any:
     """softmax / normalize / cumsum along one dim: that dim's channels are mixed, so frozen."""
     i, x = _first_tensor(c)

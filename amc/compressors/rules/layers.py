@@ -2,13 +2,15 @@
 hard-prune resize, their silencing role, and the layer-norm edits (soft pruning swaps in mask-aware norms)."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...export.json_io import register_json_op
+from ...graph.macs import conv_macs
 from ...graph.ops import Constant, ParamHolder, register_op
 from ..dependency import TL, Fixup, RuleCall, Vec, unlabeled_like
 from ...graph.network import ReconstructedNetwork
@@ -34,9 +36,17 @@ def conv(c: RuleCall) -> Any:
     win, wout = (0, 1) if transposed else (1, 0)
     out_dims: List[Vec] = [None] * c.out.dim()
     out_dims[:ch] = dims[:ch]
-    for spatial in dims[ch + 1:]:
-        if spatial is not None:     # channels laid out along a spatial axis (CoaT's Conv1d over
-            c.a.uf.freeze(spatial)  # [B, 3, C]) are mixed by the kernel: they stay whole
+    laid = [d for d in range(ch + 1, x.dim()) if dims[d] is not None]
+    if laid == [x.dim() - 1] and _keeps_positions(m, x, c.out):
+        # channels laid out along a Conv1d's length (ECA's conv over the pooled channels, CoaT's
+        # [B, 3, C]): each output position is its input position, so the label passes; a kernel wider
+        # than 1 reads neighbours, which hard pruning restores (`ConvOverKeptChannels`)
+        out_dims[-1] = dims[-1]
+        if m.kernel_size[0] > 1:
+            c.a.fixup(name, fix_conv_over_channels, vec=dims[-1])
+    else:
+        for d in laid:              # along any other spatial axis they are mixed by the kernel and
+            c.a.uf.freeze(dims[d])  # stay whole
     if m.groups == 1:
         c.a.axis(name, "weight", win, cin)
         new = c.a.new_space(name, m.out_channels)
@@ -66,9 +76,86 @@ def conv(c: RuleCall) -> Any:
         if m.bias is not None:
             c.a.axis(name, "bias", 0, cin)
         out_dims[ch] = cin
+    elif not transposed:
+        # grouped with in != out (SENet-154's widening 3x3, ResNeSt's radix conv), or an untracked input:
+        # input and output offsets are each coupled across groups, so every group keeps the same count
+        if cin is not None:
+            gin = cin.reshape(m.groups, -1)
+            for row in gin[1:]:
+                c.a.uf.union_vecs(gin[0], row)
+            c.a.axis(name, "weight", win, gin[0].copy())
+        new = c.a.new_space(name, m.out_channels)
+        gout = new.reshape(m.groups, -1)
+        for row in gout[1:]:
+            c.a.uf.union_vecs(gout[0], row)
+        c.a.axis(name, "weight", wout, new)
+        if m.bias is not None:
+            c.a.axis(name, "bias", 0, new)
+        out_dims[ch] = new
     else:
         c.a.uf.freeze(cin)
     return TL(out_dims)
+
+
+def _keeps_positions(m: nn.Module, x: torch.Tensor, out: Any) -> bool:
+    return (type(m) in (nn.Conv1d, ConvOverKeptChannels) and m.stride == (1,) and isinstance(out, torch.Tensor)
+            and out.shape[-1] == x.shape[-1] and (m.kernel_size[0] > 1 or m.padding in ((0,), "valid")))
+
+
+class ConvOverKeptChannels(nn.Conv1d):
+    """A Conv1d whose length axis holds channels, some pruned (ECA): the kept channels go back to their
+    original positions with zeros between, as soft pruning leaves them, so the kernel reads the same
+    neighbours; then the kept positions are read out. Exact, and the conv is tiny."""
+
+    def __init__(self, *args: Any, length: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.length = length
+        self.register_buffer("keep_idx", torch.arange(length))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full = x.new_zeros(*x.shape[:-1], self.length).index_copy(-1, self.keep_idx, x)
+        return super().forward(full).index_select(-1, self.keep_idx)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, length={self.length}"
+
+
+def _conv1d_config(m: nn.Conv1d) -> Dict[str, Any]:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": m.kernel_size,
+            "stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups,
+            "bias": m.bias is not None, "padding_mode": m.padding_mode}
+
+
+def fix_conv_over_channels(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    keep = keep_of(fx.data["vec"])
+    if mode != "hard" or keep.all():
+        return  # soft: the silenced channels are zeros along the length already
+    key = net.node(fx.node).module
+    conv = net.network[key]
+    if isinstance(conv, ConvOverKeptChannels):
+        length, kept = conv.length, conv.keep_idx[torch.from_numpy(keep)]
+    else:
+        length, kept = len(keep), torch.from_numpy(keep).nonzero().flatten()
+    new = ConvOverKeptChannels(**_conv1d_config(conv), length=length)
+    new.weight, new.bias, new.keep_idx = conv.weight, conv.bias, kept
+    net.network[key] = new.train(conv.training)
+
+
+def _macs_over_kept(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    return conv_macs(m, args, kwargs, out) * m.length // max(out.shape[-1], 1)  # it runs at full length
+
+
+register_op(ConvOverKeptChannels, like=nn.Conv1d, leaf=True, macs=_macs_over_kept)
+
+
+def _conv_over_kept_build(cls: type, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> nn.Module:
+    m = cls(**config)
+    m.keep_idx = tensors["keep_idx"]
+    return m
+
+
+register_json_op(ConvOverKeptChannels, to_config=lambda m: {**_conv1d_config(m), "length": m.length},
+                 from_config=_conv_over_kept_build)
 
 
 @register_rule(nn.Linear)
@@ -305,8 +392,9 @@ def f_conv(c: RuleCall) -> Any:
     return TL(out)
 
 
-@register_rule(F.layer_norm)
+@register_rule(F.layer_norm, F.rms_norm)
 def f_layer_norm(c: RuleCall) -> Any:
+    """`F.layer_norm` / `F.rms_norm` over the last dim: channels go, the statistics follow the kept ones."""
     x = c.args[0]
     dims = _dims_of(c, 0, x)
     shape = c.arg(1, "normalized_shape")
@@ -320,7 +408,8 @@ def f_layer_norm(c: RuleCall) -> Any:
             dp = _dims_of(c, i, p) if len(c.args) > i else list(_tl(c.lkwargs.get(key)).dims)
             c.a.uf.union_vecs(dp[0], dims[-1]) if (dp[0] is not None or dims[-1] is not None) else None
     if dims[-1] is not None:
-        c.a.fixup(c.node.name, fix_functional_layernorm, vec=dims[-1])
+        rms = getattr(c.module, "fn", None) is F.rms_norm
+        c.a.fixup(c.node.name, fix_functional_layernorm, vec=dims[-1], rms=rms)
     return TL(dims)
 
 
@@ -368,6 +457,21 @@ class MaskedFunctionalLayerNorm(nn.Module):
         y = torch.zeros_like(x)
         y[..., idx] = F.layer_norm(x[..., idx], (len(idx),), None if weight is None else weight[idx],
                                    None if bias is None else bias[idx], eps)
+        return y
+
+
+class MaskedFunctionalRMSNorm(nn.Module):
+    """`F.rms_norm` over the kept channels only (soft pruning of a traced-into RMSNorm)."""
+
+    def __init__(self, keep: torch.Tensor):
+        super().__init__()
+        self.register_buffer("keep_idx", torch.nonzero(keep).flatten())
+
+    def forward(self, x: torch.Tensor, normalized_shape: Any = None, weight: Optional[torch.Tensor] = None,
+                eps: Optional[float] = None) -> torch.Tensor:
+        idx = self.keep_idx
+        y = torch.zeros_like(x)
+        y[..., idx] = F.rms_norm(x[..., idx], (len(idx),), None if weight is None else weight[idx], eps)
         return y
 
 
@@ -438,5 +542,6 @@ def fix_functional_layernorm(net: ReconstructedNetwork, fx: Fixup, keep_of: Keep
             node.kwargs["normalized_shape"] = (int(keep.sum()),)
         node.args = tuple(args)
     else:
-        net.network[node.module] = MaskedFunctionalLayerNorm(torch.from_numpy(keep))
+        masked = MaskedFunctionalRMSNorm if fx.data.get("rms") else MaskedFunctionalLayerNorm
+        net.network[node.module] = masked(torch.from_numpy(keep))
 

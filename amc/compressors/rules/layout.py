@@ -65,6 +65,13 @@ def reshape_labels(c: RuleCall, in_dims: List[Vec], a: Sequence[int], b: Sequenc
         big_out = [j for j in gj if b[j] > 1]
         if not vecs:
             continue
+        if len(vecs) > 1 and len(big_out) == 1:
+            # (heads, head_dim) -> C with a labeled head axis too (XCiT's temperature, CaiT's talking
+            # heads, ConViT's gating give heads a parameter): the head count stays, the innermost
+            # labeled dim merges as below
+            for _, v in vecs[:-1]:
+                c.a.uf.freeze(v)
+            vecs = vecs[-1:]
         if len(vecs) == 1 and len(big_out) == 1 and len(gi) >= 1:
             k, v = vecs[0]
             if len([x for x in gi if a[x] > 1]) == 1:

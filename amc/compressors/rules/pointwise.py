@@ -1,4 +1,5 @@
-"""Rules of element-wise ops, reductions, softmax and pooling, and the ops declared opaque."""
+"""Rules of element-wise ops, log-softmax and pooling, and the ops declared opaque (reductions and softmax:
+reductions.py)."""
 from __future__ import annotations
 
 import operator
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from ...graph.ops import ShapeGuard
 from ..dependency import TL, RuleCall
-from .common import _dims_of, _freeze, along_dim, elementwise, reduction
+from .common import _dims_of, _freeze, along_dim, elementwise
 from .registry import mark_opaque, register_rule
 
 T = torch.Tensor
@@ -27,14 +28,12 @@ register_rule(torch.add, T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, torch
               F.softplus, F.hardtanh, T.__eq__, T.__ne__, T.__lt__, T.__le__, T.__gt__, T.__ge__, T.__and__,
               T.__or__, T.__invert__, T.eq, T.ne, T.lt, T.le, T.gt, T.ge, torch.eq, torch.ne, torch.lt, torch.le,
               torch.gt, torch.ge, T.bool, T.long, T.int, T.zero_, T.fill_, T.copy_, torch.zeros_like,
-              torch.ones_like, torch.full_like, torch.empty_like,
+              torch.ones_like, torch.full_like, torch.empty_like, torch.addcmul, T.addcmul, torch.addcdiv, T.addcdiv,
+              torch.lerp, T.lerp,
               nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
               nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU)(elementwise)
 
-register_rule(T.mean, torch.mean, T.sum, torch.sum, T.amax, T.amin, T.max, T.min, torch.max, torch.min, T.norm,
-              torch.norm, T.var, T.std, T.argmax, torch.argmax, torch.amax, torch.amin, torch.logsumexp)(reduction)
-register_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, T.softmax, T.log_softmax, T.cumsum,
-              torch.cumsum)(along_dim)
+register_rule(F.log_softmax, torch.log_softmax, T.log_softmax, T.cumsum, torch.cumsum)(along_dim)
 
 
 @register_rule(F.normalize)
@@ -47,7 +46,7 @@ def normalize(c: RuleCall) -> Any:
     return elementwise(c)
 
 
-@register_rule(nn.Softmax, nn.LogSoftmax)
+@register_rule(nn.LogSoftmax)
 def softmax_module(c: RuleCall) -> Any:
     x = c.args[0]
     dims = _dims_of(c, 0, x)
@@ -83,9 +82,9 @@ def spatial(c: RuleCall) -> Any:
 
 # Declared opaque: channels stop here, on purpose. Recurrent cells, embedding and bilinear layers mix or
 # create features in ways no rule models yet; creation ops (zeros, arange, new_*) take a tensor only for
-# its dtype/device; gathers, unfold/fold, GLU halving and RMS norm move or mix channels.
+# its dtype/device; gathers, unfold/fold, and GLU halving move or mix channels.
 mark_opaque(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
-            nn.GLU, F.glu, F.embedding, F.one_hot, F.rms_norm, F.unfold, F.fold,
+            nn.GLU, F.glu, F.embedding, F.one_hot, F.unfold, F.fold,
             T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor, torch.zeros, torch.ones, torch.full,
             torch.empty, torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.meshgrid,
             T.index_select, torch.index_select, T.gather, torch.gather, T.unfold, T.__rmatmul__, torch.baddbmm,

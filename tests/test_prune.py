@@ -305,3 +305,9 @@ def test_groups_expose_importance_inputs() -> None:
     imp = plan.importance[0]
     assert imp.shape == (g.size,) and torch.all(imp >= 0)
     assert np.all(np.diff(np.sort(g.units)) > 0)
+
+
+def test_example_inputs_the_network_cannot_run_are_named_as_the_problem() -> None:
+    net = amc.trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), torch.randn(1, 3, 8, 8))
+    with pytest.raises(amc.errors.PruningError, match="does not run on example_inputs"):
+        amc.prune(net, 0.5, example_inputs=(torch.randn(1, 5, 8, 8),))

@@ -643,3 +643,34 @@ def test_head_axis_with_parameters_keeps_heads_and_prunes_head_dims():
     assert hard.module_of("talk").in_features == 4  # heads kept
     assert hard.module_of("embed").out_features == 8 and hard.module_of("qkv").out_features == 24
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-5, atol=1e-6)
+
+
+class FocalGates(nn.Module):
+    """FocalNet's modulation: `split(x, (C, C, L + 1))`, then one-channel gate slices `gates[:, l:l + 1]`
+    and the open run `gates[:, L:]` (pruning its only channel emptied it: focalnet_tiny_srf broke)."""
+
+    def __init__(self, c=8, levels=2):
+        super().__init__()
+        self.c, self.levels = c, levels
+        self.f = nn.Conv2d(3, 2 * c + levels + 1, 1)
+        self.focal = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1, groups=c) for _ in range(levels))
+        self.h, self.fc = nn.Conv2d(c, c, 1), nn.Linear(c, 4)
+
+    def forward(self, x):
+        q, ctx, gates = torch.split(self.f(x), (self.c, self.c, self.levels + 1), 1)
+        ctx_all = 0
+        for level in range(self.levels):
+            ctx = self.focal[level](ctx).relu()
+            ctx_all = ctx_all + ctx * gates[:, level:level + 1]
+        ctx_all = ctx_all + ctx.mean((2, 3), keepdim=True) * gates[:, self.levels:]
+        return self.fc((q * self.h(ctx_all)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.9])
+def test_channel_runs_and_split_pieces_never_empty(ratio):
+    torch.manual_seed(0)
+    model, x = FocalGates().eval(), torch.randn(2, 3, 8, 8)
+    hard = amc.prune(model, ratio=ratio, example_inputs=(x,))
+    soft = amc.prune(model, ratio=ratio, example_inputs=(x,), mode="soft")
+    assert hard.module_of("f").out_channels < 19
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)

@@ -58,7 +58,7 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
     """A pruned copy of `net`: `mode="hard"` removes channels, `mode="soft"` zeroes them."""
     if mode not in ("hard", "soft"):
         raise PruningError(f"mode must be 'hard' or 'soft', got {mode!r}")
-    keep_of = _keep_fn(roots, pruned_roots)
+    keep_of = _keep_fn(roots, _never_empty(a, roots, np.asarray(pruned_roots, dtype=np.int64)))
     new = net.copy()
     done: Set[Tuple[int, int]] = set()
     touched: Set[str] = set()
@@ -84,6 +84,16 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
             _resize(new.network[key_name])
     new.recompile()
     return new
+
+
+def _never_empty(a: Analysis, roots: np.ndarray, pruned_roots: np.ndarray) -> np.ndarray:
+    """Spare one unit of every run of channels that must not vanish (a split piece, a sliced run such as
+    FocalNet's `gates[:, L:]`) when all of its units were chosen: its first one stays."""
+    for vec in a.nonempty:
+        rv = roots[vec]
+        if len(rv) and (rv != 0).all() and np.isin(rv, pruned_roots).all():
+            pruned_roots = pruned_roots[pruned_roots != rv[0]]
+    return pruned_roots
 
 
 def _resize(m: nn.Module) -> None:

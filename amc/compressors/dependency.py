@@ -164,6 +164,7 @@ class Analysis:
         self.axes: List[Axis] = []
         self.fixups: List[Fixup] = []
         self.multiples: List[Tuple[np.ndarray, int]] = []  # (dim vector, m): its kept count must be k*m
+        self.nonempty: List[np.ndarray] = []  # runs of channels that must keep at least one (apply spares one)
         self.labels: Dict[str, Any] = {}
         self.size_sources: Dict[str, Any] = {}  # TensorSize/IntArith node -> labels of the dims it read
         self.output: Any = None  # the network's output on the example inputs (shapes are checked later)

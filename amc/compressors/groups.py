@@ -50,6 +50,33 @@ def _lcm(a: int, b: int) -> int:
     return a * b // int(np.gcd(a, b))
 
 
+def _units_by_signature(rr: np.ndarray, sp: np.ndarray, n_spaces: int) -> Dict[Tuple[int, ...], List[int]]:
+    """Unit roots grouped by the set of spaces their elements lie in (their signature), in order of
+    each signature's first root. `rr`/`sp`: root and space of every live element, sorted by root then
+    space. Vectorised: a signature is keyed by two independent 64-bit hashes of its distinct spaces
+    (a Python loop over tens of thousands of units was most of build_groups' time)."""
+    if not len(rr):
+        return {}
+    distinct = np.ones(len(rr), dtype=bool)
+    distinct[1:] = (rr[1:] != rr[:-1]) | (sp[1:] != sp[:-1])
+    ur, us = rr[distinct], sp[distinct]
+    starts = np.flatnonzero(np.r_[True, ur[1:] != ur[:-1]])
+    rng = np.random.default_rng(0)
+    h = rng.integers(1, 2**63 - 1, size=(2, n_spaces), dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        keys = np.stack([np.add.reduceat(h[0][us], starts), np.add.reduceat(h[1][us], starts),
+                         np.diff(np.r_[starts, len(ur)]).astype(np.uint64)], axis=1)
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    ends = np.r_[starts[1:], len(ur)]
+    roots = ur[starts]
+    by_sig: Dict[Tuple[int, ...], List[int]] = {}
+    for j in np.argsort(first, kind="stable"):
+        i = int(first[j])
+        by_sig[tuple(us[starts[i]:ends[i]].tolist())] = roots[inverse == j].tolist()
+    return by_sig
+
+
 def build_groups(a: Analysis) -> Tuple[List[Group], np.ndarray]:
     """Groups of prunable units, and the root of every element (index into it with an axis vector)."""
     roots = a.uf.roots()
@@ -60,16 +87,7 @@ def build_groups(a: Analysis) -> Tuple[List[Group], np.ndarray]:
     live = r != 0
     order = np.lexsort((space_of[1:][live], r[live]))
     el, rr, sp = elements[live][order], r[live][order], space_of[1:][live][order]
-    signature: Dict[int, Tuple[int, ...]] = {}
-    if len(rr):
-        bounds = np.flatnonzero(np.diff(rr)) + 1
-        for chunk_r, chunk_s in zip(np.split(rr, bounds), np.split(sp, bounds)):
-            signature[int(chunk_r[0])] = tuple(np.unique(chunk_s).tolist())
-    del el
-    # frozen elements, by space signature of the unit they would otherwise have joined
-    by_sig: Dict[Tuple[int, ...], List[int]] = {}
-    for root, sig in signature.items():
-        by_sig.setdefault(sig, []).append(root)
+    by_sig = _units_by_signature(rr, sp, len(a.spaces))
     groups: List[Group] = []
     unit_pos = np.full(n, -1, dtype=np.int64)
     group_of = np.full(n, -1, dtype=np.int64)

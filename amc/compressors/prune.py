@@ -186,8 +186,11 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
     if missing:
         raise PruningError(f"ignore names no node: {missing[:5]}; see [n.name for n in net.layer_nodes]")
     with training_mode(net):
-        _check_inputs_run(net, inputs)
-        a = analyze(net, per_sample(inputs), rule_for)
+        try:
+            a = analyze(net, per_sample(inputs), rule_for)
+        except Exception:
+            _check_inputs_run(net, inputs)  # bad example_inputs: say so; else the analysis' own error
+            raise
     _couple_shared_params(a, net)
     for space in a.spaces:  # ignored layers keep their output channels
         if space.node in ignore:
@@ -206,7 +209,8 @@ def check_round_to(round_to: Any) -> None:
 
 
 def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> None:
-    """Bad example_inputs are the caller's mistake: say so, before the analysis trips over them."""
+    """Bad example_inputs are the caller's mistake: say so (run only when the analysis failed, so the
+    happy path costs no extra forward)."""
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             net(*per_sample(inputs))

@@ -50,6 +50,7 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
                 # channels; bounds read at run time (BERT's `position_ids[:, :seq_len]`) stay frozen
                 static = isinstance(t, slice) and all(b is None or type(b) is int for b in (t.start, t.stop, t.step))
                 if r.step == 1 and len(r) and static:
+                    c.a.nonempty.append(v[r.start:r.stop].copy())  # the run never empties
                     c.a.fixup(c.node.name, fix_channel_slice, pos=None if single else k,
                               before=v[:r.start].copy(), inside=v[r.start:r.stop].copy())
                     v = v[r.start:r.stop]
@@ -124,9 +125,8 @@ def split(c: RuleCall) -> Any:
         sections = fn in (T.split, torch.split) and isinstance(_split_arg(c.node), (list, tuple))
         if sections:  # split(x, [a, b, c]): each piece prunes on its own; the hard prune rewrites the list
             bounds = np.cumsum([0] + sizes)
-            for a, b in zip(bounds, bounds[1:]):
-                if b - a == 1:  # a one-channel piece (MobileViTv2's query) would vanish: it stays
-                    c.a.uf.freeze(v[a:b])
+            for a, b in zip(bounds, bounds[1:]):  # no piece vanishes (MobileViTv2's one-channel query)
+                c.a.nonempty.append(v[a:b].copy())
             c.a.fixup(c.node.name, fix_split_sections, vecs=[v[a:b].copy() for a, b in zip(bounds, bounds[1:])])
         elif len(set(sizes)) == 1 and fn in (T.chunk, torch.chunk, T.split, torch.split):
             for k in range(1, len(pieces)):  # equal pieces: prune them alike, so they stay equal

@@ -67,7 +67,10 @@ class Magnitude(Criterion):
         for m in group.members:
             if m.axis.attr.endswith(("running_mean", "running_var")):
                 continue
-            vals = torch.linalg.vector_norm(_slices(self._param(m), m.axis.dim), ord=self.p, dim=1).pow(self.p)
+            w = self._param(m)
+            w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+            rest = tuple(d for d in range(w.dim()) if d != m.axis.dim)  # no movedim copy of the weight
+            vals = (torch.linalg.vector_norm(w, ord=self.p, dim=rest) if rest else w.abs()).pow(self.p)
             _scatter(group, m, vals, out)
         return out.pow(1.0 / self.p)
 

@@ -118,10 +118,51 @@ def amc_l2(net, target: float, calib: Dict[str, torch.Tensor] | None = None):
     return plan, roots, plan.apply_units(roots)
 
 
-def amc_ls(net, target: float, calib: Dict[str, torch.Tensor], ridge: float, energy: bool = False):
+def amc_ls(net, target: float, calib: Dict[str, torch.Tensor], ridge: float, energy: bool = False,
+           residual: bool = False):
     plan, roots, small = amc_l2(net, target, calib if energy else None)
-    errors = refit_linears(plan, roots, small, calib, row_mask=calib["attention_mask"].bool(), ridge=ridge)
+    errors = refit_linears(plan, roots, small, calib, row_mask=calib["attention_mask"].bool(), ridge=ridge,
+                           residual=residual)
     return small, errors
+
+
+def _kind(producer: str) -> str:
+    return "mlp" if "intermediate" in producer else "vo" if "self.value" in producer else "qk"
+
+
+def tuned_allocation(net, target: float, calib: Dict[str, torch.Tensor], tune: Dict[str, torch.Tensor],
+                     tune_ref: torch.Tensor, ridge: float):
+    """Per-kind ratios (q/k dims, v/o dims, MLP hidden) at `target` MACs: a small grid over the attention
+    ratios, the MLP ratio bisected to the budget, each candidate refitted (residual targets) and scored by
+    embedding cosine on `tune` sentences (calibration text, not the held-out set). Returns the best
+    network, its ratios and the grid's scores."""
+    plan = plan_pruning(net, "l2")
+    scores = output_energy_scores(plan, calib, row_mask=calib["attention_mask"].bool())
+    plan.rescore(lambda g: scores[g.id])
+    base = amc.count(net, *plan.example_inputs)[0]
+
+    def roots_for(qk: float, vo: float, mlp: float):
+        ratios = {"qk": qk, "vo": vo, "mlp": mlp}
+        return plan.pruned_roots({p: ratios[_kind(p)] for g in plan.groups for p in g.producers})
+
+    best, grid = None, []
+    for qk, vo in ((0.0, 0.0), (0.125, 0.0), (0.25, 0.0), (0.25, 0.25), (0.5, 0.5)):
+        lo, hi = 0.0, 0.95
+        if amc.count(plan.apply_units(roots_for(qk, vo, hi)), *plan.example_inputs)[0] > target * base:
+            continue
+        for _ in range(8):
+            mid = (lo + hi) / 2
+            frac = amc.count(plan.apply_units(roots_for(qk, vo, mid)), *plan.example_inputs)[0] / base
+            lo, hi = (mid, hi) if frac > target else (lo, mid)
+        roots = roots_for(qk, vo, hi)
+        small = plan.apply_units(roots)
+        refit_linears(plan, roots, small, calib, row_mask=calib["attention_mask"].bool(), ridge=ridge, residual=True)
+        cos = float((embed(small, tune) * tune_ref).sum(-1).mean())
+        grid.append({"qk": qk, "vo": vo, "mlp": hi, "tune_cos": cos})
+        print(f"  allocation q/k {qk} v/o {vo} MLP {hi:.3f}: tune cosine {cos:.3f}", flush=True)
+        if best is None or cos > best[1]["tune_cos"]:
+            best = (small, grid[-1])
+    return best[0], best[1], grid
 
 
 def torch_pruning(model, tok, target: float, keep_hidden: bool = False):
@@ -177,6 +218,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=512)
     ap.add_argument("--held", type=int, default=512)
     ap.add_argument("--retr", type=int, default=256)
+    ap.add_argument("--tune", type=int, default=128, help="calibration sentences that choose the allocation")
     ap.add_argument("--ridge", type=float, default=1e-3)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--reps", type=int, default=10)
@@ -197,8 +239,10 @@ def main() -> None:
     tok, model = load_minilm()
     held = encode(tok, text_sentences("heldout", args.held))
     retr = encode(tok, text_sentences("retrieval", args.retr))
-    calib = encode(tok, text_sentences("calibration", args.calib))
-    ref = {"held": embed(model, held), "retr": embed(model, retr)}
+    calib_all = encode(tok, text_sentences("calibration", args.calib + args.tune))
+    calib = {k: v[:args.calib] for k, v in calib_all.items()}
+    tune = {k: v[args.calib:] for k, v in calib_all.items()}  # chooses the allocation; never the held-out set
+    ref = {"held": embed(model, held), "retr": embed(model, retr), "tune": embed(model, tune)}
     net = amc.trace(model, **encode(tok, ["a short example", "and a second one"], SEQ))
     base = macs_of(model, tok)
 
@@ -222,11 +266,16 @@ def main() -> None:
     for target in args.targets:
         _, _, small = amc_l2(net, target)
         record("amc.prune L2", target, small)
-        for energy, label in ((False, "amc L2 + least squares"), (True, "amc output energy + least squares")):
-            small, errors = amc_ls(net, target, calib, args.ridge, energy)
+        for energy, residual, label in ((False, False, "amc L2 + least squares"),
+                                        (True, False, "amc output energy + least squares"),
+                                        (True, True, "amc output energy + least squares, residual targets")):
+            small, errors = amc_ls(net, target, calib, args.ridge, energy, residual)
             record(label, target, small,
                    {"ls_err_after_mean": float(np.mean([e["after"] for e in errors.values()])),
                     "ls_err_before_mean": float(np.mean([e["before"] for e in errors.values()]))})
+        small, chosen, grid = tuned_allocation(net, target, calib, tune, ref["tune"], args.ridge)
+        record(f"amc + allocation tuned on calibration text (q/k {chosen['qk']:g}, v/o {chosen['vo']:g}, "
+               f"MLP {chosen['mlp']:.2f}), residual targets", target, small, {"allocation": chosen, "grid": grid})
         m, frac, ratio = torch_pruning(model, tok, target)
         dims = kept_hidden_dims(model, m)  # the example prunes the hidden size: compare on the kept features
         ref_tp = ref if dims is None else {"held": embed(model, held, dims=dims), "retr": embed(model, retr, dims=dims)}
@@ -252,8 +301,10 @@ def write(rows: List[Dict[str, Any]], args: argparse.Namespace) -> None:
              "the nearest retrieval sentence of each held-out sentence is the original's. Torch-Pruning's example "
              "also prunes the hidden size: its cosine and NN agreement are measured on the hidden features it kept "
              "(the original's restricted to them).", "",
-             "Latency (median ms, sequence length 128) was taken on a SHARED 2-core machine under load (1-minute "
-             "load average before-after in the last column); it is not a fair speed comparison.", "",
+             f"The allocation row picks per-kind ratios on {getattr(args, 'tune', 128)} further calibration sentences "
+             "(never the held-out ones): a grid over the q/k and v/o ratios, the MLP ratio bisected to the budget.", "",
+             "Latency: median ms at sequence length 128 on this 2-core machine, 1-minute load average before-after "
+             "in the last column (the run itself adds about one).", "",
              "| method | target | MACs (x orig) | params | cos mean | cos p5 | NN agree |"
              + (" ms b1 | ms b32 | load avg |" if lat else ""),
              "|---|---|---|---|---|---|---|" + ("---|---|---|" if lat else "")]

@@ -95,3 +95,36 @@ def test_output_energy_scores_rank_a_dead_unit_last() -> None:
     assert scores.shape == (16,) and bool((scores >= 0).all())
     assert int(scores.argmin()) == 3 and float(scores[3]) == 0.0
     assert int(plan.importance[0].argmax()) == 3  # the L2 criterion ranks the same unit first
+
+
+class TwoBlocks(nn.Module):
+    """Two residual MLP blocks (`x + drop(fc2(gelu(fc1(x))))`), as in BERT's and timm's encoders."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc1": nn.Linear(16, 32), "fc2": nn.Linear(32, 16),
+                                                   "drop": nn.Dropout(0.1)}) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = x + b["drop"](b["fc2"](torch.nn.functional.gelu(b["fc1"](x))))
+        return x
+
+
+def test_residual_targets_absorb_the_error_left_in_the_stream() -> None:
+    """With residual=True the second block's fc2 is fitted to what the original SUM needs given the
+    stream the pruned first block left, so the network's output error falls below the plain refit's."""
+    from amc.compressors.linear_ls import residual_partner
+
+    torch.manual_seed(0)
+    model, x = TwoBlocks().eval(), torch.randn(64, 10, 16)
+    errs = {}
+    for residual in (False, True):
+        net = amc.trace(model, x[:1])
+        plan = plan_pruning(net, "l2")
+        roots = plan.pruned_roots({"blocks.0.fc1": 0.875, "blocks.1.fc1": 0.5})
+        small = plan.apply_units(roots)
+        refit_linears(plan, roots, small, (x,), residual=residual)
+        errs[residual] = float((small(x) - model(x)).pow(2).sum() / model(x).pow(2).sum())
+    assert residual_partner(net, "blocks.1.fc2") is not None and residual_partner(net, "blocks.1.fc1") is None
+    assert errs[True] < 0.8 * errs[False], errs

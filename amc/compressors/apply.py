@@ -22,11 +22,11 @@ from .dependency import Analysis
 from .groups import param_of
 from .rules.layers import (MaskedFunctionalLayerNorm, MaskedFunctionalRMSNorm,  # noqa: F401 - soft-pruned nets
                            MaskedGroupNorm, MaskedLayerNorm)
-from .rules.reductions import MaskedReduction, MaskedSoftmax  # noqa: F401 - soft-pruned nets hold them
+from .rules.reductions import MaskedReduction, MaskedSoftmax, MaskedStatistics  # noqa: F401 - soft-pruned nets
 
 # the modules soft pruning swaps in: the safe loaders accept them
 SOFT_MODULES = (MaskedLayerNorm, MaskedFunctionalLayerNorm, MaskedFunctionalRMSNorm, MaskedGroupNorm, MaskedReduction,
-                MaskedSoftmax)
+                MaskedSoftmax, MaskedStatistics)
 
 
 
@@ -42,7 +42,8 @@ def _from_keep_idx(cls: type, config: Dict[str, Any], tensors: Dict[str, torch.T
 register_json_op(MaskedFunctionalLayerNorm, MaskedFunctionalRMSNorm, to_config=lambda m: {}, from_config=_from_keep_idx)
 
 __all__ = ["apply", "SOFT_MODULES", "MaskedLayerNorm", "MaskedFunctionalLayerNorm", "MaskedFunctionalRMSNorm",
-           "MaskedGroupNorm", "MaskedReduction", "MaskedSoftmax"]
+           "MaskedGroupNorm", "MaskedReduction", "MaskedSoftmax",
+           "MaskedStatistics"]
 
 KeepFn = Callable[[np.ndarray], np.ndarray]
 

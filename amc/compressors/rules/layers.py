@@ -379,10 +379,16 @@ def f_conv(c: RuleCall) -> Any:
         if out[ch] is not None:
             c.a.fixup(c.node.name, fix_functional_depthwise, vec=out[ch])
         return TL(out)
-    if groups != 1:
-        opaque(c)
-        return TL.unlabeled(c.out.dim())
-    c.a.uf.union_vecs(dw[1], dx[ch]) if (dw[1] is not None or dx[ch] is not None) else None
+    if groups != 1:  # grouped (NFNet's ScaledStdConv2d): offsets coupled across groups, as the module rule
+        for vec in (dx[ch], dw[0]):
+            if vec is not None:
+                grid = vec.reshape(groups, -1)
+                for row in grid[1:]:
+                    c.a.uf.union_vecs(grid[0], row)
+        cin = dx[ch].reshape(groups, -1)[0].copy() if dx[ch] is not None else None
+        c.a.uf.union_vecs(dw[1], cin) if (dw[1] is not None or cin is not None) else None
+    else:
+        c.a.uf.union_vecs(dw[1], dx[ch]) if (dw[1] is not None or dx[ch] is not None) else None
     b, db = arg_dims(c, 2, "bias")
     if isinstance(b, torch.Tensor):
         c.a.uf.union_vecs(db[0], dw[0]) if (db[0] is not None or dw[0] is not None) else None
@@ -424,6 +430,17 @@ def f_batch_norm(c: RuleCall) -> Any:
             lp = c.larg(i, key)
             dp = list(lp.dims) if isinstance(lp, TL) else [None]
             c.a.uf.union_vecs(dp[0], dims[1]) if (dp[0] is not None or dims[1] is not None) else None
+    from_input = bool(c.arg(5, "use_input_stats" if getattr(c.module, "fn", None) is F.instance_norm
+                            else "training", getattr(c.module, "fn", None) is F.instance_norm))
+    if from_input:  # statistics over the other dims (NFNet's weight standardisation: a weight's inputs)
+        stats = [d for d in range(2 if getattr(c.module, "fn", None) is F.instance_norm else 0, x.dim())
+                 if d != 1 and dims[d] is not None]
+        for d in stats[1:]:
+            _freeze(c, dims[d])
+        if stats:
+            from .reductions import fix_statistics
+
+            c.a.fixup(c.node.name, fix_statistics, vec=dims[stats[0]], dim=stats[0])
     return TL(dims)
 
 

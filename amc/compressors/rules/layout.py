@@ -63,6 +63,8 @@ def reshape_labels(c: RuleCall, in_dims: List[Vec], a: Sequence[int], b: Sequenc
     for gi, gj in groups:
         vecs = [(k, in_dims[k]) for k in gi if in_dims[k] is not None and a[k] > 1]
         big_out = [j for j in gj if b[j] > 1]
+        if len(vecs) > 1:  # a frozen dim merges as an unlabeled one (a conv weight's kernel axes)
+            vecs = [(k, v) for k, v in vecs if any(c.a.uf.find(int(e)) != 0 for e in v)] or vecs[-1:]
         if not vecs:
             continue
         if len(vecs) > 1 and len(big_out) == 1:

@@ -172,8 +172,29 @@ def fix_softmax(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str
         net.network[target[0]] = MaskedSoftmax(fx.data["dim"], target[1])
 
 
+class MaskedStatistics(FunctionOp):
+    """A norm whose statistics come from its input (`F.batch_norm(..., training=True)`, instance norm)
+    run over the kept positions of `dim` only; the silenced ones get 0 (soft pruning)."""
+
+    def __init__(self, fn: Any, fn_name: Optional[str], dim: int, keep_idx: torch.Tensor):
+        super().__init__(fn, fn_name)
+        self.dim = dim
+        self.register_buffer("keep_idx", keep_idx)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        y = self.fn(x.index_select(self.dim, self.keep_idx), *args, **kwargs)
+        return torch.zeros_like(x).index_copy(self.dim, self.keep_idx, y)
+
+
+def fix_statistics(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    target = _soft_kept(net, fx, keep_of, mode)
+    if target is not None:
+        op = net.network[target[0]]
+        net.network[target[0]] = MaskedStatistics(op.fn, op.fn_name, fx.data["dim"], target[1])
+
+
 # a soft-pruned network is pruned again from its hard form, not through its masks
-mark_opaque(MaskedReduction, MaskedSoftmax)
+mark_opaque(MaskedReduction, MaskedSoftmax, MaskedStatistics)
 
 
 def _masked_reduction_config(m: MaskedReduction) -> Dict[str, Any]:
@@ -187,10 +208,20 @@ def _masked_reduction_build(cls: type, config: Dict[str, Any], tensors: Dict[str
     return cls(op.fn, op.fn_name, int(config["arg"]), {int(d): tensors[f"keep_{int(d)}"] for d in config["dims"]})
 
 
+def _resolve_fn(name: str) -> Tuple[Any, str]:
+    from ...export.json_io import _function_op_build
+
+    op = _function_op_build(FunctionOp, {"fn": name}, {})
+    return op.fn, op.fn_name
+
+
 def _register_json() -> None:
     from ...export.json_io import register_json_op
 
     register_json_op(MaskedReduction, to_config=_masked_reduction_config, from_config=_masked_reduction_build)
+    register_json_op(MaskedStatistics, to_config=lambda m: {"fn": m.fn_name, "dim": m.dim},
+                     from_config=lambda cls, config, tensors: cls(
+                         *_resolve_fn(config["fn"]), int(config["dim"]), tensors["keep_idx"]))
     register_json_op(MaskedSoftmax, to_config=lambda m: {"dim": m.dim},
                      from_config=lambda cls, config, tensors: cls(int(config["dim"]), tensors["keep_idx"]))
 

@@ -38,32 +38,9 @@ def _reduced_dims(c: RuleCall, i: int, x: torch.Tensor) -> Optional[List[int]]:
     return _norm_dims(raw, x.dim())
 
 
-def reduction(c: RuleCall) -> Any:
-    """Reducing over channels lets them be pruned (`MaskedReduction` in soft mode); other dims pass."""
-    i, x = _first_tensor(c)
-    if x is None:
-        return opaque(c)
-    dims = _dims_of(c, i, x)
-    red = _reduced_dims(c, i, x)
-    if red is None:
-        return opaque(c)
-    out = c.out[0] if isinstance(c.out, tuple) else c.out
-    keepdim = isinstance(out, torch.Tensor) and out.dim() == x.dim() and bool(red)
-    if isinstance(c.out, tuple):  # (values, indices): the indices number the reduced positions
-        for d in red:
-            _freeze(c, dims[d])
-    else:
-        for d in red:
-            if dims[d] is not None:
-                c.a.fixup(c.node.name, fix_reduction, vec=dims[d], dim=d, arg=i)
-    out_dims = [None if d in red else v for d, v in enumerate(dims) if d not in red or keepdim]
-    if isinstance(c.out, tuple):
-        return [_out_tl(o, list(out_dims)) for o in c.out]
-    return _out_tl(c.out, out_dims)
-
-
-def positions(c: RuleCall) -> Any:
-    """argmax/argmin: the result numbers positions along the reduced dims, so their channels stay."""
+def _reduce(c: RuleCall, prunable: bool) -> Any:
+    """Output labels of a reduction; the reduced channels prune (`MaskedReduction` in soft mode) when
+    `prunable`, else they freeze (the result numbers positions along them)."""
     i, x = _first_tensor(c)
     if x is None:
         return opaque(c)
@@ -72,9 +49,26 @@ def positions(c: RuleCall) -> Any:
     if red is None:
         return opaque(c)
     for d in red:
-        _freeze(c, dims[d])
-    keepdim = c.out.dim() == x.dim() and bool(red)
-    return _out_tl(c.out, [None if d in red else v for d, v in enumerate(dims) if d not in red or keepdim])
+        if not prunable:
+            _freeze(c, dims[d])
+        elif dims[d] is not None:
+            c.a.fixup(c.node.name, fix_reduction, vec=dims[d], dim=d, arg=i)
+    out = c.out[0] if isinstance(c.out, tuple) else c.out
+    keepdim = isinstance(out, torch.Tensor) and out.dim() == x.dim() and bool(red)
+    out_dims = [None if d in red else v for d, v in enumerate(dims) if d not in red or keepdim]
+    if isinstance(c.out, tuple):
+        return [_out_tl(o, list(out_dims)) for o in c.out]
+    return _out_tl(c.out, out_dims)
+
+
+def reduction(c: RuleCall) -> Any:
+    """mean/sum/var/max...: reduced channels prune; `max(dim=...)`'s (values, indices) freeze them."""
+    return _reduce(c, prunable=not isinstance(c.out, tuple))
+
+
+def positions(c: RuleCall) -> Any:
+    """argmax/argmin: the result numbers positions along the reduced dims, so their channels stay."""
+    return _reduce(c, prunable=False)
 
 
 register_rule(T.mean, torch.mean, T.sum, torch.sum, T.amax, T.amin, T.max, T.min, torch.max, torch.min, T.norm,

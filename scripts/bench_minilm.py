@@ -165,6 +165,39 @@ def tuned_allocation(net, target: float, calib: Dict[str, torch.Tensor], tune: D
     return best[0], best[1], grid
 
 
+def searched_allocation(net, target: float, calib: Dict[str, torch.Tensor], tune: Dict[str, torch.Tensor],
+                        tune_ref: torch.Tensor, ridge: float, generations: int, pop_size: int, seed: int = 0,
+                        start: Dict[str, float] | None = None):
+    """Per-layer ratios (each layer's q/k dims, v/o dims and MLP hidden units: one variable each) searched
+    by `amc.tuners.GA` at `target` MACs; every candidate is pruned by output energy, refitted (residual
+    targets) and scored by embedding cosine on `tune` sentences. `start` (per-kind ratios, as
+    `tuned_allocation` chooses) seeds the first generation. Returns the best network, its policy and the
+    search result."""
+    from amc.tuners import GA
+
+    plan = plan_pruning(net, "l2")
+    scores = output_energy_scores(plan, calib, row_mask=calib["attention_mask"].bool())
+    plan.rescore(lambda g: scores[g.id])
+
+    def compress(policy: Dict[str, float]):
+        ratios = {p: policy.get(p, 0.0) for g in plan.groups for p in g.producers}
+        for g in plan.groups:  # a group named by any of its producers takes that key's ratio
+            r = max(policy.get(p, 0.0) for p in g.producers)
+            ratios.update({p: r for p in g.producers})
+        roots = plan.pruned_roots(ratios)
+        small = plan.apply_units(roots)
+        refit_linears(plan, roots, small, calib, row_mask=calib["attention_mask"].bool(), ridge=ridge, residual=True)
+        return small
+
+    def cosine(small) -> float:
+        return float((embed(small, tune) * tune_ref).sum(-1).mean())
+
+    initial = [{g.producers[0]: start[_kind(g.producers[0])] for g in plan.groups if g.size > 1 and g.producers}] if start else []
+    result = GA(generations=generations, pop_size=pop_size, seed=seed, initial=initial).search(net, plan.example_inputs, target_macs=target, compressor=compress, evaluate=cosine,
+                          max_ratio=0.9, progress=False)
+    return result.net, result.policy, result
+
+
 def torch_pruning(model, tok, target: float, keep_hidden: bool = False):
     """Torch-Pruning's HF BERT example, pruning_ratio bisected so MACs reach `target` (or just below).
 

@@ -101,6 +101,19 @@ def test_channel_and_lowrank_policies_are_accepted_as_is(digits):
     torch.testing.assert_close(lr.compress()(x), res.net(x))
 
 
+def test_ga_starts_from_given_policies(digits):
+    """`initial=` puts a known policy in the first generation: it is evaluated (repaired to the budget) and
+    the best result is never worse than it."""
+    first = _search(RandomSearch(samples=2, seed=1), digits)
+    res = _search(GA(generations=2, pop_size=4, seed=0, initial=[first.policy]), digits)
+    assert any(h["policy"] == first.policy for h in res.history if h["round"] == 0)
+    assert res.score >= first.score
+    with pytest.raises(PruningError, match="initial must be"):
+        GA(pop_size=2, initial=[first.policy] * 3)
+    with pytest.raises(PruningError, match="unknown layers"):
+        _search(GA(generations=1, pop_size=2, initial=[{"no_such_layer": 0.5}]), digits)
+
+
 def test_multi_objective_ga_returns_a_pareto_front(digits):
     res = _search(GA(generations=3, pop_size=6, seed=0, objectives=("score", "macs")), digits, target_macs=0.7)
     front = res.front

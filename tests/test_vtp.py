@@ -2,6 +2,9 @@
 the gates exactly, bad input fails loudly."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -9,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import amc
 from amc.compressors import VTP, VisionTransformerPruning
-from amc.compressors.vtp import FeatureGate, fold_gates, gates_of, insert_gates
+from amc.compressors.vtp import FeatureGate, SelectFeatures, fold_gates, gates_of, insert_gates
 from amc.errors import PruningError
 from amc.models import create
 
@@ -105,9 +108,148 @@ def test_bad_input_is_refused():
     for bad in (1.0, -0.2, 2):
         with pytest.raises(PruningError, match="compress_ratio"):
             VTP(_vit(), loader, compress_ratio=bad, epochs=0)
-    with pytest.raises(PruningError, match="heads=True"):
-        VTP(_vit(), loader, heads=True, epochs=0)
+    with pytest.raises(PruningError, match="heads must be"):
+        VTP(_vit(), loader, heads="yes", epochs=0)
+    with pytest.raises(PruningError, match="no attention heads"):  # MHA ties heads to the residual width
+        VTP(_tv_vit(), _loader((3, 16, 16)), heads=True, epochs=0, finetune_epochs=0).compress()
     c = VTP(_vit(), loader, threshold=10.0, epochs=0, finetune_epochs=0)  # above every gate (all are 1)
     net = c.compress()
     assert c.warnings and "at least one is kept" in c.warnings[0]
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_heads_true_removes_a_dead_head_exactly():
+    """A head whose output gates are all zero is removed whole (head count 4 -> 3, head dim and softmax
+    scale kept); the pruned network computes what the gated network computes."""
+    torch.manual_seed(0)
+    model = create("vit_digits", image_size=8, dim=24, depth=2, heads=4).eval()
+    x = torch.randn(3, 1, 8, 8)
+    c = VTP(model, _loader((1, 8, 8)), threshold=0.25, heads=True, epochs=0, finetune_epochs=0,
+            example_inputs=(x[:1],))
+    torch.manual_seed(1)
+    for name, g in gates_of(c.gated).items():
+        g.gate.data.uniform_(0.5, 1.5)
+        if name == "blocks.0.attn.proj.gate":
+            g.gate.data[6:12] = 0.0  # head 1 (head dim 6) contributes nothing
+    gated = c.gated.copy()
+    net = c.compress()
+    reshape = next(n for n in net.layer_nodes if n.name == "blocks.0.attn.reshape")
+    assert reshape.args[4] == 3  # (B, N, 3, heads, head_dim): one head fewer, head dims whole
+    assert net.network["blocks_0_attn_proj"].in_features == 18
+    assert net.network["blocks_1_attn_proj"].in_features == 24  # the other block keeps its heads
+    torch.testing.assert_close(net(x), gated(x), rtol=1e-5, atol=1e-5)
+
+
+class _SepQKV(torch.nn.Module):
+    """A hand-written block with separate q, k, v Linears and F.scaled_dot_product_attention."""
+
+    def __init__(self, dim=24, heads=4, head_dim_from_width=False):
+        super().__init__()
+        self.heads, self.from_width = heads, head_dim_from_width
+        self.norm, self.q, self.k, self.v = torch.nn.LayerNorm(dim), *(torch.nn.Linear(dim, dim) for _ in range(3))
+        self.proj, self.fc1, self.fc2 = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
+        self.embed, self.head = torch.nn.Linear(16, dim), torch.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x.flatten(2).transpose(1, 2).reshape(x.shape[0], -1, 16))
+        b, n, c = t.shape
+        h = self.norm(t)
+        d = c // self.heads if self.from_width else -1  # timm's C // H: pinned to the traced head dim
+        q, k, v = (f(h).view(b, n, self.heads, d).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        t = t + self.proj(a)
+        t = t + self.fc2(torch.nn.functional.gelu(self.fc1(t)))
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("from_width", [False, True])
+def test_heads_on_separate_qkv_sdpa(from_width):
+    torch.manual_seed(0)
+    model = _SepQKV(head_dim_from_width=from_width).eval()
+    x = torch.randn(3, 1, 8, 8)
+    net = amc.trace(model, x[:1])
+    hard = amc.prune(net, 0.5, example_inputs=(x[:1],), heads=True)
+    soft = amc.prune(net, 0.5, example_inputs=(x[:1],), heads=True, mode="soft")
+    torch.testing.assert_close(hard(x), soft(x), rtol=1e-5, atol=1e-5)
+    assert hard.network["q"].out_features == 2 * 6 and hard.network["proj"].in_features == 12
+    assert hard.network["embed"].out_features == 12  # the residual width is pruned too
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_prune_heads_soft_equals_hard_and_meets_macs(ratio):
+    model = create("vit_digits", image_size=8, dim=24, depth=2, heads=4).eval()
+    x = torch.randn(3, 1, 8, 8)
+    net = amc.trace(model, x[:1])
+    hard = amc.prune(net, ratio, example_inputs=(x[:1],), heads=True)
+    soft = amc.prune(net, ratio, example_inputs=(x[:1],), heads=True, mode="soft")
+    torch.testing.assert_close(hard(x), soft(x), rtol=1e-5, atol=1e-5)
+    for block in range(2):  # (B, N, 3, heads, head_dim): a quarter / half of the heads go, each whole
+        reshape = next(n for n in hard.layer_nodes if n.name == f"blocks.{block}.attn.reshape")
+        assert reshape.args[4] == int(4 - 4 * ratio)
+        assert hard.network[f"blocks_{block}_attn_proj"].in_features == 6 * int(4 - 4 * ratio)
+    with pytest.raises(PruningError, match="heads must be"):
+        amc.prune(net, ratio, example_inputs=(x[:1],), heads=1)
+
+
+def test_readers_drop_their_own_columns_exactly_and_keep_the_stream():
+    """residual="readers": each qkv / fc1 keeps the input columns its gate keeps (a SelectFeatures gather
+    before it), the residual width stays whole, and zeroed gates equal the pruned network."""
+    model = _vit()
+    x = torch.randn(4, 1, 8, 8)
+    c = VTP(model, _loader((1, 8, 8)), threshold=0.25, residual="readers", epochs=0, finetune_epochs=0,
+            example_inputs=(x[:1],))
+    torch.manual_seed(1)
+    for name, g in gates_of(c.gated).items():
+        g.gate.data.uniform_(0.5, 1.5)
+        if name in ("blocks.0.attn.qkv.gate", "blocks.1.fc1.gate"):
+            g.gate.data[::3] = 0.0  # a third of these readers' columns carry nothing
+    gated = c.gated.copy()
+    net = c.compress()
+    assert net.network["blocks_0_attn_qkv"].in_features == 24 - 8
+    assert net.network["blocks_1_fc1"].in_features == 24 - 8
+    assert net.network["blocks_1_attn_qkv"].in_features == 24  # other readers keep every column
+    assert net.network["patch_embed"].out_channels == 24  # the stream is whole
+    assert sum(isinstance(m, SelectFeatures) for m in net.network.values()) == 2
+    torch.testing.assert_close(net(x), gated(x), rtol=1e-5, atol=1e-5)
+    assert amc.count(net, x[:1])[0] < amc.count(model, x[:1])[0]
+    tmp = Path(tempfile.mkdtemp())
+    back = amc.ReconstructedNetwork.load_from_json(net.save_to_json(str(tmp / "r.json")))
+    assert torch.equal(back(x), net(x))
+    net.save(str(tmp / "r.pkl"))
+    assert torch.equal(amc.ReconstructedNetwork.load(str(tmp / "r.pkl"))(x), net(x))  # safe loader allows it
+
+
+def test_readers_meet_a_macs_budget():
+    model = _vit()
+    x1 = torch.randn(1, 1, 8, 8)
+    c = VTP(model, _loader((1, 8, 8)), target_macs=0.6, residual="readers", sparsity=1e-2, epochs=1,
+            finetune_epochs=0, lr=1e-3, example_inputs=(x1,))
+    net = c.compress()
+    assert amc.count(net, x1)[0] <= 0.6 * amc.count(model, x1)[0]
+    assert net.network["patch_embed"].out_channels == 24
+    with pytest.raises(PruningError, match="residual must be"):
+        VTP(model, _loader((1, 8, 8)), residual="columns", epochs=0)
+
+
+@pytest.mark.parametrize("build,shape", [(_vit, (1, 8, 8)), (_tv_vit, (3, 16, 16)), (lambda: _SepQKV().eval(), (1, 8, 8))],
+                         ids=["fused_qkv", "torchvision", "separate_qkv"])
+def test_zeroed_gates_equal_the_pruned_network(build, shape):
+    """The issue's exactness check on three attention styles: gates at zero on the stream's readers (qkv or
+    q/k/v, fc1) and on the MLP hidden units; residual="readers" removes exactly those."""
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(3, *shape)
+    c = VTP(model, _loader(shape), threshold=0.25, residual="readers", epochs=0, finetune_epochs=0,
+            example_inputs=(x[:1],))
+    torch.manual_seed(1)
+    zeroed = 0
+    for name, g in gates_of(c.gated).items():
+        g.gate.data.uniform_(0.5, 1.5)
+        if not any(k in name for k in ("proj", "embed", "head", "out_proj")):
+            g.gate.data[::3] = 0.0
+            zeroed += 1
+    gated = c.gated.copy()
+    net = c.compress()
+    assert zeroed >= 2
+    assert amc.count(net, x[:1])[0] < amc.count(gated, x[:1])[0]
+    torch.testing.assert_close(net(x), gated(x), rtol=1e-5, atol=1e-5)

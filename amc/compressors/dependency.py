@@ -169,6 +169,7 @@ class Analysis:
         self.size_sources: Dict[str, Any] = {}  # TensorSize/IntArith node -> labels of the dims it read
         self.output: Any = None  # the network's output on the example inputs (shapes are checked later)
         self.probed: List[str] = []  # nodes with no rule proven element-wise by probing (rules/probe.py)
+        self.heads = False  # a labeled dim split into (..., heads, head_dim) labels the heads, not the dims
 
     # helpers for rules --------------------------------------------------------------------------
     def new_space(self, node: str, size: int, kind: str = "out") -> np.ndarray:
@@ -251,9 +252,14 @@ class RuleCall:
 
 
 def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: Callable[[nn.Module, Node], Rule],
-            observe: Optional[Callable[[Node, nn.Module, tuple, dict, Any], None]] = None) -> Analysis:
-    """Run the graph once on example inputs and propagate channel labels through every node."""
+            observe: Optional[Callable[[Node, nn.Module, tuple, dict, Any], None]] = None,
+            heads: bool = False) -> Analysis:
+    """Run the graph once on example inputs and propagate channel labels through every node.
+
+    heads: where a channel dim is split into (heads, head_dim), a unit is a whole head (its head dims
+    kept), instead of one head dim shared by every head (the head count kept)."""
     a = Analysis(net)
+    a.heads = bool(heads)
     for inp in net.input_nodes:
         a.labels[inp.name] = None  # filled lazily below from the bound value
 

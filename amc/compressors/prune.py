@@ -170,10 +170,13 @@ def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
 
 @_keeps_model
 def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
-                 ignore: Iterable[str] = (), dataloader: Optional[Iterable] = None, round_to: int = 1) -> PruningPlan:
+                 ignore: Iterable[str] = (), dataloader: Optional[Iterable] = None, round_to: int = 1,
+                 heads: bool = False) -> PruningPlan:
     """Analyse coupling and score every channel once; `plan.apply(ratio)` then prunes at any ratio.
 
-    round_to: kept channel counts are rounded up to a multiple of it (8 or 16 suit CPU/GPU kernels)."""
+    round_to: kept channel counts are rounded up to a multiple of it (8 or 16 suit CPU/GPU kernels).
+    heads: attention (and any channel dim split into (heads, head_dim)) loses whole heads instead of
+    the same head dims in every head."""
     check_round_to(round_to)
     net, inputs = _as_network(model, example_inputs)
     crit: Criterion = get_criterion(criterion)  # fail fast on a bad name, before the analysis
@@ -187,7 +190,7 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
         raise PruningError(f"ignore names no node: {missing[:5]}; see [n.name for n in net.layer_nodes]")
     with training_mode(net):
         try:
-            a = analyze(net, per_sample(inputs), rule_for)
+            a = analyze(net, per_sample(inputs), rule_for, heads=heads)
         except Exception:
             _check_inputs_run(net, inputs)  # bad example_inputs: say so; else the analysis' own error
             raise
@@ -259,7 +262,7 @@ def _shapes(x: Any) -> Any:
 def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
           ignore: Iterable[str] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
           target_macs: Optional[float] = None, round_to: int = 1, target_latency: Optional[float] = None,
-          latency_table: Any = None) -> ReconstructedNetwork:
+          latency_table: Any = None, heads: bool = False) -> ReconstructedNetwork:
     """Prune channels and return a new ReconstructedNetwork; the input is left untouched.
 
     ratio: fraction of each group's channels removed, or `{layer_name: ratio}` (groups not named stay).
@@ -271,11 +274,16 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     target_latency: prune uniformly until the measured latency at the example inputs' batch falls to this
     fraction of the original's (`amc.compressors.latency`: a table of timed ratios, cached on disk, then
     the result timed against the original). `latency_table`: a `LatencyTable` to reuse, else built here.
+    heads: remove whole attention heads (the head count drops, each kept head keeps its dims and the
+    softmax scale) instead of the same dims in every head; nn.MultiheadAttention ties its heads to the
+    residual width and keeps its own rule.
     Bad arguments raise `amc.errors.PruningError` (a ValueError), a model that cannot be traced
     `amc.errors.CaptureError`; no other exception is raised for bad input (fuzzed: scripts/fuzz.py).
     """
     if mode not in ("hard", "soft"):
         raise PruningError(f"mode must be 'hard' or 'soft', got {mode!r}")
+    if not isinstance(heads, bool):
+        raise PruningError(f"heads must be True or False, got {heads!r}")
     _check_target_macs(target_macs)
     check_round_to(round_to)
     from .latency import build_table, check_target_latency, prune_to_latency
@@ -285,7 +293,7 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
         raise PruningError("give target_macs or target_latency, not both")
     net, inputs = _as_network(model, example_inputs)
     if target_latency is not None:
-        plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to)
+        plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to, heads)
         _warn_if_mostly_frozen(plan)
         table = latency_table if latency_table is not None else build_table(
             plan, inputs, extra_key={"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore)})
@@ -294,7 +302,7 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
         _validate_ratio(ratio, net)
         if not isinstance(ratio, Mapping) and float(ratio) == 0.0:
             return net.copy()
-    plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to)
+    plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to, heads)
     _warn_if_mostly_frozen(plan)
     if target_macs is None:
         return plan.apply(ratio, mode)

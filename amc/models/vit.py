@@ -27,10 +27,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         attn = (q @ k.transpose(-2, -1)) * self.scale
-        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1)
         return self.proj(x)
 
 

@@ -7,7 +7,7 @@ offspring in the population (Lamarckian repair, as pymoo's `Repair` operators do
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,11 +26,19 @@ FAILED = 1e6  # objective value of a candidate whose evaluation failed (minimise
 class GA(Tuner):
     """Population search. generations x pop_size evaluations (the first generation is the random
     initial population). objectives=("score",) maximises the score; ("score", "macs") runs NSGA-II and
-    `result.front` is the Pareto front of (MACs, score) over every evaluated policy."""
+    `result.front` is the Pareto front of (MACs, score) over every evaluated policy. `initial`: policies
+    ({layer: ratio}, as `result.policy` gives) placed in the first generation, so a known good allocation
+    (a uniform ratio, a hand-made rule, an earlier search) is refined instead of rediscovered."""
 
     def __init__(self, generations: int = 20, pop_size: int = 16, seed: int = 0,
-                 objectives: Sequence[str] = ("score",), crossover_eta: float = 15.0, mutation_eta: float = 20.0):
+                 objectives: Sequence[str] = ("score",), crossover_eta: float = 15.0, mutation_eta: float = 20.0,
+                 initial: Sequence[Mapping[str, float]] = ()):
         super().__init__(seed)
+        initial = list(initial)
+        if len(initial) > pop_size or any(not isinstance(p, Mapping) for p in initial):
+            raise PruningError(f"initial must be at most pop_size={pop_size} policies ({{layer: ratio}} dicts), "
+                               f"got {len(initial)} item(s)")
+        self.initial = [dict(p) for p in initial]
         objectives = tuple(objectives)
         if not objectives or any(o not in OBJECTIVES for o in objectives) or len(set(objectives)) != len(objectives):
             raise PruningError(f"objectives must be ('score',) or ('score', 'macs'), got {objectives!r}")
@@ -44,7 +52,7 @@ class GA(Tuner):
 
     def config(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in ("seed", "generations", "pop_size", "objectives", "crossover_eta",
-                                              "mutation_eta")}
+                                              "mutation_eta", "initial")}
 
     @property
     def total_evaluations(self) -> int:
@@ -60,6 +68,11 @@ class GA(Tuner):
                           xu=np.maximum(space.hi, space.lo + 1e-9))
         common = dict(pop_size=self.pop_size, crossover=SBX(eta=self.crossover_eta, prob=0.9),
                       mutation=PM(eta=self.mutation_eta), eliminate_duplicates=True)
+        if self.initial:  # the given policies, then uniform random ones (what pymoo would draw)
+            rng = np.random.default_rng(self.seed)
+            x0 = rng.uniform(problem.xl, problem.xu, size=(self.pop_size, problem.n_var))
+            x0[:len(self.initial)] = [space.clip(space.vector(p)) for p in self.initial]
+            common["sampling"] = x0
         if self.multi_objective:
             from pymoo.algorithms.moo.nsga2 import NSGA2
 

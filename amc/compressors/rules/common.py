@@ -1,7 +1,7 @@
 """Helpers the channel rules share: reading labels, broadcasting, where a size came from."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -182,15 +182,24 @@ def check_sizes(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec],
     return pinned
 
 
-def freeze_sizes_of_unlabeled(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec]) -> None:
+def freeze_sizes_of_unlabeled(c: RuleCall, size_templates: Sequence[Any], out_dims: List[Vec]) -> Dict[int, int]:
     """A reshape size read from a prunable dim, for an output dim whose data does not follow pruning,
     would shrink while the data does not (XCA's `reshape(B, N, C)` with C read from the residual):
-    the channels it is read from are frozen."""
+    the channels it is read from are frozen. With whole-head units (`Analysis.heads`) a head dim read
+    from channel dims only (timm's `C // H`) is pinned to its traced size instead: returned as
+    {dim: size}, for the hard prune to write as a constant, and the residual stays prunable."""
+    consts: Dict[int, int] = {}
     for d, t in enumerate(size_templates):
         if d < len(out_dims) and out_dims[d] is None:
             kind, srcs = size_source(c, t)
-            for s in srcs if kind in ("direct", "derived") else ():
+            if kind not in ("direct", "derived") or not srcs:
+                continue
+            if c.a.heads and all(s is not None for s in srcs) and isinstance(c.out, torch.Tensor):
+                consts[d] = int(c.out.shape[d])
+                continue
+            for s in srcs:
                 c.a.uf.freeze(s)
+    return consts
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,6 +91,15 @@ def reshape_labels(c: RuleCall, in_dims: List[Vec], a: Sequence[int], b: Sequenc
             # so the kept set stays rectangular (same sub-channels kept in every head / group)
             k, v = vecs[0]
             sizes = [b[j] for j in big_out]
+            if c.a.heads and len(big_out) >= 2:
+                # whole heads: every dim of a head (in every outer slot: q, k and v) is one unit
+                grid = v.reshape(-1, sizes[-2], sizes[-1])
+                for o in range(grid.shape[0]):
+                    for j in range(grid.shape[2]):
+                        if o or j:
+                            c.a.uf.union_vecs(grid[0, :, 0], grid[o, :, j])
+                out[big_out[-2]] = grid[0, :, 0].copy()
+                continue
             grid = v.reshape(-1, sizes[-1])
             for row in grid[1:]:
                 c.a.uf.union_vecs(grid[0], row)
@@ -131,10 +140,10 @@ def reshape(c: RuleCall) -> Any:
         return TL.unlabeled(c.out.dim())
     if fn in (T.view, T.reshape, torch.reshape):
         templates = size_templates(c)
-        freeze_sizes_of_unlabeled(c, templates, out)
+        consts = freeze_sizes_of_unlabeled(c, templates, out)
         pinned = check_sizes(c, templates, out, in_dims)
-        if pinned or any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
-            c.a.fixup(c.node.name, fix_sizes, out_dims=out, pinned=pinned)
+        if pinned or consts or any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
+            c.a.fixup(c.node.name, fix_sizes, out_dims=out, pinned=pinned, consts=consts)
     elif fn in (T.view_as, T.reshape_as):
         other = _tl(c.larg(1))
         if other is not None:
@@ -210,11 +219,13 @@ def copy_like(c: RuleCall) -> Any:
 
 
 def _replace_const_sizes(templates: List[Any], out_dims: List[Any], keep_of: KeepFn,
-                         pinned: Sequence[int] = ()) -> List[Any]:
+                         pinned: Sequence[int] = (), consts: Optional[dict] = None) -> List[Any]:
     new = list(templates)
     for d, (t, vec) in enumerate(zip(templates, out_dims)):
         if vec is not None and (d in pinned or (isinstance(t, int) and not isinstance(t, bool) and t != -1)):
             new[d] = int(keep_of(vec).sum())
+        elif consts and d in consts:
+            new[d] = int(consts[d])
     return new
 
 
@@ -222,14 +233,14 @@ def fix_sizes(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) 
     if mode != "hard":
         return
     node = net.node(fx.node)
-    out_dims, pinned = fx.data["out_dims"], fx.data.get("pinned", ())
+    out_dims, pinned, consts = fx.data["out_dims"], fx.data.get("pinned", ()), fx.data.get("consts")
     args = list(node.args)
     if len(args) == 2 and isinstance(args[1], (list, tuple)):
-        args[1] = type(args[1])(_replace_const_sizes(list(args[1]), out_dims, keep_of, pinned))
+        args[1] = type(args[1])(_replace_const_sizes(list(args[1]), out_dims, keep_of, pinned, consts))
     elif len(args) > 1:
-        args[1:] = _replace_const_sizes(args[1:], out_dims, keep_of, pinned)
+        args[1:] = _replace_const_sizes(args[1:], out_dims, keep_of, pinned, consts)
     else:
         key = "shape" if "shape" in node.kwargs else "size"
-        node.kwargs[key] = tuple(_replace_const_sizes(list(node.kwargs[key]), out_dims, keep_of, pinned))
+        node.kwargs[key] = tuple(_replace_const_sizes(list(node.kwargs[key]), out_dims, keep_of, pinned, consts))
     node.args = tuple(args)
 

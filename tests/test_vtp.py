@@ -110,8 +110,9 @@ def test_bad_input_is_refused():
             VTP(_vit(), loader, compress_ratio=bad, epochs=0)
     with pytest.raises(PruningError, match="heads must be"):
         VTP(_vit(), loader, heads="yes", epochs=0)
-    with pytest.raises(PruningError, match="no attention heads"):  # MHA ties heads to the residual width
-        VTP(_tv_vit(), _loader((3, 16, 16)), heads=True, epochs=0, finetune_epochs=0).compress()
+    traced = amc.trace(_tv_vit(), torch.randn(1, 3, 16, 16))  # a graph keeps MHA fused: heads tied to width
+    with pytest.raises(PruningError, match="no attention heads"):
+        VTP(traced, _loader((3, 16, 16)), heads=True, epochs=0, finetune_epochs=0).compress()
     c = VTP(_vit(), loader, threshold=10.0, epochs=0, finetune_epochs=0)  # above every gate (all are 1)
     net = c.compress()
     assert c.warnings and "at least one is kept" in c.warnings[0]
@@ -253,3 +254,43 @@ def test_zeroed_gates_equal_the_pruned_network(build, shape):
     assert zeroed >= 2
     assert amc.count(net, x[:1])[0] < amc.count(gated, x[:1])[0]
     torch.testing.assert_close(net(x), gated(x), rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_attention_is_unfused_and_loses_whole_heads_exactly():
+    """VTP unfuses nn.MultiheadAttention (same function), so torchvision's ViT gets qkv/proj gates and
+    heads=True removes a head whose output gates are zero, exactly; the user's model is untouched."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4,
+                                                 hidden_dim=24, mlp_dim=48, num_classes=10).eval()
+    x = torch.randn(3, 3, 16, 16)
+    c = VTP(model, _loader((3, 16, 16)), threshold=0.25, heads=True, epochs=0, finetune_epochs=0,
+            example_inputs=(x[:1],))
+    assert c.unfused == 2 and isinstance(model.encoder.layers[0].self_attention, torch.nn.MultiheadAttention)
+    torch.testing.assert_close(c.gated(x), model(x), rtol=1e-5, atol=1e-5)
+    gates = gates_of(c.gated)
+    assert "encoder.layers.encoder_layer_0.self_attention.proj.gate" in gates
+    for name, g in gates.items():
+        g.gate.data.uniform_(0.5, 1.5)
+        if name == "encoder.layers.encoder_layer_0.self_attention.proj.gate":
+            g.gate.data[6:12] = 0.0  # head 1 of 4
+    gated = c.gated.copy()
+    net = c.compress()
+    assert net.network["encoder_layers_encoder_layer_0_self_attention_proj"].in_features == 18
+    assert net.network["encoder_layers_encoder_layer_1_self_attention_proj"].in_features == 24
+    torch.testing.assert_close(net(x), gated(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unfused_torchvision_vit_prunes_whole_heads_soft_equals_hard():
+    from amc.compressors.vtp import unfuse_attention
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=4,
+                                                 hidden_dim=24, mlp_dim=48, num_classes=10).eval()
+    unfused, n = unfuse_attention(model)
+    x = torch.randn(3, 3, 16, 16)
+    assert n == 2
+    torch.testing.assert_close(unfused(x), model(x), rtol=1e-5, atol=1e-5)
+    hard = amc.prune(unfused, 0.5, example_inputs=(x[:1],), heads=True)
+    soft = amc.prune(unfused, 0.5, example_inputs=(x[:1],), heads=True, mode="soft")
+    torch.testing.assert_close(hard(x), soft(x), rtol=1e-5, atol=1e-5)
+    assert hard.network["encoder_layers_encoder_layer_0_self_attention_proj"].in_features == 12  # 2 of 4 heads

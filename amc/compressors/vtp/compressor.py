@@ -26,6 +26,7 @@ from ..prune import PruningPlan, plan_pruning
 from ...graph.counting import count
 from .columns import column_scores, reader_gates, select_reader_columns
 from .gates import FeatureGate, fold_gates, insert_gates
+from .unfuse import unfuse_attention
 
 logger = logging.getLogger("amc.compressors.vtp")
 
@@ -112,8 +113,9 @@ class VTP(BaseCompressor):
     weight on the gates; `epochs`: sparsity training; `finetune_epochs`: AdamW fine-tuning after pruning
     (0: none); `lr`: both; `gate_lr`: the gates' own lr during sparsity training. `heads=True` also
     removes whole heads (the head count drops; a head scores the mean |gate| on its output dims), then
-    the kept heads' dims, as above. nn.MultiheadAttention ties its heads to the residual width and
-    keeps its own rule. `residual="readers"`: the residual width stays whole and each Linear reading it
+    the kept heads' dims, as above. A plain module's nn.MultiheadAttention is unfused first (a qkv and a
+    proj Linear around F.scaled_dot_product_attention: same function), so it is gated and pruned like a
+    timm block; in a graph given as a ReconstructedNetwork it stays fused, its heads tied to the width. `residual="readers"`: the residual width stays whole and each Linear reading it
     (qkv, fc1) drops the input columns its own gate puts below zeta (VTP's consumer-side form).
     """
 
@@ -154,6 +156,14 @@ class VTP(BaseCompressor):
         self.zeta: Optional[float] = None
         self.warnings: List[str] = []
 
+    def _as_graph(self, net: nn.Module) -> ReconstructedNetwork:
+        """A plain module's nn.MultiheadAttention is unfused first (`unfuse_attention`, on a copy), so its
+        projections get gates and its heads can go; a graph is used as given."""
+        self.unfused = 0
+        if isinstance(net, nn.Module) and not isinstance(net, ReconstructedNetwork):
+            net, self.unfused = unfuse_attention(net)
+        return super()._as_graph(net)
+
     def _compress(self, ratio: Any) -> ReconstructedNetwork:
         gated = self.gated.copy().to(self.device)
         if self.epochs:
@@ -165,7 +175,8 @@ class VTP(BaseCompressor):
         head_plan = plan_pruning(gated, "l2", x, heads=True) if self.heads else None
         if head_plan is not None and not any(s is not None for s in head_scores(head_plan)):
             raise PruningError("VTP(heads=True) found no attention heads whose output a gate scales (it looks for "
-                               "a (heads, head_dim) split read by a gated Linear); use heads=False")
+                               "a (heads, head_dim) split read by a gated Linear; an nn.MultiheadAttention is only "
+                               "unfused when VTP gets the plain model, not a traced graph); use heads=False")
         if self.threshold is not None:
             self.zeta = float(self.threshold)
         else:

@@ -107,3 +107,20 @@ def test_traced_dropout_still_draws_fresh_noise():
     net = amc.trace(nn.Sequential(nn.Dropout(0.5)).train(), torch.ones(1, 64))
     a, b = net(torch.ones(1, 64)), net(torch.ones(1, 64))
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_pruned_network_shares_no_tensor_with_its_source(mode):
+    """The hard prune copies without duplicating the weights first; whatever it did not slice (here the
+    ignored stem) is cloned at the end, so training the pruned network in place never reaches the source."""
+    torch.manual_seed(0)
+    net = amc.trace(_dropout_bn().eval(), torch.randn(1, 3, 16, 16))
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    pruned = amc.prune(net, 0.5, example_inputs=(torch.randn(1, 3, 16, 16),), ignore=["0"], mode=mode)
+    with torch.no_grad():
+        for t in [*pruned.parameters(), *pruned.buffers()]:
+            if t.is_floating_point():
+                t.add_(1.0)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert pruned.network["0"].weight.shape == net.network["0"].weight.shape  # the stem kept its channels

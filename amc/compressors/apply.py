@@ -8,6 +8,7 @@ soft and hard pruning compute the same function. That equality is what the tests
 """
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Dict, Set, Tuple
 
 import numpy as np
@@ -60,7 +61,7 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
     if mode not in ("hard", "soft"):
         raise PruningError(f"mode must be 'hard' or 'soft', got {mode!r}")
     keep_of = _keep_fn(roots, _never_empty(a, roots, np.asarray(pruned_roots, dtype=np.int64)))
-    new = net.copy()
+    new = _copy_sharing_tensors(net) if mode == "hard" else net.copy()
     done: Set[Tuple[int, int]] = set()
     touched: Set[str] = set()
     for ax in a.axes:
@@ -83,8 +84,36 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
     if mode == "hard":
         for key_name in touched:
             _resize(new.network[key_name])
+        _unshare(new, net)
     new.recompile()
     return new
+
+
+def _copy_sharing_tensors(net: ReconstructedNetwork) -> ReconstructedNetwork:
+    """A deep copy whose parameters and buffers are new tensor objects over the original storage (no copy
+    of the weights: the hard prune replaces what it slices, `_unshare` clones the rest)."""
+    memo: Dict[int, Any] = {}
+    for mod in net.network.modules():
+        for p in mod._parameters.values():
+            if p is not None and id(p) not in memo:
+                memo[id(p)] = nn.Parameter(p.data, requires_grad=p.requires_grad)
+        for b in mod._buffers.values():
+            if b is not None and id(b) not in memo:
+                memo[id(b)] = b.detach()
+    return copy.deepcopy(net, memo)
+
+
+def _unshare(new: ReconstructedNetwork, old: ReconstructedNetwork) -> None:
+    """Clone every tensor of `new` still on `old`'s storage, so editing one never changes the other."""
+    storages = {t.untyped_storage().data_ptr() for t in [*old.network.parameters(), *old.network.buffers()]
+                if t.numel()}
+    for mod in new.network.modules():
+        for k, p in mod._parameters.items():
+            if p is not None and p.numel() and p.data.untyped_storage().data_ptr() in storages:
+                p.data = p.data.clone()
+        for k, b in mod._buffers.items():
+            if b is not None and b.numel() and b.untyped_storage().data_ptr() in storages:
+                mod._buffers[k] = b.clone()
 
 
 def _never_empty(a: Analysis, roots: np.ndarray, pruned_roots: np.ndarray) -> np.ndarray:

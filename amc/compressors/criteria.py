@@ -69,10 +69,21 @@ class Magnitude(Criterion):
                 continue
             w = self._param(m)
             w = w if w.dtype in (torch.float32, torch.float64) else w.float()
-            rest = tuple(d for d in range(w.dim()) if d != m.axis.dim)  # no movedim copy of the weight
-            vals = (torch.linalg.vector_norm(w, ord=self.p, dim=rest) if rest else w.abs()).pow(self.p)
-            _scatter(group, m, vals, out)
+            _scatter(group, m, _power_sums(w, m.axis.dim, self.p), out)
         return out.pow(1.0 / self.p)
+
+
+def _power_sums(w: torch.Tensor, dim: int, p: float) -> torch.Tensor:
+    """sum |w|^p over every slice along `dim`. A reduction over the leading dims (a conv's input
+    channels) is a strided one that torch runs 2-3x slower than summing a [outer, n, inner] view."""
+    if w.dim() == 1:
+        return w.abs().pow(p)
+    if dim == 0:
+        return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), ord=p, dim=1).pow(p)
+    if w.numel() == 0:
+        return w.new_zeros(w.shape[dim])
+    x = w * w if p == 2 else w.abs().pow(p)
+    return x.reshape(int(np.prod(w.shape[:dim])), w.shape[dim], -1).sum(2).sum(0)
 
 
 @register_criterion("l1")

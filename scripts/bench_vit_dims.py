@@ -12,10 +12,11 @@ scripts/fashion_originals.py and cached (the token-pruning benchmark's original)
     L1 weight `--sparsity`), then the dims below the threshold found for the budget (the residual width
     as one group); "residual readers": the stream kept whole, each qkv / fc1 dropping its own columns;
   - VTP + heads: the same gates, whole heads first (`heads=True`), then dims;
-  - amc.prune L2 (dims) and amc.prune L2 whole heads (`heads=True`): weight magnitude, same budget;
+  - amc.prune L2 (dims) and amc.prune L2 whole heads (`heads=True`; heads removed at the fewest of 1/4,
+    1/2, 3/4 per block that reaches the budget, the other groups' ratio bisected): weight magnitude;
   - Torch-Pruning 1.6.1 as its ViT example configures it (MetaPruner, GroupMagnitudeImportance(p=2),
     num_heads of every qkv, classifier ignored): head dims (`prune_head_dims`) and whole heads
-    (`prune_num_heads`, head_pruning_ratio = pruning_ratio); pruning_ratio bisected to the budget;
+    (`prune_num_heads`, head_pruning_ratio chosen as for amc); pruning_ratio bisected to the budget;
   - VTP + tokens: VTP at budget / 0.8, then ToMe token merging (no training) to the budget.
 Latency: interleaved medians at batch 1 and 64 (the machine to itself; load average in the table);
 efficiency = speedup x MACs ratio (1.0: as fast as the MACs promise).
@@ -60,35 +61,70 @@ def finetune(net: torch.nn.Module, train, test, args: argparse.Namespace) -> tor
     return net.eval()
 
 
-def tp_prune(model: torch.nn.Module, x1: torch.Tensor, target: float, heads: bool) -> Tuple[torch.nn.Module, float]:
-    """Torch-Pruning 1.6.1 the way its timm ViT example does, pruning_ratio bisected so MACs <= target."""
+HEAD_RATIOS = (0.25, 0.5, 0.75)  # whole-head rows: the fewest heads removed (per block) that reach the budget
+
+
+def _bisect(build: Callable[[float], torch.nn.Module], x1: torch.Tensor, budget: float) -> Tuple[Any, float]:
+    """The smallest ratio in [0, 0.95] whose network keeps <= budget MACs (None if even 0.95 does not)."""
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m = build(mid)
+        if amc.count(m, x1)[0] <= budget:
+            hi, best = mid, m
+        else:
+            lo = mid
+    if best is None:
+        m = build(hi)
+        best = m if amc.count(m, x1)[0] <= budget else None
+    return best, hi
+
+
+def tp_prune(model: torch.nn.Module, x1: torch.Tensor, target: float, heads: bool) -> Tuple[torch.nn.Module, Dict[str, float]]:
+    """Torch-Pruning 1.6.1 the way its timm ViT example does (num_heads of every qkv, classifier ignored):
+    head dims, or whole heads (head_pruning_ratio, the fewest of HEAD_RATIOS that reaches the budget);
+    pruning_ratio bisected so MACs <= target."""
     import torch_pruning as tp
 
     base = amc.count(model, x1)[0]
 
-    def run(ratio: float) -> torch.nn.Module:
+    def build(ratio: float, head_ratio: float) -> torch.nn.Module:
         m = copy.deepcopy(model)
         qkvs = {blk.attn.qkv: blk.attn.heads for blk in m.blocks}
         pruner = tp.pruner.MetaPruner(m, x1, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                       pruning_ratio=ratio, ignored_layers=[m.head], num_heads=qkvs,
                                       prune_num_heads=heads, prune_head_dims=not heads,
-                                      head_pruning_ratio=ratio if heads else 0.0)
+                                      head_pruning_ratio=head_ratio)
         pruner.step()
         for blk in m.blocks:  # the example's attribute update: heads now counted by the pruner
             blk.attn.heads = pruner.num_heads[blk.attn.qkv]
         return m.eval()
 
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        m = run(mid)
-        if amc.count(m, x1)[0] <= target * base:
-            hi, best = mid, m
-        else:
-            lo = mid
-    if best is None:
-        best = run(hi)
-    return best, hi
+    for hr in (HEAD_RATIOS if heads else (0.0,)):
+        m, ratio = _bisect(lambda r: build(r, hr), x1, target * base)
+        if m is not None:
+            return m, {"tp_pruning_ratio": ratio, "head_ratio": hr}
+    raise RuntimeError(f"Torch-Pruning cannot reach {target} of the MACs")
+
+
+def amc_l2(graph, x1: torch.Tensor, target: float, heads: bool) -> Tuple[torch.nn.Module, Dict[str, float]]:
+    """amc.prune's L2 plan at `target` MACs: head dims and every other group at one ratio, or whole heads
+    at the fewest of HEAD_RATIOS that reaches the budget and the other groups' ratio bisected."""
+    from amc.compressors import plan_pruning
+
+    plan = plan_pruning(graph, "l2", (x1,), heads=heads)
+    base = amc.count(graph, x1)[0]
+    if not heads:
+        return amc.prune(graph, target_macs=target, example_inputs=(x1,)), {}
+    head_groups = {g.id for g in plan.groups if any(p.endswith("attn.qkv") for p in g.producers)}
+    for hr in HEAD_RATIOS:
+        def build(r: float) -> torch.nn.Module:
+            ratios = {p: (hr if g.id in head_groups else r) for g in plan.groups for p in g.producers}
+            return plan.apply(ratios)
+        m, ratio = _bisect(build, x1, target * base)
+        if m is not None:
+            return m, {"ratio": ratio, "head_ratio": hr}
+    raise RuntimeError(f"amc.prune(heads=True) cannot reach {target} of the MACs")
 
 
 def vit_b16_check() -> Dict[str, Any]:
@@ -166,17 +202,17 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             t = time.perf_counter()
             net, zeta = vtp(b, heads, residual)
             record(b, label, net, {"zeta": zeta, "seconds": time.perf_counter() - t})
-        for heads, label in ((False, "amc.prune L2 (dims)"), (True, "amc.prune L2, whole heads")):
-            net = finetune(amc.prune(graph, target_macs=b, example_inputs=(x1,), heads=heads), train, test, args)
-            record(b, label, net)
-        for heads, label in ((False, "Torch-Pruning 1.6.1 (head dims)"), (True, "Torch-Pruning 1.6.1 (whole heads)")):
+        for fn, src, heads, label in ((amc_l2, graph, False, "amc.prune L2 (dims)"),
+                                      (amc_l2, graph, True, "amc.prune L2, whole heads"),
+                                      (tp_prune, model, False, "Torch-Pruning 1.6.1 (head dims)"),
+                                      (tp_prune, model, True, "Torch-Pruning 1.6.1 (whole heads)")):
             try:
-                m, ratio = tp_prune(model, x1, b, heads)
-            except Exception as exc:  # noqa: BLE001 - the peer's failure is a result, not a crash
+                m, extra = fn(src, x1, b, heads)
+            except Exception as exc:  # noqa: BLE001 - a failure is a result, not a crash
                 res["rows"].append({"budget": b, "method": label, "error": f"{type(exc).__name__}: {exc}"[:300]})
                 print(res["rows"][-1], flush=True)
                 continue
-            record(b, label, finetune(m, train, test, args), {"tp_pruning_ratio": ratio})
+            record(b, label, finetune(m, train, test, args), extra)
         if b / 0.8 < 1.0:
             net, zeta = vtp(b / 0.8, False)
             tok = TokenPruning(net, train, test, target_macs=min(1.0, b / macs(net, x1, base)), epochs=0,

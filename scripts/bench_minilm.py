@@ -165,36 +165,47 @@ def tuned_allocation(net, target: float, calib: Dict[str, torch.Tensor], tune: D
     return best[0], best[1], grid
 
 
-def searched_allocation(net, target: float, calib: Dict[str, torch.Tensor], tune: Dict[str, torch.Tensor],
-                        tune_ref: torch.Tensor, ridge: float, generations: int, pop_size: int, seed: int = 0,
-                        start: Dict[str, float] | None = None):
-    """Per-layer ratios (each layer's q/k dims, v/o dims and MLP hidden units: one variable each) searched
-    by `amc.tuners.GA` at `target` MACs; every candidate is pruned by output energy, refitted (residual
-    targets) and scored by embedding cosine on `tune` sentences. `start` (per-kind ratios, as
-    `tuned_allocation` chooses) seeds the first generation. Returns the best network, its policy and the
-    search result."""
-    from amc.tuners import GA
-
+def allocation_compressor(net, calib: Dict[str, torch.Tensor], ridge: float):
+    """(plan, compress): `compress(policy)` prunes `net` at per-producer ratios ({producer: ratio}; a group
+    named by any of its producers takes that ratio), units chosen by output energy on `calib`, then
+    refits the shrunk Linears (residual targets). Deterministic: a saved policy rebuilds the same network."""
     plan = plan_pruning(net, "l2")
     scores = output_energy_scores(plan, calib, row_mask=calib["attention_mask"].bool())
     plan.rescore(lambda g: scores[g.id])
 
     def compress(policy: Dict[str, float]):
-        ratios = {p: policy.get(p, 0.0) for g in plan.groups for p in g.producers}
-        for g in plan.groups:  # a group named by any of its producers takes that key's ratio
-            r = max(policy.get(p, 0.0) for p in g.producers)
+        ratios = {}
+        for g in plan.groups:
+            r = max(policy.get(p, 0.0) for p in g.producers) if g.producers else 0.0
             ratios.update({p: r for p in g.producers})
         roots = plan.pruned_roots(ratios)
         small = plan.apply_units(roots)
         refit_linears(plan, roots, small, calib, row_mask=calib["attention_mask"].bool(), ridge=ridge, residual=True)
         return small
 
+    return plan, compress
+
+
+def searched_allocation(net, target: float, calib: Dict[str, torch.Tensor], tune: Dict[str, torch.Tensor],
+                        tune_ref: torch.Tensor, ridge: float, generations: int, pop_size: int, seed: int = 0,
+                        start: Dict[str, float] | None = None):
+    """Per-layer ratios (each layer's q/k dims, v/o dims and MLP hidden units: one variable each) searched
+    by `amc.tuners.GA` at `target` MACs; every candidate is built by `allocation_compressor` and scored by
+    embedding cosine on `tune` sentences (calibration text). `start` (per-kind ratios, as
+    `tuned_allocation` chooses) seeds the first generation. Returns the best network, its policy and the
+    search result."""
+    from amc.tuners import GA
+
+    plan, compress = allocation_compressor(net, calib, ridge)
+
     def cosine(small) -> float:
         return float((embed(small, tune) * tune_ref).sum(-1).mean())
 
-    initial = [{g.producers[0]: start[_kind(g.producers[0])] for g in plan.groups if g.size > 1 and g.producers}] if start else []
-    result = GA(generations=generations, pop_size=pop_size, seed=seed, initial=initial).search(net, plan.example_inputs, target_macs=target, compressor=compress, evaluate=cosine,
-                          max_ratio=0.9, progress=False)
+    initial = [{g.producers[0]: start[_kind(g.producers[0])] for g in plan.groups if g.size > 1 and g.producers}
+               ] if start else []
+    result = GA(generations=generations, pop_size=pop_size, seed=seed, initial=initial).search(
+        net, plan.example_inputs, target_macs=target, compressor=compress, evaluate=cosine, max_ratio=0.9,
+        progress=False)
     return result.net, result.policy, result
 
 
@@ -258,6 +269,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT / "minilm"))
     ap.add_argument("--render", action="store_true", help="only rewrite the .md from the existing .json")
+    ap.add_argument("--search", type=int, nargs=2, metavar=("GENERATIONS", "POP"),
+                    help="also search per-layer ratios with amc.tuners.GA (seeded with the per-kind allocation)")
+    ap.add_argument("--search-targets", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--search-row", metavar="JSON",
+                    help="rebuild the searched row from a saved search (policy) and add it to the existing table")
     args = ap.parse_args()
     if args.render:
         data = json.loads(Path(args.out + ".json").read_text())
@@ -280,6 +296,8 @@ def main() -> None:
     base = macs_of(model, tok)
 
     rows: List[Dict[str, Any]] = []
+    if args.search_row:  # keep the table, replace the searched row
+        rows = [r for r in json.loads(Path(args.out + ".json").read_text())["rows"]]
 
     def record(method: str, target: float, m, extra: Dict[str, Any] | None = None, against=None) -> None:
         macs = macs_of(m, tok)
@@ -295,6 +313,20 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         write(rows, args)  # after every row: a slow run still leaves a table
 
+    def search_label(found: Dict[str, Any]) -> str:
+        return (f"amc + per-layer allocation searched by amc.tuners.GA on calibration text ({found['evaluations']} "
+                f"evaluations, seeded with the per-kind allocation), residual targets")
+
+    if args.search_row:
+        found = json.loads(Path(args.search_row).read_text())
+        _, compress = allocation_compressor(net, calib, args.ridge)
+        small = compress(found["policy"])
+        rows[:] = [r for r in rows if not (r["method"] == search_label(found) and r["target"] == found["target"])]
+        record(search_label(found), found["target"], small, {"search": found})
+        order = {(r["method"], r["target"]): i for i, r in enumerate(rows)}
+        rows.sort(key=lambda r: (-r["target"], "Torch-Pruning" in r["method"], order[(r["method"], r["target"])]))
+        write(rows, args)
+        return
     record("original", 1.0, model)
     for target in args.targets:
         _, _, small = amc_l2(net, target)
@@ -309,6 +341,16 @@ def main() -> None:
         small, chosen, grid = tuned_allocation(net, target, calib, tune, ref["tune"], args.ridge)
         record(f"amc + allocation tuned on calibration text (q/k {chosen['qk']:g}, v/o {chosen['vo']:g}, "
                f"MLP {chosen['mlp']:.2f}), residual targets", target, small, {"allocation": chosen, "grid": grid})
+        if args.search and target in args.search_targets:
+            t = time.perf_counter()
+            small, policy, res = searched_allocation(net, target, calib, tune, ref["tune"], args.ridge, *args.search,
+                                                     start=chosen)
+            found = {"target": target, "policy": policy, "generations": args.search[0], "pop_size": args.search[1],
+                     "seed": 0, "evaluations": len(res.history), "tune_cos": res.score, "seconds": time.perf_counter() - t,
+                     "start": chosen}
+            with atomic_write(args.out + f"_search{target:g}.json", "w") as f:
+                json.dump(found, f, indent=1)
+            record(search_label(found), target, small, {"search": found})
         m, frac, ratio = torch_pruning(model, tok, target)
         dims = kept_hidden_dims(model, m)  # the example prunes the hidden size: compare on the kept features
         ref_tp = ref if dims is None else {"held": embed(model, held, dims=dims), "retr": embed(model, retr, dims=dims)}

@@ -66,7 +66,8 @@ def reader_gates(net: ReconstructedNetwork, gate_nodes: Iterable[str]) -> Dict[s
     out = {}
     for name in gate_nodes:
         gate, readers = net.network[net.node(name).module], users.get(name, [])
-        if isinstance(gate, FeatureGate) and len(readers) == 1 and isinstance(net.network[readers[0].module], nn.Linear):
+        if isinstance(gate, FeatureGate) and len(readers) == 1 \
+                and isinstance(net.network[readers[0].module], nn.Linear):
             out[name] = (gate, net.network[readers[0].module])
     return out
 

@@ -115,8 +115,9 @@ class VTP(BaseCompressor):
     removes whole heads (the head count drops; a head scores the mean |gate| on its output dims), then
     the kept heads' dims, as above. A plain module's nn.MultiheadAttention is unfused first (a qkv and a
     proj Linear around F.scaled_dot_product_attention: same function), so it is gated and pruned like a
-    timm block; in a graph given as a ReconstructedNetwork it stays fused, its heads tied to the width. `residual="readers"`: the residual width stays whole and each Linear reading it
-    (qkv, fc1) drops the input columns its own gate puts below zeta (VTP's consumer-side form).
+    timm block; in a graph given as a ReconstructedNetwork it stays fused, its heads tied to the width.
+    `residual="readers"`: the residual width stays whole and each Linear reading it (qkv, fc1) drops the
+    input columns its own gate puts below zeta (VTP's consumer-side form).
     """
 
     name = "vtp"
@@ -273,4 +274,5 @@ def head_scores(plan: PruningPlan) -> List[Optional[np.ndarray]]:
 
 VisionTransformerPruning = VTP
 
-__all__ = ["VTP", "VisionTransformerPruning", "gate_scores", "head_scores", "stream_gates", "units_below", "train_gates"]
+__all__ = ["VTP", "VisionTransformerPruning", "gate_scores", "head_scores", "stream_gates", "units_below",
+           "train_gates"]

@@ -322,7 +322,12 @@ def main() -> None:
         _, compress = allocation_compressor(net, calib, args.ridge)
         small = compress(found["policy"])
         rows[:] = [r for r in rows if not (r["method"] == search_label(found) and r["target"] == found["target"])]
-        record(search_label(found), found["target"], small, {"search": found})
+        extra = {"search": found}
+        if not args.no_latency:  # latency differs between sessions: time the original beside it
+            extra["original_same_run"] = {"ms_b1": latency(model, tok, 1, args.reps),
+                                          "ms_b32": latency(model, tok, 32, max(3, args.reps // 3)),
+                                          "date": time.strftime("%Y-%m-%d %H:%M")}
+        record(search_label(found), found["target"], small, extra)
         order = {(r["method"], r["target"]): i for i, r in enumerate(rows)}
         rows.sort(key=lambda r: (-r["target"], "Torch-Pruning" in r["method"], order[(r["method"], r["target"])]))
         write(rows, args)
@@ -389,6 +394,13 @@ def write(rows: List[Dict[str, Any]], args: argparse.Namespace) -> None:
         if lat:
             line += f" {r['ms_b1']:.1f} | {r['ms_b32']:.0f} | {r['load_before']:.1f}-{r['load_after']:.1f} |"
         lines.append(line)
+    for r in rows:
+        o = r.get("original_same_run")
+        if o:
+            lines += ["", f"The row \"{r['method']}\" ({r['target']:.2f}) was added on {o['date']} by `--search-row`, "
+                      f"on a machine where the original then took {o['ms_b1']:.1f} ms at batch 1 and {o['ms_b32']:.0f} ms "
+                      f"at batch 32: its latency is {r['ms_b1'] / o['ms_b1']:.2f}x / {r['ms_b32'] / o['ms_b32']:.2f}x "
+                      "the original's; compare it with that, not with the other rows."]
     with atomic_write(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

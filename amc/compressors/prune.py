@@ -276,7 +276,7 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     the result timed against the original). `latency_table`: a `LatencyTable` to reuse, else built here.
     heads: remove whole attention heads (the head count drops, each kept head keeps its dims and the
     softmax scale) instead of the same dims in every head; nn.MultiheadAttention ties its heads to the
-    residual width and keeps its own rule.
+    residual width and keeps its own rule (`amc.compressors.vtp.unfuse_attention` splits it first).
     Bad arguments raise `amc.errors.PruningError` (a ValueError), a model that cannot be traced
     `amc.errors.CaptureError`; no other exception is raised for bad input (fuzzed: scripts/fuzz.py).
     """

@@ -152,3 +152,45 @@ def test_dict_with_other_keys_is_refused():
     assert net({"a": torch.ones(3), "b": torch.zeros(3)}).tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(GraphError, match=r"keys \['a', 'c'\]; it was captured with keys \['a', 'b'\]"):
         net({"a": torch.ones(2), "c": torch.ones(2)})
+
+
+class MaskSkip(nn.Module):
+    """Skips its mask when nothing is masked, as Hugging Face's attention-mask code does in eager mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        y = self.fc(x)
+        if mask.all():
+            return y
+        return y * mask.unsqueeze(-1)
+
+
+class ScaledByMax(nn.Module):
+    def forward(self, x):
+        return x / float(x.abs().max())
+
+
+def test_value_read_into_python_is_guarded(tmp_path):
+    """`if mask.all():` on a traced tensor: the graph holds one branch, so another value must raise
+    (before this guard, a net traced with an all-ones mask silently ignored padding later)."""
+    model = MaskSkip().eval()
+    x = torch.randn(2, 3, 4)
+    net = amc.trace(model, x, torch.ones(2, 3))
+    assert [g["kind"] for g in net.guards] == ["value"]
+    assert torch.allclose(net(x, torch.ones(2, 3)), model(x, torch.ones(2, 3)))
+    padded = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    for loaded in (net, amc.ReconstructedNetwork.load_from_json(net.save_to_json(str(tmp_path / "v.json")))):
+        with pytest.raises(GraphError, match="value guard failed.*mask.all"):
+            loaded(x, padded)
+
+
+def test_item_read_is_guarded():
+    model = ScaledByMax()
+    x = torch.randn(3, 5)
+    net = amc.trace(model, x)
+    assert torch.allclose(net(x), model(x))  # the same values: the captured constant holds
+    with pytest.raises(GraphError, match="value guard failed"):
+        net(2 * x)  # eager divides by the new maximum; the graph would keep the old one

@@ -92,3 +92,133 @@ def test_data_driven_criterion_sees_the_attention_mask(minilm_model, minilm_net,
     assert any(not torch.allclose(a, b) for a, b in zip(with_mask.importance, without.importance))
     small = with_mask.apply(0.3)
     assert small(**padded).last_hidden_state.shape == (2, 20, 384)  # the residual width is kept
+
+
+# -- the pruned model as a plain transformers model ---------------------------------------------------
+
+
+def _attention_linears(model):
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".attention." in n]
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["head-dims", "whole-heads"])
+def test_minilm_pruned_eager_bertmodel_matches_the_network(minilm_model, minilm_net, heads, tmp_path, one_thread):
+    """The pruned layers written back into a copy of the BertModel, with num_attention_heads /
+    attention_head_size / all_head_size updated, give the pruned network's output at a new batch and
+    length; the checkpoint amc saves reloads to the same output; the user's model is not touched."""
+    tok, model = minilm_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = amc.prune(minilm_net, ratio=0.3, heads=heads)
+    eager = amc.export.to_module(small, model)
+    attn = eager.encoder.layer[0].attention.self
+    q = small.module_of("encoder.layer.0.attention.self.query").out_features
+    expected = (9, 32) if heads else (12, 23)  # 12 heads of 32: whole heads go, or dims in every head
+    assert (attn.num_attention_heads, attn.attention_head_size) == expected
+    assert attn.all_head_size == q == expected[0] * expected[1]
+    assert attn.scaling == 32 ** -0.5  # the softmax scale of the original heads, as in the network
+    batch = _batch(tok, ["a new batch of a new length", "checked against the network", "three"], length=19)
+    with torch.no_grad():
+        want = small(**batch).last_hidden_state
+        assert torch.allclose(eager(**batch).last_hidden_state, want, atol=1e-5)
+        reloaded = amc.export.from_pretrained(amc.export.save_pretrained(eager, str(tmp_path / "ckpt")))
+        assert type(reloaded).__name__ == "BertModel"
+        assert torch.equal(reloaded(**batch).last_hidden_state, eager(**batch).last_hidden_state)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 12
+
+
+def test_minilm_mlp_pruned_reloads_with_plain_transformers(minilm_model, minilm_net, tmp_path, one_thread):
+    """MLP hidden dims pruned by one ratio: the config says it (intermediate_size), so transformers' own
+    AutoModel.from_pretrained reloads the checkpoint; pruned attention (per-layer head sizes BertConfig
+    cannot state) is described in config.amc_layers instead and needs amc.export.from_pretrained."""
+    from transformers import AutoModel
+
+    tok, model = minilm_model
+    small = amc.prune(minilm_net, ratio=0.3, ignore=_attention_linears(model))
+    eager = amc.export.to_module(small, model)
+    assert eager.config.intermediate_size == 1076 and not hasattr(eager.config, "amc_layers")
+    path = str(tmp_path / "mlp")
+    eager.save_pretrained(path)  # transformers' own save and load: nothing of amc in between
+    batch = _batch(tok, ["plain transformers reloads it"], length=12)
+    with torch.no_grad():
+        assert torch.equal(AutoModel.from_pretrained(path)(**batch).last_hidden_state,
+                           small(**batch).last_hidden_state)
+    heads = amc.export.to_module(amc.prune(minilm_net, ratio=0.3, heads=True), model)
+    assert heads.config.amc_layers["attributes"]["encoder.layer.0.attention.self"]["num_attention_heads"] == 9
+
+
+def test_minilm_qk_and_v_pruned_differently_refuses_a_plain_bertmodel(minilm_model, minilm_net, one_thread):
+    """BertSelfAttention splits q, k and v by one attention_head_size: a network whose q/k keep another
+    head size than v cannot be written back, and says why instead of returning a wrong model."""
+    tok, model = minilm_model
+    small = amc.prune(minilm_net, ratio={"encoder.layer.0.attention.self.query": 0.5,
+                                         "encoder.layer.0.attention.self.value": 0.25})
+    with pytest.raises(amc.errors.ExportError, match="same ratio"):
+        amc.export.to_module(small, model)
+
+
+@pytest.fixture(scope="module")
+def hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, num_labels=10)
+    return ViTForImageClassification(config).eval()
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["dims", "heads"])
+def test_hf_vit_traced_pruned_round_tripped_and_written_back(hf_vit, heads, tmp_path, one_thread):
+    x, x_new = torch.randn(2, 3, 32, 32), torch.randn(5, 3, 32, 32)
+    net = amc.trace(hf_vit, pixel_values=x)
+    with torch.no_grad():
+        out = net(pixel_values=x_new)
+        assert type(out).__name__ == "ImageClassifierOutput"
+        assert torch.allclose(out.logits, hf_vit(pixel_values=x_new).logits, atol=1e-5)
+    small = amc.prune(net, ratio=0.5, heads=heads)  # keyword example inputs kept by the graph
+    assert amc.count(small)[0] < 0.6 * amc.count(net)[0]
+    pkl = amc.ReconstructedNetwork.load(pkl=small.save(pkl=str(tmp_path / "v.pkl")))
+    js = amc.ReconstructedNetwork.load_from_json(small.save_to_json(str(tmp_path / "v.json")))
+    eager = amc.export.to_module(small, hf_vit, pixel_values=x)
+    attn = eager.vit.layers[0].attention
+    assert (attn.num_attention_heads, attn.head_dim) == ((2, 16) if heads else (4, 8))
+    with torch.no_grad():
+        want = small(pixel_values=x_new).logits
+        for other in (pkl, js):
+            assert torch.equal(other(pixel_values=x_new).logits, want)
+        assert torch.allclose(eager(pixel_values=x_new).logits, want, atol=1e-5)
+        reloaded = amc.export.from_pretrained(amc.export.save_pretrained(eager, str(tmp_path / "ckpt")))
+        assert torch.equal(reloaded(pixel_values=x_new).logits, eager(pixel_values=x_new).logits)
+
+
+def test_hf_vit_whole_heads_reload_with_plain_transformers(hf_vit, tmp_path, one_thread):
+    """Whole heads and MLP dims, residual width kept: ViTConfig states it (num_attention_heads, head_dim,
+    intermediate_size), so transformers' own from_pretrained rebuilds the pruned model exactly."""
+    from transformers import ViTForImageClassification
+
+    x = torch.randn(2, 3, 32, 32)
+    net = amc.trace(hf_vit, pixel_values=x)
+    small = amc.prune(net, ratio=0.5, heads=True, ignore=["vit.embeddings.patch_embeddings.projection"])
+    eager = amc.export.to_module(small, hf_vit, pixel_values=x)
+    config = eager.config
+    assert (config.num_attention_heads, config.head_dim, config.intermediate_size) == (2, 16, 64)
+    path = amc.export.save_pretrained(eager, str(tmp_path / "vit"))
+    with torch.no_grad():
+        assert torch.equal(ViTForImageClassification.from_pretrained(path)(pixel_values=x).logits,
+                           small(pixel_values=x).logits)
+
+
+def test_traced_without_padding_still_masks_padded_batches(minilm_model, one_thread):
+    """transformers drops an all-ones attention mask in eager mode; amc tells its masking code that it is
+    tracing, so a network traced on an unpadded batch keeps the mask and is exact on padded ones."""
+    tok, model = minilm_model
+    plain = _batch(tok, ["a short example", "and another one"])
+    assert bool(plain["attention_mask"].all())
+    net = amc.trace(model, **plain)
+    padded = _batch(tok, ["short", "a much longer sentence that needs padding on the first"])
+    assert not bool(padded["attention_mask"].all())
+    with torch.no_grad():
+        assert torch.allclose(net(**padded).last_hidden_state, model(**padded).last_hidden_state, atol=1e-5)
+    import transformers.masking_utils as masking
+
+    assert not masking.is_tracing(padded["attention_mask"])  # restored after capture

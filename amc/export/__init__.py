@@ -3,6 +3,8 @@
 - `pkl`: the whole object with torch.save (exact for every op; loads allowlisted classes only unless trusted).
 - `json_io`: readable JSON + safetensors weights, rebuilt from allowlists without unpickling (the safe path).
 - `onnx_io`: ONNX with a dynamic batch axis, checked with onnxruntime.
+- `eager`: the pruned layers written back into a copy of the user's own module (`to_module`), and
+  `hf`: that copy as a `transformers` checkpoint (`save_pretrained` / `from_pretrained`).
 - `vnmodel`: the seed's `.vnmodel`, written as an ONNX Runtime ORT file.
 Every writer is atomic (`atomic`): a failed save leaves the previous file intact.
 
@@ -10,6 +12,8 @@ Importing this package registers the formats behind ReconstructedNetwork's `save
 methods (`amc.graph.formats`): export knows the graph, the graph never imports export.
 """
 from ..graph.formats import register_format
+from .eager import register_attribute_rule, to_module
+from .hf import from_pretrained, save_pretrained
 from .json_io import load_json, register_json_op, save_json
 from .onnx_io import save_onnx
 from .pkl import load_pkl, save_pkl
@@ -20,4 +24,5 @@ register_format("json", save=save_json, load=load_json)
 register_format("onnx", save=save_onnx)
 register_format("vnmodel", save=save_vnmodel)
 
-__all__ = ["save_pkl", "load_pkl", "save_json", "load_json", "save_onnx", "save_vnmodel", "register_json_op"]
+__all__ = ["save_pkl", "load_pkl", "save_json", "load_json", "save_onnx", "save_vnmodel", "register_json_op",
+           "to_module", "register_attribute_rule", "save_pretrained", "from_pretrained"]

@@ -374,7 +374,7 @@ def _register_defaults() -> None:
     register_json_op(ops.ParamHolder, to_config=_param_config, from_config=_param_build)
     register_json_op(ops.Constant, to_config=lambda m: {"clone": bool(m.clone)}, from_config=_constant_build)
     register_json_op(ops.ShapeGuard, to_config=lambda m: {"op": m.op, "expected": m.expected, "source": m.source,
-                                                          "captured": m.captured})
+                                                          "captured": m.captured, "value": m.value})
 
 
 _register_defaults()

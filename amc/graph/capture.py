@@ -48,6 +48,9 @@ _PASS_THROUGH = {
     torch.Tensor.untyped_storage, torch.Tensor.nelement if hasattr(torch.Tensor, "nelement") else torch.Tensor.dim,
     torch.Tensor.register_hook, torch.Tensor.retain_grad, torch.Tensor.requires_grad_,
 }
+#: reads that turn a traced value into a Python one: each becomes a value guard (`_record_value_read`)
+_VALUE_READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__float__,
+                torch.Tensor.__index__}
 _INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
                     "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__"}
 
@@ -319,6 +322,24 @@ class Tracer(TorchFunctionMode):
         self._add(name, ShapeGuard(op_name, result, source, values), args, {},
                   {"op": "ShapeGuard", "source": source}, None)
 
+    def _record_value_read(self, func: Any, x: torch.Tensor, rest: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        """`bool(t)`, `t.item()`, `int(t)`: a value computed from the inputs leaves the graph into Python.
+        The graph keeps what follows for this value only, so a guard checks it at run time (raising
+        instead of computing something else); a read of more than one element cannot be guarded and raises."""
+        result = func(x.detach(), *_plain(rest), **_plain(kwargs))
+        if x.numel() != 1:
+            return result  # bool() of a multi-element tensor raises in torch itself
+        name = self._unique(self._scoped("value_guard"))
+        source = _user_source_line()
+        if func is torch.Tensor.__bool__:
+            guard = ShapeGuard("truth", bool(result), source, (bool(result), None), value=True)
+            args: Tuple[Any, ...] = (self.to_template(x),)
+        else:
+            guard = ShapeGuard("eq", True, source, (result, result), value=True)
+            args = (self.to_template(x), result)
+        self._add(name, guard, args, {}, {"op": "ShapeGuard", "source": source, "value": True}, None)
+        return result
+
     def _record_size(self, x: torch.Tensor, dim: Optional[int], numel: bool = False) -> Any:
         value = x.numel() if numel else (x.shape if dim is None else x.shape[dim])
         short = "numel" if numel else ("size" if dim is None else f"size{dim}")
@@ -330,6 +351,9 @@ class Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
+        if (func in _VALUE_READS and self.state == "recording" and not self._leaf_depth
+                and isinstance(args[0], torch.Tensor) and self._is_traced(args[0])):
+            return self._record_value_read(func, args[0], args[1:], kwargs)
         if self.state != "recording" or self._leaf_depth or func in _PASS_THROUGH:
             if func is torch.Tensor.__len__ and self.state == "recording" and not self._leaf_depth \
                     and self._is_traced(args[0]):
@@ -479,7 +503,7 @@ class Tracer(TorchFunctionMode):
         nn.Module.__call__ = _patched_call
         torch.autograd.Function.apply = classmethod(_patched_apply)
         builtins.len = _patched_len
-        self._swapped = _swap_leaf_functions()
+        self._swapped = _swap_leaf_functions() + _swap_library_hooks()
         self.__enter__()
 
     def end(self) -> None:
@@ -569,6 +593,30 @@ def _swap_leaf_functions() -> List[Tuple[Any, str, Any]]:
                     swapped.append((space, attr, fn))
                     space[attr] = _leaf_call(fn)
     return swapped
+
+
+def _swap_library_hooks() -> List[Tuple[Any, str, Any]]:
+    """Tell libraries that check "am I being traced?" that they are (`known_leaves.TRACING_CHECKS`), so they
+    keep their general path: transformers otherwise drops an all-ones attention mask from the graph."""
+    from .known_leaves import TRACING_CHECKS
+
+    swapped = []
+    for package, attr in TRACING_CHECKS:
+        for name, module in list(sys.modules.items()):
+            if module is None or not (name == package or name.startswith(package + ".")):
+                continue
+            space = vars(module)
+            if callable(space.get(attr)) and not getattr(space[attr], "_amc_tracing", False):
+                swapped.append((space, attr, space[attr]))
+                space[attr] = _tracing_check
+    return swapped
+
+
+def _tracing_check(*args: Any, **kwargs: Any) -> bool:
+    return True
+
+
+_tracing_check._amc_tracing = True  # type: ignore[attr-defined]
 
 
 def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:

@@ -24,6 +24,12 @@ KNOWN: Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]] = {
     ),
 }
 
+#: (package, function name): a library's own "is this a graph trace?" check, answered True while amc
+#: captures, so the library keeps the path that holds for every input. transformers skips an all-ones
+#: attention mask in eager mode (`if padding_mask.all(): mask = None`); captured that way, a later padded
+#: batch would run unmasked (the value guard then refuses it), so its masking code is told it is traced.
+TRACING_CHECKS: Tuple[Tuple[str, str], ...] = (("transformers", "is_tracing"),)
+
 
 def register_known(name: str = "") -> None:
     """Register the entries of KNOWN whose module is imported (idempotent). A loader resolving `name`

@@ -149,7 +149,7 @@ class ReconstructedNetwork(nn.Module):
             m = self.network[node.module]
             if isinstance(m, ShapeGuard):
                 out.append({"node": node.name, "source": m.source, "condition": m.describe(m.captured),
-                            "expected": m.expected})
+                            "expected": m.expected, "kind": "value" if m.value else "shape"})
         return out
 
     def rebaseline_guards(self, *example_inputs: Any) -> None:

@@ -470,8 +470,9 @@ class ShapeGuard(nn.Module):
     on purpose (pruning) re-baseline `expected` on the pruned network, whose path is by construction the
     captured one."""
 
-    def __init__(self, op: str, expected: bool, source: str = "", captured: Any = None):
+    def __init__(self, op: str, expected: bool, source: str = "", captured: Any = None, value: bool = False):
         super().__init__()
+        self.value = bool(value)  # a tensor's value read into Python (`if mask.all():`), not a size
         if op not in _GUARD_OPS:
             raise LoadError(f"unknown guard comparison {op!r}; expected one of {sorted(_GUARD_OPS)}")
         self.op = op
@@ -483,11 +484,18 @@ class ShapeGuard(nn.Module):
     def forward(self, a: Any, b: Any = None) -> None:
         fn = _GUARD_OPS[self.op]
         result = bool(fn(a) if self.op == "truth" else fn(a, b))
-        if self.rebaseline:
+        if self.rebaseline and not self.value:  # sizes follow a pruning pass; the inputs' values do not
             self.expected, self.captured = result, _guard_values(a, b)
         elif result != self.expected:
             from ..errors import GraphError
 
+            if self.value:
+                raise GraphError(f"value guard failed at {self.source or 'an unknown line'}: the model read a "
+                                 f"tensor's value into Python there, and capture took the path where "
+                                 f"{self.describe(self.captured)} is {self.expected}; this input gives "
+                                 f"{self.describe(_guard_values(a, b))} = {result}, so the graph would compute "
+                                 "something else. Trace with an input that takes this path, or make the model "
+                                 "compute it with tensor ops (torch.where) instead of a Python branch")
             raise GraphError(f"shape guard failed at {self.source or 'an unknown line'}: capture took the path "
                              f"where {self.describe(self.captured)} is {self.expected}, but this input gives "
                              f"{self.describe(_guard_values(a, b))} = {result}. The graph only holds the captured "
@@ -504,7 +512,11 @@ class ShapeGuard(nn.Module):
 
 
 def _guard_values(a: Any, b: Any) -> Tuple[Any, Any]:
-    return (int(a) if isinstance(a, int) else a, int(b) if isinstance(b, int) else b)
+    def plain(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            return v.item()
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else v
+    return plain(a), plain(b)
 
 
 class AutogradFunctionOp(FunctionOp):

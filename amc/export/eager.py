@@ -1,0 +1,223 @@
+"""A pruned ReconstructedNetwork written back into a copy of the user's own eager module.
+
+Pruning edits shapes: every Linear, LayerNorm or Embedding of the graph keeps the qualified name it had
+in the model, so the pruned layers can replace the model's layers one for one. What the model computes
+from *attributes* (a Hugging Face attention's `num_attention_heads`, `attention_head_size`,
+`all_head_size`, ViT's `head_dim`) is set by attribute rules, one registry entry per convention; the
+head size each attention now uses is read from the graph's own reshape of its query projection. The
+result is checked against the network on example inputs: a module that still computes something else
+raises instead of coming back.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from ..graph.ops import Constant, ParamHolder, TensorReshape
+from ..graph.template import Ref
+
+#: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
+HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
+ALL_HEADS_ATTRS = ("all_head_size",)
+QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv")
+VALUE_NAMES = ("value", "v_proj", "v", "v_lin")
+
+#: (predicate, rule): a rule returns the attributes of one module to set, given the pruned graph
+AttributeRule = Callable[[nn.Module, str, "ReconstructedNetwork"], Dict[str, Any]]  # noqa: F821
+_RULES: List[Tuple[Callable[[nn.Module], bool], AttributeRule]] = []
+
+
+def register_attribute_rule(applies: Callable[[nn.Module], bool], rule: AttributeRule) -> None:
+    """Teach `to_module` another convention: `rule(module, path, net)` -> {attribute: new value}."""
+    _RULES.append((applies, rule))
+
+
+def _reshape_of(net: Any, producer: str) -> Optional[List[Any]]:
+    """The target sizes of the first view/reshape that reads node `producer`'s output, or None."""
+    for node, module in net.iter_nodes():
+        if isinstance(module, TensorReshape) and node.args and node.args[0] == Ref(producer):
+            sizes = list(node.args[1:])
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = list(sizes[0])
+            return sizes
+    return None
+
+
+def _heads_from_reshape(sizes: List[Any], features: int) -> Optional[Tuple[int, int]]:
+    """(head count, head size) of a projection with `features` outputs split by `sizes` (last = head size)."""
+    tail = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool)]
+    if len(tail) < 2 or tail[-1] <= 0:
+        return None
+    size, others = tail[-1], tail[:-1]
+    known = math.prod(s for s in others if s > 0)
+    heads = features // (size * known) if -1 in others else others[-1]
+    return heads, size
+
+
+def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    found: Dict[str, Tuple[int, int]] = {}
+    for role, names in (("query", QUERY_NAMES), ("value", VALUE_NAMES)):
+        for name in names:
+            child = getattr(module, name, None)
+            qualified = f"{path}.{name}" if path else name
+            if isinstance(child, nn.Linear) and any(n.name == qualified for n in net.layer_nodes):
+                sizes = _reshape_of(net, qualified)
+                split = _heads_from_reshape(sizes, net.module_of(qualified).out_features) if sizes else None
+                if split:
+                    found[role] = split
+                break
+    if not found:
+        return {}
+    if len(set(found.values())) > 1:
+        raise ExportError(
+            f"{path} ({type(module).__name__}) splits q/k and v into heads with one size attribute, but the "
+            f"pruned network keeps (heads, size) {found['query']} for q/k and {found['value']} for v: a plain "
+            f"{type(module).__name__} cannot run that. Prune q/k and v by the same ratio (amc.prune(ratio=r) "
+            "or heads=True), or keep using the ReconstructedNetwork")
+    heads, size = next(iter(found.values()))
+    new: Dict[str, Any] = {}
+    for names, value in ((HEAD_COUNT_ATTRS, heads), (HEAD_SIZE_ATTRS, size), (ALL_HEADS_ATTRS, heads * size)):
+        for name in names:
+            if isinstance(getattr(module, name, None), int):
+                new[name] = value
+    return new
+
+
+register_attribute_rule(lambda m: any(isinstance(getattr(m, a, None), int) for a in HEAD_SIZE_ATTRS + HEAD_COUNT_ATTRS),
+                        _attention_rule)
+
+
+def _set_path(root: nn.Module, path: str, value: Any) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if isinstance(value, nn.Module) or isinstance(getattr(parent, leaf, None), nn.Module):
+        setattr(parent, leaf, value)
+    elif leaf in parent._buffers:
+        parent._buffers[leaf] = value
+    else:
+        parent._parameters[leaf] = value if isinstance(value, nn.Parameter) else nn.Parameter(value)
+
+
+def _has_tensor(root: nn.Module, path: str) -> bool:
+    parent_path, _, leaf = path.rpartition(".")
+    try:
+        parent = root.get_submodule(parent_path) if parent_path else root
+    except AttributeError:
+        return False
+    return leaf in parent._parameters or leaf in parent._buffers
+
+
+def _write_layers(net: Any, out: nn.Module) -> None:
+    modules = dict(out.named_modules())
+    foreign = []
+    for node, op in net.iter_nodes():
+        if isinstance(op, Constant):
+            continue
+        if isinstance(op, ParamHolder):
+            if _has_tensor(out, node.name):
+                _set_path(out, node.name, copy.deepcopy(op.value))
+                continue
+            foreign.append(f"{node.name} (a tensor)")
+            continue
+        own = list(op.parameters(recurse=True)) + list(op.buffers(recurse=True))
+        if not own:
+            continue
+        target = modules.get(node.name)
+        if target is None or type(target) is not type(op):
+            foreign.append(f"{node.name} ({type(op).__name__})")
+            continue
+        _set_path(out, node.name, copy.deepcopy(op))
+    if foreign:
+        raise ExportError(
+            f"to_module writes pruned layers back by name, but {len(foreign)} layer(s) of the network have no "
+            f"layer of the same name and class in the model: {foreign[:5]}. They come from a compressor that "
+            "adds or replaces layers (low-rank, quantization, VTP's column gather, token pruning), which the "
+            "original module has no place for: keep the ReconstructedNetwork, or export it with "
+            "save_to_json/save_to_onnx")
+
+
+def _flatten(value: Any) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flatten(v)]
+    if hasattr(value, "to_tuple"):
+        return _flatten(value.to_tuple())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flatten(v)]
+    return []
+
+
+def _split_inputs(net: Any, inputs: Tuple[Any, ...]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """`net.example_inputs()` as the eager model takes them: keyword inputs by their names."""
+    slots = net._positional_slots()
+    keyword = [n.name for n in net.input_nodes if not isinstance(n.index, int)]
+    return tuple(inputs[:slots]), dict(zip(keyword, inputs[slots:]))
+
+
+def _check_same(net: Any, out: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], rtol: float) -> None:
+    was = net.training, out.training
+    net.eval(), out.eval()
+    try:
+        with torch.no_grad():
+            want, got = _flatten(net(*args, **kwargs)), _flatten(out(*args, **kwargs))
+    except Exception as e:
+        raise ExportError(f"the pruned {type(out).__name__} fails to run after its layers were written back "
+                          f"({type(e).__name__}: {e}): an attribute it computes shapes from has no rule; add one "
+                          "with amc.export.register_attribute_rule") from e
+    finally:
+        net.train(was[0]), out.train(was[1])
+    if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
+        raise ExportError(f"the pruned {type(out).__name__} returns tensors of shapes {[tuple(t.shape) for t in got]}, "
+                          f"the network {[tuple(t.shape) for t in want]}")
+    for i, (a, b) in enumerate(zip(want, got)):
+        if a.is_floating_point():
+            err = (a - b).abs().max().item() if a.numel() else 0.0
+            if err > rtol * max(1.0, a.abs().max().item()):
+                raise ExportError(
+                    f"the pruned {type(out).__name__} computes something else than the pruned network (output "
+                    f"{i}: max difference {err:.3g}): one of its modules derives a size or scale from an attribute "
+                    "that no rule updated; add one with amc.export.register_attribute_rule")
+        elif not torch.equal(a, b):
+            raise ExportError(f"the pruned {type(out).__name__} returns a different output {i} than the network")
+
+
+def to_module(net: Any, model: nn.Module, *example_inputs: Any, rtol: float = 1e-4,
+              **example_kwargs: Any) -> nn.Module:
+    """A copy of `model` (the module `net` was traced from) running the pruned `net`'s layers.
+
+    The pruned weights replace the model's layers of the same name, attention attributes are updated
+    (registered rules), and the copy is checked to return what `net` returns on the example inputs (the
+    ones given, else `net.example_inputs()`); `model` itself is not changed. Raises ExportError when a
+    layer has no counterpart (compressors that add layers) or the outputs differ.
+    """
+    from ..graph.network import ReconstructedNetwork
+
+    if not isinstance(net, ReconstructedNetwork):
+        raise ExportError(f"to_module takes the pruned ReconstructedNetwork first, got {type(net).__name__}")
+    if not isinstance(model, nn.Module) or isinstance(model, ReconstructedNetwork):
+        raise ExportError("to_module takes the original eager nn.Module (the one traced) second, got "
+                          f"{type(model).__name__}")
+    out = copy.deepcopy(model)
+    _write_layers(net, out)
+    for path, module in list(out.named_modules()):
+        for applies, rule in _RULES:
+            if applies(module):
+                for name, value in rule(module, path, net).items():
+                    setattr(module, name, value)
+    if example_inputs or example_kwargs:
+        args, kwargs = example_inputs, example_kwargs
+    else:
+        args, kwargs = _split_inputs(net, net.example_inputs())
+    _check_same(net, out, args, kwargs, rtol)
+    from .hf import describe_in_config, is_transformers_model
+
+    if is_transformers_model(out):
+        describe_in_config(out, model)
+    return out

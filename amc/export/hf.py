@@ -1,0 +1,192 @@
+"""Pruned Hugging Face models as `transformers` checkpoints: `save_pretrained` / `from_pretrained`.
+
+A config has one `intermediate_size` and one head count for every layer, so a pruned model reloads with
+plain `transformers` only when its sizes are uniform and its attention keeps what the config would
+derive (the head size and softmax scale). `describe_in_config` tries that config and keeps it when a
+model built from it matches the pruned one (shapes and head attributes); otherwise the config keeps its
+original sizes plus an `amc_layers` entry (every tensor shape and attribute that differs), which
+`from_pretrained` here applies before loading the weights. No code is run from the checkpoint: the model
+class is looked up by name in `transformers` only.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from ..errors import ExportError, LoadError
+from .atomic import atomic_paths
+from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
+
+_ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + ("scaling",)
+_KEY = "amc_layers"
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _attributes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    return {path: {a: getattr(m, a) for a in _ATTRS if isinstance(getattr(m, a, None), (int, float))}
+            for path, m in model.named_modules()}
+
+
+def _shapes(model: nn.Module) -> Dict[str, list]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def _built_from(model: nn.Module, config: Any) -> nn.Module:
+    with torch.device("meta"):
+        return type(model)(config)
+
+
+def _uniform(values: list) -> Optional[int]:
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def _candidate(model: nn.Module, original: nn.Module) -> Any:
+    """The original config with every size the pruned model keeps uniform across its layers."""
+    config = copy.deepcopy(original.config)
+    inter = getattr(config, "intermediate_size", None)
+    if isinstance(inter, int):
+        before = dict(original.named_modules())
+        sizes = [m.out_features for p, m in model.named_modules()
+                 if isinstance(m, nn.Linear) and isinstance(before.get(p), nn.Linear) and before[p].out_features == inter]
+        if _uniform(sizes) is not None:
+            config.intermediate_size = _uniform(sizes)
+    heads = [getattr(m, a) for m in model.modules() for a in HEAD_COUNT_ATTRS if isinstance(getattr(m, a, None), int)]
+    dims = [getattr(m, a) for m in model.modules() for a in HEAD_SIZE_ATTRS if isinstance(getattr(m, a, None), int)]
+    if _uniform(heads) is not None and hasattr(config, "num_attention_heads"):
+        config.num_attention_heads = _uniform(heads)
+        if _uniform(dims) is not None and _uniform(dims) * _uniform(heads) != getattr(config, "hidden_size", None):
+            config.head_dim = _uniform(dims)
+    return config
+
+
+def describe_in_config(model: nn.Module, original: nn.Module) -> None:
+    """Make `model.config` describe the pruned `model` (see the module docstring)."""
+    config = _candidate(model, original)
+    shapes, attrs = _shapes(model), _attributes(model)
+    try:
+        rebuilt = _built_from(model, config)
+        if _shapes(rebuilt) == shapes and _attributes(rebuilt) == attrs:
+            model.config = config
+            return
+    except Exception:  # noqa: BLE001 - a config transformers refuses is one it cannot describe
+        pass
+    config = copy.deepcopy(original.config)
+    base = _built_from(model, config)
+    base_shapes, base_attrs = _shapes(base), _attributes(base)
+    setattr(config, _KEY, {
+        "shapes": {k: v for k, v in shapes.items() if base_shapes.get(k) != v},
+        "attributes": {p: {a: v for a, v in d.items() if base_attrs.get(p, {}).get(a) != v}
+                       for p, d in attrs.items() if d != base_attrs.get(p, {})},
+    })
+    model.config = config
+
+
+def save_pretrained(model: nn.Module, directory: str, **kwargs: Any) -> str:
+    """`model.save_pretrained(directory)`, written to a temporary folder first and then moved in file by
+    file (`atomic_paths`): an interrupted save leaves the previous checkpoint loadable."""
+    if not is_transformers_model(model):
+        raise ExportError(f"save_pretrained takes a transformers PreTrainedModel, got {type(model).__name__}: "
+                          "use amc.export.to_module(net, model) on the model you traced first")
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".amc-save-", dir=directory)
+    try:
+        if getattr(model.config, _KEY, None):  # keys as the model names them: our loader reads them as they are
+            kwargs.setdefault("save_original_format", False)
+        model.save_pretrained(scratch, **kwargs)
+        names = sorted(os.listdir(scratch), key=lambda n: n == "config.json")  # the config goes in last
+        with atomic_paths(*(os.path.join(directory, n) for n in names)) as temps:
+            for name, tmp in zip(names, temps):
+                os.replace(os.path.join(scratch, name), tmp)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return directory
+
+
+_RESIZE = {
+    nn.Linear: lambda m, s: (setattr(m, "out_features", s["weight"][0]), setattr(m, "in_features", s["weight"][1])),
+    nn.LayerNorm: lambda m, s: setattr(m, "normalized_shape", tuple(s.get("weight") or s.get("bias"))),
+    nn.Embedding: lambda m, s: (setattr(m, "num_embeddings", s["weight"][0]), setattr(m, "embedding_dim", s["weight"][1])),
+    nn.Conv1d: lambda m, s: _resize_conv(m, s),
+    nn.Conv2d: lambda m, s: _resize_conv(m, s),
+    nn.Conv3d: lambda m, s: _resize_conv(m, s),
+    nn.BatchNorm1d: lambda m, s: setattr(m, "num_features", s["running_mean"][0]),
+    nn.BatchNorm2d: lambda m, s: setattr(m, "num_features", s["running_mean"][0]),
+}
+
+
+def _resize_conv(m: nn.Module, s: Dict[str, list]) -> None:
+    m.out_channels, m.in_channels = s["weight"][0], s["weight"][1] * m.groups
+
+
+def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
+    by_module: Dict[str, Dict[str, list]] = {}
+    for name, shape in shapes.items():
+        path, _, leaf = name.rpartition(".")
+        by_module.setdefault(path, {})[leaf] = shape
+    for path, leaves in by_module.items():
+        module = model.get_submodule(path)
+        for leaf, shape in leaves.items():
+            old = getattr(module, leaf)
+            new = torch.empty(shape, dtype=old.dtype)
+            if leaf in module._parameters:
+                module._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
+            else:
+                module._buffers[leaf] = new
+        resize = _RESIZE.get(type(module))
+        if resize is None and type(module).__module__.startswith("torch.nn"):  # sizes kept in attributes
+            raise LoadError(f"the checkpoint resizes {path} ({type(module).__name__}), which amc cannot rebuild")
+        if resize is not None:  # the model's own modules use their tensors as they are
+            resize(module, {k: list(v.shape) for k, v in list(module.named_parameters(recurse=False))
+                            + list(module.named_buffers(recurse=False))})
+
+
+def from_pretrained(directory: str, model_class: Optional[type] = None) -> nn.Module:
+    """Load a checkpoint written by `save_pretrained` (pruned or not), in eval mode."""
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.AutoConfig.from_pretrained(directory)
+    if model_class is None:
+        names = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, names[0], None) if names else None
+        if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+            raise LoadError(f"{directory}/config.json names no transformers model class ({names}): pass "
+                            "model_class=")
+    layers = getattr(config, _KEY, None)
+    if not layers:
+        return model_class.from_pretrained(directory).eval()
+    model = model_class(config)
+    _resize(model, layers.get("shapes", {}))
+    for path, attrs in layers.get("attributes", {}).items():
+        module = model.get_submodule(path) if path else model
+        for name, value in attrs.items():
+            setattr(module, name, value)
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise LoadError(f"{directory} holds no .safetensors weights")
+    state: Dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise LoadError(f"{directory}: weights missing {missing[:5]} / unexpected {unexpected[:5]} for "
+                        f"{model_class.__name__}; save pruned models with amc.export.save_pretrained, which "
+                        "keeps the names the model uses")
+    return model.eval()

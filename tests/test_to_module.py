@@ -1,0 +1,93 @@
+"""amc.export.to_module: the pruned network's layers written back into a copy of the user's own module,
+checked against the network; what cannot be written back raises ExportError instead."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import amc
+from amc.errors import ExportError
+
+
+class OddAttention(nn.Module):
+    """A hand-written attention keeping its head size in an attribute no rule knows (`dk`)."""
+
+    def __init__(self, dim: int = 32, nh: int = 4):
+        super().__init__()
+        self.nh, self.dk = nh, dim // nh
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (f(x).reshape(b, n, -1, self.dk).transpose(1, 2) for f in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5, dim=-1) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, -1))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def _mobilenet_v2():
+    import torchvision
+
+    return torchvision.models.mobilenet_v2(num_classes=10)
+
+
+MODELS = {"digits_resnet": (lambda: amc.models.create("digits_resnet"), (1, 8, 8)),
+          "vit_digits": (lambda: amc.models.create("vit_digits"), (1, 16, 16)),
+          "torchvision_mobilenet_v2": (_mobilenet_v2, (3, 32, 32))}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_pruned_model_written_back_into_its_module(name, one_thread):
+    torch.manual_seed(0)
+    make, shape = MODELS[name]
+    model = make().eval()
+    x = torch.randn(2, *shape)
+    small = amc.prune(model, ratio=0.4, example_inputs=(x,))
+    eager = amc.export.to_module(small, model, x)
+    assert type(eager) is type(model)
+    assert sum(p.numel() for p in eager.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        y = torch.randn(3, *shape)
+        assert torch.allclose(eager(y), small(y), atol=1e-5)
+
+
+def test_unknown_head_attribute_is_caught_then_taught_by_a_rule(monkeypatch):
+    torch.manual_seed(0)
+    model = OddAttention().eval()
+    x = torch.randn(2, 5, 32)
+    small = amc.prune(model, ratio=0.5, example_inputs=(x,), ignore=["proj", "fc2"])
+    with pytest.raises(ExportError, match="register_attribute_rule"):
+        amc.export.to_module(small, model, x)
+    from amc.export import eager as eager_mod
+
+    monkeypatch.setattr(eager_mod, "_RULES", list(eager_mod._RULES))
+    amc.export.register_attribute_rule(lambda m: isinstance(m, OddAttention),
+                                       lambda m, path, net: {"dk": net.module_of("q").out_features // m.nh})
+    eager = amc.export.to_module(small, model, x)
+    assert eager.dk == 4
+    with torch.no_grad():
+        assert torch.allclose(eager(x), small(x), atol=1e-5)
+
+
+def test_layers_a_compressor_added_have_no_place_in_the_module():
+    from amc.compressors import LowRankDecomposition
+
+    torch.manual_seed(0)
+    model = amc.models.create("digits_resnet").eval()
+    x = torch.randn(1, 1, 8, 8)
+    loader = [(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))]
+    net = LowRankDecomposition(model, loader, None, trainset_ratio=1.0, compress_ratio=0.5,
+                               example_inputs=(x,)).compress()
+    with pytest.raises(ExportError, match="no layer of the same name"):
+        amc.export.to_module(net, model, x)
+
+
+def test_arguments_in_the_wrong_order_are_named():
+    model = amc.models.create("digits_resnet").eval()
+    net = amc.trace(model, torch.randn(1, 1, 8, 8))
+    with pytest.raises(ExportError, match="ReconstructedNetwork first"):
+        amc.export.to_module(model, net)
+    with pytest.raises(ExportError, match="save_pretrained takes a transformers"):
+        amc.export.save_pretrained(model, "/nonexistent/never-written")

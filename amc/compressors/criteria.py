@@ -83,7 +83,10 @@ def _power_sums(w: torch.Tensor, dim: int, p: float) -> torch.Tensor:
     if w.numel() == 0:
         return w.new_zeros(w.shape[dim])
     x = w * w if p == 2 else w.abs().pow(p)
-    return x.reshape(int(np.prod(w.shape[:dim])), w.shape[dim], -1).sum(2).sum(0)
+    outer, inner = int(np.prod(w.shape[:dim])), int(np.prod(w.shape[dim + 1:]))
+    if inner == 1:  # a Linear's input columns: summing a size-1 axis would copy the whole matrix first
+        return x.reshape(outer, w.shape[dim]).sum(0)
+    return x.reshape(outer, w.shape[dim], inner).sum(2).sum(0)
 
 
 @register_criterion("l1")

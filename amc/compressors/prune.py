@@ -80,14 +80,14 @@ class PruningPlan:
         """Prune exactly these units (group.units entries), e.g. the ones a LASSO chose."""
         pruned = apply(self.net, self.analysis, self.roots, np.asarray(pruned_roots, dtype=np.int64), mode)
         try:
-            pruned.rebaseline_guards(*per_sample(self.example_inputs))  # smaller sizes, same captured path
+            out = pruned.rebaseline_guards(*per_sample(self.example_inputs))  # smaller sizes, same path
         except AmcError:
             raise
         except (RuntimeError, ValueError, IndexError) as exc:  # torch's own errors
             raise PruningError(f"the pruned network no longer runs on the example inputs ({type(exc).__name__}: "
                                f"{exc}); the model's Python code may use tensor values as sizes (int(tensor), "
                                "e.g. Mask R-CNN's paste_masks_in_image), which the graph keeps from the trace") from exc
-        check_pruned(self.analysis.output, pruned, self.example_inputs)
+        check_pruned(self.analysis.output, pruned, self.example_inputs, out)
         # one mode throughout, the network's own: its modules keep the flags of the graph they were cut
         # from, which a training loop may have switched since the plan was made (SoftFilterPruning)
         return pruned.train(pruned.training)
@@ -234,9 +234,14 @@ def _couple_shared_params(a: Analysis, net: ReconstructedNetwork) -> None:
             seen[key] = ax.vec
 
 
-def check_pruned(ref: Any, pruned: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> None:
-    """The pruned graph must lint, run, and give outputs of the shapes of `ref` (the original's output)."""
+def check_pruned(ref: Any, pruned: ReconstructedNetwork, inputs: Tuple[Any, ...], out: Any = None) -> None:
+    """The pruned graph must lint, run, and give outputs of the shapes of `ref` (the original's output);
+    `out`: its eval-mode output on `inputs` when the caller already has it (the guards' run)."""
     pruned.lint()
+    if out is not None:
+        if _shapes(ref) != _shapes(out):
+            raise PruningError(f"pruning changed the output shapes {_shapes(ref)} -> {_shapes(out)}")
+        return
     with torch.no_grad(), training_mode(pruned):
         try:
             out = pruned(*per_sample(inputs))

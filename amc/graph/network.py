@@ -152,14 +152,16 @@ class ReconstructedNetwork(nn.Module):
                             "expected": m.expected, "kind": "value" if m.value else "shape"})
         return out
 
-    def rebaseline_guards(self, *example_inputs: Any) -> None:
+    def rebaseline_guards(self, *example_inputs: Any) -> Any:
         """Re-record every guard's outcome on this network (after a pass changed sizes on purpose: the
-        pruned graph still takes the captured path, so its own sizes define what the guards expect)."""
+        pruned graph still takes the captured path, so its own sizes define what the guards expect).
+        Returns the output of that eval-mode run (None when there is no guard and so no run), for callers
+        that check it instead of running the network again."""
         from .ops import ShapeGuard
 
         guards = [m for m in self.network.values() if isinstance(m, ShapeGuard)]
         if not guards:
-            return
+            return None
         from .untouched import untouched
 
         for g in guards:
@@ -167,7 +169,7 @@ class ReconstructedNetwork(nn.Module):
         try:
             with torch.no_grad(), untouched(self):
                 self.eval()
-                self(*(example_inputs or self.example_inputs(batch_size=1)))
+                return self(*(example_inputs or self.example_inputs(batch_size=1)))
         finally:
             for g in guards:
                 g.rebaseline = False

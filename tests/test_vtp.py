@@ -113,6 +113,9 @@ def test_bad_input_is_refused():
     traced = amc.trace(_tv_vit(), torch.randn(1, 3, 16, 16))  # a graph keeps MHA fused: heads tied to width
     with pytest.raises(PruningError, match="no attention heads"):
         VTP(traced, _loader((3, 16, 16)), heads=True, epochs=0, finetune_epochs=0).compress()
+    for bad in (0, -1e-3, "fast", True):
+        with pytest.raises(PruningError, match="gate_lr must be a number > 0"):
+            VTP(_vit(), loader, gate_lr=bad, epochs=0)
     c = VTP(_vit(), loader, threshold=10.0, epochs=0, finetune_epochs=0)  # above every gate (all are 1)
     net = c.compress()
     assert c.warnings and "at least one is kept" in c.warnings[0]
@@ -294,3 +297,21 @@ def test_unfused_torchvision_vit_prunes_whole_heads_soft_equals_hard():
     soft = amc.prune(unfused, 0.5, example_inputs=(x[:1],), heads=True, mode="soft")
     torch.testing.assert_close(hard(x), soft(x), rtol=1e-5, atol=1e-5)
     assert hard.network["encoder_layers_encoder_layer_0_self_attention_proj"].in_features == 12  # 2 of 4 heads
+
+
+def test_unfused_attention_refuses_what_it_cannot_compute():
+    """SelfAttention replaces nn.MultiheadAttention for self-attention only: cross-attention, masks and
+    attention weights raise a PruningError that says so, instead of computing plain self-attention."""
+    from amc.compressors.vtp import SelfAttention
+
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    attn = SelfAttention(mha).eval()
+    x, other = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    assert torch.allclose(attn(x, x, x)[0], mha(x, x, x, need_weights=False)[0], atol=1e-5)
+    calls = {"cross-attention": lambda: attn(x, other, other),
+             "a key padding mask": lambda: attn(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool)),
+             "an attention mask": lambda: attn(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool)),
+             "attention weights": lambda: attn(x, x, x, need_weights=True)}
+    for what, call in calls.items():
+        with pytest.raises(PruningError, match="self-attention only"):
+            call()

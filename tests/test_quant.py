@@ -105,15 +105,9 @@ def test_weights_sit_on_the_int_grid():
 
 
 def _has_vnni() -> bool:
-    import platform
+    from amc.export.onnx_io import x86_without_vnni
 
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return True
-    try:
-        flags = open("/proc/cpuinfo", encoding="utf-8").read()
-    except OSError:
-        return True
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return not x86_without_vnni()
 
 
 def test_onnx_int8_matches_fake_quant_within_one_step(tmp_path):
@@ -383,3 +377,23 @@ def test_zoo_models_quantise_and_export(build, shape, tmp_path):
     with torch.no_grad():
         assert _logit_error(q(x), model(x)) < 0.05
     amc.export.save_onnx(q, str(tmp_path / "q.onnx"), x[:2])  # checked by onnxruntime inside
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_save_onnx_warns_where_int8_kernels_saturate(tmp_path, monkeypatch, vnni):
+    """8-bit weights exported on an x86 CPU without VNNI get a warning naming weight_bits=7; 7-bit weights,
+    or a CPU with VNNI, do not."""
+    import warnings
+
+    from amc.export import onnx_io
+
+    monkeypatch.setattr(onnx_io, "x86_without_vnni", lambda: not vnni)
+    model, loader = _model(), _loader()
+    x = next(iter(loader))[0][:2]
+    for bits in (8, 7):
+        q = Quantization(model, loader, weight_bits=bits, trainset_ratio=1.0).compress()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            amc.export.save_onnx(q, str(tmp_path / f"q{bits}.onnx"), x, check=False)
+        warned = [w for w in seen if "weight_bits=7" in str(w.message)]
+        assert len(warned) == (1 if bits == 8 and not vnni else 0), [str(w.message) for w in seen]

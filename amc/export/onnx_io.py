@@ -205,6 +205,29 @@ def _rebatch_tree(x: Any, batch: int) -> Any:
     return _rebatch(x, batch)
 
 
+def x86_without_vnni() -> bool:
+    """True on an x86 CPU with no VNNI / AMX-INT8 instructions (AVX2 only), where onnxruntime's u8 x s8
+    integer kernels add products pairwise in int16 and can saturate with 8-bit weights."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False  # not Linux: unknown, so no warning
+    return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _warn_if_int8_saturates(net: ReconstructedNetwork, path: str) -> None:
+    if any(getattr(m, "weight_bits", None) == 8 for m in net.modules()) and x86_without_vnni():
+        warnings.warn(f"{path}: 8-bit weights on an x86 CPU without VNNI: onnxruntime's integer kernels here add "
+                      "u8 x s8 products pairwise in int16 and can saturate (outputs off by many quantisation "
+                      "steps). Quantise with weight_bits=7 (onnxruntime's reduce_range remedy) for this CPU; "
+                      "CPUs with VNNI run 8-bit weights exactly", stacklevel=3)
+
+
 def save_onnx(net: ReconstructedNetwork, path: str, *example_inputs: Any, opset: int = 17,
               check: bool = True) -> str:
     """Write `net` as ONNX to `path` (atomically) with a dynamic batch axis on every input and output.
@@ -234,6 +257,7 @@ def save_onnx(net: ReconstructedNetwork, path: str, *example_inputs: Any, opset:
                 raise ExportError(f"torch.onnx.export failed for {path!r}: {type(exc).__name__}: "
                                   f"{str(exc)[:500]}") from exc
             fold_constant_quantize(tmp)
+            _warn_if_int8_saturates(net, path)
             if check:
                 _check(tmp, net, inputs, input_names, output_names)
     return path

@@ -222,3 +222,53 @@ def test_traced_without_padding_still_masks_padded_batches(minilm_model, one_thr
     import transformers.masking_utils as masking
 
     assert not masking.is_tracing(padded["attention_mask"])  # restored after capture
+
+
+def _hf_zoo():
+    import transformers as T
+
+    text = dict(vocab_size=100, num_hidden_layers=2, num_attention_heads=4, hidden_size=64, intermediate_size=128)
+    image = dict(image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
+                 intermediate_size=128)
+    return {
+        "bert": lambda: T.BertModel(T.BertConfig(**text)),
+        "roberta": lambda: T.RobertaModel(T.RobertaConfig(**text)),
+        "electra": lambda: T.ElectraModel(T.ElectraConfig(embedding_size=32, **text)),
+        "albert": lambda: T.AlbertModel(T.AlbertConfig(embedding_size=32, **text)),  # one layer, called twice
+        "distilbert": lambda: T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=64, n_layers=2, n_heads=4,
+                                                                   hidden_dim=128)),
+        "gpt2": lambda: T.GPT2Model(T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32,
+                                                 use_cache=False)),  # fused c_attn Conv1D (addmm), split
+        "vit": lambda: T.ViTModel(T.ViTConfig(**image)),
+        "deit": lambda: T.DeiTModel(T.DeiTConfig(**image)),
+    }
+
+
+def _hf_inputs(name, batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    if name in ("vit", "deit"):
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0  # padding in the first sequence
+    return {"input_ids": torch.randint(0, 100, (batch, length), generator=g), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("name", sorted(_hf_zoo()))
+@pytest.mark.parametrize("heads", [False, True], ids=["dims", "heads"])
+def test_hf_zoo_pruned_soft_equals_hard_and_written_back(name, heads, one_thread):
+    """Random small configs of eight transformers architectures: traced exactly, pruned to about half the
+    MACs (soft == hard at a new batch and length), and written back into a plain transformers model of
+    their own class that returns the pruned network's output."""
+    torch.manual_seed(0)
+    model = _hf_zoo()[name]().eval()
+    net = amc.trace(model, **_hf_inputs(name, 2, 9, 0))
+    new = _hf_inputs(name, 3, 7, 1)
+    with torch.no_grad():
+        assert torch.allclose(net(**new)[0], model(**new)[0], atol=1e-5)
+        hard = amc.prune(net, ratio=0.5, heads=heads)
+        soft = amc.prune(net, ratio=0.5, heads=heads, mode="soft")
+        assert amc.count(hard)[0] < 0.65 * amc.count(net)[0]
+        assert torch.allclose(soft(**new)[0], hard(**new)[0], atol=1e-4)
+        eager = amc.export.to_module(hard, model)
+        assert type(eager) is type(model)
+        assert torch.allclose(eager(**new)[0], hard(**new)[0], atol=1e-5)

@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..graph.ops import Constant, ParamHolder, TensorReshape
+from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
 from ..graph.template import Ref
 
 #: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
 ALL_HEADS_ATTRS = ("all_head_size",)
-QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv")
+QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn")
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin")
 
 #: (predicate, rule): a rule returns the attributes of one module to set, given the pruned graph
@@ -38,15 +38,39 @@ def register_attribute_rule(applies: Callable[[nn.Module], bool], rule: Attribut
     _RULES.append((applies, rule))
 
 
-def _reshape_of(net: Any, producer: str) -> Optional[List[Any]]:
-    """The target sizes of the first view/reshape that reads node `producer`'s output, or None."""
+def _sizes(node: Any) -> List[Any]:
+    sizes = list(node.args[1:])
+    return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
+
+
+def _head_splits(net: Any, producer: str, features: int) -> List[Tuple[int, int]]:
+    """(heads, head size) of every view/reshape that splits `producer`'s output into heads: directly (a q
+    Linear), or each piece of a split of it (GPT-2's fused `c_attn(x).split(split_size, dim=2)`), whose
+    features are then the piece's size. `producer` may be a module traced into (its nodes share its prefix)."""
+    def reads(node: Any, name: str) -> bool:
+        ref = node.args[0] if node.args else None
+        return isinstance(ref, Ref) and (ref.node == name or ref.node.startswith(name + "."))
+
+    found = []
     for node, module in net.iter_nodes():
-        if isinstance(module, TensorReshape) and node.args and node.args[0] == Ref(producer):
-            sizes = list(node.args[1:])
-            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                sizes = list(sizes[0])
-            return sizes
-    return None
+        if isinstance(module, TensorReshape) and reads(node, producer) and not node.name.startswith(producer + "."):
+            split = _heads_from_reshape(_sizes(node), features)
+            found += [split] if split else []
+        elif isinstance(module, TensorSlice) and reads(node, producer) and len(node.args) > 1 \
+                and isinstance(node.args[1], int) and node.args[1] > 0:
+            for reader, op in net.iter_nodes():
+                if isinstance(op, TensorReshape) and reader.args and isinstance(reader.args[0], Ref) \
+                        and reader.args[0].node == node.name:
+                    split = _heads_from_reshape(_sizes(reader), node.args[1])
+                    found += [split] if split else []
+    return found
+
+
+def _features(module: nn.Module) -> Optional[int]:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    weight = getattr(module, "weight", None)  # transformers' Conv1D (GPT-2): weight stored [in, out]
+    return int(weight.shape[1]) if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) else None
 
 
 def _heads_from_reshape(sizes: List[Any], features: int) -> Optional[Tuple[int, int]]:
@@ -62,15 +86,18 @@ def _heads_from_reshape(sizes: List[Any], features: int) -> Optional[Tuple[int, 
 
 def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     found: Dict[str, Tuple[int, int]] = {}
+    pieces = 0
     for role, names in (("query", QUERY_NAMES), ("value", VALUE_NAMES)):
         for name in names:
             child = getattr(module, name, None)
             qualified = f"{path}.{name}" if path else name
-            if isinstance(child, nn.Linear) and any(n.name == qualified for n in net.layer_nodes):
-                sizes = _reshape_of(net, qualified)
-                split = _heads_from_reshape(sizes, net.module_of(qualified).out_features) if sizes else None
-                if split:
-                    found[role] = split
+            if child is not None and _features(child) is not None:
+                splits = sorted(set(_head_splits(net, qualified, _features(child))))
+                if len(splits) > 1:  # q, k, v pieces of one fused projection kept different head sizes
+                    found["query"], found["value"] = splits[0], splits[-1]
+                elif splits:
+                    found[role] = splits[0]
+                    pieces = _features(child) // (splits[0][0] * splits[0][1])
                 break
     if not found:
         return {}
@@ -82,6 +109,8 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
             "or heads=True), or keep using the ReconstructedNetwork")
     heads, size = next(iter(found.values()))
     new: Dict[str, Any] = {}
+    if isinstance(getattr(module, "split_size", None), int) and pieces > 1:  # GPT-2: c_attn(x).split(split_size)
+        new["split_size"] = heads * size
     for names, value in ((HEAD_COUNT_ATTRS, heads), (HEAD_SIZE_ATTRS, size), (ALL_HEADS_ATTRS, heads * size)):
         for name in names:
             if isinstance(getattr(module, name, None), int):
@@ -89,6 +118,8 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     return new
 
 
+register_attribute_rule(lambda m: type(m).__name__ == "Conv1D" and isinstance(getattr(m, "nf", None), int),
+                        lambda m, path, net: {"nf": int(m.weight.shape[1]), "nx": int(m.weight.shape[0])})
 register_attribute_rule(lambda m: any(isinstance(getattr(m, a, None), int) for a in HEAD_SIZE_ATTRS + HEAD_COUNT_ATTRS),
                         _attention_rule)
 
@@ -115,10 +146,11 @@ def _has_tensor(root: nn.Module, path: str) -> bool:
 
 def _write_layers(net: Any, out: nn.Module) -> None:
     modules = dict(out.named_modules())
-    foreign = []
+    foreign, written = [], set()
     for node, op in net.iter_nodes():
-        if isinstance(op, Constant):
+        if isinstance(op, Constant) or node.module in written:  # a shared layer (ALBERT) called again
             continue
+        written.add(node.module)
         if isinstance(op, ParamHolder):
             if _has_tensor(out, node.name):
                 _set_path(out, node.name, copy.deepcopy(op.value))

@@ -55,6 +55,18 @@ def matmul(c: RuleCall) -> Any:
     return TL(_matmul_dims(c, _dims_of(c, 0, a), _dims_of(c, 1, b), a.shape, b.shape, c.out.shape))
 
 
+@register_rule(torch.addmm, T.addmm, torch.baddbmm, T.baddbmm)
+def addmm(c: RuleCall) -> Any:
+    """`bias + mat1 @ mat2` (Hugging Face's GPT-2 `Conv1D`: `addmm(b, x, W)` with W stored [in, out]): the
+    product couples like matmul, and the added term broadcasts onto its result like an element-wise add."""
+    base, a, b = c.args[0], c.args[1], c.args[2]
+    if not all(isinstance(t, torch.Tensor) for t in (base, a, b, c.out)):
+        return opaque(c)
+    prod = _matmul_dims(c, _dims_of(c, 1, a), _dims_of(c, 2, b), a.shape, b.shape, c.out.shape)
+    return TL(_broadcast(c, [(prod, tuple(c.out.shape)), (_dims_of(c, 0, base), tuple(base.shape))],
+                         list(c.out.shape)))
+
+
 @register_rule(torch.einsum)
 def einsum(c: RuleCall) -> Any:
     eq = c.args[0].replace(" ", "")

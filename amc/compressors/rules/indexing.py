@@ -155,6 +155,9 @@ def cat(c: RuleCall) -> Any:
     stack = c.module.fn is torch.stack
     nd = c.out.dim()
     d = int(c.arg(1, "dim", 0)) % nd
+    if not stack and nd > 1:  # torch.cat skips 1-D empty tensors (an empty KV cache: cat([empty, k], -2))
+        kept = [i for i, t in enumerate(tensors) if not (isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == 0)]
+        tensors, ltensors = [tensors[i] for i in kept], [ltensors[i] for i in kept]
     per = []
     for t, lt in zip(tensors, ltensors):
         per.append(list(lt.dims) if isinstance(lt, TL) and lt.ndim == t.dim() else [None] * t.dim())

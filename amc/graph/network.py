@@ -17,6 +17,23 @@ from .node import InputNode, Node
 from .template import compile_args, compile_getter, iter_refs, portable_mappings, restore_mappings
 
 Observer = Callable[[Node, nn.Module, tuple, dict, Any], None]
+_TORCH_CALL = nn.Module.__call__  # capture and torch.fx swap it while they trace
+
+
+def _direct_calls_allowed() -> bool:
+    """Whether this run may call op modules' `forward` directly: `nn.Module.__call__` adds a few
+    microseconds per op (hooks, tracing state), a quarter of a small ViT's batch-1 time over 130 ops, and
+    is only needed when some hook or tracer would see the call."""
+    from torch.nn.modules import module as m
+
+    return (nn.Module.__call__ is _TORCH_CALL and not torch._C._get_tracing_state()
+            and not (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                     or m._global_backward_pre_hooks))
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 class ReconstructedNetwork(nn.Module):
@@ -56,7 +73,9 @@ class ReconstructedNetwork(nn.Module):
             if node.module not in self.network:
                 raise GraphError(f"node {node.name!r} uses module {node.module!r}, which is not in the ModuleDict")
             get_kwargs = compile_getter(node.kwargs) if node.kwargs else None
-            plan.append((node.name, self.network[node.module], compile_args(node.args), get_kwargs, tuple(frees[i])))
+            module = self.network[node.module]
+            plan.append((node.name, module, compile_args(node.args), get_kwargs, tuple(frees[i]),
+                         type(module).__call__ is nn.Module.__call__))
         self._plan = plan
         self._get_output = compile_getter(self.outputs)
 
@@ -115,11 +134,13 @@ class ReconstructedNetwork(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         env = self._bind_inputs(args, kwargs)
-        for name, module, get_args, get_kwargs, frees in self._plan:
+        direct = _direct_calls_allowed()
+        for name, module, get_args, get_kwargs, frees, plain_call in self._plan:
+            call = module.forward if direct and plain_call and not _has_hooks(module) else module
             if get_kwargs is None:
-                env[name] = module(*get_args(env))
+                env[name] = call(*get_args(env))
             else:
-                env[name] = module(*get_args(env), **get_kwargs(env))
+                env[name] = call(*get_args(env), **get_kwargs(env))
             for f in frees:
                 del env[f]
         return self._get_output(env)
@@ -128,7 +149,7 @@ class ReconstructedNetwork(nn.Module):
         """Run like forward, calling `observer(node, module, args, kwargs, out)` after each node."""
         env = self._bind_inputs(args, kwargs)
         nodes = {n.name: n for n in self.layer_nodes}
-        for name, module, get_args, get_kwargs, frees in self._plan:
+        for name, module, get_args, get_kwargs, frees, _ in self._plan:
             a = tuple(get_args(env))
             kw = get_kwargs(env) if get_kwargs is not None else {}
             out = module(*a, **kw)

@@ -1,0 +1,51 @@
+"""Running a ReconstructedNetwork calls op modules' forward directly (no nn.Module.__call__ cost per op)
+only while nothing could observe the call: module hooks, global hooks and capture still see every op."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import amc
+
+
+def _net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    return model, amc.trace(model, torch.randn(2, 6))
+
+
+def test_module_hooks_still_fire_and_can_change_the_output():
+    model, net = _net()
+    x = torch.randn(4, 6)
+    seen = []
+    first = net.network[net.layer_nodes[0].module]
+    handle = first.register_forward_hook(lambda m, a, out: seen.append(out.shape) or out * 0)
+    try:
+        out = net(x)
+    finally:
+        handle.remove()
+    assert seen == [torch.Size([4, 8])]
+    assert torch.allclose(out, model[2](torch.zeros(4, 8)))  # the hook's zeroed output was used
+    assert torch.allclose(net(x), model(x), atol=1e-6)  # and without it, the plain path again
+
+
+def test_global_hooks_see_every_op():
+    _, net = _net()
+    seen = []
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, out: seen.append(type(m).__name__))
+    try:
+        net(torch.randn(1, 6))
+    finally:
+        handle.remove()
+    assert seen.count("Linear") == 2 and "ReconstructedNetwork" in seen
+
+
+def test_tracing_a_model_that_holds_a_network_records_its_layers():
+    _, net = _net()
+    wrapper = nn.Sequential(net, nn.Softmax(dim=-1)).eval()
+    again = amc.trace(wrapper, torch.randn(2, 6))
+    kinds = [type(m).__name__ for _, m in again.iter_nodes()]
+    assert kinds.count("Linear") == 2 and "Softmax" in kinds
+    x = torch.randn(5, 6)
+    assert torch.allclose(again(x), wrapper(x), atol=1e-6)
+

@@ -194,3 +194,19 @@ def test_item_read_is_guarded():
     assert torch.allclose(net(x), model(x))  # the same values: the captured constant holds
     with pytest.raises(GraphError, match="value guard failed"):
         net(2 * x)  # eager divides by the new maximum; the graph would keep the old one
+
+
+def test_pruning_names_a_first_sample_that_takes_another_branch():
+    """Pruning analyses one sample; when that sample reads another value than the captured batch did, the
+    error says so and what to do (before value guards, the wrong branch was pruned silently)."""
+    model = MaskSkip().eval()
+    x, mask = torch.randn(2, 3, 4), torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    net = amc.trace(model, x, mask)
+    with pytest.raises(amc.errors.PruningError, match="first sample .* another branch"):
+        amc.prune(net, ratio=0.5, example_inputs=(x, mask))
+    with pytest.raises(amc.errors.PruningError, match="random ones"):
+        amc.prune(net, ratio=0.5)  # random example inputs: no zero in the mask
+    one = amc.trace(model, x[1:], mask[1:])
+    small = amc.prune(one, ratio=0.5, example_inputs=(x[1:], mask[1:]))
+    assert small(x[1:], mask[1:]).shape == (1, 3, 4)
+    assert torch.allclose(one(x[1:], mask[1:]), model(x[1:], mask[1:]))

@@ -218,6 +218,12 @@ def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Non
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             net(*per_sample(inputs))
     except Exception as exc:  # noqa: BLE001 - reported with the inputs described
+        if isinstance(exc, AmcError) and "value guard failed" in str(exc):
+            raise PruningError(
+                "pruning runs the network on the first sample of its example inputs (the ones passed, else "
+                "random ones shaped like the captured inputs), and that sample takes another branch than "
+                f"capture did at a value the model reads into Python ({str(exc)[:300]} ...). Pass "
+                "example_inputs= whose first sample takes the captured path (or trace on that one sample)") from exc
         raise PruningError(f"the network does not run on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); "
                            "pass the tensors it was traced with, e.g. example_inputs=(x,)") from exc
 

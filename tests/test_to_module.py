@@ -89,5 +89,7 @@ def test_arguments_in_the_wrong_order_are_named():
     net = amc.trace(model, torch.randn(1, 1, 8, 8))
     with pytest.raises(ExportError, match="ReconstructedNetwork first"):
         amc.export.to_module(model, net)
+    with pytest.raises(ExportError, match="itself does not run on the example inputs"):
+        amc.export.to_module(net, model, torch.randn(1, 3, 8, 8))  # three channels: not what it was traced with
     with pytest.raises(ExportError, match="save_pretrained takes a transformers"):
         amc.export.save_pretrained(model, "/nonexistent/never-written")

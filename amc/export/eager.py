@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import ExportError
 from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
 from ..graph.template import Ref
+from ..graph.untouched import training_mode
 
 #: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
@@ -194,17 +195,19 @@ def _split_inputs(net: Any, inputs: Tuple[Any, ...]) -> Tuple[Tuple[Any, ...], D
 
 
 def _check_same(net: Any, out: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], rtol: float) -> None:
-    was = net.training, out.training
-    net.eval(), out.eval()
-    try:
-        with torch.no_grad():
-            want, got = _flatten(net(*args, **kwargs)), _flatten(out(*args, **kwargs))
-    except Exception as e:
-        raise ExportError(f"the pruned {type(out).__name__} fails to run after its layers were written back "
-                          f"({type(e).__name__}: {e}): an attribute it computes shapes from has no rule; add one "
-                          "with amc.export.register_attribute_rule") from e
-    finally:
-        net.train(was[0]), out.train(was[1])
+    with torch.no_grad(), training_mode(net), training_mode(out):  # eval inside; every flag restored after
+        try:
+            want = _flatten(net(*args, **kwargs))
+        except Exception as e:
+            raise ExportError(f"the pruned network itself does not run on the example inputs ({type(e).__name__}: "
+                              f"{str(e)[:300]}): pass inputs like the ones it was traced with, "
+                              "to_module(net, model, *inputs, **keyword_inputs)") from e
+        try:
+            got = _flatten(out(*args, **kwargs))
+        except Exception as e:
+            raise ExportError(f"the pruned {type(out).__name__} fails to run after its layers were written back "
+                              f"({type(e).__name__}: {e}): an attribute it computes shapes from has no rule; add "
+                              "one with amc.export.register_attribute_rule") from e
     if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
         raise ExportError(f"the pruned {type(out).__name__} returns tensors of shapes {[tuple(t.shape) for t in got]}, "
                           f"the network {[tuple(t.shape) for t in want]}")

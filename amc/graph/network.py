@@ -31,6 +31,19 @@ def _direct_calls_allowed() -> bool:
                      or m._global_backward_pre_hooks))
 
 
+_CALL, _FORWARD, _REPLAY = 0, 1, 2  # through __call__ always; forward may be called; the replayed fn may be
+
+
+def _call_kind(module: nn.Module) -> int:
+    from .ops import FunctionOp
+
+    if type(module).__call__ is not nn.Module.__call__:
+        return _CALL
+    if isinstance(module, FunctionOp) and type(module).forward is FunctionOp.forward:
+        return _REPLAY  # FunctionOp.forward only calls self.fn: one Python frame less per op
+    return _FORWARD
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
@@ -74,8 +87,7 @@ class ReconstructedNetwork(nn.Module):
                 raise GraphError(f"node {node.name!r} uses module {node.module!r}, which is not in the ModuleDict")
             get_kwargs = compile_getter(node.kwargs) if node.kwargs else None
             module = self.network[node.module]
-            plan.append((node.name, module, compile_args(node.args), get_kwargs, tuple(frees[i]),
-                         type(module).__call__ is nn.Module.__call__))
+            plan.append((node.name, module, compile_args(node.args), get_kwargs, tuple(frees[i]), _call_kind(module)))
         self._plan = plan
         self._get_output = compile_getter(self.outputs)
 
@@ -135,8 +147,11 @@ class ReconstructedNetwork(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         env = self._bind_inputs(args, kwargs)
         direct = _direct_calls_allowed()
-        for name, module, get_args, get_kwargs, frees, plain_call in self._plan:
-            call = module.forward if direct and plain_call and not _has_hooks(module) else module
+        for name, module, get_args, get_kwargs, frees, kind in self._plan:
+            if direct and kind and not _has_hooks(module):
+                call = module.fn if kind == _REPLAY else module.forward
+            else:
+                call = module
             if get_kwargs is None:
                 env[name] = call(*get_args(env))
             else:

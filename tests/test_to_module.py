@@ -93,3 +93,10 @@ def test_arguments_in_the_wrong_order_are_named():
         amc.export.to_module(net, model, torch.randn(1, 3, 8, 8))  # three channels: not what it was traced with
     with pytest.raises(ExportError, match="save_pretrained takes a transformers"):
         amc.export.save_pretrained(model, "/nonexistent/never-written")
+
+
+def test_bad_rule_and_checkpoint_folder_are_named(tmp_path):
+    with pytest.raises(ExportError, match="two callables"):
+        amc.export.register_attribute_rule("OddAttention", {"dk": 4})
+    with pytest.raises(amc.errors.LoadError, match="no config.json"):
+        amc.export.from_pretrained(str(tmp_path))

@@ -244,17 +244,14 @@ def check_pruned(ref: Any, pruned: ReconstructedNetwork, inputs: Tuple[Any, ...]
     """The pruned graph must lint, run, and give outputs of the shapes of `ref` (the original's output);
     `out`: its eval-mode output on `inputs` when the caller already has it (the guards' run)."""
     pruned.lint()
-    if out is not None:
-        if _shapes(ref) != _shapes(out):
-            raise PruningError(f"pruning changed the output shapes {_shapes(ref)} -> {_shapes(out)}")
-        return
-    with torch.no_grad(), training_mode(pruned):
-        try:
-            out = pruned(*per_sample(inputs))
-        except Exception as exc:  # noqa: BLE001 - reported with context
-            raise PruningError(f"the pruned network no longer runs ({type(exc).__name__}: {exc}); an op "
-                               "between the pruned layers was not handled: pass its producer in "
-                               "ignore=[...] and report the model") from exc
+    if out is None:
+        with torch.no_grad(), training_mode(pruned):
+            try:
+                out = pruned(*per_sample(inputs))
+            except Exception as exc:  # noqa: BLE001 - reported with context
+                raise PruningError(f"the pruned network no longer runs ({type(exc).__name__}: {exc}); an op "
+                                   "between the pruned layers was not handled: pass its producer in "
+                                   "ignore=[...] and report the model") from exc
     if _shapes(ref) != _shapes(out):
         raise PruningError(f"pruning changed the output shapes {_shapes(ref)} -> {_shapes(out)}")
 

@@ -21,6 +21,7 @@ from ..errors import ExportError
 from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
 from ..graph.template import Ref
 from ..graph.untouched import training_mode
+from .onnx_io import tensor_leaves
 
 #: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
@@ -36,6 +37,9 @@ _RULES: List[Tuple[Callable[[nn.Module], bool], AttributeRule]] = []
 
 def register_attribute_rule(applies: Callable[[nn.Module], bool], rule: AttributeRule) -> None:
     """Teach `to_module` another convention: `rule(module, path, net)` -> {attribute: new value}."""
+    if not callable(applies) or not callable(rule):
+        raise ExportError("register_attribute_rule(applies, rule) takes two callables: applies(module) -> bool "
+                          f"and rule(module, path, net) -> dict; got {type(applies).__name__}, {type(rule).__name__}")
     _RULES.append((applies, rule))
 
 
@@ -175,18 +179,6 @@ def _write_layers(net: Any, out: nn.Module) -> None:
             "save_to_json/save_to_onnx")
 
 
-def _flatten(value: Any) -> List[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flatten(v)]
-    if hasattr(value, "to_tuple"):
-        return _flatten(value.to_tuple())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flatten(v)]
-    return []
-
-
 def _split_inputs(net: Any, inputs: Tuple[Any, ...]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """`net.example_inputs()` as the eager model takes them: keyword inputs by their names."""
     slots = net._positional_slots()
@@ -194,20 +186,21 @@ def _split_inputs(net: Any, inputs: Tuple[Any, ...]) -> Tuple[Tuple[Any, ...], D
     return tuple(inputs[:slots]), dict(zip(keyword, inputs[slots:]))
 
 
+def _outputs(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], problem: str) -> List[torch.Tensor]:
+    try:
+        return tensor_leaves(module(*args, **kwargs))
+    except Exception as e:
+        raise ExportError(problem.format(error=f"{type(e).__name__}: {str(e)[:300]}")) from e
+
+
 def _check_same(net: Any, out: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], rtol: float) -> None:
     with torch.no_grad(), training_mode(net), training_mode(out):  # eval inside; every flag restored after
-        try:
-            want = _flatten(net(*args, **kwargs))
-        except Exception as e:
-            raise ExportError(f"the pruned network itself does not run on the example inputs ({type(e).__name__}: "
-                              f"{str(e)[:300]}): pass inputs like the ones it was traced with, "
-                              "to_module(net, model, *inputs, **keyword_inputs)") from e
-        try:
-            got = _flatten(out(*args, **kwargs))
-        except Exception as e:
-            raise ExportError(f"the pruned {type(out).__name__} fails to run after its layers were written back "
-                              f"({type(e).__name__}: {e}): an attribute it computes shapes from has no rule; add "
-                              "one with amc.export.register_attribute_rule") from e
+        want = _outputs(net, args, kwargs, "the pruned network itself does not run on the example inputs "
+                        "({error}): pass inputs like the ones it was traced with, "
+                        "to_module(net, model, *inputs, **keyword_inputs)")
+        got = _outputs(out, args, kwargs, f"the pruned {type(out).__name__} fails to run after its layers were "
+                       "written back ({error}): an attribute it computes shapes from has no rule; add one with "
+                       "amc.export.register_attribute_rule")
     if len(want) != len(got) or any(a.shape != b.shape for a, b in zip(want, got)):
         raise ExportError(f"the pruned {type(out).__name__} returns tensors of shapes {[tuple(t.shape) for t in got]}, "
                           f"the network {[tuple(t.shape) for t in want]}")

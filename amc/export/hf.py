@@ -117,20 +117,22 @@ def save_pretrained(model: nn.Module, directory: str, **kwargs: Any) -> str:
     return directory
 
 
+def _resize_conv(m: nn.Module, s: Dict[str, list]) -> None:
+    m.out_channels, m.in_channels = s["weight"][0], s["weight"][1] * m.groups
+
+
+def _resize_bn(m: nn.Module, s: Dict[str, list]) -> None:
+    m.num_features = s["running_mean"][0]
+
+
+#: how a torch.nn layer's size attributes follow its resized tensors ({tensor name: shape})
 _RESIZE = {
     nn.Linear: lambda m, s: (setattr(m, "out_features", s["weight"][0]), setattr(m, "in_features", s["weight"][1])),
     nn.LayerNorm: lambda m, s: setattr(m, "normalized_shape", tuple(s.get("weight") or s.get("bias"))),
     nn.Embedding: lambda m, s: (setattr(m, "num_embeddings", s["weight"][0]), setattr(m, "embedding_dim", s["weight"][1])),
-    nn.Conv1d: lambda m, s: _resize_conv(m, s),
-    nn.Conv2d: lambda m, s: _resize_conv(m, s),
-    nn.Conv3d: lambda m, s: _resize_conv(m, s),
-    nn.BatchNorm1d: lambda m, s: setattr(m, "num_features", s["running_mean"][0]),
-    nn.BatchNorm2d: lambda m, s: setattr(m, "num_features", s["running_mean"][0]),
+    nn.Conv1d: _resize_conv, nn.Conv2d: _resize_conv, nn.Conv3d: _resize_conv,
+    nn.BatchNorm1d: _resize_bn, nn.BatchNorm2d: _resize_bn,
 }
-
-
-def _resize_conv(m: nn.Module, s: Dict[str, list]) -> None:
-    m.out_channels, m.in_channels = s["weight"][0], s["weight"][1] * m.groups
 
 
 def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
@@ -160,6 +162,8 @@ def from_pretrained(directory: str, model_class: Optional[type] = None) -> nn.Mo
     import transformers
     from safetensors.torch import load_file
 
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise LoadError(f"{directory!r} holds no config.json: give the folder amc.export.save_pretrained wrote")
     config = transformers.AutoConfig.from_pretrained(directory)
     if model_class is None:
         names = getattr(config, "architectures", None) or []

@@ -23,13 +23,18 @@ from .atomic import atomic_path
 RTOL, ATOL = 1e-3, 1e-4
 
 
-def _flatten(obj: Any) -> List[Any]:
+def flatten_leaves(obj: Any) -> List[Any]:
     """Leaves in the order torch.onnx flattens nested inputs/outputs (lists, tuples, dict values)."""
     if isinstance(obj, (list, tuple)):
-        return [leaf for v in obj for leaf in _flatten(v)]
+        return [leaf for v in obj for leaf in flatten_leaves(v)]
     if isinstance(obj, dict):
-        return [leaf for v in obj.values() for leaf in _flatten(v)]
+        return [leaf for v in obj.values() for leaf in flatten_leaves(v)]
     return [obj]
+
+
+def tensor_leaves(obj: Any) -> List[torch.Tensor]:
+    """The tensors among `flatten_leaves(obj)`, in order (a transformers ModelOutput is a dict)."""
+    return [t for t in flatten_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
 def _leaf_names(template: Any, base: str) -> List[str]:
@@ -72,7 +77,7 @@ def _input_names(net: Any, inputs: Tuple[Any, ...]) -> List[str]:
     names: List[str] = []
     for i, value in enumerate(inputs):
         base = nodes[i].name if i < len(nodes) else f"input_{i}"
-        leaves = _flatten(value)
+        leaves = flatten_leaves(value)
         names += [base] if len(leaves) == 1 else [f"{base}_{j}" for j in range(len(leaves))]
     return names
 
@@ -104,11 +109,11 @@ def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List
         onnx.checker.check_model(path)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"the exported ONNX model is invalid: {exc}") from exc
-    first = next((x for x in _flatten(inputs) if isinstance(x, torch.Tensor) and x.dim()), None)
+    first = next((x for x in flatten_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim()), None)
     batch = (int(first.shape[0]) + 1) if first is not None else 2
     new_inputs = tuple(_rebatch_tree(x, batch) for x in inputs)
     with torch.no_grad():
-        expected = [t for t in _flatten(net(*new_inputs)) if isinstance(t, torch.Tensor)]
+        expected = tensor_leaves(net(*new_inputs))
     options = ort.SessionOptions()
     options.log_severity_level = 3
     atol, rel = _tolerance(net)
@@ -117,7 +122,7 @@ def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(input_names, _flatten(new_inputs)) if n in wanted}
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(input_names, flatten_leaves(new_inputs)) if n in wanted}
     got = session.run(None, feed)
     if len(got) != len(expected):
         raise ExportError(f"onnxruntime returned {len(got)} outputs, the network {len(expected)}")
@@ -245,7 +250,7 @@ def save_onnx(net: ReconstructedNetwork, path: str, *example_inputs: Any, opset:
     path = os.fspath(path)
     with training_mode(net, False):
         with torch.no_grad():
-            n_out = len([t for t in _flatten(net(*inputs)) if isinstance(t, torch.Tensor)])
+            n_out = len(tensor_leaves(net(*inputs)))
         if n_out != len(output_names):  # outputs holding non-tensors: let the exporter number them
             output_names = [f"output_{i}" for i in range(n_out)]
         with atomic_path(path) as tmp:

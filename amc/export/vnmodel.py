@@ -32,7 +32,7 @@ from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import training_mode
 from ..version import __version__
 from .atomic import atomic_path
-from .onnx_io import ATOL, RTOL, _flatten, save_onnx
+from .onnx_io import ATOL, RTOL, save_onnx, tensor_leaves
 
 CHECK_BATCHES = (1, 3)
 BATCH_DIM = "batch"
@@ -165,7 +165,7 @@ def _verify(path: str, net: Any, x: torch.Tensor, meta: Dict[str, str]) -> None:
     for batch in CHECK_BATCHES:
         xb = torch.randn((batch, *x.shape[1:]), dtype=x.dtype, generator=gen)
         with torch.no_grad():
-            expected = [t for t in _flatten(net(xb.to(x.device))) if isinstance(t, torch.Tensor)]
+            expected = tensor_leaves(net(xb.to(x.device)))
         got = session.run(None, {name: xb.numpy()})
         if len(got) != len(expected):
             raise ExportError(f"the ORT model returned {len(got)} outputs at batch {batch}, the network {len(expected)}")
@@ -199,7 +199,7 @@ def save_vnmodel(net: ReconstructedNetwork, path: str, model_base_size_hw: Tuple
     with training_mode(net, False):
         try:
             with torch.no_grad():
-                outputs = [t for t in _flatten(net(x)) if isinstance(t, torch.Tensor)]
+                outputs = tensor_leaves(net(x))
         except Exception as exc:  # noqa: BLE001 - any failure here means the size does not fit the network
             raise ExportError(f"the network cannot run at model_base_size_hw={hw} (input {list(x.shape)}): "
                               f"{type(exc).__name__}: {str(exc)[:300]}; pass the size it was built for") from exc

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.modules import module as _torch_module
 
 from ..errors import GraphError
 from .formats import file_format
@@ -24,14 +25,13 @@ def _direct_calls_allowed() -> bool:
     """Whether this run may call op modules' `forward` directly: `nn.Module.__call__` adds a few
     microseconds per op (hooks, tracing state), a quarter of a small ViT's batch-1 time over 130 ops, and
     is only needed when some hook or tracer would see the call."""
-    from torch.nn.modules import module as m
-
+    m = _torch_module
     return (nn.Module.__call__ is _TORCH_CALL and not torch._C._get_tracing_state()
             and not (m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
                      or m._global_backward_pre_hooks))
 
 
-_CALL, _FORWARD, _REPLAY = 0, 1, 2  # through __call__ always; forward may be called; the replayed fn may be
+_CALL, _FORWARD, _REPLAY = 0, 1, 2  # how a node may be called: __call__ only; its forward; its replayed fn
 
 
 def _call_kind(module: nn.Module) -> int:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -62,11 +63,24 @@ def original(data: str, name: str, seed: int = 0):
     return model, train, test, next(iter(test))[0][:1]
 
 
+def ft_loader(data: str, limit: int):
+    """A fixed subset of `limit` training images for the short fine-tuning (cheaper rows on Fashion-MNIST)."""
+    if data != "fashion_mnist":
+        raise SystemExit("--ft-train-limit is for --data fashion_mnist (digits has 1,437 training images)")
+    from amc.data import fashion_mnist_loaders
+
+    return fashion_mnist_loaders(batch_size=128, train_limit=limit, seed=0)[0]
+
+
 BN_BATCHES: Dict[int, List[Any]] = {}
 
 
+FT_TRAIN: Dict[int, Any] = {}  # id(train) -> the loader fine-tuning reads (all of train, or --ft-train-limit images)
+
+
 def test_scores(net: torch.nn.Module, train, test, ft_epochs: int) -> Dict[str, float]:
-    """Test accuracy after BN re-estimation on the same 4 training batches for every row, then after FT."""
+    """Test accuracy after BN re-estimation on the same 4 training batches for every row, then after FT
+    (the same epochs on the same images for every row: all of train, or the --ft-train-limit subset)."""
     if id(train) not in BN_BATCHES:  # taken once, right after the original was trained, for every row
         BN_BATCHES[id(train)] = take_batches(train, 4)
     bn = BN_BATCHES[id(train)]
@@ -74,16 +88,32 @@ def test_scores(net: torch.nn.Module, train, test, ft_epochs: int) -> Dict[str, 
     after = before
     if ft_epochs:
         tuned = recalibrate_bn(net, bn)
-        after = train_classifier(tuned, train, test, epochs=ft_epochs, lr=FT_LR, seed=0)["acc"]
+        after = train_classifier(tuned, FT_TRAIN.get(id(train), train), test, epochs=ft_epochs, lr=FT_LR, seed=0,
+                                 channels_last=True)["acc"]
     return {"before_ft": before, "after_ft": after}
 
 
 def uniform_net(model, x, train, compressor: str, target: float):
-    if compressor == "prune":
-        return amc.prune(model, example_inputs=(x,), target_macs=target)
-    from amc.compressors.channel_pruning import ChannelPruning
+    """The uniform policy at the searches' budget: the smallest common ratio that meets it, then the
+    rounding slack spent one variable at a time (one more kept channel where it still fits), so the
+    uniform row's MACs sit within ~1% of the target like the searched ones (a plain uniform ratio lands
+    up to 5% under it on these 16/32/64-channel nets, because every layer rounds at once)."""
+    from amc.tuners import build_space
 
-    return ChannelPruning(model, train, trainset_ratio=0.1, example_inputs=(x,), target_macs=target).compress()
+    space = build_space(model, (x,), target, compressor, calibration=train)
+    full = lambda r: space.clip(np.full(len(space.keys), r))  # noqa: E731
+    lo, hi = 0.0, 1.0
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if space.feasible(full(mid)) else (mid, hi)
+    v = full(hi)
+    for i in range(len(v)):
+        sig, w = space.signature(v), v.copy()
+        while w[i] > space.lo[i] and space.signature(w) == sig:
+            w[i] = max(space.lo[i], w[i] - 0.005)
+        if space.signature(w) != sig and space.feasible(w):
+            v = w
+    return space.compress(v), space.policy(v)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -91,6 +121,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     out: Dict[str, Any] = {"args": vars(args), "rows": [], "spearman": {}, "cost": [], "executors": []}
     for name in args.models:
         model, train, test, x = original(args.data, name)
+        if args.ft_train_limit:
+            FT_TRAIN[id(train)] = ft_loader(args.data, args.ft_train_limit)
         base_acc = evaluate(model, test)["acc"]
         test_scores(model, train, test, 0)  # fixes the rows' BN batches before anything reads the loader
         base_macs = amc.count(model, x)[0]
@@ -100,12 +132,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             print(json.dumps(out["executors"]), flush=True)
         for target in args.targets:
             for comp in args.compressors:
-                net = uniform_net(model, x, train, comp, target)
+                net, policy = uniform_net(model, x, train, comp, target)
                 row = {"model": name, "target": target, "compressor": comp, "tuner": "uniform", "seed": None,
+                       "policy": policy,
                        "macs_ratio": amc.count(net, x)[0] / base_macs, "proxy": score(net),
                        **test_scores(net, train, test, args.ft_epochs), "original_acc": base_acc}
                 out["rows"].append(row)
-                print(json.dumps(row), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k != "policy"}), flush=True)
                 for tuner in args.tuners:
                     for seed in args.seeds:
                         t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size)
@@ -188,7 +221,9 @@ def render(out: Dict[str, Any]) -> str:
              f"{a['evaluations'] // a['pop_size']} generations x {a['pop_size']}; random: samples). "
              "Proxy = accuracy on 8 training batches after BN re-estimation on 4 others. "
              "Test accuracy (%) on the held-out split, after "
-             f"BN re-estimation (before FT) and after {a['ft_epochs']} epochs of fine-tuning (lr {FT_LR}); mean ± std "
+             f"BN re-estimation (before FT) and after {a['ft_epochs']} epoch(s) of fine-tuning (lr {FT_LR}"
+             + (f", on a fixed {a['ft_train_limit']:,}-image subset of the training set" if a.get("ft_train_limit") else "")
+             + "); mean ± std "
              "over the search seeds. MACs = measured MACs / original (amc.count).", "",
              "| model | MACs target | compressor | policy | MACs (measured) | proxy | test before FT | test after FT |",
              "|---|---|---|---|---|---|---|---|"]
@@ -242,15 +277,30 @@ def main() -> None:
     p.add_argument("--pop-size", type=int, default=10)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--ft-epochs", type=int, default=FT_EPOCHS)
+    p.add_argument("--ft-train-limit", type=int, default=None,
+                   help="fine-tune every row on this many training images (default: all of them)")
     p.add_argument("--no-spearman", dest="spearman", action="store_false")
     p.add_argument("--ray", action="store_true", help="also time 24 evaluations in-process vs on 2 Ray workers")
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--merge", nargs="+", default=None, metavar="TAG",
+                   help="join the JSON of runs with these tags (e.g. one process per model) into --tag's files")
     args = p.parse_args()
     if args.models is None:
         args.models = ["digits_resnet"] if args.data == "digits" else ["resnet20", "vgg_small"]
     stem = RESULTS / f"tuners_{args.data}{'_' + args.tag if args.tag else ''}"
-    if args.render_only:
+    if args.merge:
+        parts = [json.loads(Path(f"{RESULTS}/tuners_{args.data}_{t}.json").read_text()) for t in args.merge]
+        out = {"args": {**parts[0]["args"], "models": [m for q in parts for m in q["args"]["models"]]},
+               "rows": [], "spearman": {}, "cost": [], "executors": []}
+        for q in parts:
+            out["rows"] += q["rows"]
+            out["cost"] += q["cost"]
+            out["executors"] += q.get("executors", [])
+            out["spearman"].update(q["spearman"])
+        with atomic_write(str(stem) + ".json", "w") as f:
+            json.dump(out, f, indent=1)
+    elif args.render_only:
         out = json.loads(Path(str(stem) + ".json").read_text())
     else:
         RESULTS.mkdir(exist_ok=True)

@@ -9,7 +9,9 @@ images, ``EPOCHS`` epochs of
 ``amc.models.train_classifier`` (SGD-Nesterov, OneCycle, max lr ``LR``, batch 128, seed 0), accuracy on
 the official 10,000-image test set (never used for any choice). Weights are cached under
 ``$AMC_BENCH_CACHE`` (default ``~/.cache/amc_bench``) with the recipe in the file name, and a JSON
-beside them records accuracy and training time.
+beside them records accuracy and training time. ``--ship`` copies them (safetensors + JSON) into
+``scripts/originals/``, which is committed and read first, so a fresh machine skips the ~25 min of
+training per network and every session's benchmarks start from the same weights.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ BATCH = 128
 # ViTs train with AdamW (SGD leaves them far behind): model -> (optimizer, lr, weight decay, epochs)
 VIT_RECIPES = {"vit_fashion": ("adamw", 1e-3, 0.05, 6)}
 CACHE = Path(os.environ.get("AMC_BENCH_CACHE", Path.home() / ".cache" / "amc_bench"))
+SHIPPED = HERE / "originals"  # committed copies (safetensors: loading runs no code)
 
 
 def recipe(name: str, epochs: int = EPOCHS, train_limit: Optional[int] = None, lr: float = LR,
@@ -63,8 +66,14 @@ def original(name: str, epochs: int = EPOCHS, train_limit: Optional[int] = None,
     path = CACHE / (_stem(r) + ("" if opt == "sgd" else f"_{opt}") + ".pt")
     torch.manual_seed(seed)
     model = create(name)
+    shipped = SHIPPED / (path.stem + ".safetensors")
+    if shipped.exists() and shipped.with_suffix(".json").exists():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(shipped)))
+        return model.eval(), json.loads(shipped.with_suffix(".json").read_text())
     if path.exists() and path.with_suffix(".json").exists():
-        model.load_state_dict(torch.load(path, map_location="cpu"))
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), json.loads(path.with_suffix(".json").read_text())
     train, val = loaders(train_limit, seed=seed)
     t = time.perf_counter()
@@ -82,15 +91,34 @@ def original(name: str, epochs: int = EPOCHS, train_limit: Optional[int] = None,
     return model, info
 
 
+def ship(model: nn.Module, info: Dict[str, Any]) -> Path:
+    """Write `model`'s weights and `info` into scripts/originals/ under the recipe's name (atomically)."""
+    from safetensors.torch import save_file
+
+    stem = _stem(recipe(info["model"], info["epochs"], info["train_limit"], info["lr"], info["seed"]))
+    if info["model"] in VIT_RECIPES:
+        stem += f"_{VIT_RECIPES[info['model']][0]}"
+    SHIPPED.mkdir(exist_ok=True)
+    out = SHIPPED / (stem + ".safetensors")
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    with atomic_write(out.with_suffix(".json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1, default=str)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["vgg_small", "resnet20"])
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ship", action="store_true", help="copy the weights into scripts/originals/ (committed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     for name in args.models:
-        _, info = original(name, epochs=args.epochs)
+        model, info = original(name, epochs=args.epochs)
+        if args.ship:
+            ship(model, info)
         print(f"{name}: test acc {info['test_acc']:.4f} after {info['epochs']} epochs on {info['n_train']:,} "
               f"images ({info['train_seconds']:.0f} s)", flush=True)
     return 0

@@ -89,6 +89,15 @@ def test_original_weights_are_used_instead_of_training(tmp_path, capsys, one_thr
                        "--out", str(tmp_path / "out"), "--no-progress"])
     assert "[1/5] original: loaded digits_resnet weights" in capsys.readouterr().err
     assert summary["rows"][0]["acc"] == acc and summary["original"] == str(tmp_path / "original.pt")
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), str(tmp_path / "original.safetensors"))  # as scripts/originals/ ships them
+    summary = job.run(["--original", str(tmp_path / "original.safetensors"), "--method", "l1", "--finetune-epochs",
+                       "0", "--out", str(tmp_path / "out2"), "--no-progress"])
+    assert summary["rows"][0]["acc"] == acc
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LoadError, match="not a state_dict saved by torch.save or safetensors"):
+        job.run(["--original", str(tmp_path / "broken.safetensors"), "--out", str(tmp_path), "--no-progress"])
     with pytest.raises(LoadError, match="no such file"):
         job.run(["--original", str(tmp_path / "missing.pt"), "--out", str(tmp_path), "--no-progress"])
     torch.save(create("vgg_small").state_dict(), tmp_path / "vgg.pt")

@@ -180,8 +180,8 @@ def resolve_options(ns: argparse.Namespace) -> argparse.Namespace:
     if ns.target_macs is None:
         ns.target_macs = 0.5
     if getattr(ns, "original", None) and not os.path.isfile(ns.original):
-        raise LoadError(f"--original {ns.original!r}: no such file; give a state_dict saved with torch.save, e.g. "
-                        "one of ~/.cache/amc_bench/*.pt written by scripts/fashion_originals.py")
+        raise LoadError(f"--original {ns.original!r}: no such file; give a state_dict saved with torch.save or "
+                        "safetensors, e.g. scripts/originals/*.safetensors (the benchmarks' Fashion-MNIST originals)")
     if not 0.0 < ns.target_macs < 1.0:
         raise PruningError(f"--target-macs is the fraction of MACs kept and must be in (0, 1), got "
                            f"{ns.target_macs}; 0.5 halves the MACs")
@@ -349,10 +349,15 @@ def _load_original(ns: argparse.Namespace, model: Any) -> None:
     import torch
 
     try:
-        state = torch.load(ns.original, map_location="cpu", weights_only=True)
+        if str(ns.original).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(ns.original)
+        else:
+            state = torch.load(ns.original, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise LoadError(f"--original {ns.original!r} is not a torch.save state_dict ({type(exc).__name__}: "
-                        f"{exc})") from None
+        raise LoadError(f"--original {ns.original!r} is not a state_dict saved by torch.save or safetensors "
+                        f"({type(exc).__name__}: {exc})") from None
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -88,8 +88,8 @@ def test_scores(net: torch.nn.Module, train, test, ft_epochs: int) -> Dict[str, 
     after = before
     if ft_epochs:
         tuned = recalibrate_bn(net, bn)
-        after = train_classifier(tuned, FT_TRAIN.get(id(train), train), test, epochs=ft_epochs, lr=FT_LR, seed=0,
-                                 channels_last=True)["acc"]
+        after = train_classifier(tuned, FT_TRAIN.get(id(train), train), test, epochs=ft_epochs, lr=FT_LR,
+                                 seed=0)["acc"]
     return {"before_ft": before, "after_ft": after}
 
 
@@ -132,13 +132,18 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             print(json.dumps(out["executors"]), flush=True)
         for target in args.targets:
             for comp in args.compressors:
-                net, policy = uniform_net(model, x, train, comp, target)
-                row = {"model": name, "target": target, "compressor": comp, "tuner": "uniform", "seed": None,
+                if args.skip_uniform:
+                    net = None
+                else:
+                    net, policy = uniform_net(model, x, train, comp, target)
+                row = None if net is None else {
+                       "model": name, "target": target, "compressor": comp, "tuner": "uniform", "seed": None,
                        "policy": policy,
                        "macs_ratio": amc.count(net, x)[0] / base_macs, "proxy": score(net),
                        **test_scores(net, train, test, args.ft_epochs), "original_acc": base_acc}
-                out["rows"].append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "policy"}), flush=True)
+                if row is not None:
+                    out["rows"].append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "policy"}), flush=True)
                 for tuner in args.tuners:
                     for seed in args.seeds:
                         t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size)
@@ -216,7 +221,10 @@ def render(out: Dict[str, Any]) -> str:
     lines = [f"# Tuners benchmark ({a['data']})", "",
              f"`python scripts/bench_tuners.py --data {a['data']} --models {' '.join(a['models'])} --targets "
              f"{' '.join(map(str, a['targets']))} --compressors {' '.join(a['compressors'])} --evaluations "
-             f"{a['evaluations']} --seeds {' '.join(map(str, a['seeds']))}`", "",
+             f"{a['evaluations']} --seeds {' '.join(map(str, a['seeds']))} --ft-epochs {a['ft_epochs']}"
+             + (f" --ft-train-limit {a['ft_train_limit']}" if a.get("ft_train_limit") else "")
+             + ("" if a.get("spearman", True) else " --no-spearman") + "`", "",
+             *([out["note"], ""] if out.get("note") else []),
              f"Every search evaluates {a['evaluations']} policies (DDPG: episodes, warm-up a third; GA: "
              f"{a['evaluations'] // a['pop_size']} generations x {a['pop_size']}; random: samples). "
              "Proxy = accuracy on 8 training batches after BN re-estimation on 4 others. "
@@ -279,6 +287,7 @@ def main() -> None:
     p.add_argument("--ft-epochs", type=int, default=FT_EPOCHS)
     p.add_argument("--ft-train-limit", type=int, default=None,
                    help="fine-tune every row on this many training images (default: all of them)")
+    p.add_argument("--skip-uniform", action="store_true", help="searches only (to finish a split run)")
     p.add_argument("--no-spearman", dest="spearman", action="store_false")
     p.add_argument("--ray", action="store_true", help="also time 24 evaluations in-process vs on 2 Ray workers")
     p.add_argument("--tag", default=None, help="suffix of the result files")

@@ -31,7 +31,7 @@ def _plain(cls: type) -> bool:
         _PLAIN[cls] = (cls.__reduce_ex__ is object.__reduce_ex__ and cls.__reduce__ is object.__reduce__
                        and getattr(cls, "__deepcopy__", None) is None
                        and not any("__slots__" in vars(k) for k in cls.__mro__[:-1])
-                       and cls not in copy._deepcopy_dispatch)  # type: ignore[attr-defined]
+                       and cls not in getattr(copy, "_deepcopy_dispatch", {}))
     return _PLAIN[cls]
 
 

@@ -51,7 +51,7 @@ def clone_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
     out: Dict[str, Any] = {}
     for k, v in state.items():
         if k == "_modules":
-            out[k] = v.__class__((n, None if c is None else clone_module(c, memo)) for n, c in v.items())
+            out[k] = clone_children(v, memo)
         elif _atomic(v):
             out[k] = v
         elif type(v) is OrderedDict and not v:
@@ -63,3 +63,8 @@ def clone_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
     else:
         new.__dict__.update(out)
     return new
+
+
+def clone_children(modules: Dict[str, Any], memo: Dict[int, Any]) -> Dict[str, Any]:
+    """A module's `_modules` mapping with every child cloned (same mapping type, None kept)."""
+    return modules.__class__((n, None if c is None else clone_module(c, memo)) for n, c in modules.items())

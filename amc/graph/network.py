@@ -260,11 +260,11 @@ class ReconstructedNetwork(nn.Module):
     def __deepcopy__(self, memo: Dict[int, Any]) -> "ReconstructedNetwork":
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
-        from .clone import clone_module
+        from .clone import clone_children
 
         for k, v in self.__dict__.items():
             if k == "_modules":
-                new.__dict__[k] = v.__class__((n, None if c is None else clone_module(c, memo)) for n, c in v.items())
+                new.__dict__[k] = clone_children(v, memo)
             elif k not in ("_plan", "_get_output"):
                 new.__dict__[k] = copy.deepcopy(v, memo)
         new.recompile()

@@ -3,7 +3,8 @@ quantisation, pruning then INT8; accuracy, model bytes and onnxruntime CPU laten
 
     python scripts/bench_quant.py                       # accuracy phase: every model in its own process
     python scripts/bench_quant.py --latency             # latency phase: times the saved ONNX files (quiet machine!)
-    python scripts/bench_quant.py --models resnet20 --qat-epochs 1 --qat-train-limit 20000
+    python scripts/bench_quant.py --models resnet20 --qat-epochs 1 --qat-train-limit 20000 --seeds 0 1 2
+    python scripts/bench_quant.py --merge a.json b.json  # runs split over processes (--out a / --out b)
 
 Models: `digits_cnn` (the digits CNN of bench_robustness.py: 3 epochs of QAT on its 1,437 images, 360 held out),
 the Fashion-MNIST `resnet20` and `vgg_small` originals of `scripts/fashion_originals.py` (accuracy on
@@ -19,6 +20,10 @@ Rows (calibration: `--calib-batches` training batches, the same for amc and torc
 - 4-bit weights (8-bit activations), no training; then `--qat-epochs` of training with QuantNoise(rate=1) (=
   QAT, seed 004) and QuantNoise(rate=0.5) (without and with BatchNorm re-estimated on 20 batches with every
   weight quantised), same lr, data and seed, each followed by the same PTQ; on the digits CNN at 2 bits too.
+  With `--seeds`, each of these rows is trained once per seed: mean ± standard deviation. With
+  `--weight-observers mse` the same rows again on the mse weight grid (each channel clipped where the squared
+  error is least; training and deployment on that grid), to test seed 004's note that the paper's gain came
+  from a histogram-fitted grid for QuantNoise against a min-max one for QAT.
 - product quantisation at two sizes (k-means; 256 centroids over blocks of the kernel area, the seed's
   setting, or 64 centroids over blocks twice as long; a Linear's block is 4 or 8), before and
   after `--qat-epochs` of iPQ fine-tuning (codebooks + float parameters).
@@ -49,6 +54,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 RESULTS = HERE / "results"
+PARTS = ("ptq", "lowbit", "pq", "prune")  # row groups: INT8 PTQ + torch.ao, 4/2-bit (QAT, QuantNoise), PQ, pruning
 WORK = Path(os.environ.get("AMC_BENCH_CACHE", Path.home() / ".cache" / "amc_bench")) / "quant"
 
 
@@ -113,7 +119,7 @@ def _torch_ao(model, batches, example):
 
 
 def _train_with_noise(model, train, val, epochs: int, rate: float, bits: int, lr: float, seed: int,
-                      bn_batches: int = 0):
+                      bn_batches: int = 0, weight_observer: str = "minmax"):
     """`epochs` of SGD on a copy of `model` (BatchNorm kept) with QuantNoise(rate, bits); returns the copy."""
     import copy
 
@@ -127,13 +133,15 @@ def _train_with_noise(model, train, val, epochs: int, rate: float, bits: int, lr
     torch.manual_seed(seed)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     BaseTrainer(train, val, None, net, nn.CrossEntropyLoss(), opt, None, epochs, "cpu",
-                callbacks=[QuantNoise(rate=rate, bits=bits, seed=seed, bn_batches=bn_batches)], progress=False).run()
+                callbacks=[QuantNoise(rate=rate, bits=bits, seed=seed, bn_batches=bn_batches,
+                                           weight_observer=weight_observer)], progress=False).run()
     return net.eval()
 
 
 # ------------------------------------------------------------------------------------------ one model
 def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, calib_batches: int = 16,
-              threads: int = 1, work: str = str(WORK), lr: float = 0.005) -> Dict[str, Any]:
+              threads: int = 1, work: str = str(WORK), lr: float = 0.005, seeds: Tuple[int, ...] = (0,),
+              parts: Tuple[str, ...] = PARTS, weight_observers: Tuple[str, ...] = ("minmax",)) -> Dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -181,6 +189,8 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
     def add(label: str, net, kind: str = "onnx", seconds: float = 0.0, **extra) -> None:
         t = time.perf_counter()
         row = {"row": label, **judge(net), "seconds": round(seconds, 1), **extra}
+        if "acc_seeds" in row:  # trained rows over several seeds: the mean (the ONNX file is the first seed's)
+            row["acc"] = statistics.mean(row["acc_seeds"])
         stem = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_")
         if kind == "onnx":
             path = out / f"{stem}.onnx"
@@ -199,33 +209,45 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
         return net, time.perf_counter() - t
 
     add("fp32", graph)
-    for observer in ("minmax", "percentile", "mse"):
-        net, s = timed(lambda: Quantization(graph, train, observer=observer, **common).compress())
-        add(f"amc PTQ INT8 ({observer})", net, seconds=s)
-    batches = [(b[0],) for b, _ in zip(train, range(calib_batches))] if not photos else [(calib,)]
-    try:
-        ao, s = timed(lambda: _torch_ao(model, batches, x1))
-        add("torch.ao PTQ INT8 (FX, x86)", ao, kind="state", seconds=s)
-    except Exception as exc:  # noqa: BLE001 - the anchor failing is a result, not a crash
-        rows.append({"row": "torch.ao PTQ INT8 (FX, x86)", "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-    net, s = timed(lambda: Quantization(graph, train, weight_bits=4, **common).compress())
-    add("amc PTQ W4A8 (no training)", net, seconds=s)
-    if not photos and qat_epochs:
+    if "ptq" in parts:
+        for observer in ("minmax", "percentile", "mse"):
+            net, s = timed(lambda: Quantization(graph, train, observer=observer, **common).compress())
+            add(f"amc PTQ INT8 ({observer})", net, seconds=s)
+        batches = [(b[0],) for b, _ in zip(train, range(calib_batches))] if not photos else [(calib,)]
+        try:
+            ao, s = timed(lambda: _torch_ao(model, batches, x1))
+            add("torch.ao PTQ INT8 (FX, x86)", ao, kind="state", seconds=s)
+        except Exception as exc:  # noqa: BLE001 - the anchor failing is a result, not a crash
+            rows.append({"row": "torch.ao PTQ INT8 (FX, x86)", "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    for wobs in weight_observers if "lowbit" in parts else ():
+        grid = "" if wobs == "minmax" else f", {wobs} weight grid"
+        net, s = timed(lambda: Quantization(graph, train, weight_bits=4, weight_observer=wobs, **common).compress())
+        add(f"amc PTQ W4A8{grid} (no training)", net, seconds=s)
+        if photos or not qat_epochs:
+            continue
         import fashion_originals
 
         small_train, val = (train, test) if digits else fashion_originals.loaders(train_limit=qat_train_limit)
         for bits in (4, 2) if digits else (4,):
             if bits != 4:
-                net, s = timed(lambda: Quantization(graph, train, weight_bits=bits, **common).compress())
-                add(f"amc PTQ W{bits}A8 (no training)", net, seconds=s)
+                net, s = timed(lambda: Quantization(graph, train, weight_bits=bits, weight_observer=wobs,
+                                                    **common).compress())
+                add(f"amc PTQ W{bits}A8{grid} (no training)", net, seconds=s)
             for rate, bn, label in ((1.0, 0, "QAT = QuantNoise(rate=1)"), (0.5, 0, "QuantNoise(rate=0.5)"),
                                     (0.5, 20, "QuantNoise(rate=0.5), BN re-estimated")):
-                trained, s = timed(lambda: _train_with_noise(model, small_train, val, qat_epochs, rate, bits, lr, 0,
-                                                             bn))
-                tg = amc.trace(trained, x1)
-                net, s2 = timed(lambda: Quantization(tg, train, weight_bits=bits, **common).compress())
-                add(f"{label} W{bits}A8 ({qat_epochs} ep)", net, seconds=s + s2)
-    for bs_mult, k in ((1, 256), (2, 64)) if not photos else ():  # MobileNetV2: see the module doc
+                accs, first, total = [], None, 0.0
+                for seed in seeds:  # the training seed (shuffling, noise mask); the PTQ after it is the same
+                    trained, s = timed(lambda: _train_with_noise(model, small_train, val, qat_epochs, rate, bits, lr,
+                                                                 seed, bn, wobs))
+                    tg = amc.trace(trained, x1)
+                    net, s2 = timed(lambda: Quantization(tg, train, weight_bits=bits, weight_observer=wobs,
+                                                         **common).compress())
+                    accs.append(judge(net)["acc"])
+                    first, total = (net if first is None else first), total + s + s2
+                    print(f"[{name}] {label} W{bits}{grid} seed {seed}: {accs[-1]:.2f}", flush=True)
+                add(f"{label} W{bits}A8{grid} ({qat_epochs} ep)", first, seconds=total / len(seeds),
+                    **({"acc_seeds": accs} if len(seeds) > 1 else {}))
+    for bs_mult, k in ((1, 256), (2, 64)) if not photos and "pq" in parts else ():  # MobileNetV2: module doc
         block = {n.name: bs_mult * (int(torch.tensor(graph.network[n.module].kernel_size).prod())
                                     if isinstance(graph.network[n.module], torch.nn.Conv2d) else 4)
                  for n in graph.layer_nodes if type(graph.network[n.module]) in (torch.nn.Conv2d, torch.nn.Linear)}
@@ -233,16 +255,20 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
                  if (graph.network[graph.node(k).module].weight[0].numel() % v) == 0}
         pq, s = timed(lambda: ProductQuantization(graph, train, block_size=block, n_centroids=k, seed=0).compress())
         add(f"PQ {k} centroids, block x{bs_mult} (no FT)", pq, kind="json", seconds=s)
-        if not photos and qat_epochs:
+        if qat_epochs:
+            import fashion_originals
+
+            small_train, val = (train, test) if digits else fashion_originals.loaders(train_limit=qat_train_limit)
             ft, s2 = timed(lambda: ProductQuantization(graph, small_train, val, block_size=block, n_centroids=k,
                                                        finetune_epochs=qat_epochs, lr=lr, seed=0).compress())
             add(f"PQ {k} centroids, block x{bs_mult} + iPQ ({qat_epochs} ep)", ft, kind="json", seconds=s2)
-    cp, s = timed(lambda: ChannelPruning(graph, train, target_macs=0.5, **common).compress())
-    add("ChannelPruning 0.5x MACs (fp32)", cp, seconds=s, macs=amc.count(cp, x1)[0] / amc.count(graph, x1)[0])
-    net, s2 = timed(lambda: Quantization(cp, train, **common).compress())
-    add("ChannelPruning 0.5x MACs + amc PTQ INT8", net, seconds=s + s2)
+    if "prune" in parts:
+        cp, s = timed(lambda: ChannelPruning(graph, train, target_macs=0.5, **common).compress())
+        add("ChannelPruning 0.5x MACs (fp32)", cp, seconds=s, macs=amc.count(cp, x1)[0] / amc.count(graph, x1)[0])
+        net, s2 = timed(lambda: Quantization(cp, train, **common).compress())
+        add("ChannelPruning 0.5x MACs + amc PTQ INT8", net, seconds=s + s2)
     meta = {"torch": torch.__version__, "threads": threads, "calib_batches": calib_batches,
-            "qat_epochs": qat_epochs, "qat_train_limit": qat_train_limit, "lr": lr}
+            "qat_epochs": qat_epochs, "qat_train_limit": qat_train_limit, "lr": lr, "seeds": list(seeds)}
     if not photos:
         meta["original"] = {k: info[k] for k in ("test_acc", "epochs") if k in info}
     return {"model": name, "rows": rows, "meta": meta, "x_shape": list(x1.shape)}
@@ -331,6 +357,8 @@ def write_md(res: Dict[str, Any], path: Path) -> None:
                 L.append(f"| {r['row']} | failed: {r['error']} |" + " |" * (head.count("|") - 3))
                 continue
             q = (f"{r['agree']:.1f} | {r['kl']:.4f}" if photos else f"{r['acc']:.2f} | {r['acc'] - fp['acc']:+.2f}")
+            if "acc_seeds" in r:
+                q = q.replace(" |", f" ± {statistics.stdev(r['acc_seeds']):.2f} ({len(r['acc_seeds'])} seeds) |", 1)
             onnx_b = f"{r['onnx_bytes']:,}" if "onnx_bytes" in r else "-"
             other = (f"{r['json_bytes']:,} (JSON+sidecar)" if "json_bytes" in r else
                      f"{r['state_bytes']:,} (state_dict)" if "state_bytes" in r else "-")
@@ -351,6 +379,13 @@ def main() -> int:
     ap.add_argument("--qat-epochs", type=int, default=1)
     ap.add_argument("--qat-train-limit", type=int, default=20000)
     ap.add_argument("--calib-batches", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the QAT/QuantNoise rows")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="row groups to run")
+    ap.add_argument("--weight-observers", nargs="+", default=["minmax"], choices=["minmax", "mse"],
+                    help="weight grids of the low-bit rows (PTQ, QAT, QuantNoise)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="merge these result files (runs split over processes or row groups) into --out; "
+                         "rows of a model are joined in order, a later file's row replacing one of the same name")
     ap.add_argument("--latency", action="store_true", help="time the ONNX files of an earlier accuracy run")
     ap.add_argument("--timeout", type=float, default=5400.0, help="seconds per model")
     ap.add_argument("--work", default=str(WORK))
@@ -360,6 +395,22 @@ def main() -> int:
     if a.latency:
         res = json.loads(out.with_suffix(".json").read_text())
         latency_phase(res)
+        save(res, out)
+        return 0
+    if a.merge:
+        parts = [json.loads(Path(p).read_text()) for p in a.merge]
+        res = {**parts[0], "models": {}}
+        for part in parts:
+            for k, m in part["models"].items():
+                if k not in res["models"] or "rows" not in res["models"][k] or "rows" not in m:
+                    res["models"][k] = m
+                    continue
+                rows = {r["row"]: r for r in res["models"][k]["rows"]}
+                rows.update({r["row"]: r for r in m["rows"]})
+                res["models"][k] = {**res["models"][k], "rows": sorted(rows.values(), key=_row_group)}
+        order = ap.get_default("models")
+        res["models"] = dict(sorted(res["models"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                    else len(order)))
         save(res, out)
         return 0
     from _isolate import package_version, run_isolated
@@ -372,11 +423,19 @@ def main() -> int:
     for name in a.models:
         r = run_isolated(f"{HERE / 'bench_quant.py'}:run_model",
                          {"name": name, "qat_epochs": a.qat_epochs, "qat_train_limit": a.qat_train_limit,
-                          "calib_batches": a.calib_batches, "work": a.work}, timeout=a.timeout, mem_gb=16)
+                          "calib_batches": a.calib_batches, "work": a.work, "seeds": a.seeds,
+                          "parts": a.parts, "weight_observers": a.weight_observers}, timeout=a.timeout, mem_gb=16)
         r.setdefault("model", name)
         res["models"][name] = r
         save(res, out)
     return 0
+
+
+def _row_group(row: Dict[str, Any]) -> int:
+    """Where a merged row goes: fp32, INT8 PTQ (amc, torch.ao), low-bit, PQ, pruning (stable within a group)."""
+    label = row["row"]
+    order = (("fp32", 0), ("amc PTQ INT8", 1), ("torch.ao", 1), ("PQ ", 3), ("ChannelPruning", 4))
+    return next((g for prefix, g in order if label.startswith(prefix)), 2)
 
 
 def save(res: Dict[str, Any], out: Path) -> None:

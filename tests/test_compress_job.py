@@ -159,8 +159,11 @@ def test_job_quantises_and_chains_after_pruning(tmp_path, capsys):
     assert summary["rows"][1]["acc"] > summary["rows"][0]["acc"] - 0.02
     model = onnx.load(str(tmp_path / "q" / "compressed.onnx"))
     assert any(i.data_type == onnx.TensorProto.INT8 for i in model.graph.initializer)
-    chained = job.run(["--method", "channel,quant", "--out", str(tmp_path / "cq"), *fast])
+    chained = job.run(["--method", "channel,quant", "--weight-observer", "mse", "--out", str(tmp_path / "cq"),
+                       *fast])
     assert chained["macs_fraction"] <= 0.5 and chained["rows"][1]["acc"] > 0.8
+    model = onnx.load(str(tmp_path / "cq" / "compressed.onnx"))  # the clipped grid is stored as int8 too
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in model.graph.initializer)
     with pytest.raises(SystemExit):
         job.run(["--method", "quant,channel", "--out", str(tmp_path / "bad"), *fast])
 

@@ -104,6 +104,51 @@ def test_weights_sit_on_the_int_grid():
         assert len(torch.unique(codes.round())) <= 2 ** bits
 
 
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_mse_weight_grid_has_less_error_and_stays_on_a_bits_grid(bits):
+    """The mse observer clips outliers: never more squared error than min-max, much less at low bits, and the
+    codes are still `bits`-bit integers."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 72)
+    w[:, 0] *= 6  # one outlier per channel stretches the min-max grid
+    q = amc.compressors.quant.quantize_weight
+    err = {o: float(((q(w, bits, o) - w) ** 2).sum()) for o in ("minmax", "mse")}
+    assert err["mse"] <= err["minmax"] * (1 + 1e-6)
+    if bits <= 4:
+        assert err["mse"] < 0.8 * err["minmax"], err
+    from amc.compressors.quant.quantizers import weight_scale
+
+    codes = q(w, bits, "mse") / weight_scale(w, bits, "mse")[:, None]
+    torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)
+    assert codes.min() >= -(2 ** (bits - 1)) - 1e-4 and codes.max() <= 2 ** (bits - 1) - 1 + 1e-4
+
+
+def test_mse_weight_grid_exports_to_onnxruntime_and_round_trips(tmp_path):
+    """Clipped weights: the exported int8 codes are the clipped b-bit ones (onnxruntime = torch), and the
+    option survives JSON."""
+    ort = pytest.importorskip("onnxruntime")
+    model, loader = _model(), _loader()
+    x = next(iter(loader))[0]
+    net = Quantization(model, loader, weight_bits=4, weight_observer="mse", trainset_ratio=1.0).compress()
+    assert {m.weight_observer for m in net.modules() if isinstance(m, (QuantConv2d, QuantLinear))} == {"mse"}
+    minmax = Quantization(model, loader, weight_bits=4, trainset_ratio=1.0).compress()
+    with torch.no_grad():
+        assert not torch.allclose(net(x), minmax(x))
+    path = amc.export.save_onnx(net, str(tmp_path / "q.onnx"), x[:2])
+    onnx = pytest.importorskip("onnx")
+    graph = onnx.load(path).graph  # the clipping folded away: int8 codes stored, no Min/Max left to run
+    assert sum(i.data_type == onnx.TensorProto.INT8 for i in graph.initializer) == 5
+    assert not {n.op_type for n in graph.node} & {"Min", "Max"}
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert float(((got - ref) ** 2).sum() / (ref ** 2).sum()) < 1e-3
+    back = amc.ReconstructedNetwork.load_from_json(net.save_to_json(file=str(tmp_path / "q.json")))
+    torch.testing.assert_close(back(x), net(x))
+    assert "weight_observer='mse'" in repr(back)
+
+
 def _has_vnni() -> bool:
     from amc.export.onnx_io import x86_without_vnni
 
@@ -217,15 +262,19 @@ def test_quantnoise_rate_zero_trains_exactly_as_without_it():
     assert _same(plain, noisy)
 
 
-def test_quantnoise_rate_one_is_qat():
-    """rate=1 quantises every weight every step: bit for bit the weight-quantised layers' training."""
+def _tiny_quantised(bits: int, weight_observer: str = "minmax") -> nn.Module:
     ref = _tiny()
-    for name, m in list(ref.named_modules()):
+    for m in list(ref.modules()):
         for child_name, child in list(m.named_children()):
             if type(child) in (nn.Conv2d, nn.Linear):
                 cls = QuantConv2d if isinstance(child, nn.Conv2d) else QuantLinear
-                setattr(m, child_name, cls.from_float(child, 4))
-    qat = _train([], net=ref)
+                setattr(m, child_name, cls.from_float(child, bits, weight_observer))
+    return ref
+
+
+def test_quantnoise_rate_one_is_qat():
+    """rate=1 quantises every weight every step: bit for bit the weight-quantised layers' training."""
+    qat = _train([], net=_tiny_quantised(4))
     noisy = _train([QuantNoise(rate=1.0, bits=4)])
     sa, sb = qat.state_dict(), noisy.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -278,6 +327,7 @@ def test_pq_block_size_must_divide_the_rows():
     (dict(weight_bits=1), "weight_bits=1"), (dict(weight_bits=9), "weight_bits=9"),
     (dict(act_bits=16), "act_bits=16"), (dict(weight_bits=4.0), "weight_bits=4.0"),
     (dict(observer="kl"), "observer='kl'"), (dict(percentile=20), "percentile=20"),
+    (dict(weight_observer="percentile"), "weight_observer='percentile'"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(QuantizationError, match=match):
@@ -308,6 +358,17 @@ def test_uncalibrated_quantiser_fails_loudly():
 def test_quantnoise_bad_rate():
     with pytest.raises(QuantizationError, match="rate"):
         QuantNoise(rate=1.5)
+    with pytest.raises(QuantizationError, match="weight_observer='kl'"):
+        QuantNoise(rate=0.5, weight_observer="kl")
+
+
+def test_quantnoise_rate_one_is_qat_on_the_mse_grid_too():
+    qat = _train([], net=_tiny_quantised(4, "mse"))
+    noisy = _train([QuantNoise(rate=1.0, bits=4, weight_observer="mse")])
+    sa, sb = qat.state_dict(), noisy.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    minmax = _train([QuantNoise(rate=1.0, bits=4)])
+    assert not all(torch.equal(sb[k], minmax.state_dict()[k]) for k in sb)
 
 
 def test_count_bytes_reports_packed_weights():

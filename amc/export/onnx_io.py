@@ -7,10 +7,12 @@ onnxruntime at a batch size different from the example's; it only replaces `path
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any, Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -140,10 +142,14 @@ def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List
                                   f"{atol:.3g}" + (f", relative L2 allowed {rel:.3g})" if rel else ")"))
 
 
+_FOLDABLE = {"Min": np.minimum, "Max": np.maximum}  # element-wise ops of constants that fold_constant_quantize evaluates
+
+
 def fold_constant_quantize(path: str) -> int:
     """Store the weights of QDQ models as integers: every QuantizeLinear whose inputs are all constants is
     replaced by its integer result (ONNX rounding: half to even), so the file holds int8 codes + scales and
-    onnxruntime reads `DequantizeLinear(int8 weight)`. Returns how many were folded (0: file untouched)."""
+    onnxruntime reads `DequantizeLinear(int8 weight)`. Min/Max of constants (a clipped weight grid) are
+    evaluated on the way. Returns how many were folded (0: file untouched)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -156,6 +162,8 @@ def fold_constant_quantize(path: str) -> int:
             const[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
         elif node.op_type == "Identity" and node.input[0] in const:
             const[node.output[0]] = const[node.input[0]]
+        elif node.op_type in _FOLDABLE and node.input and all(i in const for i in node.input):
+            const[node.output[0]] = functools.reduce(_FOLDABLE[node.op_type], [const[i] for i in node.input])
     folded, drop = {}, []
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or len(node.input) < 3 or not all(i in const for i in node.input):
@@ -185,9 +193,17 @@ def fold_constant_quantize(path: str) -> int:
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
-    for node in [n for n in graph.node if n.op_type in ("Identity", "Constant")
-                 and not any(o in used for o in n.output)]:
-        graph.node.remove(node)
+    while True:  # dead constant chains, consumers first (a Min feeding a folded QuantizeLinear, then its inputs)
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant", *_FOLDABLE)
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
     onnx.save(model, path)
     return len(folded)
 

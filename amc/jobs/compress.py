@@ -95,6 +95,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=int, default=8,
                    help="--method quant: weight bits (8: INT8 kernels in onnxruntime; 2-7: smaller codes); "
                         "activations are 8-bit")
+    p.add_argument("--weight-observer", choices=["minmax", "mse"], default="minmax",
+                   help="--method quant: weight grid per channel (mse clips outliers: better at 4 bits and below)")
     p.add_argument("--apt-epochs", type=int, default=2, help="--method tokens: APT training epochs (agents + model)")
     p.add_argument("--target-macs", type=float, default=None,
                    help="fraction of the whole network's MACs kept, in (0, 1); 0.5 halves them (default: 0.5)")
@@ -261,7 +263,8 @@ def _compress_step(ns: argparse.Namespace, method: str, net: Any, train, val, x1
     if method == "quant":
         from ..compressors.quant import Quantization
 
-        return Quantization(net, train, weight_bits=ns.bits, trainset_ratio=ns.trainset_ratio,
+        return Quantization(net, train, weight_bits=ns.bits, weight_observer=ns.weight_observer,
+                            trainset_ratio=ns.trainset_ratio,
                             example_inputs=(x1,), seed=ns.seed).compress()
     if method == "pq":
         from ..compressors.quant import ProductQuantization

@@ -9,6 +9,7 @@ caller's RNG stream (shuffling, dropout) is the same with and without it. In eva
 quantised (`eval_quantized=True`: validation sees the network as it will be deployed). `bn_batches=N`
 re-estimates BatchNorm statistics on N training batches at the end with every weight quantised (training
 saw only a `rate` share quantised, so its statistics describe a network that is never deployed).
+`weight_observer` picks the grid ("minmax" or "mse", as `Quantization`'s): train on the one you will deploy.
 Works on any `nn.Module` (a ReconstructedNetwork or not), through `torch.nn.utils.parametrize`; the float
 weights are put back at the end of training, ready for `Quantization` (post-training) to quantise for good.
 """
@@ -22,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from ...errors import QuantizationError
 from ...trainers.plugins import TrainerCallback
-from .quantizers import FLOAT_TO_QUANT, check_bits, quantize_weight
+from .quantizers import FLOAT_TO_QUANT, check_bits, check_weight_observer, quantize_weight
 
 
 class _NoisyWeight(nn.Module):
@@ -31,7 +32,7 @@ class _NoisyWeight(nn.Module):
         object.__setattr__(self, "owner", owner)  # not a submodule: the plug-in is not part of the model
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        q = quantize_weight(w, self.owner.bits)
+        q = quantize_weight(w, self.owner.bits, self.owner.weight_observer)
         if not self.training:
             return w + (q - w).detach() if self.owner.eval_quantized else w
         if self.owner.full:
@@ -44,7 +45,7 @@ class QuantNoise(TrainerCallback):
     """`callbacks=[QuantNoise(rate=0.5, bits=4)]`: quantisation noise on a `rate` share of the weights per step."""
 
     def __init__(self, rate: float = 0.5, bits: int = 8, seed: int = 0, eval_quantized: bool = True,
-                 bn_batches: int = 0):
+                 bn_batches: int = 0, weight_observer: str = "minmax"):
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= float(rate) <= 1.0:
             raise QuantizationError(f"QuantNoise rate={rate!r}: use a share in [0, 1] (1 is plain QAT)")
         self.rate = float(rate)
@@ -54,6 +55,7 @@ class QuantNoise(TrainerCallback):
         if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
             raise QuantizationError(f"bn_batches={bn_batches!r}: use an int >= 0 (0: keep the trained statistics)")
         self.bn_batches = bn_batches
+        self.weight_observer = check_weight_observer(weight_observer)  # the grid `Quantization` will deploy
         self.full = False  # every weight quantised, in train mode too (BatchNorm re-estimation)
         self._generators: Dict[str, torch.Generator] = {}
         self._layers: List[Tuple[nn.Module, str]] = []

@@ -90,10 +90,10 @@ def swap_layers(net: ReconstructedNetwork, make: Callable[[Node, nn.Module], Opt
 
 
 def quantize_weights(net: ReconstructedNetwork, bits: int, layers: Optional[Sequence[str]] = None,
-                     ignore: Sequence[str] = ()) -> Tuple[ReconstructedNetwork, List[str]]:
+                     ignore: Sequence[str] = (), observer: str = "minmax") -> Tuple[ReconstructedNetwork, List[str]]:
     """A copy of `net` whose Conv1d/Conv2d/Linear layers (all, or the nodes named in `layers`, less `ignore`)
-    compute with `bits`-bit weights; returns it and the quantised node names."""
-    return swap_layers(net, lambda node, mod: FLOAT_TO_QUANT[type(mod)].from_float(mod, bits)
+    compute with `bits`-bit weights on a `observer` grid; returns it and the quantised node names."""
+    return swap_layers(net, lambda node, mod: FLOAT_TO_QUANT[type(mod)].from_float(mod, bits, observer)
                        if type(mod) in FLOAT_TO_QUANT else None, layers, ignore)
 
 

@@ -42,6 +42,7 @@ from amc.tuners.evaluation import default_evaluator, take_batches  # noqa: E402
 RESULTS = HERE / "results"
 TUNERS = ("ddpg", "ga", "random")
 FT_EPOCHS, FT_LR = 3, 0.02
+QUIET_MARGIN = 0.5  # load average above the benchmark's own threads that still counts as "nothing else running"
 
 
 def original(data: str, name: str, seed: int = 0):
@@ -118,7 +119,8 @@ def uniform_net(model, x, train, compressor: str, target: float):
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     torch.set_num_threads(1 if args.data == "digits" else torch.get_num_threads())
-    out: Dict[str, Any] = {"args": vars(args), "rows": [], "spearman": {}, "cost": [], "executors": []}
+    out: Dict[str, Any] = {"args": vars(args), "rows": [], "spearman": {}, "cost": [], "executors": [],
+                           "threads": torch.get_num_threads()}
     for name in args.models:
         model, train, test, x = original(args.data, name)
         if args.ft_train_limit:
@@ -127,10 +129,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         test_scores(model, train, test, 0)  # fixes the rows' BN batches before anything reads the loader
         base_macs = amc.count(model, x)[0]
         score = default_evaluator(train, None, bn_batches=4, holdout_batches=8)
-        if args.ray:
-            out["executors"] += executor_cost(model, x, train, score, args.compressors[0], args.targets[0])
+        if args.ray or args.ray_only:
+            out["executors"] += [{"model": name, **e} for e in
+                                 executor_cost(model, x, train, score, args.compressors[0], args.targets[0])]
             print(json.dumps(out["executors"]), flush=True)
-        for target in args.targets:
+        for target in [] if args.ray_only else args.targets:
             for comp in args.compressors:
                 if args.skip_uniform:
                     net = None
@@ -223,7 +226,8 @@ def render(out: Dict[str, Any]) -> str:
              f"{' '.join(map(str, a['targets']))} --compressors {' '.join(a['compressors'])} --evaluations "
              f"{a['evaluations']} --seeds {' '.join(map(str, a['seeds']))} --ft-epochs {a['ft_epochs']}"
              + (f" --ft-train-limit {a['ft_train_limit']}" if a.get("ft_train_limit") else "")
-             + ("" if a.get("spearman", True) else " --no-spearman") + "`", "",
+             + ("" if a.get("spearman", True) else " --no-spearman") + (" --ray-only" if a.get("ray_only") else "")
+             + "`", "",
              *([out["note"], ""] if out.get("note") else []),
              f"Every search evaluates {a['evaluations']} policies (DDPG: episodes, warm-up a third; GA: "
              f"{a['evaluations'] // a['pop_size']} generations x {a['pop_size']}; random: samples). "
@@ -236,6 +240,8 @@ def render(out: Dict[str, Any]) -> str:
              "| model | MACs target | compressor | policy | MACs (measured) | proxy | test before FT | test after FT |",
              "|---|---|---|---|---|---|---|---|"]
     rows = out["rows"]
+    if not rows:  # --ray-only: the executor timing alone
+        lines = lines[:4]
     keys = list(dict.fromkeys((r["model"], r["target"], r["compressor"]) for r in rows))
     for m, t, c in keys:
         for tuner in ("uniform", *TUNERS):
@@ -253,22 +259,27 @@ def render(out: Dict[str, Any]) -> str:
                   "| search | policies | Spearman rho | p |", "|---|---|---|---|"]
         for k, s in out["spearman"].items():
             lines.append(f"| {k} | {s['n']} | {s['rho']:.3f} | {s['p']:.2g} |")
+    loads = [x for c in out["cost"] + out.get("executors", []) for x in c["load_avg_1m"]]
+    threads = out.get("threads", 1)
+    quiet = bool(loads) and max(loads) <= threads + QUIET_MARGIN
+    where = (f"measured with nothing else running (the benchmark's own {threads} thread(s) hold the 1-min load "
+             f"average near {threads})" if quiet else
+             "**measured on a shared 2-core machine under load** (not a clean timing, for orders of magnitude only)")
     if out["cost"]:
-        lines += ["", "Search wall time, **measured on a shared 2-core machine under load** (1-min load average "
-                  "before/after beside each; not a clean timing, for orders of magnitude only):", "",
+        lines += ["", f"Search wall time, {where}; 1-min load average before/after beside each:", "",
                   "| model | compressor | tuner | seed | target | evaluations | wall (s) | eval/s | load avg |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in out["cost"]:
             lines.append(f"| {c['model']} | {c['compressor']} | {c['tuner']} | {c['seed']} | {c['target']} | "
-                         f"{c['evaluations']} | {c['wall_s']:.0f} | {c['evaluations'] / c['wall_s']:.2f} | "
+                         f"{c['evaluations']} | {c['wall_s']:.1f} | {c['evaluations'] / c['wall_s']:.2f} | "
                          f"{c['load_avg_1m'][0]:.1f}/{c['load_avg_1m'][1]:.1f} |")
     if out.get("executors"):
-        lines += ["", "Evaluations per second, in-process vs 2 Ray workers (random search, batches of 2; same "
-                  "shared machine under load, labelled):", "",
-                  "| executor | compressor | evaluations | wall (s) | eval/s | same history as local | load avg |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", f"Evaluations per second, in-process vs 2 Ray workers (random search, batches of 2; {where}):",
+                  "",
+                  "| model | executor | compressor | evaluations | wall (s) | eval/s | same history as local | "
+                  "load avg |", "|---|---|---|---|---|---|---|---|"]
         for e in out["executors"]:
-            lines.append(f"| {e['executor']} | {e['compressor']} | {e['evaluations']} | {e['wall_s']:.0f} | "
+            lines.append(f"| {e.get('model', '-')} | {e['executor']} | {e['compressor']} | {e['evaluations']} | {e['wall_s']:.1f} | "
                          f"{e['evaluations'] / e['wall_s']:.2f} | {e['same_history_as_local']} | "
                          f"{e['load_avg_1m'][0]:.1f}/{e['load_avg_1m'][1]:.1f} |")
     return "\n".join(lines) + "\n"
@@ -290,6 +301,7 @@ def main() -> None:
     p.add_argument("--skip-uniform", action="store_true", help="searches only (to finish a split run)")
     p.add_argument("--no-spearman", dest="spearman", action="store_false")
     p.add_argument("--ray", action="store_true", help="also time 24 evaluations in-process vs on 2 Ray workers")
+    p.add_argument("--ray-only", action="store_true", help="only the in-process vs Ray timing (no searches)")
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--merge", nargs="+", default=None, metavar="TAG",

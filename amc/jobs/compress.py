@@ -96,7 +96,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="--method quant: weight bits (8: INT8 kernels in onnxruntime; 2-7: smaller codes); "
                         "activations are 8-bit")
     p.add_argument("--weight-observer", choices=["minmax", "mse"], default="minmax",
-                   help="--method quant: weight grid per channel (mse clips outliers: better at 4 bits and below)")
+                   help="--method quant: weight grid per channel (mse clips outliers: less weight error at 4 bits "
+                        "and below)")
     p.add_argument("--apt-epochs", type=int, default=2, help="--method tokens: APT training epochs (agents + model)")
     p.add_argument("--target-macs", type=float, default=None,
                    help="fraction of the whole network's MACs kept, in (0, 1); 0.5 halves them (default: 0.5)")

@@ -2,8 +2,8 @@
 activation quantiser op, both built on torch's fake-quant primitives so the TorchScript ONNX exporter writes
 QuantizeLinear/DequantizeLinear pairs that onnxruntime turns into INT8 kernels.
 
-Weights: per output channel, symmetric, `scale = max|w| / (2^(b-1) - 1)`, read from the weight itself at every
-call. No scale is stored, so a quantised layer can still be pruned or fine-tuned and stays consistent.
+Weights: per output channel, symmetric, `scale = max|w| / (2^(b-1) - 1)` (or, with the "mse" weight observer,
+the clipping of each channel with the least squared error), read from the weight itself at every call. No scale is stored, so a quantised layer can still be pruned or fine-tuned and stays consistent.
 Gradients are straight-through (`w + (Q(w) - w).detach()`, seed 004's QAT).
 Activations: per tensor, affine (`uint8`-style `[0, 2^b - 1]` with a zero point), ranges from calibration.
 """
@@ -54,8 +54,8 @@ def weight_scale(w: torch.Tensor, bits: int, observer: str = "minmax") -> torch.
     """Per-output-channel symmetric scale (a channel of zeros gets scale 1: its codes are 0 either way).
 
     "mse" clips each channel at the fraction of max|w| (0.3 to 1) whose grid has the least squared error: at 4
-    bits and below one outlier otherwise stretches the grid over the many small weights (seed 004 credits
-    QuantNoise's published gain to such a histogram-fitted grid)."""
+    bits and below one outlier otherwise stretches the grid over the many small weights (seed 004 notes the
+    QuantNoise paper fitted its grid to a histogram). Less weight error need not mean better accuracy."""
     flat = w.detach().flatten(1).float()
     amax = flat.abs().amax(dim=1)
     hi = weight_range(bits)[1]
@@ -108,7 +108,7 @@ def fake_quant_weight(w: torch.Tensor, bits: int, observer: str = "minmax") -> t
 
 
 class _QuantWeight:
-    """Mixin: the layer's forward uses `fake_quant_weight(self.weight, self.weight_bits)`."""
+    """Mixin: the layer's forward uses `fake_quant_weight(self.weight, self.weight_bits, self.weight_observer)`."""
 
     weight_bits: int
     weight_observer: str = "minmax"  # class default: layers saved before the option existed load as they were

@@ -24,6 +24,9 @@ Rows (calibration: `--calib-batches` training batches, the same for amc and torc
   `--weight-observers mse` the same rows again on the mse weight grid (each channel clipped where the squared
   error is least; training and deployment on that grid), to test seed 004's note that the paper's gain came
   from a histogram-fitted grid for QuantNoise against a min-max one for QAT.
+- `--parts scratch` (opt-in, Fashion nets): the paper's own setting, training from random weights for
+  `--scratch-epochs` on `--scratch-train-limit` images (lr 0.05): float, QAT, QuantNoise(0.5) without and with
+  BatchNorm re-estimation, each then quantised to 4-bit weights by the same PTQ.
 - product quantisation at two sizes (k-means; 256 centroids over blocks of the kernel area, the seed's
   setting, or 64 centroids over blocks twice as long; a Linear's block is 4 or 8), before and
   after `--qat-epochs` of iPQ fine-tuning (codebooks + float parameters).
@@ -47,7 +50,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -55,6 +58,7 @@ sys.path.insert(0, str(HERE))
 
 RESULTS = HERE / "results"
 PARTS = ("ptq", "lowbit", "pq", "prune")  # row groups: INT8 PTQ + torch.ao, 4/2-bit (QAT, QuantNoise), PQ, pruning
+EXTRA_PARTS = ("scratch",)  # opt-in: 4-bit QAT vs QuantNoise trained from random weights (the paper's setting)
 WORK = Path(os.environ.get("AMC_BENCH_CACHE", Path.home() / ".cache" / "amc_bench")) / "quant"
 
 
@@ -118,7 +122,7 @@ def _torch_ao(model, batches, example):
         return convert_fx(prepared)
 
 
-def _train_with_noise(model, train, val, epochs: int, rate: float, bits: int, lr: float, seed: int,
+def _train_with_noise(model, train, val, epochs: int, rate: Optional[float], bits: int, lr: float, seed: int,
                       bn_batches: int = 0, weight_observer: str = "minmax"):
     """`epochs` of SGD on a copy of `model` (BatchNorm kept) with QuantNoise(rate, bits); returns the copy."""
     import copy
@@ -132,16 +136,19 @@ def _train_with_noise(model, train, val, epochs: int, rate: float, bits: int, lr
     net = copy.deepcopy(model).train()
     torch.manual_seed(seed)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    noise = [] if rate is None else [QuantNoise(rate=rate, bits=bits, seed=seed, bn_batches=bn_batches,
+                                                weight_observer=weight_observer)]  # None: float training
     BaseTrainer(train, val, None, net, nn.CrossEntropyLoss(), opt, None, epochs, "cpu",
-                callbacks=[QuantNoise(rate=rate, bits=bits, seed=seed, bn_batches=bn_batches,
-                                           weight_observer=weight_observer)], progress=False).run()
+                callbacks=noise, progress=False).run()
     return net.eval()
 
 
 # ------------------------------------------------------------------------------------------ one model
 def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, calib_batches: int = 16,
               threads: int = 1, work: str = str(WORK), lr: float = 0.005, seeds: Tuple[int, ...] = (0,),
-              parts: Tuple[str, ...] = PARTS, weight_observers: Tuple[str, ...] = ("minmax",)) -> Dict[str, Any]:
+              parts: Tuple[str, ...] = PARTS, weight_observers: Tuple[str, ...] = ("minmax",),
+              scratch_epochs: int = 3, scratch_train_limit: int = 10000, scratch_lr: float = 0.05
+              ) -> Dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -262,6 +269,27 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
             ft, s2 = timed(lambda: ProductQuantization(graph, small_train, val, block_size=block, n_centroids=k,
                                                        finetune_epochs=qat_epochs, lr=lr, seed=0).compress())
             add(f"PQ {k} centroids, block x{bs_mult} + iPQ ({qat_epochs} ep)", ft, kind="json", seconds=s2)
+    if "scratch" in parts and not photos and not digits:
+        import fashion_originals
+
+        from amc.models import create
+
+        small_train, val = fashion_originals.loaders(train_limit=scratch_train_limit)
+        for rate, bn, label in ((None, 0, "float, then PTQ"), (1.0, 0, "QAT = QuantNoise(rate=1)"),
+                                (0.5, 0, "QuantNoise(rate=0.5)"), (0.5, 20, "QuantNoise(rate=0.5), BN re-estimated")):
+            accs, first, total = [], None, 0.0
+            for seed in seeds:  # the seed draws the random weights too
+                torch.manual_seed(seed)
+                fresh = create(name)
+                trained, s = timed(lambda: _train_with_noise(fresh, small_train, val, scratch_epochs, rate, 4,
+                                                             scratch_lr, seed, bn))
+                tg = amc.trace(trained, x1)
+                net, s2 = timed(lambda: Quantization(tg, train, weight_bits=4, **common).compress())
+                accs.append(judge(net)["acc"])
+                first, total = (net if first is None else first), total + s + s2
+                print(f"[{name}] from scratch {label} seed {seed}: {accs[-1]:.2f}", flush=True)
+            add(f"from scratch ({scratch_epochs} ep, {scratch_train_limit:,} images): {label} W4A8", first,
+                seconds=total / len(seeds), **({"acc_seeds": accs} if len(seeds) > 1 else {}))
     if "prune" in parts:
         cp, s = timed(lambda: ChannelPruning(graph, train, target_macs=0.5, **common).compress())
         add("ChannelPruning 0.5x MACs (fp32)", cp, seconds=s, macs=amc.count(cp, x1)[0] / amc.count(graph, x1)[0])
@@ -380,7 +408,10 @@ def main() -> int:
     ap.add_argument("--qat-train-limit", type=int, default=20000)
     ap.add_argument("--calib-batches", type=int, default=16)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of the QAT/QuantNoise rows")
-    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS, help="row groups to run")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS + EXTRA_PARTS,
+                    help="row groups to run (scratch: opt-in, Fashion nets only)")
+    ap.add_argument("--scratch-epochs", type=int, default=3)
+    ap.add_argument("--scratch-train-limit", type=int, default=10000)
     ap.add_argument("--weight-observers", nargs="+", default=["minmax"], choices=["minmax", "mse"],
                     help="weight grids of the low-bit rows (PTQ, QAT, QuantNoise)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
@@ -424,17 +455,19 @@ def main() -> int:
         r = run_isolated(f"{HERE / 'bench_quant.py'}:run_model",
                          {"name": name, "qat_epochs": a.qat_epochs, "qat_train_limit": a.qat_train_limit,
                           "calib_batches": a.calib_batches, "work": a.work, "seeds": a.seeds,
-                          "parts": a.parts, "weight_observers": a.weight_observers}, timeout=a.timeout, mem_gb=16)
+                          "parts": a.parts, "weight_observers": a.weight_observers,
+                          "scratch_epochs": a.scratch_epochs, "scratch_train_limit": a.scratch_train_limit}, timeout=a.timeout, mem_gb=16)
         r.setdefault("model", name)
         res["models"][name] = r
         save(res, out)
     return 0
 
 
-def _row_group(row: Dict[str, Any]) -> int:
+def _row_group(row: Dict[str, Any]) -> float:
     """Where a merged row goes: fp32, INT8 PTQ (amc, torch.ao), low-bit, PQ, pruning (stable within a group)."""
     label = row["row"]
-    order = (("fp32", 0), ("amc PTQ INT8", 1), ("torch.ao", 1), ("PQ ", 3), ("ChannelPruning", 4))
+    order = (("fp32", 0), ("amc PTQ INT8", 1), ("torch.ao", 1), ("from scratch", 2.5), ("PQ ", 3),
+             ("ChannelPruning", 4))
     return next((g for prefix, g in order if label.startswith(prefix)), 2)
 
 

@@ -416,7 +416,8 @@ def main() -> int:
                     help="weight grids of the low-bit rows (PTQ, QAT, QuantNoise)")
     ap.add_argument("--merge", nargs="+", metavar="JSON",
                     help="merge these result files (runs split over processes or row groups) into --out; "
-                         "rows of a model are joined in order, a later file's row replacing one of the same name")
+                         "rows of a model are joined in order, a later file's row replacing one of the same name "
+                         "(keeping the latency of an equal row)")
     ap.add_argument("--latency", action="store_true", help="time the ONNX files of an earlier accuracy run")
     ap.add_argument("--timeout", type=float, default=5400.0, help="seconds per model")
     ap.add_argument("--work", default=str(WORK))
@@ -437,7 +438,10 @@ def main() -> int:
                     res["models"][k] = m
                     continue
                 rows = {r["row"]: r for r in res["models"][k]["rows"]}
-                rows.update({r["row"]: r for r in m["rows"]})
+                for r in m["rows"]:  # the same network again (e.g. fp32 in every part) keeps its latency
+                    old = rows.get(r["row"], {})
+                    same = all(old.get(q) == r.get(q) for q in ("acc", "agree")) and "acc_seeds" not in r
+                    rows[r["row"]] = {**old, **r} if old and same else r
                 res["models"][k] = {**res["models"][k], "rows": sorted(rows.values(), key=_row_group)}
         order = ap.get_default("models")
         res["models"] = dict(sorted(res["models"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order

@@ -215,6 +215,20 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
         net = fn()
         return net, time.perf_counter() - t
 
+    def over_seeds(label: str, bits: int, wobs: str, train_fn) -> None:
+        """One row: `train_fn(seed)` for every seed, each quantised by the same PTQ; mean accuracy (the
+        ONNX file is the first seed's)."""
+        accs, first, total = [], None, 0.0
+        for seed in seeds:
+            trained, s = timed(lambda: train_fn(seed))
+            tg = amc.trace(trained, x1)
+            net, s2 = timed(lambda: Quantization(tg, train, weight_bits=bits, weight_observer=wobs,
+                                                 **common).compress())
+            accs.append(judge(net)["acc"])
+            first, total = (net if first is None else first), total + s + s2
+            print(f"[{name}] {label} seed {seed}: {accs[-1]:.2f}", flush=True)
+        add(label, first, seconds=total / len(seeds), **({"acc_seeds": accs} if len(seeds) > 1 else {}))
+
     add("fp32", graph)
     if "ptq" in parts:
         for observer in ("minmax", "percentile", "mse"):
@@ -242,18 +256,10 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
                 add(f"amc PTQ W{bits}A8{grid} (no training)", net, seconds=s)
             for rate, bn, label in ((1.0, 0, "QAT = QuantNoise(rate=1)"), (0.5, 0, "QuantNoise(rate=0.5)"),
                                     (0.5, 20, "QuantNoise(rate=0.5), BN re-estimated")):
-                accs, first, total = [], None, 0.0
-                for seed in seeds:  # the training seed (shuffling, noise mask); the PTQ after it is the same
-                    trained, s = timed(lambda: _train_with_noise(model, small_train, val, qat_epochs, rate, bits, lr,
-                                                                 seed, bn, wobs))
-                    tg = amc.trace(trained, x1)
-                    net, s2 = timed(lambda: Quantization(tg, train, weight_bits=bits, weight_observer=wobs,
-                                                         **common).compress())
-                    accs.append(judge(net)["acc"])
-                    first, total = (net if first is None else first), total + s + s2
-                    print(f"[{name}] {label} W{bits}{grid} seed {seed}: {accs[-1]:.2f}", flush=True)
-                add(f"{label} W{bits}A8{grid} ({qat_epochs} ep)", first, seconds=total / len(seeds),
-                    **({"acc_seeds": accs} if len(seeds) > 1 else {}))
+                # the training seed (shuffling, noise mask); the PTQ after it is the same
+                over_seeds(f"{label} W{bits}A8{grid} ({qat_epochs} ep)", bits, wobs,
+                           lambda seed: _train_with_noise(model, small_train, val, qat_epochs, rate, bits, lr, seed,
+                                                          bn, wobs))
     for bs_mult, k in ((1, 256), (2, 64)) if not photos and "pq" in parts else ():  # MobileNetV2: module doc
         block = {n.name: bs_mult * (int(torch.tensor(graph.network[n.module].kernel_size).prod())
                                     if isinstance(graph.network[n.module], torch.nn.Conv2d) else 4)
@@ -277,19 +283,12 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
         small_train, val = fashion_originals.loaders(train_limit=scratch_train_limit)
         for rate, bn, label in ((None, 0, "float, then PTQ"), (1.0, 0, "QAT = QuantNoise(rate=1)"),
                                 (0.5, 0, "QuantNoise(rate=0.5)"), (0.5, 20, "QuantNoise(rate=0.5), BN re-estimated")):
-            accs, first, total = [], None, 0.0
-            for seed in seeds:  # the seed draws the random weights too
+            def scratch(seed: int, rate=rate, bn=bn):  # the seed draws the random weights too
                 torch.manual_seed(seed)
-                fresh = create(name)
-                trained, s = timed(lambda: _train_with_noise(fresh, small_train, val, scratch_epochs, rate, 4,
-                                                             scratch_lr, seed, bn))
-                tg = amc.trace(trained, x1)
-                net, s2 = timed(lambda: Quantization(tg, train, weight_bits=4, **common).compress())
-                accs.append(judge(net)["acc"])
-                first, total = (net if first is None else first), total + s + s2
-                print(f"[{name}] from scratch {label} seed {seed}: {accs[-1]:.2f}", flush=True)
-            add(f"from scratch ({scratch_epochs} ep, {scratch_train_limit:,} images): {label} W4A8", first,
-                seconds=total / len(seeds), **({"acc_seeds": accs} if len(seeds) > 1 else {}))
+                return _train_with_noise(create(name), small_train, val, scratch_epochs, rate, 4, scratch_lr, seed, bn)
+
+            over_seeds(f"from scratch ({scratch_epochs} ep, {scratch_train_limit:,} images): {label} W4A8", 4,
+                       "minmax", scratch)
     if "prune" in parts:
         cp, s = timed(lambda: ChannelPruning(graph, train, target_macs=0.5, **common).compress())
         add("ChannelPruning 0.5x MACs (fp32)", cp, seconds=s, macs=amc.count(cp, x1)[0] / amc.count(graph, x1)[0])

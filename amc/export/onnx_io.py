@@ -150,7 +150,6 @@ def fold_constant_quantize(path: str) -> int:
     replaced by its integer result (ONNX rounding: half to even), so the file holds int8 codes + scales and
     onnxruntime reads `DequantizeLinear(int8 weight)`. Min/Max of constants (a clipped weight grid) are
     evaluated on the way. Returns how many were folded (0: file untouched)."""
-    import numpy as np
     import onnx
     from onnx import numpy_helper
 
@@ -190,9 +189,6 @@ def fold_constant_quantize(path: str) -> int:
         for i, name in enumerate(node.input):
             if name in folded:
                 node.input[i] = folded[name]
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
     while True:  # dead constant chains, consumers first (a Min feeding a folded QuantizeLinear, then its inputs)
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if n.op_type in ("Identity", "Constant", *_FOLDABLE)

@@ -175,7 +175,11 @@ def test_job_prunes_to_a_latency_budget(tmp_path, monkeypatch):
     summary = job.run(["--method", "l2", "--target-latency", "0.9", "--epochs", "1", "--finetune-epochs", "0",
                        "--out", str(tmp_path / "out"), "--no-progress"])
     check = summary["latency_check"]
-    assert check["measured"] <= 0.9 * 1.03 and (tmp_path / "cache").is_dir()
+    assert check["measured"] <= 0.9 * 1.03 and (tmp_path / "cache").is_dir() and check["allocation"] == "uniform"
+    summary = job.run(["--method", "l2", "--target-latency", "0.9", "--latency-allocation", "layers", "--epochs",
+                       "1", "--finetune-epochs", "0", "--out", str(tmp_path / "out2"), "--no-progress"])
+    check = summary["latency_check"]
+    assert check["measured"] <= 0.9 * 1.03 and check["allocation"] == "layers" and check["ratios"]
     for bad, match in ((["--target-latency", "0.5", "--method", "lowrank"], "criterion methods"),
                        (["--target-latency", "0.5", "--target-macs", "0.5"], "not both"),
                        (["--target-latency", "1.5", "--method", "l1"], "in \\(0, 1\\)")):

@@ -6,8 +6,8 @@ alike; medians are kept. The table is cached on disk, keyed by the graph's struc
 the device, the CPU model, torch's version and thread count, so a second call costs nothing.
 `amc.prune(..., target_latency=0.5)` reads the smallest ratio the table predicts, prunes, and checks by
 timing the pruned network against the original (interleaved again); if the check misses the budget it
-tries the next larger ratio, and raises if none meets it. Uniform ratios only: per-layer latency tables
-for non-uniform policies (NetAdapt's) are not built yet.
+bisects the ratio from both sides (too slow: more; far too fast: less), and raises if none meets it.
+Per-layer tables and non-uniform policies (NetAdapt's idea): `layer_latency.py`.
 """
 from __future__ import annotations
 
@@ -143,15 +143,23 @@ def _keeps_model(fn):
 def latency_table(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
                   ratios: Sequence[float] = DEFAULT_RATIOS, criterion: Any = "l2", ignore: Sequence[str] = (),
                   round_to: int = 1, rounds: int = 15, cache_dir: Any = None,
-                  refresh: bool = False) -> LatencyTable:
+                  refresh: bool = False, per_layer: bool = False) -> Any:
     """`amc.latency_table(model, (x,))`: measured latency of `model` pruned uniformly at `ratios` with
     `criterion`, on this machine at the batch of `x` (see module doc). Pass it to `amc.prune(...,
     target_latency=f, latency_table=table)`, or let `amc.prune` build (and cache) it. `cache_dir`: None for
-    $AMC_CACHE/latency (default ~/.cache/amc/latency), a folder, or False for no cache."""
+    $AMC_CACHE/latency (default ~/.cache/amc/latency), a folder, or False for no cache.
+    per_layer=True: a `LayerLatencyTable` instead (every node timed inside the forward at these ratios and
+    fitted against its kept widths; `amc.prune(..., latency_allocation="layers")` reads it)."""
     from .prune import _as_network, plan_pruning
 
     net, inputs = _as_network(model, example_inputs)
     plan = plan_pruning(net, criterion, inputs, ignore, None, round_to)
+    if per_layer:
+        from .layer_latency import layer_table
+
+        return layer_table(plan, inputs, rounds=rounds, cache_dir=cache_dir, refresh=refresh, grid=ratios,
+                           extra_key={"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore),
+                                      "heads": False})
     return build_table(plan, inputs, ratios, rounds, cache_dir, refresh,
                        extra_key={"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore)})
 
@@ -167,24 +175,35 @@ def check_target_latency(target_latency: Any) -> Optional[float]:
 
 
 def prune_to_latency(plan: Any, target: float, inputs: Tuple[Any, ...], table: LatencyTable, mode: str = "hard",
-                     rounds: int = 15, tolerance: float = 0.03, tries: int = 4) -> nn.Module:
-    """Prune `plan` uniformly to the table's ratio for `target`, then time it against the original; step up
-    the ratio until the measured latency is within `target` (x (1 + tolerance) for timing noise)."""
+                     rounds: int = 15, tolerance: float = 0.03, tries: int = 5) -> nn.Module:
+    """Prune `plan` uniformly to the table's ratio for `target`, then time it against the original. A
+    ratio measured slower than `target` (x (1 + tolerance) for timing noise) is raised, one more than
+    `tolerance` faster is lowered (pruning beyond the budget costs accuracy), bisecting between the ratios
+    tried; the measured-within-budget ratio closest to the target is kept."""
     ratio = table.ratio_for(target)
-    grid = [r for r in table.ratios if r > ratio] + [min(0.99, max(table.ratios) + 0.05)]
-    tried = []
+    lo, hi = 0.0, 0.99  # lo: known too slow (or unpruned); hi: known within budget (or the most we try)
+    tried, best = [], None
     for _ in range(tries):
         net = plan.apply(ratio, "hard")
         base_ms, ms = measure([plan.net, net], inputs, rounds)
-        tried.append((round(ratio, 4), ms / base_ms))
-        if ms <= target * base_ms * (1 + tolerance):
-            out = net if mode == "hard" else plan.apply(ratio, mode)
-            out.meta["latency"] = {"target": target, "ratio": ratio, "measured": ms / base_ms, "ms": ms,
-                                   "original_ms": base_ms, "table": table.key, "tried": tried}
-            return out
-        if not grid:
-            break
-        ratio = grid.pop(0)
-    raise PruningError(f"target_latency={target:g} not met: measured (ratio, latency fraction) {tried}; the rest of "
-                       "the network (frozen layers, unprunable ops) or timing noise keeps it slower. Try a larger "
-                       "target_latency, or time on a quiet machine")
+        fraction = ms / base_ms
+        tried.append((round(ratio, 4), fraction))
+        if fraction <= target * (1 + tolerance):
+            if best is None or fraction > best[0]:
+                best = (fraction, ms, base_ms, ratio, net)
+            if fraction >= target * (1 - tolerance):
+                break
+            hi = min(hi, ratio)
+        else:
+            lo = max(lo, ratio)
+        nxt = [r for r in table.ratios if lo < r < hi] if best is None else []
+        ratio = nxt[0] if nxt and nxt[0] > ratio else (lo + hi) / 2
+    if best is None:
+        raise PruningError(f"target_latency={target:g} not met: measured (ratio, latency fraction) {tried}; the "
+                           "rest of the network (frozen layers, unprunable ops) or timing noise keeps it slower. "
+                           "Try a larger target_latency, or time on a quiet machine")
+    fraction, ms, base_ms, ratio, net = best
+    out = net if mode == "hard" else plan.apply(ratio, mode)
+    out.meta["latency"] = {"target": target, "allocation": "uniform", "ratio": ratio, "measured": fraction, "ms": ms,
+                           "original_ms": base_ms, "table": table.key, "tried": tried}
+    return out

@@ -270,7 +270,7 @@ def _shapes(x: Any) -> Any:
 def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
           ignore: Iterable[str] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
           target_macs: Optional[float] = None, round_to: int = 1, target_latency: Optional[float] = None,
-          latency_table: Any = None, heads: bool = False) -> ReconstructedNetwork:
+          latency_table: Any = None, heads: bool = False, latency_allocation: str = "uniform") -> ReconstructedNetwork:
     """Prune channels and return a new ReconstructedNetwork; the input is left untouched.
 
     ratio: fraction of each group's channels removed, or `{layer_name: ratio}` (groups not named stay).
@@ -282,6 +282,10 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     target_latency: prune uniformly until the measured latency at the example inputs' batch falls to this
     fraction of the original's (`amc.compressors.latency`: a table of timed ratios, cached on disk, then
     the result timed against the original). `latency_table`: a `LatencyTable` to reuse, else built here.
+    latency_allocation: "uniform" (one ratio for every group, from the table above) or "layers" (per-group
+    ratios from per-layer latency tables, `amc.compressors.layer_latency`: channels go where they buy the
+    most measured milliseconds per unit of importance, NetAdapt's idea; `latency_table` is then a
+    `LayerLatencyTable`).
     heads: remove whole attention heads (the head count drops, each kept head keeps its dims and the
     softmax scale) instead of the same dims in every head; nn.MultiheadAttention ties its heads to the
     residual width and keeps its own rule (`amc.compressors.vtp.unfuse_attention` splits it first).
@@ -300,9 +304,28 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     if target_latency is not None and target_macs is not None:
         raise PruningError("give target_macs or target_latency, not both")
     net, inputs = _as_network(model, example_inputs)
+    if latency_allocation not in ("uniform", "layers"):
+        raise PruningError(f"latency_allocation must be 'uniform' or 'layers', got {latency_allocation!r}")
     if target_latency is not None:
         plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to, heads)
         _warn_if_mostly_frozen(plan)
+        key = {"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore), "heads": heads}
+        if latency_allocation == "layers":
+            from .layer_latency import layer_table, prune_to_layer_latency
+
+            from .layer_latency import LayerLatencyTable
+
+            if latency_table is not None and not isinstance(latency_table, LayerLatencyTable):
+                raise PruningError("latency_allocation='layers' reads a LayerLatencyTable "
+                                   "(amc.compressors.layer_latency.layer_table), got "
+                                   f"{type(latency_table).__name__}; pass none to have it built here")
+            table = latency_table if latency_table is not None else layer_table(plan, inputs, extra_key=key)
+            return prune_to_layer_latency(plan, target_latency, inputs, table, mode)
+        from .latency import LatencyTable
+
+        if latency_table is not None and not isinstance(latency_table, LatencyTable):
+            raise PruningError("latency_allocation='uniform' reads a LatencyTable (amc.latency_table), got "
+                               f"{type(latency_table).__name__}")
         table = latency_table if latency_table is not None else build_table(
             plan, inputs, extra_key={"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore)})
         return prune_to_latency(plan, target_latency, inputs, table, mode)

@@ -104,6 +104,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-latency", type=float, default=None,
                    help="criterion methods (l1, l2, ...): fraction of the original's measured batch-1 latency "
                         "kept, in (0, 1), instead of a MACs budget (timed on this machine; see amc.latency_table)")
+    p.add_argument("--latency-allocation", choices=("uniform", "layers"), default="uniform",
+                   help="--target-latency: one ratio for every layer (uniform), or per-layer ratios from per-layer "
+                        "latency tables (layers: channels go where they buy the most milliseconds)")
     p.add_argument("--ratio", type=float, default=None,
                    help="deprecated: fraction of MACs removed, i.e. 1 - --target-macs; use --target-macs")
     p.add_argument("--data", default="digits", choices=DATASETS, help="dataset")
@@ -280,7 +283,7 @@ def _compress_step(ns: argparse.Namespace, method: str, net: Any, train, val, x1
     if method in CRITERIA:  # data-driven criteria (apoz, thinet) observe the training batches
         if getattr(ns, "target_latency", None) is not None:
             return prune(net, criterion=method, example_inputs=(x1,), target_latency=ns.target_latency,
-                         dataloader=train)
+                         dataloader=train, latency_allocation=getattr(ns, "latency_allocation", "uniform"))
         return prune(net, criterion=method, example_inputs=(x1,), target_macs=target, dataloader=train)
     if method == "tokens":
         from ..compressors.tokens import TokenPruning

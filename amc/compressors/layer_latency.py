@@ -1,0 +1,326 @@
+"""Per-layer latency tables and a latency-aware allocation of per-group ratios (NetAdapt's idea, issue 22).
+
+A uniform ratio spends the latency budget blindly: on a CPU a depthwise conv, a BatchNorm or a residual add
+costs far more milliseconds per MAC than a dense 3x3 conv, and an early high-resolution layer more than a
+late one. Here every node of the graph is timed *inside the real forward* (per-node clocks, interleaved
+over networks and rounds, medians) on the original and on the network pruned uniformly at a grid of
+kept widths. Each node's time is then fitted as `a + b * x`, `x` being the product of the kept fractions
+of the distinct channel dims it reads or writes (a dense conv: kept in x kept out; a BN, ReLU or
+depthwise conv: kept channels; an attention matmul: kept head dims). Summed over the nodes, that predicts
+any per-group policy's latency in microseconds without building it.
+
+`allocate` then removes channels greedily where they buy the most predicted latency per unit of lost
+importance (scores normalised by their group's mean, so a group's flat scores cost 1 each), until the
+prediction meets the budget; `amc.prune(target_latency=..)` times the result against the original and
+tightens the prediction if the machine disagrees.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import PruningError
+from ..graph.network import ReconstructedNetwork, _REPLAY, _direct_calls_allowed, _has_hooks
+from ..graph.template import Ref, map_template
+from .dependency import iter_labels
+from .groups import select_units
+
+GRID = (0.0, 0.25, 0.5, 0.75)  # uniform ratios timed to fit every node's width -> time line
+
+
+def time_nodes(nets: Sequence[ReconstructedNetwork], inputs: Tuple[Any, ...], rounds: int = 9,
+               warmup: int = 2) -> List[Tuple[Dict[str, float], float]]:
+    """Per network: the median time (s) of each node inside its forward, and the median whole forward.
+    Networks are interleaved round by round so a load change hits them all alike."""
+    per: List[Dict[str, List[float]]] = [{} for _ in nets]
+    total: List[List[float]] = [[] for _ in nets]
+    with torch.no_grad():
+        for net in nets:
+            net.eval()
+            for _ in range(warmup):
+                net(*inputs)
+        for _ in range(rounds):
+            for i, net in enumerate(nets):
+                t0 = time.perf_counter()
+                _timed_forward(net, inputs, per[i])
+                total[i].append(time.perf_counter() - t0)
+    return [({k: statistics.median(v) for k, v in p.items()}, statistics.median(t)) for p, t in zip(per, total)]
+
+
+def _timed_forward(net: ReconstructedNetwork, inputs: Tuple[Any, ...], out: Dict[str, List[float]]) -> None:
+    env = net._bind_inputs(inputs, {})
+    direct = _direct_calls_allowed()
+    clock = time.perf_counter
+    for name, module, get_args, get_kwargs, frees, kind in net._plan:
+        call = (module.fn if kind == _REPLAY else module.forward) if direct and kind and not _has_hooks(module) \
+            else module
+        args = get_args(env)
+        kwargs = get_kwargs(env) if get_kwargs is not None else {}
+        t = clock()
+        env[name] = call(*args, **kwargs)
+        out.setdefault(name, []).append(clock() - t)
+        for f in frees:
+            del env[f]
+
+
+def node_dims(plan: Any) -> Dict[str, List[np.ndarray]]:
+    """For each node, the root units of each distinct prunable channel dim it reads or writes."""
+    a, roots = plan.analysis, plan.roots
+
+    def labels_of(ref: Any) -> Any:
+        if not isinstance(ref, Ref):
+            return None
+        value = a.labels.get(ref.node)
+        for p in ref.path:
+            try:
+                value = value[p]
+            except (KeyError, IndexError, TypeError):
+                return None
+        return value
+
+    dims: Dict[str, List[np.ndarray]] = {}
+    for node in plan.net.layer_nodes:
+        seen, vecs = set(), []
+        sources = [a.labels.get(node.name)] + [map_template(t, labels_of) for t in (*node.args, *node.kwargs.values())]
+        for tl in iter_labels(sources):
+            for v in tl.dims:
+                if v is None:
+                    continue
+                r = np.unique(roots[np.asarray(v, dtype=np.int64)])
+                r = r[r != 0]
+                key = r.tobytes()
+                if len(r) and key not in seen:
+                    seen.add(key)
+                    # weight of each unit: its share of the dim's elements (frozen ones never leave)
+                    vecs.append((roots[np.asarray(v, dtype=np.int64)]))
+        dims[node.name] = vecs
+    return dims
+
+
+def _width(dim_roots: np.ndarray, pruned: np.ndarray) -> float:
+    return 1.0 - float(pruned[dim_roots].mean())
+
+
+@dataclass
+class LayerLatencyTable:
+    """Per node: time (us) = a + b * x, x the product of its dims' kept fractions; plus the rest of the
+    forward (Python glue) as a constant. Fitted from per-node clocks at the uniform ratios `grid`."""
+
+    a: Dict[str, float]
+    b: Dict[str, float]
+    rest_us: float
+    grid: List[float]
+    measured_ms: List[float]  # whole forward at each grid ratio
+    device: str = "cpu"
+    info: Dict[str, Any] = field(default_factory=dict)
+
+    def predict_us(self, widths: Dict[str, float]) -> float:
+        return self.rest_us + sum(self.a[n] + self.b[n] * widths.get(n, 1.0) for n in self.a)
+
+    def save(self, path: str) -> None:
+        from ..export.atomic import atomic_write
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(str(path), "w") as f:
+            f.write(json.dumps(asdict(self), indent=1))
+
+    @staticmethod
+    def load(path: str) -> "LayerLatencyTable":
+        return LayerLatencyTable(**json.loads(Path(path).read_text()))
+
+
+def node_widths(dims: Dict[str, List[np.ndarray]], pruned: np.ndarray) -> Dict[str, float]:
+    return {n: float(np.prod([_width(v, pruned) for v in vs])) if vs else 1.0 for n, vs in dims.items()}
+
+
+def _mask(plan: Any, pruned_roots: np.ndarray) -> np.ndarray:
+    m = np.zeros(len(plan.roots), dtype=bool)
+    m[np.asarray(pruned_roots, dtype=np.int64)] = True
+    return m
+
+
+def build_layer_table(plan: Any, inputs: Tuple[Any, ...], grid: Sequence[float] = GRID, rounds: int = 9,
+                      dims: Optional[Dict[str, List[np.ndarray]]] = None) -> LayerLatencyTable:
+    """Time every node of `plan.net` pruned uniformly at each ratio of `grid` and fit its width line."""
+    dims = dims if dims is not None else node_dims(plan)
+    grid = sorted({0.0, *[float(r) for r in grid]})
+    nets = [plan.net if r == 0.0 else plan.apply(r, "hard") for r in grid]
+    timed = time_nodes(nets, inputs, rounds)
+    xs = [node_widths(dims, _mask(plan, plan.pruned_roots(r))) for r in grid]
+    a, b = {}, {}
+    for n in dims:
+        x = np.array([w.get(n, 1.0) for w in xs])
+        y = np.array([t.get(n, 0.0) for t, _ in timed]) * 1e6
+        if np.ptp(x) < 1e-9:  # a node no pruning reaches: its time is a constant
+            a[n], b[n] = float(np.median(y)), 0.0
+            continue
+        slope, icpt = np.polyfit(x, y, 1)
+        if slope < 0:  # timing noise on a tiny node: no width dependence
+            slope, icpt = 0.0, float(np.median(y))
+        elif icpt < 0:  # time through the origin
+            slope, icpt = float((x @ y) / (x @ x)), 0.0
+        a[n], b[n] = float(icpt), float(slope)
+    rest = float(np.median([tot * 1e6 - sum(t.values()) * 1e6 for t, tot in timed]))
+    device = str(next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu"))
+    return LayerLatencyTable(a, b, max(rest, 0.0), grid, [tot * 1e3 for _, tot in timed], device,
+                             {"rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M"),
+                              "threads": torch.get_num_threads(),
+                              "load": list(os.getloadavg()) if hasattr(os, "getloadavg") else None})
+
+
+def allocate(plan: Any, table: LayerLatencyTable, target: float, dims: Dict[str, List[np.ndarray]],
+             max_ratio: float = 0.8, steps: int = 32,
+             node_macs: Optional[Dict[str, float]] = None,
+             strict: bool = True) -> Tuple[Dict[int, float], np.ndarray, float]:
+    """Per-group ratios predicted to run within `target` x the unpruned prediction: (group id -> ratio,
+    the pruned unit roots, the predicted latency fraction).
+
+    Greedy: each move raises one group's ratio by 1/steps. A move costs the MACs it removes, weighted by
+    the removed channels' importance relative to their group's mean and by the group's new ratio (a
+    deeper cut of one group costs more: the allocation spreads instead of emptying the cheapest group);
+    the move with the most predicted latency saved per unit of cost is taken until the prediction meets
+    the budget. With flat scores this keeps the most MACs (capacity) that the latency budget allows.
+    A move only changes the widths of the nodes its group touches, so only groups sharing one of them are
+    re-scored. strict=False: where the prediction cannot reach `target`, return the deepest allocation
+    (every group at max_ratio) for the clock to judge, instead of raising."""
+    groups = {g.id: g for g in plan.groups if g.size and g.multiple_of != 0}
+    root_group = np.full(len(plan.roots), -1, dtype=np.int64)
+    for g in groups.values():
+        root_group[g.units] = g.id
+    nodes_of: Dict[int, List[str]] = {gid: [] for gid in groups}
+    for n, vs in dims.items():
+        for gid in {int(x) for v in vs for x in np.unique(root_group[v]) if x >= 0}:
+            nodes_of[gid].append(n)
+    groups = {gid: g for gid, g in groups.items() if nodes_of[gid]}
+    neighbours = {gid: {h for h in groups if set(nodes_of[h]) & set(nodes_of[gid])} for gid in groups}
+    if node_macs is None:  # no MACs known: every node weighs its predicted time
+        node_macs = {n: table.b.get(n, 0.0) for n in dims}
+    total_macs = max(sum(node_macs.values()), 1e-30)
+    rel = {}  # each unit's importance relative to its group's mean
+    for gid, g in groups.items():
+        imp = plan.importance[gid].double().abs().numpy()
+        rel[gid] = dict(zip(g.units.tolist(), (imp / max(float(imp.mean()), 1e-30)).tolist()))
+    ratio = {gid: 0.0 for gid in groups}
+    chosen = {gid: np.zeros(0, dtype=np.int64) for gid in groups}
+    pruned = np.zeros(len(plan.roots), dtype=bool)
+    widths = node_widths(dims, pruned)
+
+    def width(n: str) -> float:
+        return float(np.prod([_width(v, pruned) for v in dims[n]]))
+
+    def candidate(gid: int) -> Optional[Tuple[float, float, np.ndarray, np.ndarray]]:
+        g, r = groups[gid], ratio[gid]
+        while True:
+            r = round(r + 1.0 / steps, 9)
+            if r > max_ratio + 1e-9:
+                return None
+            units = select_units(g, plan.importance[gid], r)
+            new = np.setdiff1d(units, chosen[gid])
+            if len(new):  # rounding (round_to, heads) may keep the count for a step or two
+                break
+        pruned[new] = True
+        after = {n: width(n) for n in nodes_of[gid]}
+        pruned[new] = False
+        saved = sum(table.b[n] * (widths[n] - after[n]) for n in nodes_of[gid])
+        macs = sum(node_macs.get(n, 0.0) * (widths[n] - after[n]) for n in nodes_of[gid]) / total_macs
+        imp = float(np.mean([rel[gid][u] for u in new.tolist()]))
+        cost = max(macs, 1e-9) * imp * r
+        return (saved / cost, r, units, new) if saved > 0 else None
+
+    base = table.predict_us(widths)
+    now = base
+    cand = {gid: candidate(gid) for gid in groups}
+    while now > target * base:
+        live = [(c[0], gid) for gid, c in cand.items() if c is not None]
+        if not live and not strict:
+            break
+        if not live:
+            raise PruningError(f"target_latency={target:g} is below what per-layer pruning reaches (predicted "
+                               f"{now / base:.2f}x of the original with every group at max_ratio={max_ratio:g}); "
+                               "frozen layers and the unprunable rest set this floor")
+        _, gid = max(live)
+        _, r, units, new = cand[gid]
+        ratio[gid], chosen[gid] = r, units
+        pruned[new] = True
+        for n in nodes_of[gid]:
+            widths[n] = width(n)
+        now = table.predict_us(widths)
+        for h in neighbours[gid]:
+            cand[h] = candidate(h)
+    roots = np.concatenate([c for c in chosen.values()]) if chosen else np.zeros(0, dtype=np.int64)
+    return ratio, roots, now / base
+
+
+def node_macs_of(plan: Any) -> Dict[str, float]:
+    """MACs of every node of the unpruned network at one sample (the cost `allocate` weighs)."""
+    from ..graph.counting import node_costs
+    from .budget import per_sample
+
+    return {r["name"]: float(r["macs"]) for r in node_costs(plan.net, *per_sample(plan.example_inputs))}
+
+
+def layer_table(plan: Any, inputs: Tuple[Any, ...], rounds: int = 9, cache_dir: Any = None, refresh: bool = False,
+                extra_key: Optional[Dict[str, Any]] = None, dims: Optional[Dict[str, List[np.ndarray]]] = None,
+                grid: Sequence[float] = GRID) -> LayerLatencyTable:
+    """`build_layer_table`, cached on disk like the uniform table (same key: graph, shapes, device, CPU,
+    torch, threads), so a second prune of the same network at another budget times nothing."""
+    from .latency import CACHE, _key
+
+    device = str(next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu"))
+    key = _key(plan.net, inputs, {"kind": "layers", "grid": sorted({0.0, *map(float, grid)}), "device": device, **(extra_key or {})})
+    folder = CACHE if cache_dir is None else cache_dir
+    path = Path(folder) / f"{key}.json" if folder is not False else None
+    if path is not None and path.exists() and not refresh:
+        return LayerLatencyTable.load(str(path))
+    table = build_layer_table(plan, inputs, grid=grid, rounds=rounds, dims=dims)
+    table.info["key"] = key
+    if path is not None:
+        table.save(str(path))
+    return table
+
+
+def prune_to_layer_latency(plan: Any, target: float, inputs: Tuple[Any, ...], table: LayerLatencyTable,
+                           mode: str = "hard", rounds: int = 15, tolerance: float = 0.03, tries: int = 4,
+                           max_ratio: float = 0.8, dims: Optional[Dict[str, List[np.ndarray]]] = None) -> Any:
+    """Allocate per-group ratios for `target` from the per-layer table, prune, and time the result against
+    the original. Where the machine disagrees with the prediction the aim is corrected (lower when slower,
+    higher when more than `tolerance` faster: pruning more than the budget asks costs accuracy); the
+    result within budget closest to it is kept."""
+    from .latency import measure
+
+    dims = dims if dims is not None else node_dims(plan)
+    macs = node_macs_of(plan)
+    aim, tried, best = target, [], None
+    for _ in range(tries):
+        ratios, roots, predicted = allocate(plan, table, aim, dims, max_ratio=max_ratio, node_macs=macs,
+                                            strict=False)  # the prediction may be pessimistic: time it
+        net = plan.apply_units(roots, "hard")
+        base_ms, ms = measure([plan.net, net], inputs, rounds)
+        fraction = ms / base_ms
+        tried.append({"aim": round(aim, 4), "predicted": round(predicted, 4), "measured": round(fraction, 4)})
+        if fraction <= target * (1 + tolerance):
+            if best is None or fraction > best[0]:
+                best = (fraction, ms, base_ms, net, roots, ratios, predicted)
+            if fraction >= target * (1 - tolerance):
+                break
+        elif predicted > aim * 1.001:  # already the deepest allocation, and the clock says too slow
+            break
+        aim = min(aim * target / fraction, 0.999)
+    if best is None:
+        raise PruningError(f"target_latency={target:g} not met with per-layer allocation: {tried}; the rest of "
+                           "the network (frozen layers, unprunable ops) or timing noise keeps it slower. Try a "
+                           "larger target_latency, or time on a quiet machine")
+    fraction, ms, base_ms, net, roots, ratios, predicted = best
+    out = net if mode == "hard" else plan.apply_units(roots, mode)
+    out.meta["latency"] = {"target": target, "allocation": "layers", "measured": fraction, "ms": ms,
+                           "original_ms": base_ms, "predicted": predicted, "tried": tried,
+                           "ratios": {plan.groups[g].producers[0]: r for g, r in ratios.items() if r > 0}}
+    return out

@@ -1,0 +1,202 @@
+"""Equal measured latency (issue 22): per-layer latency allocation vs one uniform ratio.
+
+    python scripts/bench_latency_budget.py --models resnet20 vgg_small mobilenet_v2 resnet50 vit_b_16 --target 0.5
+
+Both rows are pruned with the same L2 scores until they *measure* `--target` x the original's latency at
+batch 1 on this CPU: `amc.prune(target_latency=t)` (one ratio for every group: what `target_macs` gives at
+the MACs that run that fast) against `amc.prune(target_latency=t, latency_allocation="layers")` (per-group
+ratios from per-layer latency tables). Accuracy after the same recalibration: the Fashion-MNIST originals
+(BN re-estimated on 4 training batches, then `--ft-epochs` on `--ft-train-limit` images, official test set);
+the pretrained MobileNetV2 (BN re-estimated on the 40 calibration photos; top-1 agreement and KL with the
+float model on the other 100 photos); resnet50 and vit_b_16 have random weights here (no pretrained ones
+ship offline), so their rows show latency, MACs and the table's prediction error only.
+Each model runs in its own process with a timeout; latencies of a model are timed interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from _isolate import package_version, run_isolated, write_atomic  # noqa: E402
+
+RESULTS = HERE / "results"
+FASHION = ("resnet20", "vgg_small")
+
+
+def _subject(name: str):
+    """(model, example input, scorer(net) -> dict) for one benchmark model."""
+    import amc
+    from amc.trainers import recalibrate_bn
+
+    if name in FASHION:
+        import fashion_originals as fo
+        from amc.data import fashion_mnist_loaders
+        from amc.models import evaluate, train_classifier
+        from amc.tuners.evaluation import take_batches
+
+        model, _ = fo.original(name)
+        train, test = fo.loaders()
+        ft = fashion_mnist_loaders(batch_size=128, train_limit=SETTINGS["ft_train_limit"], seed=0)[0]
+        bn = take_batches(train, 4)
+
+        def score(net):
+            before = evaluate(recalibrate_bn(net, bn), test)["acc"]
+            after = train_classifier(recalibrate_bn(net, bn), ft, test, epochs=SETTINGS["ft_epochs"], lr=0.02,
+                                     seed=0)["acc"] if SETTINGS["ft_epochs"] else before
+            return {"acc_before_ft": before, "acc_after_ft": after}
+        return model.eval(), next(iter(test))[0][:1], score
+    if name == "mobilenet_v2":
+        from torch.utils.data import DataLoader, TensorDataset
+        import torch.nn.functional as F
+        from amc.data import photo_split, pretrained_mobilenet_v2
+
+        calib, evalset = photo_split()
+        loader = DataLoader(TensorDataset(calib), batch_size=20)
+        model = pretrained_mobilenet_v2().eval()
+        with torch.no_grad():
+            ref = model(evalset)
+
+        def score(net):
+            with torch.no_grad():
+                out = recalibrate_bn(net, loader)(evalset)
+            kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
+            return {"agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()), "kl": float(kl)}
+        return model, torch.randn(1, 3, 224, 224), score
+    import torchvision
+
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().eval()
+    return model, torch.randn(1, 3, 224, 224), None
+
+
+SETTINGS: Dict[str, Any] = {}
+
+
+def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_limit: int,
+              batch: int = 1, round_to: int = 8) -> Dict[str, Any]:
+    import amc
+    from amc.compressors.latency import build_table, measure, prune_to_latency
+    from amc.compressors.layer_latency import layer_table, node_dims, prune_to_layer_latency
+    from amc.compressors.prune import plan_pruning
+    from amc.errors import PruningError
+
+    torch.set_num_threads(threads)
+    SETTINGS.update(ft_epochs=ft_epochs, ft_train_limit=ft_train_limit)
+    model, x, score = _subject(name)
+    x = x.expand(batch, *x.shape[1:]).contiguous() if batch > 1 else x
+    net = amc.trace(model, x)
+    plan = plan_pruning(net, "l2", (x,), round_to=round_to)
+    rows: Dict[str, Any] = {}
+    nets: Dict[str, Any] = {}
+    t = time.perf_counter()
+    table = build_table(plan, (x,), cache_dir=False)
+    rows["uniform"] = {"table_s": time.perf_counter() - t}
+    dims = node_dims(plan)
+    t = time.perf_counter()
+    ltable = layer_table(plan, (x,), cache_dir=False, dims=dims)
+    rows["layers"] = {"table_s": time.perf_counter() - t}
+    for key, fn in (("uniform", lambda: prune_to_latency(plan, target, (x,), table)),
+                    ("layers", lambda: prune_to_layer_latency(plan, target, (x,), ltable, dims=dims))):
+        t = time.perf_counter()
+        try:
+            nets[key] = fn()
+        except PruningError as exc:  # a budget one allocation cannot meet here: the row says so
+            rows[key]["error"] = str(exc)[:400]
+        rows[key]["prune_s"] = time.perf_counter() - t
+    load_before = os.getloadavg()[0]
+    base_ms, *ms_all = measure([net, *nets.values()], (x,), rounds=41)
+    base_macs = amc.count(net, x[:1])[0]
+    for (key, pruned), ms in zip(nets.items(), ms_all):
+        meta = pruned.meta["latency"]
+        rows[key].update(latency=ms / base_ms, ms=ms, macs=amc.count(pruned, x[:1])[0] / base_macs,
+                         params=sum(p.numel() for p in pruned.parameters()) / sum(p.numel() for p in net.parameters()),
+                         predicted=meta.get("predicted"), ratio=meta.get("ratio"), tried=meta.get("tried"),
+                         group_ratios=meta.get("ratios"))
+    if score is not None:
+        for key, pruned in nets.items():
+            rows[key].update(score(pruned))
+    return {"model": name, "original_ms": base_ms, "rows": rows, "load": [load_before, os.getloadavg()[0]],
+            "fit": {"grid": ltable.grid, "measured_ms": ltable.measured_ms}}
+
+
+def render(res: Dict[str, Any]) -> str:
+    a = res["args"]
+    lines = [f"# Equal measured latency: per-layer allocation vs one uniform ratio (issue 22)", "",
+             f"Generated by `{res['command']}` on {res['date']}; torch {res['torch']}, {a['threads']} thread(s), "
+             f"batch {a.get('batch', 1)}, CPU ({res['cpu']}), nothing else running. Load average (1 min) before / after each "
+             "model's final timing is in its row.", "",
+             "Both rows prune with the same L2 scores until the pruned network *measures* "
+             f"{a['target']}x the original's latency (interleaved medians, 41 rounds): **uniform** = "
+             "`amc.prune(target_latency=t)`, one ratio for every group (what `target_macs` gives at the MACs "
+             "that run that fast); **layers** = `amc.prune(target_latency=t, latency_allocation=\"layers\")`, "
+             "per-group ratios from per-layer latency tables. Accuracy after the same recalibration: "
+             f"Fashion-MNIST originals: BN re-estimated on 4 training batches, then {a['ft_epochs']} epoch(s) on "
+             f"{a['ft_train_limit']:,} training images, official test set; pretrained MobileNetV2: BN re-estimated "
+             "on the 40 calibration photos, top-1 agreement / KL with the float model on the other 100; "
+             "resnet50, vit_b_16: random weights (no pretrained weights ship offline), latency only.", "",
+             "| model | allocation | latency (x original) | predicted | MACs | params | accuracy | tables + prune s "
+             "| load |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for m in res["models"]:
+        if "rows" not in m:
+            lines.append(f"| {m['model']} | - | {m.get('status')}: {m.get('error', '')[:200]} |||||||")
+            continue
+        for key in ("uniform", "layers"):
+            r = m["rows"][key]
+            if "error" in r:
+                lines.append(f"| {m['model']} ({m['original_ms']:.1f} ms) | {key} | not met: {r['error'][:160]} "
+                             "|||||||")
+                continue
+            if "acc_after_ft" in r:
+                acc = f"{100 * r['acc_before_ft']:.2f}% -> {100 * r['acc_after_ft']:.2f}% after FT"
+            elif "agreement" in r:
+                acc = f"agreement {100 * r['agreement']:.0f}%, KL {r['kl']:.2f}"
+            else:
+                acc = "-"
+            pred = f"{r['predicted']:.3f}" if r.get("predicted") is not None else f"ratio {r['ratio']:.3f}"
+            lines.append(f"| {m['model']} ({m['original_ms']:.1f} ms) | {key} | {r['latency']:.3f} | {pred} | "
+                         f"{r['macs']:.3f} | {r['params']:.3f} | {acc} | {r['table_s'] + r['prune_s']:.0f} | "
+                         f"{m['load'][0]:.2f} / {m['load'][1]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["resnet20", "vgg_small", "mobilenet_v2", "resnet50", "vit_b_16"])
+    ap.add_argument("--target", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--round-to", type=int, default=8, help="kept widths a multiple of this, in both rows")
+    ap.add_argument("--batch", type=int, default=1, help="the batch the latency is measured (and budgeted) at")
+    ap.add_argument("--ft-epochs", type=int, default=1)
+    ap.add_argument("--ft-train-limit", type=int, default=10000)
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--out", default=str(RESULTS / "latency_budget"))
+    a = ap.parse_args()
+    from amc.compressors.latency import _cpu_name
+
+    res = {"command": "python scripts/bench_latency_budget.py " + " ".join(sys.argv[1:]),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "cpu": _cpu_name(),
+           "versions": {"torchvision": package_version("torchvision")}, "args": vars(a), "models": []}
+    for name in a.models:
+        r = run_isolated(str(HERE / "bench_latency_budget.py") + ":one_model",
+                         {"name": name, "target": a.target, "threads": a.threads, "ft_epochs": a.ft_epochs,
+                          "ft_train_limit": a.ft_train_limit, "batch": a.batch, "round_to": a.round_to}, timeout=a.timeout)
+        r.setdefault("model", name)
+        res["models"].append(r)
+        print(name, json.dumps(r.get("rows", r), default=str)[:600], flush=True)
+        write_atomic(a.out + ".json", json.dumps(res, indent=1, default=str))
+        write_atomic(a.out + ".md", render(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,6 +54,7 @@ def _subject(name: str):
             after = train_classifier(recalibrate_bn(net, bn), ft, test, epochs=SETTINGS["ft_epochs"], lr=0.02,
                                      seed=0)["acc"] if SETTINGS["ft_epochs"] else before
             return {"acc_before_ft": before, "acc_after_ft": after}
+        score.train = train  # the search's proxy reads training batches only
         return model.eval(), next(iter(test))[0][:1], score
     if name == "mobilenet_v2":
         from torch.utils.data import DataLoader, TensorDataset
@@ -83,7 +84,7 @@ SETTINGS: Dict[str, Any] = {}
 
 
 def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_limit: int,
-              batch: int = 1, round_to: int = 8) -> Dict[str, Any]:
+              batch: int = 1, round_to: int = 8, search: str = "", evaluations: int = 40) -> Dict[str, Any]:
     import amc
     from amc.compressors.latency import build_table, measure, prune_to_latency
     from amc.compressors.layer_latency import layer_table, node_dims, prune_to_layer_latency
@@ -105,8 +106,22 @@ def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_l
     t = time.perf_counter()
     ltable = layer_table(plan, (x,), cache_dir=False, dims=dims)
     rows["layers"] = {"table_s": time.perf_counter() - t}
-    for key, fn in (("uniform", lambda: prune_to_latency(plan, target, (x,), table)),
-                    ("layers", lambda: prune_to_layer_latency(plan, target, (x,), ltable, dims=dims))):
+    runs = [("uniform", lambda: prune_to_latency(plan, target, (x,), table)),
+            ("layers", lambda: prune_to_layer_latency(plan, target, (x,), ltable, dims=dims))]
+    if search and score is not None and hasattr(score, "train"):
+        from amc.jobs.search import make_tuner
+        from amc.tuners.evaluation import default_evaluator
+
+        def searched():
+            res = make_tuner(search, evaluations, 0, pop_size=10).search(
+                net, example_inputs=(x,), target_macs=None, target_latency=target, latency_table=ltable,
+                evaluate=default_evaluator(score.train, None, bn_batches=4, holdout_batches=8),
+                calibration=score.train, compressor_options={"round_to": round_to}, progress=False)
+            res.net.meta["latency"] = {**res.info["latency"], "evaluations": len(res.history)}
+            return res.net
+        rows[search] = {"table_s": rows["layers"]["table_s"]}
+        runs.append((search, searched))
+    for key, fn in runs:
         t = time.perf_counter()
         try:
             nets[key] = fn()
@@ -139,7 +154,9 @@ def render(res: Dict[str, Any]) -> str:
              f"{a['target']}x the original's latency (interleaved medians, 41 rounds): **uniform** = "
              "`amc.prune(target_latency=t)`, one ratio for every group (what `target_macs` gives at the MACs "
              "that run that fast); **layers** = `amc.prune(target_latency=t, latency_allocation=\"layers\")`, "
-             "per-group ratios from per-layer latency tables. Accuracy after the same recalibration: "
+             "per-group ratios from per-layer latency tables; a tuner's name (`--search`): "
+             f"`{a.get('search') or 'ga'}.search(target_latency=t)`, {a.get('evaluations', 40)} policies scored by "
+             "adaptive-BN accuracy on training batches, each within the tables' predicted budget, best one timed. Accuracy after the same recalibration: "
              f"Fashion-MNIST originals: BN re-estimated on 4 training batches, then {a['ft_epochs']} epoch(s) on "
              f"{a['ft_train_limit']:,} training images, official test set; pretrained MobileNetV2: BN re-estimated "
              "on the 40 calibration photos, top-1 agreement / KL with the float model on the other 100; "
@@ -150,7 +167,7 @@ def render(res: Dict[str, Any]) -> str:
         if "rows" not in m:
             lines.append(f"| {m['model']} | - | {m.get('status')}: {m.get('error', '')[:200]} |||||||")
             continue
-        for key in ("uniform", "layers"):
+        for key in m["rows"]:
             r = m["rows"][key]
             if "error" in r:
                 lines.append(f"| {m['model']} ({m['original_ms']:.1f} ms) | {key} | not met: {r['error'][:160]} "
@@ -179,6 +196,10 @@ def main() -> int:
     ap.add_argument("--ft-epochs", type=int, default=1)
     ap.add_argument("--ft-train-limit", type=int, default=10000)
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--search", default="", choices=("", "ga", "ddpg", "random"),
+                    help="Fashion nets: also a tuner's search under the same latency budget (per-layer tables' "
+                         "prediction; adaptive-BN accuracy on training batches as its proxy)")
+    ap.add_argument("--evaluations", type=int, default=40)
     ap.add_argument("--out", default=str(RESULTS / "latency_budget"))
     a = ap.parse_args()
     from amc.compressors.latency import _cpu_name
@@ -189,7 +210,8 @@ def main() -> int:
     for name in a.models:
         r = run_isolated(str(HERE / "bench_latency_budget.py") + ":one_model",
                          {"name": name, "target": a.target, "threads": a.threads, "ft_epochs": a.ft_epochs,
-                          "ft_train_limit": a.ft_train_limit, "batch": a.batch, "round_to": a.round_to}, timeout=a.timeout)
+                          "ft_train_limit": a.ft_train_limit, "batch": a.batch, "round_to": a.round_to,
+                          "search": a.search, "evaluations": a.evaluations}, timeout=a.timeout)
         r.setdefault("model", name)
         res["models"].append(r)
         print(name, json.dumps(r.get("rows", r), default=str)[:600], flush=True)

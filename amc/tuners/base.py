@@ -181,8 +181,15 @@ class Tuner:
                executor: str = "local", workers: int = 2, checkpoint: Optional[str] = None,
                checkpoint_every: int = 1, resume: Union[bool, str, None] = None, progress: bool = True,
                logdir: Optional[str] = None, bn_batches: int = 4,
-               holdout_batches: Optional[int] = None, tighten: Optional[bool] = None) -> SearchResult:
+               holdout_batches: Optional[int] = None, tighten: Optional[bool] = None,
+               target_latency: Optional[float] = None, latency_table: Any = None) -> SearchResult:
         """Search per-layer ratios whose compressed network keeps at most `target_macs` of the MACs.
+
+        target_latency: instead of (target_macs=None) or beside target_macs, a budget on the latency that
+          per-layer latency tables predict at the example inputs' batch (fraction of the original's;
+          `amc.latency_table(..., per_layer=True)`, built and cached here unless `latency_table`). Every
+          evaluated policy meets the prediction; the best network is then timed against the original
+          (`result.info["latency"]`).
 
         compressor: "prune" (amc.prune with `criterion`), "channel" (ChannelPruning, LASSO), "lowrank"
           (LowRankDecomposition), or a callable `policy -> network` over amc.prune's groups.
@@ -202,8 +209,11 @@ class Tuner:
         space_args = dict(model=model, example_inputs=example_inputs, target_macs=target_macs,
                           compressor=compressor, calibration=calibration, ignore=list(ignore),
                           min_ratio=min_ratio, max_ratio=max_ratio, criterion=criterion,
-                          compressor_options=dict(compressor_options or {}))
+                          compressor_options=dict(compressor_options or {}), target_latency=target_latency,
+                          latency_table=latency_table)
         space = build_space(**space_args)
+        if space.latency is not None:  # Ray workers rebuild the space: hand them this table, time nothing
+            space_args["latency_table"] = space.latency.table
         if evaluate is None:
             evaluate = default_evaluator(calibration, holdout, bn_batches, holdout_batches)
         elif not callable(evaluate):
@@ -280,6 +290,7 @@ class Tuner:
                    "policy": space.policy(x), "status": out["status"], "error": out["error"],
                    "score": out["score"], "macs": out["macs"],
                    "macs_ratio": None if out["macs"] is None else out["macs"] / space.base_macs,
+                   **({"latency_ratio": out.get("latency")} if space.latency is not None else {}),
                    "cached": s not in fresh, "seconds": out["seconds"] if s in fresh else 0.0}
             fresh.discard(s)
             records.append(rec)
@@ -293,7 +304,8 @@ class Tuner:
         return {"tuner": self.name, "config": self.config(), "tighten": self._tighten, "keys": space.keys,
                 "lo": space.lo.tolist(),
                 "hi": space.hi.tolist(), "target_macs": space.target_macs, "base_macs": space.base_macs,
-                "compressor": space.compressor}
+                "compressor": space.compressor,
+                **({"target_latency": space.latency.target} if space.latency is not None else {})}
 
     def _save(self, path: str, space: SearchSpace, state: Dict[str, Any]) -> None:
         doc = {"version": CHECKPOINT_VERSION, "identity": self._identity(space), "state": state,
@@ -339,6 +351,12 @@ class Tuner:
         options = dict(getattr(space.backend, "options", options))  # with the defaults the search used
         info = {"criterion": criterion if isinstance(criterion, str) else None, "seed": self.seed,
                 "ignore": ignore, "compressor_options": options, "evaluations": len(history)}
+        if space.latency is not None:
+            from ..compressors.latency import measure
+
+            base_ms, ms = measure([space.net, net], tuple(space.example_inputs))
+            info["latency"] = {"target": space.latency.target, "predicted": space.latency_fraction(
+                space.vector(best["policy"])), "measured": ms / base_ms, "ms": ms, "original_ms": base_ms}
         return SearchResult(policy=dict(best["policy"]), net=net, macs_ratio=macs / space.base_macs,
                             score=float(best["score"]), history=history, target_macs=space.target_macs,
                             compressor=space.compressor, tuner=self.name, base_macs=space.base_macs,

@@ -101,8 +101,14 @@ class EvalJob:
             out.update(status="failed", error=f"compression failed: {exc}")
             out["seconds"] = time.perf_counter() - t0
             return out
+        latency = self.space.latency_fraction(x) if getattr(self.space, "latency", None) is not None else None
+        if latency is not None:
+            out["latency"] = latency
         if out["macs"] > self.space.budget:
             out.update(status="failed", error=f"over budget: {out['macs']:,} MACs > {self.space.budget:,.0f}")
+        elif latency is not None and latency > self.space.latency.target:
+            out.update(status="failed", error=f"over budget: predicted latency {latency:.3f}x > "
+                                              f"{self.space.latency.target:g}x")
         else:
             try:
                 score = self.evaluate(net)

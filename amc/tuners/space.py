@@ -56,6 +56,29 @@ class MacsModel:
 
 
 @dataclass
+class LatencyBudget:
+    """A latency budget read from per-layer latency tables (amc.compressors.layer_latency): a policy's
+    predicted latency as a fraction of the unpruned prediction, computed from its kept channels without
+    building the network."""
+
+    target: float
+    table: Any  # LayerLatencyTable
+    plan: Any
+    dims: Dict[str, Any]
+    base_us: float = 0.0
+
+    def fraction(self, group_ratios: Mapping[int, float]) -> float:
+        from ..compressors.groups import select_units
+        from ..compressors.layer_latency import node_widths
+
+        pruned = np.zeros(len(self.plan.roots), dtype=bool)
+        for g, r in group_ratios.items():
+            if r > 0:
+                pruned[select_units(self.plan.groups[g], self.plan.importance[g], r)] = True
+        return self.table.predict_us(node_widths(self.dims, pruned)) / self.base_us
+
+
+@dataclass
 class SearchSpace:
     """Variables, bounds, budget and the compressor of one search (built by `build_space`)."""
 
@@ -69,7 +92,9 @@ class SearchSpace:
     target_macs: float  # fraction of base_macs
     model: MacsModel
     backend: Any = field(repr=False, default=None)
+    latency: Optional[LatencyBudget] = field(repr=False, default=None)
     _exact: Dict[Tuple[int, ...], int] = field(default_factory=dict, repr=False)
+    _latency: Dict[Tuple[int, ...], float] = field(default_factory=dict, repr=False)
 
     # -- policies ---------------------------------------------------------------------------------
     @property
@@ -108,8 +133,25 @@ class SearchSpace:
     def model_macs(self, x: Sequence[float]) -> float:
         return self.model(1.0 - self.clip(x))
 
+    def latency_fraction(self, x: Sequence[float]) -> Optional[float]:
+        """Predicted latency / the original's, from the per-layer tables (None without a latency budget)."""
+        if self.latency is None:
+            return None
+        sig = self.signature(x)
+        if sig not in self._latency:
+            self._latency[sig] = self.latency.fraction(self.backend.group_ratios(self.policy(x)))
+        return self._latency[sig]
+
     def feasible(self, x: Sequence[float]) -> bool:
+        if self.latency is not None and self.latency_fraction(x) > self.latency.target:
+            return False
         return self.macs(x) <= self.budget
+
+    def model_feasible(self, x: Sequence[float]) -> bool:
+        """The cheap test: the MACs model, and the latency prediction (itself cheap) when there is one."""
+        if self.latency is not None and self.latency_fraction(x) > self.latency.target:
+            return False
+        return self.model_macs(x) <= self.budget
 
     def _largest_feasible(self, point: Callable[[float], np.ndarray], steps: int) -> Optional[float]:
         """Largest t in [0, 1] with point(t) within the budget, assuming feasibility is monotone in t
@@ -121,7 +163,7 @@ class SearchSpace:
         lo_m, hi_m = 0.0, 1.0
         for _ in range(30):  # the model first: free
             mid = (lo_m + hi_m) / 2
-            if self.model_macs(point(mid)) <= self.budget:
+            if self.model_feasible(point(mid)):
                 lo_m = mid
             else:
                 hi_m = mid
@@ -163,13 +205,13 @@ class SearchSpace:
         x = self.hi.copy()
         x[:t] = decided[:t]
         x[t] = self.lo[t]
-        if self.model_macs(x) <= self.budget:
+        if self.model_feasible(x):
             return float(self.lo[t])
         lo_r, hi_r = float(self.lo[t]), float(self.hi[t])
         for _ in range(steps):
             mid = (lo_r + hi_r) / 2
             x[t] = mid
-            if self.model_macs(x) <= self.budget:
+            if self.model_feasible(x):
                 hi_r = mid
             else:
                 lo_r = mid
@@ -400,15 +442,25 @@ def _bounds(keys: List[str], value: Bound, what: str, default: float) -> np.ndar
     return np.asarray(vals, dtype=np.float64)
 
 
-def build_space(model: nn.Module, example_inputs: Optional[Sequence[Any]], target_macs: float,
+def build_space(model: nn.Module, example_inputs: Optional[Sequence[Any]], target_macs: Optional[float],
                 compressor: Union[str, Callable[[Dict[str, float]], nn.Module]] = "prune",
                 calibration: Optional[Iterable] = None, ignore: Iterable[str] = (), min_ratio: Bound = 0.0,
                 max_ratio: Bound = 0.8, criterion: Any = "l2",
-                compressor_options: Optional[Mapping[str, Any]] = None) -> SearchSpace:
-    """Validate the request and build its SearchSpace (see the module docstring)."""
+                compressor_options: Optional[Mapping[str, Any]] = None, target_latency: Optional[float] = None,
+                latency_table: Any = None) -> SearchSpace:
+    """Validate the request and build its SearchSpace (see the module docstring). target_latency: a
+    budget on the latency predicted by per-layer latency tables (fraction of the original's; built and
+    cached here, or `latency_table`), alone (target_macs=None) or beside target_macs."""
+    from ..compressors.latency import check_target_latency
     from ..compressors.prune import _as_network
 
-    if isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0.0 < target_macs < 1.0:
+    target_latency = check_target_latency(target_latency)
+    if target_latency is not None and compressor == "lowrank":
+        raise PruningError("target_latency searches channel groups (compressor 'prune', 'channel' or a callable); "
+                           "low-rank ranks have no per-layer latency table yet")
+    if target_macs is None and target_latency is not None:
+        target_macs = 1.0  # latency alone: no MACs budget
+    elif isinstance(target_macs, bool) or not isinstance(target_macs, (int, float)) or not 0.0 < target_macs < 1.0:
         raise PruningError(f"target_macs is the fraction of the original MACs to keep and must be in (0, 1), "
                            f"got {target_macs!r}")
     if not callable(compressor) and compressor not in COMPRESSORS:
@@ -437,9 +489,38 @@ def build_space(model: nn.Module, example_inputs: Optional[Sequence[Any]], targe
     base = int(count(net, *_batch1(inputs))[0])
     space = SearchSpace(net, inputs, compressor if isinstance(compressor, str) else "callable",
                         backend.variables, lo, hi, base, float(target_macs), model_fn, backend)
+    if target_latency is not None:
+        space.latency = _latency_budget(backend, inputs, target_latency, latency_table)
+        reach = space.latency_fraction(hi)
+        if reach > target_latency:
+            raise PruningError(f"target_latency={target_latency:g} is unreachable: with every layer at its "
+                               f"max_ratio the per-layer tables predict {reach:.3f}x of the original latency; "
+                               "raise max_ratio or target_latency")
     best = space.macs(hi)
-    if best > space.budget:
+    if best > space.budget and target_macs < 1.0:
         raise PruningError(f"target_macs={target_macs} is unreachable: with every layer at its max_ratio the "
                            f"network keeps {best:,} of {base:,} MACs ({best / base:.3f}); raise max_ratio or "
                            "target_macs, or drop layers from ignore=")
     return space
+
+
+def _latency_budget(backend: Any, inputs: Tuple[Any, ...], target: float, table: Any) -> LatencyBudget:
+    from ..compressors.layer_latency import LayerLatencyTable, layer_table, node_dims, node_widths
+
+    if not hasattr(backend, "plan"):
+        raise PruningError("target_latency searches channel groups (compressor 'prune', 'channel' or a callable); "
+                           "low-rank ranks have no per-layer latency table yet")
+    if table is not None and not isinstance(table, LayerLatencyTable):
+        raise PruningError("latency_table must be a LayerLatencyTable (amc.latency_table(..., per_layer=True)), got "
+                           f"{type(table).__name__}")
+    plan = backend.plan
+    dims = node_dims(plan)
+    if table is None:
+        table = layer_table(plan, inputs, dims=dims, extra_key={"criterion": "l2", "round_to": backend.round_to,
+                                                                "ignore": sorted(backend.ignore), "heads": False})
+    missing = [n for n in dims if n not in table.a]
+    if missing:
+        raise PruningError(f"latency_table was built for another network: it has no entry for {missing[:3]}")
+    budget = LatencyBudget(float(target), table, plan, dims)
+    budget.base_us = table.predict_us(node_widths(dims, np.zeros(len(plan.roots), dtype=bool)))
+    return budget

@@ -69,11 +69,8 @@ def measure(nets: Sequence[nn.Module], inputs: Tuple[Any, ...], rounds: int = 15
     """Median latency (ms) of each network on `inputs`, interleaved round by round."""
     times: List[List[float]] = [[] for _ in nets]
     sync = torch.cuda.synchronize if any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs) else None
+    warm_up(nets, inputs, warmup)
     with torch.no_grad():
-        for net in nets:
-            net.eval()
-            for _ in range(warmup):
-                net(*inputs)
         for _ in range(rounds):
             for i, net in enumerate(nets):
                 if sync:
@@ -84,6 +81,15 @@ def measure(nets: Sequence[nn.Module], inputs: Tuple[Any, ...], rounds: int = 15
                     sync()
                 times[i].append(time.perf_counter() - t)
     return [1e3 * statistics.median(t) for t in times]
+
+
+def warm_up(nets: Sequence[nn.Module], inputs: Tuple[Any, ...], runs: int = 2) -> None:
+    """Eval mode and a few untimed runs each (allocator, caches, lazy kernels) before any clock starts."""
+    with torch.no_grad():
+        for net in nets:
+            net.eval()
+            for _ in range(runs):
+                net(*inputs)
 
 
 def _key(net: nn.Module, inputs: Tuple[Any, ...], extra: Dict[str, Any]) -> str:

@@ -32,6 +32,7 @@ from ..graph.network import ReconstructedNetwork, _REPLAY, _direct_calls_allowed
 from ..graph.template import Ref, map_template
 from .dependency import iter_labels
 from .groups import select_units
+from .latency import warm_up
 
 GRID = (0.0, 0.25, 0.5, 0.75)  # uniform ratios timed to fit every node's width -> time line
 
@@ -42,11 +43,8 @@ def time_nodes(nets: Sequence[ReconstructedNetwork], inputs: Tuple[Any, ...], ro
     Networks are interleaved round by round so a load change hits them all alike."""
     per: List[Dict[str, List[float]]] = [{} for _ in nets]
     total: List[List[float]] = [[] for _ in nets]
+    warm_up(nets, inputs, warmup)
     with torch.no_grad():
-        for net in nets:
-            net.eval()
-            for _ in range(warmup):
-                net(*inputs)
         for _ in range(rounds):
             for i, net in enumerate(nets):
                 t0 = time.perf_counter()

@@ -309,12 +309,10 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     if target_latency is not None:
         plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to, heads)
         _warn_if_mostly_frozen(plan)
-        key = {"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore), "heads": heads}
         if latency_allocation == "layers":
-            from .layer_latency import layer_table, prune_to_layer_latency
+            from .layer_latency import LayerLatencyTable, layer_table, prune_to_layer_latency
 
-            from .layer_latency import LayerLatencyTable
-
+            key = {"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore), "heads": heads}
             if latency_table is not None and not isinstance(latency_table, LayerLatencyTable):
                 raise PruningError("latency_allocation='layers' reads a LayerLatencyTable "
                                    "(amc.compressors.layer_latency.layer_table), got "

@@ -76,3 +76,21 @@ def test_bad_latency_requests_are_refused(kwargs, match, tmp_path, monkeypatch):
     monkeypatch.setattr(latency, "CACHE", tmp_path)
     with pytest.raises(PruningError, match=match):
         build_space(_net(), (torch.randn(2, 3, 32, 32),), None, **kwargs)
+
+
+def test_cli_search_under_a_latency_budget_then_compress(tmp_path, monkeypatch):
+    import json
+
+    from amc.cli import main
+
+    monkeypatch.setattr(latency, "CACHE", tmp_path / "cache")
+    out = tmp_path / "search"
+    assert main(["search", "--tuner", "random", "--target-latency", "0.9", "--evaluations", "3", "--epochs", "1",
+                 "--out", str(out), "--no-progress"]) == 0
+    doc = json.loads((out / "policy.json").read_text())
+    assert doc["latency"]["predicted"] <= 0.9 and doc["target_macs"] == 1.0
+    assert all(h["latency_ratio"] <= 0.9 for h in json.loads((out / "history.json").read_text())["history"]
+               if h["status"] == "ok")
+    assert main(["compress", "--policy", str(out / "policy.json"), "--epochs", "1", "--finetune-epochs", "0",
+                 "--out", str(tmp_path / "compress"), "--no-progress"]) == 0
+    assert main(["search", "--target-latency", "1.5", "--out", str(out)]) == 1  # a clear error, exit code 1

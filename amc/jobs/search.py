@@ -29,7 +29,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuner", default="ddpg", help="registered tuner: ddpg, ga or random (default: ddpg)")
     p.add_argument("--compressor", default="prune", choices=COMPRESSORS,
                    help="prune (L2 magnitude), channel (LASSO + least squares) or lowrank (default: prune)")
-    p.add_argument("--target-macs", type=float, default=0.5, help="MACs kept, a fraction in (0, 1) (default: 0.5)")
+    p.add_argument("--target-macs", type=float, default=None,
+                   help="MACs kept, a fraction in (0, 1) (default: 0.5, or none with --target-latency)")
+    p.add_argument("--target-latency", type=float, default=None,
+                   help="batch-1 latency kept, a fraction in (0, 1), as per-layer latency tables timed here predict "
+                        "it (prune/channel compressors; the best network is then timed)")
     p.add_argument("--data", default="digits", choices=("digits", "fashion_mnist"), help="dataset (default: digits)")
     p.add_argument("--model", default="digits_resnet", help="amc.models zoo name (default: digits_resnet)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs of the original (default: 10)")
@@ -70,7 +74,10 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
     from ..models import train_classifier
     from ..tuners.evaluation import default_evaluator
 
-    if not 0.0 < ns.target_macs < 1.0:
+    latency = getattr(ns, "target_latency", None)
+    if ns.target_macs is None and latency is None:
+        ns.target_macs = 0.5
+    if ns.target_macs is not None and not 0.0 < ns.target_macs < 1.0:
         raise PruningError(f"--target-macs is the fraction of MACs kept and must be in (0, 1), got {ns.target_macs}")
     if ns.evaluations < 1:
         raise PruningError("--evaluations must be >= 1")
@@ -90,7 +97,8 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
         score = default_evaluator(train, None, bn_batches=4, holdout_batches=8)
         os.makedirs(ns.out, exist_ok=True)
         ckpt = os.path.join(ns.out, "search.ckpt") if ns.checkpoint else None
-        res = tuner.search(model, example_inputs=(x1,), target_macs=ns.target_macs, compressor=ns.compressor,
+        res = tuner.search(model, example_inputs=(x1,), target_macs=ns.target_macs, target_latency=latency,
+                           compressor=ns.compressor,
                            evaluate=score, calibration=train, max_ratio=ns.max_ratio, executor=ns.executor,
                            workers=ns.workers, checkpoint=ckpt, resume=True if ckpt else None,
                            progress=not ns.no_progress)
@@ -99,8 +107,10 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
     res.info.update(model=ns.model, data=ns.data, epochs=ns.epochs, seed=ns.seed)
     files = [res.to_json(os.path.join(ns.out, "policy.json")), res.save_history(os.path.join(ns.out, "history.json")),
              res.plot(os.path.join(ns.out, "search.png"))]
+    lat = res.info.get("latency")
     print(f"best policy: proxy score {res.score:.4f}, MACs {res.macs_ratio:.3f}x of the original "
-          f"({len(res.history)} policies evaluated)")
+          + (f"latency {lat['measured']:.3f}x measured ({lat['predicted']:.3f}x predicted) " if lat else "")
+          + f"({len(res.history)} policies evaluated)")
     for k, v in res.policy.items():
         print(f"  {k:<40} {v:.3f}")
     print("wrote " + ", ".join(files))

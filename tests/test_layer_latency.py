@@ -134,3 +134,9 @@ def test_public_latency_table_per_layer_feeds_prune(tmp_path):
     pruned = amc.prune(model, example_inputs=(x,), target_latency=0.75, latency_allocation="layers", round_to=8,
                        latency_table=table)
     assert pruned.meta["latency"]["measured"] <= 0.75 * 1.03
+
+
+@pytest.mark.parametrize("ratios", [(1.5,), (0.0,), (-0.2, 0.5)])
+def test_bad_per_layer_grids_are_refused(ratios, tmp_path):
+    with pytest.raises(PruningError, match="ratios in \\[0, 1\\)"):
+        amc.latency_table(_net(), (torch.randn(1, 3, 16, 16),), ratios=ratios, per_layer=True, cache_dir=tmp_path)

@@ -150,6 +150,9 @@ def build_layer_table(plan: Any, inputs: Tuple[Any, ...], grid: Sequence[float] 
     """Time every node of `plan.net` pruned uniformly at each ratio of `grid` and fit its width line."""
     dims = dims if dims is not None else node_dims(plan)
     grid = sorted({0.0, *[float(r) for r in grid]})
+    if any(not 0.0 <= r < 1.0 for r in grid) or len(grid) < 2:
+        raise PruningError(f"per-layer latency tables time the network at ratios in [0, 1), at least one above 0; "
+                           f"got {grid}")
     nets = [plan.net if r == 0.0 else plan.apply(r, "hard") for r in grid]
     timed = time_nodes(nets, inputs, rounds)
     xs = [node_widths(dims, _mask(plan, plan.pruned_roots(r))) for r in grid]

@@ -140,3 +140,13 @@ def test_public_latency_table_per_layer_feeds_prune(tmp_path):
 def test_bad_per_layer_grids_are_refused(ratios, tmp_path):
     with pytest.raises(PruningError, match="ratios in \\[0, 1\\)"):
         amc.latency_table(_net(), (torch.randn(1, 3, 16, 16),), ratios=ratios, per_layer=True, cache_dir=tmp_path)
+
+
+def test_a_corrupt_cached_table_is_timed_again(tmp_path):
+    x = torch.randn(1, 3, 16, 16)
+    plan = _plan(x)
+    table = layer_table(plan, (x,), rounds=2, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("*.json")
+    path.write_text("{half a file")
+    again = layer_table(plan, (x,), rounds=2, cache_dir=tmp_path)
+    assert set(again.a) == set(table.a) and LayerLatencyTable.load(str(path)).a == again.a

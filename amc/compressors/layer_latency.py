@@ -56,7 +56,12 @@ def time_nodes(nets: Sequence[ReconstructedNetwork], inputs: Tuple[Any, ...], ro
 def _timed_forward(net: ReconstructedNetwork, inputs: Tuple[Any, ...], out: Dict[str, List[float]]) -> None:
     env = net._bind_inputs(inputs, {})
     direct = _direct_calls_allowed()
-    clock = time.perf_counter
+    cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+
+    def clock() -> float:  # a GPU node's time is its kernels': wait for them
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
     for name, module, get_args, get_kwargs, frees, kind in net._plan:
         call = (module.fn if kind == _REPLAY else module.forward) if direct and kind and not _has_hooks(module) \
             else module
@@ -97,8 +102,8 @@ def node_dims(plan: Any) -> Dict[str, List[np.ndarray]]:
                 key = r.tobytes()
                 if len(r) and key not in seen:
                     seen.add(key)
-                    # weight of each unit: its share of the dim's elements (frozen ones never leave)
-                    vecs.append((roots[np.asarray(v, dtype=np.int64)]))
+                    # every element's root: a dim's kept fraction counts frozen elements (root 0) as kept
+                    vecs.append(roots[np.asarray(v, dtype=np.int64)])
         dims[node.name] = vecs
     return dims
 
@@ -280,7 +285,10 @@ def layer_table(plan: Any, inputs: Tuple[Any, ...], rounds: int = 9, cache_dir: 
     folder = CACHE if cache_dir is None else cache_dir
     path = Path(folder) / f"{key}.json" if folder is not False else None
     if path is not None and path.exists() and not refresh:
-        return LayerLatencyTable.load(str(path))
+        try:
+            return LayerLatencyTable.load(str(path))
+        except (ValueError, TypeError, OSError):  # an unreadable cache entry is timed again and replaced
+            pass
     table = build_layer_table(plan, inputs, grid=grid, rounds=rounds, dims=dims)
     table.info["key"] = key
     if path is not None:

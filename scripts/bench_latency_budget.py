@@ -83,7 +83,8 @@ SETTINGS: Dict[str, Any] = {}
 
 
 def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_limit: int,
-              batch: int = 1, round_to: int = 8, search: str = "", evaluations: int = 40) -> Dict[str, Any]:
+              batch: int = 1, round_to: int = 8, search: str = "", evaluations: int = 40,
+              capacity: str = "macs+params") -> Dict[str, Any]:
     import amc
     from amc.compressors.latency import build_table, measure, prune_to_latency
     from amc.compressors.layer_latency import layer_table, node_dims, prune_to_layer_latency
@@ -106,7 +107,7 @@ def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_l
     ltable = layer_table(plan, (x,), cache_dir=False, dims=dims)
     rows["layers"] = {"table_s": time.perf_counter() - t}
     runs = [("uniform", lambda: prune_to_latency(plan, target, (x,), table)),
-            ("layers", lambda: prune_to_layer_latency(plan, target, (x,), ltable, dims=dims))]
+            ("layers", lambda: prune_to_layer_latency(plan, target, (x,), ltable, dims=dims, capacity=capacity))]
     if search and score is not None and hasattr(score, "train"):
         from amc.jobs.search import make_tuner
         from amc.tuners.evaluation import default_evaluator
@@ -199,6 +200,8 @@ def main() -> int:
                     help="Fashion nets: also a tuner's search under the same latency budget (per-layer tables' "
                          "prediction; adaptive-BN accuracy on training batches as its proxy)")
     ap.add_argument("--evaluations", type=int, default=40)
+    ap.add_argument("--capacity", default="macs+params", choices=("macs", "macs+params"),
+                    help="what the per-layer allocation keeps per millisecond (amc's default: macs+params)")
     ap.add_argument("--out", default=str(RESULTS / "latency_budget"))
     a = ap.parse_args()
     from amc.compressors.latency import _cpu_name
@@ -210,7 +213,8 @@ def main() -> int:
         r = run_isolated(str(HERE / "bench_latency_budget.py") + ":one_model",
                          {"name": name, "target": a.target, "threads": a.threads, "ft_epochs": a.ft_epochs,
                           "ft_train_limit": a.ft_train_limit, "batch": a.batch, "round_to": a.round_to,
-                          "search": a.search, "evaluations": a.evaluations}, timeout=a.timeout)
+                          "search": a.search, "evaluations": a.evaluations,
+                          "capacity": a.capacity}, timeout=a.timeout)
         r.setdefault("model", name)
         res["models"].append(r)
         print(name, json.dumps(r.get("rows", r), default=str)[:600], flush=True)

@@ -150,3 +150,20 @@ def test_a_corrupt_cached_table_is_timed_again(tmp_path):
     path.write_text("{half a file")
     again = layer_table(plan, (x,), rounds=2, cache_dir=tmp_path)
     assert set(again.a) == set(table.a) and LayerLatencyTable.load(str(path)).a == again.a
+
+
+def test_parameters_in_the_cost_protect_a_weight_heavy_layer():
+    x = torch.randn(1, 3, 16, 16)
+    plan = _plan(x)
+    dims = node_dims(plan)
+    convs = [n.name for n in plan.net.layer_nodes if n.op == "Conv2d"]
+    table = LayerLatencyTable({n: 1.0 for n in dims}, {n: 10.0 for n in dims}, 5.0, [0.0], [1.0])
+    macs = node_macs_of(plan)
+    heavy = {n: (1e6 if n == convs[3] else 1.0) for n in dims}  # the 1x1 conv holds "all" the weights
+
+    def cut(ratios):
+        return max(r for g, r in ratios.items() if convs[3] in plan.groups[g].producers)
+
+    plain, _, _ = allocate(plan, table, 0.6, dims, node_macs=macs)
+    weighted, _, _ = allocate(plan, table, 0.6, dims, node_macs=macs, node_params=heavy)
+    assert cut(weighted) < cut(plain)

@@ -184,16 +184,18 @@ def build_layer_table(plan: Any, inputs: Tuple[Any, ...], grid: Sequence[float] 
 
 def allocate(plan: Any, table: LayerLatencyTable, target: float, dims: Dict[str, List[np.ndarray]],
              max_ratio: float = 0.8, steps: int = 32,
-             node_macs: Optional[Dict[str, float]] = None,
+             node_macs: Optional[Dict[str, float]] = None, node_params: Optional[Dict[str, float]] = None,
              strict: bool = True) -> Tuple[Dict[int, float], np.ndarray, float]:
     """Per-group ratios predicted to run within `target` x the unpruned prediction: (group id -> ratio,
     the pruned unit roots, the predicted latency fraction).
 
-    Greedy: each move raises one group's ratio by 1/steps. A move costs the MACs it removes, weighted by
+    Greedy: each move raises one group's ratio by 1/steps. A move costs the capacity it removes (its share
+    of the MACs, averaged with its share of the parameters when `node_params` is given: a late layer holds
+    few MACs but many weights), weighted by
     the removed channels' importance relative to their group's mean and by the group's new ratio (a
     deeper cut of one group costs more: the allocation spreads instead of emptying the cheapest group);
     the move with the most predicted latency saved per unit of cost is taken until the prediction meets
-    the budget. With flat scores this keeps the most MACs (capacity) that the latency budget allows.
+    the budget. With flat scores this keeps the most capacity that the latency budget allows.
     A move only changes the widths of the nodes its group touches, so only groups sharing one of them are
     re-scored. strict=False: where the prediction cannot reach `target`, return the deepest allocation
     (every group at max_ratio) for the clock to judge, instead of raising."""
@@ -210,6 +212,7 @@ def allocate(plan: Any, table: LayerLatencyTable, target: float, dims: Dict[str,
     if node_macs is None:  # no MACs known: every node weighs its predicted time
         node_macs = {n: table.b.get(n, 0.0) for n in dims}
     total_macs = max(sum(node_macs.values()), 1e-30)
+    total_params = max(sum((node_params or {}).values()), 1e-30)
     rel = {}  # each unit's importance relative to its group's mean
     for gid, g in groups.items():
         imp = plan.importance[gid].double().abs().numpy()
@@ -236,9 +239,12 @@ def allocate(plan: Any, table: LayerLatencyTable, target: float, dims: Dict[str,
         after = {n: width(n) for n in nodes_of[gid]}
         pruned[new] = False
         saved = sum(table.b[n] * (widths[n] - after[n]) for n in nodes_of[gid])
-        macs = sum(node_macs.get(n, 0.0) * (widths[n] - after[n]) for n in nodes_of[gid]) / total_macs
+        lost = sum(node_macs.get(n, 0.0) * (widths[n] - after[n]) for n in nodes_of[gid]) / total_macs
+        if node_params is not None:
+            lost = (lost + sum(node_params.get(n, 0.0) * (widths[n] - after[n]) for n in nodes_of[gid])
+                    / total_params) / 2
         imp = float(np.mean([rel[gid][u] for u in new.tolist()]))
-        cost = max(macs, 1e-9) * imp * r
+        cost = max(lost, 1e-9) * imp * r
         return (saved / cost, r, units, new) if saved > 0 else None
 
     base = table.predict_us(widths)
@@ -273,6 +279,12 @@ def node_macs_of(plan: Any) -> Dict[str, float]:
     return {r["name"]: float(r["macs"]) for r in node_costs(plan.net, *per_sample(plan.example_inputs))}
 
 
+def node_params_of(plan: Any) -> Dict[str, float]:
+    """Parameters held by every node's module (what shrinks with its kept widths)."""
+    return {n.name: float(sum(p.numel() for p in plan.net.module_of(n.name).parameters()))
+            for n in plan.net.layer_nodes}
+
+
 def layer_table(plan: Any, inputs: Tuple[Any, ...], rounds: int = 9, cache_dir: Any = None, refresh: bool = False,
                 extra_key: Optional[Dict[str, Any]] = None, dims: Optional[Dict[str, List[np.ndarray]]] = None,
                 grid: Sequence[float] = GRID) -> LayerLatencyTable:
@@ -298,7 +310,8 @@ def layer_table(plan: Any, inputs: Tuple[Any, ...], rounds: int = 9, cache_dir: 
 
 def prune_to_layer_latency(plan: Any, target: float, inputs: Tuple[Any, ...], table: LayerLatencyTable,
                            mode: str = "hard", rounds: int = 15, tolerance: float = 0.03, tries: int = 4,
-                           max_ratio: float = 0.8, dims: Optional[Dict[str, List[np.ndarray]]] = None) -> Any:
+                           max_ratio: float = 0.8, dims: Optional[Dict[str, List[np.ndarray]]] = None,
+                           capacity: str = "macs+params") -> Any:
     """Allocate per-group ratios for `target` from the per-layer table, prune, and time the result against
     the original. Where the machine disagrees with the prediction the aim is corrected (lower when slower,
     higher when more than `tolerance` faster: pruning more than the budget asks costs accuracy); the
@@ -306,10 +319,11 @@ def prune_to_layer_latency(plan: Any, target: float, inputs: Tuple[Any, ...], ta
     from .latency import measure
 
     dims = dims if dims is not None else node_dims(plan)
-    macs = node_macs_of(plan)
+    macs, params = node_macs_of(plan), node_params_of(plan)
     aim, tried, best = target, [], None
     for _ in range(tries):
         ratios, roots, predicted = allocate(plan, table, aim, dims, max_ratio=max_ratio, node_macs=macs,
+                                            node_params=params if capacity == "macs+params" else None,
                                             strict=False)  # the prediction may be pessimistic: time it
         net = plan.apply_units(roots, "hard")
         base_ms, ms = measure([plan.net, net], inputs, rounds)

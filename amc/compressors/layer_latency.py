@@ -10,9 +10,9 @@ depthwise conv: kept channels; an attention matmul: kept head dims). Summed over
 any per-group policy's latency in microseconds without building it.
 
 `allocate` then removes channels greedily where they buy the most predicted latency per unit of lost
-importance (scores normalised by their group's mean, so a group's flat scores cost 1 each), until the
-prediction meets the budget; `amc.prune(target_latency=..)` times the result against the original and
-tightens the prediction if the machine disagrees.
+capacity (the MACs and parameters they carry, times their scores relative to their group's mean), until
+the prediction meets the budget; `amc.prune(target_latency=..)` times the result against the original and
+re-aims the prediction if the machine disagrees. The tuners read the same prediction as a budget.
 """
 from __future__ import annotations
 

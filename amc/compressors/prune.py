@@ -284,8 +284,8 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     the result timed against the original). `latency_table`: a `LatencyTable` to reuse, else built here.
     latency_allocation: "uniform" (one ratio for every group, from the table above) or "layers" (per-group
     ratios from per-layer latency tables, `amc.compressors.layer_latency`: channels go where they buy the
-    most measured milliseconds per unit of importance, NetAdapt's idea; `latency_table` is then a
-    `LayerLatencyTable`).
+    most measured milliseconds per unit of capacity lost, NetAdapt's idea; `latency_table` is then a
+    `LayerLatencyTable`; use it with round_to=8).
     heads: remove whole attention heads (the head count drops, each kept head keeps its dims and the
     softmax scale) instead of the same dims in every head; nn.MultiheadAttention ties its heads to the
     residual width and keeps its own rule (`amc.compressors.vtp.unfuse_attention` splits it first).

@@ -49,10 +49,14 @@ def _subject(name: str):
         bn = take_batches(train, 4)
 
         def score(net):
+            import statistics
+
             before = evaluate(recalibrate_bn(net, bn), test)["acc"]
-            after = train_classifier(recalibrate_bn(net, bn), ft, test, epochs=SETTINGS["ft_epochs"], lr=0.02,
-                                     seed=0)["acc"] if SETTINGS["ft_epochs"] else before
-            return {"acc_before_ft": before, "acc_after_ft": after}
+            runs = [train_classifier(recalibrate_bn(net, bn), ft, test, epochs=SETTINGS["ft_epochs"], lr=0.02,
+                                     seed=seed)["acc"] for seed in SETTINGS["ft_seeds"]] \
+                if SETTINGS["ft_epochs"] else [before]
+            return {"acc_before_ft": before, "acc_after_ft": statistics.mean(runs), "acc_after_ft_runs": runs,
+                    "acc_after_ft_sd": statistics.stdev(runs) if len(runs) > 1 else 0.0}
         score.train = train  # the search's proxy reads training batches only
         return model.eval(), next(iter(test))[0][:1], score
     if name == "mobilenet_v2":
@@ -84,7 +88,7 @@ SETTINGS: Dict[str, Any] = {}
 
 def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_limit: int,
               batch: int = 1, round_to: int = 8, search: str = "", evaluations: int = 40,
-              capacity: str = "macs+params") -> Dict[str, Any]:
+              capacity: str = "macs+params", max_ratio: float = 0.8, ft_seeds=(0,)) -> Dict[str, Any]:
     import amc
     from amc.compressors.latency import build_table, measure, prune_to_latency
     from amc.compressors.layer_latency import layer_table, node_dims, prune_to_layer_latency
@@ -92,7 +96,7 @@ def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_l
     from amc.errors import PruningError
 
     torch.set_num_threads(threads)
-    SETTINGS.update(ft_epochs=ft_epochs, ft_train_limit=ft_train_limit)
+    SETTINGS.update(ft_epochs=ft_epochs, ft_train_limit=ft_train_limit, ft_seeds=list(ft_seeds))
     model, x, score = _subject(name)
     x = x.expand(batch, *x.shape[1:]).contiguous() if batch > 1 else x
     net = amc.trace(model, x)
@@ -107,7 +111,8 @@ def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_l
     ltable = layer_table(plan, (x,), cache_dir=False, dims=dims)
     rows["layers"] = {"table_s": time.perf_counter() - t}
     runs = [("uniform", lambda: prune_to_latency(plan, target, (x,), table)),
-            ("layers", lambda: prune_to_layer_latency(plan, target, (x,), ltable, dims=dims, capacity=capacity))]
+            ("layers", lambda: prune_to_layer_latency(plan, target, (x,), ltable, dims=dims, capacity=capacity,
+                                                      max_ratio=max_ratio))]
     if search and score is not None and hasattr(score, "train"):
         from amc.jobs.search import make_tuner
         from amc.tuners.evaluation import default_evaluator
@@ -116,7 +121,8 @@ def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_l
             res = make_tuner(search, evaluations, 0, pop_size=10).search(
                 net, example_inputs=(x,), target_macs=None, target_latency=target, latency_table=ltable,
                 evaluate=default_evaluator(score.train, None, bn_batches=4, holdout_batches=8),
-                calibration=score.train, compressor_options={"round_to": round_to}, progress=False)
+                calibration=score.train, compressor_options={"round_to": round_to}, max_ratio=max_ratio,
+                progress=False)
             res.net.meta["latency"] = {**res.info["latency"], "evaluations": len(res.history)}
             return res.net
         rows[search] = {"table_s": rows["layers"]["table_s"]}
@@ -174,7 +180,9 @@ def render(res: Dict[str, Any]) -> str:
                              "|||||||")
                 continue
             if "acc_after_ft" in r:
-                acc = f"{100 * r['acc_before_ft']:.2f}% -> {100 * r['acc_after_ft']:.2f}% after FT"
+                sd = (f" ± {100 * r['acc_after_ft_sd']:.2f} ({len(r['acc_after_ft_runs'])} FT seeds)"
+                      if len(r.get("acc_after_ft_runs", [])) > 1 else "")
+                acc = f"{100 * r['acc_before_ft']:.2f}% -> {100 * r['acc_after_ft']:.2f}%{sd} after FT"
             elif "agreement" in r:
                 acc = f"agreement {100 * r['agreement']:.0f}%, KL {r['kl']:.2f}"
             else:
@@ -200,6 +208,10 @@ def main() -> int:
                     help="Fashion nets: also a tuner's search under the same latency budget (per-layer tables' "
                          "prediction; adaptive-BN accuracy on training batches as its proxy)")
     ap.add_argument("--evaluations", type=int, default=40)
+    ap.add_argument("--ft-seeds", type=int, nargs="+", default=[0],
+                    help="fine-tune every row once per seed (same images in another order): mean ± sd")
+    ap.add_argument("--max-ratio", type=float, default=0.8, help="largest fraction of a group the per-layer "
+                    "allocation and the search may remove (uniform rows are not capped)")
     ap.add_argument("--capacity", default="macs+params", choices=("macs", "macs+params"),
                     help="what the per-layer allocation keeps per millisecond (amc's default: macs+params)")
     ap.add_argument("--out", default=str(RESULTS / "latency_budget"))
@@ -214,7 +226,8 @@ def main() -> int:
                          {"name": name, "target": a.target, "threads": a.threads, "ft_epochs": a.ft_epochs,
                           "ft_train_limit": a.ft_train_limit, "batch": a.batch, "round_to": a.round_to,
                           "search": a.search, "evaluations": a.evaluations,
-                          "capacity": a.capacity}, timeout=a.timeout)
+                          "capacity": a.capacity, "max_ratio": a.max_ratio,
+                          "ft_seeds": a.ft_seeds}, timeout=a.timeout)
         r.setdefault("model", name)
         res["models"].append(r)
         print(name, json.dumps(r.get("rows", r), default=str)[:600], flush=True)

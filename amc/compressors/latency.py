@@ -92,6 +92,19 @@ def warm_up(nets: Sequence[nn.Module], inputs: Tuple[Any, ...], runs: int = 2) -
                 net(*inputs)
 
 
+def device_of(inputs: Tuple[Any, ...]) -> str:
+    """The device the example inputs live on (where the tables are timed)."""
+    return str(next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu"))
+
+
+def cache_path(cache_dir: Any, key: str) -> Optional[Path]:
+    """The cache file of a table: None for no cache (cache_dir=False); CACHE is read at call time, so
+    $AMC_CACHE or a patched CACHE applies."""
+    if cache_dir is False:
+        return None
+    return Path(CACHE if cache_dir is None else cache_dir) / f"{key}.json"
+
+
 def _key(net: nn.Module, inputs: Tuple[Any, ...], extra: Dict[str, Any]) -> str:
     sig = {"nodes": [(n.name, n.meta.get("op", "?")) for n in getattr(net, "layer_nodes", [])],
            "params": [(k, list(v.shape)) for k, v in net.state_dict().items()],
@@ -117,11 +130,9 @@ def build_table(plan: Any, inputs: Tuple[Any, ...], ratios: Sequence[float] = DE
     ratios = sorted({0.0, *[float(r) for r in ratios]})
     if any(not 0.0 <= r < 1.0 for r in ratios):
         raise PruningError(f"latency table ratios must be in [0, 1), got {ratios}")
-    device = str(next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu"))
+    device = device_of(inputs)
     key = _key(plan.net, inputs, {"ratios": ratios, "device": device, **(extra_key or {})})
-    if cache_dir is None:
-        cache_dir = CACHE  # read at call time: AMC_CACHE or a patched CACHE applies
-    path = Path(cache_dir) / f"{key}.json" if cache_dir is not False else None
+    path = cache_path(cache_dir, key)
     if path is not None and path.exists() and not refresh:
         data = json.loads(path.read_text())
         return LatencyTable(**data)

@@ -32,7 +32,7 @@ from ..graph.network import ReconstructedNetwork, _REPLAY, _direct_calls_allowed
 from ..graph.template import Ref, map_template
 from .dependency import iter_labels
 from .groups import select_units
-from .latency import warm_up
+from .latency import device_of, warm_up
 
 GRID = (0.0, 0.25, 0.5, 0.75)  # uniform ratios timed to fit every node's width -> time line
 
@@ -144,7 +144,8 @@ def node_widths(dims: Dict[str, List[np.ndarray]], pruned: np.ndarray) -> Dict[s
     return {n: float(np.prod([_width(v, pruned) for v in vs])) if vs else 1.0 for n, vs in dims.items()}
 
 
-def _mask(plan: Any, pruned_roots: np.ndarray) -> np.ndarray:
+def pruned_mask(plan: Any, pruned_roots: np.ndarray) -> np.ndarray:
+    """One flag per element root: pruned or not (what `node_widths` reads)."""
     m = np.zeros(len(plan.roots), dtype=bool)
     m[np.asarray(pruned_roots, dtype=np.int64)] = True
     return m
@@ -160,7 +161,7 @@ def build_layer_table(plan: Any, inputs: Tuple[Any, ...], grid: Sequence[float] 
                            f"got {grid}")
     nets = [plan.net if r == 0.0 else plan.apply(r, "hard") for r in grid]
     timed = time_nodes(nets, inputs, rounds)
-    xs = [node_widths(dims, _mask(plan, plan.pruned_roots(r))) for r in grid]
+    xs = [node_widths(dims, pruned_mask(plan, plan.pruned_roots(r))) for r in grid]
     a, b = {}, {}
     for n in dims:
         x = np.array([w.get(n, 1.0) for w in xs])
@@ -175,8 +176,7 @@ def build_layer_table(plan: Any, inputs: Tuple[Any, ...], grid: Sequence[float] 
             slope, icpt = float((x @ y) / (x @ x)), 0.0
         a[n], b[n] = float(icpt), float(slope)
     rest = float(np.median([tot * 1e6 - sum(t.values()) * 1e6 for t, tot in timed]))
-    device = str(next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu"))
-    return LayerLatencyTable(a, b, max(rest, 0.0), grid, [tot * 1e3 for _, tot in timed], device,
+    return LayerLatencyTable(a, b, max(rest, 0.0), grid, [tot * 1e3 for _, tot in timed], device_of(inputs),
                              {"rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M"),
                               "threads": torch.get_num_threads(),
                               "load": list(os.getloadavg()) if hasattr(os, "getloadavg") else None})
@@ -290,12 +290,11 @@ def layer_table(plan: Any, inputs: Tuple[Any, ...], rounds: int = 9, cache_dir: 
                 grid: Sequence[float] = GRID) -> LayerLatencyTable:
     """`build_layer_table`, cached on disk like the uniform table (same key: graph, shapes, device, CPU,
     torch, threads), so a second prune of the same network at another budget times nothing."""
-    from .latency import CACHE, _key
+    from .latency import _key, cache_path
 
-    device = str(next((x.device for x in inputs if isinstance(x, torch.Tensor)), "cpu"))
-    key = _key(plan.net, inputs, {"kind": "layers", "grid": sorted({0.0, *map(float, grid)}), "device": device, **(extra_key or {})})
-    folder = CACHE if cache_dir is None else cache_dir
-    path = Path(folder) / f"{key}.json" if folder is not False else None
+    key = _key(plan.net, inputs, {"kind": "layers", "grid": sorted({0.0, *map(float, grid)}),
+                                  "device": device_of(inputs), **(extra_key or {})})
+    path = cache_path(cache_dir, key)
     if path is not None and path.exists() and not refresh:
         try:
             return LayerLatencyTable.load(str(path))

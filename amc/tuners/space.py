@@ -69,12 +69,11 @@ class LatencyBudget:
 
     def fraction(self, group_ratios: Mapping[int, float]) -> float:
         from ..compressors.groups import select_units
-        from ..compressors.layer_latency import node_widths
+        from ..compressors.layer_latency import node_widths, pruned_mask
 
-        pruned = np.zeros(len(self.plan.roots), dtype=bool)
-        for g, r in group_ratios.items():
-            if r > 0:
-                pruned[select_units(self.plan.groups[g], self.plan.importance[g], r)] = True
+        plan = self.plan
+        roots = [select_units(plan.groups[g], plan.importance[g], r) for g, r in group_ratios.items() if r > 0]
+        pruned = pruned_mask(plan, np.concatenate(roots) if roots else np.zeros(0, dtype=np.int64))
         return self.table.predict_us(node_widths(self.dims, pruned)) / self.base_us
 
 

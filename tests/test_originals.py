@@ -21,7 +21,8 @@ def test_shipped_original_matches_its_record(path: Path) -> None:
     model.load_state_dict(load_file(str(path)))  # strict: every tensor of the architecture, nothing else
     _, test = fashion_mnist_loaders(batch_size=500, val_limit=2000)
     acc = evaluate(model.eval(), test)["acc"]
-    assert info["test_acc"] > 0.9 and abs(acc - info["test_acc"]) < 0.03  # 2,000 of the 10,000 test images
+    floor = 0.85 if info["model"].startswith("vit") else 0.9  # the small ViT trains to 88%, the CNNs to 93%
+    assert info["test_acc"] > floor and abs(acc - info["test_acc"]) < 0.03  # 2,000 of the 10,000 test images
 
 
 def test_benchmarks_read_the_shipped_copy_first(monkeypatch, tmp_path) -> None:
@@ -33,4 +34,4 @@ def test_benchmarks_read_the_shipped_copy_first(monkeypatch, tmp_path) -> None:
     model, info = fo.original("resnet20")
     ref = json.loads((SCRIPTS / "originals" / "resnet20_fmnist_nall_e8_lr0.05_b128_s0.json").read_text())
     assert info["test_acc"] == ref["test_acc"] and not model.training
-    assert len(SHIPPED) >= 2
+    assert len(SHIPPED) >= 3

@@ -253,3 +253,93 @@ def test_channel_pruning_composes_with_token_pruning(tmp_path, score):
         assert agents_of(hard)[0].dim == 12 and agents_of(hard)[0].mlp[0].in_features == 24
     back = amc.ReconstructedNetwork.load_from_json(hard.save_to_json(str(tmp_path / "both.json")))
     assert torch.equal(back(x), hard(x))
+
+
+def test_fused_token_is_the_weighted_mean_of_the_dropped():
+    """fuse=True (EViT's fusion): CLS, the kept tokens in order, then one token = the dropped tokens averaged
+    with softmax weights of their keep-logits; nothing is fused when nothing is dropped."""
+    torch.manual_seed(0)
+    agent = TokenAgent(8, keep=3, fuse=True).eval()
+    x = torch.randn(2, 7, 8)
+    with torch.no_grad():
+        out = agent(x)
+        s = agent.scores(x)
+    assert out.shape == (2, 1 + 3 + 1, 8)
+    for b in range(2):
+        top = s[b].topk(3).indices.sort().values
+        dropped = [i for i in range(6) if i not in top.tolist()]
+        w = torch.softmax(s[b, dropped], 0)
+        assert torch.allclose(out[b, 1:4], x[b, 1 + top])
+        assert torch.allclose(out[b, 4], (w[:, None] * x[b, 1 + torch.tensor(dropped)]).sum(0), atol=1e-6)
+    agent.keep = 6
+    assert torch.equal(agent(x), x)
+
+
+@pytest.mark.parametrize("score", ["agent", "cls_attention"])
+def test_fuse_meets_the_budget_and_counts_the_extra_token(score):
+    model = _tiny_vit()
+    loader = _loader((1, 8, 8))
+    c = TokenPruning(model, loader, target_macs=0.7, epochs=0, score=score, fuse=True)
+    net = c.compress()
+    x1 = torch.randn(1, 1, 8, 8)
+    full = amc.count(model, x1)[0]
+    macs = amc.count(net, x1)[0]
+    assert 0.6 * full < macs <= 0.7 * full
+    out, counts = _token_counts(net, torch.randn(3, 1, 8, 8))
+    assert counts == [k + 2 for k in c.keep]  # CLS + kept + the fused token
+    assert out.shape == (3, 10)
+    plain = TokenPruning(model, loader, target_macs=0.7, epochs=0, score=score).compress()
+    for a, b in zip(agents_of(net), agents_of(plain)):
+        a.keep = b.keep  # same kept tokens: fusion costs its extra token downstream, and its weighted sum
+    assert amc.count(net, x1)[0] > amc.count(plain, x1)[0]
+
+
+def test_fuse_and_distill_train_save_and_export(tmp_path):
+    model = _tiny_vit()
+    loader = _loader((1, 8, 8), n=16)
+    c = TokenPruning(model, loader, target_macs=0.7, epochs=1, fuse=True, distill=1.0, lr=1e-3)
+    net = c.compress()
+    assert c.train_history[0]["distill"] >= 0
+    x = torch.randn(4, 1, 8, 8)
+    path = net.save_to_json(str(tmp_path / "fused.json"))
+    back = amc.ReconstructedNetwork.load_from_json(path)
+    assert all(a.fuse for a in agents_of(back)) and torch.equal(back(x), net(x))
+    set_mode(net, "dynamic")
+    assert net(x[:1]).shape == (1, 10)
+    set_mode(net, "batched")
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = net.save_to_onnx(str(tmp_path / "fused.onnx"), x[:1])
+    sess = ort.InferenceSession(onnx_path)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    assert torch.allclose(torch.from_numpy(got), net(x).detach(), atol=1e-5)
+
+
+def test_fuse_and_distill_bad_input():
+    loader = _loader((1, 8, 8))
+    with pytest.raises(PruningError, match="fuse must be True or False"):
+        TokenPruning(_tiny_vit(), loader, target_macs=0.6, epochs=0, fuse="yes")
+    with pytest.raises(PruningError, match="merges them already"):
+        TokenPruning(_tiny_vit(), loader, target_macs=0.6, epochs=0, score="tome", fuse=True)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(PruningError, match="distill must be"):
+            TokenPruning(_tiny_vit(), loader, target_macs=0.6, epochs=0, distill=bad)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("mode", ["dynamic", "batched"])
+def test_batch1_fast_path_matches_the_general_path(fuse, mode):
+    """Batch 1 takes a leaner path (fewer ops); it keeps the same tokens and computes the same output as the
+    general path (run here on a batch of two copies of the image)."""
+    torch.manual_seed(0)
+    agent = TokenAgent(16, mode=mode, keep=5, threshold=0.5, fuse=fuse).eval()
+    with torch.no_grad():
+        agent.mlp[2].bias.fill_(0.2)
+        for seed in range(20):
+            x = torch.randn(1, 13, 16, generator=torch.Generator().manual_seed(seed))
+            one = agent(x)
+            two = agent(torch.cat([x, x]))  # the general path (batch > 1)
+            assert one.shape == two[:1].shape and torch.allclose(one, two[:1], atol=1e-5)
+        agent.threshold, agent.keep = 0.999999, 1  # dynamic: nothing passes, the best token is kept
+        x = torch.randn(1, 13, 16)
+        assert torch.allclose(agent(x), agent(torch.cat([x, x]))[:1], atol=1e-5)
+        assert agent(x).shape[1] == 2 + int(fuse)

@@ -12,7 +12,9 @@ Modes (`agent.mode`):
              (batch 1: each image its own length; in a batch, the largest such count, so it stays rectangular);
   "off":     keep every token (APT trained, not pruning);
   "criterion" scorers (`score="cls_attention" | "norm" | "random"`): the training-free baselines.
-Kept tokens stay in their original order.
+Kept tokens stay in their original order. With `fuse=True` the dropped tokens are not lost but averaged into
+one extra token appended after the kept ones (EViT's inattentive-token fusion), weighted by their scores
+(softmax of the keep-logits; CLS attention itself for `cls_attention`); it costs one token downstream.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class TokenAgent(nn.Module):
     """Scores and drops tokens of a `[B, N, D]` sequence (CLS at 0 kept). See the module docstring."""
 
     def __init__(self, dim: int, hidden: Optional[int] = None, keep: Optional[int] = None, mode: str = "batched",
-                 threshold: float = 0.5, score: str = "agent", label: str = ""):
+                 threshold: float = 0.5, score: str = "agent", label: str = "", fuse: bool = False):
         super().__init__()
         if mode not in MODES:
             raise PruningError(f"TokenAgent mode must be one of {MODES}, got {mode!r}")
@@ -46,7 +48,7 @@ class TokenAgent(nn.Module):
             raise PruningError(f"TokenAgent score must be one of {SCORES}, got {score!r}")
         self.dim, self.keep, self.mode = int(dim), keep, mode
         self.hidden = int(hidden) if hidden else max(8, self.dim // 8)  # ~3% of a block's MACs per token
-        self.threshold, self.score, self.label = float(threshold), score, label
+        self.threshold, self.score, self.label, self.fuse = float(threshold), score, label, bool(fuse)
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(2 * dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, 1))
         self.sample: Optional[int] = None  # training: drop `sample` tokens drawn from the policy (pass 2)
@@ -54,7 +56,7 @@ class TokenAgent(nn.Module):
         self._last_scores: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, keep={self.keep}, mode={self.mode!r}, score={self.score!r}"
+        return f"dim={self.dim}, keep={self.keep}, mode={self.mode!r}, score={self.score!r}, fuse={self.fuse}"
 
     def scores(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Keep-logits `[B, N-1]` of the non-CLS tokens (higher = keep)."""
@@ -79,13 +81,48 @@ class TokenAgent(nn.Module):
             return self._sampled(x, attn)
         if self.mode == "off" or (self.mode == "batched" and (self.keep is None or self.keep >= n)):
             return x
+        if x.shape[0] == 1 and n and self.score == "agent" and not self.training and not _exporting():
+            return self._one(x)
         s = self.scores(x, attn)
         self._last_scores = s if self.training else s.detach()  # the budget term (training), thresholds
         if self.mode == "batched":
             k = int(self.keep)
         else:
             k = int((torch.sigmoid(s) > self.threshold).sum(1).max().item()) if n else 0
-        out = keep_top(x, s, max(1, min(k, n)))
+        k = max(1, min(k, n))
+        out = keep_top(x, s, k, self.fusion_weights(s) if self.fuse and k < n else None)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s: tokens %s -> %s", self.label or "agent", tuple(x.shape), tuple(out.shape))
+        return out
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        """One image in about half the ops (batch 1 on CPU is bound by op count, not MACs): the first Linear
+        of `[h, h * h_cls]` is one Linear of h with `W_a + W_b * h_cls`; dynamic mode compares logits with
+        the threshold's logit and indexes the kept rows directly (already in order, no top-k)."""
+        h = self.norm(x[0])
+        w = self.mlp[0].weight
+        w_eff = torch.addcmul(w[:, :self.dim], w[:, self.dim:], h[:1])
+        s = self.mlp[2](self.mlp[1](nn.functional.linear(h[1:], w_eff, self.mlp[0].bias))).squeeze(-1)
+        self._last_scores = s.unsqueeze(0)
+        n = s.shape[0]
+        if self.mode == "batched":
+            keep = s.topk(max(1, min(int(self.keep), n))).indices.sort().values
+            mask = None
+        else:
+            t = self.threshold
+            cut = float("-inf") if t <= 0 else float("inf") if t >= 1 else float(np.log(t / (1 - t)))
+            mask = s > cut
+            if not bool(mask.any()):  # keep at least one token, as the batched path does
+                mask = torch.zeros_like(mask).index_fill(0, s.argmax().view(1), True)
+            keep = mask.nonzero().squeeze(1)
+        rest = x[0, 1:]
+        parts = [x[0, :1], rest.index_select(0, keep)]
+        if self.fuse and keep.numel() < n:
+            if mask is None:
+                mask = torch.zeros_like(s, dtype=torch.bool).index_fill(0, keep, True)
+            drop = (~mask).nonzero().squeeze(1)
+            parts.append((torch.softmax(s.index_select(0, drop), 0) @ rest.index_select(0, drop)).unsqueeze(0))
+        out = torch.cat(parts, 0).unsqueeze(0)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: tokens %s -> %s", self.label or "agent", tuple(x.shape), tuple(out.shape))
         return out
@@ -109,13 +146,41 @@ class TokenAgent(nn.Module):
         self._last_log_prob = log_prob
         keep_mask = torch.ones_like(z, dtype=torch.bool).scatter(1, order, False)
         idx = keep_mask.nonzero()[:, 1].view(x.shape[0], n - m)
-        return _gather(x, idx)
+        out = _gather(x, idx)
+        if self.fuse and m:
+            out = torch.cat([out, _fused(x, self.fusion_weights(-z.detach()), keep_mask)], dim=1)
+        return out
+
+    def fusion_weights(self, scores: torch.Tensor) -> torch.Tensor:
+        """Positive per-token weights `[B, N-1]` for fusing dropped tokens (normalised over the dropped)."""
+        s = scores.detach()
+        if self.score == "cls_attention":
+            return s.clamp_min(0) + 1e-12
+        return torch.exp(s - s.max(dim=1, keepdim=True).values)
 
 
-def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """CLS plus the `k` highest-scoring other tokens of every image, in their original order."""
+def _exporting() -> bool:
+    """Tracing, ONNX export or compilation: keep to the general, batch-size-agnostic path."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
+def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+    """CLS plus the `k` highest-scoring other tokens of every image, in their original order; with
+    `fuse_weights` (`[B, N-1]`, positive) also the weighted mean of the dropped tokens, appended last."""
     idx = scores.topk(k, dim=1).indices.sort(dim=1).values
-    return _gather(x, idx)
+    out = _gather(x, idx)
+    if fuse_weights is None or k >= scores.shape[1]:
+        return out
+    kept = torch.zeros_like(fuse_weights).scatter(1, idx, 1.0)  # a float mask: ONNX exports no bool scatter
+    return torch.cat([out, _fused(x, fuse_weights, kept)], dim=1)
+
+
+def _fused(x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """`[B, 1, D]`: the dropped (`kept` == 0) non-CLS tokens averaged with `weights`."""
+    w = weights * (1.0 - kept.to(weights.dtype))
+    w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return torch.einsum("bn,bnd->bd", w.to(x.dtype), x[:, 1:]).unsqueeze(1)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -124,15 +189,23 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def agent_macs(m: TokenAgent, args: tuple, kwargs: dict, out: Any) -> int:
-    """The scorer's cost when it runs (LayerNorm, the CLS product, two Linears); selection is free."""
+    """The scorer's cost when it runs (LayerNorm, the CLS product, two Linears) and the fusion's weighted
+    sum of the dropped tokens; selection is free."""
     x = args[0]
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or m.score != "agent" or m.sample is not None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or m.sample is not None:
         return 0
     if m.mode == "off" or (m.mode == "batched" and (m.keep is None or m.keep >= x.shape[1] - 1)):
         return 0
     b, n, d = x.shape
+    fused = 0
+    if m.fuse and isinstance(out, torch.Tensor) and out is not x:  # out: CLS, the kept, the fused token
+        fused = b * ((n - 1) - (out.shape[1] - 2)) * d
+    if m.score != "agent":
+        return fused
+    if b == 1 and not m.training:  # `_one`: one W_eff, a D-wide first Linear
+        return (n - 1) * (2 * d + d * m.hidden + m.hidden + m.hidden + 1) + 2 * d + m.hidden * d + fused
     per_token = 2 * d + d + (2 * d * m.hidden + m.hidden) + (m.hidden + 1)
-    return b * (n - 1) * per_token + b * 2 * d
+    return b * (n - 1) * per_token + b * 2 * d + fused
 
 
 def _resize_agent(m: TokenAgent) -> None:

@@ -26,6 +26,8 @@ class TokenPruning(BaseCompressor):
     `lr` / `agent_lr`: AdamW learning rate of the model, Adam learning rate of the agents (1e-2: on the
     Fashion ViT at 0.8x MACs, 1e-3 and one epoch left APT below random token dropping, 84.4% vs 86.2%;
     1e-2 and two epochs put it above every training-free rule, 86.8%).
+    `fuse`: average the dropped tokens into one extra token (EViT's fusion) instead of discarding them.
+    `distill`: weight of the KL term that distils pass 3 (pruned) from pass 1 (plain) during training.
     The result, `compressed_net`, runs in batched mode (`amc.compressors.tokens.set_mode(net, "dynamic")`
     switches to per-image thresholds); `keep` holds the per-agent token counts.
     """
@@ -35,7 +37,8 @@ class TokenPruning(BaseCompressor):
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
                  target_macs: float = 0.6, epochs: int = 5, layers: Optional[Sequence[str]] = None,
                  score: str = "agent", lr: float = 1e-4, agent_lr: float = 1e-2, budget_weight: float = 1.0,
-                 accumulation_steps: int = 1, hidden: Optional[int] = None, **kwargs: Any):
+                 accumulation_steps: int = 1, hidden: Optional[int] = None, fuse: bool = False,
+                 distill: float = 0.0, **kwargs: Any):
         target = check_target_macs(target_macs)
         if target is None:
             raise PruningError("TokenPruning needs target_macs, a fraction in (0, 1] of the MACs to keep")
@@ -50,6 +53,14 @@ class TokenPruning(BaseCompressor):
         self.budget_weight = float(budget_weight)
         self.accumulation_steps = check_count(accumulation_steps, "accumulation_steps")
         self.hidden = None if hidden is None else check_count(hidden, "hidden")
+        if not isinstance(fuse, bool):
+            raise PruningError(f"fuse must be True or False, got {fuse!r}")
+        if score == "tome" and fuse:
+            raise PruningError("fuse=True fuses dropped tokens; score='tome' merges them already")
+        self.fuse = fuse
+        self.distill = float(distill)
+        if not (self.distill >= 0 and self.distill < float("inf")):
+            raise PruningError(f"distill must be a finite weight >= 0, got {distill!r}")
         self.blocks = find_blocks(self.origin_graph)
         self.chosen = choose_layers(self.blocks, self.layers)
         self.keep: List[int] = []
@@ -64,7 +75,7 @@ class TokenPruning(BaseCompressor):
         """A copy of the network with agents at the budget's token counts, and the `APTStep` that trains it
         (for your own loop or `APTTrainer`); `compress()` runs this and then `train_apt`."""
         target = self.target_macs if target_macs is None else float(target_macs)
-        net, _ = insert_agents(self.origin_graph, self.chosen, score=self.score, hidden=self.hidden)
+        net, _ = insert_agents(self.origin_graph, self.chosen, score=self.score, hidden=self.hidden, fuse=self.fuse)
         net.to(self.device)
         x = tuple(t[:1] if isinstance(t, torch.Tensor) else t for t in self.example_inputs)
         base = count(self.origin_graph, *x)[0]
@@ -72,7 +83,8 @@ class TokenPruning(BaseCompressor):
         self.log("token pruning: keep %s of %d tokens after %s (%.3f of the MACs)", self.keep,
                  self.blocks[0].tokens - 1, [b.output for b in self.chosen], count(net, *x)[0] / base)
         agents = [a for a in agents_of(net) if isinstance(a, TokenAgent)]
-        step = APTStep(net, agents, self.keep, self.blocks[0].tokens, self.budget_weight) if agents else None
+        step = APTStep(net, agents, self.keep, self.blocks[0].tokens, self.budget_weight,
+                       distill=self.distill) if agents else None
         return net, step  # type: ignore[return-value]
 
     def _compress(self, ratio: Any) -> ReconstructedNetwork:
@@ -84,7 +96,7 @@ class TokenPruning(BaseCompressor):
             self.train_history = train_apt(net, agents, self.keep, tokens, self.trainloader, epochs=self.epochs,
                                            lr=self.lr, agent_lr=self.agent_lr, budget_weight=self.budget_weight,
                                            accumulation_steps=self.accumulation_steps, device=self.device,
-                                           progress=self.progress if self.verbose else None)
+                                           progress=self.progress if self.verbose else None, distill=self.distill)
         if self.score != "tome":
             calibrate_thresholds(net, agents, self.keep, tokens, self.calibration_batches(), self.device)
         for a, k in zip(agents, self.keep):
@@ -93,7 +105,8 @@ class TokenPruning(BaseCompressor):
                 a.mode = "batched"
         net.eval()
         net.meta["token_pruning"] = {"keep": list(self.keep), "tokens": tokens, "target_macs": target,
-                                     "layers": [b.output for b in self.chosen], "score": self.score}
+                                     "layers": [b.output for b in self.chosen], "score": self.score,
+                                     "fuse": self.fuse}
         return net
 
 

@@ -123,7 +123,7 @@ def choose_layers(blocks: Sequence[Block], layers: Optional[Sequence[str]]) -> L
 
 
 def insert_agents(net: ReconstructedNetwork, chosen: Sequence[Block], score: str = "agent",
-                  hidden: Optional[int] = None) -> Tuple[ReconstructedNetwork, List[str]]:
+                  hidden: Optional[int] = None, fuse: bool = False) -> Tuple[ReconstructedNetwork, List[str]]:
     """A copy of `net` with a TokenAgent node after each chosen block output; returns (net, agent node names)."""
     src = net.copy()
     modules: Dict[str, nn.Module] = dict(src.network.items())
@@ -147,7 +147,7 @@ def insert_agents(net: ReconstructedNetwork, chosen: Sequence[Block], score: str
                 key += "_"
             name = f"{node.name}.token_agent"
             modules[key] = TokenMerge(label=name) if score == "tome" else \
-                TokenAgent(b.dim, hidden=hidden, score=score, label=name)
+                TokenAgent(b.dim, hidden=hidden, score=score, label=name, fuse=fuse)
             agent_args: Tuple[Any, ...] = (Ref(node.name),)
             if score == "cls_attention":
                 agent_args += (Ref(b.probs),)  # type: ignore[arg-type]
@@ -177,12 +177,23 @@ def set_mode(net: ReconstructedNetwork, mode: str) -> None:
             a.mode = mode
 
 
-def keep_chain(tokens: int, count: int, rho: float) -> List[int]:
-    """Tokens (CLS excluded) kept by each of `count` agents when each keeps a `rho` share of what reaches it."""
+def keep_chain(tokens: int, count: int, rho: float, fuse: bool = False) -> List[int]:
+    """Tokens (CLS excluded) kept by each of `count` agents when each keeps a `rho` share of what reaches it
+    (with `fuse`, an agent that drops any also passes on one fused token)."""
     n, out = tokens - 1, []
     for _ in range(count):
-        n = max(1, int(round(n * rho)))
+        k = max(1, int(round(n * rho)))
+        out.append(k)
+        n = k + int(fuse and k < n)
+    return out
+
+
+def arriving(tokens: int, keep: Sequence[int], fuse: bool = False) -> List[int]:
+    """Non-CLS tokens reaching each agent when they keep `keep` (the first sees `tokens - 1`)."""
+    n, out = tokens - 1, []
+    for k in keep:
         out.append(n)
+        n = min(k, n) + int(fuse and k < n)
     return out
 
 
@@ -191,9 +202,10 @@ def solve_keep(net: ReconstructedNetwork, tokens: int, target_macs: float, base_
     """Per-agent keep counts (one keep share per agent, compounding, as DynamicViT and EViT schedule it) whose
     batched-mode MACs, agents included, are at most `target_macs` of `base_macs`; the largest such share."""
     agents = agents_of(net)
+    fuse = any(getattr(a, "fuse", False) for a in agents)
 
     def cost(rho: float) -> int:
-        for a, k in zip(agents, keep_chain(tokens, len(agents), rho)):
+        for a, k in zip(agents, keep_chain(tokens, len(agents), rho, fuse)):
             a.keep = k
             if isinstance(a, TokenAgent):
                 a.mode = "batched"
@@ -202,7 +214,7 @@ def solve_keep(net: ReconstructedNetwork, tokens: int, target_macs: float, base_
 
     budget = target_macs * base_macs
     if cost(1.0) <= budget:
-        return keep_chain(tokens, len(agents), 1.0)
+        return keep_chain(tokens, len(agents), 1.0, fuse)
     if cost(0.0) > budget:
         lowest = cost(0.0) / base_macs
         raise PruningError(f"target_macs={target_macs} is out of reach by token pruning at these layers: keeping one "
@@ -212,6 +224,6 @@ def solve_keep(net: ReconstructedNetwork, tokens: int, target_macs: float, base_
     for _ in range(iters):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
-    counts = keep_chain(tokens, len(agents), lo)
+    counts = keep_chain(tokens, len(agents), lo, fuse)
     cost(lo)
     return counts

@@ -7,6 +7,9 @@
 3. the model with the agents' full pruning (batched top-k at the budget's counts): loss L2, trains the
    model to work on the tokens it will see at inference.
 
+With `distill > 0`, pass 3 also matches pass 1's (detached) class distribution, KL(plain || pruned), as
+DynamicViT distils the pruned ViT from the full one: the full model is the free teacher of pass 3.
+
 The agents also get a budget term, (mean keep-probability - kept share)^2, so that thresholding their
 probabilities at 0.5 (dynamic mode) keeps about what the MACs budget allows.
 """
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from ...errors import TrainingError
 from ..base import batch_inputs
 from .agent import TokenAgent
+from .placement import arriving
 
 logger = logging.getLogger("amc.compressors.tokens")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -30,6 +34,14 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 def _per_sample_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, y, reduction="none")
+
+
+def _kl(student: Any, teacher: Any) -> Optional[torch.Tensor]:
+    """Mean KL(teacher || student) of two logit tensors (teacher detached); None for non-tensor outputs."""
+    if not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)) or student.shape != teacher.shape:
+        return None
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher.detach(), -1), log_target=True,
+                    reduction="batchmean")
 
 
 def _finite(loss: torch.Tensor, what: str, step: int) -> None:
@@ -46,13 +58,15 @@ class APTStep:
     length (CLS included) reaching the first one. `loss_fn(output, target)` must return per-sample losses."""
 
     def __init__(self, net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int], tokens: int,
-                 budget_weight: float = 1.0, loss_fn: Optional[LossFn] = None):
+                 budget_weight: float = 1.0, loss_fn: Optional[LossFn] = None, distill: float = 0.0):
         if len(agents) != len(keep) or not agents:
             raise TrainingError(f"APTStep needs one keep count per agent; got {len(agents)} agents, {len(keep)} counts")
         self.net, self.agents, self.keep = net, list(agents), [int(k) for k in keep]
-        self.arriving = [tokens - 1] + self.keep[:-1]
+        self.arriving = arriving(tokens, self.keep, any(a.fuse for a in self.agents))
         self.share = [k / n for k, n in zip(self.keep, self.arriving)]
-        self.budget_weight = float(budget_weight)
+        self.budget_weight, self.distill = float(budget_weight), float(distill)
+        if not (math.isfinite(self.distill) and self.distill >= 0):
+            raise TrainingError(f"distill must be a finite weight >= 0, got {distill!r}")
         self.loss_fn = loss_fn or _per_sample_ce
         self.step = 0
 
@@ -60,7 +74,8 @@ class APTStep:
         agents, net = self.agents, self.net
         for a in agents:
             a.mode = "off"
-        l0 = self.loss_fn(net(x), y)                                  # pass 1: plain
+        out0 = net(x)
+        l0 = self.loss_fn(out0, y)                                    # pass 1: plain
         j = self.step % len(agents)
         act = agents[j]
         act.sample = self.arriving[j] - self.keep[j]
@@ -72,29 +87,32 @@ class APTStep:
         log_prob = act._last_log_prob
         for a, k in zip(agents, self.keep):
             a.mode, a.keep = "batched", k
-        l2 = self.loss_fn(net(x), y)                                  # pass 3: full pruning
+        out2 = net(x)
+        l2 = self.loss_fn(out2, y)                                    # pass 3: full pruning
+        kd = _kl(out2, out0) if self.distill else None
         reward = l0.detach() - l1
         adv = (reward - reward.mean()) / (reward.std(unbiased=False) + 1e-6)
         pg = -(adv * log_prob).mean() if log_prob is not None else l0.new_zeros(())
         budget = sum(((torch.sigmoid(a._last_scores).mean() - s) ** 2 for a, s in zip(agents, self.share)
                       if a._last_scores is not None), l0.new_zeros(()))
-        model_loss = l0.mean() + l2.mean()
+        model_loss = l0.mean() + l2.mean() + (self.distill * kd if kd is not None else 0.0)
         _finite(model_loss, "the model loss", self.step)
         _finite(pg, "the agents' policy loss", self.step)
         self.step += 1
         return {"total_loss": model_loss + pg + self.budget_weight * budget, "loss_plain": l0.mean().detach(),
-                "loss_pruned": l2.mean().detach(), "reward": reward.mean().detach(), "budget": budget.detach()}
+                "loss_pruned": l2.mean().detach(), "reward": reward.mean().detach(), "budget": budget.detach(),
+                **({"distill": kd.detach()} if kd is not None else {})}
 
 
 def train_apt(net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int], tokens: int,
               loader: Iterable, epochs: int = 5, lr: float = 1e-4, agent_lr: float = 1e-2,
               budget_weight: float = 1.0, accumulation_steps: int = 1, device: Any = "cpu",
               loss_fn: Optional[LossFn] = None, progress: Optional[Callable[[Iterable, str, int], Iterable]] = None,
-              ) -> List[Dict[str, float]]:
+              distill: float = 0.0) -> List[Dict[str, float]]:
     """Train `net` (a graph holding `agents`) in place with `APTStep`; one record per epoch (mean losses, reward).
     The model uses AdamW at `lr` with cosine decay, the agents Adam at `agent_lr`; gradients accumulate over
     `accumulation_steps` batches."""
-    step = APTStep(net, agents, keep, tokens, budget_weight, loss_fn)
+    step = APTStep(net, agents, keep, tokens, budget_weight, loss_fn, distill)
     agent_params = {id(p) for a in agents for p in a.parameters()}
     model_params = [p for p in net.parameters() if p.requires_grad and id(p) not in agent_params]
     opt_model = torch.optim.AdamW(model_params, lr=lr, weight_decay=0.05)
@@ -140,7 +158,7 @@ def calibrate_thresholds(net: nn.Module, agents: Sequence[TokenAgent], keep: Seq
                          batches: Iterable, device: Any = "cpu") -> List[float]:
     """Dynamic-mode thresholds: per agent, the keep-probability above which, on these images in batched mode,
     its budgeted share of the arriving tokens lies (so dynamic mode keeps that share on average)."""
-    arriving = [tokens - 1] + list(keep[:-1])
+    reaching = arriving(tokens, keep, any(getattr(a, "fuse", False) for a in agents))
     probs: List[List[torch.Tensor]] = [[] for _ in agents]
     for a, k in zip(agents, keep):
         a.mode, a.keep = "batched", k
@@ -152,7 +170,7 @@ def calibrate_thresholds(net: nn.Module, agents: Sequence[TokenAgent], keep: Seq
             if a._last_scores is not None:
                 p.append(torch.sigmoid(a._last_scores).flatten())
     out = []
-    for a, p, k, n in zip(agents, probs, keep, arriving):
+    for a, p, k, n in zip(agents, probs, keep, reaching):
         if not p or k >= n:
             a.threshold = 0.0
         else:

@@ -294,16 +294,18 @@ def test_fuse_meets_the_budget_and_counts_the_extra_token(score):
     assert amc.count(net, x1)[0] > amc.count(plain, x1)[0]
 
 
-def test_fuse_and_distill_train_save_and_export(tmp_path):
+@pytest.mark.parametrize("fuse", [True, "merge"])
+def test_fuse_and_distill_train_save_and_export(tmp_path, fuse):
     model = _tiny_vit()
     loader = _loader((1, 8, 8), n=16)
-    c = TokenPruning(model, loader, target_macs=0.7, epochs=1, fuse=True, distill=1.0, lr=1e-3)
+    c = TokenPruning(model, loader, target_macs=0.7, epochs=1, fuse=fuse, distill=1.0, lr=1e-3)
     net = c.compress()
     assert c.train_history[0]["distill"] >= 0
     x = torch.randn(4, 1, 8, 8)
     path = net.save_to_json(str(tmp_path / "fused.json"))
     back = amc.ReconstructedNetwork.load_from_json(path)
-    assert all(a.fuse for a in agents_of(back)) and torch.equal(back(x), net(x))
+    assert all(a.fuse == ("one" if fuse is True else fuse) for a in agents_of(back))
+    assert torch.equal(back(x), net(x))
     set_mode(net, "dynamic")
     assert net(x[:1]).shape == (1, 10)
     set_mode(net, "batched")
@@ -316,7 +318,7 @@ def test_fuse_and_distill_train_save_and_export(tmp_path):
 
 def test_fuse_and_distill_bad_input():
     loader = _loader((1, 8, 8))
-    with pytest.raises(PruningError, match="fuse must be True or False"):
+    with pytest.raises(PruningError, match="fuse must be one of"):
         TokenPruning(_tiny_vit(), loader, target_macs=0.6, epochs=0, fuse="yes")
     with pytest.raises(PruningError, match="merges them already"):
         TokenPruning(_tiny_vit(), loader, target_macs=0.6, epochs=0, score="tome", fuse=True)
@@ -343,3 +345,66 @@ def test_batch1_fast_path_matches_the_general_path(fuse, mode):
         x = torch.randn(1, 13, 16)
         assert torch.allclose(agent(x), agent(torch.cat([x, x]))[:1], atol=1e-5)
         assert agent(x).shape[1] == 2 + int(fuse)
+
+
+def test_merge_averages_each_dropped_token_into_its_most_similar_kept_token():
+    torch.manual_seed(0)
+    agent = TokenAgent(8, keep=3, fuse="merge").eval()
+    x = torch.randn(3, 9, 8)
+    with torch.no_grad():
+        out = agent(x)
+        s = agent.scores(x)
+    assert out.shape == (3, 4, 8) and torch.equal(out[:, 0], x[:, 0])
+    for b in range(3):
+        keep = s[b].topk(3).indices.sort().values.tolist()
+        groups = {k: [x[b, 1 + k]] for k in keep}
+        for i in range(8):
+            if i not in keep:
+                sims = [torch.cosine_similarity(x[b, 1 + i], x[b, 1 + k], dim=0) for k in keep]
+                groups[keep[int(torch.stack(sims).argmax())]].append(x[b, 1 + i])
+        want = torch.stack([torch.stack(groups[k]).mean(0) for k in keep])
+        assert torch.allclose(out[b, 1:], want, atol=1e-6)
+    model = _tiny_vit()
+    c = TokenPruning(model, _loader((1, 8, 8)), target_macs=0.7, epochs=0, fuse="merge")
+    net = c.compress()
+    x1 = torch.randn(1, 1, 8, 8)
+    full = amc.count(model, x1)[0]
+    assert 0.6 * full < amc.count(net, x1)[0] <= 0.7 * full  # the similarity products are counted too
+    _, counts = _token_counts(net, torch.randn(3, 1, 8, 8))
+    assert counts == [k + 1 for k in c.keep]
+
+
+def test_pass2_samples_and_chain():
+    """samples=r draws r actions per image in pass 2 (leave-one-out baseline); chain=True lets the agents
+    before the acting one prune as at inference, so it acts on the tokens it will see."""
+    model = _tiny_vit()
+    loader = _loader((1, 8, 8), n=16)
+    c = TokenPruning(model, loader, target_macs=0.7, epochs=0, samples=3, chain=True)
+    net, step = c.agent_network()
+    agents = agents_of(net)
+    seen = []
+    hook = agents[1].register_forward_pre_hook(lambda m, a: seen.append((a[0].shape[0], a[0].shape[1])))
+    net.train()
+    x, y = next(iter(loader))
+    step.step = 1  # agent 1 acts in pass 2
+    losses = step(x, y)
+    hook.remove()
+    losses["total_loss"].backward()
+    assert agents[1].mlp[0].weight.grad is not None and agents[1].mlp[0].weight.grad.abs().sum() > 0
+    # pass 1 (all tokens), pass 2 (3 copies of the batch, after agent 0 pruned), pass 3 (after agent 0)
+    assert seen == [(8, 17), (24, c.keep[0] + 1), (8, c.keep[0] + 1)]
+    with pytest.raises(PruningError, match="samples must be an int >= 1"):
+        TokenPruning(model, loader, target_macs=0.7, epochs=0, samples=0)
+
+
+def test_merge_macs_per_image_do_not_depend_on_the_batch():
+    """Merging runs the general path at every batch size, so its count per image must not change at batch 1
+    (where the leaner scorer of the other fuse modes is counted)."""
+    from amc.compressors.tokens.agent import agent_macs
+
+    agent = TokenAgent(16, keep=5, fuse="merge").eval()
+    x = torch.randn(2, 13, 16)
+    with torch.no_grad():
+        one = agent_macs(agent, (x[:1],), {}, agent(x[:1]))
+        two = agent_macs(agent, (x,), {}, agent(x))
+    assert one > 0 and two == 2 * one

@@ -12,9 +12,11 @@ Modes (`agent.mode`):
              (batch 1: each image its own length; in a batch, the largest such count, so it stays rectangular);
   "off":     keep every token (APT trained, not pruning);
   "criterion" scorers (`score="cls_attention" | "norm" | "random"`): the training-free baselines.
-Kept tokens stay in their original order. With `fuse=True` the dropped tokens are not lost but averaged into
-one extra token appended after the kept ones (EViT's inattentive-token fusion), weighted by their scores
-(softmax of the keep-logits; CLS attention itself for `cls_attention`); it costs one token downstream.
+Kept tokens stay in their original order. `fuse` says what becomes of the dropped ones: "none" (False)
+discards them; "one" (True) averages them into one extra token appended after the kept ones (EViT's
+inattentive-token fusion), weighted by their scores (softmax of the keep-logits; CLS attention itself for
+`cls_attention`), at the cost of one token downstream; "merge" averages each into the kept token it is
+most similar to (cosine, as ToMe merges), so no token is added and none is lost outright.
 """
 from __future__ import annotations
 
@@ -34,13 +36,23 @@ logger = logging.getLogger("amc.compressors.tokens")
 
 MODES = ("batched", "dynamic", "off")
 SCORES = ("agent", "cls_attention", "norm", "random")  # + "tome" (merge.TokenMerge) at placement
+FUSE = ("none", "one", "merge")
+
+
+def fuse_mode(fuse: Any) -> str:
+    """`fuse` as one of FUSE (True = "one", False = "none"); PruningError otherwise."""
+    if fuse is True or fuse is False:
+        return "one" if fuse else "none"
+    if fuse not in FUSE:
+        raise PruningError(f"fuse must be one of {FUSE} (or True = 'one', False = 'none'), got {fuse!r}")
+    return str(fuse)
 
 
 class TokenAgent(nn.Module):
     """Scores and drops tokens of a `[B, N, D]` sequence (CLS at 0 kept). See the module docstring."""
 
     def __init__(self, dim: int, hidden: Optional[int] = None, keep: Optional[int] = None, mode: str = "batched",
-                 threshold: float = 0.5, score: str = "agent", label: str = "", fuse: bool = False):
+                 threshold: float = 0.5, score: str = "agent", label: str = "", fuse: Any = "none"):
         super().__init__()
         if mode not in MODES:
             raise PruningError(f"TokenAgent mode must be one of {MODES}, got {mode!r}")
@@ -48,7 +60,7 @@ class TokenAgent(nn.Module):
             raise PruningError(f"TokenAgent score must be one of {SCORES}, got {score!r}")
         self.dim, self.keep, self.mode = int(dim), keep, mode
         self.hidden = int(hidden) if hidden else max(8, self.dim // 8)  # ~3% of a block's MACs per token
-        self.threshold, self.score, self.label, self.fuse = float(threshold), score, label, bool(fuse)
+        self.threshold, self.score, self.label, self.fuse = float(threshold), score, label, fuse_mode(fuse)
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(2 * dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, 1))
         self.sample: Optional[int] = None  # training: drop `sample` tokens drawn from the policy (pass 2)
@@ -56,7 +68,7 @@ class TokenAgent(nn.Module):
         self._last_scores: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, keep={self.keep}, mode={self.mode!r}, score={self.score!r}, fuse={self.fuse}"
+        return f"dim={self.dim}, keep={self.keep}, mode={self.mode!r}, score={self.score!r}, fuse={self.fuse!r}"
 
     def scores(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Keep-logits `[B, N-1]` of the non-CLS tokens (higher = keep)."""
@@ -81,7 +93,8 @@ class TokenAgent(nn.Module):
             return self._sampled(x, attn)
         if self.mode == "off" or (self.mode == "batched" and (self.keep is None or self.keep >= n)):
             return x
-        if x.shape[0] == 1 and n and self.score == "agent" and not self.training and not _exporting():
+        if x.shape[0] == 1 and n and self.score == "agent" and self.fuse != "merge" and not self.training \
+                and not _exporting():
             return self._one(x)
         s = self.scores(x, attn)
         self._last_scores = s if self.training else s.detach()  # the budget term (training), thresholds
@@ -90,7 +103,8 @@ class TokenAgent(nn.Module):
         else:
             k = int((torch.sigmoid(s) > self.threshold).sum(1).max().item()) if n else 0
         k = max(1, min(k, n))
-        out = keep_top(x, s, k, self.fusion_weights(s) if self.fuse and k < n else None)
+        out = keep_top(x, s, k, self.fusion_weights(s) if self.fuse == "one" and k < n else None,
+                       merge=self.fuse == "merge")
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: tokens %s -> %s", self.label or "agent", tuple(x.shape), tuple(out.shape))
         return out
@@ -117,7 +131,7 @@ class TokenAgent(nn.Module):
             keep = mask.nonzero().squeeze(1)
         rest = x[0, 1:]
         parts = [x[0, :1], rest.index_select(0, keep)]
-        if self.fuse and keep.numel() < n:
+        if self.fuse == "one" and keep.numel() < n:
             if mask is None:
                 mask = torch.zeros_like(s, dtype=torch.bool).index_fill(0, keep, True)
             drop = (~mask).nonzero().squeeze(1)
@@ -147,8 +161,10 @@ class TokenAgent(nn.Module):
         keep_mask = torch.ones_like(z, dtype=torch.bool).scatter(1, order, False)
         idx = keep_mask.nonzero()[:, 1].view(x.shape[0], n - m)
         out = _gather(x, idx)
-        if self.fuse and m:
+        if self.fuse == "one" and m:
             out = torch.cat([out, _fused(x, self.fusion_weights(-z.detach()), keep_mask)], dim=1)
+        elif self.fuse == "merge" and m:
+            out = _merged(x, out, order)
         return out
 
     def fusion_weights(self, scores: torch.Tensor) -> torch.Tensor:
@@ -164,10 +180,14 @@ def _exporting() -> bool:
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
-def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: Optional[torch.Tensor] = None
-             ) -> torch.Tensor:
+def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: Optional[torch.Tensor] = None,
+             merge: bool = False) -> torch.Tensor:
     """CLS plus the `k` highest-scoring other tokens of every image, in their original order; with
-    `fuse_weights` (`[B, N-1]`, positive) also the weighted mean of the dropped tokens, appended last."""
+    `fuse_weights` (`[B, N-1]`, positive) also the weighted mean of the dropped tokens, appended last; with
+    `merge`, each dropped token averaged into its most similar kept token instead."""
+    if merge and k < scores.shape[1]:
+        order = scores.argsort(dim=1, descending=True)
+        return _merged(x, _gather(x, order[:, :k].sort(dim=1).values), order[:, k:])
     idx = scores.topk(k, dim=1).indices.sort(dim=1).values
     out = _gather(x, idx)
     if fuse_weights is None or k >= scores.shape[1]:
@@ -181,6 +201,19 @@ def _fused(x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.
     w = weights * (1.0 - kept.to(weights.dtype))
     w = w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return torch.einsum("bn,bnd->bd", w.to(x.dtype), x[:, 1:]).unsqueeze(1)
+
+
+def _merged(x: torch.Tensor, kept: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """`kept` (`[B, 1 + k, D]`, CLS first) with every dropped non-CLS token of `x` (indices `drop`) averaged
+    into the kept non-CLS token of highest cosine similarity (an equal-weight mean per destination)."""
+    d = x.shape[-1]
+    src = x[:, 1:].gather(1, drop.unsqueeze(-1).expand(-1, -1, d))                   # [B, m, D]
+    dst = kept[:, 1:]
+    sim = nn.functional.normalize(src, dim=-1) @ nn.functional.normalize(dst, dim=-1).transpose(1, 2)
+    to = sim.argmax(dim=-1).unsqueeze(-1)                                             # [B, m, 1]
+    sums = dst.scatter_add(1, to.expand(-1, -1, d), src)
+    counts = torch.ones_like(dst[..., :1]).scatter_add(1, to, torch.ones_like(src[..., :1]))
+    return torch.cat([kept[:, :1], sums / counts], dim=1)
 
 
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -198,11 +231,14 @@ def agent_macs(m: TokenAgent, args: tuple, kwargs: dict, out: Any) -> int:
         return 0
     b, n, d = x.shape
     fused = 0
-    if m.fuse and isinstance(out, torch.Tensor) and out is not x:  # out: CLS, the kept, the fused token
+    if m.fuse == "one" and isinstance(out, torch.Tensor) and out is not x:  # out: CLS, the kept, the fused
         fused = b * ((n - 1) - (out.shape[1] - 2)) * d
+    elif m.fuse == "merge" and isinstance(out, torch.Tensor) and out is not x:  # similarities + the means
+        kept = out.shape[1] - 1
+        fused = b * ((n - 1 - kept) * (kept * d + 2 * d) + kept * d)
     if m.score != "agent":
         return fused
-    if b == 1 and not m.training:  # `_one`: one W_eff, a D-wide first Linear
+    if b == 1 and not m.training and m.fuse != "merge":  # `_one`: one W_eff, a D-wide first Linear
         return (n - 1) * (2 * d + d * m.hidden + m.hidden + m.hidden + 1) + 2 * d + m.hidden * d + fused
     per_token = 2 * d + d + (2 * d * m.hidden + m.hidden) + (m.hidden + 1)
     return b * (n - 1) * per_token + b * 2 * d + fused

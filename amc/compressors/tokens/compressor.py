@@ -9,7 +9,7 @@ import torch.nn as nn
 from ...errors import PruningError
 from ...graph.network import ReconstructedNetwork
 from ..base import BaseCompressor, check_count, check_names, check_target_macs
-from .agent import SCORES, TokenAgent
+from .agent import SCORES, TokenAgent, fuse_mode
 from ...graph.counting import count
 from ..base import batch_inputs
 from .placement import agents_of, choose_layers, find_blocks, insert_agents, solve_keep
@@ -26,8 +26,13 @@ class TokenPruning(BaseCompressor):
     `lr` / `agent_lr`: AdamW learning rate of the model, Adam learning rate of the agents (1e-2: on the
     Fashion ViT at 0.8x MACs, 1e-3 and one epoch left APT below random token dropping, 84.4% vs 86.2%;
     1e-2 and two epochs put it above every training-free rule, 86.8%).
-    `fuse`: average the dropped tokens into one extra token (EViT's fusion) instead of discarding them.
+    `fuse`: what becomes of the dropped tokens: "none" (False) discards them, "one" (True) averages them
+    into one extra token (EViT's fusion), "merge" averages each into its most similar kept token.
     `distill`: weight of the KL term that distils pass 3 (pruned) from pass 1 (plain) during training.
+    `samples`: actions drawn per image in pass 2, each judged against the mean reward of the others
+    (leave-one-out baseline; on the Fashion ViT at 0.6x MACs, 4 instead of 1 took APT from 84.96% to 85.71%
+    and its lead over random token choice on the same trained model from 1.0 to 2.5 points).
+    `chain`: in pass 2 the agents before the acting one prune as at inference.
     The result, `compressed_net`, runs in batched mode (`amc.compressors.tokens.set_mode(net, "dynamic")`
     switches to per-image thresholds); `keep` holds the per-agent token counts.
     """
@@ -37,8 +42,8 @@ class TokenPruning(BaseCompressor):
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
                  target_macs: float = 0.6, epochs: int = 5, layers: Optional[Sequence[str]] = None,
                  score: str = "agent", lr: float = 1e-4, agent_lr: float = 1e-2, budget_weight: float = 1.0,
-                 accumulation_steps: int = 1, hidden: Optional[int] = None, fuse: bool = False,
-                 distill: float = 0.0, **kwargs: Any):
+                 accumulation_steps: int = 1, hidden: Optional[int] = None, fuse: Any = "none",
+                 distill: float = 0.0, samples: int = 4, chain: bool = False, **kwargs: Any):
         target = check_target_macs(target_macs)
         if target is None:
             raise PruningError("TokenPruning needs target_macs, a fraction in (0, 1] of the MACs to keep")
@@ -53,11 +58,10 @@ class TokenPruning(BaseCompressor):
         self.budget_weight = float(budget_weight)
         self.accumulation_steps = check_count(accumulation_steps, "accumulation_steps")
         self.hidden = None if hidden is None else check_count(hidden, "hidden")
-        if not isinstance(fuse, bool):
-            raise PruningError(f"fuse must be True or False, got {fuse!r}")
-        if score == "tome" and fuse:
-            raise PruningError("fuse=True fuses dropped tokens; score='tome' merges them already")
-        self.fuse = fuse
+        self.fuse = fuse_mode(fuse)
+        self.samples, self.chain = check_count(samples, "samples"), bool(chain)
+        if score == "tome" and self.fuse != "none":
+            raise PruningError(f"fuse={fuse!r} keeps the dropped tokens; score='tome' merges them already")
         self.distill = float(distill)
         if not (self.distill >= 0 and self.distill < float("inf")):
             raise PruningError(f"distill must be a finite weight >= 0, got {distill!r}")
@@ -83,8 +87,8 @@ class TokenPruning(BaseCompressor):
         self.log("token pruning: keep %s of %d tokens after %s (%.3f of the MACs)", self.keep,
                  self.blocks[0].tokens - 1, [b.output for b in self.chosen], count(net, *x)[0] / base)
         agents = [a for a in agents_of(net) if isinstance(a, TokenAgent)]
-        step = APTStep(net, agents, self.keep, self.blocks[0].tokens, self.budget_weight,
-                       distill=self.distill) if agents else None
+        step = APTStep(net, agents, self.keep, self.blocks[0].tokens, self.budget_weight, distill=self.distill,
+                       samples=self.samples, chain=self.chain) if agents else None
         return net, step  # type: ignore[return-value]
 
     def _compress(self, ratio: Any) -> ReconstructedNetwork:
@@ -96,7 +100,8 @@ class TokenPruning(BaseCompressor):
             self.train_history = train_apt(net, agents, self.keep, tokens, self.trainloader, epochs=self.epochs,
                                            lr=self.lr, agent_lr=self.agent_lr, budget_weight=self.budget_weight,
                                            accumulation_steps=self.accumulation_steps, device=self.device,
-                                           progress=self.progress if self.verbose else None, distill=self.distill)
+                                           progress=self.progress if self.verbose else None, distill=self.distill,
+                                           samples=self.samples, chain=self.chain)
         if self.score != "tome":
             calibrate_thresholds(net, agents, self.keep, tokens, self.calibration_batches(), self.device)
         for a, k in zip(agents, self.keep):

@@ -123,7 +123,7 @@ def choose_layers(blocks: Sequence[Block], layers: Optional[Sequence[str]]) -> L
 
 
 def insert_agents(net: ReconstructedNetwork, chosen: Sequence[Block], score: str = "agent",
-                  hidden: Optional[int] = None, fuse: bool = False) -> Tuple[ReconstructedNetwork, List[str]]:
+                  hidden: Optional[int] = None, fuse: Any = "none") -> Tuple[ReconstructedNetwork, List[str]]:
     """A copy of `net` with a TokenAgent node after each chosen block output; returns (net, agent node names)."""
     src = net.copy()
     modules: Dict[str, nn.Module] = dict(src.network.items())
@@ -179,7 +179,7 @@ def set_mode(net: ReconstructedNetwork, mode: str) -> None:
 
 def keep_chain(tokens: int, count: int, rho: float, fuse: bool = False) -> List[int]:
     """Tokens (CLS excluded) kept by each of `count` agents when each keeps a `rho` share of what reaches it
-    (with `fuse`, an agent that drops any also passes on one fused token)."""
+    (with `fuse` (fuse="one"), an agent that drops any also passes on one fused token)."""
     n, out = tokens - 1, []
     for _ in range(count):
         k = max(1, int(round(n * rho)))
@@ -202,7 +202,7 @@ def solve_keep(net: ReconstructedNetwork, tokens: int, target_macs: float, base_
     """Per-agent keep counts (one keep share per agent, compounding, as DynamicViT and EViT schedule it) whose
     batched-mode MACs, agents included, are at most `target_macs` of `base_macs`; the largest such share."""
     agents = agents_of(net)
-    fuse = any(getattr(a, "fuse", False) for a in agents)
+    fuse = any(getattr(a, "fuse", "none") == "one" for a in agents)
 
     def cost(rho: float) -> int:
         for a, k in zip(agents, keep_chain(tokens, len(agents), rho, fuse)):

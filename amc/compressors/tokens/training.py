@@ -3,7 +3,11 @@
 1. the plain model (every agent off): loss L0, trains the model;
 2. the model with one pruning action: one agent (round robin) drops the tokens it would drop under the
    budget, drawn from its policy; per image, reward = L0 - L1 (pruning that lowers the loss is rewarded,
-   pruning that raises it penalised); the agent learns by policy gradient with the batch mean as baseline;
+   pruning that raises it penalised); the agent learns by policy gradient. With `samples` = r > 1 each
+   image gets r actions (the batch repeated, no gradient through the model) and each action's baseline is
+   the mean reward of the image's other r - 1 (leave-one-out), which removes how hard the image is from
+   the advantage; with r = 1 the baseline is the batch mean. `chain=True`: the agents before the acting
+   one prune as at inference, so it acts on the tokens it will see;
 3. the model with the agents' full pruning (batched top-k at the budget's counts): loss L2, trains the
    model to work on the tokens it will see at inference.
 
@@ -58,15 +62,19 @@ class APTStep:
     length (CLS included) reaching the first one. `loss_fn(output, target)` must return per-sample losses."""
 
     def __init__(self, net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int], tokens: int,
-                 budget_weight: float = 1.0, loss_fn: Optional[LossFn] = None, distill: float = 0.0):
+                 budget_weight: float = 1.0, loss_fn: Optional[LossFn] = None, distill: float = 0.0,
+                 samples: int = 4, chain: bool = False):
         if len(agents) != len(keep) or not agents:
             raise TrainingError(f"APTStep needs one keep count per agent; got {len(agents)} agents, {len(keep)} counts")
         self.net, self.agents, self.keep = net, list(agents), [int(k) for k in keep]
-        self.arriving = arriving(tokens, self.keep, any(a.fuse for a in self.agents))
+        self.arriving = arriving(tokens, self.keep, any(a.fuse == "one" for a in self.agents))
         self.share = [k / n for k, n in zip(self.keep, self.arriving)]
         self.budget_weight, self.distill = float(budget_weight), float(distill)
         if not (math.isfinite(self.distill) and self.distill >= 0):
             raise TrainingError(f"distill must be a finite weight >= 0, got {distill!r}")
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+            raise TrainingError(f"samples must be an int >= 1 (actions per image in pass 2), got {samples!r}")
+        self.samples, self.chain = samples, bool(chain)
         self.loss_fn = loss_fn or _per_sample_ce
         self.step = 0
 
@@ -78,10 +86,14 @@ class APTStep:
         l0 = self.loss_fn(out0, y)                                    # pass 1: plain
         j = self.step % len(agents)
         act = agents[j]
+        if self.chain:  # the agents before j prune as at inference, so j acts on what it will see
+            for a, k in zip(agents[:j], self.keep[:j]):
+                a.mode, a.keep = "batched", k
         act.sample = self.arriving[j] - self.keep[j]
+        r = self.samples if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else 1
         try:
-            with torch.no_grad():
-                l1 = self.loss_fn(net(x), y)                          # pass 2: one agent's action
+            with torch.no_grad():                                     # pass 2: one agent's action(s)
+                l1 = self.loss_fn(net(torch.cat([x] * r) if r > 1 else x), torch.cat([y] * r) if r > 1 else y)
         finally:
             act.sample = None
         log_prob = act._last_log_prob
@@ -90,8 +102,10 @@ class APTStep:
         out2 = net(x)
         l2 = self.loss_fn(out2, y)                                    # pass 3: full pruning
         kd = _kl(out2, out0) if self.distill else None
-        reward = l0.detach() - l1
-        adv = (reward - reward.mean()) / (reward.std(unbiased=False) + 1e-6)
+        reward = (l0.detach().repeat(r) - l1).view(r, -1)
+        base = reward.mean() if r == 1 else (reward.sum(0, keepdim=True) - reward) / (r - 1)  # leave-one-out
+        adv = (reward - base).flatten()
+        adv = adv / (adv.std(unbiased=False) + 1e-6)
         pg = -(adv * log_prob).mean() if log_prob is not None else l0.new_zeros(())
         budget = sum(((torch.sigmoid(a._last_scores).mean() - s) ** 2 for a, s in zip(agents, self.share)
                       if a._last_scores is not None), l0.new_zeros(()))
@@ -108,11 +122,11 @@ def train_apt(net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int],
               loader: Iterable, epochs: int = 5, lr: float = 1e-4, agent_lr: float = 1e-2,
               budget_weight: float = 1.0, accumulation_steps: int = 1, device: Any = "cpu",
               loss_fn: Optional[LossFn] = None, progress: Optional[Callable[[Iterable, str, int], Iterable]] = None,
-              distill: float = 0.0) -> List[Dict[str, float]]:
+              distill: float = 0.0, samples: int = 4, chain: bool = False) -> List[Dict[str, float]]:
     """Train `net` (a graph holding `agents`) in place with `APTStep`; one record per epoch (mean losses, reward).
     The model uses AdamW at `lr` with cosine decay, the agents Adam at `agent_lr`; gradients accumulate over
     `accumulation_steps` batches."""
-    step = APTStep(net, agents, keep, tokens, budget_weight, loss_fn, distill)
+    step = APTStep(net, agents, keep, tokens, budget_weight, loss_fn, distill, samples, chain)
     agent_params = {id(p) for a in agents for p in a.parameters()}
     model_params = [p for p in net.parameters() if p.requires_grad and id(p) not in agent_params]
     opt_model = torch.optim.AdamW(model_params, lr=lr, weight_decay=0.05)
@@ -158,7 +172,7 @@ def calibrate_thresholds(net: nn.Module, agents: Sequence[TokenAgent], keep: Seq
                          batches: Iterable, device: Any = "cpu") -> List[float]:
     """Dynamic-mode thresholds: per agent, the keep-probability above which, on these images in batched mode,
     its budgeted share of the arriving tokens lies (so dynamic mode keeps that share on average)."""
-    reaching = arriving(tokens, keep, any(getattr(a, "fuse", False) for a in agents))
+    reaching = arriving(tokens, keep, any(getattr(a, "fuse", "none") == "one" for a in agents))
     probs: List[List[torch.Tensor]] = [[] for _ in agents]
     for a, k in zip(agents, keep):
         a.mode, a.keep = "batched", k

@@ -395,6 +395,8 @@ def test_pass2_samples_and_chain():
     assert seen == [(8, 17), (24, c.keep[0] + 1), (8, c.keep[0] + 1)]
     with pytest.raises(PruningError, match="samples must be an int >= 1"):
         TokenPruning(model, loader, target_macs=0.7, epochs=0, samples=0)
+    with pytest.raises(PruningError, match="chain must be True or False"):
+        TokenPruning(model, loader, target_macs=0.7, epochs=0, chain="yes")
 
 
 def test_merge_macs_per_image_do_not_depend_on_the_batch():

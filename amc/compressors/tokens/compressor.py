@@ -59,7 +59,9 @@ class TokenPruning(BaseCompressor):
         self.accumulation_steps = check_count(accumulation_steps, "accumulation_steps")
         self.hidden = None if hidden is None else check_count(hidden, "hidden")
         self.fuse = fuse_mode(fuse)
-        self.samples, self.chain = check_count(samples, "samples"), bool(chain)
+        if not isinstance(chain, bool):
+            raise PruningError(f"chain must be True or False, got {chain!r}")
+        self.samples, self.chain = check_count(samples, "samples"), chain
         if score == "tome" and self.fuse != "none":
             raise PruningError(f"fuse={fuse!r} keeps the dropped tokens; score='tome' merges them already")
         self.distill = float(distill)

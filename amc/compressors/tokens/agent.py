@@ -95,16 +95,17 @@ class TokenAgent(nn.Module):
             return x
         if x.shape[0] == 1 and n and self.score == "agent" and self.fuse != "merge" and not self.training \
                 and not _exporting():
-            return self._one(x)
-        s = self.scores(x, attn)
-        self._last_scores = s if self.training else s.detach()  # the budget term (training), thresholds
-        if self.mode == "batched":
-            k = int(self.keep)
+            out = self._one(x)
         else:
-            k = int((torch.sigmoid(s) > self.threshold).sum(1).max().item()) if n else 0
-        k = max(1, min(k, n))
-        out = keep_top(x, s, k, self.fusion_weights(s) if self.fuse == "one" and k < n else None,
-                       merge=self.fuse == "merge")
+            s = self.scores(x, attn)
+            self._last_scores = s if self.training else s.detach()  # the budget term (training), thresholds
+            if self.mode == "batched":
+                k = int(self.keep)
+            else:
+                k = int((torch.sigmoid(s) > self.threshold).sum(1).max().item()) if n else 0
+            k = max(1, min(k, n))
+            out = keep_top(x, s, k, self.fusion_weights(s) if self.fuse == "one" and k < n else None,
+                           merge=self.fuse == "merge")
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s: tokens %s -> %s", self.label or "agent", tuple(x.shape), tuple(out.shape))
         return out
@@ -136,10 +137,7 @@ class TokenAgent(nn.Module):
                 mask = torch.zeros_like(s, dtype=torch.bool).index_fill(0, keep, True)
             drop = (~mask).nonzero().squeeze(1)
             parts.append((torch.softmax(s.index_select(0, drop), 0) @ rest.index_select(0, drop)).unsqueeze(0))
-        out = torch.cat(parts, 0).unsqueeze(0)
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s: tokens %s -> %s", self.label or "agent", tuple(x.shape), tuple(out.shape))
-        return out
+        return torch.cat(parts, 0).unsqueeze(0)
 
     def _sampled(self, x: torch.Tensor, attn: Optional[torch.Tensor]) -> torch.Tensor:
         """Pass 2 of the seed's training: drop `sample` tokens drawn without replacement from

@@ -59,7 +59,8 @@ class APTStep:
     `losses["total_loss"].backward()` and step the optimizers (the agents' parameters included).
 
     `net` holds the agents (`insert_agents`); `keep` are their budgeted token counts, `tokens` the sequence
-    length (CLS included) reaching the first one. `loss_fn(output, target)` must return per-sample losses."""
+    length (CLS included) reaching the first one. `loss_fn(output, target)` must return per-sample losses.
+    `samples` > 1 needs tensor inputs and targets (the batch is repeated); other inputs take one action."""
 
     def __init__(self, net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int], tokens: int,
                  budget_weight: float = 1.0, loss_fn: Optional[LossFn] = None, distill: float = 0.0,

@@ -44,6 +44,7 @@ from amc.compressors import TokenPruning  # noqa: E402
 from amc.compressors.tokens import agents_of, dynamic_macs, set_mode  # noqa: E402
 from amc.models import evaluate, train_classifier  # noqa: E402
 from _isolate import write_atomic  # noqa: E402
+from _saved_nets import load_nets, save_nets  # noqa: E402
 from bench_speed import interleaved  # noqa: E402
 import fashion_originals  # noqa: E402
 
@@ -160,10 +161,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         nets[f"{b}|APT batched"] = net
         nets[f"{b}|APT dynamic (batch 1)"] = dyn
     if args.save_nets:
-        os.makedirs(args.save_nets, exist_ok=True)
-        for i, (key, net) in enumerate(nets.items()):
-            net.save(os.path.join(args.save_nets, f"{i}.pkl"))
-        write_atomic(os.path.join(args.save_nets, "index.json"), json.dumps(list(nets)))
+        save_nets(nets, args.save_nets)
     if not args.skip_latency:
         add_latency(res, nets, full_test, x1, args)
     if args.vit_b16:
@@ -190,9 +188,7 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
 def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
     """Time the networks a previous `--save-nets` run wrote (on a quiet machine), into its result JSON."""
     res = json.loads(Path(args.out + ".json").read_text())
-    keys = json.loads(Path(args.latency_from, "index.json").read_text())
-    nets = {k: amc.ReconstructedNetwork.load(os.path.join(args.latency_from, f"{i}.pkl"), trusted=True)
-            for i, k in enumerate(keys)}
+    nets = load_nets(args.latency_from)
     for k, n in nets.items():
         if k.endswith("APT dynamic (batch 1)"):
             set_mode(n, "dynamic")

@@ -3,6 +3,8 @@
     python scripts/bench_vit_dims.py                   # accuracy, MACs, latency at batch 1 and 64
     python scripts/bench_vit_dims.py --skip-latency    # accuracy and MACs only
     python scripts/bench_vit_dims.py --vit-b16         # + torchvision vit_b_16 (random weights) check
+    python scripts/bench_vit_dims.py --skip-latency --save-nets /tmp/dims   # accuracy now, then with the
+    python scripts/bench_vit_dims.py --latency-from /tmp/dims               #   machine to itself: latency
 
 The original is `vit_fashion` (49 patch tokens + CLS, width 96, 6 blocks, 4 heads), trained by
 scripts/fashion_originals.py and cached (the token-pruning benchmark's original). At each MACs budget
@@ -19,7 +21,9 @@ scripts/fashion_originals.py and cached (the token-pruning benchmark's original)
     (`prune_num_heads`, head_pruning_ratio chosen as for amc); pruning_ratio bisected to the budget;
   - VTP + tokens: VTP at budget / 0.8, then ToMe token merging (no training) to the budget.
 Latency: interleaved medians at batch 1 and 64 (the machine to itself; load average in the table);
-efficiency = speedup x MACs ratio (1.0: as fast as the MACs promise).
+efficiency = speedup x MACs ratio (1.0: as fast as the MACs promise). Where the time goes: a profile at
+batch 64 splits each network's time into the ops that carry MACs (matrix products, the patch conv) and
+the rest (softmax, LayerNorm, GELU, copies, adds), which no dimension count shrinks in proportion.
 
 Writes scripts/results/vit_dims.{md,json,png}.
 """
@@ -34,7 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 
@@ -47,6 +51,7 @@ from amc.compressors import VTP, TokenPruning  # noqa: E402
 from amc.compressors.vtp.compressor import train_gates  # noqa: E402
 from amc.models import evaluate, train_classifier  # noqa: E402
 from _isolate import write_atomic  # noqa: E402
+from _saved_nets import load_nets, save_nets  # noqa: E402
 from bench_speed import interleaved  # noqa: E402
 import fashion_originals  # noqa: E402
 
@@ -107,15 +112,15 @@ def tp_prune(model: torch.nn.Module, x1: torch.Tensor, target: float, heads: boo
     raise RuntimeError(f"Torch-Pruning cannot reach {target} of the MACs")
 
 
-def amc_l2(graph, x1: torch.Tensor, target: float, heads: bool) -> Tuple[torch.nn.Module, Dict[str, float]]:
+def amc_l2(graph, x1: torch.Tensor, target: float, heads: bool, round_to: int = 1) -> Tuple[torch.nn.Module, Dict[str, float]]:
     """amc.prune's L2 plan at `target` MACs: head dims and every other group at one ratio, or whole heads
     at the fewest of HEAD_RATIOS that reaches the budget and the other groups' ratio bisected."""
     from amc.compressors import plan_pruning
 
-    plan = plan_pruning(graph, "l2", (x1,), heads=heads)
+    plan = plan_pruning(graph, "l2", (x1,), heads=heads, round_to=round_to)
     base = amc.count(graph, x1)[0]
     if not heads:
-        return amc.prune(graph, target_macs=target, example_inputs=(x1,)), {}
+        return amc.prune(graph, target_macs=target, example_inputs=(x1,), round_to=round_to), {}
     head_groups = {g.id for g in plan.groups if any(p.endswith("attn.qkv") for p in g.producers)}
     for hr in HEAD_RATIOS:
         def build(r: float) -> torch.nn.Module:
@@ -192,7 +197,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     def vtp(budget: float, heads: bool, residual: str = "stream"):
         c = VTP(model, train, test, target_macs=budget, sparsity=args.sparsity, epochs=0,
                 finetune_epochs=args.finetune_epochs, lr=args.lr, heads=heads, residual=residual,
-                example_inputs=(x1,))
+                round_to=args.round_to, example_inputs=(x1,))
         c.gated = trained.copy()  # the shared sparsity-trained gates
         return c.compress(), c.zeta
 
@@ -219,11 +224,46 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                                score="tome", example_inputs=(x1,)).compress()
             record(b, "VTP + tokens (ToMe, no training)", tok, {"zeta": zeta, "vtp_macs": macs(net, x1, base)})
         write(res, args)
+    if args.save_nets:
+        save_nets(nets, args.save_nets)
     if not args.skip_latency:
         add_latency(res, nets, test, x1, args)
     if args.vit_b16:
         res["vit_b16"] = vit_b16_check()
         print("vit_b_16", res["vit_b16"], flush=True)
+    return res
+
+
+MAC_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::mkldnn_convolution",
+           "aten::_convolution", "aten::convolution")
+
+
+def time_split(net: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> Dict[str, float]:
+    """Milliseconds per forward in MAC-carrying ops and in every other op (self CPU time, torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        net(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                net(x)
+    mac = other = 0.0
+    for ev in prof.key_averages():
+        if ev.key.startswith("aten::"):
+            if ev.key in MAC_OPS:
+                mac += ev.self_cpu_time_total
+            else:
+                other += ev.self_cpu_time_total
+    return {"mac_ms": mac / reps / 1000, "other_ms": other / reps / 1000}
+
+
+def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
+    """Time the networks a previous `--save-nets` run wrote (on a quiet machine), into its result JSON."""
+    res = json.loads(Path(args.out + ".json").read_text())
+    nets = load_nets(args.latency_from)
+    _, test = fashion_originals.loaders(None, seed=0)
+    add_latency(res, nets, test, next(iter(test))[0][:1], args)
+    res["latency_threads"] = args.threads
     return res
 
 
@@ -239,7 +279,10 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
             for k, v in times.items():
                 out[k][label] = statistics.median(v)
     res["load_after"] = os.getloadavg()
+    split = {k: time_split(n, x64) for k, n in nets.items()}
     res["unpruned_ms"] = {k: 1000 * v for k, v in out["unpruned"].items()}
+    res["unpruned_split_b64"] = split["unpruned"]
+    res["unpruned_split_b1"] = time_split(nets["unpruned"], x1, reps=50)
     res["graph_vs_eager"] = {lab: out["unpruned"][lab] / out["unpruned eager"][lab] for lab in ("b1", "b64")}
     for row in res["rows"]:
         key = f"{row['budget']}|{row['method']}"
@@ -248,12 +291,16 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
             for lab in ("b1", "b64"):
                 row[f"speedup_{lab}"] = ref[lab] / out[key][lab]
                 row[f"efficiency_{lab}"] = row[f"speedup_{lab}"] * row["macs"]
+            ref_split = split["unpruned eager" if row["method"].startswith("Torch-Pruning") else "unpruned"]
+            row["split_b64"] = split[key]
+            row["mac_op_speedup_b64"] = ref_split["mac_ms"] / split[key]["mac_ms"]
 
 
 def render(res: Dict[str, Any]) -> str:
     a = res["args"]
     lines = ["# ViT dimension and head pruning on the Fashion-MNIST ViT (issue 15)", "",
-             f"Generated by `python scripts/bench_vit_dims.py` on {res.setdefault('generated', time.strftime('%Y-%m-%d %H:%M'))}; torch "
+             f"Generated by `python scripts/bench_vit_dims.py --train-limit {a['train_limit']} --finetune-epochs "
+             f"{a['finetune_epochs']} --sparsity-epochs {a['sparsity_epochs']} --round-to {a.get('round_to', 1)}` on {res.setdefault('generated', time.strftime('%Y-%m-%d %H:%M'))}; torch "
              f"{torch.__version__}, {platform.machine()} CPU, {a['threads']} thread(s). Original `vit_fashion` (trained "
              f"{res['original_info'].get('epochs')} epochs on {a.get('orig_train_limit') or 60000:,} images): "
              f"{100 * res['original_acc']:.2f}% on the 10,000 test images, {res['base_macs'] / 1e6:.1f} MMACs per image; "
@@ -268,6 +315,26 @@ def render(res: Dict[str, Any]) -> str:
         lines += [f"Latency: unpruned graph {res['unpruned_ms']['b1']:.2f} ms at batch 1, {res['unpruned_ms']['b64']:.1f} ms "
                   f"at batch 64; speedup = unpruned / pruned, efficiency = speedup x MACs ratio (1.0 = as fast "
                   f"as the MACs promise). 1-minute load average {lo[0]:.2f} before, {lo[1]:.2f} after.", ""]
+        if "unpruned_split_b64" in res:
+            sp = res["unpruned_split_b64"]
+            tot = sp["mac_ms"] + sp["other_ms"]
+            lines += [f"Latency timed at {res.get('latency_threads', a['threads'])} thread(s). Profile of the unpruned "
+                      f"graph at batch 64: {sp['mac_ms']:.1f} ms per forward in ops that carry MACs, {sp['other_ms']:.1f} ms "
+                      f"({100 * sp['other_ms'] / tot:.0f}%) in the rest (softmax over 50x50 scores per head, LayerNorm, GELU, "
+                      f"copies, adds). Were those fixed and the MAC ops sped up exactly as the MACs, a network at m x the "
+                      f"MACs would reach at most efficiency m / ({sp['other_ms'] / tot:.2f} + {sp['mac_ms'] / tot:.2f} m): "
+                      + ", ".join(f"{m / (sp['other_ms'] / tot + sp['mac_ms'] / tot * m):.2f} at {m}x"
+                                  for m in a["budgets"]) + ". Columns \"MAC ops b64\": the MAC-carrying ops' own "
+                      "speedup (ideal: 1 / MACs); \"other b64\": the pruned network's ms per forward in the rest."]
+            if "unpruned_split_b1" in res:
+                s1, wall = res["unpruned_split_b1"], res["unpruned_ms"]["b1"]
+                rest = max(0.0, wall - s1["mac_ms"] - s1["other_ms"])
+                fixed = (wall - s1["mac_ms"]) / wall
+                bound = ", ".join(f"{m / (fixed + (1 - fixed) * m):.2f} at {m}x" for m in a["budgets"])
+                lines[-1] += (f" At batch 1 the unpruned graph's {wall:.2f} ms are {s1['mac_ms']:.2f} ms of MAC ops, "
+                              f"{s1['other_ms']:.2f} ms of other ops and {rest:.2f} ms outside them (Python, dispatch), "
+                              f"so at most {bound}.")
+            lines.append("")
         gv = res.get("graph_vs_eager")
         if gv and "eager_note" not in res:
             lines += [f"amc's rows are ReconstructedNetworks timed against the unpruned graph; Torch-Pruning's are eager "
@@ -275,16 +342,20 @@ def render(res: Dict[str, Any]) -> str:
                       f"batch 1, {gv['b64']:.2f}x at batch 64).", ""]
         if "eager_note" in res:
             lines += [res["eager_note"], ""]
-    head = "| budget | method | MACs (x orig) | params | top-1 % |" + (" speedup b1 | eff. b1 | speedup b64 | eff. b64 |" if lat else "")
+    split = "unpruned_split_b64" in res
+    head = ("| budget | method | MACs (x orig) | params | top-1 % |" + (" speedup b1 | eff. b1 | speedup b64 | eff. b64 |" if lat else "")
+            + (" MAC ops b64 | other b64 |" if split else ""))
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| {r['budget']:.2f} | {r['method']} | failed: {r['error'][:120]} |" + (" |" * (8 if lat else 3)))
+            lines.append(f"| {r['budget']:.2f} | {r['method']} | failed: {r['error'][:120]} |" + (" |" * (head.count("|") - 4)))
             continue
         line = f"| {r['budget']:.2f} | {r['method']} | {r['macs']:.3f} | {r['params'] / 1e6:.3f}M | {100 * r['acc']:.2f} |"
         if lat and "speedup_b1" in r:
             line += (f" {r['speedup_b1']:.2f}x | {r['efficiency_b1']:.2f} | {r['speedup_b64']:.2f}x | "
                      f"{r['efficiency_b64']:.2f} |")
+        if split and "split_b64" in r:
+            line += f" {r['mac_op_speedup_b64']:.2f}x | {r['split_b64']['other_ms']:.1f} ms |"
         lines.append(line)
     if "vit_b16" in res:
         v = res["vit_b16"]
@@ -334,6 +405,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", type=float, default=1e-4)
     ap.add_argument("--gate-lr", type=float, default=1e-2)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--round-to", type=int, default=8,
+                    help="VTP rows keep multiples of it (fast GEMM sizes); the uniform-ratio rows do not: one ratio "
+                         "rounded to 8 jumps past the budget (0.75 -> 0.59x MACs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps1", type=int, default=30)
     ap.add_argument("--reps64", type=int, default=10)
@@ -341,7 +415,13 @@ def main(argv=None) -> int:
     ap.add_argument("--vit-b16", action="store_true", help="also the torchvision vit_b_16 (random weights) check")
     ap.add_argument("--out", default=str(RESULTS / "vit_dims"))
     ap.add_argument("--render", action="store_true", help="only rewrite the .md/.png from the existing .json")
+    ap.add_argument("--save-nets", default=None, help="also save every network into this folder")
+    ap.add_argument("--latency-from", default=None, help="only time the networks saved by --save-nets")
     args = ap.parse_args(argv)
+    if args.latency_from:
+        res = latency_from(args)
+        write(res, argparse.Namespace(**{**res["args"], "out": args.out}))
+        return 0
     if args.render:
         res = json.loads(Path(args.out + ".json").read_text())
         write(res, argparse.Namespace(**{**res["args"], "out": args.out}))

@@ -194,8 +194,30 @@ def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
             set_mode(n, "dynamic")
     _, test = fashion_originals.loaders(None, seed=0)
     x1 = next(iter(test))[0][:1]
+    if args.recheck:  # evaluation loads the machine: time in a later run
+        recheck(res, nets, test, x1)
+        return res
     add_latency(res, nets, test, x1, args)
     return res
+
+
+def recheck(res: Dict[str, Any], nets: Dict[str, Any], test, x1) -> None:
+    """Accuracy and MACs of the saved networks under today's code (the agents' code may have changed since
+    they were trained); rows take the new values and keep the old ones in `before_recheck`."""
+    a = res["args"]
+    for row in res["rows"]:
+        net = nets.get(f"{row['budget']}|{row['method']}")
+        if net is None:
+            continue
+        if row["method"].endswith("(batch 1)"):
+            now = {"acc": acc_batch1(net, test, a["dynamic_limit"]),
+                   "macs": dynamic_macs(net, test, a["dynamic_limit"]) / res["base_macs"]}
+        else:
+            now = {"acc": float(evaluate(net, test)["acc"]), "macs": amc.count(net, x1)[0] / res["base_macs"]}
+        row.setdefault("before_recheck", {k: row[k] for k in now})
+        row.update(now)
+        print(row["budget"], row["method"], row["before_recheck"], now, flush=True)
+    res["rechecked"] = time.strftime("%Y-%m-%d %H:%M")
 
 
 def render(res: Dict[str, Any]) -> str:
@@ -216,6 +238,18 @@ def render(res: Dict[str, Any]) -> str:
              f"{100 * res['finetuned_control_acc']:.2f}%.", ""]
     if res.get("note"):
         lines += [f"Note: {res['note']}", ""]
+    changed = [r for r in res["rows"] if "before_recheck" in r]
+    if changed:
+        def moved(rows) -> float:
+            return max((abs(r["acc"] - r["before_recheck"]["acc"]) for r in rows), default=0.0)
+
+        rand = [r for r in changed if r["method"].startswith("random")]
+        dmacs = [r["macs"] / r["before_recheck"]["macs"] for r in changed if r["before_recheck"]["macs"]]
+        lines += [f"Accuracy and MACs rechecked on {res.get('rechecked')} with the code of that day (`--latency-from "
+                  f"DIR --recheck`): accuracy of the other rows moved by at most "
+                  f"{100 * moved([r for r in changed if r not in rand]):.2f} points, the random-token rows (new "
+                  f"draws) by up to {100 * moved(rand):.2f}; MACs by a factor {min(dmacs):.4f}-{max(dmacs):.4f}; the "
+                  "table shows the rechecked values.", ""]
     has_lat = any("latency" in r for r in res["rows"])
     head = "| budget | method | accuracy | MACs | tokens kept per agent |"
     sep = "|---|---|---:|---:|---|"
@@ -295,9 +329,16 @@ def main(argv=None) -> int:
     ap.add_argument("--vit-b16", action="store_true")
     ap.add_argument("--save-nets", default=None, help="also save every network (pkl) into this folder")
     ap.add_argument("--latency-from", default=None, help="only time the networks saved by --save-nets")
+    ap.add_argument("--recheck", action="store_true",
+                    help="with --latency-from: only re-measure accuracy and MACs of the saved networks (no timing: "
+                         "run --latency-from again, without it, on the quiet machine)")
     ap.add_argument("--out", default=str(RESULTS / "token_pruning"))
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md/.png from the existing .json")
     args = ap.parse_args(argv)
-    res = latency_from(args) if args.latency_from else run(args)
+    if args.render:
+        res = json.loads(Path(args.out + ".json").read_text())
+    else:
+        res = latency_from(args) if args.latency_from else run(args)
     write_atomic(args.out + ".json", json.dumps(res, indent=1, default=str))
     write_atomic(args.out + ".md", render(res))
     plot(res, Path(args.out + ".png"))

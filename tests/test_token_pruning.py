@@ -410,3 +410,48 @@ def test_merge_macs_per_image_do_not_depend_on_the_batch():
         one = agent_macs(agent, (x[:1],), {}, agent(x[:1]))
         two = agent_macs(agent, (x,), {}, agent(x))
     assert one > 0 and two == 2 * one
+
+
+def test_scorer_and_row_selection_compute_the_plain_forms():
+    """The scorer folds h_cls into one first-layer weight per image and selection flattens the rows; both
+    must give what the seed's written form gives: mlp([h, h * h_cls]) and a gather of the kept rows."""
+    from amc.compressors.tokens.agent import keep_top, take_rows
+
+    torch.manual_seed(0)
+    agent = TokenAgent(16, keep=5).eval()
+    x = torch.randn(3, 9, 16)
+    with torch.no_grad():
+        h = agent.norm(x)
+        plain = agent.mlp(torch.cat([h[:, 1:], h[:, 1:] * h[:, :1]], dim=-1)).squeeze(-1)
+        assert torch.allclose(agent.scores(x), plain, atol=1e-6)
+        idx = torch.randint(0, 9, (3, 4))
+        assert torch.equal(take_rows(x, idx), x.gather(1, idx.unsqueeze(-1).expand(-1, -1, 16)))
+        top = plain.topk(5, dim=1).indices.sort(dim=1).values
+        ref = torch.cat([x[:, :1], x[:, 1:].gather(1, top.unsqueeze(-1).expand(-1, -1, 16))], dim=1)
+        assert torch.equal(keep_top(x, agent.scores(x), 5), ref)
+        assert torch.equal(take_rows(x[:, 1:], idx), x[:, 1:].gather(1, idx.unsqueeze(-1).expand(-1, -1, 16)))
+
+
+@pytest.mark.parametrize("fuse", ["none", "one", "merge"])
+def test_agent_macs_per_image_do_not_depend_on_the_batch(fuse):
+    from amc.compressors.tokens.agent import agent_macs
+
+    torch.manual_seed(0)
+    agent = TokenAgent(16, keep=4, fuse=fuse).eval()
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        one = agent_macs(agent, (x[:1],), {}, agent(x[:1]))
+        two = agent_macs(agent, (x,), {}, agent(x))
+    assert one > 0 and two == 2 * one
+
+
+def test_add_rows_is_scatter_add_of_rows():
+    from amc.compressors.tokens.agent import add_rows
+
+    torch.manual_seed(0)
+    dst, src = torch.randn(3, 5, 4), torch.randn(3, 7, 4)
+    idx = torch.randint(0, 5, (3, 7))
+    ref = dst.scatter_add(1, idx.unsqueeze(-1).expand(-1, -1, 4), src)
+    assert torch.allclose(add_rows(dst, idx, src), ref, atol=1e-6)
+    assert torch.allclose(add_rows(dst[:, 1:], idx.clamp(max=3), src), dst[:, 1:].scatter_add(
+        1, idx.clamp(max=3).unsqueeze(-1).expand(-1, -1, 4), src), atol=1e-6)  # a sliced destination too

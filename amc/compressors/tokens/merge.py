@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ...graph.ops import register_op
 from ..rules.common import passthrough
+from .agent import add_rows, take_rows
 
 
 class TokenMerge(nn.Module):
@@ -45,13 +46,12 @@ def _merge_step(t: torch.Tensor, size: torch.Tensor, want: int):
     best, partner = sim.max(dim=-1)                      # each A token's closest B token
     order = best.argsort(dim=-1, descending=True)
     merged, kept = order[:, :r], order[:, r:]
-    d = t.shape[-1]
-    src = a.gather(1, merged.unsqueeze(-1).expand(-1, -1, d)) * sa.gather(1, merged.unsqueeze(-1))
+    src = take_rows(t, 2 * merged) * sa.gather(1, merged.unsqueeze(-1))  # a = t[:, ::2]
     dst_idx = partner.gather(1, merged)
-    b_sum = (b * sb).scatter_add(1, dst_idx.unsqueeze(-1).expand(-1, -1, d), src)
+    b_sum = add_rows(b * sb, dst_idx, src)
     sb_new = sb.scatter_add(1, dst_idx.unsqueeze(-1), sa.gather(1, merged.unsqueeze(-1)))
     b_new = b_sum / sb_new
-    a_keep = a.gather(1, kept.unsqueeze(-1).expand(-1, -1, d))
+    a_keep = take_rows(t, 2 * kept)
     sa_keep = sa.gather(1, kept.unsqueeze(-1))
     return torch.cat([a_keep, b_new], dim=1), torch.cat([sa_keep, sb_new], dim=1)
 

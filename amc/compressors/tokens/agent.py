@@ -116,10 +116,17 @@ class TokenAgent(nn.Module):
         """One image in about half the ops (batch 1 on CPU is bound by op count, not MACs): the first Linear
         of `[h, h * h_cls]` is one Linear of h with `W_a + W_b * h_cls`; dynamic mode compares logits with
         the threshold's logit and indexes the kept rows directly (already in order, no top-k)."""
-        h = self.norm(x[0])
-        w = self.mlp[0].weight
+        # plain layers are called functionally (no module dispatch); a replaced one (soft pruning's masked
+        # norm, a quantised Linear) is called as it is
+        F, norm, mods = nn.functional, self.norm, self.mlp._modules
+        fc1, act, fc2 = mods["0"], mods["1"], mods["2"]
+        h = F.layer_norm(x[0], norm.normalized_shape, norm.weight, norm.bias, norm.eps) \
+            if type(norm) is nn.LayerNorm else norm(x[0])
+        w = fc1.weight
         w_eff = torch.addcmul(w[:, :self.dim], w[:, self.dim:], h[:1])
-        s = self.mlp[2](self.mlp[1](nn.functional.linear(h[1:], w_eff, self.mlp[0].bias))).squeeze(-1)
+        z = F.linear(h[1:], w_eff, fc1.bias)
+        z = F.gelu(z, approximate=act.approximate) if type(act) is nn.GELU else act(z)
+        s = (F.linear(z, fc2.weight, fc2.bias) if type(fc2) is nn.Linear else fc2(z)).squeeze(-1)
         self._last_scores = s.unsqueeze(0)
         n = s.shape[0]
         if self.mode == "batched":

@@ -455,3 +455,26 @@ def test_add_rows_is_scatter_add_of_rows():
     assert torch.allclose(add_rows(dst, idx, src), ref, atol=1e-6)
     assert torch.allclose(add_rows(dst[:, 1:], idx.clamp(max=3), src), dst[:, 1:].scatter_add(
         1, idx.clamp(max=3).unsqueeze(-1).expand(-1, -1, 4), src), atol=1e-6)  # a sliced destination too
+
+
+def test_a_replaced_first_layer_runs_as_written():
+    """A scorer whose first Linear was replaced (a quantised or wrapped layer) must run through that module,
+    not through the folded weight it would bypass."""
+    class Doubled(nn.Module):
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, z):
+            return 2 * self.lin(z)
+
+    torch.manual_seed(0)
+    agent = TokenAgent(16, keep=5).eval()
+    x = torch.randn(2, 9, 16)
+    agent.mlp[0] = Doubled(agent.mlp[0])
+    with torch.no_grad():
+        h = agent.norm(x)
+        want = agent.mlp(torch.cat([h[:, 1:], h[:, 1:] * h[:, :1]], dim=-1)).squeeze(-1)
+        assert torch.allclose(agent.scores(x), want, atol=1e-6)
+        top = want[:1].topk(5, dim=1).indices.sort(dim=1).values
+        assert torch.equal(agent(x[:1])[0, 1:], x[0, 1:][top[0]])  # the batch-1 path too

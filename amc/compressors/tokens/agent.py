@@ -73,6 +73,9 @@ class TokenAgent(nn.Module):
     def scores(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Keep-logits `[B, N-1]` of the non-CLS tokens (higher = keep)."""
         x = x.detach()
+        if self.score == "agent" and not self.folds_cls():
+            h = self.norm(x)
+            return self.mlp(torch.cat([h[:, 1:], h[:, 1:] * h[:, :1]], dim=-1)).squeeze(-1)
         if self.score == "agent":  # mlp[0]([h, h * h_cls]) = h @ (W_a + W_b * h_cls)^T: one W per image,
             h = self.norm(x)         # half the first Linear's MACs and no [B, N, 2D] concatenation
             w = self.mlp[0].weight
@@ -87,6 +90,11 @@ class TokenAgent(nn.Module):
             return x[:, 1:].norm(dim=-1)
         return torch.rand(x.shape[0], x.shape[1] - 1, device=x.device)
 
+    def folds_cls(self) -> bool:
+        """The scorer's first layer is a plain Linear, so h_cls can be folded into its weight; a replaced one
+        (a quantised Linear) runs as written on `[h, h * h_cls]`."""
+        return type(self.mlp._modules["0"]) is nn.Linear
+
     def forward(self, x: torch.Tensor, attn: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 3:
             raise PruningError(f"TokenAgent {self.label!r} expects [B, N, D] tokens, got shape {tuple(x.shape)}")
@@ -96,7 +104,7 @@ class TokenAgent(nn.Module):
         if self.mode == "off" or (self.mode == "batched" and (self.keep is None or self.keep >= n)):
             return x
         if x.shape[0] == 1 and n and self.score == "agent" and self.fuse != "merge" and not self.training \
-                and not _exporting():
+                and self.folds_cls() and not _exporting():
             out = self._one(x)
         else:
             s = self.scores(x, attn)
@@ -264,6 +272,8 @@ def agent_macs(m: TokenAgent, args: tuple, kwargs: dict, out: Any) -> int:
         fused = b * ((n - 1 - kept) * (kept * d + 2 * d) + kept * d)
     if m.score != "agent":
         return fused
+    if not m.folds_cls():  # the written form: a 2D-wide first Linear on [h, h * h_cls]
+        return b * (n - 1) * (2 * d + d + 2 * d * m.hidden + m.hidden + m.hidden + 1) + b * 2 * d + fused
     # per image: the CLS LayerNorm and its W_eff = W_a + W_b * h_cls; per token: LayerNorm, the D-wide
     # first Linear, its bias, the second Linear
     per_token = 2 * d + d * m.hidden + m.hidden + m.hidden + 1

@@ -17,6 +17,8 @@ Rows (calibration: `--calib-batches` training batches, the same for amc and torc
 - amc PTQ INT8 (`Quantization`, weights per channel, activations per tensor; min-max, percentile, MSE).
 - torch.ao PTQ INT8: `prepare_fx`/`convert_fx` with the x86 default qconfig mapping (the anchor; it runs in
   torch's own INT8 kernels, so its bytes are its `state_dict` and its latency is not onnxruntime's).
+- onnxruntime quantize_static INT8: onnxruntime's own quantiser on the fp32 row's ONNX file (QDQ, uint8
+  activations, int8 weights per channel, min-max), same calibration batches: the peer for INT8 latency.
 - 4-bit weights (8-bit activations), no training; then `--qat-epochs` of training with QuantNoise(rate=1) (=
   QAT, seed 004) and QuantNoise(rate=0.5) (without and with BatchNorm re-estimated on 20 batches with every
   weight quantised), same lr, data and seed, each followed by the same PTQ; on the digits CNN at 2 bits too.
@@ -58,7 +60,8 @@ sys.path.insert(0, str(HERE))
 
 RESULTS = HERE / "results"
 PARTS = ("ptq", "lowbit", "pq", "prune")  # row groups: INT8 PTQ + torch.ao, 4/2-bit (QAT, QuantNoise), PQ, pruning
-EXTRA_PARTS = ("scratch",)  # opt-in: 4-bit QAT vs QuantNoise trained from random weights (the paper's setting)
+EXTRA_PARTS = ("scratch", "ort")  # opt-in: 4-bit QAT vs QuantNoise trained from random weights (the paper's
+# setting); onnxruntime's own INT8 quantiser alone (it also runs with "ptq")
 WORK = Path(os.environ.get("AMC_BENCH_CACHE", Path.home() / ".cache" / "amc_bench")) / "quant"
 
 
@@ -120,6 +123,54 @@ def _torch_ao(model, batches, example):
             for (x,) in batches:
                 prepared(x)
         return convert_fx(prepared)
+
+
+class _OrtNet:
+    """An ONNX file run by onnxruntime, callable like a network on a torch batch (for the judges)."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.name = self.session.get_inputs()[0].name
+
+    def __call__(self, x):
+        import torch
+
+        return torch.from_numpy(self.session.run(None, {self.name: x.detach().numpy()})[0])
+
+    training = False
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+
+def _ort_static(fp32_onnx: Path, out: Path, batches) -> _OrtNet:
+    """onnxruntime's own post-training quantiser (`quantize_static`: QDQ, uint8 activations, int8 weights per
+    channel, min-max calibration) on the same calibration batches: the peer for the INT8 latency goal."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = _OrtNet(fp32_onnx).name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{name: x.numpy()} for (x,) in batches])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    pre = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32_onnx), str(pre))
+    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, per_channel=True)
+    pre.unlink()
+    return _OrtNet(out)
 
 
 def _train_with_noise(model, train, val, epochs: int, rate: Optional[float], bits: int, lr: float, seed: int,
@@ -203,6 +254,8 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
             path = out / f"{stem}.onnx"
             row["onnx_bytes"] = _onnx(net, path, x1)
             row["onnx"] = str(path)
+        elif kind == "file":  # already an ONNX file (onnxruntime's quantiser wrote it)
+            row["onnx_bytes"] = Path(extra["onnx"]).stat().st_size
         elif kind == "json":
             row["json_bytes"] = _json_bytes(net, out / f"{stem}.json")
         else:
@@ -230,11 +283,16 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
         add(label, first, seconds=total / len(seeds), **({"acc_seeds": accs} if len(seeds) > 1 else {}))
 
     add("fp32", graph)
+    if "ptq" in parts or "ort" in parts:
+        batches = [(b[0],) for b, _ in zip(train, range(calib_batches))] if not photos else [(calib,)]
+        ort_file = out / "onnxruntime_quantize_static_INT8.onnx"
+        ort_net, s = timed(lambda: _ort_static(out / "fp32.onnx", ort_file, batches))
+        add("onnxruntime quantize_static INT8 (QDQ, U8S8, per channel)", ort_net, kind="file", seconds=s,
+            onnx=str(ort_file))
     if "ptq" in parts:
         for observer in ("minmax", "percentile", "mse"):
             net, s = timed(lambda: Quantization(graph, train, observer=observer, **common).compress())
             add(f"amc PTQ INT8 ({observer})", net, seconds=s)
-        batches = [(b[0],) for b, _ in zip(train, range(calib_batches))] if not photos else [(calib,)]
         try:
             ao, s = timed(lambda: _torch_ao(model, batches, x1))
             add("torch.ao PTQ INT8 (FX, x86)", ao, kind="state", seconds=s)
@@ -469,7 +527,7 @@ def main() -> int:
 def _row_group(row: Dict[str, Any]) -> float:
     """Where a merged row goes: fp32, INT8 PTQ (amc, torch.ao), low-bit, PQ, pruning (stable within a group)."""
     label = row["row"]
-    order = (("fp32", 0), ("amc PTQ INT8", 1), ("torch.ao", 1), ("from scratch", 2.5), ("PQ ", 3),
+    order = (("fp32", 0), ("amc PTQ INT8", 1), ("torch.ao", 1), ("onnxruntime", 1), ("from scratch", 2.5), ("PQ ", 3),
              ("ChannelPruning", 4))
     return next((g for prefix, g in order if label.startswith(prefix)), 2)
 

@@ -14,11 +14,14 @@ natural-photo crops, calibrated on 100 other crops.
 
 Rows (calibration: `--calib-batches` training batches, the same for amc and torch.ao):
 - fp32: the traced float network.
-- amc PTQ INT8 (`Quantization`, weights per channel, activations per tensor; min-max, percentile, MSE).
+- amc PTQ INT8 (`Quantization`, weights per channel, activations per tensor; min-max, percentile, MSE),
+  judged as torch's fake-quantised network and, in brackets, its ONNX file run by onnxruntime; and with
+  7-bit weights (onnxruntime's remedy for int16 saturation on x86 without VNNI).
 - torch.ao PTQ INT8: `prepare_fx`/`convert_fx` with the x86 default qconfig mapping (the anchor; it runs in
   torch's own INT8 kernels, so its bytes are its `state_dict` and its latency is not onnxruntime's).
 - onnxruntime quantize_static INT8: onnxruntime's own quantiser on the fp32 row's ONNX file (QDQ, uint8
-  activations, int8 weights per channel, min-max), same calibration batches: the peer for INT8 latency.
+  activations, int8 weights per channel, min-max), same calibration batches, judged in onnxruntime: the peer
+  for INT8 accuracy as deployed and for INT8 latency.
 - 4-bit weights (8-bit activations), no training; then `--qat-epochs` of training with QuantNoise(rate=1) (=
   QAT, seed 004) and QuantNoise(rate=0.5) (without and with BatchNorm re-estimated on 20 batches with every
   weight quantised), same lr, data and seed, each followed by the same PTQ; on the digits CNN at 2 bits too.
@@ -293,6 +296,14 @@ def run_model(name: str, qat_epochs: int = 1, qat_train_limit: int = 20000, cali
         for observer in ("minmax", "percentile", "mse"):
             net, s = timed(lambda: Quantization(graph, train, observer=observer, **common).compress())
             add(f"amc PTQ INT8 ({observer})", net, seconds=s)
+            # the same file as deployed: onnxruntime's fused integer kernels round (and, on x86 without VNNI,
+            # saturate) differently from torch's fake quantisation; judged like onnxruntime's own row
+            rows[-1]["in_onnxruntime"] = judge(_OrtNet(Path(rows[-1]["onnx"])))
+        # 7-bit weights: onnxruntime's documented remedy (reduce_range) for its u8 x s8 kernels on x86 without
+        # VNNI, which add products pairwise in int16 and saturate with 8-bit weights
+        net, s = timed(lambda: Quantization(graph, train, weight_bits=7, **common).compress())
+        add("amc PTQ INT8, 7-bit weights (minmax)", net, seconds=s)
+        rows[-1]["in_onnxruntime"] = judge(_OrtNet(Path(rows[-1]["onnx"])))
         try:
             ao, s = timed(lambda: _torch_ao(model, batches, x1))
             add("torch.ao PTQ INT8 (FX, x86)", ao, kind="state", seconds=s)
@@ -419,6 +430,8 @@ def write_md(res: Dict[str, Any], path: Path) -> None:
               "same graph (INT8 and W4A8 both run int8 kernels) differ only by timing noise.", ""]
     else:
         L += ["Latency: not measured yet (`--latency`).", ""]
+    if res.get("note"):
+        L += [res["note"], ""]
     L += [__doc__.split("Rows (")[1].split("Writes")[0].join(["Rows (", ""]), ""]
     for m in res["models"].values():
         if "rows" not in m:
@@ -442,6 +455,9 @@ def write_md(res: Dict[str, Any], path: Path) -> None:
                 L.append(f"| {r['row']} | failed: {r['error']} |" + " |" * (head.count("|") - 3))
                 continue
             q = (f"{r['agree']:.1f} | {r['kl']:.4f}" if photos else f"{r['acc']:.2f} | {r['acc'] - fp['acc']:+.2f}")
+            if "in_onnxruntime" in r:  # the same file judged in onnxruntime (its integer kernels)
+                o = r["in_onnxruntime"]
+                q = q.replace(" |", f" (onnxruntime: {o['agree' if photos else 'acc']:.{1 if photos else 2}f}) |", 1)
             if "acc_seeds" in r:
                 q = q.replace(" |", f" ± {statistics.stdev(r['acc_seeds']):.2f} ({len(r['acc_seeds'])} seeds) |", 1)
             onnx_b = f"{r['onnx_bytes']:,}" if "onnx_bytes" in r else "-"

@@ -458,3 +458,26 @@ def test_save_onnx_warns_where_int8_kernels_saturate(tmp_path, monkeypatch, vnni
             amc.export.save_onnx(q, str(tmp_path / f"q{bits}.onnx"), x, check=False)
         warned = [w for w in seen if "weight_bits=7" in str(w.message)]
         assert len(warned) == (1 if bits == 8 and not vnni else 0), [str(w.message) for w in seen]
+
+
+def test_quantised_linear_exports_with_an_int32_bias_and_fuses(tmp_path):
+    """onnxruntime fuses a Gemm into QGemm only when its bias is int32 (scale = input scale x weight scale);
+    with a float bias it dequantizes the whole int8 weight at every run. The export writes the int32 bias,
+    and the file still computes what the network computes (save_onnx checks it)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model, loader = _model(), _loader()
+    x = next(iter(loader))[0][:2]
+    q = Quantization(model, loader, trainset_ratio=1.0).compress()
+    path = amc.export.save_onnx(q, str(tmp_path / "q.onnx"), x)
+    m = onnx.load(path)
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
+    producer = {o: n for n in m.graph.node for o in n.output}
+    inits = {i.name: i for i in m.graph.initializer}
+    assert gemms and all(producer[g.input[2]].op_type == "DequantizeLinear" for g in gemms)
+    assert all(inits[producer[g.input[2]].input[0]].data_type == onnx.TensorProto.INT32 for g in gemms)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "QGemm" in ops and "Gemm" not in ops, ops

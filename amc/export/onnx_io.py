@@ -149,7 +149,8 @@ def fold_constant_quantize(path: str) -> int:
     """Store the weights of QDQ models as integers: every QuantizeLinear whose inputs are all constants is
     replaced by its integer result (ONNX rounding: half to even), so the file holds int8 codes + scales and
     onnxruntime reads `DequantizeLinear(int8 weight)`. Min/Max of constants (a clipped weight grid) are
-    evaluated on the way. Returns how many were folded (0: file untouched)."""
+    evaluated on the way; a dequantized Gemm gets an int32 bias (`quantize_gemm_bias`). Returns how many
+    were folded (the file is untouched when nothing changed)."""
     import onnx
     from onnx import numpy_helper
 
@@ -181,14 +182,14 @@ def fold_constant_quantize(path: str) -> int:
         graph.initializer.append(numpy_helper.from_array(q, name))
         folded[node.output[0]] = name
         drop.append(node)
-    if not folded:
-        return 0
     for node in drop:
         graph.node.remove(node)
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in folded:
                 node.input[i] = folded[name]
+    if not quantize_gemm_bias(graph, const) and not folded:
+        return 0
     while True:  # dead constant chains, consumers first (a Min feeding a folded QuantizeLinear, then its inputs)
         used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
         dead = [n for n in graph.node if n.op_type in ("Identity", "Constant", *_FOLDABLE)
@@ -202,6 +203,46 @@ def fold_constant_quantize(path: str) -> int:
         graph.initializer.remove(init)
     onnx.save(model, path)
     return len(folded)
+
+
+def quantize_gemm_bias(graph: Any, const: Dict[str, Any]) -> int:
+    """Give every Gemm whose input and weight are dequantized an int32 bias (scale = input scale x weight
+    scale, zero point 0), as onnxruntime's own quantiser writes it: with a float bias onnxruntime does not
+    fuse the Gemm into QGemm and dequantizes the whole int8 weight at every run (MobileNetV2's classifier:
+    0.45 ms of 7.4 at batch 1). The bias moves by at most half a step of the product scale. Returns how
+    many Gemms changed."""
+    from onnx import helper, numpy_helper
+
+    producer = {o: n for n in graph.node for o in n.output}
+    changed = 0
+    for node in list(graph.node):
+        if node.op_type != "Gemm" or len(node.input) < 3 or node.input[2] not in const:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        dq_a, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if attrs.get("transA", 0) or not attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                or attrs.get("beta", 1.0) != 1.0 or dq_a is None or dq_w is None \
+                or dq_a.op_type != "DequantizeLinear" or dq_w.op_type != "DequantizeLinear" \
+                or dq_a.input[1] not in const or dq_w.input[1] not in const:
+            continue
+        s_a, s_w = np.asarray(const[dq_a.input[1]]), np.asarray(const[dq_w.input[1]])
+        bias = np.asarray(const[node.input[2]], dtype=np.float64)
+        if s_a.size != 1 or s_w.size not in (1, bias.size) or bias.ndim != 1:
+            continue
+        scale = (float(s_a.reshape(())) * s_w.astype(np.float64).reshape(-1)).astype(np.float32)
+        scale = scale.reshape(()) if scale.size == 1 else scale
+        info = np.iinfo(np.int32)
+        q = np.clip(np.rint(bias / scale.astype(np.float64)), info.min, info.max).astype(np.int32)
+        stem = node.output[0] + "_bias"
+        graph.initializer.extend([numpy_helper.from_array(q, stem + "_int"),
+                                  numpy_helper.from_array(scale, stem + "_scale"),
+                                  numpy_helper.from_array(np.zeros(scale.shape, np.int32), stem + "_zero")])
+        dq = helper.make_node("DequantizeLinear", [stem + "_int", stem + "_scale", stem + "_zero"], [stem],
+                              **({"axis": 0} if scale.size > 1 else {}))
+        graph.node.insert(list(graph.node).index(node), dq)
+        node.input[2] = stem
+        changed += 1
+    return changed
 
 
 def _tolerance(net: nn.Module) -> Tuple[float, float]:

@@ -231,8 +231,12 @@ def quantize_gemm_bias(graph: Any, const: Dict[str, Any]) -> int:
             continue
         scale = (float(s_a.reshape(())) * s_w.astype(np.float64).reshape(-1)).astype(np.float32)
         scale = scale.reshape(()) if scale.size == 1 else scale
-        info = np.iinfo(np.int32)
-        q = np.clip(np.rint(bias / scale.astype(np.float64)), info.min, info.max).astype(np.int32)
+        if not np.all(scale > 0):
+            continue
+        q = np.rint(bias / scale.astype(np.float64))
+        if np.abs(q).max(initial=0) >= 2 ** 31 - 1:  # would not fit: keep the float bias (exact, just slower)
+            continue
+        q = q.astype(np.int32)
         stem = node.output[0] + "_bias"
         graph.initializer.extend([numpy_helper.from_array(q, stem + "_int"),
                                   numpy_helper.from_array(scale, stem + "_scale"),

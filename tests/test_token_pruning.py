@@ -399,17 +399,10 @@ def test_pass2_samples_and_chain():
         TokenPruning(model, loader, target_macs=0.7, epochs=0, chain="yes")
 
 
-def test_merge_macs_per_image_do_not_depend_on_the_batch():
-    """Merging runs the general path at every batch size, so its count per image must not change at batch 1
-    (where the leaner scorer of the other fuse modes is counted)."""
-    from amc.compressors.tokens.agent import agent_macs
-
-    agent = TokenAgent(16, keep=5, fuse="merge").eval()
-    x = torch.randn(2, 13, 16)
-    with torch.no_grad():
-        one = agent_macs(agent, (x[:1],), {}, agent(x[:1]))
-        two = agent_macs(agent, (x,), {}, agent(x))
-    assert one > 0 and two == 2 * one
+def _written_scores(agent: TokenAgent, x: torch.Tensor) -> torch.Tensor:
+    """The seed's written form of the scorer: mlp([h, h * h_cls]) over the non-CLS tokens."""
+    h = agent.norm(x)
+    return agent.mlp(torch.cat([h[:, 1:], h[:, 1:] * h[:, :1]], dim=-1)).squeeze(-1)
 
 
 def test_scorer_and_row_selection_compute_the_plain_forms():
@@ -421,8 +414,7 @@ def test_scorer_and_row_selection_compute_the_plain_forms():
     agent = TokenAgent(16, keep=5).eval()
     x = torch.randn(3, 9, 16)
     with torch.no_grad():
-        h = agent.norm(x)
-        plain = agent.mlp(torch.cat([h[:, 1:], h[:, 1:] * h[:, :1]], dim=-1)).squeeze(-1)
+        plain = _written_scores(agent, x)
         assert torch.allclose(agent.scores(x), plain, atol=1e-6)
         idx = torch.randint(0, 9, (3, 4))
         assert torch.equal(take_rows(x, idx), x.gather(1, idx.unsqueeze(-1).expand(-1, -1, 16)))
@@ -434,6 +426,8 @@ def test_scorer_and_row_selection_compute_the_plain_forms():
 
 @pytest.mark.parametrize("fuse", ["none", "one", "merge"])
 def test_agent_macs_per_image_do_not_depend_on_the_batch(fuse):
+    """Every fuse mode counts the folded scorer at every batch size, so its count per image is the same at
+    batch 1 and 2 (merging once was counted with another formula at batch 1)."""
     from amc.compressors.tokens.agent import agent_macs
 
     torch.manual_seed(0)
@@ -473,8 +467,7 @@ def test_a_replaced_first_layer_runs_as_written():
     x = torch.randn(2, 9, 16)
     agent.mlp[0] = Doubled(agent.mlp[0])
     with torch.no_grad():
-        h = agent.norm(x)
-        want = agent.mlp(torch.cat([h[:, 1:], h[:, 1:] * h[:, :1]], dim=-1)).squeeze(-1)
+        want = _written_scores(agent, x)
         assert torch.allclose(agent.scores(x), want, atol=1e-6)
         top = want[:1].topk(5, dim=1).indices.sort(dim=1).values
         assert torch.equal(agent(x[:1])[0, 1:], x[0, 1:][top[0]])  # the batch-1 path too

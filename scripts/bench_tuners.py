@@ -94,14 +94,19 @@ def test_scores(net: torch.nn.Module, train, test, ft_epochs: int) -> Dict[str, 
     return {"before_ft": before, "after_ft": after}
 
 
-def uniform_net(model, x, train, compressor: str, target: float):
+def compressor_options(args: argparse.Namespace, compressor: str) -> Dict[str, Any]:
+    """Options of the compressor every row of a search and its uniform row share."""
+    return {"trainset_ratio": args.channel_calibration} if compressor == "channel" else {}
+
+
+def uniform_net(model, x, train, compressor: str, target: float, options: Dict[str, Any]):
     """The uniform policy at the searches' budget: the smallest common ratio that meets it, then the
     rounding slack spent one variable at a time (one more kept channel where it still fits), so the
     uniform row's MACs sit within ~1% of the target like the searched ones (a plain uniform ratio lands
     up to 5% under it on these 16/32/64-channel nets, because every layer rounds at once)."""
     from amc.tuners import build_space
 
-    space = build_space(model, (x,), target, compressor, calibration=train)
+    space = build_space(model, (x,), target, compressor, calibration=train, compressor_options=options)
     full = lambda r: space.clip(np.full(len(space.keys), r))  # noqa: E731
     lo, hi = 0.0, 1.0
     for _ in range(20):
@@ -128,7 +133,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         base_acc = evaluate(model, test)["acc"]
         test_scores(model, train, test, 0)  # fixes the rows' BN batches before anything reads the loader
         base_macs = amc.count(model, x)[0]
-        score = default_evaluator(train, None, bn_batches=4, holdout_batches=8)
+        score = default_evaluator(train, None, bn_batches=4, holdout_batches=8,
+                                  finetune_steps=args.proxy_finetune_steps)
         if args.ray or args.ray_only:
             out["executors"] += [{"model": name, **e} for e in
                                  executor_cost(model, x, train, score, args.compressors[0], args.targets[0])]
@@ -138,7 +144,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 if args.skip_uniform:
                     net = None
                 else:
-                    net, policy = uniform_net(model, x, train, comp, target)
+                    net, policy = uniform_net(model, x, train, comp, target, compressor_options(args, comp))
                 row = None if net is None else {
                        "model": name, "target": target, "compressor": comp, "tuner": "uniform", "seed": None,
                        "policy": policy,
@@ -153,7 +159,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         load0 = os.getloadavg()[0]
                         t0 = time.perf_counter()
                         res = t.search(model, example_inputs=(x,), target_macs=target, compressor=comp,
-                                       evaluate=score, calibration=train, progress=False)
+                                       evaluate=score, calibration=train, progress=False,
+                                       compressor_options=compressor_options(args, comp))
                         wall = time.perf_counter() - t0
                         row = {"model": name, "target": target, "compressor": comp, "tuner": tuner, "seed": seed,
                                "macs_ratio": res.macs_ratio, "proxy": res.score, "policy": res.policy,
@@ -167,7 +174,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         print(json.dumps({k: v for k, v in row.items() if k != "policy"}), flush=True)
                         if tuner == "random" and seed == args.seeds[0] and args.spearman and target == args.targets[0]:
                             out["spearman"][f"{name}/{comp}/{target}"] = spearman(res, model, x, train, test, comp,
-                                                                                  args.ft_epochs)
+                                                                                  args.ft_epochs,
+                                                                                  compressor_options(args, comp))
                         if tuner == "ddpg" and seed == args.seeds[0]:
                             tag = f"_{args.tag}" if args.tag else ""
                             res.plot(str(RESULTS / f"tuners_{args.data}{tag}_{name}_{comp}_{target}_ddpg.png"))
@@ -194,13 +202,15 @@ def executor_cost(model, x, train, score, comp: str, target: float, n: int = 24)
     return rows
 
 
-def spearman(res, model, x, train, test, comp: str, ft_epochs: int, limit: int = 24) -> Dict[str, Any]:
+def spearman(res, model, x, train, test, comp: str, ft_epochs: int, options: Dict[str, Any],
+             limit: int = 24) -> Dict[str, Any]:
     from scipy.stats import spearmanr
 
     from amc.tuners import build_space
 
-    space = build_space(model, (x,), res.target_macs, comp, calibration=train)
-    seen, proxies, tuned = set(), [], []
+    space = build_space(model, (x,), res.target_macs, comp, calibration=train, compressor_options=options)
+    adaptive_bn = default_evaluator(train, None, bn_batches=4, holdout_batches=8)  # the plain proxy, beside
+    seen, proxies, tuned, plain = set(), [], [], []
     for h in res.history:
         key = tuple(sorted(h["policy"].items()))
         if h["status"] != "ok" or key in seen or len(seen) >= limit:
@@ -208,9 +218,12 @@ def spearman(res, model, x, train, test, comp: str, ft_epochs: int, limit: int =
         seen.add(key)
         net = space.compress(space.vector(h["policy"]))
         proxies.append(h["score"])
+        plain.append(adaptive_bn(net))
         tuned.append(test_scores(net, train, test, ft_epochs)["after_ft"])
     rho, p = spearmanr(proxies, tuned)
-    return {"n": len(proxies), "rho": float(rho), "p": float(p), "proxy": proxies, "after_ft": tuned}
+    rho_bn, p_bn = spearmanr(plain, tuned)
+    return {"n": len(proxies), "rho": float(rho), "p": float(p), "proxy": proxies, "after_ft": tuned,
+            "adaptive_bn": plain, "rho_adaptive_bn": float(rho_bn), "p_adaptive_bn": float(p_bn)}
 
 
 def _ms(vals: List[float]) -> str:
@@ -226,12 +239,19 @@ def render(out: Dict[str, Any]) -> str:
              f"{' '.join(map(str, a['targets']))} --compressors {' '.join(a['compressors'])} --evaluations "
              f"{a['evaluations']} --seeds {' '.join(map(str, a['seeds']))} --ft-epochs {a['ft_epochs']}"
              + (f" --ft-train-limit {a['ft_train_limit']}" if a.get("ft_train_limit") else "")
-             + ("" if a.get("spearman", True) else " --no-spearman") + (" --ray-only" if a.get("ray_only") else "")
+             + ("" if a.get("spearman", True) else " --no-spearman")
+             + (f" --proxy-finetune-steps {a['proxy_finetune_steps']}" if a.get("proxy_finetune_steps") else "")
+             + (f" --channel-calibration {a['channel_calibration']}" if "channel" in a["compressors"]
+                and a.get("channel_calibration", 0.1) != 0.1 else "") + (" --ray-only" if a.get("ray_only") else "")
              + "`", "",
              *([out["note"], ""] if out.get("note") else []),
              f"Every search evaluates {a['evaluations']} policies (DDPG: episodes, warm-up a third; GA: "
              f"{a['evaluations'] // a['pop_size']} generations x {a['pop_size']}; random: samples). "
-             "Proxy = accuracy on 8 training batches after BN re-estimation on 4 others. "
+             "Proxy = accuracy on 8 training batches after BN re-estimation on 4 others"
+             + (f" and {a['proxy_finetune_steps']} SGD steps (lr 0.01, batch of the loader) on the next "
+                f"{a['proxy_finetune_steps']} (a copy trained; `finetune_steps=` of the default evaluator). "
+                if a.get("proxy_finetune_steps") else ". ")
+             +
              "Test accuracy (%) on the held-out split, after "
              f"BN re-estimation (before FT) and after {a['ft_epochs']} epoch(s) of fine-tuning (lr {FT_LR}"
              + (f", on a fixed {a['ft_train_limit']:,}-image subset of the training set" if a.get("ft_train_limit") else "")
@@ -256,9 +276,12 @@ def render(out: Dict[str, Any]) -> str:
                                                                  for r in rows}))]
     if out["spearman"]:
         lines += ["", "Proxy vs fine-tuned test accuracy (distinct policies of the first random search):", "",
-                  "| search | policies | Spearman rho | p |", "|---|---|---|---|"]
+                  "| search | policies | Spearman rho | p | rho, p of adaptive BN alone (same policies) |",
+                  "|---|---|---|---|---|"]
         for k, s in out["spearman"].items():
-            lines.append(f"| {k} | {s['n']} | {s['rho']:.3f} | {s['p']:.2g} |")
+            lines.append(f"| {k} | {s['n']} | {s['rho']:.3f} | {s['p']:.2g} | "
+                         + (f"{s['rho_adaptive_bn']:.3f}, {s['p_adaptive_bn']:.2g}" if "rho_adaptive_bn" in s else "-")
+                         + " |")
     loads = [x for c in out["cost"] + out.get("executors", []) for x in c["load_avg_1m"]]
     threads = out.get("threads", 1)
     quiet = bool(loads) and max(loads) <= threads + QUIET_MARGIN
@@ -298,6 +321,12 @@ def main() -> None:
     p.add_argument("--ft-epochs", type=int, default=FT_EPOCHS)
     p.add_argument("--ft-train-limit", type=int, default=None,
                    help="fine-tune every row on this many training images (default: all of them)")
+    p.add_argument("--channel-calibration", type=float, default=0.1,
+                   help="compressor 'channel': share of the training set ChannelPruning samples and refits on "
+                        "(its trainset_ratio; default 0.1 as the library's)")
+    p.add_argument("--proxy-finetune-steps", type=int, default=0,
+                   help="the proxy also takes this many SGD steps on a copy before scoring (default 0: adaptive "
+                        "BN only)")
     p.add_argument("--skip-uniform", action="store_true", help="searches only (to finish a split run)")
     p.add_argument("--no-spearman", dest="spearman", action="store_false")
     p.add_argument("--ray", action="store_true", help="also time 24 evaluations in-process vs on 2 Ray workers")

@@ -273,3 +273,32 @@ def test_round_to_reaches_the_searched_networks(digits):
     assert all(w % 8 == 0 for w in widths), widths
     again = amc.prune(model, ratio=res.policy, example_inputs=(x,), round_to=8)
     assert amc.count(again, x) == amc.count(res.net, x)
+
+
+def test_finetune_steps_proxy_trains_a_copy_and_is_deterministic(digits):
+    """The proxy with SGD steps scores the pruned net after training a copy: the candidate's weights
+    are unchanged, the same net scores the same twice, and the steps move the score (they are taken)."""
+    from amc.tuners.evaluation import default_evaluator
+
+    model, x, train, val = digits
+    net = amc.prune(model, ratio=0.6, example_inputs=(x,))
+    before = {k: v.clone() for k, v in net.state_dict().items() if v.dtype.is_floating_point}
+    plain = default_evaluator(train, val, finetune_steps=0)(net)
+    tuned = default_evaluator(train, val, finetune_steps=6, finetune_lr=0.05)
+    a, b = tuned(net), tuned(net)
+    assert a == b
+    assert a != plain
+    for k, v in net.state_dict().items():
+        if k in before and not k.endswith(("running_mean", "running_var")):
+            assert torch.equal(v, before[k]), k
+
+
+def test_finetune_steps_bad_input(digits):
+    from amc.errors import DataError
+    from amc.tuners.evaluation import default_evaluator
+
+    _, _, train, val = digits
+    with pytest.raises(PruningError, match="finetune_steps"):
+        default_evaluator(train, val, finetune_steps=-1)
+    with pytest.raises(DataError, match="finetune_steps=10000"):
+        default_evaluator(train, None, finetune_steps=10000)

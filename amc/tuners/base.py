@@ -181,7 +181,7 @@ class Tuner:
                executor: str = "local", workers: int = 2, checkpoint: Optional[str] = None,
                checkpoint_every: int = 1, resume: Union[bool, str, None] = None, progress: bool = True,
                logdir: Optional[str] = None, bn_batches: int = 4,
-               holdout_batches: Optional[int] = None, tighten: Optional[bool] = None,
+               holdout_batches: Optional[int] = None, finetune_steps: int = 0, tighten: Optional[bool] = None,
                target_latency: Optional[float] = None, latency_table: Any = None) -> SearchResult:
         """Search per-layer ratios whose compressed network keeps at most `target_macs` of the MACs.
 
@@ -194,7 +194,8 @@ class Tuner:
         compressor: "prune" (amc.prune with `criterion`), "channel" (ChannelPruning, LASSO), "lowrank"
           (LowRankDecomposition), or a callable `policy -> network` over amc.prune's groups.
         evaluate: `net -> float`, higher is better; default: accuracy on `holdout` after BN
-          re-estimation on `bn_batches` batches of `calibration`.
+          re-estimation on `bn_batches` batches of `calibration` (and, with `finetune_steps`, after that
+          many SGD steps on a copy: slower, but it ranks policies by how they recover at low budgets).
         min_ratio / max_ratio: fraction removed per layer, a float or {layer: float}; max < 1, so no
           layer is ever emptied (and at least one channel always stays).
         tighten: move every candidate to the budget (lower ratios until the MACs just fit), so
@@ -215,7 +216,7 @@ class Tuner:
         if space.latency is not None:  # Ray workers rebuild the space: hand them this table, time nothing
             space_args["latency_table"] = space.latency.table
         if evaluate is None:
-            evaluate = default_evaluator(calibration, holdout, bn_batches, holdout_batches)
+            evaluate = default_evaluator(calibration, holdout, bn_batches, holdout_batches, finetune_steps)
         elif not callable(evaluate):
             raise PruningError(f"evaluate must be a callable net -> float, got {type(evaluate).__name__}")
         self.space = space

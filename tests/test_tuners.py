@@ -260,6 +260,17 @@ def test_cli_search_then_compress_with_the_policy(tmp_path, one_thread):
     assert summary["method"] == "l2" and abs(summary["macs_fraction"] - doc["macs_ratio"]) < 1e-9
     assert main(["search", "--target-macs", "1.5", "--out", str(out)]) == 1  # a clear error, exit code 1
     assert main(["search", "--tuner", "nope", "--out", str(out)]) == 1
+    assert main(["search", "--finetune-steps", "-1", "--out", str(out)]) == 1
+
+
+def test_cli_search_with_a_finetuning_proxy(tmp_path, one_thread):
+    from amc.cli import main
+
+    out = tmp_path / "search"
+    assert main(["search", "--tuner", "random", "--target-macs", "0.5", "--evaluations", "2", "--epochs", "1",
+                 "--finetune-steps", "3", "--out", str(out), "--no-progress"]) == 0
+    hist = json.loads((out / "history.json").read_text())["history"]
+    assert len(hist) == 2 and all(h["status"] == "ok" for h in hist)
 
 
 def test_round_to_reaches_the_searched_networks(digits):

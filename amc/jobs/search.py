@@ -41,6 +41,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="policies evaluated: DDPG episodes, GA generations x population, random samples (default: 300)")
     p.add_argument("--warmup", type=int, default=None, help="DDPG warm-up episodes (default: a third of the episodes)")
     p.add_argument("--pop-size", type=int, default=20, help="GA population (default: 20)")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="the proxy takes this many SGD steps on a copy of each candidate before scoring (default 0: "
+                        "BN re-estimation only; try 30 at budgets where that leaves candidates near chance)")
     p.add_argument("--max-ratio", type=float, default=0.8, help="largest fraction removed per layer (default: 0.8)")
     p.add_argument("--executor", default="local", choices=("local", "ray"), help="where candidates are evaluated")
     p.add_argument("--workers", type=int, default=2, help="Ray workers (default: 2)")
@@ -81,6 +84,8 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
         raise PruningError(f"--target-macs is the fraction of MACs kept and must be in (0, 1), got {ns.target_macs}")
     if ns.evaluations < 1:
         raise PruningError("--evaluations must be >= 1")
+    if getattr(ns, "finetune_steps", 0) < 0:
+        raise PruningError(f"--finetune-steps must be >= 0, got {ns.finetune_steps}")
     tuner = make_tuner(ns.tuner, ns.evaluations, ns.seed, ns.warmup, ns.pop_size,  # a bad name fails before training
                        parallel=ns.workers if ns.executor == "ray" else 1)
     threads = torch.get_num_threads()
@@ -93,8 +98,10 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
         train_classifier(model, train, val, epochs=ns.epochs, seed=ns.seed)
         model.eval()
         x1 = next(iter(val))[0][:1]
-        # the proxy: BN re-estimated on 4 training batches, accuracy on the next 8 (never the val split)
-        score = default_evaluator(train, None, bn_batches=4, holdout_batches=8)
+        # the proxy: BN re-estimated on 4 training batches, accuracy on the next 8 (never the val split),
+        # after --finetune-steps SGD steps on the batches after those
+        score = default_evaluator(train, None, bn_batches=4, holdout_batches=8,
+                                  finetune_steps=getattr(ns, "finetune_steps", 0))
         os.makedirs(ns.out, exist_ok=True)
         ckpt = os.path.join(ns.out, "search.ckpt") if ns.checkpoint else None
         res = tuner.search(model, example_inputs=(x1,), target_macs=ns.target_macs, target_latency=latency,

@@ -313,3 +313,5 @@ def test_finetune_steps_bad_input(digits):
         default_evaluator(train, val, finetune_steps=-1)
     with pytest.raises(DataError, match="finetune_steps=10000"):
         default_evaluator(train, None, finetune_steps=10000)
+    with pytest.raises(PruningError, match="finetune_steps configures the default evaluator"):
+        _search(RandomSearch(samples=2, seed=0), digits, evaluate=lambda net: 1.0, finetune_steps=3)

@@ -81,8 +81,10 @@ class AccuracyEvaluator:
 
         tuned = copy.deepcopy(net)
         params = [p for p in tuned.parameters() if p.requires_grad]
+        if not params:  # nothing to train: the score is the untrained one
+            return tuned.eval()
         opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
-        device = next(iter(params)).device if params else torch.device("cpu")
+        device = params[0].device
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             tuned.train()

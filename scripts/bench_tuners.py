@@ -94,6 +94,12 @@ def test_scores(net: torch.nn.Module, train, test, ft_epochs: int) -> Dict[str, 
     return {"before_ft": before, "after_ft": after}
 
 
+def proxy(train, finetune_steps: int = 0):
+    """The search's score: accuracy on 8 training batches after BN re-estimation on 4 others (and
+    `finetune_steps` SGD steps on a copy); the test split is never used for a choice."""
+    return default_evaluator(train, None, bn_batches=4, holdout_batches=8, finetune_steps=finetune_steps)
+
+
 def compressor_options(args: argparse.Namespace, compressor: str) -> Dict[str, Any]:
     """Options of the compressor every row of a search and its uniform row share."""
     return {"trainset_ratio": args.channel_calibration} if compressor == "channel" else {}
@@ -133,8 +139,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         base_acc = evaluate(model, test)["acc"]
         test_scores(model, train, test, 0)  # fixes the rows' BN batches before anything reads the loader
         base_macs = amc.count(model, x)[0]
-        score = default_evaluator(train, None, bn_batches=4, holdout_batches=8,
-                                  finetune_steps=args.proxy_finetune_steps)
+        score = proxy(train, args.proxy_finetune_steps)
         if args.ray or args.ray_only:
             out["executors"] += [{"model": name, **e} for e in
                                  executor_cost(model, x, train, score, args.compressors[0], args.targets[0])]
@@ -209,7 +214,7 @@ def spearman(res, model, x, train, test, comp: str, ft_epochs: int, options: Dic
     from amc.tuners import build_space
 
     space = build_space(model, (x,), res.target_macs, comp, calibration=train, compressor_options=options)
-    adaptive_bn = default_evaluator(train, None, bn_batches=4, holdout_batches=8)  # the plain proxy, beside
+    adaptive_bn = proxy(train)  # the plain proxy, beside
     seen, proxies, tuned, plain = set(), [], [], []
     for h in res.history:
         key = tuple(sorted(h["policy"].items()))

@@ -37,6 +37,7 @@ from amc.export.atomic import atomic_write  # noqa: E402
 from amc.jobs.search import make_tuner  # noqa: E402
 from amc.models import create, evaluate, train_classifier  # noqa: E402
 from amc.trainers import recalibrate_bn  # noqa: E402
+from amc.tuners import build_space  # noqa: E402
 from amc.tuners.evaluation import default_evaluator, take_batches  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -110,8 +111,6 @@ def uniform_net(model, x, train, compressor: str, target: float, options: Dict[s
     rounding slack spent one variable at a time (one more kept channel where it still fits), so the
     uniform row's MACs sit within ~1% of the target like the searched ones (a plain uniform ratio lands
     up to 5% under it on these 16/32/64-channel nets, because every layer rounds at once)."""
-    from amc.tuners import build_space
-
     space = build_space(model, (x,), target, compressor, calibration=train, compressor_options=options)
     full = lambda r: space.clip(np.full(len(space.keys), r))  # noqa: E731
     lo, hi = 0.0, 1.0
@@ -165,13 +164,26 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         t0 = time.perf_counter()
                         res = t.search(model, example_inputs=(x,), target_macs=target, compressor=comp,
                                        evaluate=score, calibration=train, progress=False,
-                                       compressor_options=compressor_options(args, comp))
+                                       compressor_options=compressor_options(args, comp), holdout_batches=8,
+                                       rerank=args.rerank, rerank_steps=args.rerank_steps,
+                                       rerank_batches=args.rerank_batches)
                         wall = time.perf_counter() - t0
                         row = {"model": name, "target": target, "compressor": comp, "tuner": tuner, "seed": seed,
                                "macs_ratio": res.macs_ratio, "proxy": res.score, "policy": res.policy,
                                **test_scores(res.net, train, test, args.ft_epochs), "original_acc": base_acc,
                                "evaluations": len(res.history),
                                "distinct": sum(not h["cached"] for h in res.history)}
+                        if args.rerank:  # what the search's own best would have scored, for the comparison
+                            row["rerank"] = [{k: v for k, v in r.items() if k != "policy"} for r in res.info["rerank"]]
+                            plain = res.info["rerank"][0]
+                            row["pick_changed"] = plain["policy"] != res.policy
+                            if not row["pick_changed"]:
+                                row["plain_after_ft"] = row["after_ft"]
+                            else:
+                                sp = build_space(model, (x,), target, comp, calibration=train,
+                                                 compressor_options=compressor_options(args, comp))
+                                row["plain_after_ft"] = test_scores(sp.compress(sp.vector(plain["policy"])), train,
+                                                                    test, args.ft_epochs)["after_ft"]
                         out["rows"].append(row)
                         out["cost"].append({"model": name, "compressor": comp, "tuner": tuner, "seed": seed,
                                             "target": target, "wall_s": wall, "evaluations": len(res.history),
@@ -211,8 +223,6 @@ def spearman(res, model, x, train, test, comp: str, ft_epochs: int, options: Dic
              limit: int = 24) -> Dict[str, Any]:
     from scipy.stats import spearmanr
 
-    from amc.tuners import build_space
-
     space = build_space(model, (x,), res.target_macs, comp, calibration=train, compressor_options=options)
     adaptive_bn = proxy(train)  # the plain proxy, beside
     seen, proxies, tuned, plain = set(), [], [], []
@@ -246,6 +256,8 @@ def render(out: Dict[str, Any]) -> str:
              + (f" --ft-train-limit {a['ft_train_limit']}" if a.get("ft_train_limit") else "")
              + ("" if a.get("spearman", True) else " --no-spearman")
              + (f" --proxy-finetune-steps {a['proxy_finetune_steps']}" if a.get("proxy_finetune_steps") else "")
+             + (f" --rerank {a['rerank']} --rerank-steps {a['rerank_steps']} --rerank-batches {a['rerank_batches']}"
+                if a.get("rerank") else "")
              + (f" --channel-calibration {a['channel_calibration']}" if "channel" in a["compressors"]
                 and a.get("channel_calibration", 0.1) != 0.1 else "") + (" --ray-only" if a.get("ray_only") else "")
              + "`", "",
@@ -276,6 +288,21 @@ def render(out: Dict[str, Any]) -> str:
             macs = f"{min(r['macs_ratio'] for r in rs):.3f}–{max(r['macs_ratio'] for r in rs):.3f}"
             lines.append(f"| {m} | {t} | {c} | {tuner} | {macs} | {_ms([r['proxy'] for r in rs])} | "
                          f"{_ms([r['before_ft'] for r in rs])} | {_ms([r['after_ft'] for r in rs])} |")
+    reranked = [r for r in rows if "plain_after_ft" in r]
+    if reranked:
+        lines += ["", f"Re-ranking (`rerank={a['rerank']}`): each search's {a['rerank']} best distinct policies "
+                  f"re-scored after {a['rerank_steps']} SGD steps (lr 0.01) on a copy, on {a['rerank_batches']} "
+                  "training batches the search did not score on; test accuracy after FT of the re-ranked pick "
+                  "and of the search's own best (the proxy's argmax):", "",
+                  "| model | MACs target | compressor | tuner | re-ranked pick | search's best | pick changed |",
+                  "|---|---|---|---|---|---|---|"]
+        for m, t, c in keys:
+            for tuner in TUNERS:
+                rs = [r for r in reranked if (r["model"], r["target"], r["compressor"], r["tuner"]) == (m, t, c, tuner)]
+                if rs:
+                    changed = sum(r["pick_changed"] for r in rs)
+                    lines.append(f"| {m} | {t} | {c} | {tuner} | {_ms([r['after_ft'] for r in rs])} | "
+                                 f"{_ms([r['plain_after_ft'] for r in rs])} | {changed} of {len(rs)} |")
     if rows:
         lines += ["", "Original accuracy: " + ", ".join(sorted({f"{r['model']} {100 * r['original_acc']:.2f}%"
                                                                  for r in rows}))]
@@ -336,6 +363,12 @@ def main() -> None:
     p.add_argument("--no-spearman", dest="spearman", action="store_false")
     p.add_argument("--ray", action="store_true", help="also time 24 evaluations in-process vs on 2 Ray workers")
     p.add_argument("--ray-only", action="store_true", help="only the in-process vs Ray timing (no searches)")
+    p.add_argument("--rerank", type=int, default=0,
+                   help="re-score each search's best K policies after --rerank-steps SGD steps on a copy, on "
+                        "--rerank-batches other training batches, and keep the best (search(rerank=K)); the "
+                        "table then also shows the search's own best after FT")
+    p.add_argument("--rerank-steps", type=int, default=100)
+    p.add_argument("--rerank-batches", type=int, default=32)
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--merge", nargs="+", default=None, metavar="TAG",

@@ -273,6 +273,19 @@ def test_cli_search_with_a_finetuning_proxy(tmp_path, one_thread):
     assert len(hist) == 2 and all(h["status"] == "ok" for h in hist)
 
 
+def test_cli_search_with_reranking(tmp_path, one_thread, capsys):
+    from amc.cli import main
+
+    out = tmp_path / "search"
+    assert main(["search", "--rerank", "2", "--rerank-steps", "-1", "--out", str(out), "--no-progress"]) == 1
+    assert "rerank_steps must be an int >= 0" in capsys.readouterr().err
+    assert main(["search", "--tuner", "random", "--target-macs", "0.5", "--evaluations", "3", "--epochs", "1",
+                 "--rerank", "2", "--rerank-steps", "3", "--rerank-batches", "2", "--out", str(out),
+                 "--no-progress"]) == 0
+    doc = json.loads((out / "policy.json").read_text())
+    assert len(doc["rerank"]) == 2 and doc["policy"] in [r["policy"] for r in doc["rerank"]]
+
+
 def test_round_to_reaches_the_searched_networks(digits):
     """compressor_options={"round_to": 8}: every evaluated network has kernel-friendly widths, the budget
     holds, and amc.prune(round_to=8) reproduces the result from its policy."""
@@ -315,3 +328,59 @@ def test_finetune_steps_bad_input(digits):
         default_evaluator(train, None, finetune_steps=10000)
     with pytest.raises(PruningError, match="finetune_steps configures the default evaluator"):
         _search(RandomSearch(samples=2, seed=0), digits, evaluate=lambda net: 1.0, finetune_steps=3)
+
+
+def test_rerank_rescores_the_best_policies_after_finetuning(digits):
+    """rerank=k re-scores the search's k best distinct policies (fine-tuned copies, other held-out
+    batches) and returns the best by that score; each rerank score is the stated evaluator's."""
+    from amc.tuners.evaluation import default_evaluator
+
+    model, x, train, val = digits
+    plain = _search(RandomSearch(samples=8, seed=0), digits, target_macs=0.4)
+    res = _search(RandomSearch(samples=8, seed=0), digits, target_macs=0.4, rerank=3, rerank_steps=4,
+                  rerank_batches=2)
+    assert _strip(res.history) == _strip(plain.history)   # the search itself is unchanged
+    table = res.info["rerank"]
+    assert len(table) == 3 and len({tuple(sorted(r["policy"].items())) for r in table}) == 3
+    assert [r["score"] for r in table] == sorted((r["score"] for r in table), reverse=True)
+    assert table[0]["policy"] == plain.policy                  # the search's own best leads the table
+    again = default_evaluator(train, val, 4, 2, 4, skip=4)
+    for r in table:
+        assert r["rerank_score"] == again(amc.prune(model, ratio=r["policy"], example_inputs=(x,)))
+    best = max(table, key=lambda r: r["rerank_score"])
+    assert res.policy == best["policy"]
+    assert amc.count(res.net, x) == amc.count(amc.prune(model, ratio=res.policy, example_inputs=(x,)), x)
+    assert res.score == best["score"]                          # the search's score of the kept policy
+
+
+def test_rerank_bad_input_and_failures(digits):
+    from amc.errors import DataError
+    from amc.tuners.rerank import rerank
+
+    for kw in ({"rerank": -1}, {"rerank": True}, {"rerank": 2, "rerank_steps": -1}, {"rerank": 2, "rerank_batches": 0},
+               {"rerank": 1.5}):
+        with pytest.raises(PruningError, match="rerank"):
+            _search(RandomSearch(samples=2, seed=0), digits, **kw)
+    with pytest.raises(PruningError, match="Pareto front"):
+        _search(GA(generations=1, pop_size=4, objectives=("score", "macs")), digits, rerank=2)
+    model, x, train, _ = digits
+    with pytest.raises(DataError, match="finetune_steps=5000"):   # before any candidate is evaluated
+        RandomSearch(samples=2, seed=0).search(model, example_inputs=(x,), calibration=train, progress=False,
+                                               rerank=2, rerank_steps=5000)
+    from amc.tuners import build_space
+
+    res = _search(RandomSearch(samples=4, seed=0), digits)
+    space = build_space(model, (x,), 0.5, "prune", calibration=train)
+    calls = []
+
+    def half_broken(net):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return float(len(calls))
+
+    winner, table = rerank(space, res.history, 3, half_broken)
+    assert "boom" in table[0]["error"] and table[0]["rerank_score"] is None
+    assert winner["policy"] == table[-1]["policy"]
+    with pytest.raises(TuningError, match="re-ranking failed for all"):
+        rerank(space, res.history, 2, lambda net: float("nan"))

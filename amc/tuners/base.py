@@ -28,6 +28,7 @@ from ..errors import LoadError, PruningError, TuningError
 from ..export.atomic import atomic_write
 from ..trainers.checkpoint import _numpy_state_as_tensors, _numpy_state_from_tensors
 from .evaluation import EvalJob, Evaluator, LocalExecutor, RayExecutor, default_evaluator
+from .rerank import check_rerank, rerank as rerank_top
 from .space import Bound, SearchSpace, build_space
 
 CHECKPOINT_VERSION = 1
@@ -182,7 +183,8 @@ class Tuner:
                checkpoint_every: int = 1, resume: Union[bool, str, None] = None, progress: bool = True,
                logdir: Optional[str] = None, bn_batches: int = 4,
                holdout_batches: Optional[int] = None, finetune_steps: int = 0, tighten: Optional[bool] = None,
-               target_latency: Optional[float] = None, latency_table: Any = None) -> SearchResult:
+               target_latency: Optional[float] = None, latency_table: Any = None, rerank: int = 0,
+               rerank_steps: int = 100, rerank_batches: int = 32) -> SearchResult:
         """Search per-layer ratios whose compressed network keeps at most `target_macs` of the MACs.
 
         target_latency: instead of (target_macs=None) or beside target_macs, a budget on the latency that
@@ -202,11 +204,20 @@ class Tuner:
           policies compare at equal MACs; default on, off for a multi-objective search.
         executor: "local" or "ray" (`workers` actors). checkpoint / checkpoint_every / resume: an
           atomic checkpoint file every N rounds; `resume=True` (or a path) continues from it.
+        rerank: after the search, re-score its `rerank` best distinct policies after `rerank_steps` SGD
+          steps on a copy, on `rerank_batches` held-out batches (holdout's, or calibration batches after
+          those the search scored on), and return the best by that score (`result.info["rerank"]`).
         """
         if executor not in EXECUTORS:
             raise PruningError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise PruningError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        check_rerank(rerank, rerank_steps, rerank_batches)
+        if rerank and self.multi_objective:
+            raise PruningError("rerank picks one policy; a multi-objective search returns a Pareto front: drop one")
+        rescore = (default_evaluator(calibration, holdout, bn_batches, rerank_batches, rerank_steps,
+                                     skip=holdout_batches or 4)  # images the search did not choose on
+                   if rerank else None)  # built now: missing data fails before the search, not after it
         space_args = dict(model=model, example_inputs=example_inputs, target_macs=target_macs,
                           compressor=compressor, calibration=calibration, ignore=list(ignore),
                           min_ratio=min_ratio, max_ratio=max_ratio, criterion=criterion,
@@ -273,7 +284,8 @@ class Tuner:
                 bar.close()
             if writer is not None:
                 writer.close()
-        return self._result(space, state["history"], criterion, list(ignore), dict(compressor_options or {}))
+        return self._result(space, state["history"], criterion, list(ignore), dict(compressor_options or {}),
+                            rerank, rescore)
 
     def _round(self, space: SearchSpace, runner: Any, state: Dict[str, Any]) -> List[Dict[str, Any]]:
         raw = self.propose()
@@ -342,19 +354,25 @@ class Tuner:
 
     # -- the result -------------------------------------------------------------------------------
     def _result(self, space: SearchSpace, history: List[Dict[str, Any]], criterion: Any,
-                ignore: List[str], options: Dict[str, Any]) -> SearchResult:
+                ignore: List[str], options: Dict[str, Any], top: int = 0,
+                rescore: Optional[Evaluator] = None) -> SearchResult:
         ok = [h for h in history if h["status"] == "ok"]
         if not ok:
             errors = list(dict.fromkeys(h["error"] for h in history))[:3]
             raise TuningError(f"all {len(history)} evaluated policies failed; first errors: {errors}. Check the "
                               "evaluate function (it must return a finite float) and the compressor")
         best = max(ok, key=lambda h: h["score"])  # the first of equal scores
+        table = None
+        if top and rescore is not None:
+            best, table = rerank_top(space, history, top, rescore)
         net = space.compress(space.vector(best["policy"]))
         macs = space.measure(net)
         front = [dict(r) for r in pareto_front(ok)] if self.multi_objective else []
         options = dict(getattr(space.backend, "options", options))  # with the defaults the search used
         info = {"criterion": criterion if isinstance(criterion, str) else None, "seed": self.seed,
                 "ignore": ignore, "compressor_options": options, "evaluations": len(history)}
+        if table is not None:
+            info["rerank"] = table
         if space.latency is not None:
             from ..compressors.latency import measure
 

@@ -100,12 +100,13 @@ class AccuracyEvaluator:
 
 def default_evaluator(calibration: Optional[Iterable], holdout: Optional[Iterable] = None, bn_batches: int = 4,
                       holdout_batches: Optional[int] = None, finetune_steps: int = 0,
-                      finetune_lr: float = 0.01) -> AccuracyEvaluator:
+                      finetune_lr: float = 0.01, skip: int = 0) -> AccuracyEvaluator:
     """`bn_batches` calibration batches re-estimate BN; the score is accuracy on `holdout` (all of it, or its
     first `holdout_batches`), or, without one, on the next `holdout_batches` (default 4) calibration batches.
     `finetune_steps` > 0: first that many SGD steps (lr `finetune_lr`) on the calibration batches after
     those, a copy of the candidate trained (costlier; ranks policies by how they recover, see
-    AccuracyEvaluator)."""
+    AccuracyEvaluator). `skip`: without a holdout, leave that many calibration batches after the BN ones
+    unused (another evaluator's held-out batches, so the two score on different images)."""
     if int(finetune_steps) < 0 or not finetune_lr > 0:
         raise PruningError(f"finetune_steps must be >= 0 and finetune_lr > 0, got {finetune_steps}, {finetune_lr}")
     if calibration is None:
@@ -115,10 +116,10 @@ def default_evaluator(calibration: Optional[Iterable], holdout: Optional[Iterabl
     if holdout is not None:
         held = take_batches(holdout, holdout_batches)
     else:
-        held = take_batches(calibration, holdout_batches or 4, skip=bn_batches)
+        held = take_batches(calibration, holdout_batches or 4, skip=bn_batches + int(skip))
     tune: List[Any] = []
     if finetune_steps:
-        skip = bn_batches + (0 if holdout is not None else len(held))
+        skip = bn_batches + (0 if holdout is not None else int(skip) + len(held))
         tune = take_batches(calibration, int(finetune_steps), skip=skip)
         if len(tune) < int(finetune_steps):
             raise DataError(f"finetune_steps={finetune_steps} needs that many calibration batches after the "

@@ -321,7 +321,8 @@ def render(out: Dict[str, Any]) -> str:
              f"average near {threads})" if quiet else
              "**measured on a shared 2-core machine under load** (not a clean timing, for orders of magnitude only)")
     if out["cost"]:
-        lines += ["", f"Search wall time, {where}; 1-min load average before/after beside each:", "",
+        lines += ["", f"Search wall time{' (the re-ranking included)' if a.get('rerank') else ''}, {where}; "
+                  "1-min load average before/after beside each:", "",
                   "| model | compressor | tuner | seed | target | evaluations | wall (s) | eval/s | load avg |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for c in out["cost"]:

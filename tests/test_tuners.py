@@ -343,6 +343,7 @@ def test_rerank_rescores_the_best_policies_after_finetuning(digits):
     table = res.info["rerank"]
     assert len(table) == 3 and len({tuple(sorted(r["policy"].items())) for r in table}) == 3
     assert [r["score"] for r in table] == sorted((r["score"] for r in table), reverse=True)
+    assert all(r["seconds"] > 0 for r in table)                # what the second look cost, per policy
     assert table[0]["policy"] == plain.policy                  # the search's own best leads the table
     again = default_evaluator(train, val, 4, 2, 4, skip=4)
     for r in table:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Tuple
 
 import math
+import time
 
 from ..errors import PruningError, TuningError
 from .evaluation import Evaluator
@@ -44,6 +45,7 @@ def rerank(space: Any, history: List[Dict[str, Any]], k: int, evaluate: Evaluato
     table = []
     for h in top_distinct(history, k):
         row = {"index": h["index"], "policy": dict(h["policy"]), "score": h["score"], "rerank_score": None}
+        t0 = time.perf_counter()
         try:
             value = float(evaluate(space.compress(space.vector(h["policy"]))))
             if not math.isfinite(value):
@@ -51,6 +53,7 @@ def rerank(space: Any, history: List[Dict[str, Any]], k: int, evaluate: Evaluato
             row["rerank_score"] = value
         except Exception as exc:  # noqa: BLE001 - recorded; the other candidates still compete
             row["error"] = f"{type(exc).__name__}: {exc}"
+        row["seconds"] = time.perf_counter() - t0
         table.append(row)
     scored = [i for i, r in enumerate(table) if r["rerank_score"] is not None]
     if not scored:

@@ -8,16 +8,16 @@ halving's last rung, paid only k times.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
-
 import math
 import time
+from typing import Any, Dict, List, Tuple
 
 from ..errors import PruningError, TuningError
 from .evaluation import Evaluator
 
 
 def check_rerank(rerank: Any, steps: Any, batches: Any) -> None:
+    """Fail before the search (or the CLI's training) on settings the re-ranking cannot use."""
     for name, value, low in (("rerank", rerank, 0), ("rerank_steps", steps, 0), ("rerank_batches", batches, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise PruningError(f"{name} must be an int >= {low}, got {value!r}")

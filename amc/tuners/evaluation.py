@@ -119,11 +119,11 @@ def default_evaluator(calibration: Optional[Iterable], holdout: Optional[Iterabl
         held = take_batches(calibration, holdout_batches or 4, skip=bn_batches + int(skip))
     tune: List[Any] = []
     if finetune_steps:
-        skip = bn_batches + (0 if holdout is not None else int(skip) + len(held))
-        tune = take_batches(calibration, int(finetune_steps), skip=skip)
+        used = bn_batches + (0 if holdout is not None else int(skip) + len(held))
+        tune = take_batches(calibration, int(finetune_steps), skip=used)
         if len(tune) < int(finetune_steps):
             raise DataError(f"finetune_steps={finetune_steps} needs that many calibration batches after the "
-                            f"{skip} used for BN and held-out scoring; the loader has {skip + len(tune)}")
+                            f"{used} used for BN and held-out scoring; the loader has {used + len(tune)}")
     return AccuracyEvaluator(bn, held, tune, finetune_lr)
 
 

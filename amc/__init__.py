@@ -16,6 +16,7 @@ _LAZY = {
     "ReconstructedNetwork": "amc.graph.network",
     "count": "amc.graph.counting",
     "count_bytes": "amc.graph.counting",
+    "fuse_attention": "amc.graph.fuse",
     "prune": "amc.compressors.prune",
     "prune_groups": "amc.compressors.prune",
     "latency_table": "amc.compressors.latency",

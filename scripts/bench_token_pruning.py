@@ -197,6 +197,9 @@ def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
     if args.recheck:  # evaluation loads the machine: time in a later run
         recheck(res, nets, test, x1)
         return res
+    if args.fuse_attention:  # sites whose probabilities an agent reads (EViT's rule) stay unfused, by design
+        nets = {k: amc.fuse_attention(n, x1) for k, n in nets.items()}
+        res["fused_attention"] = {k: len(n.meta["fused_attention"]["fused"]) for k, n in nets.items()}
     add_latency(res, nets, test, x1, args)
     return res
 
@@ -260,6 +263,11 @@ def render(res: Dict[str, Any]) -> str:
                      f"interleaved medians, load average before {res['load_before']}, after "
                      f"{res['load_after']}; efficiency = speedup x MACs ratio (1.0 = as fast as the MACs promise).")
         lines.append("")
+        if res.get("fused_attention"):
+            f = res["fused_attention"]
+            lines += [f"Every network (the unpruned one included) timed after `amc.fuse_attention`: attention sites "
+                      f"fused per network {min(f.values())}-{max(f.values())} of the 6 (a site whose probabilities an "
+                      f"agent reads, as EViT's CLS-attention rule does, stays as it is).", ""]
     lines += [head, sep]
     for r in res["rows"]:
         line = (f"| {r['budget']} | {r['method']} | {100 * r['acc']:.2f} | {r['macs']:.3f}x | "
@@ -329,6 +337,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vit-b16", action="store_true")
     ap.add_argument("--save-nets", default=None, help="also save every network (pkl) into this folder")
     ap.add_argument("--latency-from", default=None, help="only time the networks saved by --save-nets")
+    ap.add_argument("--fuse-attention", action="store_true",
+                    help="with --latency-from: time every network after amc.fuse_attention (write to another --out)")
     ap.add_argument("--recheck", action="store_true",
                     help="with --latency-from: only re-measure accuracy and MACs of the saved networks (no timing: "
                          "run --latency-from again, without it, on the quiet machine)")

@@ -292,7 +292,15 @@ def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
     res = json.loads(Path(args.out + ".json").read_text())
     nets = load_nets(args.latency_from)
     _, test = fashion_originals.loaders(None, seed=0)
-    add_latency(res, nets, test, next(iter(test))[0][:1], args)
+    x1 = next(iter(test))[0][:1]
+    if args.fuse_attention:  # every network, Torch-Pruning's eager modules traced first: the same runtime for all
+        nets = {k: amc.fuse_attention(n, x1) for k, n in nets.items()}
+        res["fused_attention"] = {k: len(n.meta["fused_attention"]["fused"]) for k, n in nets.items()}
+        for k in ("unpruned_split_b64", "unpruned_split_b1"):
+            res.pop(k, None)
+        for row in res["rows"]:
+            row.pop("split_b64", None)
+    add_latency(res, nets, test, x1, args)
     res["latency_threads"] = args.threads
     return res
 
@@ -309,10 +317,12 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
             for k, v in times.items():
                 out[k][label] = statistics.median(v)
     res["load_after"] = os.getloadavg()
-    split = {k: time_split(n, x64) for k, n in nets.items()}
+    fused = "fused_attention" in res  # the split's "MAC ops" would hold the softmax too: not computed
+    split = {} if fused else {k: time_split(n, x64) for k, n in nets.items()}
     res["unpruned_ms"] = {k: 1000 * v for k, v in out["unpruned"].items()}
-    res["unpruned_split_b64"] = split["unpruned"]
-    res["unpruned_split_b1"] = time_split(nets["unpruned"], x1, reps=50)
+    if not fused:
+        res["unpruned_split_b64"] = split["unpruned"]
+        res["unpruned_split_b1"] = time_split(nets["unpruned"], x1, reps=50)
     res["graph_vs_eager"] = {lab: out["unpruned"][lab] / out["unpruned eager"][lab] for lab in ("b1", "b64")}
     for row in res["rows"]:
         key = f"{row['budget']}|{row['method']}"
@@ -321,6 +331,8 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
             for lab in ("b1", "b64"):
                 row[f"speedup_{lab}"] = ref[lab] / out[key][lab]
                 row[f"efficiency_{lab}"] = row[f"speedup_{lab}"] * row["macs"]
+            if fused:
+                continue
             ref_split = split["unpruned eager" if row["method"].startswith("Torch-Pruning") else "unpruned"]
             row["split_b64"] = split[key]
             row["mac_op_speedup_b64"] = ref_split["mac_ms"] / split[key]["mac_ms"]
@@ -367,8 +379,15 @@ def render(res: Dict[str, Any]) -> str:
                               f"{s1['other_ms']:.2f} ms of other ops and {rest:.2f} ms outside them (Python, dispatch), "
                               f"so (the rest fixed) {bound}.")
             lines.append("")
+        if res.get("fused_attention"):
+            n = sorted(set(res["fused_attention"].values()))
+            lines += [f"Every network timed after `amc.fuse_attention` (Torch-Pruning's eager modules traced first, so "
+                      f"every row runs the same graph runtime against the same fused unpruned graph): "
+                      f"{'/'.join(map(str, n))} attention site(s) per network became one "
+                      f"`F.scaled_dot_product_attention` each; the MAC/other profile split is not computed (the fused "
+                      f"kernel holds products and softmax together).", ""]
         gv = res.get("graph_vs_eager")
-        if gv and "eager_note" not in res:
+        if gv and "eager_note" not in res and not res.get("fused_attention"):
             lines += [f"amc's rows are ReconstructedNetworks timed against the unpruned graph; Torch-Pruning's are eager "
                       f"modules timed against the unpruned eager model (the graph runs {gv['b1']:.2f}x the eager time at "
                       f"batch 1, {gv['b64']:.2f}x at batch 64).", ""]
@@ -451,6 +470,8 @@ def main(argv=None) -> int:
     ap.add_argument("--render", action="store_true", help="only rewrite the .md/.png from the existing .json")
     ap.add_argument("--save-nets", default=None, help="also save every network into this folder")
     ap.add_argument("--latency-from", default=None, help="only time the networks saved by --save-nets")
+    ap.add_argument("--fuse-attention", action="store_true",
+                    help="with --latency-from: time every network after amc.fuse_attention (write to another --out)")
     ap.add_argument("--add-l2-round-to", type=int, default=0,
                     help="add amc.prune L2 rows rounded to this multiple to the existing result (and --save-nets)")
     args = ap.parse_args(argv)

@@ -35,8 +35,8 @@ def milder_ratio(group: Group, ratio: float) -> float:
 def spend_rounding_slack(plan, ratio: float, cost: Callable[[np.ndarray], float], budget: float,
                          tol: float = 0.005) -> np.ndarray:
     """The pruned units of `plan` at the uniform `ratio`, then each group (round-robin, the group whose
-    step adds the most cost first) pruned one rounding step less while `cost(units) <= budget`, until the cost is within `tol` of the budget;
-    returns the units to prune. A group whose step no longer fits is done: the others only grow, so
+    step adds the most cost first) pruned one rounding step less while `cost(units) <= budget`, until
+    the cost is within `tol` of the budget; returns the units to prune. A group whose step no longer fits is done: the others only grow, so
     its step only gets dearer."""
     ratios: List[float] = [ratio] * len(plan.groups)
 

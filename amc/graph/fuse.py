@@ -1,7 +1,7 @@
 """Rewrite hand-written attention (`softmax(q @ k^T * s [+ mask]) @ v`) into one fused
 `F.scaled_dot_product_attention` node: the same function, without materialising the `[B, H, N, N]`
 scores and probabilities, and with whatever fused kernel the device has (on this 2-core CPU the fused
-graph ran 0.86-0.95x the plain graph's time, and steadier; level at batch 1 and DeiT-S width:
+graph ran 0.66-0.95x the plain graph's time at batch 8-64 and 0.90-1.01x at batch 1:
 scripts/results/fuse_attention.md).
 
 A graph pass like every other: the input network is never edited, the result passed `lint()`. A site is
@@ -84,11 +84,16 @@ def _softmax_dim(net: ReconstructedNetwork, node: Node) -> Optional[int]:
     return dim
 
 
+@dataclasses.dataclass
 class _Site:
-    """One matched attention: the nodes it replaces and the fused call's arguments."""
+    """One matched attention: the fused call's arguments and the nodes it replaces."""
 
-    def __init__(self, out: Node, q: Any, k: Any, v: Any, mask: Any, scale: float, removed: List[str]):
-        self.out, self.q, self.k, self.v, self.mask, self.scale, self.removed = out, q, k, v, mask, scale, removed
+    q: Any
+    k: Any
+    v: Any
+    mask: Any
+    scale: float
+    removed: List[str]
 
 
 def _shape(node: Optional[Node]) -> Any:
@@ -102,7 +107,7 @@ def _dtype(metas: Dict[str, Dict[str, Any]], name: str) -> Any:
 
 
 def _match(net: ReconstructedNetwork, out: Node, by_name: Dict[str, Node], readers: Counter,
-           src_meta: Dict[str, Dict[str, Any]]) -> Tuple[Optional[_Site], str]:
+           metas: Dict[str, Dict[str, Any]]) -> Tuple[Optional[_Site], str]:
     """The site ending at `out` (the probabilities @ v product), or None and why not ("" = not attention)."""
     if _fn(net, out) not in _MATMUL or len(out.args) != 2 or out.kwargs:
         return None, ""
@@ -123,7 +128,7 @@ def _match(net: ReconstructedNetwork, out: Node, by_name: Dict[str, Node], reade
     cur = by_name.get(_plain_ref(p.args[0]) or "")
     if cur is not None and _fn(net, cur) in _ADD and not cur.kwargs and len(cur.args) == 2 \
             and _plain_ref(cur.args[0]) and isinstance(cur.args[1], Ref):  # scores + mask, added after the scale
-        if _dtype(src_meta, cur.args[1].node) not in _FLOATS or _shape(cur) != _shape(by_name.get(cur.args[0].node)):
+        if _dtype(metas, cur.args[1].node) not in _FLOATS or _shape(cur) != _shape(by_name.get(cur.args[0].node)):
             return None, f"{out.name}: the mask added at {cur.name} is not a float tensor of the scores' shape"
         removed.append(cur.name)
         mask, cur = cur.args[1], by_name.get(cur.args[0].node)
@@ -146,11 +151,11 @@ def _match(net: ReconstructedNetwork, out: Node, by_name: Dict[str, Node], reade
         if readers[name] != 1:
             return None, f"{out.name}: {name} is read elsewhere as well"
     for node in (out, by_name[removed[-1]], p):
-        if _dtype(src_meta, node.name) not in _FLOATS:
+        if _dtype(metas, node.name) not in _FLOATS:
             return None, f"{out.name}: not a floating-point attention"
     if readers[kt.name] == 1:
         removed.append(kt.name)
-    return _Site(out, cur.args[0], k, out.args[1], mask, scale, removed), ""
+    return _Site(cur.args[0], k, out.args[1], mask, scale, removed), ""
 
 
 def fuse_attention(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> ReconstructedNetwork:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -44,3 +44,10 @@ def load_nets(folder: str) -> Dict[str, Any]:
         out[key] = (amc.ReconstructedNetwork.load(path, trusted=True) if name.endswith(".pkl")
                     else torch.load(path, weights_only=False).eval())
     return out
+
+
+def fuse_all(nets: Dict[str, Any], x1: torch.Tensor) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    """Every network through `amc.fuse_attention` (eager modules traced on `x1` first), and how many
+    attention sites each had fused: `--latency-from DIR --fuse-attention` times them on one runtime."""
+    fused = {k: amc.fuse_attention(n, x1) for k, n in nets.items()}
+    return fused, {k: len(n.meta["fused_attention"]["fused"]) for k, n in fused.items()}

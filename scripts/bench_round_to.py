@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _budget import smallest_ratio_under  # noqa: E402
 from _isolate import package_version, run_isolated, write_atomic  # noqa: E402
 from bench_speed import interleaved  # noqa: E402
 
@@ -49,21 +50,13 @@ def tp_at_macs(model, x1, target: float, round_to: int, base: int) -> Tuple[Any,
                              **cfg).step()
         if isinstance(m, VisionTransformer):
             m.hidden_dim = m.conv_proj.out_channels  # TP's example patches it by hand
-        return m, amc.count(m, x1)[0] / base
+        return m
 
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        m, macs = build(mid)
-        if macs <= target:
-            hi, best = mid, (m, macs, mid)
-            if target - macs < 0.002:
-                break
-        else:
-            lo = mid
-    if best is None:
+    net, ratio, macs = smallest_ratio_under(build, lambda m: amc.count(m, x1)[0] / base, target, steps=14,
+                                            close=0.002)
+    if net is None:
         raise RuntimeError(f"Torch-Pruning could not reach {target}x MACs with round_to={round_to}")
-    return best
+    return net, macs, ratio
 
 
 def one_model(name: str, round_to: List[int], threads: int = 1, reps1: int = 15, reps32: int = 3,

@@ -44,7 +44,7 @@ from amc.compressors import TokenPruning  # noqa: E402
 from amc.compressors.tokens import agents_of, dynamic_macs, set_mode  # noqa: E402
 from amc.models import evaluate, train_classifier  # noqa: E402
 from _isolate import write_atomic  # noqa: E402
-from _saved_nets import load_nets, save_nets  # noqa: E402
+from _saved_nets import fuse_all, load_nets, save_nets  # noqa: E402
 from bench_speed import interleaved  # noqa: E402
 import fashion_originals  # noqa: E402
 
@@ -198,8 +198,7 @@ def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
         recheck(res, nets, test, x1)
         return res
     if args.fuse_attention:  # sites whose probabilities an agent reads (EViT's rule) stay unfused, by design
-        nets = {k: amc.fuse_attention(n, x1) for k, n in nets.items()}
-        res["fused_attention"] = {k: len(n.meta["fused_attention"]["fused"]) for k, n in nets.items()}
+        nets, res["fused_attention"] = fuse_all(nets, x1)
     add_latency(res, nets, test, x1, args)
     return res
 

@@ -51,8 +51,9 @@ import amc  # noqa: E402
 from amc.compressors import VTP, TokenPruning  # noqa: E402
 from amc.compressors.vtp.compressor import train_gates  # noqa: E402
 from amc.models import evaluate, train_classifier  # noqa: E402
+from _budget import smallest_ratio_under  # noqa: E402
 from _isolate import write_atomic  # noqa: E402
-from _saved_nets import load_nets, save_nets  # noqa: E402
+from _saved_nets import fuse_all, load_nets, save_nets  # noqa: E402
 from bench_speed import interleaved  # noqa: E402
 import fashion_originals  # noqa: E402
 
@@ -72,18 +73,8 @@ HEAD_RATIOS = (0.25, 0.5, 0.75)  # whole-head rows: the fewest heads removed (pe
 
 def _bisect(build: Callable[[float], torch.nn.Module], x1: torch.Tensor, budget: float) -> Tuple[Any, float]:
     """The smallest ratio in [0, 0.95] whose network keeps <= budget MACs (None if even 0.95 does not)."""
-    lo, hi, best = 0.0, 0.95, None
-    for _ in range(10):
-        mid = (lo + hi) / 2
-        m = build(mid)
-        if amc.count(m, x1)[0] <= budget:
-            hi, best = mid, m
-        else:
-            lo = mid
-    if best is None:
-        m = build(hi)
-        best = m if amc.count(m, x1)[0] <= budget else None
-    return best, hi
+    net, ratio, _ = smallest_ratio_under(build, lambda m: amc.count(m, x1)[0], budget)
+    return net, ratio
 
 
 def tp_prune(model: torch.nn.Module, x1: torch.Tensor, target: float, heads: bool) -> Tuple[torch.nn.Module, Dict[str, float]]:
@@ -294,8 +285,7 @@ def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
     _, test = fashion_originals.loaders(None, seed=0)
     x1 = next(iter(test))[0][:1]
     if args.fuse_attention:  # every network, Torch-Pruning's eager modules traced first: the same runtime for all
-        nets = {k: amc.fuse_attention(n, x1) for k, n in nets.items()}
-        res["fused_attention"] = {k: len(n.meta["fused_attention"]["fused"]) for k, n in nets.items()}
+        nets, res["fused_attention"] = fuse_all(nets, x1)
         for k in ("unpruned_split_b64", "unpruned_split_b1"):
             res.pop(k, None)
         for row in res["rows"]:

@@ -36,8 +36,8 @@ def spend_rounding_slack(plan, ratio: float, cost: Callable[[np.ndarray], float]
                          tol: float = 0.005) -> np.ndarray:
     """The pruned units of `plan` at the uniform `ratio`, then each group (round-robin, the group whose
     step adds the most cost first) pruned one rounding step less while `cost(units) <= budget`, until
-    the cost is within `tol` of the budget; returns the units to prune. A group whose step no longer fits is done: the others only grow, so
-    its step only gets dearer."""
+    the cost is within `tol` of the budget; returns the units to prune. A group whose step no longer
+    fits is done: the others only grow, so its step only gets dearer."""
     ratios: List[float] = [ratio] * len(plan.groups)
 
     def units(rs: List[float]) -> np.ndarray:
@@ -47,9 +47,9 @@ def spend_rounding_slack(plan, ratio: float, cost: Callable[[np.ndarray], float]
     open_groups = [i for i, g in enumerate(plan.groups) if keep_counts(g, ratio) > 0]
     spent = cost(units(ratios))
     if spent < (1.0 - tol) * budget:  # the dearest steps first (compute-dense layers), the cheap ones fill up
-        gain = {i: cost(units([milder_ratio(plan.groups[i], r) if j == i else r for j, r in enumerate(ratios)]))
-                for i in open_groups}
-        open_groups.sort(key=lambda i: -gain[i])
+        after_step = {i: cost(units([milder_ratio(plan.groups[i], r) if j == i else r for j, r in enumerate(ratios)]))
+                      for i in open_groups}
+        open_groups.sort(key=lambda i: -after_step[i])
     while open_groups and spent < (1.0 - tol) * budget:
         still = []
         for i in open_groups:

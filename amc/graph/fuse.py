@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import GraphError
 from .capture import as_network
+from .edit import _fresh_key
 from .network import ReconstructedNetwork
 from .node import Node
 from .ops import FunctionOp, GetAttr, MatMul, function_spec
@@ -168,6 +169,7 @@ def fuse_attention(model: nn.Module, *example_inputs: Any, **example_kwargs: Any
     """
     src = as_network(model, example_inputs, example_kwargs, error=GraphError, what="fuse_attention's model").copy()
     by_name = {n.name: n for n in src.layer_nodes}
+    # every read counts (net.users() lists a reader once): `p @ p` reads the probabilities twice
     readers: Counter = Counter(r.node for n in src.layer_nodes for r in iter_refs((n.args, n.kwargs)))
     readers.update(r.node for r in iter_refs(src.outputs))
     metas = {n.name: n.meta for n in list(src.input_nodes) + list(src.layer_nodes)}
@@ -189,9 +191,7 @@ def fuse_attention(model: nn.Module, *example_inputs: Any, **example_kwargs: Any
         if site is None:
             nodes.append(node)
             continue
-        key = f"{node.module}_sdpa"
-        while key in modules:
-            key += "_"
+        key = _fresh_key(modules, f"{node.module}_sdpa")
         modules[key] = MatMul(F.scaled_dot_product_attention)
         kwargs: Dict[str, Any] = {"scale": site.scale}
         if site.mask is not None:

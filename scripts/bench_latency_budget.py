@@ -103,25 +103,27 @@ def distill_on_crops(student, teacher, crops, steps: int, batch: int = 32, lr: f
     g = torch.Generator().manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(max(threads, os.cpu_count() or 1))  # the timing is over: training may use every core
-    opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9)
-    size = crops.shape[-1]
-    student.train()
-    for step in range(steps):
-        x = crops[torch.randint(len(crops), (batch,), generator=g)]
-        side = int(size * (0.6 + 0.4 * float(torch.rand(1, generator=g))))  # one random window per batch
-        i, j = (int(torch.randint(size - side + 1, (1,), generator=g)) for _ in range(2))
-        x = F.interpolate(x[..., i:i + side, j:j + side], size=(size, size), mode="bilinear", align_corners=False)
-        flip = torch.rand(batch, generator=g) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        with torch.no_grad():
-            target = teacher(x)
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        opt.zero_grad(set_to_none=True)
-        kd_loss(student(x), target, temperature).backward()
-        opt.step()
-    student.eval()
-    torch.set_num_threads(threads)
+    try:
+        opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9)
+        size = crops.shape[-1]
+        student.train()
+        for step in range(steps):
+            x = crops[torch.randint(len(crops), (batch,), generator=g)]
+            side = int(size * (0.6 + 0.4 * float(torch.rand(1, generator=g))))  # one random window per batch
+            i, j = (int(torch.randint(size - side + 1, (1,), generator=g)) for _ in range(2))
+            x = F.interpolate(x[..., i:i + side, j:j + side], size=(size, size), mode="bilinear", align_corners=False)
+            flip = torch.rand(batch, generator=g) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+            with torch.no_grad():
+                target = teacher(x)
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            opt.zero_grad(set_to_none=True)
+            kd_loss(student(x), target, temperature).backward()
+            opt.step()
+        student.eval()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_limit: int,

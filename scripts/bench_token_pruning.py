@@ -110,6 +110,34 @@ def vit_b16_check() -> Dict[str, Any]:
             "macs_ratio": macs, "json_round_trip_equal": same}
 
 
+def vit_b16_latency(reps: int) -> Dict[str, Any]:
+    """Batch-1 latency of APT on torchvision vit_b_16 (random weights, untrained agents, thresholds calibrated
+    on 8 random images, 224 px, 1 thread): a ViT whose blocks cost MACs, not per-op overhead as the 25-MMAC
+    vit_fashion's do at batch 1. Weights do not change CPU time; the kept counts are the budget's."""
+    import torchvision
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = torchvision.models.vit_b_16().eval()
+    x = torch.randn(8, 3, 224, 224)
+    loader = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    net = TokenPruning(model, loader, target_macs=0.6, epochs=0, example_inputs=(x[:1],)).compress()
+    dyn = copy.deepcopy(net)
+    set_mode(dyn, "dynamic")
+    nets = {"unpruned": amc.trace(model, x[:1]), "APT batched": net, "APT dynamic": dyn}
+    base = amc.count(model, x[:1])[0]
+    macs = {"unpruned": 1.0, "APT batched": amc.count(net, x[:1])[0] / base,
+            "APT dynamic": dynamic_macs(dyn, loader, limit=8) / base}
+    load_before = os.getloadavg()
+    with torch.no_grad():
+        times = interleaved({k: (lambda n=n: n(x[:1])) for k, n in nets.items()}, reps=reps, warmup=1)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"ms_b1": {k: 1e3 * v for k, v in med.items()}, "macs": macs, "reps": reps,
+            "speedup_b1": {k: med["unpruned"] / v for k, v in med.items()},
+            "load_before": load_before, "load_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     model, info = fashion_originals.original("vit_fashion")
@@ -302,6 +330,13 @@ def render(res: Dict[str, Any]) -> str:
                   f"Agents after {v['layers']}; tokens {v['tokens_in']} -> {v['tokens_after_agents']} (CLS included); "
                   f"output {v['out_shape']} (unpruned {v['ref_shape']}); MACs {v['macs_ratio']:.3f}x at "
                   f"target 0.6; JSON round trip equal: {v['json_round_trip_equal']}."]
+    if "vit_b16_latency" in res:
+        v = res["vit_b16_latency"]
+        lines += ["", f"Batch-1 latency on vit_b_16 (`--vit-b16-latency {v['reps']}`, {v['date']}; random weights, "
+                  "untrained agents with thresholds calibrated on 8 random images, target 0.6, 1 thread, interleaved "
+                  f"medians; load average before {v['load_before'][0]:.2f}, after {v['load_after'][0]:.2f}): "
+                  + "; ".join(f"{k} {v['ms_b1'][k]:.0f} ms at {v['macs'][k]:.3f}x MACs ({v['speedup_b1'][k]:.2f}x)"
+                              for k in v["ms_b1"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -346,6 +381,8 @@ def main(argv=None) -> int:
                     help="no fine-tuning of the original without agents (when an earlier run with the same "
                          "--epochs/--train-limit/--lr has it)")
     ap.add_argument("--vit-b16", action="store_true")
+    ap.add_argument("--vit-b16-latency", type=int, default=0, metavar="REPS",
+                    help="only add batch-1 latency of APT on vit_b_16 (random weights, 1 thread) to the --out JSON")
     ap.add_argument("--save-nets", default=None, help="also save every network (pkl) into this folder")
     ap.add_argument("--latency-from", default=None, help="only time the networks saved by --save-nets")
     ap.add_argument("--fuse-attention", action="store_true",
@@ -356,8 +393,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(RESULTS / "token_pruning"))
     ap.add_argument("--render", action="store_true", help="only rewrite the .md/.png from the existing .json")
     args = ap.parse_args(argv)
-    if args.render:
+    if args.render or args.vit_b16_latency:
         res = json.loads(Path(args.out + ".json").read_text())
+        if args.vit_b16_latency:
+            res["vit_b16_latency"] = vit_b16_latency(args.vit_b16_latency)
     else:
         res = latency_from(args) if args.latency_from else run(args)
     write_atomic(args.out + ".json", json.dumps(res, indent=1, default=str))

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import amc
 from amc.compressors import TokenPruning
-from amc.compressors.tokens import TokenAgent, agents_of, dynamic_macs, find_blocks, set_mode
+from amc.compressors.tokens import TokenAgent, agents_of, dynamic_macs, find_blocks, keep_top, set_mode
 from amc.errors import PruningError, TrainingError
 from amc.models import create
 
@@ -327,24 +327,35 @@ def test_fuse_and_distill_bad_input():
             TokenPruning(_tiny_vit(), loader, target_macs=0.6, epochs=0, distill=bad)
 
 
-@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("fuse", [False, True, "merge"])
 @pytest.mark.parametrize("mode", ["dynamic", "batched"])
-def test_batch1_fast_path_matches_the_general_path(fuse, mode):
+def test_batch1_fast_path_matches_the_general_path(fuse, mode, monkeypatch):
     """Batch 1 takes a leaner path (fewer ops); it keeps the same tokens and computes the same output as the
     general path (run here on a batch of two copies of the image)."""
+    import amc.compressors.tokens.agent as agent_module
+
+    general = []
+    keep_top = agent_module.keep_top
+    monkeypatch.setattr(agent_module, "keep_top", lambda *a, **k: general.append(1) or keep_top(*a, **k))
     torch.manual_seed(0)
     agent = TokenAgent(16, mode=mode, keep=5, threshold=0.5, fuse=fuse).eval()
+    kept = set()
     with torch.no_grad():
         agent.mlp[2].bias.fill_(0.2)
         for seed in range(20):
             x = torch.randn(1, 13, 16, generator=torch.Generator().manual_seed(seed))
             one = agent(x)
+            assert not general  # batch 1 did not take the general path
             two = agent(torch.cat([x, x]))  # the general path (batch > 1)
+            assert len(general) == 1
+            general.clear()
             assert one.shape == two[:1].shape and torch.allclose(one, two[:1], atol=1e-5)
+            kept.add(one.shape[1])
+        assert mode == "batched" or len(kept) > 1  # dynamic lengths vary per image
         agent.threshold, agent.keep = 0.999999, 1  # dynamic: nothing passes, the best token is kept
         x = torch.randn(1, 13, 16)
         assert torch.allclose(agent(x), agent(torch.cat([x, x]))[:1], atol=1e-5)
-        assert agent(x).shape[1] == 2 + int(fuse)
+        assert agent(x).shape[1] == 2 + int(fuse is True)
 
 
 def test_merge_averages_each_dropped_token_into_its_most_similar_kept_token():
@@ -471,3 +482,45 @@ def test_a_replaced_first_layer_runs_as_written():
         assert torch.allclose(agent.scores(x), want, atol=1e-6)
         top = want[:1].topk(5, dim=1).indices.sort(dim=1).values
         assert torch.equal(agent(x[:1])[0, 1:], x[0, 1:][top[0]])  # the batch-1 path too
+
+
+@pytest.mark.parametrize("b,n,k", [(1, 13, 3), (7, 50, 33), (4, 50, 1), (3, 5, 3)])
+def test_eager_merge_matches_the_export_path_in_values_and_gradients(b, n, k, monkeypatch):
+    """Eager merging (one mask, in-place adds) is the exported path's function, gradients included."""
+    import amc.compressors.tokens.agent as agent_module
+
+    torch.manual_seed(n + k)
+    x = torch.randn(b, n, 16, requires_grad=True)
+    scores, g = torch.randn(b, n - 1), torch.randn(b, k + 1, 16)
+    eager = keep_top(x, scores, k, merge=True)
+    monkeypatch.setattr(agent_module, "_exporting", lambda: True)
+    written = keep_top(x, scores, k, merge=True)
+    assert eager.shape == written.shape == (b, k + 1, 16)
+    assert torch.allclose(eager, written, atol=1e-6)
+    grads = [torch.autograd.grad((out * g).sum(), x)[0] for out in (eager, written)]
+    assert torch.allclose(*grads, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0.0, 20.0, 30.0])
+def test_dynamic_threshold_holds_where_float32_sigmoids_saturate(offset):
+    """Agents whose logits sit far above 16 (float32 sigmoid = 1 for all of them) still keep their calibrated
+    share in dynamic mode, and batch 1 keeps the same tokens as a batch: thresholds live in logit space."""
+    from amc.compressors.tokens.agent import threshold_logit
+    from amc.compressors.tokens.training import calibrate_thresholds
+
+    torch.manual_seed(0)
+    agent = TokenAgent(16, keep=6, mode="dynamic", fuse="merge").eval()
+    with torch.no_grad():
+        agent.mlp[2].weight.mul_(40.0)  # logits spread over tens, shifted by `offset`
+        agent.mlp[2].bias.fill_(offset)
+        x = torch.randn(32, 13, 16)
+        assert (torch.sigmoid(agent.scores(x)) == 1.0).float().mean() > 0.2 or offset == 0.0
+        calibrate_thresholds(agent, [agent], [6], 13, [x])
+        agent.mode = "dynamic"
+        cut = threshold_logit(agent.threshold)
+        s = agent.scores(x)
+        assert abs(float((s > cut).float().sum(1).mean()) - 6) <= 0.5  # the calibrated share, on these images
+        for i in range(8):
+            one = agent(x[i:i + 1])
+            assert one.shape[1] == 1 + max(1, int((s[i] > cut).sum()))
+            assert torch.allclose(one, agent(x[i:i + 1].expand(2, -1, -1))[:1], atol=1e-5)

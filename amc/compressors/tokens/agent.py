@@ -21,6 +21,7 @@ most similar to (cosine, as ToMe merges), so no token is added and none is lost 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Optional
 
 import torch
@@ -103,16 +104,16 @@ class TokenAgent(nn.Module):
             return self._sampled(x, attn)
         if self.mode == "off" or (self.mode == "batched" and (self.keep is None or self.keep >= n)):
             return x
-        if x.shape[0] == 1 and n and self.score == "agent" and self.fuse != "merge" and not self.training \
-                and self.folds_cls() and not _exporting():
+        if x.shape[0] == 1 and n and self.score == "agent" and not self.training and self.folds_cls() \
+                and not _exporting():
             out = self._one(x)
         else:
             s = self.scores(x, attn)
             self._last_scores = s if self.training else s.detach()  # the budget term (training), thresholds
             if self.mode == "batched":
                 k = int(self.keep)
-            else:
-                k = int((torch.sigmoid(s) > self.threshold).sum(1).max().item()) if n else 0
+            else:  # compared as logits: sigmoid saturates in float32 above a logit of about 16
+                k = int((s > threshold_logit(self.threshold)).sum(1).max().item()) if n else 0
             k = max(1, min(k, n))
             out = keep_top(x, s, k, self.fusion_weights(s) if self.fuse == "one" and k < n else None,
                            merge=self.fuse == "merge")
@@ -121,40 +122,49 @@ class TokenAgent(nn.Module):
         return out
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
-        """One image in about half the ops (batch 1 on CPU is bound by op count, not MACs): the first Linear
-        of `[h, h * h_cls]` is one Linear of h with `W_a + W_b * h_cls`; dynamic mode compares logits with
-        the threshold's logit and indexes the kept rows directly (already in order, no top-k)."""
+        """One image in few ops (batch 1 on CPU is bound by op count, not MACs): the first Linear of
+        `[h, h * h_cls]` is one Linear of h with `W_a + W_b * h_cls`; CLS is scored with the rest and then
+        forced in, so one index selects CLS and the kept rows in order; dynamic mode compares logits with
+        the threshold's logit (no sigmoid, no top-k); merging skips the batched path's sort and scatter."""
         # plain layers are called functionally (no module dispatch); a replaced one (soft pruning's masked
         # norm, a quantised Linear) is called as it is
         F, norm, mods = nn.functional, self.norm, self.mlp._modules
         fc1, act, fc2 = mods["0"], mods["1"], mods["2"]
-        h = F.layer_norm(x[0], norm.normalized_shape, norm.weight, norm.bias, norm.eps) \
-            if type(norm) is nn.LayerNorm else norm(x[0])
+        x0 = x[0]
+        h = F.layer_norm(x0, norm.normalized_shape, norm.weight, norm.bias, norm.eps) \
+            if type(norm) is nn.LayerNorm else norm(x0)
         w = fc1.weight
-        w_eff = torch.addcmul(w[:, :self.dim], w[:, self.dim:], h[:1])
-        z = F.linear(h[1:], w_eff, fc1.bias)
+        z = F.linear(h, torch.addcmul(w[:, :self.dim], w[:, self.dim:], h[:1]), fc1.bias)
         z = F.gelu(z, approximate=act.approximate) if type(act) is nn.GELU else act(z)
-        s = (F.linear(z, fc2.weight, fc2.bias) if type(fc2) is nn.Linear else fc2(z)).squeeze(-1)
-        self._last_scores = s.unsqueeze(0)
-        n = s.shape[0]
+        s = (F.linear(z, fc2.weight, fc2.bias) if type(fc2) is nn.Linear else fc2(z)).view(-1)
+        self._last_scores = s[1:].unsqueeze(0)
+        n = s.shape[0] - 1
         if self.mode == "batched":
-            keep = s.topk(max(1, min(int(self.keep), n))).indices.sort().values
+            k = max(1, min(int(self.keep), n))
+            keep = torch.cat([s.new_zeros(1, dtype=torch.long), s[1:].topk(k).indices.sort().values.add_(1)])
             mask = None
         else:
-            t = self.threshold
-            cut = float("-inf") if t <= 0 else float("inf") if t >= 1 else float(np.log(t / (1 - t)))
-            mask = s > cut
-            if not bool(mask.any()):  # keep at least one token, as the batched path does
-                mask = torch.zeros_like(mask).index_fill(0, s.argmax().view(1), True)
-            keep = mask.nonzero().squeeze(1)
-        rest = x[0, 1:]
-        parts = [x[0, :1], rest.index_select(0, keep)]
-        if self.fuse == "one" and keep.numel() < n:
+            mask = s > threshold_logit(self.threshold)
+            mask.narrow(0, 0, 1).fill_(True)  # CLS (a narrow view's fill: fewer ops than mask[0] = True)
+            keep = mask.nonzero().view(-1)
+            if keep.shape[0] == 1:  # keep at least one token besides CLS, as the batched path does
+                mask.index_fill_(0, s[1:].argmax().add_(1).view(1), True)
+                keep = mask.nonzero().view(-1)
+        out = x0.index_select(0, keep)
+        k = keep.shape[0] - 1
+        if k < n and self.fuse != "none":
             if mask is None:
-                mask = torch.zeros_like(s, dtype=torch.bool).index_fill(0, keep, True)
-            drop = (~mask).nonzero().squeeze(1)
-            parts.append((torch.softmax(s.index_select(0, drop), 0) @ rest.index_select(0, drop)).unsqueeze(0))
-        return torch.cat(parts, 0).unsqueeze(0)
+                mask = torch.zeros_like(s, dtype=torch.bool).index_fill_(0, keep, True)
+            drop = (~mask).nonzero().view(-1)
+            src = x0.index_select(0, drop)
+            if self.fuse == "merge":  # _merged for one image: each dropped row joins its most similar kept
+                sim = F.normalize(src, dim=-1) @ F.normalize(out[1:], dim=-1).t()  # row; equal-weight means
+                to = sim.argmax(-1).add_(1)
+                counts = torch.bincount(to, minlength=k + 1).add_(1).to(x.dtype).unsqueeze(1)
+                out = out.index_add_(0, to, src).div_(counts)
+            else:  # "one": the score-weighted mean of the dropped rows, appended
+                out = torch.cat([out, torch.softmax(s.index_select(0, drop), 0).unsqueeze(0) @ src], 0)
+        return out.unsqueeze(0)
 
     def _sampled(self, x: torch.Tensor, attn: Optional[torch.Tensor]) -> torch.Tensor:
         """Pass 2 of the seed's training: drop `sample` tokens drawn without replacement from
@@ -190,6 +200,13 @@ class TokenAgent(nn.Module):
         return torch.exp(s - s.max(dim=1, keepdim=True).values)
 
 
+def threshold_logit(t: float) -> float:
+    """The logit of a keep-probability threshold, in float64: dynamic mode compares scores with it, since
+    float32 sigmoids of logits above ~16 all round to 1 (a calibrated threshold can sit there)."""
+    t = float(t)
+    return float("-inf") if t <= 0 else float("inf") if t >= 1 else math.log(t) - math.log1p(-t)
+
+
 def _exporting() -> bool:
     """Tracing, ONNX export or compilation: keep to the general, batch-size-agnostic path."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
@@ -200,6 +217,8 @@ def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: Option
     """CLS plus the `k` highest-scoring other tokens of every image, in their original order; with
     `fuse_weights` (`[B, N-1]`, positive) also the weighted mean of the dropped tokens, appended last; with
     `merge`, each dropped token averaged into its most similar kept token instead."""
+    if merge and k < scores.shape[1] and not _exporting():
+        return _merged_top(x, scores, k)
     if merge and k < scores.shape[1]:
         order = scores.argsort(dim=1, descending=True)
         return _merged(x, _gather(x, order[:, :k].sort(dim=1).values), order[:, k:])
@@ -209,6 +228,28 @@ def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: Option
         return out
     kept = torch.zeros_like(fuse_weights).scatter(1, idx, 1.0)  # a float mask: ONNX exports no bool scatter
     return torch.cat([out, _fused(x, fuse_weights, kept)], dim=1)
+
+
+def _merged_top(x: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """`keep_top(..., merge=True)` in eager mode with fewer ops and copies (the merging agents' share of a
+    batch's time): one mask of the kept rows (CLS included) yields both row lists in order, and the
+    dropped rows are added in place into the fresh selection of the kept ones."""
+    b, n, d = x.shape
+    m = n - 1 - k
+    mask = torch.zeros(b, n, dtype=torch.bool, device=x.device)
+    mask.narrow(1, 0, 1).fill_(True)
+    mask.narrow(1, 1, n - 1).scatter_(1, scores.topk(k, dim=1).indices, True)
+    flat = mask.view(-1)
+    rows = x.reshape(b * n, d)
+    out = rows.index_select(0, flat.nonzero().view(-1))                              # [B * (1 + k), D]
+    src = rows.index_select(0, (~flat).nonzero().view(-1))                           # [B * m, D]
+    with torch.no_grad():  # where each dropped row goes: not differentiable
+        kept = out.view(b, k + 1, d)[:, 1:]
+        unit = nn.functional.normalize
+        sim = unit(src.view(b, m, d), dim=-1) @ unit(kept, dim=-1).transpose(1, 2)
+        to = sim.argmax(dim=-1).add_(torch.arange(b, device=x.device).unsqueeze(1) * (k + 1) + 1).view(-1)
+        counts = torch.bincount(to, minlength=b * (k + 1)).add_(1).to(x.dtype).unsqueeze(1)
+    return out.index_add_(0, to, src).div_(counts).view(b, k + 1, d)
 
 
 def _fused(x: torch.Tensor, weights: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -174,23 +174,29 @@ def calibrate_thresholds(net: nn.Module, agents: Sequence[TokenAgent], keep: Seq
     """Dynamic-mode thresholds: per agent, the keep-probability above which, on these images in batched mode,
     its budgeted share of the arriving tokens lies (so dynamic mode keeps that share on average)."""
     reaching = arriving(tokens, keep, any(getattr(a, "fuse", "none") == "one" for a in agents))
-    probs: List[List[torch.Tensor]] = [[] for _ in agents]
+    logits: List[List[torch.Tensor]] = [[] for _ in agents]
     for a, k in zip(agents, keep):
         a.mode, a.keep = "batched", k
     net.eval()
     for batch in batches:
         x = batch_inputs(batch)[0].to(device) if not isinstance(batch, torch.Tensor) else batch.to(device)
         net(x)
-        for p, a in zip(probs, agents):
+        for p, a in zip(logits, agents):
             if a._last_scores is not None:
-                p.append(torch.sigmoid(a._last_scores).flatten())
+                p.append(a._last_scores.flatten())
     out = []
-    for a, p, k, n in zip(agents, probs, keep, reaching):
+    for a, p, k, n in zip(agents, logits, keep, reaching):
         if not p or k >= n:
             a.threshold = 0.0
-        else:
-            allp = torch.cat(p)
-            a.threshold = float(torch.quantile(allp, 1.0 - k / n))
+        else:  # the quantile of the logits (float32 sigmoids of logits above ~16 are all 1: ties), then its
+            # probability in float64, which keeps logits up to ~36 apart (dynamic mode compares logits)
+            q = float(torch.quantile(torch.cat(p).double(), 1.0 - k / n))
+            t = 1.0 / (1.0 + math.exp(-q)) if q > -700 else 0.0
+            a.threshold = min(t, math.nextafter(1.0, 0.0))
+            if t >= 1.0:
+                logger.warning("agent %s: its calibrated logit threshold %.1f is beyond what a float64 "
+                               "probability holds (logit 36.7); dynamic mode keeps more tokens than calibrated",
+                               a.label, q)
         a._last_scores = None
         out.append(a.threshold)
     return out

@@ -8,8 +8,9 @@ learns only from its own losses (policy gradient + budget) and never pushes grad
 
 Modes (`agent.mode`):
   "batched": keep the `keep` highest-scoring tokens of every image (rectangular batches: fast in batches);
-  "dynamic": keep, per image, the tokens whose keep-probability sigmoid(score) is above `threshold`
-             (batch 1: each image its own length; in a batch, the largest such count, so it stays rectangular);
+  "dynamic": keep, per image, the tokens whose keep-probability sigmoid(score) is above `threshold`,
+             compared as logits (`threshold_logit`: float32 sigmoids saturate), (batch 1: each image its own
+             length; in a batch, the largest such count, so it stays rectangular);
   "off":     keep every token (APT trained, not pruning);
   "criterion" scorers (`score="cls_attention" | "norm" | "random"`): the training-free baselines.
 Kept tokens stay in their original order. `fuse` says what becomes of the dropped ones: "none" (False)

@@ -172,7 +172,8 @@ def train_apt(net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int],
 def calibrate_thresholds(net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int], tokens: int,
                          batches: Iterable, device: Any = "cpu") -> List[float]:
     """Dynamic-mode thresholds: per agent, the keep-probability above which, on these images in batched mode,
-    its budgeted share of the arriving tokens lies (so dynamic mode keeps that share on average)."""
+    its budgeted share of the arriving tokens lies (so dynamic mode keeps that share on average). The
+    quantile is taken over the logits and stored as a float64 probability: exact up to a logit of ~36.7."""
     reaching = arriving(tokens, keep, any(getattr(a, "fuse", "none") == "one" for a in agents))
     logits: List[List[torch.Tensor]] = [[] for _ in agents]
     for a, k in zip(agents, keep):

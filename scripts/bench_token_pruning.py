@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -69,13 +71,38 @@ def acc_batch1(net, test, limit: int) -> float:
     return hits / seen
 
 
-def latency(nets: Dict[str, Any], x1, x64, reps1: int, reps64: int) -> Dict[str, Dict[str, float]]:
+def latency(nets: Dict[str, Any], x64, reps1: int, reps64: int) -> Dict[str, Dict[str, float]]:
+    """Interleaved medians at batch 64 and at batch 1, where every network runs the 64 images in turn (a
+    dynamic network's length depends on the image: one image would time one length)."""
     out: Dict[str, Dict[str, float]] = {k: {} for k in nets}
+    ones = [x64[i:i + 1] for i in range(x64.shape[0])]
     with torch.no_grad():
-        for label, x, reps in (("b1", x1, reps1), ("b64", x64, reps64)):
-            times = interleaved({k: (lambda n=n, x=x: n(x)) for k, n in nets.items()}, reps=reps, warmup=2)
-            for k, v in times.items():
+        for label, reps in (("b1", reps1), ("b64", reps64)):
+            fns = {k: (lambda n=n: n(x64)) if label == "b64" else _cycling(n, ones) for k, n in nets.items()}
+            for k, v in interleaved(fns, reps=reps, warmup=2).items():
                 out[k][label] = statistics.median(v)
+    return out
+
+
+def _cycling(run, inputs):
+    """A no-argument call that runs `run` on the next of `inputs` each time."""
+    it = itertools.cycle(inputs)
+    return lambda: run(next(it))
+
+
+def ort_sessions(nets: Dict[str, Any], x1, folder: str) -> Dict[str, Any]:
+    """Each network exported by `save_to_onnx` (dynamic batch axis, checked against torch except where the
+    scores are random draws) and opened in onnxruntime with one thread: the deployed form's latency."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    out = {}
+    for i, (k, net) in enumerate(nets.items()):
+        path = net.save_to_onnx(os.path.join(folder, f"{i}.onnx"), x1, check="random" not in k)
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        out[k] = lambda x, s=sess, name=name: s.run(None, {name: x.numpy()})
     return out
 
 
@@ -203,15 +230,22 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
     torch.set_num_threads(args.threads)
     res["load_before"] = os.getloadavg()
     x64 = next(iter(test))[0][:64]
-    lat = latency(nets, x1, x64, args.reps1, args.reps64)
+    lat = latency(nets, x64, args.reps1, args.reps64)
+    if getattr(args, "onnxruntime", False):
+        with tempfile.TemporaryDirectory() as folder:
+            ort_lat = latency(ort_sessions(nets, x1, folder), x64, args.reps1, args.reps64)
     res["load_after"] = os.getloadavg()
     for row in res["rows"]:
         key = f"{row['budget']}|{row['method']}"
         if key in lat:
             row["latency"] = lat[key]
             row["speedup"] = {k: lat["unpruned"][k] / v for k, v in lat[key].items()}
+        if getattr(args, "onnxruntime", False) and key in ort_lat:
+            row["ort_latency"] = ort_lat[key]
+            row["ort_speedup"] = {k: ort_lat["unpruned"][k] / v for k, v in ort_lat[key].items()}
     res["unpruned_latency"] = lat["unpruned"]
     res["latency_threads"] = args.threads
+    res["latency_b1"] = "the 64 images in turn"
 
 
 def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
@@ -290,14 +324,21 @@ def render(res: Dict[str, Any]) -> str:
                   f"draws) by up to {100 * moved(rand):.2f}; MACs by a factor {min(dmacs):.4f}-{max(dmacs):.4f}; the "
                   "table shows the rechecked values.", ""]
     has_lat = any("latency" in r for r in res["rows"])
+    has_ort = any("ort_latency" in r for r in res["rows"])
     head = "| budget | method | accuracy | MACs | tokens kept per agent |"
     sep = "|---|---|---:|---:|---|"
     if has_lat:
         head += " b1 speedup | b64 speedup | b64 efficiency |"
         sep += "---:|---:|---:|"
+        if has_ort:
+            head += " ORT b1 | ORT b64 | ORT b64 efficiency |"
+            sep += "---:|---:|---:|"
         lines.append(f"Latency: {res.get('latency_threads', a['threads'])} torch thread(s), nothing else running, "
                      f"interleaved medians, load average before {res['load_before']}, after "
-                     f"{res['load_after']}; efficiency = speedup x MACs ratio (1.0 = as fast as the MACs promise).")
+                     f"{res['load_after']}; efficiency = speedup x MACs ratio (1.0 = as fast as the MACs promise)"
+                     + (f"; batch 1 runs {res['latency_b1']}" if res.get("latency_b1") else "; batch 1 runs one image")
+                     + ("; ORT: the network exported by `save_to_onnx` (dynamic batch axis) run by onnxruntime "
+                        "with 1 thread, timed the same way." if has_ort else "."))
         lines.append("")
         if res.get("fused_attention"):
             f = res["fused_attention"]
@@ -310,6 +351,9 @@ def render(res: Dict[str, Any]) -> str:
                 f"{r.get('keep', '')} |")
         if has_lat:
             s = r.get("speedup")
+            line += (f" {s['b1']:.2f}x | {s['b64']:.2f}x | {s['b64'] * r['macs']:.2f} |" if s else " | | |")
+        if has_ort:
+            s = r.get("ort_speedup")
             line += (f" {s['b1']:.2f}x | {s['b64']:.2f}x | {s['b64'] * r['macs']:.2f} |" if s else " | | |")
         lines.append(line)
     lines += ["", "Reading:", ""]
@@ -387,6 +431,8 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-from", default=None, help="only time the networks saved by --save-nets")
     ap.add_argument("--fuse-attention", action="store_true",
                     help="with --latency-from: time every network after amc.fuse_attention (write to another --out)")
+    ap.add_argument("--onnxruntime", action="store_true",
+                    help="with --latency-from: also time every network exported to ONNX in onnxruntime (1 thread)")
     ap.add_argument("--recheck", action="store_true",
                     help="with --latency-from: only re-measure accuracy and MACs of the saved networks (no timing: "
                          "run --latency-from again, without it, on the quiet machine)")

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import amc
 from amc.compressors import TokenPruning
 from amc.compressors.tokens import TokenAgent, agents_of, dynamic_macs, find_blocks, keep_top, set_mode
-from amc.errors import PruningError, TrainingError
+from amc.errors import ExportError, PruningError, TrainingError
 from amc.models import create
 
 
@@ -153,6 +153,45 @@ def test_onnx_export_of_batched_mode(tmp_path):
     sess = ort.InferenceSession(path)
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     assert torch.allclose(torch.from_numpy(got), net(x).detach(), atol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", ["none", "merge"])
+def test_onnx_export_of_dynamic_mode_keeps_a_data_dependent_token_count(tmp_path, fuse):
+    """Dynamic mode exported: the token count stays data in the graph (a traced k, the example's
+    count, made the export check refuse the file), so onnxruntime equals the network per image and
+    per batch, including images where every token or no token passes."""
+    ort = pytest.importorskip("onnxruntime")
+    net = TokenPruning(_tiny_vit(), _loader((1, 8, 8)), target_macs=0.6, epochs=0, fuse=fuse).compress()
+    set_mode(net, "dynamic")
+    agents = agents_of(net)
+    x = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    path = net.save_to_onnx(str(tmp_path / "dyn.onnx"), x[:1])
+    sess = ort.InferenceSession(path)
+    name = sess.get_inputs()[0].name
+    counts = set()
+    for threshold in (None, 0.0, 1.0):  # calibrated, everything passes, nothing passes (the best is kept)
+        if threshold is not None:
+            for a in agents:
+                a.threshold = threshold
+            path = net.save_to_onnx(str(tmp_path / f"dyn{threshold}.onnx"), x[:1])
+            sess = ort.InferenceSession(path)
+        with torch.no_grad():
+            for i in range(x.shape[0]):
+                want, seen = _token_counts(net, x[i:i + 1])
+                counts.add(tuple(seen))
+                got = sess.run(None, {name: x[i:i + 1].numpy()})[0]
+                assert torch.allclose(torch.from_numpy(got), want, atol=1e-5)
+            got = sess.run(None, {name: x[:3].numpy()})[0]
+            assert torch.allclose(torch.from_numpy(got), net(x[:3]), atol=1e-5)
+    assert len(counts) > 2  # the exported lengths did vary with the image
+
+
+def test_onnx_export_of_dynamic_mode_with_one_fused_token_is_refused(tmp_path):
+    net = TokenPruning(_tiny_vit(), _loader((1, 8, 8)), target_macs=0.6, epochs=0, fuse=True).compress()
+    set_mode(net, "dynamic")
+    with pytest.raises(ExportError, match="fuse='one' cannot be exported"):
+        net.save_to_onnx(str(tmp_path / "dyn.onnx"), torch.randn(1, 1, 8, 8))
+    assert not list(tmp_path.iterdir())  # nothing half-written
 
 
 def test_dynamic_macs_and_training_free_scores():

@@ -82,11 +82,10 @@ def build_groups(a: Analysis) -> Tuple[List[Group], np.ndarray]:
     roots = a.uf.roots()
     space_of = np.asarray(a.uf.space, dtype=np.int64)
     n = len(roots)
-    elements = np.arange(1, n)
     r = roots[1:]
     live = r != 0
     order = np.lexsort((space_of[1:][live], r[live]))
-    el, rr, sp = elements[live][order], r[live][order], space_of[1:][live][order]
+    rr, sp = r[live][order], space_of[1:][live][order]
     by_sig = _units_by_signature(rr, sp, len(a.spaces))
     groups: List[Group] = []
     unit_pos = np.full(n, -1, dtype=np.int64)

@@ -7,7 +7,7 @@ centroid with the summed gradient of the sub-vectors it stands for (iPQ's centro
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -113,6 +113,8 @@ class TokenAgent(nn.Module):
             self._last_scores = s if self.training else s.detach()  # the budget term (training), thresholds
             if self.mode == "batched":
                 k = int(self.keep)
+            elif _exporting() and n > 1:  # the count is data: a tensor k keeps it one in the exported graph
+                return _dynamic_top(x, s, self.threshold, self.fuse)
             else:  # compared as logits: sigmoid saturates in float32 above a logit of about 16
                 k = int((s > threshold_logit(self.threshold)).sum(1).max().item()) if n else 0
             k = max(1, min(k, n))
@@ -159,7 +161,7 @@ class TokenAgent(nn.Module):
             drop = (~mask).nonzero().view(-1)
             src = x0.index_select(0, drop)
             if self.fuse == "merge":  # _merged for one image: each dropped row joins its most similar kept
-                sim = F.normalize(src, dim=-1) @ F.normalize(out[1:], dim=-1).t()  # row; equal-weight means
+                sim = src @ F.normalize(out[1:], dim=-1).t()  # row (cosine x the row's norm); equal-weight means
                 to = sim.argmax(-1).add_(1)
                 counts = torch.bincount(to, minlength=k + 1).add_(1).to(x.dtype).unsqueeze(1)
                 out = out.index_add_(0, to, src).div_(counts)
@@ -231,6 +233,19 @@ def keep_top(x: torch.Tensor, scores: torch.Tensor, k: int, fuse_weights: Option
     return torch.cat([out, _fused(x, fuse_weights, kept)], dim=1)
 
 
+def _dynamic_top(x: torch.Tensor, scores: torch.Tensor, threshold: float, fuse: str) -> torch.Tensor:
+    """Dynamic mode as a traced graph: k (the most tokens any image passes, at least 1) stays a tensor,
+    so the exported model keeps a data-dependent token count (TopK with a computed k, in ONNX)."""
+    if fuse == "one":
+        raise PruningError("dynamic mode with fuse='one' cannot be exported: its appended token exists only "
+                           "when a token is dropped, which the graph cannot decide; export in batched mode")
+    n = scores.shape[1]
+    k = (scores > threshold_logit(threshold)).sum(1).max().clamp(1, n)
+    order = scores.argsort(dim=1, descending=True)
+    kept = _gather(x, order[:, :k].sort(dim=1).values)
+    return _merged(x, kept, order[:, k:]) if fuse == "merge" else kept
+
+
 def _merged_top(x: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
     """`keep_top(..., merge=True)` in eager mode with fewer ops and copies (the merging agents' share of a
     batch's time): one mask of the kept rows (CLS included) yields both row lists in order, and the
@@ -246,8 +261,7 @@ def _merged_top(x: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
     src = rows.index_select(0, (~flat).nonzero().view(-1))                           # [B * m, D]
     with torch.no_grad():  # where each dropped row goes: not differentiable
         kept = out.view(b, k + 1, d)[:, 1:]
-        unit = nn.functional.normalize
-        sim = unit(src.view(b, m, d), dim=-1) @ unit(kept, dim=-1).transpose(1, 2)
+        sim = src.view(b, m, d) @ nn.functional.normalize(kept, dim=-1).transpose(1, 2)  # cosine x |src|
         to = sim.argmax(dim=-1).add_(torch.arange(b, device=x.device).unsqueeze(1) * (k + 1) + 1).view(-1)
         counts = torch.bincount(to, minlength=b * (k + 1)).add_(1).to(x.dtype).unsqueeze(1)
     return out.index_add_(0, to, src).div_(counts).view(b, k + 1, d)
@@ -265,7 +279,8 @@ def _merged(x: torch.Tensor, kept: torch.Tensor, drop: torch.Tensor) -> torch.Te
     into the kept non-CLS token of highest cosine similarity (an equal-weight mean per destination)."""
     src = take_rows(x, drop + 1)                                                     # [B, m, D]
     dst = kept[:, 1:]
-    sim = nn.functional.normalize(src, dim=-1) @ nn.functional.normalize(dst, dim=-1).transpose(1, 2)
+    sim = src @ nn.functional.normalize(dst, dim=-1).transpose(1, 2)  # a dropped row's norm scales its row of
+    # cosines: the argmax is the same without normalising it (one norm and one division fewer)
     to = sim.argmax(dim=-1)                                                           # [B, m]
     sums = add_rows(dst, to, src)
     counts = torch.ones_like(dst[..., :1]).scatter_add(1, to.unsqueeze(-1), torch.ones_like(src[..., :1]))
@@ -277,6 +292,8 @@ def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     flattened rows: torch.gather with an index expanded over D is about 5x slower on CPU (64 x 30 of
     50 tokens: 650 vs 130 us), and this runs once per agent per batch."""
     b, n, d = x.shape
+    if _exporting():  # one GatherElements, and no Reshape, whose 0 in ONNX copies a size (empty idx)
+        return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, d))
     flat = (idx + torch.arange(b, device=idx.device).unsqueeze(1) * n).reshape(-1)
     return x.reshape(b * n, d).index_select(0, flat).view(b, idx.shape[1], d)
 

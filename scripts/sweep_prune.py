@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -109,7 +110,8 @@ def _attn_dims(mod) -> Optional[Dict[str, int]]:
 VIT_ATTN = "encoder.layers.encoder_layer_0.self_attention"
 
 
-def ours_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: str = "") -> Dict[str, Any]:
+def ours_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: str = "",
+             round_to: int = 1) -> Dict[str, Any]:
     """amc: trace, prune at RATIO with L2, check, count; optionally torch.save the pruned net."""
     torch = _setup(seed, threads)
     import amc
@@ -129,7 +131,7 @@ def ours_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: s
         r["macs_before"], r["params_before"] = amc.count(net, x)
         stage = "prune"
         t0 = time.perf_counter()
-        pruned = amc.prune(net, ratio=RATIO, criterion="l2", example_inputs=(x,))
+        pruned = amc.prune(net, ratio=RATIO, criterion="l2", example_inputs=(x,), round_to=round_to)
         r["prune_s"] = time.perf_counter() - t0
         stage = "check"
         pruned.eval()
@@ -185,7 +187,7 @@ def _tp_config(model) -> Dict[str, Any]:
 
 
 def tp_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: str = "",
-           amc_count: bool = True) -> Dict[str, Any]:
+           amc_count: bool = True, round_to: int = 1) -> Dict[str, Any]:
     """Torch-Pruning MetaPruner at RATIO with group L2 magnitude; check, count; optionally save."""
     torch = _setup(seed, threads)
     import torch_pruning as tp
@@ -201,6 +203,8 @@ def tp_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: str
         macs, params = tp.utils.count_ops_and_params(model, x)
         r["tp_macs_before"], r["tp_params_before"] = int(macs), int(params)
         cfg = _tp_config(model)
+        if round_to > 1:  # TP's own round_to; a ViT's stays a multiple of its head count too
+            cfg["round_to"] = math.lcm(cfg.get("round_to", 1), round_to)
         r["config"] = {k: (len(v) if isinstance(v, (list, dict)) else v) for k, v in cfg.items()}
         stage = "pruner"
         t0 = time.perf_counter()
@@ -249,16 +253,27 @@ def tp_one(name: str, size: int, seed: int = 0, threads: int = 2, save_path: str
 
 
 def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Optional[Dict[str, str]] = None,
-                budget_s: float = 40.0, max_reps_b1: int = 7, max_reps_b32: int = 3) -> Dict[str, Any]:
-    """Median latency of the original and each pruned model at batch 1 and 32, interleaved rounds."""
+                budget_s: float = 40.0, max_reps_b1: int = 7, max_reps_b32: int = 3,
+                runtime: str = "torch") -> Dict[str, Any]:
+    """Median latency of the original and each pruned model at batch 1 and 32, interleaved rounds; with
+    runtime="onnxruntime", of each one exported by amc's `save_to_onnx` and run by onnxruntime."""
     torch = _setup(seed, threads)
     model, x = build(name, size, seed)
     models = {"orig": model}
     for key, path in (paths or {}).items():
         if path and os.path.exists(path):
             models[key] = torch.load(path, weights_only=False).eval()
-    start = time.perf_counter()
     r: Dict[str, Any] = {}
+    if runtime == "onnxruntime":
+        folder = tempfile.mkdtemp(prefix="amc_sweep_onnx_")
+        try:
+            models = _onnxruntime_runners(models, x, folder, threads, r)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the sessions hold their models in memory
+        if "orig" not in models:
+            r["error"] = f"the unpruned model did not export: {r['export_errors'].get('orig', '?')}"
+            return r
+    start = time.perf_counter()
 
     def timed(m, inp) -> float:
         t0 = time.perf_counter()
@@ -302,6 +317,32 @@ def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Op
             r[f"b{batch}_reps"] = len(times["orig"])
     r["latency_s"] = time.perf_counter() - start
     return r
+
+
+def _onnxruntime_runners(models: Dict[str, Any], x: Any, folder: str, threads: int,
+                         r: Dict[str, Any]) -> Dict[str, Any]:
+    """Each model exported by `save_to_onnx` (eager ones traced by amc first) and opened in onnxruntime
+    with `threads` intra-op threads; a model that fails to export is left out, its error kept in r."""
+    import onnxruntime as ort
+
+    import amc
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    out, r["export_errors"], r["export_s"] = {}, {}, {}
+    for k, m in models.items():
+        t0 = time.perf_counter()
+        try:
+            graph = m if isinstance(m, amc.ReconstructedNetwork) else amc.trace(m, x)
+            path = graph.save_to_onnx(os.path.join(folder, f"{k}.onnx"), x, check=False)
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - recorded per model
+            r["export_errors"][k] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        r["export_s"][k] = time.perf_counter() - t0
+        feed = sess.get_inputs()[0].name
+        out[k] = lambda inp, sess=sess, feed=feed: sess.run(None, {feed: inp.numpy()})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,20 +438,22 @@ def run_model(job: Dict[str, Any], args: argparse.Namespace, previous: Optional[
         paths = {"ours": os.path.join(tmp, "ours.pt"), "tp": os.path.join(tmp, "tp.pt")}
         keep = not args.skip_latency
         row["ours"] = run_isolated(f"{SELF}:ours_one", {"name": name, "size": size, "seed": args.seed,
-                                   "threads": args.threads, "save_path": paths["ours"] if keep else ""},
+                                   "threads": args.threads, "save_path": paths["ours"] if keep else "",
+                                   "round_to": args.round_to},
                                    timeout=args.timeout, mem_gb=args.mem_gb)
         if previous is not None:
             row["tp"] = previous["tp"]
         else:
             row["tp"] = run_isolated(f"{SELF}:tp_one", {"name": name, "size": size, "seed": args.seed,
-                                     "threads": args.threads, "save_path": paths["tp"] if keep else ""},
+                                     "threads": args.threads, "save_path": paths["tp"] if keep else "",
+                                     "round_to": args.round_to},
                                      timeout=args.tp_timeout, mem_gb=args.mem_gb)
         if keep and any(os.path.exists(p) for p in paths.values()):
             row["latency"] = run_isolated(
                 f"{SELF}:latency_one", {"name": name, "size": size, "seed": args.seed, "threads": args.threads,
                                         "paths": {k: p for k, p in paths.items() if os.path.exists(p)},
-                                        "budget_s": args.latency_budget},
-                timeout=args.latency_budget * 2 + 120, mem_gb=args.mem_gb)
+                                        "budget_s": args.latency_budget, "runtime": args.runtime},
+                timeout=args.latency_budget * 2 + (600 if args.runtime == "onnxruntime" else 120), mem_gb=args.mem_gb)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     derive(row)
@@ -443,6 +486,8 @@ def derive(row: Dict[str, Any]) -> None:
             for k in ("ours", "tp"):
                 if med.get(k):
                     row[f"speedup_{k}_{b}"] = med["orig"] / med[k]
+                    if row.get(f"{k}_macs_ratio"):
+                        row[f"efficiency_{k}_{b}"] = row[f"speedup_{k}_{b}"] * row[f"{k}_macs_ratio"]
 
 
 def _status(stage: Dict[str, Any]) -> str:
@@ -476,13 +521,18 @@ def render_markdown(rows: List[Dict[str, Any]], remaining: List[str], args: argp
     sp = {f"{k}_{b}": sorted(r[f"speedup_{k}_{b}"] for r in ran if r.get(f"speedup_{k}_{b}"))
           for k in ("ours", "tp") for b in ("b1", "b32")}
     mr = {k: sorted(r[f"{k}_macs_ratio"] for r in both if r.get(f"{k}_macs_ratio")) for k in ("ours", "tp")}
+    ef = {f"{k}_{b}": sorted(r[f"efficiency_{k}_{b}"] for r in ran if r.get(f"efficiency_{k}_{b}"))
+          for k in ("ours", "tp") for b in ("b1", "b32")}
     title = "# Pruning sweep: amc.prune vs Torch-Pruning" + (" (PARTIAL)" if remaining else "")
     lines = [title, "",
              f"Generated by `{_command(args)}` on {time.strftime('%Y-%m-%d %H:%M')}; torch "
              f"{_version('torch')}, torchvision {_version('torchvision')}, torch-pruning {_version('torch_pruning')}; "
              f"CPU, {args.threads} torch thread(s) per model on a shared 2-core machine (latencies are noisy: "
              f"interleaved rounds, medians; compare the ratios, not the seconds). Ratio {RATIO} (fraction of "
-             f"channels removed per group), L2. Timeouts: ours {args.timeout:.0f} s, TP {args.tp_timeout:.0f} s; "
+             f"channels removed per group), L2, round_to {getattr(args, 'round_to', 1)} (ours and TP); latency in "
+             f"{getattr(args, 'runtime', 'torch')}"
+             + (" (every model exported by amc's save_to_onnx)" if getattr(args, "runtime", "torch") == "onnxruntime"
+                else "") + f". Timeouts: ours {args.timeout:.0f} s, TP {args.tp_timeout:.0f} s; "
              f"memory guard {args.mem_gb} GB." + (f" {args.note}" if getattr(args, "note", "") else ""),
              ""]
     if remaining:
@@ -504,6 +554,11 @@ def render_markdown(rows: List[Dict[str, Any]], remaining: List[str], args: argp
         f"- Median latency speedup vs unpruned, batch 1: ours {_f(_med(sp['ours_b1']), '{:.2f}')}x, "
         f"TP {_f(_med(sp['tp_b1']), '{:.2f}')}x; batch 32: ours {_f(_med(sp['ours_b32']), '{:.2f}')}x, "
         f"TP {_f(_med(sp['tp_b32']), '{:.2f}')}x. " + _latency_coverage(ran, sp),
+        "- Median efficiency (speedup x MACs after/before; 1.0 = as fast as the MACs promise), batch 1: "
+        + ", ".join(f"{who} {_f(_med(ef[f'{k}_b1']), '{:.2f}')} ({len(ef[f'{k}_b1'])} models)"
+                    for who, k in (("ours", "ours"), ("TP", "tp")))
+        + "; batch 32: " + ", ".join(f"{who} {_f(_med(ef[f'{k}_b32']), '{:.2f}')} ({len(ef[f'{k}_b32'])} models)"
+                                     for who, k in (("ours", "ours"), ("TP", "tp"))) + ".",
         *_speedup_vs_tp(ran),
         "",
         "### Failures", ""]
@@ -586,6 +641,10 @@ def _command(args: argparse.Namespace) -> str:
         parts.append(f"--threads {args.threads}")
     if getattr(args, "latency_budget", 40.0) != 40.0:
         parts.append(f"--latency-budget {args.latency_budget:g}")
+    if getattr(args, "round_to", 1) != 1:
+        parts.append(f"--round-to {args.round_to}")
+    if getattr(args, "runtime", "torch") != "torch":
+        parts.append(f"--runtime {args.runtime}")
     return " ".join(parts)
 
 
@@ -637,11 +696,16 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     p.add_argument("--note", default="", help="a sentence about the run's conditions, printed under the title")
     p.add_argument("--render-only", action="store_true", help="re-render the markdown from the JSON and exit")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="ours and TP keep multiples of it per group (default 1: exact ratios)")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="time the models in torch, or exported by amc's save_to_onnx and run by onnxruntime")
     p.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision",
                    help="timm: the smallest model of every timm family (random weights, its default input size), "
                         "written to prune_sweep_timm.{json,md}")
     args = p.parse_args(argv)
-    stem = "prune_sweep" if args.zoo == "torchvision" else "prune_sweep_timm"
+    stem = (("prune_sweep" if args.zoo == "torchvision" else "prune_sweep_timm")
+            + (f"_r{args.round_to}" if args.round_to != 1 else "") + ("_onnxruntime" if args.runtime != "torch" else ""))
     if args.render_only:
         json_path = os.path.join(args.out_dir, f"{stem}.json")
         with open(json_path, encoding="utf-8") as f:

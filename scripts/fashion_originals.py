@@ -2,6 +2,7 @@
 
     python scripts/fashion_originals.py                 # train (or load) vgg_small and resnet20, print accuracy
     python scripts/fashion_originals.py --models vit_fashion   # the ViT of the token-pruning benchmark
+    python scripts/fashion_originals.py --models resnet50_fashion   # torchvision's resnet50 at 32 px RGB
 
 One recipe for every benchmark (bench_channel_pruning, bench_lowrank, bench_finetune), so their tables
 compare methods on the same converged network (ViTs: AdamW, see ``VIT_RECIPES``): all 60,000 training
@@ -38,6 +39,10 @@ LR = 0.05
 BATCH = 128
 # ViTs train with AdamW (SGD leaves them far behind): model -> (optimizer, lr, weight decay, epochs)
 VIT_RECIPES = {"vit_fashion": ("adamw", 1e-3, 0.05, 6)}
+# torchvision architectures trained here on Fashion-MNIST (their ImageNet weights do not ship offline):
+# model -> (torchvision constructor, input side in px, epochs, train_limit). RGB copies of the images at
+# 32 px through torchvision's own stem; cached, not shipped (resnet50 is 94 MB).
+TORCHVISION = {"resnet50_fashion": ("resnet50", 32, 2, 20000)}
 CACHE = Path(os.environ.get("AMC_BENCH_CACHE", Path.home() / ".cache" / "amc_bench"))
 SHIPPED = HERE / "originals"  # committed copies (safetensors: loading runs no code)
 
@@ -52,8 +57,25 @@ def _stem(r: Dict[str, Any]) -> str:
     return f"{r['model']}_fmnist_n{n}_e{r['epochs']}_lr{r['lr']}_b{r['batch']}_s{r['seed']}"
 
 
-def loaders(train_limit: Optional[int] = None, val_limit: Optional[int] = None, seed: int = 0):
-    return fashion_mnist_loaders(batch_size=BATCH, train_limit=train_limit, val_limit=val_limit, seed=seed)
+def input_format(name: Optional[str]) -> Dict[str, Any]:
+    """fashion_mnist_loaders keyword arguments for `name`'s inputs (28 px grey unless TORCHVISION says)."""
+    if name in TORCHVISION:
+        return {"image_size": TORCHVISION[name][1], "channels": 3}
+    return {}
+
+
+def loaders(train_limit: Optional[int] = None, val_limit: Optional[int] = None, seed: int = 0,
+            name: Optional[str] = None):
+    return fashion_mnist_loaders(batch_size=BATCH, train_limit=train_limit, val_limit=val_limit, seed=seed,
+                                 **input_format(name))
+
+
+def create_model(name: str) -> nn.Module:
+    if name in TORCHVISION:
+        import torchvision
+
+        return getattr(torchvision.models, TORCHVISION[name][0])(num_classes=10)
+    return create(name)
 
 
 def original(name: str, epochs: int = EPOCHS, train_limit: Optional[int] = None, lr: float = LR,
@@ -62,10 +84,12 @@ def original(name: str, epochs: int = EPOCHS, train_limit: Optional[int] = None,
     opt, wd = "sgd", 5e-4
     if name in VIT_RECIPES:
         opt, lr, wd, epochs = VIT_RECIPES[name]
+    if name in TORCHVISION:
+        epochs, train_limit = TORCHVISION[name][2:]
     r = recipe(name, epochs, train_limit, lr, seed)
     path = CACHE / (_stem(r) + ("" if opt == "sgd" else f"_{opt}") + ".pt")
     torch.manual_seed(seed)
-    model = create(name)
+    model = create_model(name)
     shipped = SHIPPED / (path.stem + ".safetensors")
     if shipped.exists() and shipped.with_suffix(".json").exists():
         from safetensors.torch import load_file
@@ -75,7 +99,7 @@ def original(name: str, epochs: int = EPOCHS, train_limit: Optional[int] = None,
     if path.exists() and path.with_suffix(".json").exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), json.loads(path.with_suffix(".json").read_text())
-    train, val = loaders(train_limit, seed=seed)
+    train, val = loaders(train_limit, seed=seed, name=name)
     t = time.perf_counter()
     res = train_classifier(model, train, val, epochs=epochs, lr=lr, seed=seed, optimizer=opt, weight_decay=wd)
     secs = time.perf_counter() - t

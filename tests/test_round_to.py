@@ -77,7 +77,11 @@ def test_channel_pruning_rounds_too(one_thread):
     net = ChannelPruning(model, loader, trainset_ratio=1.0, target_macs=0.5, round_to=8).compress()
     assert any(c.out_channels % 8 for c in _convs(ragged))
     assert all(c.out_channels % 8 == 0 for c in _convs(net))
-    assert amc.count(net, x)[0] <= 0.5 * amc.count(model, x)[0]  # on a 32-channel net the step overshoots
+    base = amc.count(model, x)[0]
+    # one ratio rounded to 8 overshot on this 32-channel net (0.26x); the rounding steps are won back as
+    # amc.prune does, so LASSO prunes the same counts as L2 would and lands as near the budget
+    assert amc.count(net, x)[0] == amc.count(amc.prune(model, target_macs=0.5, example_inputs=(x,), round_to=8), x)[0]
+    assert 0.4 * base < amc.count(net, x)[0] <= 0.5 * base
     with pytest.raises(PruningError, match="round_to"):
         ChannelPruning(model, loader, round_to=0)
 

@@ -39,7 +39,9 @@ Budgets (seed 003 section 4, the same vocabulary as `LowRankDecomposition`):
   layer's MACs while its output channels stay; for a layer that consumes no prunable group (the first
   conv) its output channels. Groups not named are not pruned; a layer whose input and output groups
   are both named loses 1 - (1 - r_in)(1 - r_out).
-- `round_to` n: every pruned group keeps a multiple of n channels (rounded up), as in `amc.prune`.
+- `round_to` n: every pruned group keeps a multiple of n channels (rounded up), as in `amc.prune`; with
+  `target_macs` the groups then win rounding steps back while the budget holds, as `amc.prune` does, so
+  LASSO prunes the same counts per group as L2 would (not one ratio rounded up everywhere at once).
 - `target_macs` t: the whole network keeps at most t of its MACs (overrides `compress_ratio`);
   `uniform_ratio_for_macs(t)` gives the float `compress_ratio` that reaches it.
 """
@@ -62,7 +64,7 @@ from .budget import per_sample, smallest_within_budget
 from .calibration import DEFAULT_SEED
 from .channel_selection import SELECTIONS, choose_units, lasso_select, unit_gram
 from .groups import keep_counts, select_units
-from .prune import PruningPlan, check_round_to, plan_pruning, ratio_for_macs
+from .prune import PruningPlan, check_round_to, group_ratios_for_macs, plan_pruning, ratio_for_macs
 from .refit import fit_layer, relative_error
 from .sampling import (PositionSampler, conv_patches, count_images, hooked_pass, input_rows, observe, output_rows,
                        stack_batches, warn_underdetermined)
@@ -122,6 +124,7 @@ class ChannelBudget:
         self.plan = plan
         self._macs: Dict[float, Dict[str, int]] = {}
         self._fractions: Dict[float, float] = {}  # compress_ratio -> channel fraction
+        self._group_fractions: Dict[float, List[float]] = {}  # -target_macs -> per-group fractions
 
     def layer_macs(self, fraction: float) -> Dict[str, int]:
         """MACs per sample of every conv/linear node with all groups pruned at the channel `fraction`."""
@@ -163,8 +166,17 @@ class ChannelBudget:
             self._fractions[key] = ratio_for_macs(self.plan, target_macs)
         return self._fractions[key]
 
+    def group_fractions_for_target(self, target_macs: float) -> List[float]:
+        """Per-group channel fractions for `target_macs`: the uniform fraction, and with `round_to` the
+        rounding steps won back while the budget holds (as `amc.prune(target_macs=..., round_to=...)`)."""
+        key = -float(target_macs)
+        if key not in self._group_fractions:
+            self._group_fractions[key] = group_ratios_for_macs(self.plan, target_macs)
+        return self._group_fractions[key]
+
     def ratio_for_target(self, target_macs: float) -> float:
-        """The float compress_ratio that prunes exactly as `target_macs` does."""
+        """The float compress_ratio that prunes exactly as `target_macs` does (without `round_to`; with
+        it, `target_macs` also gives rounding steps back per group, which one float cannot say)."""
         p = self.fraction_for_target(target_macs)
         r = 1.0 - self.shrinkable_macs(p) / max(self.shrinkable_macs(0.0), 1)
         self._fractions[r] = p
@@ -279,8 +291,7 @@ class ChannelPruning(BaseCompressor):
     def group_ratios(self, ratio: Ratio) -> Dict[int, float]:
         """Group id -> fraction of its channels to prune (`target_macs`, when set, decides instead)."""
         if self.target_macs is not None:
-            p = self._fraction_for_target(self.target_macs)
-            return {gi: p for gi in range(len(self.plan.groups))}
+            return dict(enumerate(self.budget.group_fractions_for_target(self.target_macs)))
         if not isinstance(ratio, Mapping):
             p = self.channel_fraction(float(ratio))
             return {gi: p for gi in range(len(self.plan.groups))}
@@ -300,9 +311,6 @@ class ChannelPruning(BaseCompressor):
     def channel_fraction(self, compress_ratio: float) -> float:
         """The uniform fraction of every group's channels pruned for a float `compress_ratio`."""
         return self.budget.channel_fraction(compress_ratio)
-
-    def _fraction_for_target(self, target_macs: float) -> float:
-        return self.budget.fraction_for_target(target_macs)
 
     def uniform_ratio_for_macs(self, target_macs: float = 0.5) -> float:
         """The float `compress_ratio` (fraction of the conv/linear MACs removed) whose pruned network

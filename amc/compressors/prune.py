@@ -26,7 +26,7 @@ from .budget import per_sample, smallest_within_budget
 from .criteria import Criterion, get_criterion
 from .dependency import OUTPUT_CAUSE, Analysis, analyze
 from .groups import Group, build_groups, param_of, select_units
-from .rounding_slack import spend_rounding_slack
+from .rounding_slack import slack_ratios, units_at
 from .rules import rule_for
 
 Ratio = Union[float, Mapping[str, float]]
@@ -338,16 +338,7 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     _warn_if_mostly_frozen(plan)
     if target_macs is None:
         return plan.apply(ratio, mode)
-    ratio = ratio_for_macs(plan, target_macs)
-    if round_to > 1 and plan.importance is not None:  # every group rounded at once: win the slack back
-        target = _absolute_macs(plan, target_macs)
-        inputs1 = per_sample(plan.example_inputs)
-
-        def macs(units: np.ndarray) -> int:
-            return count(apply(plan.net, plan.analysis, plan.roots, units, "hard"), *inputs1)[0]
-
-        return plan.apply_units(spend_rounding_slack(plan, ratio, macs, target, SLACK_TOL), mode)
-    return plan.apply(ratio, mode)
+    return plan.apply_units(units_at(plan, group_ratios_for_macs(plan, target_macs)), mode)
 
 
 def _warn_if_mostly_frozen(plan: PruningPlan) -> None:
@@ -382,6 +373,22 @@ def _absolute_macs(plan: PruningPlan, target_macs: float, base: Optional[int] = 
     if target_macs > 1.0:
         return float(target_macs)
     return target_macs * (base if base is not None else count(plan.net, *per_sample(plan.example_inputs))[0])
+
+
+def group_ratios_for_macs(plan: PruningPlan, target_macs: float) -> List[float]:
+    """Per-group ratios keeping at most `target_macs`: the smallest uniform ratio that does, and with
+    `round_to` the rounding steps won back where they still fit (every group rounds at once, so one
+    ratio alone can land far under the budget). LASSO selection prunes by these counts too."""
+    ratio = ratio_for_macs(plan, target_macs)
+    if plan.importance is None or all(g.round_to <= 1 for g in plan.groups):
+        return [ratio] * len(plan.groups)
+    target = _absolute_macs(plan, target_macs)
+    inputs1 = per_sample(plan.example_inputs)
+
+    def macs(units: np.ndarray) -> int:
+        return count(apply(plan.net, plan.analysis, plan.roots, units, "hard"), *inputs1)[0]
+
+    return slack_ratios(plan, ratio, macs, target, SLACK_TOL)
 
 
 def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) -> float:

@@ -7,13 +7,14 @@ the result lands near the budget with every kept count still a multiple of `roun
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, List
 
 import numpy as np
 
 from .groups import Group, keep_counts, select_units
 
-__all__ = ["spend_rounding_slack"]
+__all__ = ["slack_ratios", "spend_rounding_slack", "units_at"]
 
 
 def milder_ratio(group: Group, ratio: float) -> float:
@@ -32,18 +33,27 @@ def milder_ratio(group: Group, ratio: float) -> float:
     return 0.0
 
 
+def units_at(plan, ratios: List[float]) -> np.ndarray:
+    """The units `plan` prunes with one ratio per group (its importance picks them)."""
+    chosen = [select_units(g, imp, r) for g, imp, r in zip(plan.groups, plan.importance or [], ratios) if r > 0]
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
 def spend_rounding_slack(plan, ratio: float, cost: Callable[[np.ndarray], float], budget: float,
                          tol: float = 0.005) -> np.ndarray:
     """The pruned units of `plan` at the uniform `ratio`, then each group (round-robin, the group whose
     step adds the most cost first) pruned one rounding step less while `cost(units) <= budget`, until
-    the cost is within `tol` of the budget; returns the units to prune. A group whose step no longer
-    fits is done: the others only grow, so its step only gets dearer."""
+    the cost is within `tol` of the budget; returns the units to prune."""
+    return units_at(plan, slack_ratios(plan, ratio, cost, budget, tol))
+
+
+def slack_ratios(plan, ratio: float, cost: Callable[[np.ndarray], float], budget: float,
+                 tol: float = 0.005) -> List[float]:
+    """Per-group ratios of `spend_rounding_slack` (a compressor that picks its own units, e.g. by LASSO,
+    prunes by the counts these give: a group's cost depends on how many units go, not which).
+    A group whose step no longer fits is done: the others only grow, so its step only gets dearer."""
     ratios: List[float] = [ratio] * len(plan.groups)
-
-    def units(rs: List[float]) -> np.ndarray:
-        chosen = [select_units(g, imp, r) for g, imp, r in zip(plan.groups, plan.importance, rs) if r > 0]
-        return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-
+    units = functools.partial(units_at, plan)
     open_groups = [i for i, g in enumerate(plan.groups) if keep_counts(g, ratio) > 0]
     spent = cost(units(ratios))
     if spent < (1.0 - tol) * budget:  # the dearest steps first (compute-dense layers), the cheap ones fill up
@@ -63,4 +73,4 @@ def spend_rounding_slack(plan, ratio: float, cost: Callable[[np.ndarray], float]
             if spent >= (1.0 - tol) * budget:
                 break
         open_groups = still
-    return units(ratios)
+    return ratios

@@ -87,6 +87,7 @@ def _subject(name: str):
                 out = net(evalset)
             kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
             return {"agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()), "kl": float(kl)}
+        score.train = loader  # calibration crops: BN re-estimation and the sensitivity row's distortion
         return model, torch.randn(1, 3, 224, 224), score
     import torchvision
 
@@ -137,7 +138,7 @@ def distill_on_crops(student, teacher, crops, steps: int, batch: int = 32, lr: f
 def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_limit: int,
               batch: int = 1, round_to: int = 8, search: str = "", evaluations: int = 40,
               capacity: str = "macs+params", max_ratio: float = 0.8, ft_seeds=(0,),
-              kd_steps: int = 0) -> Dict[str, Any]:
+              kd_steps: int = 0, sensitivity: bool = False) -> Dict[str, Any]:
     import amc
     from amc.compressors.latency import build_table, measure, prune_to_latency
     from amc.compressors.layer_latency import layer_table, node_dims, prune_to_layer_latency
@@ -162,6 +163,18 @@ def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_l
     runs = [("uniform", lambda: prune_to_latency(plan, target, (x,), table)),
             ("layers", lambda: prune_to_layer_latency(plan, target, (x,), ltable, dims=dims, capacity=capacity,
                                                       max_ratio=max_ratio))]
+    if sensitivity and score is not None and hasattr(score, "train"):
+        from amc.compressors.sensitivity import curve, group_sensitivity
+        from amc.tuners.evaluation import take_batches
+
+        def sensitive():
+            t0 = time.perf_counter()
+            sens = group_sensitivity(plan, take_batches(score.train, 4))
+            rows["sensitivity"]["sensitivity_s"] = time.perf_counter() - t0
+            return prune_to_layer_latency(plan, target, (x,), ltable, dims=dims, max_ratio=max_ratio,
+                                          sensitivity={g: curve(v) for g, v in sens.items()})
+        rows["sensitivity"] = {"table_s": rows["layers"]["table_s"]}
+        runs.append(("sensitivity", sensitive))
     if search and score is not None and hasattr(score, "train"):
         from amc.jobs.search import make_tuner
         from amc.tuners.evaluation import default_evaluator
@@ -210,7 +223,11 @@ def render(res: Dict[str, Any]) -> str:
              f"{a['target']}x the original's latency (interleaved medians, 41 rounds): **uniform** = "
              "`amc.prune(target_latency=t)`, one ratio for every group (what `target_macs` gives at the MACs "
              "that run that fast); **layers** = `amc.prune(target_latency=t, latency_allocation=\"layers\")`, "
-             "per-group ratios from per-layer latency tables; a tuner's name (`--search`): "
+             "per-group ratios from per-layer latency tables, a channel's cost being the capacity (MACs, "
+             "parameters) it carries; **sensitivity** = the same tables (`layer_latency.allocate(sensitivity=)`, "
+             "not offered by `amc.prune`), "
+             "a channel's cost being the output distortion its group adds when pruned alone (4 calibration "
+             "batches, BN re-estimated; `amc.compressors.sensitivity`); a tuner's name (`--search`): "
              f"`{a.get('search') or 'ga'}.search(target_latency=t)`, {a.get('evaluations', 40)} policies scored by "
              "adaptive-BN accuracy on training batches, each within the tables' predicted budget, best one "
              "timed. Accuracy after the same recalibration: "
@@ -274,6 +291,9 @@ def main() -> int:
                     help="MobileNetV2: after the BN re-estimation, this many steps of distillation from the float "
                          "network on the calibration crops (batch 32), so rows pruned past what survives untrained "
                          "still get a usable agreement")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="add the row whose allocation costs a channel by the output distortion its group adds "
+                         "pruned alone (minutes: one pruned network per group and grid ratio)")
     ap.add_argument("--out", default=str(RESULTS / "latency_budget"))
     a = ap.parse_args()
     from amc.compressors.latency import _cpu_name
@@ -287,7 +307,8 @@ def main() -> int:
                           "ft_train_limit": a.ft_train_limit, "batch": a.batch, "round_to": a.round_to,
                           "search": a.search, "evaluations": a.evaluations,
                           "capacity": a.capacity, "max_ratio": a.max_ratio,
-                          "ft_seeds": a.ft_seeds, "kd_steps": a.kd_steps}, timeout=a.timeout)
+                          "ft_seeds": a.ft_seeds, "kd_steps": a.kd_steps, "sensitivity": a.sensitivity},
+                         timeout=a.timeout)
         r.setdefault("model", name)
         res["models"].append(r)
         print(name, json.dumps(r.get("rows", r), default=str)[:600], flush=True)

@@ -22,7 +22,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -185,7 +185,8 @@ def build_layer_table(plan: Any, inputs: Tuple[Any, ...], grid: Sequence[float] 
 def allocate(plan: Any, table: LayerLatencyTable, target: float, dims: Dict[str, List[np.ndarray]],
              max_ratio: float = 0.8, steps: int = 32,
              node_macs: Optional[Dict[str, float]] = None, node_params: Optional[Dict[str, float]] = None,
-             strict: bool = True) -> Tuple[Dict[int, float], np.ndarray, float]:
+             strict: bool = True, sensitivity: Optional[Dict[int, Callable[[float], float]]] = None
+             ) -> Tuple[Dict[int, float], np.ndarray, float]:
     """Per-group ratios predicted to run within `target` x the unpruned prediction: (group id -> ratio,
     the pruned unit roots, the predicted latency fraction).
 
@@ -196,6 +197,9 @@ def allocate(plan: Any, table: LayerLatencyTable, target: float, dims: Dict[str,
     deeper cut of one group costs more: the allocation spreads instead of emptying the cheapest group);
     the move with the most predicted latency saved per unit of cost is taken until the prediction meets
     the budget. With flat scores this keeps the most capacity that the latency budget allows.
+    `sensitivity` (group id -> distortion at a ratio, `amc.compressors.sensitivity`) replaces that
+    capacity cost with measured data: a move costs the distortion it adds (plus a trace of the capacity,
+    to order the moves that add none).
     A move only changes the widths of the nodes its group touches, so only groups sharing one of them are
     re-scored. strict=False: where the prediction cannot reach `target`, return the deepest allocation
     (every group at max_ratio) for the clock to judge, instead of raising."""
@@ -217,6 +221,12 @@ def allocate(plan: Any, table: LayerLatencyTable, target: float, dims: Dict[str,
     for gid, g in groups.items():
         imp = plan.importance[gid].double().abs().numpy()
         rel[gid] = dict(zip(g.units.tolist(), (imp / max(float(imp.mean()), 1e-30)).tolist()))
+    if sensitivity is not None:
+        missing = sorted(set(groups) - set(sensitivity))
+        if missing:
+            raise PruningError(f"sensitivity lacks groups {missing[:5]}: measure it on this plan "
+                               "(amc.compressors.sensitivity.group_sensitivity)")
+        s_ref = max(float(np.median([sensitivity[g](0.5) for g in groups])), 1e-12)
     ratio = {gid: 0.0 for gid in groups}
     chosen = {gid: np.zeros(0, dtype=np.int64) for gid in groups}
     pruned = np.zeros(len(plan.roots), dtype=bool)
@@ -243,6 +253,10 @@ def allocate(plan: Any, table: LayerLatencyTable, target: float, dims: Dict[str,
         if node_params is not None:
             lost = (lost + sum(node_params.get(n, 0.0) * (widths[n] - after[n]) for n in nodes_of[gid])
                     / total_params) / 2
+        if sensitivity is not None:
+            added = sensitivity[gid](r) - sensitivity[gid](ratio[gid])
+            cost = max(added, 0.0) + 1e-3 * s_ref * max(lost, 1e-9)
+            return (saved / cost, r, units, new) if saved > 0 else None
         imp = float(np.mean([rel[gid][u] for u in new.tolist()]))
         cost = max(lost, 1e-9) * imp * r
         return (saved / cost, r, units, new) if saved > 0 else None
@@ -310,7 +324,8 @@ def layer_table(plan: Any, inputs: Tuple[Any, ...], rounds: int = 9, cache_dir: 
 def prune_to_layer_latency(plan: Any, target: float, inputs: Tuple[Any, ...], table: LayerLatencyTable,
                            mode: str = "hard", rounds: int = 15, tolerance: float = 0.03, tries: int = 4,
                            max_ratio: float = 0.8, dims: Optional[Dict[str, List[np.ndarray]]] = None,
-                           capacity: str = "macs+params") -> Any:
+                           capacity: str = "macs+params",
+                           sensitivity: Optional[Dict[int, Callable[[float], float]]] = None) -> Any:
     """Allocate per-group ratios for `target` from the per-layer table, prune, and time the result against
     the original. Where the machine disagrees with the prediction the aim is corrected (lower when slower,
     higher when more than `tolerance` faster: pruning more than the budget asks costs accuracy); the
@@ -323,7 +338,8 @@ def prune_to_layer_latency(plan: Any, target: float, inputs: Tuple[Any, ...], ta
     for _ in range(tries):
         ratios, roots, predicted = allocate(plan, table, aim, dims, max_ratio=max_ratio, node_macs=macs,
                                             node_params=params if capacity == "macs+params" else None,
-                                            strict=False)  # the prediction may be pessimistic: time it
+                                            strict=False,  # the prediction may be pessimistic: time it
+                                            sensitivity=sensitivity)
         net = plan.apply_units(roots, "hard")
         base_ms, ms = measure([plan.net, net], inputs, rounds)
         fraction = ms / base_ms
@@ -342,7 +358,8 @@ def prune_to_layer_latency(plan: Any, target: float, inputs: Tuple[Any, ...], ta
                            "larger target_latency, or time on a quiet machine")
     fraction, ms, base_ms, net, roots, ratios, predicted = best
     out = net if mode == "hard" else plan.apply_units(roots, mode)
-    out.meta["latency"] = {"target": target, "allocation": "layers", "measured": fraction, "ms": ms,
+    out.meta["latency"] = {"target": target, "allocation": "sensitivity" if sensitivity else "layers",
+                           "measured": fraction, "ms": ms,
                            "original_ms": base_ms, "predicted": predicted, "tried": tried,
                            "ratios": {plan.groups[g].producers[0]: r for g, r in ratios.items() if r > 0}}
     return out

@@ -44,3 +44,14 @@ def test_distill_on_crops_moves_the_student_to_the_teacher_and_restores_threads(
     assert torch.get_num_threads() == threads
     assert not student.training
     assert _kl(student, teacher, crops) < 0.5 * before
+
+
+def test_a_row_the_final_timing_puts_over_budget_is_flagged():
+    import json
+
+    res = json.loads((SCRIPTS / "results" / "latency_budget_resnet50_fashion_mr06.json").read_text())
+    rows = [line for line in _bench().render(res).splitlines() if line.startswith("| resnet50_fashion")]
+    assert len(rows) == 2 and all("(over budget)" in line for line in rows)  # 0.557x and 0.548x of 0.5x
+    res = json.loads((SCRIPTS / "results" / "latency_budget_vit_fashion_b32.json").read_text())
+    rows = [line for line in _bench().render(res).splitlines() if line.startswith("| vit_fashion")]
+    assert len(rows) == 3 and not any("(over budget)" in line for line in rows)  # 0.482x-0.510x

@@ -88,7 +88,15 @@ def _load_and_check(fmt: str, path: str, model: nn.Module) -> None:
 
 
 def _files(folder: str):
-    return {n: os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder)}
+    """Sizes of the folder's files; one renamed or removed by the writing child between the listing and
+    its stat is skipped (the poll races the writer by design)."""
+    out = {}
+    for n in os.listdir(folder):
+        try:
+            out[n] = os.path.getsize(os.path.join(folder, n))
+        except FileNotFoundError:
+            continue
+    return out
 
 
 def _run_child(fmt: str, path: str, between: bool) -> subprocess.Popen:

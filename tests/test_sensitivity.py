@@ -41,7 +41,9 @@ def test_a_group_nobody_reads_costs_nothing_and_one_that_reaches_the_output_does
     x = torch.randn(1, 3, 12, 12)
     plan = plan_pruning(_net(), "l2", (x,))
     unread, read = _groups(plan)
+    plan.net.train()
     sens = group_sensitivity(plan, _batches())
+    assert all(m.training for m in plan.net.modules())  # its network's flags are left as they were
     assert max(sens[unread]) < 1e-10  # 4, 8, 12 of its channels gone: the output is the same
     assert 0 < sens[read][0] <= sens[read][1] <= sens[read][2]
 

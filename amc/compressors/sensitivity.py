@@ -21,20 +21,16 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence
 import numpy as np
 import torch
 
+from .._modes import training_mode
 from ..errors import DataError
+from ..export.onnx_io import tensor_leaves
 from .groups import select_units
 
 GRID = (0.25, 0.5, 0.75)
 
 
 def _tensors(out: Any) -> List[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out.detach().float()]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _tensors(o)]
-    return []
+    return [t.detach().float() for t in tensor_leaves(out)]
 
 
 def _inputs(batches: Iterable[Any]) -> List[torch.Tensor]:
@@ -62,8 +58,7 @@ def group_sensitivity(plan: Any, batches: Iterable[Any], grid: Sequence[float] =
     from ..trainers import recalibrate_bn
 
     xs = _inputs(batches)
-    plan.net.eval()
-    with torch.no_grad():
+    with training_mode(plan.net), torch.no_grad():  # the plan's network (maybe the caller's) keeps its flags
         ref = [_tensors(plan.net(x)) for x in xs]
     out: Dict[int, List[float]] = {}
     for g in plan.groups:

@@ -46,6 +46,7 @@ from amc.compressors import TokenPruning  # noqa: E402
 from amc.compressors.tokens import agents_of, dynamic_macs, set_mode  # noqa: E402
 from amc.models import evaluate, train_classifier  # noqa: E402
 from _isolate import write_atomic  # noqa: E402
+from _ort import ort_runners  # noqa: E402
 from _saved_nets import fuse_all, load_nets, save_nets  # noqa: E402
 from bench_speed import interleaved  # noqa: E402
 import fashion_originals  # noqa: E402
@@ -88,22 +89,6 @@ def _cycling(run, inputs):
     """A no-argument call that runs `run` on the next of `inputs` each time."""
     it = itertools.cycle(inputs)
     return lambda: run(next(it))
-
-
-def ort_sessions(nets: Dict[str, Any], x1, folder: str) -> Dict[str, Any]:
-    """Each network exported by `save_to_onnx` (dynamic batch axis, checked against torch except where the
-    scores are random draws) and opened in onnxruntime with one thread: the deployed form's latency."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    out = {}
-    for i, (k, net) in enumerate(nets.items()):
-        path = net.save_to_onnx(os.path.join(folder, f"{i}.onnx"), x1, check="random" not in k)
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        out[k] = lambda x, s=sess, name=name: s.run(None, {name: x.numpy()})
-    return out
 
 
 def vit_b16_check() -> Dict[str, Any]:
@@ -233,7 +218,8 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
     lat = latency(nets, x64, args.reps1, args.reps64)
     if getattr(args, "onnxruntime", False):
         with tempfile.TemporaryDirectory() as folder:
-            ort_lat = latency(ort_sessions(nets, x1, folder), x64, args.reps1, args.reps64)
+            ort_lat = latency(ort_runners(nets, x1, folder, check=lambda k: "random" not in k), x64,
+                              args.reps1, args.reps64)
     res["load_after"] = os.getloadavg()
     for row in res["rows"]:
         key = f"{row['budget']}|{row['method']}"

@@ -37,6 +37,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Tuple
@@ -53,6 +54,7 @@ from amc.compressors.vtp.compressor import train_gates  # noqa: E402
 from amc.models import evaluate, train_classifier  # noqa: E402
 from _budget import smallest_ratio_under  # noqa: E402
 from _isolate import write_atomic  # noqa: E402
+from _ort import ort_runners  # noqa: E402
 from _saved_nets import fuse_all, load_nets, save_nets  # noqa: E402
 from bench_speed import interleaved  # noqa: E402
 import fashion_originals  # noqa: E402
@@ -147,6 +149,44 @@ def vit_b16_check() -> Dict[str, Any]:
     return {"gates": len(c.gate_pairs), "macs_ratio": amc.count(net, x[:1])[0] / amc.count(model, x[:1])[0],
             "out_b1": list(out1.shape), "out_b3": list(out3.shape), "json_round_trip_equal": same,
             "seconds": secs}
+
+
+def vit_b16_latency(reps: int, budgets, round_to: int) -> Dict[str, Any]:
+    """Batch-1 latency of VTP on torchvision vit_b_16 (random weights, untrained gates, 224 px, 1 thread), plain
+    and after `amc.fuse_attention`: a ViT whose blocks cost MACs at batch 1, where the 25-MMAC vit_fashion
+    is per-op overhead. Weights do not change CPU time; the pruned shapes are the budgets'."""
+    import torchvision
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = torchvision.models.vit_b_16().eval()
+    x = torch.randn(3, 3, 224, 224)
+    x1 = x[:1]
+    loader = DataLoader(TensorDataset(x, torch.zeros(3, dtype=torch.long)), batch_size=3)
+    base = amc.count(model, x1)[0]
+    nets: Dict[str, Any] = {"unpruned": amc.trace(model, x1)}
+    ratio = {"unpruned": 1.0}
+    for b in budgets:
+        for heads, label in ((False, "VTP (dims)"), (True, "VTP + heads")):
+            net = VTP(model, loader, target_macs=b, epochs=0, finetune_epochs=0, heads=heads, round_to=round_to,
+                      example_inputs=(x1,)).compress()
+            nets[f"{b}|{label}"], ratio[f"{b}|{label}"] = net, amc.count(net, x1)[0] / base
+    nets.update({f"{k}|fused": amc.fuse_attention(n, x1) for k, n in list(nets.items())})
+    load_before = os.getloadavg()
+    rows = {k: {"net": k.removesuffix("|fused"), "fused": k.endswith("|fused"), "macs": ratio[k.removesuffix("|fused")]}
+            for k in nets}
+    for batch, n_reps in ((1, reps), (8, max(3, reps // 3))):
+        xb = torch.randn(batch, 3, 224, 224)
+        with torch.no_grad():
+            times = interleaved({k: (lambda n=n: n(xb)) for k, n in nets.items()}, reps=n_reps, warmup=1)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for k, m in med.items():
+            ref = med["unpruned|fused" if rows[k]["fused"] else "unpruned"]
+            rows[k].update({f"ms_b{batch}": 1e3 * m, f"speedup_b{batch}": ref / m,
+                            f"efficiency_b{batch}": ref / m * rows[k]["macs"], f"reps_b{batch}": n_reps})
+    return {"rows": list(rows.values()), "reps": reps, "round_to": round_to, "load_before": load_before,
+            "load_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def macs(net, x1, base) -> float:
@@ -306,6 +346,16 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
             times = interleaved({k: (lambda n=n, x=x: n(x)) for k, n in nets.items()}, reps=reps, warmup=2)
             for k, v in times.items():
                 out[k][label] = statistics.median(v)
+    if getattr(args, "onnxruntime", False):  # the exported files, where per-op overhead is microseconds
+        with tempfile.TemporaryDirectory() as folder:
+            runners = ort_runners(nets, x1, folder)
+            ort = {k: {} for k in runners}
+            for label, x, reps in (("b1", x1, args.reps1), ("b64", x64, args.reps64)):
+                times = interleaved({k: (lambda r=r, x=x: r(x)) for k, r in runners.items()}, reps=reps, warmup=2)
+                for k, v in times.items():
+                    ort[k][label] = statistics.median(v)
+        res["ort_unpruned_ms"] = {k: 1000 * v for k, v in ort["unpruned"].items()}
+        res["ort_version"] = ort_version()
     res["load_after"] = os.getloadavg()
     fused = "fused_attention" in res  # the split's "MAC ops" would hold the softmax too: not computed
     split = {} if fused else {k: time_split(n, x64) for k, n in nets.items()}
@@ -321,6 +371,10 @@ def add_latency(res: Dict[str, Any], nets: Dict[str, Any], test, x1, args: argpa
             for lab in ("b1", "b64"):
                 row[f"speedup_{lab}"] = ref[lab] / out[key][lab]
                 row[f"efficiency_{lab}"] = row[f"speedup_{lab}"] * row["macs"]
+                if getattr(args, "onnxruntime", False):
+                    ref_ort = ort["unpruned eager" if row["method"].startswith("Torch-Pruning") else "unpruned"]
+                    row[f"ort_speedup_{lab}"] = ref_ort[lab] / ort[key][lab]
+                    row[f"ort_efficiency_{lab}"] = row[f"ort_speedup_{lab}"] * row["macs"]
             if fused:
                 continue
             ref_split = split["unpruned eager" if row["method"].startswith("Torch-Pruning") else "unpruned"]
@@ -386,8 +440,15 @@ def render(res: Dict[str, Any]) -> str:
     if res.get("note"):
         lines += [res["note"], ""]
     split = "unpruned_split_b64" in res
+    ort = "ort_unpruned_ms" in res
+    if ort:
+        u = res["ort_unpruned_ms"]
+        lines += [f"ORT columns: every network exported by `save_to_onnx` (Torch-Pruning's eager modules traced by amc "
+                  f"first) and run by onnxruntime {res['ort_version']}, 1 intra-op thread, interleaved medians; unpruned "
+                  f"{u['b1']:.2f} ms at batch 1, {u['b64']:.1f} ms at batch 64.", ""]
     head = ("| budget | method | MACs (x orig) | params | top-1 % |" + (" speedup b1 | eff. b1 | speedup b64 | eff. b64 |" if lat else "")
-            + (" MAC ops b64 | other b64 |" if split else ""))
+            + (" MAC ops b64 | other b64 |" if split else "")
+            + (" ORT speedup b1 | ORT eff. b1 | ORT speedup b64 | ORT eff. b64 |" if ort else ""))
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         if "error" in r:
@@ -399,13 +460,36 @@ def render(res: Dict[str, Any]) -> str:
                      f"{r['efficiency_b64']:.2f} |")
         if split and "split_b64" in r:
             line += f" {r['mac_op_speedup_b64']:.2f}x | {r['split_b64']['other_ms']:.1f} ms |"
+        if ort and "ort_speedup_b1" in r:
+            line += (f" {r['ort_speedup_b1']:.2f}x | {r['ort_efficiency_b1']:.2f} | {r['ort_speedup_b64']:.2f}x | "
+                     f"{r['ort_efficiency_b64']:.2f} |")
         lines.append(line)
     if "vit_b16" in res:
         v = res["vit_b16"]
         lines += ["", f"torchvision `vit_b_16` (random weights, 224 px): {v['gates']} gates inserted, pruned to "
                       f"{v['macs_ratio']:.3f}x MACs in {v['seconds']:.0f} s, output {v['out_b1']} at batch 1 and "
                       f"{v['out_b3']} at batch 3, JSON round trip equal: {v['json_round_trip_equal']}."]
+    if "vit_b16_latency" in res:
+        v = res["vit_b16_latency"]
+        lines += ["", "### torchvision `vit_b_16` at batch 1 (random weights, untrained gates, 224 px)", "",
+                  f"`--vit-b16-latency {v['reps']}` on {v['date']}: VTP (round_to {v['round_to']}) at each budget, plain "
+                  f"and after `amc.fuse_attention` (each against the unpruned graph of the same kind), 1 torch thread, "
+                  f"interleaved medians of {v['reps']} runs at batch 1 and {v['rows'][0].get('reps_b8', '-')} at batch 8, "
+                  f"nothing else running; load average {v['load_before'][0]:.2f} before, {v['load_after'][0]:.2f} after. "
+                  f"At 17.6 GMACs per image a batch-1 forward is compute, not per-op overhead.", "",
+                  "| network | attention | MACs (x orig) | ms b1 | speedup b1 | eff. b1 | ms b8 | speedup b8 | eff. b8 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in v["rows"]:
+            b8 = (f" {r['ms_b8']:.0f} | {r['speedup_b8']:.2f}x | {r['efficiency_b8']:.2f} |" if "ms_b8" in r else " | | |")
+            lines.append(f"| {r['net'].replace('|', ' ')} | {'fused (SDPA)' if r['fused'] else 'plain'} | {r['macs']:.3f} | "
+                         f"{r['ms_b1']:.0f} | {r['speedup_b1']:.2f}x | {r['efficiency_b1']:.2f} |" + b8)
     return "\n".join(lines) + "\n"
+
+
+def ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
 
 
 def plot(res: Dict[str, Any], path: Path) -> None:
@@ -462,11 +546,21 @@ def main(argv=None) -> int:
     ap.add_argument("--latency-from", default=None, help="only time the networks saved by --save-nets")
     ap.add_argument("--fuse-attention", action="store_true",
                     help="with --latency-from: time every network after amc.fuse_attention (write to another --out)")
+    ap.add_argument("--onnxruntime", action="store_true",
+                    help="with --latency-from: also time every network exported to ONNX in onnxruntime (1 thread)")
+    ap.add_argument("--vit-b16-latency", type=int, default=0, metavar="REPS",
+                    help="only time VTP on torchvision vit_b_16 at batch 1 (REPS runs each) into the existing --out")
     ap.add_argument("--add-l2-round-to", type=int, default=0,
                     help="add amc.prune L2 rows rounded to this multiple to the existing result (and --save-nets)")
     args = ap.parse_args(argv)
     if args.add_l2_round_to:
         res = add_rounded_l2(args)
+        write(res, argparse.Namespace(**{**res["args"], "out": args.out}))
+        return 0
+    if args.vit_b16_latency:
+        res = json.loads(Path(args.out + ".json").read_text())
+        res["vit_b16_latency"] = vit_b16_latency(args.vit_b16_latency, res["args"]["budgets"],
+                                                 res["args"].get("round_to", 8))
         write(res, argparse.Namespace(**{**res["args"], "out": args.out}))
         return 0
     if args.latency_from:

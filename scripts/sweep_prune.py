@@ -267,7 +267,10 @@ def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Op
     if runtime == "onnxruntime":
         folder = tempfile.mkdtemp(prefix="amc_sweep_onnx_")
         try:
-            models = _onnxruntime_runners(models, x, folder, threads, r)
+            from _ort import ort_runners
+
+            r["export_errors"] = {}
+            models = ort_runners(models, x, folder, threads, check=lambda k: False, errors=r["export_errors"])
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the sessions hold their models in memory
         if "orig" not in models:
@@ -317,32 +320,6 @@ def latency_one(name: str, size: int, seed: int = 0, threads: int = 2, paths: Op
             r[f"b{batch}_reps"] = len(times["orig"])
     r["latency_s"] = time.perf_counter() - start
     return r
-
-
-def _onnxruntime_runners(models: Dict[str, Any], x: Any, folder: str, threads: int,
-                         r: Dict[str, Any]) -> Dict[str, Any]:
-    """Each model exported by `save_to_onnx` (eager ones traced by amc first) and opened in onnxruntime
-    with `threads` intra-op threads; a model that fails to export is left out, its error kept in r."""
-    import onnxruntime as ort
-
-    import amc
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    out, r["export_errors"], r["export_s"] = {}, {}, {}
-    for k, m in models.items():
-        t0 = time.perf_counter()
-        try:
-            graph = m if isinstance(m, amc.ReconstructedNetwork) else amc.trace(m, x)
-            path = graph.save_to_onnx(os.path.join(folder, f"{k}.onnx"), x, check=False)
-            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - recorded per model
-            r["export_errors"][k] = f"{type(exc).__name__}: {exc}"[:300]
-            continue
-        r["export_s"][k] = time.perf_counter() - t0
-        feed = sess.get_inputs()[0].name
-        out[k] = lambda inp, sess=sess, feed=feed: sess.run(None, {feed: inp.numpy()})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -180,6 +180,11 @@ def test_job_prunes_to_a_latency_budget(tmp_path, monkeypatch):
                        "1", "--finetune-epochs", "0", "--out", str(tmp_path / "out2"), "--no-progress"])
     check = summary["latency_check"]
     assert check["measured"] <= 0.9 * 1.03 and check["allocation"] == "layers" and check["ratios"]
+    summary = job.run(["--method", "l2", "--target-latency", "0.9", "--latency-allocation", "auto", "--epochs",
+                       "1", "--finetune-epochs", "0", "--out", str(tmp_path / "out3"), "--no-progress"])
+    check = summary["latency_check"]
+    assert check["measured"] <= 0.9 * 1.03 and set(check["distortion"]) == {"uniform", "layers"}
+    assert check["distortion"][check["allocation"]] == min(check["distortion"].values())
     for bad, match in ((["--target-latency", "0.5", "--method", "lowrank"], "criterion methods"),
                        (["--target-latency", "0.5", "--target-macs", "0.5"], "not both"),
                        (["--target-latency", "1.5", "--method", "l1"], "in \\(0, 1\\)")):

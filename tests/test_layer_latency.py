@@ -108,8 +108,37 @@ def test_prune_to_a_latency_budget_with_per_layer_allocation(tmp_path, monkeypat
     assert list(tmp_path.glob("*.json"))  # the per-layer table was cached
 
 
+def test_auto_allocation_keeps_the_less_distorted_of_both(tmp_path, monkeypatch):
+    """"auto" prunes with both allocations to the same measured budget and returns the one whose outputs
+    stay closer to the original's on the calibration batches; the meta says which, with both distortions."""
+    from amc.compressors.sensitivity import least_distorted
+
+    monkeypatch.setattr(latency, "CACHE", tmp_path)
+    torch.manual_seed(0)
+    model, x = _net(), torch.randn(8, 3, 32, 32)
+    loader = [(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)) for _ in range(5)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = amc.prune(model, example_inputs=(x,), target_latency=0.7, latency_allocation="auto", round_to=8,
+                       dataloader=loader)
+    info = pruned.meta["latency"]
+    assert info["allocation"] in ("uniform", "layers") and set(info["distortion"]) == {"uniform", "layers"}
+    assert info["distortion"][info["allocation"]] == min(info["distortion"].values())
+    assert info["measured"] <= 0.7 * 1.03 and pruned(x).shape == (8, 10)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # the selector itself: an exact copy has no distortion and wins over a pruned network; inputs untouched
+    graph = amc.trace(model, x)
+    copy_, half = graph.copy(), amc.prune(graph, ratio=0.5, example_inputs=(x,))
+    state = {k: v.clone() for k, v in half.state_dict().items()}
+    name, scores = least_distorted(graph, {"half": half, "same": copy_}, loader[:2])
+    assert name == "same" and scores["same"] < scores["half"]  # (the copy moves too: its BN is re-estimated)
+    assert all(torch.equal(v, half.state_dict()[k]) for k, v in state.items())  # BN re-estimated on a copy
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(target_latency=0.5, latency_allocation="greedy"), "latency_allocation must be"),
+    (dict(target_latency=0.5, latency_allocation="auto"), "pass dataloader="),
+    (dict(target_latency=0.5, latency_allocation="auto", dataloader=[(torch.randn(2, 3, 16, 16),)],
+          latency_table=latency.LatencyTable([0.0], [1.0], "cpu", "k")), "pass latency_table=None"),
     (dict(target_latency=0.5, latency_allocation="layers",
           latency_table=latency.LatencyTable([0.0], [1.0], "cpu", "k")), "reads a LayerLatencyTable"),
     (dict(target_latency=0.5, latency_table=LayerLatencyTable({}, {}, 0.0, [0.0], [1.0])), "reads a LatencyTable"),

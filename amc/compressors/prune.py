@@ -285,10 +285,12 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     target_latency: prune uniformly until the measured latency at the example inputs' batch falls to this
     fraction of the original's (`amc.compressors.latency`: a table of timed ratios, cached on disk, then
     the result timed against the original). `latency_table`: a `LatencyTable` to reuse, else built here.
-    latency_allocation: "uniform" (one ratio for every group, from the table above) or "layers" (per-group
+    latency_allocation: "uniform" (one ratio for every group, from the table above), "layers" (per-group
     ratios from per-layer latency tables, `amc.compressors.layer_latency`: channels go where they buy the
     most measured milliseconds per unit of capacity lost, NetAdapt's idea; `latency_table` is then a
-    `LayerLatencyTable`; use it with round_to=8).
+    `LayerLatencyTable`; use it with round_to=8) or "auto" (both, then the one whose outputs stay closer
+    to the original's on 4 batches of `dataloader`, BatchNorm re-estimated; `net.meta["latency"]` says
+    which and why).
     heads: remove whole attention heads (the head count drops, each kept head keeps its dims and the
     softmax scale) instead of the same dims in every head; nn.MultiheadAttention ties its heads to the
     residual width and keeps its own rule (`amc.compressors.vtp.unfuse_attention` splits it first).
@@ -301,35 +303,21 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
         raise PruningError(f"heads must be True or False, got {heads!r}")
     _check_target_macs(target_macs)
     check_round_to(round_to)
-    from .latency import build_table, check_target_latency, prune_to_latency
+    from .latency import check_target_latency
 
     target_latency = check_target_latency(target_latency)
     if target_latency is not None and target_macs is not None:
         raise PruningError("give target_macs or target_latency, not both")
     net, inputs = _as_network(model, example_inputs)
-    if latency_allocation not in ("uniform", "layers"):
-        raise PruningError(f"latency_allocation must be 'uniform' or 'layers', got {latency_allocation!r}")
+    if latency_allocation not in ("uniform", "layers", "auto"):
+        raise PruningError(f"latency_allocation must be 'uniform', 'layers' or 'auto', got {latency_allocation!r}")
     if target_latency is not None:
         plan = plan_pruning(net, criterion, inputs, ignore, dataloader, round_to, heads)
         _warn_if_mostly_frozen(plan)
-        if latency_allocation == "layers":
-            from .layer_latency import LayerLatencyTable, layer_table, prune_to_layer_latency
-
-            key = {"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore), "heads": heads}
-            if latency_table is not None and not isinstance(latency_table, LayerLatencyTable):
-                raise PruningError("latency_allocation='layers' reads a LayerLatencyTable "
-                                   "(amc.compressors.layer_latency.layer_table), got "
-                                   f"{type(latency_table).__name__}; pass none to have it built here")
-            table = latency_table if latency_table is not None else layer_table(plan, inputs, extra_key=key)
-            return prune_to_layer_latency(plan, target_latency, inputs, table, mode)
-        from .latency import LatencyTable
-
-        if latency_table is not None and not isinstance(latency_table, LatencyTable):
-            raise PruningError("latency_allocation='uniform' reads a LatencyTable (amc.latency_table), got "
-                               f"{type(latency_table).__name__}")
-        table = latency_table if latency_table is not None else build_table(
-            plan, inputs, extra_key={"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore)})
-        return prune_to_latency(plan, target_latency, inputs, table, mode)
+        key = {"criterion": str(criterion), "round_to": round_to, "ignore": sorted(ignore), "heads": heads}
+        if latency_allocation != "auto":
+            return _to_latency(plan, latency_allocation, target_latency, inputs, mode, latency_table, key)
+        return _to_latency_auto(plan, target_latency, inputs, mode, latency_table, key, dataloader)
     if target_macs is None:
         _validate_ratio(ratio, net)
         if not isinstance(ratio, Mapping) and float(ratio) == 0.0:
@@ -339,6 +327,54 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     if target_macs is None:
         return plan.apply(ratio, mode)
     return plan.apply_units(units_at(plan, group_ratios_for_macs(plan, target_macs)), mode)
+
+
+def _to_latency(plan: PruningPlan, allocation: str, target: float, inputs: Tuple[Any, ...], mode: str,
+                table: Any, key: Dict[str, Any]) -> ReconstructedNetwork:
+    """`plan` pruned until it measures `target` x the original's latency, one ratio ("uniform") or
+    per-group ratios ("layers"), from `table` or one built (and cached) here."""
+    from .latency import LatencyTable, build_table, prune_to_latency
+    from .layer_latency import LayerLatencyTable, layer_table, prune_to_layer_latency
+
+    kind = LayerLatencyTable if allocation == "layers" else LatencyTable
+    if table is not None and not isinstance(table, kind):
+        how = ("amc.compressors.layer_latency.layer_table" if allocation == "layers" else "amc.latency_table")
+        raise PruningError(f"latency_allocation={allocation!r} reads a {kind.__name__} ({how}), got "
+                           f"{type(table).__name__}; pass none to have it built here")
+    if allocation == "layers":
+        return prune_to_layer_latency(plan, target, inputs, table or layer_table(plan, inputs, extra_key=key), mode)
+    return prune_to_latency(plan, target, inputs, table or build_table(plan, inputs, extra_key=key), mode)
+
+
+def _to_latency_auto(plan: PruningPlan, target: float, inputs: Tuple[Any, ...], mode: str, table: Any,
+                     key: Dict[str, Any], dataloader: Optional[Iterable]) -> ReconstructedNetwork:
+    """Both allocations to the same measured budget; the one whose outputs stay closer to the original's
+    on a few calibration batches (BatchNorm re-estimated) is kept. Neither allocation wins everywhere
+    (scripts/results/latency_budget*.md): the per-layer one on a compute-bound ViT, the uniform one where
+    it cuts the layers a network cannot spare."""
+    from itertools import islice
+
+    from .sensitivity import least_distorted
+
+    if dataloader is None:
+        raise PruningError("latency_allocation='auto' compares the two allocations on calibration data: pass "
+                           "dataloader= (a few batches of training inputs; labels are not read)")
+    if table is not None:
+        raise PruningError("latency_allocation='auto' builds (and caches) a table for each allocation: pass "
+                           "latency_table=None")
+    nets, failed = {}, {}
+    for allocation in ("uniform", "layers"):
+        try:
+            nets[allocation] = _to_latency(plan, allocation, target, inputs, mode, None, key)
+        except PruningError as exc:  # a budget one allocation cannot meet: the other may
+            failed[allocation] = str(exc)
+    if not nets:
+        raise PruningError(f"target_latency={target:g} met by neither allocation: {failed}")
+    chosen, scores = least_distorted(plan.net, nets, islice(dataloader, 4))
+    net = nets[chosen]
+    net.meta["latency"] = {**net.meta.get("latency", {}), "allocation": chosen, "distortion": scores,
+                           "failed": failed}
+    return net
 
 
 def _warn_if_mostly_frozen(plan: PruningPlan) -> None:

@@ -13,10 +13,12 @@ Measured against the capacity cost at equal latency (scripts/bench_latency_budge
 row): level on the Fashion-MNIST ViT at batch 32, behind on resnet50_fashion and MobileNetV2 at batch 1,
 and minutes slower (one pruned network per group and ratio). The one-group-at-a-time numbers do not add
 up when every group is cut at once, so `amc.prune` does not offer it; it stays here for that benchmark.
+The whole-network distortion does serve `amc.prune(latency_allocation="auto")`: `least_distorted` keeps,
+of allocations that already meet one budget, the one closest to the original.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,6 +52,22 @@ def distortion(net: torch.nn.Module, xs: Sequence[torch.Tensor], ref: Sequence[L
                 err += float(((a - b) ** 2).sum())
                 energy += float((b ** 2).sum())
     return err / max(energy, 1e-30)
+
+
+def least_distorted(original: torch.nn.Module, candidates: Dict[str, torch.nn.Module], batches: Iterable[Any]
+                    ) -> Tuple[str, Dict[str, float]]:
+    """The candidate whose outputs stay closest to `original`'s on `batches` once BatchNorm is re-estimated
+    on them (on copies: the candidates come back untouched), and every candidate's distortion. Picks between
+    allocations that already meet the same budget (`latency_allocation="auto"`)."""
+    from ..trainers import recalibrate_bn
+
+    if not candidates:
+        raise DataError("least_distorted needs at least one candidate network")
+    xs = _inputs(batches)
+    with training_mode(original), torch.no_grad():  # eval inside, the caller's flags back after
+        ref = [_tensors(original(x)) for x in xs]
+    scores = {k: distortion(recalibrate_bn(net, [(x,) for x in xs]), xs, ref) for k, net in candidates.items()}
+    return min(scores, key=lambda k: (scores[k], list(candidates).index(k))), scores
 
 
 def group_sensitivity(plan: Any, batches: Iterable[Any], grid: Sequence[float] = GRID) -> Dict[int, List[float]]:

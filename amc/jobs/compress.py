@@ -104,9 +104,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-latency", type=float, default=None,
                    help="criterion methods (l1, l2, ...): fraction of the original's measured batch-1 latency "
                         "kept, in (0, 1), instead of a MACs budget (timed on this machine; see amc.latency_table)")
-    p.add_argument("--latency-allocation", choices=("uniform", "layers"), default="uniform",
-                   help="--target-latency: one ratio for every layer (uniform), or per-layer ratios from per-layer "
-                        "latency tables (layers: channels go where they buy the most milliseconds)")
+    p.add_argument("--latency-allocation", choices=("uniform", "layers", "auto"), default="uniform",
+                   help="--target-latency: one ratio for every layer (uniform), per-layer ratios from per-layer "
+                        "latency tables (layers: channels go where they buy the most milliseconds), or both and the "
+                        "one whose outputs stay closer to the original's on training batches (auto)")
     p.add_argument("--ratio", type=float, default=None,
                    help="deprecated: fraction of MACs removed, i.e. 1 - --target-macs; use --target-macs")
     p.add_argument("--data", default="digits", choices=DATASETS, help="dataset")

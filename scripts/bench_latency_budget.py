@@ -209,6 +209,15 @@ def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_l
     if score is not None:
         for key, pruned in nets.items():
             rows[key].update(score(pruned))
+    if {"uniform", "layers"} <= set(nets) and score is not None and hasattr(score, "train"):
+        # latency_allocation="auto": of the two networks above, what amc.prune would return (its rule: the
+        # outputs closer to the original's on 4 calibration batches, BN re-estimated)
+        from itertools import islice
+
+        from amc.compressors.sensitivity import least_distorted
+
+        chosen, dist = least_distorted(net, {k: nets[k] for k in ("uniform", "layers")}, islice(score.train, 4))
+        rows["auto"] = {**rows[chosen], "auto_choice": chosen, "distortion": dist}
     return {"model": name, "original_ms": base_ms, "rows": rows, "load": [load_before, load_after],
             "fit": {"grid": ltable.grid, "measured_ms": ltable.measured_ms}}
 
@@ -226,6 +235,9 @@ def render(res: Dict[str, Any]) -> str:
              "per-group ratios from per-layer latency tables, a channel's cost being the capacity (MACs, "
              "parameters) it carries; **sensitivity** = the same tables (`layer_latency.allocate(sensitivity=)`, "
              "not offered by `amc.prune`), "
+             "**auto** = `latency_allocation=\"auto\"`'s choice between the uniform and layers rows (the one whose "
+             "outputs stay closer to the original's on 4 calibration batches, BN re-estimated; same network, so "
+             "the chosen row's numbers); "
              "a channel's cost being the output distortion its group adds when pruned alone (4 calibration "
              "batches, BN re-estimated; `amc.compressors.sensitivity`); a tuner's name (`--search`): "
              f"`{a.get('search') or 'ga'}.search(target_latency=t)`, {a.get('evaluations', 40)} policies scored by "
@@ -264,7 +276,9 @@ def render(res: Dict[str, Any]) -> str:
                 acc = "-"
             pred = f"{r['predicted']:.3f}" if r.get("predicted") is not None else f"ratio {r['ratio']:.3f}"
             over = " (over budget)" if r["latency"] > a["target"] * 1.03 else ""  # the final timing disagrees
-            lines.append(f"| {m['model']} ({m['original_ms']:.1f} ms) | {key} | {r['latency']:.3f}{over} | {pred} | "
+            label = (f"auto (= {r['auto_choice']}; distortion uniform {r['distortion']['uniform']:.3g}, layers "
+                     f"{r['distortion']['layers']:.3g})" if "auto_choice" in r else key)
+            lines.append(f"| {m['model']} ({m['original_ms']:.1f} ms) | {label} | {r['latency']:.3f}{over} | {pred} | "
                          f"{r['macs']:.3f} | {r['params']:.3f} | {acc} | {r['table_s'] + r['prune_s']:.0f} | "
                          f"{m['load'][0]:.2f} / {m['load'][1]:.2f} |")
     return "\n".join(lines) + "\n"

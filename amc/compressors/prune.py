@@ -342,8 +342,10 @@ def _to_latency(plan: PruningPlan, allocation: str, target: float, inputs: Tuple
         raise PruningError(f"latency_allocation={allocation!r} reads a {kind.__name__} ({how}), got "
                            f"{type(table).__name__}; pass none to have it built here")
     if allocation == "layers":
-        return prune_to_layer_latency(plan, target, inputs, table or layer_table(plan, inputs, extra_key=key), mode)
-    return prune_to_latency(plan, target, inputs, table or build_table(plan, inputs, extra_key=key), mode)
+        table = table if table is not None else layer_table(plan, inputs, extra_key=key)
+        return prune_to_layer_latency(plan, target, inputs, table, mode)
+    table = table if table is not None else build_table(plan, inputs, extra_key=key)
+    return prune_to_latency(plan, target, inputs, table, mode)
 
 
 def _to_latency_auto(plan: PruningPlan, target: float, inputs: Tuple[Any, ...], mode: str, table: Any,

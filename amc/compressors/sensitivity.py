@@ -38,9 +38,15 @@ def _tensors(out: Any) -> List[torch.Tensor]:
 def _inputs(batches: Iterable[Any]) -> List[torch.Tensor]:
     xs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
     if not xs:
-        raise DataError("sensitivity needs calibration batches: the loader yielded none; pass a DataLoader "
+        raise DataError("calibration batches needed: the loader yielded none; pass a DataLoader "
                         "over a few hundred training images (labels are not read)")
     return xs
+
+
+def _reference(net: torch.nn.Module, xs: Sequence[torch.Tensor]) -> List[List[torch.Tensor]]:
+    """`net`'s outputs on `xs` in eval mode; its (maybe the caller's) training flags come back after."""
+    with training_mode(net), torch.no_grad():
+        return [_tensors(net(x)) for x in xs]
 
 
 def distortion(net: torch.nn.Module, xs: Sequence[torch.Tensor], ref: Sequence[List[torch.Tensor]]) -> float:
@@ -64,10 +70,9 @@ def least_distorted(original: torch.nn.Module, candidates: Dict[str, torch.nn.Mo
     if not candidates:
         raise DataError("least_distorted needs at least one candidate network")
     xs = _inputs(batches)
-    with training_mode(original), torch.no_grad():  # eval inside, the caller's flags back after
-        ref = [_tensors(original(x)) for x in xs]
+    ref = _reference(original, xs)
     scores = {k: distortion(recalibrate_bn(net, [(x,) for x in xs]), xs, ref) for k, net in candidates.items()}
-    return min(scores, key=lambda k: (scores[k], list(candidates).index(k))), scores
+    return min(scores, key=scores.get), scores  # a tie keeps the first candidate
 
 
 def group_sensitivity(plan: Any, batches: Iterable[Any], grid: Sequence[float] = GRID) -> Dict[int, List[float]]:
@@ -76,8 +81,7 @@ def group_sensitivity(plan: Any, batches: Iterable[Any], grid: Sequence[float] =
     from ..trainers import recalibrate_bn
 
     xs = _inputs(batches)
-    with training_mode(plan.net), torch.no_grad():  # the plan's network (maybe the caller's) keeps its flags
-        ref = [_tensors(plan.net(x)) for x in xs]
+    ref = _reference(plan.net, xs)
     out: Dict[int, List[float]] = {}
     for g in plan.groups:
         if not g.size or g.multiple_of == 0:

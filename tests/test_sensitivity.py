@@ -73,3 +73,13 @@ def test_no_calibration_batches_is_a_clear_error():
     x = torch.randn(1, 3, 12, 12)
     with pytest.raises(DataError, match="yielded none"):
         group_sensitivity(plan_pruning(_net(), "l2", (x,)), [])
+
+
+def test_least_distorted_refuses_no_candidates_and_no_batches():
+    from amc.compressors.sensitivity import least_distorted
+
+    net = torch.nn.Linear(3, 2)
+    with pytest.raises(DataError, match="at least one candidate"):
+        least_distorted(net, {}, [(torch.randn(2, 3),)])
+    with pytest.raises(DataError, match="yielded none"):
+        least_distorted(net, {"same": net}, [])

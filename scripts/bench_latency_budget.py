@@ -73,20 +73,32 @@ def _subject(name: str):
         import torch.nn.functional as F
         from amc.data import photo_split, pretrained_mobilenet_v2
 
-        calib, evalset = photo_split()
+        import statistics
+
+        calib, evalset = photo_split(crops_per_image=SETTINGS.get("crops_per_image", 25))
         loader = DataLoader(TensorDataset(calib), batch_size=20)
         model = pretrained_mobilenet_v2().eval()
         with torch.no_grad():
             ref = model(evalset)
 
-        def score(net):
-            net = recalibrate_bn(net, loader)
-            if SETTINGS.get("kd_steps"):
-                distill_on_crops(net, model, calib, SETTINGS["kd_steps"])
+        def judge(net):
             with torch.no_grad():
                 out = net(evalset)
             kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
-            return {"agreement": float((out.argmax(1) == ref.argmax(1)).float().mean()), "kl": float(kl)}
+            return float((out.argmax(1) == ref.argmax(1)).float().mean()), float(kl)
+
+        def score(net):
+            seeds = SETTINGS.get("kd_seeds") or [0]
+            runs = []
+            for seed in seeds:  # each seed distils its own copy: recalibrate_bn copies the network
+                tuned = recalibrate_bn(net, loader)
+                if SETTINGS.get("kd_steps"):
+                    distill_on_crops(tuned, model, calib, SETTINGS["kd_steps"], seed=seed)
+                runs.append(judge(tuned))
+            agree, kls = [r[0] for r in runs], [r[1] for r in runs]
+            sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+            return {"agreement": statistics.mean(agree), "kl": statistics.mean(kls), "agreement_runs": agree,
+                    "kl_runs": kls, "agreement_sd": sd(agree), "kl_sd": sd(kls), "eval_crops": len(evalset)}
         score.train = loader  # calibration crops: BN re-estimation and the sensitivity row's distortion
         return model, torch.randn(1, 3, 224, 224), score
     import torchvision
@@ -138,7 +150,8 @@ def distill_on_crops(student, teacher, crops, steps: int, batch: int = 32, lr: f
 def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_limit: int,
               batch: int = 1, round_to: int = 8, search: str = "", evaluations: int = 40,
               capacity: str = "macs+params", max_ratio: float = 0.8, ft_seeds=(0,),
-              kd_steps: int = 0, sensitivity: bool = False) -> Dict[str, Any]:
+              kd_steps: int = 0, sensitivity: bool = False, kd_seeds=(0,),
+              crops_per_image: int = 25) -> Dict[str, Any]:
     import amc
     from amc.compressors.latency import build_table, measure, prune_to_latency
     from amc.compressors.layer_latency import layer_table, node_dims, prune_to_layer_latency
@@ -146,7 +159,8 @@ def one_model(name: str, target: float, threads: int, ft_epochs: int, ft_train_l
     from amc.errors import PruningError
 
     torch.set_num_threads(threads)
-    SETTINGS.update(ft_epochs=ft_epochs, ft_train_limit=ft_train_limit, ft_seeds=list(ft_seeds), kd_steps=kd_steps)
+    SETTINGS.update(ft_epochs=ft_epochs, ft_train_limit=ft_train_limit, ft_seeds=list(ft_seeds), kd_steps=kd_steps,
+                    kd_seeds=list(kd_seeds), crops_per_image=crops_per_image)
     model, x, score = _subject(name)
     x = x.expand(batch, *x.shape[1:]).contiguous() if batch > 1 else x
     net = amc.trace(model, x)
@@ -245,10 +259,11 @@ def render(res: Dict[str, Any]) -> str:
              "timed. Accuracy after the same recalibration: "
              f"Fashion-MNIST originals: BN re-estimated on 4 training batches, then {a['ft_epochs']} epoch(s) on "
              f"{a['ft_train_limit']:,} training images, official test set; pretrained MobileNetV2: BN re-estimated "
-             "on the 100 calibration crops of the bundled photos"
+             f"on the {4 * a.get('crops_per_image', 25)} calibration crops of the bundled photos"
              + (f", then {a['kd_steps']} steps of distillation from the float network on those crops (batch 32, "
                 "random flips and re-crops, SGD, cosine lr 0.01, T=2; `distill_on_crops`)" if a.get("kd_steps") else "")
-             + ", top-1 agreement / KL with the float model on the other 100 crops (1 crop = 1 point); "
+             + f", top-1 agreement / KL with the float model on the other {4 * a.get('crops_per_image', 25)} crops "
+             f"(1 crop = {100 / (4 * a.get('crops_per_image', 25)):.2g} point); "
              "resnet50, vit_b_16: random weights (no pretrained weights ship offline), latency only. "
              "\"(over budget)\": the final timing (all rows interleaved) is more than 3% above the target, "
              "though the pruning loop had measured the row within it.", "",
@@ -270,6 +285,9 @@ def render(res: Dict[str, Any]) -> str:
                 sd = (f" ± {100 * r['acc_after_ft_sd']:.2f} ({len(r['acc_after_ft_runs'])} FT seeds)"
                       if len(r.get("acc_after_ft_runs", [])) > 1 else "")
                 acc = f"{100 * r['acc_before_ft']:.2f}% -> {100 * r['acc_after_ft']:.2f}%{sd} after FT"
+            elif "agreement" in r and len(r.get("agreement_runs", [])) > 1:
+                acc = (f"agreement {100 * r['agreement']:.1f} ± {100 * r['agreement_sd']:.1f}%, KL {r['kl']:.3f} ± "
+                       f"{r['kl_sd']:.3f} ({len(r['agreement_runs'])} distillation seeds)")
             elif "agreement" in r:
                 acc = f"agreement {100 * r['agreement']:.0f}%, KL {r['kl']:.2f}"
             else:
@@ -308,6 +326,11 @@ def main() -> int:
                     help="MobileNetV2: after the BN re-estimation, this many steps of distillation from the float "
                          "network on the calibration crops (batch 32), so rows pruned past what survives untrained "
                          "still get a usable agreement")
+    ap.add_argument("--kd-seeds", type=int, nargs="+", default=[0],
+                    help="MobileNetV2: distil every row once per seed (other batches and re-crops): mean ± sd")
+    ap.add_argument("--crops-per-image", type=int, default=25,
+                    help="MobileNetV2: random crops per bundled photo, half for calibration, half for judging "
+                         "(25: 100 + 100 crops)")
     ap.add_argument("--sensitivity", action="store_true",
                     help="add the row whose allocation costs a channel by the output distortion its group adds "
                          "pruned alone (minutes: one pruned network per group and grid ratio)")
@@ -324,7 +347,8 @@ def main() -> int:
                           "ft_train_limit": a.ft_train_limit, "batch": a.batch, "round_to": a.round_to,
                           "search": a.search, "evaluations": a.evaluations,
                           "capacity": a.capacity, "max_ratio": a.max_ratio,
-                          "ft_seeds": a.ft_seeds, "kd_steps": a.kd_steps, "sensitivity": a.sensitivity},
+                          "ft_seeds": a.ft_seeds, "kd_steps": a.kd_steps, "sensitivity": a.sensitivity,
+                          "kd_seeds": a.kd_seeds, "crops_per_image": a.crops_per_image},
                          timeout=a.timeout)
         r.setdefault("model", name)
         res["models"].append(r)

@@ -505,13 +505,18 @@ wild_prune = st.fixed_dictionaries(
 prune_cases = st.one_of(plausible_prune, wild_prune)
 
 
+def _example_inputs(how: str, x: torch.Tensor) -> Any:
+    """`example_inputs=` as a case names it: the right ones, none, an empty tuple, or text."""
+    return {"x": (x,), "none": None, "empty": (), "garbage": ("text",)}[how]
+
+
 def check_prune(case: Dict[str, Any]) -> str:
     TRIED["prune"] += 1
     model, x, net = tiny()
     kwargs = dict(case)
     target = model if kwargs.pop("plain_module", False) else net
     how = kwargs.pop("example_inputs", "x")
-    kwargs["example_inputs"] = {"x": (x,), "none": None, "empty": (), "garbage": ("text",)}[how]
+    kwargs["example_inputs"] = _example_inputs(how, x)
     before = _fingerprint(target)
     status, result = _classify(lambda: amc.prune(target, **kwargs))
     if _fingerprint(target) != before:
@@ -587,6 +592,22 @@ _CP_ONLY = {"lars_alpha_init", "ridge", "selection"}
 _LR_ONLY = {"method", "rank_selection", "nonlinear_iters", "val_batches", "acc_grid", "ranks", "layers"}
 
 
+def _build_and_compress(cls: Any, name: str, target: nn.Module, kwargs: Dict[str, Any], run: bool,
+                        x: torch.Tensor, counter: str) -> str:
+    """A seed-shaped compressor built on `target` (and compressed when `run`): refusals are AmcErrors, a
+    success is a usable network, and `target` is left bit-identical."""
+    before = _fingerprint(target)
+    status, comp = _classify(lambda: cls(target, **kwargs))
+    if status == "ok" and run:
+        status, comp = _classify(comp.compress)
+        if status == "ok":
+            _usable(comp, f"{name}.compress()", (x,))
+            TRIED[f"{counter}:compress() succeeded"] += 1
+    if _fingerprint(target) != before:
+        raise FuzzFailure(f"{name} changed origin_net")
+    return status
+
+
 def check_compressor(case: Dict[str, Any]) -> str:
     from amc.compressors import ChannelPruning, LowRankDecomposition
 
@@ -605,16 +626,7 @@ def check_compressor(case: Dict[str, Any]) -> str:
         kwargs.setdefault("sampled_pixels_per_img", 4)
         if name == "LowRankDecomposition":
             kwargs.setdefault("nonlinear_iters", 2)
-    before = _fingerprint(net)
-    status, comp = _classify(lambda: cls(net, **kwargs))
-    if status == "ok" and run:
-        status, comp = _classify(comp.compress)
-        if status == "ok":
-            _usable(comp, f"{name}.compress()", (x,))
-            TRIED["compressor_args:compress() succeeded"] += 1
-    if _fingerprint(net) != before:
-        raise FuzzFailure(f"{name} changed origin_net")
-    return status
+    return _build_and_compress(cls, name, net, kwargs, run, x, "compressor_args")
 
 
 # ==============================================================================================
@@ -695,6 +707,280 @@ def _same_output(a: Any, b: Any) -> bool:
 
 
 # ==============================================================================================
+# The newer compressors: VTP and TokenPruning on a tiny ViT, Quantization / ProductQuantization /
+# QuantNoise on the tiny CNN. Constructor validation, then compress() on the accepted ones when `run`.
+
+@functools.lru_cache(maxsize=None)
+def tiny_vit() -> Tuple[nn.Module, torch.Tensor, "amc.ReconstructedNetwork"]:
+    """The 8x8 input of `tiny()`, cut into 4 patches (+ CLS): 2 blocks of width 8, 2 heads, 3 classes."""
+    torch.manual_seed(0)
+    model = amc.models.SmallViT(num_classes=3, in_channels=1, image_size=8, patch_size=4, dim=8, depth=2,
+                                heads=2).eval()
+    x = tiny()[1]
+    return model, x, amc.trace(model, x)
+
+
+# wild values, but no int large enough to be a valid count (epochs, episodes, k-means restarts): such a case
+# legitimately runs for hours, which the harness would report as a hang
+_not_big = scalars.filter(lambda v: isinstance(v, bool) or not isinstance(v, int) or v <= 3)
+
+
+def _count_or(valid: st.SearchStrategy) -> st.SearchStrategy:
+    return st.one_of(valid, _not_big)
+
+
+numbers_or_wild = st.one_of(st.floats(1e-4, 0.5), scalars)
+plausible_vit = st.fixed_dictionaries(
+    {"cls": st.sampled_from(["VTP", "TokenPruning"]), "run": st.just(True), "epochs": st.integers(0, 1)},
+    optional={"target_macs": st.floats(0.3, 1.0), "compress_ratio": st.floats(0.0, 0.7),
+              "finetune_epochs": st.integers(0, 1), "heads": st.booleans(), "round_to": st.integers(1, 4),
+              "residual": st.sampled_from(["stream", "readers"]), "threshold": st.none() | st.floats(0, 1.5),
+              "score": st.sampled_from(["agent", "cls_attention", "norm", "random", "tome"]),
+              "fuse": st.sampled_from(["none", "one", "merge", True, False]), "samples": st.integers(1, 3),
+              "chain": st.booleans(), "plain_module": st.booleans()})
+wild_vit = st.fixed_dictionaries(
+    {"cls": st.sampled_from(["VTP", "TokenPruning"])},
+    optional={"target_macs": st.none() | _valid_or(st.floats(0.3, 1.0), ratios),
+              "compress_ratio": _valid_or(st.floats(0.0, 0.7), ratios),
+              "epochs": _count_or(st.integers(0, 1)), "finetune_epochs": _count_or(st.integers(0, 1)),
+              "lr": numbers_or_wild, "gate_lr": numbers_or_wild, "agent_lr": numbers_or_wild,
+              "sparsity": numbers_or_wild, "budget_weight": numbers_or_wild, "distill": numbers_or_wild,
+              "threshold": st.none() | numbers_or_wild, "heads": _valid_or(st.booleans()),
+              "round_to": _count_or(st.integers(1, 4)), "residual": st.sampled_from(["stream", "readers", "x", None]),
+              "score": st.sampled_from(["agent", "tome", "bogus", None, 3]),
+              "fuse": st.sampled_from(["none", "merge", "one", "bogus", None, 2]),
+              "samples": _count_or(st.integers(1, 3)), "chain": _valid_or(st.booleans()),
+              "accumulation_steps": _count_or(st.integers(1, 2)), "hidden": st.none() | _count_or(st.integers(1, 8)),
+              "layers": st.none() | st.lists(st.sampled_from(["blocks.0.add_1", "blocks.1.add_1", "fc", "?"]),
+                                             max_size=2) | scalars,
+              "trainloader": st.sampled_from(["ok", "ok", "empty", "none", "tensors", "garbage", "int"]),
+              "valloader": st.sampled_from(["ok", "empty", "none"]), "model": st.sampled_from(["vit", "vit", "cnn"]),
+              "device": st.sampled_from(["cpu", "cpu", "bogus", 3]), "run": st.booleans()})
+vit_cases = st.one_of(plausible_vit, wild_vit)
+_VTP_ONLY = {"compress_ratio", "finetune_epochs", "heads", "round_to", "residual", "threshold", "sparsity", "gate_lr"}
+_TOKENS_ONLY = {"score", "fuse", "samples", "chain", "agent_lr", "budget_weight", "distill", "accumulation_steps",
+                "hidden", "layers"}
+
+
+def check_vit_compressor(case: Dict[str, Any]) -> str:
+    from amc.compressors import VTP, TokenPruning
+
+    TRIED["vit_compressor_args"] += 1
+    kwargs = dict(case)
+    name, run = kwargs.pop("cls"), kwargs.pop("run", False)
+    for k in (_TOKENS_ONLY if name == "VTP" else _VTP_ONLY):
+        kwargs.pop(k, None)
+    model, x, net = tiny() if kwargs.pop("model", "vit") == "cnn" else tiny_vit()
+    target = model if kwargs.pop("plain_module", False) else net
+    kwargs["trainloader"] = _loader(kwargs.get("trainloader", "ok"))
+    kwargs["valloader"] = _loader(kwargs.get("valloader", "ok"))
+    kwargs.setdefault("epochs", 0)
+    if name == "VTP":
+        kwargs.setdefault("finetune_epochs", 0)
+    return _build_and_compress(VTP if name == "VTP" else TokenPruning, name, target, kwargs, run, x,
+                               "vit_compressor_args")
+
+
+plausible_quant = st.fixed_dictionaries(
+    {"cls": st.sampled_from(["Quantization", "ProductQuantization"]), "run": st.just(True)},
+    optional={"weight_bits": st.integers(2, 8), "act_bits": st.none() | st.integers(2, 8),
+              "observer": st.sampled_from(["minmax", "percentile", "mse"]),
+              "weight_observer": st.sampled_from(["minmax", "mse"]), "percentile": st.floats(90, 100),
+              "trainset_ratio": st.floats(0.1, 1), "fold_bn": st.booleans(), "qat_epochs": st.integers(0, 1),
+              "block_size": st.none() | st.sampled_from([1, 2, 3, 4, 9]), "n_centroids": st.integers(2, 8),
+              "finetune_epochs": st.integers(0, 1), "ignore": st.lists(st.sampled_from(["c1", "c2", "fc"]), max_size=1),
+              "plain_module": st.booleans()})
+wild_quant = st.fixed_dictionaries(
+    {"cls": st.sampled_from(["Quantization", "ProductQuantization", "QuantNoise"])},
+    optional={"weight_bits": _valid_or(st.integers(2, 8)), "act_bits": st.none() | _valid_or(st.integers(2, 8)),
+              "bits": _valid_or(st.integers(2, 8)), "rate": _valid_or(st.floats(0, 1)),
+              "observer": st.sampled_from(["minmax", "bogus", None, 1]),
+              "weight_observer": st.sampled_from(["minmax", "mse", "bogus", None]),
+              "percentile": _valid_or(st.floats(90, 100)), "trainset_ratio": _valid_or(st.floats(0.1, 1)),
+              "qat_epochs": _count_or(st.integers(0, 1)), "lr": numbers_or_wild,
+              "optimizer": st.sampled_from(["sgd", "adamw", "bogus", None]),
+              "block_size": st.none() | _valid_or(st.sampled_from([1, 2, 4, 9]), scalars) | st.dictionaries(
+                  st.sampled_from(["c1", "c2", "fc", "?"]), _valid_or(st.integers(1, 9)), max_size=2),
+              "n_centroids": _count_or(st.integers(2, 8)), "finetune_epochs": _count_or(st.integers(0, 1)),
+              "n_init": _count_or(st.integers(1, 2)), "seed": _valid_or(st.integers(0, 2 ** 64)),
+              "bn_batches": _count_or(st.integers(0, 2)), "eval_quantized": _valid_or(st.booleans()),
+              "layers": st.none() | st.lists(st.sampled_from(["c1", "c2", "fc", "?"]), max_size=2) | scalars,
+              "ignore": st.lists(st.sampled_from(["c1", "c2", "fc", "?"]), max_size=2) | scalars,
+              "trainloader": st.sampled_from(["ok", "ok", "empty", "none", "tensors", "garbage", "int"]),
+              "valloader": st.sampled_from(["ok", "empty", "none"]),
+              "device": st.sampled_from(["cpu", "cpu", "bogus", 3]), "run": st.booleans()})
+quant_cases = st.one_of(plausible_quant, wild_quant)
+_ARGS = {"Quantization": {"weight_bits", "act_bits", "observer", "percentile", "weight_observer", "trainset_ratio",
+                          "fold_bn", "qat_epochs", "lr", "optimizer", "layers", "ignore", "device", "seed",
+                          "trainloader", "valloader"},
+         "ProductQuantization": {"block_size", "n_centroids", "finetune_epochs", "lr", "optimizer", "layers",
+                                 "ignore", "device", "seed", "n_init", "trainloader", "valloader"},
+         "QuantNoise": {"rate", "bits", "seed", "eval_quantized", "bn_batches", "weight_observer"}}
+
+
+def check_quant(case: Dict[str, Any]) -> str:
+    from amc.compressors.quant import ProductQuantization, Quantization, QuantNoise
+
+    TRIED["quant_args"] += 1
+    kwargs = dict(case)
+    name, run = kwargs.pop("cls"), kwargs.pop("run", False)
+    model, x, net = tiny()
+    target = model if kwargs.pop("plain_module", False) else net
+    kwargs = {k: v for k, v in kwargs.items() if k in _ARGS[name]}
+    if name == "QuantNoise":
+        status, cb = _classify(lambda: QuantNoise(**kwargs))
+        if status == "ok":  # one epoch with the plug-in: fake-quantised weights, straight-through grads
+            from amc.trainers import BaseTrainer
+
+            student = net.copy()
+            opt = torch.optim.SGD(student.parameters(), lr=0.01)
+            status, _ = _classify(lambda: BaseTrainer(_loader("ok"), _loader("ok"), None, student,
+                                                      nn.CrossEntropyLoss(), opt, None, 1, "cpu", callbacks=[cb],
+                                                      progress=False).run())
+            if status == "ok":
+                _usable(student, "training with QuantNoise", (x,))
+        return status
+    for k in ("trainloader", "valloader"):
+        kwargs[k] = _loader(kwargs.get(k, "ok"))
+    if name == "ProductQuantization":
+        kwargs.setdefault("n_centroids", 4)
+        kwargs.setdefault("example_inputs", (x,))
+    return _build_and_compress(Quantization if name == "Quantization" else ProductQuantization, name, target,
+                               kwargs, run, x, "quant_args")
+
+
+# ==============================================================================================
+# amc.prune under a latency budget: target_latency, latency_allocation, dataloader, latency_table.
+
+plausible_latency = st.fixed_dictionaries(
+    {"target_latency": st.floats(0.3, 1.0)},
+    optional={"latency_allocation": st.sampled_from(["uniform", "layers", "auto"]), "round_to": st.integers(1, 4),
+              "dataloader": st.just("ok"), "mode": st.sampled_from(["hard", "soft"])})
+wild_latency = st.fixed_dictionaries(
+    {"target_latency": st.none() | _valid_or(st.floats(0.3, 1.0), ratios)},
+    optional={"latency_allocation": st.sampled_from(["uniform", "layers", "auto", "bogus", None, 1]),
+              "target_macs": st.none() | _valid_or(st.floats(0.3, 1.0)), "ratio": st.none() | ratios,
+              "round_to": _count_or(st.integers(1, 4)), "heads": _valid_or(st.booleans()),
+              "dataloader": st.sampled_from(["ok", "empty", "none", "tensors", "garbage", "int"]),
+              "latency_table": st.sampled_from(["none", "none", "garbage", "int"]),
+              "mode": st.sampled_from(["hard", "soft", "bogus"]),
+              "example_inputs": st.sampled_from(["x", "x", "none", "empty", "garbage"])})
+latency_cases = st.one_of(plausible_latency, wild_latency)
+
+
+def check_latency_prune(case: Dict[str, Any]) -> str:
+    from amc.compressors import latency
+
+    TRIED["latency_prune"] += 1
+    _, x, net = tiny()
+    kwargs = dict(case)
+    how = kwargs.pop("example_inputs", "x")
+    kwargs["example_inputs"] = _example_inputs(how, x)
+    if "dataloader" in kwargs:
+        kwargs["dataloader"] = _loader(kwargs["dataloader"])
+    table = kwargs.pop("latency_table", "none")
+    if table != "none":
+        kwargs["latency_table"] = {"garbage": "table.json", "int": 3}[table]
+    before = _fingerprint(net)
+    saved, latency.CACHE = latency.CACHE, latency.Path(workdir()) / "latency"  # keep the user's cache clean
+    try:
+        status, result = _classify(lambda: amc.prune(net, **kwargs))
+    finally:
+        latency.CACHE = saved
+    if _fingerprint(net) != before:
+        raise FuzzFailure("amc.prune(target_latency=...) changed the network it was given")
+    if status == "ok":
+        _usable(result, "amc.prune(target_latency=...)", (x,))
+        if kwargs.get("mode", "hard") == "hard":
+            _check_macs(result, kwargs.get("target_macs"))
+    return status
+
+
+# ==============================================================================================
+# Tuners: constructor and search() arguments on the tiny CNN, a handful of evaluations per case.
+
+def _raise(net: Any) -> float:
+    raise RuntimeError("evaluator failed")
+
+
+_EVALUATORS = {"const": lambda net: 0.5, "random": lambda net: float(torch.rand(1)), "nan": lambda net: math.nan,
+               "inf": lambda net: math.inf, "raises": _raise, "string": lambda net: "high",
+               "tensor": lambda net: torch.tensor(0.7), "none_result": lambda net: None, "not_callable": 3}
+_SMALL_CTOR = {"DDPG": {"episodes": 3, "warmup": 1, "batch_size": 2}, "GA": {"generations": 1, "pop_size": 3},
+               "RandomSearch": {"samples": 3}}
+# constructor arguments per tuner (others would be Python's own TypeError for an unknown keyword)
+_CTOR_ARGS = {"DDPG": {"episodes", "warmup", "seed", "reward", "hidden", "lr_actor", "lr_critic", "tau", "discount",
+                       "batch_size", "replay_size", "noise", "noise_decay", "moving_alpha", "parallel_episodes"},
+              "GA": {"generations", "pop_size", "seed", "objectives", "crossover_eta", "mutation_eta", "initial"},
+              "RandomSearch": {"samples", "seed", "batch"}}
+plausible_tuner = st.fixed_dictionaries(
+    {"cls": st.sampled_from(sorted(_SMALL_CTOR)), "target_macs": st.floats(0.35, 0.95),
+     "evaluate": st.sampled_from(["const", "random", "default"])},
+    optional={"compressor": st.sampled_from(["prune", "channel", "lowrank", "callable"]),
+              "min_ratio": st.floats(0, 0.2), "max_ratio": st.floats(0.5, 0.9),
+              "ignore": st.lists(st.sampled_from(["c1", "c2", "fc"]), max_size=1),
+              "criterion": st.sampled_from(["l1", "l2", "fpgm"]), "seed": st.integers(0, 2 ** 31)})
+wild_tuner = st.fixed_dictionaries(
+    {"cls": st.sampled_from(sorted(_SMALL_CTOR))},
+    optional={"ctor": st.dictionaries(st.sampled_from(sorted(set().union(*_CTOR_ARGS.values()))),
+                                      st.integers(-1, 3) | _not_big, max_size=2),
+              "target_macs": st.none() | _valid_or(st.floats(0.35, 0.95), ratios),
+              "compressor": st.sampled_from(["prune", "channel", "lowrank", "bogus", None, 3, "callable",
+                                             "callable_bad"]),
+              "evaluate": st.sampled_from(sorted(_EVALUATORS) + ["default"]),
+              "calibration": st.sampled_from(["ok", "empty", "none", "tensors", "garbage", "int"]),
+              "min_ratio": _valid_or(st.floats(0, 0.5)) | st.dictionaries(st.sampled_from(["c1", "c2", "?"]),
+                                                                           numbers_or_wild, max_size=2),
+              "max_ratio": _valid_or(st.floats(0.3, 0.95)),
+              "ignore": st.lists(st.sampled_from(["c1", "c2", "fc", "?"]), max_size=2) | scalars,
+              "criterion": st.sampled_from(["l2", "bogus", None, 3]),
+              "executor": st.sampled_from(["local", "local", "bogus", None]),
+              "bn_batches": _count_or(st.integers(0, 2)), "holdout_batches": st.none() | _count_or(st.integers(0, 2)),
+              "finetune_steps": _count_or(st.integers(0, 1)), "rerank": _count_or(st.integers(0, 1)),
+              "checkpoint_every": _count_or(st.integers(1, 2)), "tighten": st.none() | scalars,
+              "compressor_options": st.none() | st.dictionaries(st.sampled_from(["round_to", "bogus"]),
+                                                                _valid_or(st.integers(1, 4)), max_size=1) | scalars,
+              "example_inputs": st.sampled_from(["x", "x", "none", "empty", "garbage"])})
+tuner_cases = st.one_of(plausible_tuner, wild_tuner)
+
+
+def check_tuner(case: Dict[str, Any]) -> str:
+    from amc import tuners
+
+    TRIED["tuner_args"] += 1
+    model, x, net = tiny()
+    kwargs = dict(case)
+    name = kwargs.pop("cls")
+    ctor = {**_SMALL_CTOR[name], "seed": kwargs.pop("seed", 0),
+            **{k: v for k, v in kwargs.pop("ctor", {}).items() if k in _CTOR_ARGS[name]}}
+    how = kwargs.pop("example_inputs", "x")
+    kwargs["example_inputs"] = _example_inputs(how, x)
+    kwargs["calibration"] = _loader(kwargs.get("calibration", "ok"))
+    kwargs.setdefault("holdout", _loader("ok"))
+    ev = kwargs.pop("evaluate", "const")
+    kwargs["evaluate"] = None if ev == "default" else _EVALUATORS[ev]
+    comp = kwargs.get("compressor")
+    if comp == "callable":
+        kwargs["compressor"] = lambda policy: amc.prune(net, ratio=policy, example_inputs=(x,))
+    elif comp == "callable_bad":
+        kwargs["compressor"] = lambda policy: "not a network"
+    before = _fingerprint(net)
+    cls = getattr(tuners, name)
+    status, result = _classify(lambda: cls(**ctor).search(net, progress=False, **kwargs))
+    if _fingerprint(net) != before:
+        raise FuzzFailure(f"{name}.search changed the model it was given")
+    if status == "ok":
+        _usable(result.net, f"{name}.search", (x,))
+        target = kwargs.get("target_macs", 0.5)
+        got = amc.count(result.net, x[:1])[0] / amc.count(net, x[:1])[0]
+        if target is not None and got > float(target) * 1.001:
+            raise FuzzFailure(f"{name}.search(target_macs={target!r}) returned {got:.4f} of the MACs")
+        if not abs(got - float(result.macs_ratio)) <= 1e-6:
+            raise FuzzFailure(f"{name}.search reports macs_ratio {result.macs_ratio!r}, the network has {got:.6f}")
+    return status
+
+
+# ==============================================================================================
 # The registry the test and the script iterate.
 
 @dataclass
@@ -722,6 +1008,14 @@ TARGETS: Dict[str, Target] = {t.name: t for t in [
            "ChannelPruning / LowRankDecomposition arguments; compress() on the accepted ones when `run`"),
     Target("trace", lambda: trace_cases, check_trace,
            "amc.trace: non-modules, modules returning non-tensors, odd dtypes/shapes, empty and keyword inputs"),
+    Target("vit_compressor_args", lambda: vit_cases, check_vit_compressor,
+           "VTP / TokenPruning arguments on a tiny ViT (and on a CNN); compress() on the accepted ones when `run`"),
+    Target("quant_args", lambda: quant_cases, check_quant,
+           "Quantization / ProductQuantization / QuantNoise arguments; compress() or one training epoch"),
+    Target("latency_prune", lambda: latency_cases, check_latency_prune,
+           "amc.prune(target_latency=...): allocations, dataloaders, tables, with target_macs / ratio / round_to"),
+    Target("tuner_args", lambda: tuner_cases, check_tuner,
+           "DDPG / GA / RandomSearch constructor and search() arguments, evaluators that fail; 3-5 evaluations"),
 ]}
 
 
@@ -844,6 +1138,30 @@ REGRESSIONS: List[Regression] = [
                "amc/export/pkl.py _CORRUPT", b"r"),
     Regression(18, "pkl_bytes", "a zip whose end record claims another disk: BadZipFile from zipfile.is_zipfile",
                "amc/export/pkl.py _allowed_globals_of", _Lazy(_multi_disk_zip, "saved .pkl, zip64 locator disk number 0 -> 1")),
+    Regression(19, "vit_compressor_args", "VTP lr (also sparsity, threshold, round_to) as text or None: ValueError/"
+               "TypeError from float()/int()", "amc/compressors/vtp/compressor.py via base.check_number",
+               {"cls": "VTP", "lr": "x"}),
+    Regression(20, "quant_args", "ProductQuantization seed=-2**63: scikit-learn's InvalidParameterError from KMeans",
+               "amc/compressors/quant/pq.py via base.check_seed",
+               {"cls": "ProductQuantization", "seed": -2 ** 63, "run": True}),
+    Regression(21, "quant_args", "ProductQuantization seed=None / lr='': TypeError/ValueError from int()/float()",
+               "amc/compressors/quant/pq.py", {"cls": "ProductQuantization", "lr": ""}),
+    Regression(22, "quant_args", "QuantNoise seed=None: TypeError from int()", "amc/compressors/quant/noise.py",
+               {"cls": "QuantNoise", "seed": None}),
+    Regression(23, "quant_args", "Quantization percentile as text: ValueError from float()",
+               "amc/compressors/quant/compressor.py", {"cls": "Quantization", "percentile": "x"}),
+    Regression(24, "tuner_args", "compressor_options='6' or 5: ValueError/TypeError from dict()",
+               "amc/tuners/base.py Tuner.search", {"cls": "GA", "compressor_options": "6"}),
+    Regression(25, "tuner_args", "ignore=1.0: TypeError from list()", "amc/tuners/base.py via base.check_names",
+               {"cls": "RandomSearch", "ignore": 1.0}),
+    Regression(26, "tuner_args", "DDPG(discount=None) accepted; TypeError in the first agent update",
+               "amc/tuners/ddpg.py (every hyper-parameter checked)", {"cls": "DDPG", "ctor": {"discount": None}}),
+    Regression(27, "tuner_args", "GA(objectives=inf): TypeError from tuple()", "amc/tuners/ga.py",
+               {"cls": "GA", "ctor": {"objectives": math.inf}}),
+    Regression(28, "tuner_args", "GA(seed=nan): ValueError from int()", "amc/tuners/base.py via base.check_seed",
+               {"cls": "GA", "ctor": {"seed": math.nan}}),
+    Regression(29, "tuner_args", "calibration=3 with rerank: TypeError when the re-ranking evaluator iterated it",
+               "amc/tuners/evaluation.py default_evaluator", {"cls": "DDPG", "calibration": "int", "rerank": 1}),
 ]
 
 

@@ -19,9 +19,11 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_thread"),
 
 # Cases per target in the default suite (the whole file stays well under a minute on one core).
 BUDGET = {"json_doc": 80, "json_bytes": 40, "json_sidecar": 50, "pkl_bytes": 30, "pkl_objects": 40,
-          "prune": 60, "compressor_args": 40, "trace": 60}
+          "prune": 60, "compressor_args": 40, "trace": 60, "vit_compressor_args": 40, "quant_args": 40,
+          "tuner_args": 40, "latency_prune": 25}
 # Targets whose strategies must reach the success path too, not only refusals.
-MUST_ACCEPT = {"json_doc", "json_sidecar", "pkl_bytes", "pkl_objects", "prune", "compressor_args", "trace"}
+MUST_ACCEPT = {"json_doc", "json_sidecar", "pkl_bytes", "pkl_objects", "prune", "compressor_args", "trace",
+               "vit_compressor_args", "quant_args", "tuner_args", "latency_prune"}
 
 
 @pytest.mark.parametrize("name", sorted(ft.TARGETS))

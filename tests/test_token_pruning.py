@@ -362,7 +362,7 @@ def test_fuse_and_distill_bad_input():
     with pytest.raises(PruningError, match="merges them already"):
         TokenPruning(_tiny_vit(), loader, target_macs=0.6, epochs=0, score="tome", fuse=True)
     for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(PruningError, match="distill must be"):
+        with pytest.raises(PruningError, match="distill .*must be"):
             TokenPruning(_tiny_vit(), loader, target_macs=0.6, epochs=0, distill=bad)
 
 

@@ -114,7 +114,7 @@ def test_bad_input_is_refused():
     with pytest.raises(PruningError, match="no attention heads"):
         VTP(traced, _loader((3, 16, 16)), heads=True, epochs=0, finetune_epochs=0).compress()
     for bad in (0, -1e-3, "fast", True):
-        with pytest.raises(PruningError, match="gate_lr must be a number > 0"):
+        with pytest.raises(PruningError, match="gate_lr must be a finite number > 0"):
             VTP(_vit(), loader, gate_lr=bad, epochs=0)
     c = VTP(_vit(), loader, threshold=10.0, epochs=0, finetune_epochs=0)  # above every gate (all are 1)
     net = c.compress()

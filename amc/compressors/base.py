@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import numbers
 import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -314,18 +315,41 @@ def _as_device(device: Any) -> torch.device:
     return dev
 
 
-def check_count(value: Any, what: str, minimum: int = 1) -> int:
+def check_count(value: Any, what: str, minimum: int = 1, error: type = PruningError) -> int:
     """An int argument (iterations, batches, grid points) of at least `minimum`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise PruningError(f"{what} must be an int >= {minimum}, got {value!r}")
+        raise error(f"{what} must be an int >= {minimum}, got {value!r}")
     return int(value)
 
 
-def check_names(value: Any, what: str) -> List[str]:
+def check_number(value: Any, what: str, low: Optional[float] = None, high: Optional[float] = None,
+                 low_open: bool = False, high_open: bool = False, error: type = PruningError) -> float:
+    """A finite real argument (learning rate, weight, rate) in [low, high] (open ends where said): a
+    string, None or NaN here would otherwise surface as a TypeError/ValueError deep inside a run."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+    if ok and low is not None:
+        ok = float(value) > low if low_open else float(value) >= low
+    if ok and high is not None:
+        ok = float(value) < high if high_open else float(value) <= high
+    if not ok:
+        bounds = ("" if low is None else f" {'>' if low_open else '>='} {low:g}") + \
+                 ("" if high is None else f"{' and' if low is not None else ''} {'<' if high_open else '<='} {high:g}")
+        raise error(f"{what} must be a finite number{bounds}, got {value!r}")
+    return float(value)
+
+
+def check_seed(value: Any, what: str = "seed", error: type = PruningError) -> int:
+    """A random seed every generator here accepts (numpy, torch, scikit-learn): an int in [0, 2**32)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < 2 ** 32:
+        raise error(f"{what} must be an int in [0, 2**32), got {value!r}")
+    return int(value)
+
+
+def check_names(value: Any, what: str, error: type = PruningError) -> List[str]:
     """A list of node names (`ignore=`, `layers=`): any iterable of str, but not a bare string."""
     names = None if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) else list(value)
     if names is None or not all(isinstance(n, str) for n in names):
-        raise PruningError(f"{what} must be a list of node names, got {value!r}")
+        raise error(f"{what} must be a list of node names, got {value!r}")
     return names
 
 

@@ -39,6 +39,9 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Union[str, torch
     return {"acc": correct / total, "loss": loss_sum / total, "n": float(total)}
 
 
+OPTIMIZERS = ("sgd", "adamw")  # what train_classifier builds
+
+
 def train_classifier(
     model: nn.Module,
     train_loader: Iterable[Batch],
@@ -88,7 +91,7 @@ def train_classifier(
     elif optimizer == "adamw":
         opt = torch.optim.AdamW(groups, lr=lr)
     else:
-        raise TrainingError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}")
+        raise TrainingError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if int(epochs) * steps_per_epoch < 10:  # OneCycleLR divides by zero-length phases on tiny budgets
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     else:

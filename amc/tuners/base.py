@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..compressors.base import check_count, check_names, check_seed
 from ..errors import LoadError, PruningError, TuningError
 from ..export.atomic import atomic_write
 from ..trainers.checkpoint import _numpy_state_as_tensors, _numpy_state_from_tensors
@@ -140,7 +141,7 @@ class Tuner:
     multi_objective = False
 
     def __init__(self, seed: int = 0):
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self.space: Optional[SearchSpace] = None
 
     # -- the four methods a tuner implements --------------------------------------------------------
@@ -210,8 +211,11 @@ class Tuner:
         """
         if executor not in EXECUTORS:
             raise PruningError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise PruningError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        check_count(checkpoint_every, "checkpoint_every")
+        ignore = check_names(ignore, "ignore")
+        if compressor_options is not None and not isinstance(compressor_options, Mapping):
+            raise PruningError(f"compressor_options must be a dict of the compressor's keyword arguments, "
+                               f"got {compressor_options!r}")
         check_rerank(rerank, rerank_steps, rerank_batches)
         if rerank and self.multi_objective:
             raise PruningError("rerank picks one policy; a multi-objective search returns a Pareto front: drop one")

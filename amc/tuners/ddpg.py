@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from scipy.stats import truncnorm
 
+from ..compressors.base import check_count, check_number
 from ..errors import PruningError
 from .base import Tuner
 from .registry import register_tuner
@@ -76,13 +77,17 @@ class DDPG(Tuner):
         super().__init__(seed)
         if reward not in REWARDS:
             raise PruningError(f"reward must be one of {REWARDS}, got {reward!r}")
-        if episodes < 1 or warmup < 0 or parallel_episodes < 1:
-            raise PruningError("episodes and parallel_episodes must be >= 1 and warmup >= 0")
-        self.episodes, self.warmup, self.reward_kind = int(episodes), int(warmup), reward
-        self.hidden, self.lr_actor, self.lr_critic, self.tau = hidden, lr_actor, lr_critic, tau
-        self.discount, self.batch_size, self.replay_size = discount, batch_size, replay_size
-        self.noise0, self.noise_decay, self.moving_alpha = noise, noise_decay, moving_alpha
-        self.parallel_episodes = int(parallel_episodes)
+        self.episodes, self.warmup = check_count(episodes, "episodes"), check_count(warmup, "warmup", minimum=0)
+        self.reward_kind, self.hidden = reward, check_count(hidden, "hidden")
+        self.lr_actor = check_number(lr_actor, "lr_actor", low=0.0, low_open=True)
+        self.lr_critic = check_number(lr_critic, "lr_critic", low=0.0, low_open=True)
+        self.tau = check_number(tau, "tau (soft target update)", low=0.0, high=1.0, low_open=True)
+        self.discount = check_number(discount, "discount", low=0.0, high=1.0)
+        self.batch_size, self.replay_size = check_count(batch_size, "batch_size"), check_count(replay_size, "replay_size")
+        self.noise0 = check_number(noise, "noise (exploration std)", low=0.0)
+        self.noise_decay = check_number(noise_decay, "noise_decay", low=0.0, high=1.0, low_open=True)
+        self.moving_alpha = check_number(moving_alpha, "moving_alpha (reward baseline)", low=0.0, high=1.0)
+        self.parallel_episodes = check_count(parallel_episodes, "parallel_episodes")
 
     def config(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in ("seed", "episodes", "warmup", "reward_kind", "hidden", "lr_actor",

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..compressors.base import check_count, check_number
 from ..errors import DataError, PruningError
 
 Evaluator = Callable[[nn.Module], float]
@@ -107,11 +108,18 @@ def default_evaluator(calibration: Optional[Iterable], holdout: Optional[Iterabl
     those, a copy of the candidate trained (costlier; ranks policies by how they recover, see
     AccuracyEvaluator). `skip`: without a holdout, leave that many calibration batches after the BN ones
     unused (another evaluator's held-out batches, so the two score on different images)."""
-    if int(finetune_steps) < 0 or not finetune_lr > 0:
-        raise PruningError(f"finetune_steps must be >= 0 and finetune_lr > 0, got {finetune_steps}, {finetune_lr}")
+    finetune_steps = check_count(finetune_steps, "finetune_steps", minimum=0)
+    check_number(finetune_lr, "finetune_lr", low=0.0, low_open=True)
+    bn_batches, skip = check_count(bn_batches, "bn_batches", minimum=0), check_count(skip, "skip", minimum=0)
+    if holdout_batches is not None:
+        check_count(holdout_batches, "holdout_batches", minimum=0)
     if calibration is None:
         raise DataError("the default evaluator needs calibration=<a train DataLoader> (BN re-estimation) and "
                         "holdout=<a held-out DataLoader>; or pass evaluate=<net -> score>")
+    for what, loader in (("calibration", calibration), ("holdout", holdout)):
+        if loader is not None and (isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable)):
+            raise DataError(f"{what} must be an iterable of (input, label) batches (a DataLoader), "
+                            f"got {type(loader).__name__}")
     bn = take_batches(calibration, bn_batches)
     if holdout is not None:
         held = take_batches(holdout, holdout_batches)

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..compressors.base import check_count, check_number
 from ..errors import LoadError, PruningError
 from .signing import sign, verify
 from .base import Tuner
@@ -34,20 +35,20 @@ class GA(Tuner):
                  objectives: Sequence[str] = ("score",), crossover_eta: float = 15.0, mutation_eta: float = 20.0,
                  initial: Sequence[Mapping[str, float]] = ()):
         super().__init__(seed)
-        initial = list(initial)
+        pop_size, generations = check_count(pop_size, "pop_size", minimum=2), check_count(generations, "generations")
+        initial = list(initial) if isinstance(initial, (list, tuple)) else [initial]
         if len(initial) > pop_size or any(not isinstance(p, Mapping) for p in initial):
             raise PruningError(f"initial must be at most pop_size={pop_size} policies ({{layer: ratio}} dicts), "
                                f"got {len(initial)} item(s)")
         self.initial = [dict(p) for p in initial]
-        objectives = tuple(objectives)
+        objectives = tuple(objectives) if isinstance(objectives, (list, tuple)) else (objectives,)
         if not objectives or any(o not in OBJECTIVES for o in objectives) or len(set(objectives)) != len(objectives):
             raise PruningError(f"objectives must be ('score',) or ('score', 'macs'), got {objectives!r}")
         if "score" not in objectives:
             raise PruningError("objectives must include 'score'")
-        if generations < 1 or pop_size < 2:
-            raise PruningError("generations must be >= 1 and pop_size >= 2")
-        self.generations, self.pop_size, self.objectives = int(generations), int(pop_size), objectives
-        self.crossover_eta, self.mutation_eta = float(crossover_eta), float(mutation_eta)
+        self.generations, self.pop_size, self.objectives = generations, pop_size, objectives
+        self.crossover_eta = check_number(crossover_eta, "crossover_eta", low=0.0, low_open=True)
+        self.mutation_eta = check_number(mutation_eta, "mutation_eta", low=0.0, low_open=True)
         self.multi_objective = len(objectives) > 1
 
     def config(self) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
-from ..errors import PruningError
+from ..compressors.base import check_count
 from .base import Tuner
 from .registry import register_tuner
 from .space import SearchSpace
@@ -21,9 +21,7 @@ class RandomSearch(Tuner):
 
     def __init__(self, samples: int = 100, seed: int = 0, batch: int = 1):
         super().__init__(seed)
-        if samples < 1 or batch < 1:
-            raise PruningError("samples and batch must be >= 1")
-        self.samples, self.batch = int(samples), int(batch)
+        self.samples, self.batch = check_count(samples, "samples"), check_count(batch, "batch")
 
     def config(self) -> Dict[str, Any]:
         return {"seed": self.seed, "samples": self.samples, "batch": self.batch}

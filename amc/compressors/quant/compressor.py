@@ -14,9 +14,9 @@ import torch.nn as nn
 
 from ...errors import QuantizationError
 from ...graph.network import ReconstructedNetwork
-from ..base import BaseCompressor, check_count
+from ..base import BaseCompressor, check_count, check_names, check_number
 from .prepare import calibrate, fold_batchnorm, insert_act_quants, quantize_weights
-from .quantizers import OBSERVERS, check_bits, check_weight_observer
+from .quantizers import OBSERVERS, check_bits, check_optimizer, check_weight_observer
 
 
 class Quantization(BaseCompressor):
@@ -49,15 +49,16 @@ class Quantization(BaseCompressor):
         self.act_bits = None if act_bits is None else check_bits(act_bits, "act_bits")
         if observer not in OBSERVERS:
             raise QuantizationError(f"observer={observer!r}; choose one of {OBSERVERS}")
-        if not 50.0 < float(percentile) <= 100.0:
-            raise QuantizationError(f"percentile={percentile}: use a value in (50, 100], e.g. 99.99")
-        self.observer, self.percentile = observer, float(percentile)
+        self.observer = observer
+        self.percentile = check_number(percentile, "percentile (e.g. 99.99)", low=50.0, high=100.0, low_open=True,
+                                       error=QuantizationError)
         self.weight_observer = check_weight_observer(weight_observer)
         self.fold_bn = bool(fold_bn)
         self.qat_epochs = check_count(qat_epochs, "qat_epochs", minimum=0)
-        self.lr, self.optimizer = float(lr), optimizer
-        self.layers = None if layers is None else list(layers)
-        self.ignore = list(ignore)
+        self.lr = check_number(lr, "lr", low=0.0, low_open=True, error=QuantizationError)
+        self.optimizer = check_optimizer(optimizer)
+        self.layers = None if layers is None else check_names(layers, "layers", error=QuantizationError)
+        self.ignore = check_names(ignore, "ignore", error=QuantizationError)
         super().__init__(origin_net, trainloader, valloader, trainset_ratio=trainset_ratio,
                          checkpointfolder=checkpointfolder, device=device, verbose=verbose,
                          example_inputs=example_inputs, seed=seed, **kwargs)

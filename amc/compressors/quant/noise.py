@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from ...errors import QuantizationError
 from ...trainers.plugins import TrainerCallback
+from ..base import check_seed
 from .quantizers import FLOAT_TO_QUANT, check_bits, check_weight_observer, quantize_weight
 
 
@@ -50,7 +51,7 @@ class QuantNoise(TrainerCallback):
             raise QuantizationError(f"QuantNoise rate={rate!r}: use a share in [0, 1] (1 is plain QAT)")
         self.rate = float(rate)
         self.bits = check_bits(bits, "bits")
-        self.seed = int(seed)
+        self.seed = check_seed(seed, error=QuantizationError)
         self.eval_quantized = bool(eval_quantized)
         if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
             raise QuantizationError(f"bn_batches={bn_batches!r}: use an int >= 0 (0: keep the trained statistics)")

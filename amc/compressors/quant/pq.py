@@ -18,7 +18,9 @@ from ...errors import QuantizationError
 from ...graph.macs import conv_macs, linear_macs
 from ...graph.network import ReconstructedNetwork
 from ...graph.ops import register_op
+from ..base import check_count, check_names, check_number, check_seed
 from .prepare import swap_layers
+from .quantizers import check_optimizer
 
 
 def _code_dtype(n_centroids: int) -> torch.dtype:
@@ -165,11 +167,17 @@ class ProductQuantization:
 
         if isinstance(n_centroids, bool) or not isinstance(n_centroids, int) or n_centroids < 2:
             raise QuantizationError(f"n_centroids={n_centroids!r}: use an int >= 2 (256 fits one byte per code)")
+        finetune_epochs = check_count(finetune_epochs, "finetune_epochs", minimum=0, error=QuantizationError)
         if finetune_epochs and (trainloader is None or valloader is None):
             raise QuantizationError("finetune_epochs > 0 needs a trainloader and a valloader")
         self.block_size, self.n_centroids = block_size, n_centroids
-        self.finetune_epochs, self.lr, self.optimizer = int(finetune_epochs), float(lr), optimizer
-        self.layers, self.ignore, self.seed, self.n_init = layers, list(ignore), int(seed), int(n_init)
+        self.finetune_epochs = finetune_epochs
+        self.lr = check_number(lr, "lr", low=0.0, low_open=True, error=QuantizationError)
+        self.optimizer = check_optimizer(optimizer)
+        self.layers = None if layers is None else check_names(layers, "layers", error=QuantizationError)
+        self.ignore = check_names(ignore, "ignore", error=QuantizationError)
+        self.seed = check_seed(seed, error=QuantizationError)
+        self.n_init = check_count(n_init, "n_init", error=QuantizationError)
         self.trainloader, self.valloader, self.device = trainloader, valloader, device
         if example_inputs is None:
             if trainloader is None:

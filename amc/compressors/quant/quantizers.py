@@ -10,7 +10,7 @@ Activations: per tensor, affine (`uint8`-style `[0, 2^b - 1]` with a zero point)
 from __future__ import annotations
 
 import copy
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,15 @@ def check_bits(bits: int, what: str = "bits") -> int:
         raise QuantizationError(f"{what}={bits!r}: integer quantisation here supports 2 to 8 bits "
                                 "(8 for INT8 kernels, 4 or lower for size and QAT studies)")
     return bits
+
+
+def check_optimizer(optimizer: Any) -> str:
+    """An optimizer name train_classifier builds (QAT / iPQ fine-tuning), checked before any work."""
+    from ...models.training import OPTIMIZERS
+
+    if optimizer not in OPTIMIZERS:
+        raise QuantizationError(f"optimizer={optimizer!r}; choose one of {OPTIMIZERS}")
+    return str(optimizer)
 
 
 def _exporting() -> bool:

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from ...errors import PruningError
 from ...graph.network import ReconstructedNetwork
-from ..base import BaseCompressor, check_count, check_names, check_target_macs
+from ..base import BaseCompressor, check_count, check_names, check_number, check_target_macs
 from .agent import SCORES, TokenAgent, fuse_mode
 from ...graph.counting import count
 from ..base import batch_inputs
@@ -54,8 +54,10 @@ class TokenPruning(BaseCompressor):
         self.layers = None if layers is None else check_names(layers, "layers")
         if score not in SCORES + ("tome",):
             raise PruningError(f"score must be one of {SCORES + ('tome',)}, got {score!r}")
-        self.score, self.lr, self.agent_lr = score, float(lr), float(agent_lr)
-        self.budget_weight = float(budget_weight)
+        self.score = score
+        self.lr = check_number(lr, "lr", low=0.0, low_open=True)
+        self.agent_lr = check_number(agent_lr, "agent_lr", low=0.0, low_open=True)
+        self.budget_weight = check_number(budget_weight, "budget_weight", low=0.0)
         self.accumulation_steps = check_count(accumulation_steps, "accumulation_steps")
         self.hidden = None if hidden is None else check_count(hidden, "hidden")
         self.fuse = fuse_mode(fuse)
@@ -64,9 +66,7 @@ class TokenPruning(BaseCompressor):
         self.samples, self.chain = check_count(samples, "samples"), chain
         if score == "tome" and self.fuse != "none":
             raise PruningError(f"fuse={fuse!r} keeps the dropped tokens; score='tome' merges them already")
-        self.distill = float(distill)
-        if not (self.distill >= 0 and self.distill < float("inf")):
-            raise PruningError(f"distill must be a finite weight >= 0, got {distill!r}")
+        self.distill = check_number(distill, "distill (a loss weight)", low=0.0)
         self.blocks = find_blocks(self.origin_graph)
         self.chosen = choose_layers(self.blocks, self.layers)
         self.keep: List[int] = []

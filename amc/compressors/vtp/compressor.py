@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ...errors import PruningError, TrainingError
 from ...graph.network import ReconstructedNetwork
-from ..base import BaseCompressor, batch_inputs, check_count
+from ..base import BaseCompressor, batch_inputs, check_count, check_number
 from ..groups import keep_counts
 from ..prune import PruningPlan, plan_pruning
 from ...graph.counting import count
@@ -137,15 +137,12 @@ class VTP(BaseCompressor):
             raise PruningError("VTP takes a float compress_ratio (fraction of the MACs removed), not a dict")
         if not isinstance(heads, bool):
             raise PruningError(f"heads must be True or False, got {heads!r}")
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or sparsity < 0:
-            raise PruningError(f"sparsity must be a number >= 0, got {sparsity!r}")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise PruningError(f"threshold must be a number (zeta) or None, got {threshold!r}")
-        self.sparsity, self.lr, self.threshold, self.round_to = float(sparsity), float(lr), threshold, int(round_to)
+        self.sparsity = check_number(sparsity, "sparsity", low=0.0)
+        self.lr = check_number(lr, "lr", low=0.0, low_open=True)
+        self.threshold = None if threshold is None else check_number(threshold, "threshold (zeta, or None)")
+        self.round_to = check_count(round_to, "round_to")
         self.heads = heads
-        if isinstance(gate_lr, bool) or not isinstance(gate_lr, (int, float)) or not gate_lr > 0:
-            raise PruningError(f"gate_lr must be a number > 0, got {gate_lr!r}")
-        self.gate_lr = float(gate_lr)
+        self.gate_lr = check_number(gate_lr, "gate_lr", low=0.0, low_open=True)
         if residual not in ("stream", "readers"):
             raise PruningError(f"residual must be 'stream' (prune the residual width everywhere) or 'readers' "
                                f"(each reader of the stream drops its own input columns), got {residual!r}")

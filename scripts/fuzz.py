@@ -95,10 +95,10 @@ def to_markdown(res: Dict[str, Any]) -> str:
              "`tests/fuzz_targets.py`; the default test suite runs the same targets on a small budget "
              "(`tests/test_fuzz.py`).", "",
              "Property: every refusal is an `amc.errors.AmcError` (the pkl/JSON loaders, `amc.prune`, the "
-             "compressors and `amc.trace` document no other exception for bad input); no other exception, no "
-             f"case over {res['case_seconds']:.0f} s of CPU, and every success lints, runs and has the right output "
-             "shape (for `amc.trace`: computes what the model computes; for `amc.prune` and the compressors: "
-             "the input network is left bit-identical).", "",
+             "compressors, the tuners and `amc.trace` document no other exception for bad input); no other "
+             f"exception, no case over {res['case_seconds']:.0f} s of CPU, and every success lints, runs and has "
+             "the right output shape (for `amc.trace`: computes what the model computes; for `amc.prune`, the "
+             "compressors and the tuners: the input network is left bit-identical, and a MACs budget is met).", "",
              f"**{total:,} cases tried, {left} distinct failure(s) left.**", "",
              "Seconds are wall time on a shared 2-core machine under `nice -n 10`: a cost indication, not a benchmark.",
              "",

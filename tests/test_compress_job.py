@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from amc.errors import LoadError, PruningError
+from amc.errors import DataError, LoadError, PruningError
 from amc.jobs import compress as job
 
 
@@ -36,6 +36,22 @@ def test_job_l1_method_and_bad_budget(tmp_path, capsys):
     assert summary["macs_fraction"] <= 0.5 and summary["target_macs"] == 0.5
     with pytest.raises(PruningError, match="--target-macs is the fraction of MACs kept"):
         job.run(["--target-macs", "1.5", "--out", str(tmp_path), "--no-progress"])
+
+
+@pytest.mark.parametrize("argv,error,match", [
+    (["--seed", "-1"], PruningError, "--seed must be an int in"),                    # was scikit-learn's error
+    (["--seed", str(10 ** 20)], PruningError, "--seed must be an int in"),          # was an overflow ValueError
+    (["--threads", "-1"], PruningError, "--threads must be >= 1"),                  # was torch's RuntimeError
+    (["--data", "fashion_mnist", "--train-limit", "0"], DataError, "--train-limit must be >= 1"),
+])
+def test_run_options_are_refused_before_training(tmp_path, argv, error, match):
+    """Found by trying odd values on the command line: each failed mid-job with a foreign exception."""
+    with pytest.raises(error, match=match):
+        job.run([*argv, "--out", str(tmp_path), "--no-progress"])
+    from amc import cli
+    assert cli.main(["compress", *argv, "--out", str(tmp_path), "--no-progress"]) == 1  # a message, no traceback
+    if "--threads" not in argv:  # amc search shares the others
+        assert cli.main(["search", *argv, "--out", str(tmp_path), "--no-progress"]) == 1
 
 
 def test_target_macs_is_the_fraction_kept(tmp_path, capsys):

@@ -22,7 +22,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import AmcError, LoadError, PruningError
+from ..errors import AmcError, DataError, LoadError, PruningError
 
 if TYPE_CHECKING:  # torch is imported when the job runs, so `amc --help` stays fast
     import torch
@@ -202,7 +202,22 @@ def resolve_options(ns: argparse.Namespace) -> argparse.Namespace:
             setattr(ns, option, defaults[option])
     if ns.epochs < 1 or ns.finetune_epochs < 0:
         raise PruningError("--epochs must be >= 1 and --finetune-epochs >= 0")
+    check_run_options(ns)
     return ns
+
+
+def check_run_options(ns: argparse.Namespace) -> None:
+    """--seed, --threads and --train-limit, refused before any training (out of range they surface as a
+    scikit-learn, numpy or torch exception mid-job)."""
+    from ..compressors.base import check_seed
+
+    check_seed(ns.seed, "--seed")
+    threads = getattr(ns, "threads", None)
+    if threads is not None and threads < 0:
+        raise PruningError(f"--threads must be >= 1 (or 0: the dataset's default), got {threads}")
+    limit = getattr(ns, "train_limit", None)
+    if limit is not None and limit < 1:
+        raise DataError(f"--train-limit must be >= 1 training images, got {limit}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def make_tuner(name: str, evaluations: int, seed: int, warmup: Optional[int] = N
 def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
-    from ..jobs.compress import _loaders, _model
+    from ..jobs.compress import _loaders, _model, check_run_options
     from ..models import train_classifier
     from ..tuners.evaluation import default_evaluator
     from ..tuners.rerank import check_rerank
@@ -91,6 +91,7 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
         raise PruningError(f"--target-macs is the fraction of MACs kept and must be in (0, 1), got {ns.target_macs}")
     if ns.evaluations < 1:
         raise PruningError("--evaluations must be >= 1")
+    check_run_options(ns)
     if getattr(ns, "finetune_steps", 0) < 0:
         raise PruningError(f"--finetune-steps must be >= 0, got {ns.finetune_steps}")
     check_rerank(getattr(ns, "rerank", 0), getattr(ns, "rerank_steps", 100), getattr(ns, "rerank_batches", 32))

@@ -54,6 +54,12 @@ def test_run_options_are_refused_before_training(tmp_path, argv, error, match):
         assert cli.main(["search", *argv, "--out", str(tmp_path), "--no-progress"]) == 1
 
 
+def test_search_names_its_own_flag(tmp_path, capsys):
+    from amc import cli
+    assert cli.main(["search", "--workers", "0", "--executor", "ray", "--out", str(tmp_path), "--no-progress"]) == 1
+    assert "--workers must be >= 1" in capsys.readouterr().err  # not the tuner's internal parallel_episodes
+
+
 def test_target_macs_is_the_fraction_kept(tmp_path, capsys):
     """--target-macs 0.7 keeps 70% of the MACs (as the API's target_macs); read as 'removed' it would keep 30%."""
     fast = ["--method", "l1", "--epochs", "1", "--finetune-epochs", "0", "--out", str(tmp_path), "--no-progress"]

@@ -91,6 +91,8 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
         raise PruningError(f"--target-macs is the fraction of MACs kept and must be in (0, 1), got {ns.target_macs}")
     if ns.evaluations < 1:
         raise PruningError("--evaluations must be >= 1")
+    if ns.workers < 1:
+        raise PruningError(f"--workers must be >= 1, got {ns.workers}")
     check_run_options(ns)
     if getattr(ns, "finetune_steps", 0) < 0:
         raise PruningError(f"--finetune-steps must be >= 0, got {ns.finetune_steps}")

@@ -167,8 +167,14 @@ def latency_table(model: nn.Module, example_inputs: Optional[Sequence[Any]] = No
     $AMC_CACHE/latency (default ~/.cache/amc/latency), a folder, or False for no cache.
     per_layer=True: a `LayerLatencyTable` instead (every node timed inside the forward at these ratios and
     fitted against its kept widths; `amc.prune(..., latency_allocation="layers")` reads it)."""
+    from .base import check_count
     from .prune import _as_network, plan_pruning
 
+    check_count(rounds, "rounds")
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence) or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r < 1.0 for r in ratios):
+        raise PruningError(f"a list of ratios in [0, 1) is expected (fractions to time the network pruned at), "
+                           f"got {ratios!r}")
     net, inputs = _as_network(model, example_inputs)
     plan = plan_pruning(net, criterion, inputs, ignore, None, round_to)
     if per_layer:

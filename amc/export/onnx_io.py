@@ -307,7 +307,11 @@ def save_onnx(net: ReconstructedNetwork, path: str, *example_inputs: Any, opset:
     path = os.fspath(path)
     with training_mode(net, False):
         with torch.no_grad():
-            n_out = len(tensor_leaves(net(*inputs)))
+            try:
+                n_out = len(tensor_leaves(net(*inputs)))
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # inputs that do not fit
+                raise ExportError(f"save_onnx: the network does not run on the example inputs ({type(exc).__name__}: "
+                                  f"{str(exc)[:300]}); pass inputs shaped like the ones it was traced with") from exc
         if n_out != len(output_names):  # outputs holding non-tensors: let the exporter number them
             output_names = [f"output_{i}" for i in range(n_out)]
         with atomic_path(path) as tmp:

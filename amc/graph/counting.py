@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import GraphError
 from .capture import as_network
 from .network import ReconstructedNetwork
 from .node import Node
@@ -63,7 +64,12 @@ def count(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Tupl
     >>> macs, params = amc.count(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
     """
     net = as_network(model, example_inputs, example_kwargs, what="amc.count's model")
-    return sum(r["macs"] for r in node_costs(net, *example_inputs, **example_kwargs)), count_params(net)
+    try:
+        macs = sum(r["macs"] for r in node_costs(net, *example_inputs, **example_kwargs))
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # the inputs do not fit the network
+        raise GraphError(f"amc.count could not run the network on the example inputs ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}); pass inputs shaped like the ones it was traced with") from exc
+    return macs, count_params(net)
 
 
 def weight_bits(module: nn.Module) -> int:
@@ -79,6 +85,8 @@ def count_bytes(model: nn.Module) -> int:
     """Bytes of the parameters and buffers as deployed: a quantised layer's weight packed at its
     `weight_bits` plus one float32 scale per output channel, every other tensor at its dtype's width
     (product-quantised codes are uint8 buffers already). Shared tensors are counted once."""
+    if not isinstance(model, nn.Module):
+        raise GraphError(f"count_bytes needs an nn.Module, got {type(model).__name__}")
     seen, total = set(), 0
     for m in model.modules():
         for name, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):

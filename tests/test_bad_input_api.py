@@ -1,0 +1,36 @@
+"""Public helpers given inputs that do not fit: an `AmcError` that says so, not torch's or Python's own
+exception from deep inside (found by trying odd arguments on each helper of the README)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import amc
+from amc.errors import DataError, ExportError, GraphError, PruningError
+
+
+def _net():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(2, 1, 8, 8)
+    return model.eval(), x, amc.trace(model.eval(), x)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda m, x, net, tmp: amc.count(net, torch.randn(1, 3, 8, 8)), GraphError, "could not run the network"),
+    (lambda m, x, net, tmp: amc.count(net, "x"), GraphError, "could not run the network"),
+    (lambda m, x, net, tmp: amc.count_bytes("x"), GraphError, "needs an nn.Module"),
+    (lambda m, x, net, tmp: amc.latency_table(m, (x,), ratios="abc"), PruningError, "ratios in \\[0, 1\\)"),
+    (lambda m, x, net, tmp: amc.latency_table(m, (x,), rounds=-1), PruningError, "rounds must be an int"),
+    (lambda m, x, net, tmp: amc.export.save_onnx(net, str(tmp / "x.onnx"), torch.randn(1, 3, 8, 8)), ExportError,
+     "does not run on the example inputs"),
+    (lambda m, x, net, tmp: amc.trainers.recalibrate_bn(net, 3), DataError, "iterable of batches"),
+], ids=["count-shape", "count-text", "count_bytes-text", "latency-ratios", "latency-rounds", "onnx-shape", "bn-int"])
+def test_helpers_refuse_inputs_that_do_not_fit(tmp_path, call, error, match):
+    model, x, net = _net()
+    before = [t.clone() for t in net.state_dict().values()]
+    with pytest.raises(error, match=match):
+        call(model, x, net, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.state_dict().values()))
+    assert not list(tmp_path.iterdir())  # nothing half-written

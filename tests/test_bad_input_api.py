@@ -26,7 +26,12 @@ def _net():
     (lambda m, x, net, tmp: amc.export.save_onnx(net, str(tmp / "x.onnx"), torch.randn(1, 3, 8, 8)), ExportError,
      "does not run on the example inputs"),
     (lambda m, x, net, tmp: amc.trainers.recalibrate_bn(net, 3), DataError, "iterable of batches"),
-], ids=["count-shape", "count-text", "count_bytes-text", "latency-ratios", "latency-rounds", "onnx-shape", "bn-int"])
+    (lambda m, x, net, tmp: amc.models.create("resnet20", num_classes=-1), amc.models.ModelArgumentError,
+     "num_classes must be an int >= 1"),                                     # was torch's RuntimeError
+    (lambda m, x, net, tmp: amc.models.create("digits_resnet", widht=16), amc.models.ModelArgumentError,
+     r"takes no argument\(s\) \['widht'\].*'width'"),                    # a typo: the message lists what it takes
+], ids=["count-shape", "count-text", "count_bytes-text", "latency-ratios", "latency-rounds", "onnx-shape", "bn-int",
+        "create-classes", "create-typo"])
 def test_helpers_refuse_inputs_that_do_not_fit(tmp_path, call, error, match):
     model, x, net = _net()
     before = [t.clone() for t in net.state_dict().values()]

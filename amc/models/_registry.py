@@ -15,6 +15,10 @@ from ..errors import AmcError
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
 
+class ModelArgumentError(AmcError, TypeError):
+    """A registered model given an argument its constructor does not take, or a size below 1."""
+
+
 class UnknownModelError(AmcError, KeyError):
     """``create`` was asked for a name nobody registered."""
 
@@ -62,7 +66,20 @@ def _entry(name: str) -> ModelEntry:
 
 def create(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> nn.Module:
     """Build the registered model ``name``; extra keyword arguments go to its constructor."""
-    return _entry(name).fn(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    import inspect
+
+    entry = _entry(name)
+    for what, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ModelArgumentError(f"{what} must be an int >= 1, got {value!r}")
+    params = inspect.signature(entry.fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            extra = sorted(set(params) - {"num_classes", "in_channels"})
+            raise ModelArgumentError(f"model {name!r} takes no argument(s) {unknown}; besides num_classes and "
+                                     f"in_channels it takes {extra if extra else 'nothing'}")
+    return entry.fn(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def list_models() -> List[str]:

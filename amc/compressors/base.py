@@ -42,7 +42,7 @@ from ..errors import DataError, PruningError
 from ..graph.capture import as_network
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import untouched
-from .calibration import DEFAULT_SEED, calibration_batches, first_batch, loader_len, seeded_rng
+from .calibration import DEFAULT_SEED, calibration_batches, check_loader, first_batch, loader_len, seeded_rng
 
 Ratio = Union[float, Dict[str, float]]
 logger = logging.getLogger("amc.compressors")
@@ -143,9 +143,8 @@ class BaseCompressor:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 100.0:
             raise PruningError(f"accuracy_threshold must be a fraction in [0, 1] (or percent in (1, 100]), got {t!r}")
         self.accuracy_threshold = float(t) / 100.0 if float(t) > 1.0 else float(t)
-        for what, loader in (("trainloader", self.trainloader), ("valloader", self.valloader)):
-            if loader is not None and (isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable)):
-                raise DataError(f"{what} must be an iterable of batches (a DataLoader), got {type(loader).__name__}")
+        check_loader(self.trainloader, "trainloader")
+        check_loader(self.valloader, "valloader")
         if self.trainloader is None or loader_len(self.trainloader) == 0:
             raise DataError("trainloader is empty: the compressor needs training batches to trace and calibrate")
         if self.valloader is not None and loader_len(self.valloader) == 0:

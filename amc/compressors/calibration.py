@@ -71,6 +71,13 @@ def _map_style(loader: Any) -> bool:
         return False
 
 
+def check_loader(loader: Any, what: str) -> None:
+    """`loader` is None or an iterable of batches (a DataLoader, a list); text and numbers are refused here,
+    not as a TypeError wherever the loader is first iterated."""
+    if loader is not None and (isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable)):
+        raise DataError(f"{what} must be an iterable of batches (a DataLoader), got {type(loader).__name__}")
+
+
 def loader_len(loader: Iterable) -> Optional[int]:
     """len(loader), or None for an iterable without one."""
     try:

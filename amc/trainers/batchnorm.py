@@ -23,8 +23,9 @@ def recalibrate_bn(net: nn.Module, loader: Iterable[Any], max_batches: Optional[
     The batches' first element is the input; labels are ignored and no weight changes. Returns the
     network in eval mode. Raises DataError on an empty loader.
     """
-    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):
-        raise DataError(f"recalibrate_bn needs an iterable of batches (a DataLoader), got {type(loader).__name__}")
+    from ..compressors.calibration import check_loader
+
+    check_loader(loader, "recalibrate_bn's loader")
     net = _copy.deepcopy(net) if copy else net
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m, m.momentum) for m in bns]

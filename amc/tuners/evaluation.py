@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..compressors.base import check_count, check_number
+from ..compressors.calibration import check_loader
 from ..errors import DataError, PruningError
 
 Evaluator = Callable[[nn.Module], float]
@@ -116,10 +117,8 @@ def default_evaluator(calibration: Optional[Iterable], holdout: Optional[Iterabl
     if calibration is None:
         raise DataError("the default evaluator needs calibration=<a train DataLoader> (BN re-estimation) and "
                         "holdout=<a held-out DataLoader>; or pass evaluate=<net -> score>")
-    for what, loader in (("calibration", calibration), ("holdout", holdout)):
-        if loader is not None and (isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable)):
-            raise DataError(f"{what} must be an iterable of (input, label) batches (a DataLoader), "
-                            f"got {type(loader).__name__}")
+    check_loader(calibration, "calibration")
+    check_loader(holdout, "holdout")
     bn = take_batches(calibration, bn_batches)
     if holdout is not None:
         held = take_batches(holdout, holdout_batches)

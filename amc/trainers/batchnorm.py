@@ -23,9 +23,8 @@ def recalibrate_bn(net: nn.Module, loader: Iterable[Any], max_batches: Optional[
     The batches' first element is the input; labels are ignored and no weight changes. Returns the
     network in eval mode. Raises DataError on an empty loader.
     """
-    from ..compressors.calibration import check_loader
-
-    check_loader(loader, "recalibrate_bn's loader")
+    if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):  # trainers stay off compressors
+        raise DataError(f"recalibrate_bn needs an iterable of batches (a DataLoader), got {type(loader).__name__}")
     net = _copy.deepcopy(net) if copy else net
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m, m.momentum) for m in bns]

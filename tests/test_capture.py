@@ -539,6 +539,41 @@ def test_missing_example_inputs():
         amc.trace(nn.Linear(4, 4))
 
 
+class TakesExampleInputs(nn.Module):
+    """A model whose own forward names `example_inputs`: the keyword stays the model's."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, example_inputs):
+        return self.fc(example_inputs)
+
+
+def test_amc_keywords_name_the_inputs_as_in_prune():
+    """amc.prune and the compressors take example_inputs= / example_kwargs=; amc.trace takes them too."""
+    torch.manual_seed(0)
+    model = KeywordInputs().eval()
+    x, mask = torch.randn(2, 5, 8), torch.rand(2, 5) > 0.5
+    kw = {"mask": mask, "scale": 2.0}
+    nets = [amc.trace(model, x, **kw), amc.trace(model, example_inputs=(x,), example_kwargs=kw),
+            amc.trace(model, example_inputs=[x], mask=mask, scale=2.0), amc.trace(model, example_inputs=x, **kw)]
+    with torch.no_grad():
+        for net in nets:
+            assert [n.name for n in net.input_nodes] == ["x", "mask"]
+            torch.testing.assert_close(net(x, **kw), model(x, **kw))
+        own = TakesExampleInputs().eval()
+        net = amc.trace(own, example_inputs=x[:, 0, :4])
+        torch.testing.assert_close(net(x[:, 0, :4]), own(x[:, 0, :4]))
+    with pytest.raises(CaptureError, match="both positionally and as example_inputs"):
+        amc.trace(model, x, example_inputs=(x,))
+    with pytest.raises(CaptureError, match="example_kwargs must be a dict"):
+        amc.trace(model, x, example_kwargs=[mask])
+    with pytest.raises(CaptureError, match="give them once"):
+        amc.trace(model, x, mask=mask, example_kwargs={"mask": mask})
+    assert _capture_is_clean()
+
+
 def test_boundary_misuse():
     model = nn.Linear(4, 4)
     with pytest.raises(CaptureError, match="without insertCaptureBoundaryStart"):

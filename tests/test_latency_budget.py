@@ -1,6 +1,8 @@
 """Latency as a budget: a table of timed uniform ratios, cached on disk, and amc.prune(target_latency=)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -34,6 +36,20 @@ def test_table_is_timed_interleaved_cached_and_predicts_a_ratio(tmp_path, monkey
     assert again == table and not calls  # read from the cache, nothing timed
     with pytest.raises(PruningError, match="below what the table reaches"):
         table.ratio_for(0.001)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"ratios": [0.0], "ms": [1.0]}',
+                                     '{"ratios": [0.0, 0.5], "ms": [1.0], "device": "cpu", "key": "k"}'])
+def test_an_unreadable_cache_entry_is_measured_again(tmp_path, monkeypatch, content):
+    """A stale or foreign cache file (another amc version, a hand edit) must not fail the prune."""
+    model, x = _wide(), torch.randn(1, 3, 8, 8)
+    monkeypatch.setattr(latency, "measure", lambda nets, *a, **k: [float(len(nets) - i) for i in range(len(nets))])
+    first = amc.latency_table(model, (x,), ratios=(0.5,), rounds=1, cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("*.json")
+    entry.write_text(content)
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        again = amc.latency_table(model, (x,), ratios=(0.5,), rounds=1, cache_dir=tmp_path)
+    assert again.ms == first.ms and latency.LatencyTable(**json.loads(entry.read_text())) == again
 
 
 def test_prune_to_a_latency_budget_is_checked_by_timing(tmp_path, monkeypatch):

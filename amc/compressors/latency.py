@@ -17,6 +17,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -123,6 +124,20 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _read_cached(path: Path) -> Optional[LatencyTable]:
+    """A cached table, or None (with a warning) when the file is not one this version wrote: it is then
+    measured again and overwritten rather than failing a prune on a stale cache."""
+    try:
+        table = LatencyTable(**json.loads(path.read_text()))
+        if len(table.ratios) != len(table.ms) or 0.0 not in table.ratios:
+            raise ValueError("ratios and latencies do not match")
+        return table
+    except (OSError, ValueError, TypeError) as exc:
+        warnings.warn(f"latency cache {str(path)!r} is unreadable ({exc}); measuring the table again",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
 def build_table(plan: Any, inputs: Tuple[Any, ...], ratios: Sequence[float] = DEFAULT_RATIOS, rounds: int = 15,
                 cache_dir: Any = None, refresh: bool = False,
                 extra_key: Optional[Dict[str, Any]] = None) -> LatencyTable:
@@ -134,8 +149,9 @@ def build_table(plan: Any, inputs: Tuple[Any, ...], ratios: Sequence[float] = DE
     key = _key(plan.net, inputs, {"ratios": ratios, "device": device, **(extra_key or {})})
     path = cache_path(cache_dir, key)
     if path is not None and path.exists() and not refresh:
-        data = json.loads(path.read_text())
-        return LatencyTable(**data)
+        cached = _read_cached(path)
+        if cached is not None:
+            return cached
     nets = [plan.net if r == 0.0 else plan.apply(r, "hard") for r in ratios]
     ms = measure(nets, inputs, rounds)
     table = LatencyTable(ratios, ms, device, key, {"rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -119,5 +119,8 @@ def write_idx(path: Union[str, os.PathLike], array: np.ndarray, compress: Option
     raw = header + arr.astype(IDX_DTYPES[codes[native]], copy=False).tobytes()
     if compress if compress is not None else p.suffix == ".gz":
         raw = gzip.compress(raw, compresslevel=1)
-    p.write_bytes(raw)
+    from ..export.atomic import atomic_write  # a crash mid-write leaves the old file, never half a new one
+
+    with atomic_write(p, "wb") as f:
+        f.write(raw)
 

@@ -22,6 +22,7 @@ import os
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -697,6 +698,7 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     if not isinstance(model, nn.Module):
         raise CaptureError(f"amc.trace expects an nn.Module, got {type(model).__name__}; "
                            "wrap plain functions in an nn.Module first")
+    example_inputs, example_kwargs = _amc_keywords(model, example_inputs, example_kwargs)
     if not example_inputs and not example_kwargs:
         raise CaptureError("amc.trace needs example inputs: amc.trace(model, torch.randn(1, 3, 224, 224))")
     tracer = Tracer(model)
@@ -713,6 +715,34 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     finally:
         tracer.end()
     return tracer.build()
+
+
+def _amc_keywords(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+                  ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """`amc.trace(model, example_inputs=(x,), example_kwargs={...})`, the keywords amc.prune and the
+    compressors take, mean the inputs unless the model's forward itself names such a parameter (then they
+    are the model's own keyword arguments, as before)."""
+    try:
+        own = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        own = {}
+    kwargs = dict(kwargs)
+    if "example_inputs" in kwargs and "example_inputs" not in own:
+        given = kwargs.pop("example_inputs")
+        if args:
+            raise CaptureError("amc.trace got example inputs both positionally and as example_inputs=: "
+                               "give one of them")
+        args = tuple(given) if isinstance(given, (tuple, list)) else (given,)
+    if "example_kwargs" in kwargs and "example_kwargs" not in own:
+        given = kwargs.pop("example_kwargs")
+        if given is not None and not isinstance(given, Mapping):
+            raise CaptureError(f"example_kwargs must be a dict of the model's keyword inputs, got "
+                               f"{type(given).__name__}")
+        clash = sorted(set(given or {}) & set(kwargs))
+        if clash:
+            raise CaptureError(f"amc.trace got {clash} both in example_kwargs= and as keywords: give them once")
+        kwargs.update(given or {})
+    return args, kwargs
 
 
 def as_network(model: Any, example_inputs: Tuple[Any, ...] = (), example_kwargs: Optional[Dict[str, Any]] = None,

@@ -39,3 +39,25 @@ def test_helpers_refuse_inputs_that_do_not_fit(tmp_path, call, error, match):
         call(model, x, net, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, net.state_dict().values()))
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def test_example_inputs_in_every_spelling_a_user_tries():
+    """One tensor, a list or a tuple as `example_inputs=`, and `example_inputs=` on amc.trace / amc.count too
+    (the keyword amc.prune takes): all the same network; each was a torch error or a wrong trace before."""
+    from amc.compressors import LowRankDecomposition
+
+    model, x, _ = _net()
+    assert amc.count(model, example_inputs=(x,)) == amc.count(model, x) == amc.count(model, example_inputs=x)
+    nets = [amc.prune(model, example_inputs=e, ratio=0.5) for e in ((x,), [x], x)]
+    with torch.no_grad():
+        outs = [n(x) for n in nets] + [amc.prune(amc.trace(model, example_inputs=x), example_inputs=x)(x)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert [g.size for g in amc.prune_groups(model, example_inputs=x)] == [
+        g.size for g in amc.prune_groups(model, example_inputs=(x,))]
+    loader = [(x, torch.zeros(2, dtype=torch.long))]
+    lr = LowRankDecomposition(origin_net=model, trainloader=loader, example_inputs=x, compress_ratio=0.5)
+    assert len(lr.example_inputs) == 1 and torch.equal(lr.example_inputs[0], x)  # was x's rows, one per input
+    with pytest.raises(PruningError, match="second argument is the ratio.*example_inputs=\\(x,\\)"):
+        amc.prune(model, x, target_macs=0.5)  # was "needs example inputs ... got none"
+    with pytest.raises(PruningError, match="positional inputs, a tuple such as \\(x,\\)"):
+        amc.prune(model, example_inputs={"x": x})

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DataError, PruningError
-from ..graph.capture import as_network
+from ..graph.capture import as_network, example_tuple
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import untouched
 from .calibration import DEFAULT_SEED, calibration_batches, check_loader, first_batch, loader_len, seeded_rng
@@ -153,6 +153,7 @@ class BaseCompressor:
             raise DataError("accuracy_first=True needs a valloader to measure accuracy")
 
     def _example_inputs(self, example_inputs: Optional[Sequence[Any]]) -> Tuple[Any, ...]:
+        example_inputs = example_tuple(example_inputs, PruningError)
         if example_inputs:
             return tuple(_to(x, self.device) for x in example_inputs)
         batch = first_batch(self.trainloader, self.seed, self.device)

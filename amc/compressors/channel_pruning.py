@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import PruningError
+from ..graph.capture import example_tuple
 from ..graph.counting import node_costs
 from ..graph.network import ReconstructedNetwork
 from .apply import apply
@@ -463,7 +464,7 @@ def uniform_ratio_for_macs(net: nn.Module, example_inputs: Sequence[Any], target
                            ignore: Iterable[str] = ()) -> float:
     """The float compress_ratio (fraction of the conv/linear MACs removed) whose channel-pruned network
     keeps at most `target_macs` (fraction) of `net`'s MACs."""
-    plan = plan_pruning(net, "l2", tuple(example_inputs), ignore=ignore)
+    plan = plan_pruning(net, "l2", example_tuple(example_inputs, PruningError), ignore=ignore)
     return ChannelBudget(plan).ratio_for_target(target_macs)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import AmcError, PruningError
-from ..graph.capture import as_network
+from ..graph.capture import as_network, example_tuple
 from ..graph.counting import count
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import training_mode, untouched
@@ -135,10 +135,9 @@ def group_ratio(g: Group, ratio: Ratio) -> float:
 
 
 def _as_network(model: nn.Module, example_inputs: Optional[Sequence[Any]]) -> Tuple[ReconstructedNetwork, tuple]:
+    inputs = example_tuple(example_inputs, PruningError)
     if isinstance(model, ReconstructedNetwork):
-        inputs = tuple(example_inputs) if example_inputs else model.example_inputs(batch_size=1)
-        return model, inputs
-    inputs = tuple(example_inputs or ())
+        return model, inputs or model.example_inputs(batch_size=1)
     return as_network(model, inputs, error=PruningError, what="the model to prune"), inputs
 
 
@@ -297,6 +296,10 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     Bad arguments raise `amc.errors.PruningError` (a ValueError), a model that cannot be traced
     `amc.errors.CaptureError`; no other exception is raised for bad input (fuzzed: scripts/fuzz.py).
     """
+    if isinstance(ratio, torch.Tensor) or (isinstance(ratio, (tuple, list)) and ratio
+                                           and isinstance(ratio[0], torch.Tensor)):
+        raise PruningError("amc.prune's second argument is the ratio, got tensor input(s): pass the inputs as "
+                           "amc.prune(model, example_inputs=(x,), target_macs=...)")
     if mode not in ("hard", "soft"):
         raise PruningError(f"mode must be 'hard' or 'soft', got {mode!r}")
     if not isinstance(heads, bool):

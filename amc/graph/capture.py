@@ -717,22 +717,38 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     return tracer.build()
 
 
+def example_tuple(example_inputs: Any, error: type = CaptureError) -> Tuple[Any, ...]:
+    """`example_inputs` as the tuple of positional inputs: None -> (), one tensor -> (tensor,), a list or
+    tuple as it is. A dict is refused: keyword inputs go to `example_kwargs` (or the model's keywords)."""
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    if isinstance(example_inputs, Mapping):
+        raise error(f"example_inputs are the positional inputs, a tuple such as (x,); got a dict with keys "
+                    f"{sorted(map(str, example_inputs))[:5]}: pass keyword inputs as the model's keywords "
+                    f"(amc.trace / amc.count) or trace the model first and pass the ReconstructedNetwork")
+    return (example_inputs,)
+
+
 def _amc_keywords(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
                   ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """`amc.trace(model, example_inputs=(x,), example_kwargs={...})`, the keywords amc.prune and the
     compressors take, mean the inputs unless the model's forward itself names such a parameter (then they
     are the model's own keyword arguments, as before)."""
     try:
-        own = inspect.signature(model.forward).parameters
+        own = set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        own = {}
+        own = set()
+    own |= {n.name for n in getattr(model, "input_nodes", ())}  # a graph's own input names
     kwargs = dict(kwargs)
     if "example_inputs" in kwargs and "example_inputs" not in own:
         given = kwargs.pop("example_inputs")
         if args:
-            raise CaptureError("amc.trace got example inputs both positionally and as example_inputs=: "
-                               "give one of them")
-        args = tuple(given) if isinstance(given, (tuple, list)) else (given,)
+            raise CaptureError("got example inputs both positionally and as example_inputs=: give one of them")
+        args = example_tuple(given)
     if "example_kwargs" in kwargs and "example_kwargs" not in own:
         given = kwargs.pop("example_kwargs")
         if given is not None and not isinstance(given, Mapping):
@@ -755,6 +771,7 @@ def as_network(model: Any, example_inputs: Tuple[Any, ...] = (), example_kwargs:
         return model
     if not isinstance(model, nn.Module):
         raise error(f"{what} must be an nn.Module or a ReconstructedNetwork, got {type(model).__name__}")
+    example_inputs = example_tuple(example_inputs, error)
     if not example_inputs and not example_kwargs:
         raise error(f"a plain nn.Module needs example inputs to be traced: pass example_inputs=(tensor, ...) "
                     f"shaped like one real batch (got none for {type(model).__name__})")

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GraphError
-from .capture import as_network
+from .capture import _amc_keywords, as_network
 from .network import ReconstructedNetwork
 from .node import Node
 from .ops import FunctionOp, spec_of
@@ -63,6 +63,8 @@ def count(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Tupl
 
     >>> macs, params = amc.count(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
     """
+    if isinstance(model, nn.Module):  # amc.count(model, example_inputs=(x,)), as amc.prune takes them
+        example_inputs, example_kwargs = _amc_keywords(model, example_inputs, example_kwargs)
     net = as_network(model, example_inputs, example_kwargs, what="amc.count's model")
     try:
         macs = sum(r["macs"] for r in node_costs(net, *example_inputs, **example_kwargs))

@@ -149,7 +149,8 @@ class SoftFilterPruning(TrainerCallback):
         else:
             _ratio_for(ratio, "<all>")
         self.ratio, self.layers, self.start_epoch, self.scope = ratio, layers, int(start_epoch), scope
-        self.example_inputs = tuple(example_inputs) if example_inputs is not None else None
+        self.example_inputs = None if example_inputs is None else (
+            (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs))
         self.masks: Dict[str, torch.Tensor] = {}
         self.roots: Optional[Any] = None  # group scope: engine units silenced last
         self._plan: Any = None

@@ -162,7 +162,7 @@ class ProductQuantization:
                  optimizer: str = "sgd", layers: Optional[Sequence[str]] = None, ignore: Sequence[str] = (),
                  example_inputs: Optional[Sequence[Any]] = None, device: Any = "cpu", seed: int = 0,
                  n_init: int = 1, verbose: bool = False):
-        from ...graph.capture import as_network
+        from ...graph.capture import as_network, example_tuple
         from ..base import batch_inputs
 
         if isinstance(n_centroids, bool) or not isinstance(n_centroids, int) or n_centroids < 2:
@@ -187,8 +187,8 @@ class ProductQuantization:
             import copy
 
             origin_net = copy.deepcopy(origin_net).eval()
-        self.origin_graph = as_network(origin_net, tuple(example_inputs), error=QuantizationError,
-                                       what="origin_net")
+        self.origin_graph = as_network(origin_net, example_tuple(example_inputs, QuantizationError),
+                                       error=QuantizationError, what="origin_net")
         self.compressed_net: Optional[ReconstructedNetwork] = None
         self.quantized_layers: List[str] = []
 

@@ -1,7 +1,7 @@
 """amc: Auto Model Compressor.
 
 Public API (see README): ``amc.trace``, ``amc.count``, ``amc.count_bytes``, ``amc.prune``, ``amc.prune_groups``,
-``amc.ReconstructedNetwork``; compressors, tuners and trainers live in their subpackages.
+``amc.ReconstructedNetwork``, ``amc.load``; compressors, tuners and trainers live in their subpackages.
 Attributes and subpackages (``amc.compressors``, ``amc.trainers``, ...) are imported lazily on first
 access, so ``import amc`` stays cheap and ``amc.compressors.ChannelPruning`` works without importing
 the subpackage first.
@@ -14,6 +14,7 @@ from .version import __version__
 _LAZY = {
     "trace": "amc.graph.capture",
     "ReconstructedNetwork": "amc.graph.network",
+    "load": "amc.graph.network",
     "count": "amc.graph.counting",
     "count_bytes": "amc.graph.counting",
     "fuse_attention": "amc.graph.fuse",

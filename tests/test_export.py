@@ -167,6 +167,27 @@ def test_pkl_round_trip(model_net, tmp_path):
         ReconstructedNetwork.load(str(tmp_path / "again.pkl"), trusted=custom), ReconstructedNetwork)
 
 
+def test_save_writes_the_format_its_name_says(tmp_path):
+    """net.save("m.json") wrote a pickle named .json (and .onnx likewise): every tool opening it failed."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval(), \
+        torch.randn(2, 3, 8, 8)
+    net = amc.trace(model, x)
+    js, ox, pk = (str(tmp_path / f"m.{ext}") for ext in ("json", "onnx", "pt"))
+    net.save(js), net.save(ox), net.save(pk)
+    assert json.loads(open(js, encoding="utf-8").read())  # JSON text, not a pickle
+    import onnx
+
+    onnx.checker.check_model(onnx.load(ox))
+    for loaded in (ReconstructedNetwork.load(js), ReconstructedNetwork.load(pk), amc.load(js), amc.load(pk)):
+        with torch.no_grad():
+            assert torch.equal(loaded(x), net(x))
+    with pytest.raises(ExportError, match="does not read back.*onnxruntime"):
+        amc.load(ox)
+    with pytest.raises(ExportError, match="weights only"):
+        net.save(str(tmp_path / "m.safetensors"))
+
+
 def test_json_round_trip(model_net, tmp_path):
     name, net = model_net
     path = save_json(net, str(tmp_path / f"{name}.json"))

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _torch_module
 
-from ..errors import GraphError
+from ..errors import ExportError, GraphError
 from .formats import file_format
 from .node import InputNode, Node
 from .template import compile_args, compile_getter, iter_refs, portable_mappings, restore_mappings
@@ -47,6 +47,22 @@ def _call_kind(module: nn.Module) -> int:
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
+
+
+def _format_of(path: Any, verb: str) -> str:
+    """Which format `save` / `load` use for `path`, by its suffix: json, onnx (save only), else pkl."""
+    name = str(getattr(path, "__fspath__", lambda: path)()).lower()
+    if name.endswith(".json"):
+        return "json"
+    if name.endswith(".onnx"):
+        if verb == "load":
+            raise ExportError(f"{path!r} is ONNX, which amc writes but does not read back as a network: load the "
+                              ".json or .pkl saved beside it, or run the .onnx with onnxruntime")
+        return "onnx"
+    if name.endswith(".safetensors"):
+        raise ExportError(f"{path!r}: a .safetensors file holds weights only and cannot rebuild the network; "
+                          f"{verb} a .json (it writes/reads its .safetensors sidecar) or a .pkl")
+    return "pkl"
 
 
 class ReconstructedNetwork(nn.Module):
@@ -319,11 +335,22 @@ class ReconstructedNetwork(nn.Module):
         return draw(self, path, format=format)
 
     def save(self, pkl: str) -> str:
+        """Seed name: writes a pickle. A path ending in .json or .onnx writes that format instead (a pickle
+        under such a name would fail in every tool that opens it); .safetensors is refused (weights alone
+        do not rebuild the network: save_to_json writes them beside the graph)."""
+        kind = _format_of(pkl, "save")
+        if kind == "json":
+            return self.save_to_json(pkl)
+        if kind == "onnx":
+            return self.save_to_onnx(pkl)
         return file_format("pkl").save(self, pkl)
 
     @staticmethod
     def load(pkl: str, map_location: Any = "cpu", trusted: bool = False) -> "ReconstructedNetwork":
-        """Safe by default (allowlisted classes only); `trusted=True` runs code from the file."""
+        """Safe by default (allowlisted classes only); `trusted=True` runs code from the file. A .json path
+        is read by load_from_json (what `save` wrote there)."""
+        if _format_of(pkl, "load") == "json":
+            return ReconstructedNetwork.load_from_json(pkl)
         return file_format("pkl").load(pkl, map_location=map_location, trusted=trusted)
 
     def save_to_json(self, file: str) -> str:
@@ -415,3 +442,8 @@ def _make_like(desc: Any, batch_size: Optional[int]) -> Any:
     if isinstance(desc, dict):
         return {k: _make_like(v, batch_size) for k, v in desc.items()}
     return desc
+
+
+def load(path: str, map_location: Any = "cpu", trusted: bool = False) -> ReconstructedNetwork:
+    """`amc.load(path)`: the network `net.save(path)` wrote (.json or pickle; see ReconstructedNetwork.load)."""
+    return ReconstructedNetwork.load(path, map_location=map_location, trusted=trusted)

@@ -61,3 +61,11 @@ def test_example_inputs_in_every_spelling_a_user_tries():
         amc.prune(model, x, target_macs=0.5)  # was "needs example inputs ... got none"
     with pytest.raises(PruningError, match="positional inputs, a tuple such as \\(x,\\)"):
         amc.prune(model, example_inputs={"x": x})
+
+
+@pytest.mark.parametrize("budget", [50, 75.0])
+def test_a_percentage_as_target_macs_is_named(budget):
+    """target_macs above 1 is a MACs count (documented); 50 meaning 50% used to fail with no hint of why."""
+    model, x, _ = _net()
+    with pytest.raises(PruningError, match=f"for {budget:g}% of the MACs write target_macs={budget / 100:g}"):
+        amc.prune(model, example_inputs=x, target_macs=budget)

@@ -406,6 +406,14 @@ def _check_target_macs(target_macs: Any) -> None:
         raise PruningError(f"target_macs must be a positive fraction (<= 1) or MACs count (> 1), got {target_macs!r}")
 
 
+def _percent_hint(target_macs: float) -> str:
+    """A budget of 1-100 that misses is most likely a percentage: say so, with the fraction to write."""
+    if 1.0 < float(target_macs) <= 100.0:
+        return (f"; a target_macs above 1 is a count of MACs per sample: for {target_macs:g}% of the MACs "
+                f"write target_macs={float(target_macs) / 100:g}")
+    return ""
+
+
 SLACK_TOL = 0.005  # round_to's slack is won back until the MACs are this close under the budget
 
 
@@ -438,7 +446,8 @@ def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) ->
     base, _ = count(plan.net, *per_sample(plan.example_inputs))
     target = _absolute_macs(plan, target_macs, base)
     if target > base:
-        raise PruningError(f"target_macs={target_macs} is above the network's current {base:,} MACs")
+        raise PruningError(f"target_macs={target_macs} is above the network's current {base:,} MACs"
+                           + _percent_hint(target_macs))
     if target >= base:
         return 0.0
 
@@ -449,7 +458,8 @@ def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) ->
     most = macs_at(0.99)
     if most > target:
         raise PruningError(f"cannot reach target_macs={target_macs}: even ratio 0.99 leaves "
-                           f"{most:,} of {base:,} MACs (frozen layers, or round_to, keep the rest)")
+                           f"{most:,} of {base:,} MACs (frozen layers, or round_to, keep the rest)"
+                           + _percent_hint(target_macs))
     return smallest_within_budget(macs_at, target, hi=0.99, tol=tol)
 
 

@@ -229,3 +229,11 @@ def test_a_registered_criterion_is_a_compress_method(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["compress", "--method", "toy_nonsense"])
     assert "invalid choice: 'toy_nonsense'" in capsys.readouterr().err
+
+
+def test_compress_help_names_every_registered_model():
+    """The --model help is written out (no torch at --help); a model added to the registry must appear."""
+    from amc.jobs.compress import MODEL_HELP
+
+    named = set(re.findall(r"[a-z][a-z0-9_]+", MODEL_HELP.split(":", 1)[1]))
+    assert set(amc.models.list_models()) <= named, sorted(set(amc.models.list_models()) - named)

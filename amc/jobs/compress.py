@@ -85,9 +85,14 @@ def _per_data(option: str) -> str:
     return ", ".join(f"{v[option]} on {k}" for k, v in DATA_DEFAULTS.items())
 
 
+# Written out so that `--help` imports no torch; tests/test_cli.py checks it names every registered model.
+MODEL_HELP = ("amc.models zoo name: digits_resnet, resnet20, vgg_small (CNNs); vit_digits, vit_fashion (ViTs, "
+              "for --method tokens) (default: digits_resnet)")
+
+
 def configure(p: argparse.ArgumentParser) -> None:
     """Declare the job's options on `p` (used by `amc compress` and by `run`)."""
-    p.add_argument("--model", default="digits_resnet", help="amc.models zoo name: digits_resnet, vgg_small, resnet20")
+    p.add_argument("--model", default="digits_resnet", help=MODEL_HELP)
     p.add_argument("--method", default="channel_pruning", choices=METHODS, metavar="METHOD",
                    help="compression method: %(choices)s (a criterion name prunes with amc.prune; tokens: APT "
                         "token pruning of a ViT such as vit_digits; quant: INT8 post-training quantisation; pq: "

@@ -8,6 +8,10 @@ class AmcError(Exception):
     """Base class of every error amc raises on purpose."""
 
 
+class ArgumentError(AmcError, TypeError):
+    """A compressor given a keyword argument it does not take (a TypeError, as Python's own would be)."""
+
+
 class CaptureError(AmcError, RuntimeError):
     """Tracing a model failed: bad model, bad example inputs, or nothing to capture."""
 

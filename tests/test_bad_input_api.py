@@ -69,3 +69,15 @@ def test_a_percentage_as_target_macs_is_named(budget):
     model, x, _ = _net()
     with pytest.raises(PruningError, match=f"for {budget:g}% of the MACs write target_macs={budget / 100:g}"):
         amc.prune(model, example_inputs=x, target_macs=budget)
+
+
+def test_a_compressor_names_itself_and_the_argument_meant():
+    """Quantization(bits=4) said "BaseCompressor.__init__() got an unexpected keyword argument 'bits'"."""
+    from amc.compressors import Quantization
+    from amc.errors import AmcError
+
+    model, x, _ = _net()
+    loader = [(x, torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(TypeError, match="Quantization takes no argument 'bits' \\(did you mean .*'weight_bits'") as e:
+        Quantization(origin_net=model, trainloader=loader, bits=4)
+    assert isinstance(e.value, AmcError) and "act_bits" in str(e.value)

@@ -156,12 +156,20 @@ def test_build_layer_table_is_deterministic_in_shape():
 
 
 def test_public_latency_table_per_layer_feeds_prune(tmp_path):
+    """Timed twice at most: a table of 3 rounds taken while another test loads the machine (the suite runs 2
+    workers on 2 cores) can mispredict, and the prune then refuses, as it should; the second try re-times
+    the table, as the error message tells users to."""
     model, x = _net(), torch.randn(8, 3, 32, 32)
-    table = amc.latency_table(model, (x,), ratios=(0.25, 0.5, 0.75), rounds=3, cache_dir=tmp_path, round_to=8,
-                              per_layer=True)
-    assert isinstance(table, LayerLatencyTable) and table.grid == [0.0, 0.25, 0.5, 0.75]
-    pruned = amc.prune(model, example_inputs=(x,), target_latency=0.75, latency_allocation="layers", round_to=8,
-                       latency_table=table)
+    for attempt in range(2):
+        table = amc.latency_table(model, (x,), ratios=(0.25, 0.5, 0.75), rounds=3, cache_dir=tmp_path, round_to=8,
+                                  per_layer=True, refresh=attempt > 0)
+        assert isinstance(table, LayerLatencyTable) and table.grid == [0.0, 0.25, 0.5, 0.75]
+        try:
+            pruned = amc.prune(model, example_inputs=(x,), target_latency=0.75, latency_allocation="layers",
+                               round_to=8, latency_table=table)
+            break
+        except PruningError as exc:
+            assert "not met" in str(exc) and attempt == 0, exc
     assert pruned.meta["latency"]["measured"] <= 0.75 * 1.03
 
 

@@ -29,6 +29,8 @@ and may override `backoff(ratio, attempt)` (how the ratio shrinks when accuracy 
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import logging
 import math
 import numbers
@@ -38,7 +40,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..errors import DataError, PruningError
+from ..errors import ArgumentError, DataError, PruningError
 from ..graph.capture import as_network, example_tuple
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import untouched
@@ -66,6 +68,17 @@ def batch_inputs(batch: Any) -> Tuple[Any, ...]:
 
 def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def unknown_arguments(cls: type, unknown: Mapping[str, Any]) -> ArgumentError:
+    """The error for keywords `cls` does not take, naming `cls` (not the base class that saw them) and,
+    for each, the nearest argument it does take."""
+    taken = sorted({name for klass in cls.__mro__ if "__init__" in vars(klass)
+                    for name, p in inspect.signature(vars(klass)["__init__"]).parameters.items()
+                    if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)})
+    near = {k: difflib.get_close_matches(k, taken, 2, 0.5) for k in unknown}
+    hints = [f"{k!r} (did you mean {' or '.join(map(repr, near[k]))}?)" if near[k] else repr(k) for k in unknown]
+    return ArgumentError(f"{cls.__name__} takes no argument {', '.join(hints)}; it takes: {', '.join(taken)}")
 
 
 class BaseCompressor:
@@ -101,7 +114,9 @@ class BaseCompressor:
                  compress_ratio: Ratio = 0.5, checkpointfolder: Optional[str] = None, device: Any = "cpu",
                  verbose: bool = False, drawgraph: bool = False, accuracy_first: bool = False,
                  accuracy_threshold: float = 0.0, args: Any = None, example_inputs: Optional[Sequence[Any]] = None,
-                 seed: int = DEFAULT_SEED):
+                 seed: int = DEFAULT_SEED, **unknown: Any):
+        if unknown:
+            raise unknown_arguments(type(self), unknown)
         self.origin_net = origin_net
         self.seed = seed
         self.trainloader = trainloader

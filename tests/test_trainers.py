@@ -515,3 +515,18 @@ def test_bad_constructor_and_resume_arguments(tmp_path):
         make_trainer(epochs=1, folder=tmp_path).run(resume=str(tmp_path / "junk.pth"))
     with pytest.raises(LoadError, match="needs checkpoints_folder"):
         make_trainer(epochs=1).run(resume=True)
+
+
+def test_an_optimizer_over_another_module_is_refused():
+    """Built over the model before amc.prune made a new network, it trained nothing and said nothing."""
+    import amc
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 3)).eval()
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    pruned = amc.prune(model, example_inputs=x[:1], ratio=0.5)
+    with pytest.raises(TrainingError, match="none of them the network's.*network.parameters"):
+        BaseTrainer([(x, y)], None, None, pruned, nn.CrossEntropyLoss(), torch.optim.SGD(model.parameters(), lr=0.1),
+                    None, 1, "cpu", progress=False)
+    head_only = torch.optim.SGD(list(pruned.parameters())[-2:], lr=0.1)  # a subset of its own: still allowed
+    BaseTrainer([(x, y)], None, None, pruned, nn.CrossEntropyLoss(), head_only, None, 1, "cpu", progress=False).run()

@@ -68,6 +68,21 @@ def _is_classification(preds: Any, batch: Any) -> bool:
             and labels.dtype != torch.bool and labels.shape[0] == preds.shape[0])
 
 
+def _check_optimizer_owns(optimizer: Any, network: nn.Module) -> None:
+    """An optimizer built over another module (the original, before trace or pruning made a new network)
+    would train nothing, silently: refuse it. Leaving some of the network's parameters out stays allowed."""
+    trainable = {id(p) for p in network.parameters() if p.requires_grad}
+    groups = getattr(optimizer, "param_groups", None)
+    if not trainable or not isinstance(groups, list):
+        return
+    held = {id(p) for g in groups for p in g.get("params", ())}
+    if held and not held & trainable:
+        raise TrainingError(f"the optimizer holds {len(held)} parameter tensor(s), none of them the network's: it was "
+                            f"built over another module (the model before amc.trace / amc.prune / a compressor made "
+                            f"this network?) and would train nothing. Build it over this network: "
+                            f"torch.optim.SGD(network.parameters(), lr=...)")
+
+
 class BaseTrainer:
     """Train any ``nn.Module``; override the hooks, then call :meth:`run` (seed: ``__run__``).
 
@@ -118,6 +133,7 @@ class BaseTrainer:
         if optimizer is None:
             raise TrainingError("optimizer is None; build one over network.parameters() "
                                 "(e.g. torch.optim.SGD(network.parameters(), lr=0.01))")
+        _check_optimizer_owns(optimizer, network)
         if int(epochs) < 0:
             raise TrainingError(f"epochs={epochs} must be >= 0")
         if scheduler_interval not in ("epoch", "step"):

@@ -188,6 +188,30 @@ def test_save_writes_the_format_its_name_says(tmp_path):
         net.save(str(tmp_path / "m.safetensors"))
 
 
+def test_exporters_take_example_inputs_as_everywhere_else(tmp_path):
+    """save_onnx(net, path, (x,)) passed the tuple as the first input (torch's conv2d TypeError, wrapped)."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 2)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    net = amc.trace(model, x)
+    paths = [save_onnx(net, str(tmp_path / "a.onnx"), x), save_onnx(net, str(tmp_path / "b.onnx"), (x,)),
+             save_onnx(net, str(tmp_path / "c.onnx"), example_inputs=[x]),
+             net.save_to_onnx(str(tmp_path / "d.onnx"), (x,))]
+    sessions = [ort.InferenceSession(p, providers=["CPUExecutionProvider"]) for p in paths]
+    outs = [s.run(None, {s.get_inputs()[0].name: x.numpy()})[0] for s in sessions]
+    assert all((o == outs[0]).all() for o in outs[1:])
+    with pytest.raises(ExportError, match="give one of them"):
+        save_onnx(net, str(tmp_path / "e.onnx"), x, example_inputs=(x,))
+    pruned = amc.prune(model, example_inputs=x, ratio=0.5)
+    from amc.export import to_module
+
+    for eager in (to_module(pruned, model, (x,)), to_module(pruned, model, example_inputs=x)):
+        with torch.no_grad():
+            torch.testing.assert_close(eager(x), pruned(x))
+
+
 def test_json_round_trip(model_net, tmp_path):
     name, net = model_net
     path = save_json(net, str(tmp_path / f"{name}.json"))

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ExportError
+from ..graph.capture import given_inputs
 from ..graph.network import ReconstructedNetwork
 from ..graph.template import Ref
 from ..graph.untouched import training_mode
@@ -290,16 +291,17 @@ def _warn_if_int8_saturates(net: ReconstructedNetwork, path: str) -> None:
                       "CPUs with VNNI run 8-bit weights exactly", stacklevel=3)
 
 
-def save_onnx(net: ReconstructedNetwork, path: str, *example_inputs: Any, opset: int = 17,
-              check: bool = True) -> str:
+def save_onnx(net: ReconstructedNetwork, path: str, *inputs: Any, opset: int = 17,
+              check: bool = True, example_inputs: Any = None) -> str:
     """Write `net` as ONNX to `path` (atomically) with a dynamic batch axis on every input and output.
 
-    `example_inputs` default to `net.example_inputs()`. With `check`, the model must pass
+    The inputs (`save_onnx(net, path, x)`, `(x,)` or `example_inputs=(x,)`) default to
+    `net.example_inputs()`. With `check`, the model must pass
     `onnx.checker` and match the network under onnxruntime at another batch size, else ExportError.
     """
     if not isinstance(net, ReconstructedNetwork):
         raise ExportError(f"save_onnx expects a ReconstructedNetwork, got {type(net).__name__}")
-    inputs = tuple(example_inputs) if example_inputs else net.example_inputs()
+    inputs = given_inputs(net, inputs, example_inputs, ExportError) or net.example_inputs()
     if not inputs:
         raise ExportError("save_onnx needs example inputs: the network has no positional tensor inputs recorded")
     input_names = _unique(_input_names(net, inputs))

@@ -733,6 +733,22 @@ def example_tuple(example_inputs: Any, error: type = CaptureError) -> Tuple[Any,
     return (example_inputs,)
 
 
+def given_inputs(net: Any, args: Tuple[Any, ...], example_inputs: Any = None,
+                 error: type = CaptureError) -> Tuple[Any, ...]:
+    """The inputs handed to an exporter as `*args`, or as `example_inputs=`: `f(net, path, (x,))` means
+    `f(net, path, x)` when the network's first input was captured as a tensor (the tuple is amc's usual
+    spelling of example inputs), and `example_inputs=(x,)` the same."""
+    if example_inputs is not None:
+        if args:
+            raise error("got example inputs both positionally and as example_inputs=: give one of them")
+        return example_tuple(example_inputs, error)
+    first = next((n for n in getattr(net, "input_nodes", ()) if n.index == 0), None)
+    tensor_first = first is not None and isinstance(first.meta.get("out"), dict) and "shape" in first.meta["out"]
+    if len(args) == 1 and isinstance(args[0], (tuple, list)) and tensor_first:
+        return tuple(args[0])
+    return tuple(args)
+
+
 def _amc_keywords(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
                   ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """`amc.trace(model, example_inputs=(x,), example_kwargs={...})`, the keywords amc.prune and the

@@ -728,8 +728,8 @@ def example_tuple(example_inputs: Any, error: type = CaptureError) -> Tuple[Any,
         return tuple(example_inputs)
     if isinstance(example_inputs, Mapping):
         raise error(f"example_inputs are the positional inputs, a tuple such as (x,); got a dict with keys "
-                    f"{sorted(map(str, example_inputs))[:5]}: pass keyword inputs as the model's keywords "
-                    f"(amc.trace / amc.count) or trace the model first and pass the ReconstructedNetwork")
+                    f"{sorted(map(str, example_inputs))[:5]}: for keyword inputs (a tokenizer's batch) trace first "
+                    f"and pass the graph, e.g. amc.prune(amc.trace(model, **batch), ratio=0.3)")
     return (example_inputs,)
 
 

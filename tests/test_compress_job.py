@@ -2,6 +2,7 @@
 the budget vocabulary (`--target-macs` kept, deprecated `--ratio` removed), progress, `--original`."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import warnings
@@ -186,7 +187,7 @@ def test_job_quantises_and_chains_after_pruning(tmp_path, capsys):
     assert chained["macs_fraction"] <= 0.5 and chained["rows"][1]["acc"] > 0.8
     model = onnx.load(str(tmp_path / "cq" / "compressed.onnx"))  # the clipped grid is stored as int8 too
     assert any(i.data_type == onnx.TensorProto.INT8 for i in model.graph.initializer)
-    with pytest.raises(SystemExit):
+    with pytest.raises(PruningError, match="last step of a chain"):  # argparse's bare "invalid choice" before
         job.run(["--method", "quant,channel", "--out", str(tmp_path / "bad"), *fast])
 
 
@@ -212,3 +213,22 @@ def test_job_prunes_to_a_latency_budget(tmp_path, monkeypatch):
                        (["--target-latency", "1.5", "--method", "l1"], "in \\(0, 1\\)")):
         with pytest.raises(PruningError, match=match):
             job.run([*bad, "--out", str(tmp_path / "bad"), "--no-progress"])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "tokens"], "--method tokens prunes the tokens of a ViT, and --model digits_resnet is not one"),
+    (["--method", "quant,channel"], "must be the last step of a chain, e.g. --method channel,quant"),
+])
+def test_method_and_model_that_cannot_go_together_fail_before_training(tmp_path, capsys, argv, match):
+    """Both trained the original for minutes first: tokens then found no encoder, and the misordered chain got
+    argparse's bare 'invalid choice'."""
+    with pytest.raises(PruningError, match=match):
+        job.run([*argv, "--out", str(tmp_path), "--no-progress"])
+    assert "train digits_resnet" not in capsys.readouterr().err
+
+
+def test_tokens_preflight_accepts_the_zoo_vits():
+    from amc.jobs.compress import check_method
+
+    for model, data in (("vit_digits", "digits"), ("vit_fashion", "fashion_mnist")):
+        check_method(argparse.Namespace(method="tokens", model=model, data=data, seed=0))

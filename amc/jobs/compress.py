@@ -51,7 +51,7 @@ class MethodChoices:
             return False
         steps = name.split(",")
         known = self.names()
-        return all(s in known for s in steps) and not any(s in QUANT_METHODS for s in steps[:-1])
+        return all(s in known for s in steps)  # the order (quantisation last) is checked with a message
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -208,7 +208,30 @@ def resolve_options(ns: argparse.Namespace) -> argparse.Namespace:
     if ns.epochs < 1 or ns.finetune_epochs < 0:
         raise PruningError("--epochs must be >= 1 and --finetune-epochs >= 0")
     check_run_options(ns)
+    check_method(ns)
     return ns
+
+
+def check_method(ns: argparse.Namespace) -> None:
+    """Method and model that cannot go together, refused before the original is trained (minutes)."""
+    steps = ns.method.split(",")
+    early = [s for s in steps[:-1] if s in QUANT_METHODS]
+    if early:
+        order = ",".join([s for s in steps if s not in QUANT_METHODS] + early)
+        raise PruningError(f"--method {ns.method}: quantisation ({', '.join(early)}) must be the last step of a "
+                           f"chain, e.g. --method {order}")
+    if "tokens" in steps:
+        import torch
+
+        from ..compressors.tokens.placement import find_blocks
+        from ..graph.capture import trace
+
+        model, size = _model(ns)  # untrained: only its structure is read
+        try:
+            find_blocks(trace(model.eval(), torch.zeros(1, 1, size, size)))  # the zoo's images: 1 channel
+        except PruningError as exc:
+            raise PruningError(f"--method tokens prunes the tokens of a ViT, and --model {ns.model} is not one "
+                               f"({exc}); use --model vit_digits, or vit_fashion with --data fashion_mnist") from None
 
 
 def check_run_options(ns: argparse.Namespace) -> None:

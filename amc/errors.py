@@ -9,7 +9,7 @@ class AmcError(Exception):
 
 
 class ArgumentError(AmcError, TypeError):
-    """A compressor given a keyword argument it does not take (a TypeError, as Python's own would be)."""
+    """A compressor or tuner given a keyword argument it does not take (a TypeError, as Python's own would be)."""
 
 
 class CaptureError(AmcError, RuntimeError):

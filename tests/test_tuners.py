@@ -385,3 +385,16 @@ def test_rerank_bad_input_and_failures(digits):
     assert winner["policy"] == table[-1]["policy"]
     with pytest.raises(TuningError, match="re-ranking failed for all"):
         rerank(space, res.history, 2, lambda net: float("nan"))
+
+
+@pytest.mark.parametrize("tuner,kwargs,meant", [("GA", {"population": 8}, "pop_size"),
+                                                ("RandomSearch", {"evaluations": 8}, "samples"),
+                                                ("DDPG", {"warm_up": 3}, "warmup")])
+def test_a_tuner_names_the_argument_meant(tuner, kwargs, meant):
+    """GA(population=8) got Python's bare TypeError; difflib alone would have offered mutation_eta."""
+    import amc.tuners
+    from amc.errors import AmcError
+
+    with pytest.raises(TypeError, match=f"{tuner} takes no argument .*did you mean '{meant}'") as e:
+        getattr(amc.tuners, tuner)(**kwargs)
+    assert isinstance(e.value, AmcError)

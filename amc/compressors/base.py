@@ -70,13 +70,21 @@ def _to(x: Any, device: torch.device) -> Any:
     return x.to(device) if isinstance(x, torch.Tensor) else x
 
 
+#: names users bring from other tools, for the "did you mean" of `unknown_arguments` (spelling alone misleads:
+#: difflib offers mutation_eta for population)
+SYNONYMS = {"population": ("pop_size",), "population_size": ("pop_size",), "evaluations": ("samples", "episodes"),
+            "bits": ("weight_bits", "act_bits"), "ratio": ("compress_ratio",), "model": ("origin_net",),
+            "net": ("origin_net",), "train_loader": ("trainloader",), "val_loader": ("valloader",)}
+
+
 def unknown_arguments(cls: type, unknown: Mapping[str, Any]) -> ArgumentError:
     """The error for keywords `cls` does not take, naming `cls` (not the base class that saw them) and,
     for each, the nearest argument it does take."""
     taken = sorted({name for klass in cls.__mro__ if "__init__" in vars(klass)
                     for name, p in inspect.signature(vars(klass)["__init__"]).parameters.items()
                     if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)})
-    near = {k: difflib.get_close_matches(k, taken, 2, 0.5) for k in unknown}
+    near = {k: [t for t in SYNONYMS.get(k, ()) if t in taken] or difflib.get_close_matches(k, taken, 2, 0.5)
+            for k in unknown}
     hints = [f"{k!r} (did you mean {' or '.join(map(repr, near[k]))}?)" if near[k] else repr(k) for k in unknown]
     return ArgumentError(f"{cls.__name__} takes no argument {', '.join(hints)}; it takes: {', '.join(taken)}")
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..compressors.base import check_count, check_names, check_seed
+from ..compressors.base import check_count, check_names, check_seed, unknown_arguments
 from ..errors import LoadError, PruningError, TuningError
 from ..export.atomic import atomic_write
 from ..trainers.checkpoint import _numpy_state_as_tensors, _numpy_state_from_tensors
@@ -140,7 +140,9 @@ class Tuner:
     name = "tuner"
     multi_objective = False
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, **unknown: Any):
+        if unknown:  # GA(population=8): name the tuner and the argument meant (pop_size), as compressors do
+            raise unknown_arguments(type(self), unknown)
         self.seed = check_seed(seed)
         self.space: Optional[SearchSpace] = None
 

@@ -73,8 +73,8 @@ class DDPG(Tuner):
     def __init__(self, episodes: int = 300, warmup: int = 100, seed: int = 0, reward: str = "score",
                  hidden: int = 300, lr_actor: float = 1e-4, lr_critic: float = 1e-3, tau: float = 0.01,
                  discount: float = 1.0, batch_size: int = 64, replay_size: int = 2000, noise: float = 0.5,
-                 noise_decay: float = 0.95, moving_alpha: float = 0.5, parallel_episodes: int = 1):
-        super().__init__(seed)
+                 noise_decay: float = 0.95, moving_alpha: float = 0.5, parallel_episodes: int = 1, **unknown: Any):
+        super().__init__(seed, **unknown)
         if reward not in REWARDS:
             raise PruningError(f"reward must be one of {REWARDS}, got {reward!r}")
         self.episodes, self.warmup = check_count(episodes, "episodes"), check_count(warmup, "warmup", minimum=0)

@@ -33,8 +33,8 @@ class GA(Tuner):
 
     def __init__(self, generations: int = 20, pop_size: int = 16, seed: int = 0,
                  objectives: Sequence[str] = ("score",), crossover_eta: float = 15.0, mutation_eta: float = 20.0,
-                 initial: Sequence[Mapping[str, float]] = ()):
-        super().__init__(seed)
+                 initial: Sequence[Mapping[str, float]] = (), **unknown: Any):
+        super().__init__(seed, **unknown)
         pop_size, generations = check_count(pop_size, "pop_size", minimum=2), check_count(generations, "generations")
         initial = list(initial) if isinstance(initial, (list, tuple)) else [initial]
         if len(initial) > pop_size or any(not isinstance(p, Mapping) for p in initial):

@@ -19,8 +19,8 @@ from .space import SearchSpace
 class RandomSearch(Tuner):
     """`samples` uniform random policies, `batch` per round (evaluated concurrently by executor="ray")."""
 
-    def __init__(self, samples: int = 100, seed: int = 0, batch: int = 1):
-        super().__init__(seed)
+    def __init__(self, samples: int = 100, seed: int = 0, batch: int = 1, **unknown: Any):
+        super().__init__(seed, **unknown)
         self.samples, self.batch = check_count(samples, "samples"), check_count(batch, "batch")
 
     def config(self) -> Dict[str, Any]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..graph.capture import given_inputs
+from ..graph.capture import _amc_keywords, given_inputs
 from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
 from ..graph.template import Ref
 from ..graph.untouched import training_mode
@@ -240,9 +240,8 @@ def to_module(net: Any, model: nn.Module, *example_inputs: Any, rtol: float = 1e
             if applies(module):
                 for name, value in rule(module, path, net).items():
                     setattr(module, name, value)
-    named = "example_inputs" in {n.name for n in net.input_nodes}  # else the keyword is amc's, not the model's
-    example_inputs = given_inputs(net, example_inputs, None if named else example_kwargs.pop("example_inputs", None),
-                                  ExportError)
+    example_inputs, example_kwargs = _amc_keywords(net, example_inputs, example_kwargs, ExportError)
+    example_inputs = given_inputs(net, example_inputs, None, ExportError)  # (x,) given as one argument
     if example_inputs or example_kwargs:
         args, kwargs = example_inputs, example_kwargs
     else:

@@ -749,7 +749,7 @@ def given_inputs(net: Any, args: Tuple[Any, ...], example_inputs: Any = None,
     return tuple(args)
 
 
-def _amc_keywords(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+def _amc_keywords(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], error: type = CaptureError
                   ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """`amc.trace(model, example_inputs=(x,), example_kwargs={...})`, the keywords amc.prune and the
     compressors take, mean the inputs unless the model's forward itself names such a parameter (then they
@@ -761,18 +761,14 @@ def _amc_keywords(model: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any
     own |= {n.name for n in getattr(model, "input_nodes", ())}  # a graph's own input names
     kwargs = dict(kwargs)
     if "example_inputs" in kwargs and "example_inputs" not in own:
-        given = kwargs.pop("example_inputs")
-        if args:
-            raise CaptureError("got example inputs both positionally and as example_inputs=: give one of them")
-        args = example_tuple(given)
+        args = given_inputs(None, args, kwargs.pop("example_inputs"), error)
     if "example_kwargs" in kwargs and "example_kwargs" not in own:
         given = kwargs.pop("example_kwargs")
         if given is not None and not isinstance(given, Mapping):
-            raise CaptureError(f"example_kwargs must be a dict of the model's keyword inputs, got "
-                               f"{type(given).__name__}")
+            raise error(f"example_kwargs must be a dict of the model's keyword inputs, got {type(given).__name__}")
         clash = sorted(set(given or {}) & set(kwargs))
         if clash:
-            raise CaptureError(f"amc.trace got {clash} both in example_kwargs= and as keywords: give them once")
+            raise error(f"got {clash} both in example_kwargs= and as keywords: give them once")
         kwargs.update(given or {})
     return args, kwargs
 

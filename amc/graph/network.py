@@ -51,7 +51,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _format_of(path: Any, verb: str) -> str:
     """Which format `save` / `load` use for `path`, by its suffix: json, onnx (save only), else pkl."""
-    name = str(getattr(path, "__fspath__", lambda: path)()).lower()
+    name = str(path).lower()
     if name.endswith(".json"):
         return "json"
     if name.endswith(".onnx"):
@@ -444,6 +444,4 @@ def _make_like(desc: Any, batch_size: Optional[int]) -> Any:
     return desc
 
 
-def load(path: str, map_location: Any = "cpu", trusted: bool = False) -> ReconstructedNetwork:
-    """`amc.load(path)`: the network `net.save(path)` wrote (.json or pickle; see ReconstructedNetwork.load)."""
-    return ReconstructedNetwork.load(path, map_location=map_location, trusted=trusted)
+load = ReconstructedNetwork.load  # `amc.load(path)`: the network `net.save(path)` wrote (.json or pickle)

@@ -311,3 +311,44 @@ def test_example_inputs_the_network_cannot_run_are_named_as_the_problem() -> Non
     net = amc.trace(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), torch.randn(1, 3, 8, 8))
     with pytest.raises(amc.errors.PruningError, match="does not run on example_inputs"):
         amc.prune(net, 0.5, example_inputs=(torch.randn(1, 5, 8, 8),))
+
+
+class _TiedToEmbedding(nn.Module):
+    """The output projection reuses the embedding table (tied weights, as language models do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.back = nn.Embedding(50, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.out(self.back(torch.relu(self.mid(self.emb(t)))))
+
+
+class _TiedLinears(nn.Module):
+    """Two layers with one weight: both of its dims are channels of two places in the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.a, self.b, self.head = nn.Linear(8, 24), nn.Linear(24, 24), nn.Linear(24, 24), nn.Linear(24, 3)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.b(torch.relu(self.a(torch.relu(self.inp(x)))))))
+
+
+@pytest.mark.parametrize("model, x", [(_TiedToEmbedding, torch.randint(0, 50, (2, 7))),
+                                      (_TiedLinears, torch.randn(3, 8))], ids=["embedding", "linears"])
+def test_tied_weights_are_sliced_alike_and_stay_tied(model: type, x: torch.Tensor) -> None:
+    """A weight held by two layers was sliced by one layer's channels and read by the other with its own:
+    'the pruned network no longer runs'. Now the channels on either side are one group (or stay whole
+    where the other holder has no channel rule), the weight stays one tensor, and soft == hard."""
+    torch.manual_seed(0)
+    m = model().eval()
+    hard = amc.prune(m, example_inputs=(x,), ratio=0.5)
+    soft = amc.prune(m, example_inputs=(x,), ratio=0.5, mode="soft")
+    assert amc.count(hard, x)[0] < amc.count(m, x)[0]
+    assert torch.allclose(hard(x), soft(x), atol=1e-5)
+    first, second = ("emb", "out") if model is _TiedToEmbedding else ("a", "b")
+    assert hard.module_of(first).weight is hard.module_of(second).weight

@@ -337,12 +337,47 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
             a.labels[inp.name] = unlabeled_like(env_inputs[inp.index])
     with torch.no_grad():
         out = net.run_observed(tuple(example_inputs), {}, observer)
+    _couple_shared_parameters(a)
     # outputs never change shape: everything that reaches them is frozen
     a.uf.cause = OUTPUT_CAUSE
     for r in iter_refs(net.outputs):
         a.freeze_all(_index(a.labels.get(r.node), r.path))
     a.output = out
     return a
+
+
+def param_of(net: nn.Module, node_module: str, attr: str) -> torch.Tensor:
+    """The tensor behind `attr` (dotted) of the module stored under `node_module`."""
+    obj: nn.Module = net.network[node_module]
+    *path, last = attr.split(".")
+    for p in path:
+        obj = getattr(obj, p)
+    return getattr(obj, last)
+
+
+def _couple_shared_parameters(a: Analysis) -> None:
+    """A tensor read by several nodes (a module called twice; tied weights: an embedding reused as the
+    output projection) is sliced once, so the channels that index the same dim of it from every side are
+    one group, and a dim that a holder without a channel rule also reads (an nn.Embedding) stays whole."""
+    holders: Dict[int, set] = {}
+    for key, mod in a.net.network.items():
+        for attr, t in [*mod.named_parameters(remove_duplicate=False), *mod.named_buffers(remove_duplicate=False)]:
+            holders.setdefault(id(t), set()).add((key, attr))
+    by_dim: Dict[Tuple[int, int], List[Axis]] = {}
+    for ax in a.axes:
+        by_dim.setdefault((id(param_of(a.net, a.net.node(ax.node).module, ax.attr)), ax.dim), []).append(ax)
+    for (tid, _), axes in by_dim.items():
+        if len(holders.get(tid, ())) < 2:
+            continue
+        head = axes[0]
+        for ax in axes[1:]:
+            a.uf.cause = f"{ax.node} (its {ax.attr} is {head.node}'s {head.attr})"
+            a.uf.union_vecs(head.vec, ax.vec)
+        other = holders[tid] - {(a.net.node(ax.node).module, ax.attr) for ax in axes}
+        if other:
+            key, attr = sorted(other)[0]
+            a.uf.cause = f"{head.node} (its {head.attr} is also {key}.{attr}, which no channel rule slices)"
+            a.uf.freeze(head.vec)
 
 
 def _has_ref(t: Any) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .dependency import Analysis, Axis
+from .dependency import Analysis, Axis, param_of  # noqa: F401 - param_of re-exported
 
 
 @dataclass
@@ -115,14 +115,6 @@ def build_groups(a: Analysis) -> Tuple[List[Group], np.ndarray]:
             idx = np.where(group_of[rv] == gid, unit_pos[rv], -1)
             groups[gid].members.append(Member(ax, idx))
     return [g for g in groups if g.members], roots
-
-
-def param_of(net: nn.Module, node_module: str, attr: str) -> torch.Tensor:
-    obj: nn.Module = net.network[node_module]
-    *path, last = attr.split(".")
-    for p in path:
-        obj = getattr(obj, p)
-    return getattr(obj, last)
 
 
 def module_key(a: Analysis, node: str) -> str:

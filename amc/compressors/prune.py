@@ -25,7 +25,7 @@ from .apply import apply
 from .budget import per_sample, smallest_within_budget
 from .criteria import Criterion, get_criterion
 from .dependency import OUTPUT_CAUSE, Analysis, analyze
-from .groups import Group, build_groups, param_of, select_units
+from .groups import Group, build_groups, select_units
 from .rounding_slack import slack_ratios, units_at
 from .rules import rule_for
 
@@ -194,7 +194,6 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
         except Exception:
             _check_inputs_run(net, inputs)  # bad example_inputs: say so; else the analysis' own error
             raise
-    _couple_shared_params(a, net)
     for space in a.spaces:  # ignored layers keep their output channels
         if space.node in ignore:
             a.uf.cause = f"ignore={space.node!r}"
@@ -226,18 +225,6 @@ def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Non
                 "example_inputs= whose first sample takes the captured path (or trace on that one sample)") from exc
         raise PruningError(f"the network does not run on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); "
                            "pass the tensors it was traced with, e.g. example_inputs=(x,)") from exc
-
-
-def _couple_shared_params(a: Analysis, net: ReconstructedNetwork) -> None:
-    """A parameter shared by several nodes (a module called twice, tied weights) is pruned once, alike."""
-    seen: Dict[Tuple[int, int], np.ndarray] = {}
-    for ax in a.axes:
-        p = param_of(net, net.node(ax.node).module, ax.attr)
-        key = (id(p), ax.dim)
-        if key in seen:
-            a.uf.union_vecs(seen[key], ax.vec)
-        else:
-            seen[key] = ax.vec
 
 
 def check_pruned(ref: Any, pruned: ReconstructedNetwork, inputs: Tuple[Any, ...], out: Any = None) -> None:

@@ -140,7 +140,9 @@ def test_prune_groups_lists_coupled_layers() -> None:
     (dict(ratio=-0.1), r"ratio must be in \[0, 1\)"),
     (dict(ratio="half"), "ratio must be a float"),
     (dict(criterion="magic"), "unknown criterion 'magic'"),
-    (dict(ignore=["no_such_layer"]), "ignore names no node"),
+    (dict(ignore=["no_such_layer"]), "ignore names unknown layers"),
+    (dict(ignore=[nn.Conv2d(3, 3, 1)]), "not a module of this model"),
+    (dict(ignore=[3]), "node names or modules, got int"),
     (dict(ratio={"nope": 0.5}), "ratio names unknown layers"),
     (dict(target_macs=2e12), "above the network's current"),
     (dict(mode="medium"), "mode must be 'hard' or 'soft'"),
@@ -352,3 +354,21 @@ def test_tied_weights_are_sliced_alike_and_stay_tied(model: type, x: torch.Tenso
     assert torch.allclose(hard(x), soft(x), atol=1e-5)
     first, second = ("emb", "out") if model is _TiedToEmbedding else ("a", "b")
     assert hard.module_of(first).weight is hard.module_of(second).weight
+
+
+def test_layers_can_be_named_by_module_or_container() -> None:
+    """Torch-Pruning users write `ignored_layers=[model.fc]`: the model's modules (and containers such as
+    `model.layer4`, or "layer4") name the same nodes as their node names do."""
+    m, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    layer4 = [n.name for n in amc.trace(m, x).layer_nodes if n.name.startswith("layer4.")]
+    by_name = amc.prune(m, example_inputs=(x,), ratio=0.5, ignore=["fc", *layer4])
+    for ignore in ([m.fc, m.layer4], ["fc", "layer4"]):
+        again = amc.prune(m, example_inputs=(x,), ratio=0.5, ignore=ignore)
+        assert amc.count(again, x) == amc.count(by_name, x)
+    assert by_name.module_of("layer4.1.conv2").out_channels == 512
+    one = amc.prune(m, example_inputs=(x,), ratio={"layer1.0.conv1": 0.5})
+    assert amc.count(amc.prune(m, example_inputs=(x,), ratio={m.layer1[0].conv1: 0.5}), x) == amc.count(one, x)
+    net = amc.trace(m, x)  # a graph's own modules work too
+    assert amc.count(amc.prune(net, ratio={net.module_of("layer1.0.conv1"): 0.5}), x) == amc.count(one, x)
+    whole = amc.prune(m, example_inputs=(x,), ratio={m.layer2: 0.5})
+    assert whole.module_of("layer2.0.conv1").out_channels == 64 and whole.module_of("layer3.0.conv1").out_channels == 256

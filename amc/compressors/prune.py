@@ -150,6 +150,60 @@ def _keeps_model(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _nodes_under(net: ReconstructedNetwork, qualname: str) -> List[str]:
+    """The nodes a module of the traced model became: its own calls and everything inside it."""
+    inside = qualname + "."
+    return [n.name for n in net.layer_nodes
+            if qualname in (n.name, n.meta.get("target")) or n.name.startswith(inside)
+            or str(n.meta.get("target", "")).startswith(inside)]
+
+
+def layer_names(model: Any, net: ReconstructedNetwork, keys: Iterable[Any], what: str) -> Dict[Any, List[str]]:
+    """Each key of `ignore=` / a ratio dict -> the node names it means. A key is a node name, a module
+    (of `model` or of the graph: Torch-Pruning's `ignored_layers=[model.fc]` habit) or the name of a
+    container such as "layer4" (all of its nodes). Anything else is a PruningError naming it."""
+    qualnames: Dict[int, str] = {}
+    if isinstance(model, nn.Module) and not isinstance(model, ReconstructedNetwork):
+        qualnames = {id(m): q for q, m in model.named_modules()}
+    graph_modules: Dict[int, List[str]] = {}
+    for n in net.layer_nodes:
+        graph_modules.setdefault(id(net.network[n.module]), []).append(n.name)
+    exact = {n.name for n in net.layer_nodes}
+    out: Dict[Any, List[str]] = {}
+    unknown: List[Any] = []
+    for key in keys:
+        if isinstance(key, str):
+            found = [key] if key in exact else (_nodes_under(net, key) if key else [])
+        elif isinstance(key, nn.Module):
+            q = qualnames.get(id(key))
+            found = _nodes_under(net, q) if q else graph_modules.get(id(key), [])
+        else:
+            raise PruningError(f"{what} entries are node names or modules, got {type(key).__name__} {key!r}")
+        if not found:
+            unknown.append(key if isinstance(key, str) else f"{type(key).__name__} (not a module of this model)")
+        out[key] = found
+    if unknown:
+        raise PruningError(f"{what} names unknown layers {unknown[:5]}; use node names such as "
+                           f"{[n.name for n in net.layer_nodes if n.op in ('Conv2d', 'Linear')][:3]}, "
+                           "a container's name (\"layer4\") or the model's modules themselves")
+    return out
+
+
+def _ratio_by_node(model: Any, net: ReconstructedNetwork, ratio: Ratio) -> Ratio:
+    """A ratio dict keyed by modules or containers, as one keyed by node names (later keys win)."""
+    if not isinstance(ratio, Mapping):
+        return ratio
+    names = layer_names(model, net, list(ratio), "ratio")
+    return {node: ratio[key] for key in ratio for node in names[key]}
+
+
+def _ignore_by_node(model: Any, net: ReconstructedNetwork, ignore: Any) -> List[str]:
+    if isinstance(ignore, (str, bytes, nn.Module)) or not isinstance(ignore, Iterable):
+        raise PruningError(f"ignore must be a list of node names or modules, got {ignore!r}")
+    names = layer_names(model, net, list(ignore), "ignore")
+    return list(dict.fromkeys(node for nodes in names.values() for node in nodes))
+
+
 def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
     if isinstance(ratio, Mapping):
         names = {n.name for n in net.layer_nodes}
@@ -170,7 +224,7 @@ def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
 
 @_keeps_model
 def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
-                 ignore: Iterable[str] = (), dataloader: Optional[Iterable] = None, round_to: int = 1,
+                 ignore: Iterable[Union[str, nn.Module]] = (), dataloader: Optional[Iterable] = None, round_to: int = 1,
                  heads: bool = False) -> PruningPlan:
     """Analyse coupling and score every channel once; `plan.apply(ratio)` then prunes at any ratio.
 
@@ -180,14 +234,7 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
     check_round_to(round_to)
     net, inputs = _as_network(model, example_inputs)
     crit: Criterion = get_criterion(criterion)  # fail fast on a bad name, before the analysis
-    names = None if isinstance(ignore, (str, bytes)) or not isinstance(ignore, Iterable) else list(ignore)
-    if names is None or not all(isinstance(n, str) for n in names):
-        raise PruningError(f"ignore must be a list of node names, got {ignore!r}")
-    ignore = names
-    names = {n.name for n in net.layer_nodes}
-    missing = [n for n in ignore if n not in names]
-    if missing:
-        raise PruningError(f"ignore names no node: {missing[:5]}; see [n.name for n in net.layer_nodes]")
+    ignore = _ignore_by_node(model, net, ignore)
     with training_mode(net):
         try:
             a = analyze(net, per_sample(inputs), rule_for, heads=heads)
@@ -255,12 +302,14 @@ def _shapes(x: Any) -> Any:
 
 @_keeps_model
 def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
-          ignore: Iterable[str] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
+          ignore: Iterable[Union[str, nn.Module]] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
           target_macs: Optional[float] = None, round_to: int = 1, target_latency: Optional[float] = None,
           latency_table: Any = None, heads: bool = False, latency_allocation: str = "uniform") -> ReconstructedNetwork:
     """Prune channels and return a new ReconstructedNetwork; the input is left untouched.
 
-    ratio: fraction of each group's channels removed, or `{layer_name: ratio}` (groups not named stay).
+    ratio: fraction of each group's channels removed, or `{layer: ratio}` (groups not named stay).
+    ignore / ratio keys: node names, the model's modules (`ignore=[model.fc]`) or containers
+    (`"layer4"`, `model.layer4`: every layer inside).
     target_macs: prune uniformly until MACs fall to this fraction of the original (<= 1), or to this
     absolute number of MACs (> 1). Overrides `ratio`.
     mode: "hard" removes channels; "soft" zeroes them (same function, same shapes).
@@ -299,6 +348,9 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     if target_latency is not None and target_macs is not None:
         raise PruningError("give target_macs or target_latency, not both")
     net, inputs = _as_network(model, example_inputs)
+    ignore = _ignore_by_node(model, net, ignore)
+    if target_macs is None and target_latency is None:
+        ratio = _ratio_by_node(model, net, ratio)
     if latency_allocation not in ("uniform", "layers", "auto"):
         raise PruningError(f"latency_allocation must be 'uniform', 'layers' or 'auto', got {latency_allocation!r}")
     if target_latency is not None:
@@ -452,6 +504,6 @@ def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) ->
 
 @_keeps_model
 def prune_groups(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
-                 ignore: Iterable[str] = ()) -> List[Group]:
+                 ignore: Iterable[Union[str, nn.Module]] = ()) -> List[Group]:
     """The coupled channel groups of a network: `group.producers`, `group.layers`, `group.size`."""
     return plan_pruning(model, "l2", example_inputs, ignore).groups

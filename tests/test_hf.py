@@ -81,6 +81,19 @@ def test_count_takes_keyword_inputs(minilm_model, one_thread):
     assert macs_module == macs_graph > 0 and params == sum(p.numel() for p in model.parameters())
 
 
+def test_prune_takes_keyword_inputs(minilm_model, one_thread):
+    """amc.prune(model, example_kwargs=batch) was a TypeError (only amc.trace took keywords): it prunes the
+    plain module as pruning its trace does."""
+    tok, model = minilm_model
+    batch = _batch(tok, ["one sentence", "and a second one"], length=8)
+    direct = amc.prune(model, example_kwargs=batch, ratio=0.3)
+    via_trace = amc.prune(amc.trace(model, **batch), ratio=0.3)
+    assert amc.count(direct, **batch) == amc.count(via_trace, **batch)
+    assert amc.count(direct, **batch)[0] < 0.8 * amc.count(model, **batch)[0]
+    with pytest.raises(amc.errors.PruningError, match="example_kwargs=batch"):
+        amc.prune(model, example_inputs=batch, ratio=0.3)
+
+
 def test_data_driven_criterion_sees_the_attention_mask(minilm_model, minilm_net, one_thread):
     """A tokenizer's dict batches reach the graph as keyword inputs: a padded batch scores differently
     from the same batch with its mask dropped (which is what reading only the first input would do)."""

@@ -134,11 +134,17 @@ def group_ratio(g: Group, ratio: Ratio) -> float:
     return float(ratio)
 
 
-def _as_network(model: nn.Module, example_inputs: Optional[Sequence[Any]]) -> Tuple[ReconstructedNetwork, tuple]:
+def _as_network(model: nn.Module, example_inputs: Optional[Sequence[Any]],
+                example_kwargs: Optional[Mapping[str, Any]] = None) -> Tuple[ReconstructedNetwork, tuple]:
     inputs = example_tuple(example_inputs, PruningError)
     if isinstance(model, ReconstructedNetwork):
         return model, inputs or model.example_inputs(batch_size=1)
-    return as_network(model, inputs, error=PruningError, what="the model to prune"), inputs
+    if example_kwargs is not None and not isinstance(example_kwargs, Mapping):
+        raise PruningError(f"example_kwargs must be a dict of keyword inputs (a tokenizer's batch), got "
+                           f"{type(example_kwargs).__name__}")
+    net = as_network(model, inputs, dict(example_kwargs or {}), error=PruningError, what="the model to prune")
+    # keyword inputs become graph inputs after the positional ones: the graph's own example binds them all
+    return net, (net.example_inputs(batch_size=1) if example_kwargs else inputs)
 
 
 def _keeps_model(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -225,14 +231,14 @@ def _validate_ratio(ratio: Ratio, net: ReconstructedNetwork) -> None:
 @_keeps_model
 def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
                  ignore: Iterable[Union[str, nn.Module]] = (), dataloader: Optional[Iterable] = None, round_to: int = 1,
-                 heads: bool = False) -> PruningPlan:
+                 heads: bool = False, example_kwargs: Optional[Mapping[str, Any]] = None) -> PruningPlan:
     """Analyse coupling and score every channel once; `plan.apply(ratio)` then prunes at any ratio.
 
     round_to: kept channel counts are rounded up to a multiple of it (8 or 16 suit CPU/GPU kernels).
     heads: attention (and any channel dim split into (heads, head_dim)) loses whole heads instead of
     the same head dims in every head."""
     check_round_to(round_to)
-    net, inputs = _as_network(model, example_inputs)
+    net, inputs = _as_network(model, example_inputs, example_kwargs)
     crit: Criterion = get_criterion(criterion)  # fail fast on a bad name, before the analysis
     ignore = _ignore_by_node(model, net, ignore)
     with training_mode(net):
@@ -304,10 +310,13 @@ def _shapes(x: Any) -> Any:
 def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_inputs: Optional[Sequence[Any]] = None,
           ignore: Iterable[Union[str, nn.Module]] = (), mode: str = "hard", dataloader: Optional[Iterable] = None,
           target_macs: Optional[float] = None, round_to: int = 1, target_latency: Optional[float] = None,
-          latency_table: Any = None, heads: bool = False, latency_allocation: str = "uniform") -> ReconstructedNetwork:
+          latency_table: Any = None, heads: bool = False, latency_allocation: str = "uniform",
+          example_kwargs: Optional[Mapping[str, Any]] = None) -> ReconstructedNetwork:
     """Prune channels and return a new ReconstructedNetwork; the input is left untouched.
 
     ratio: fraction of each group's channels removed, or `{layer: ratio}` (groups not named stay).
+    example_kwargs: keyword inputs to trace a plain module with (a tokenizer's batch), beside or instead
+    of example_inputs.
     ignore / ratio keys: node names, the model's modules (`ignore=[model.fc]`) or containers
     (`"layer4"`, `model.layer4`: every layer inside).
     target_macs: prune uniformly until MACs fall to this fraction of the original (<= 1), or to this
@@ -347,7 +356,7 @@ def prune(model: nn.Module, ratio: Ratio = 0.5, criterion: Any = "l2", example_i
     target_latency = check_target_latency(target_latency)
     if target_latency is not None and target_macs is not None:
         raise PruningError("give target_macs or target_latency, not both")
-    net, inputs = _as_network(model, example_inputs)
+    net, inputs = _as_network(model, example_inputs, example_kwargs)
     ignore = _ignore_by_node(model, net, ignore)
     if target_macs is None and target_latency is None:
         ratio = _ratio_by_node(model, net, ratio)
@@ -504,6 +513,7 @@ def ratio_for_macs(plan: PruningPlan, target_macs: float, tol: float = 0.002) ->
 
 @_keeps_model
 def prune_groups(model: nn.Module, example_inputs: Optional[Sequence[Any]] = None,
-                 ignore: Iterable[Union[str, nn.Module]] = ()) -> List[Group]:
+                 ignore: Iterable[Union[str, nn.Module]] = (),
+                 example_kwargs: Optional[Mapping[str, Any]] = None) -> List[Group]:
     """The coupled channel groups of a network: `group.producers`, `group.layers`, `group.size`."""
-    return plan_pruning(model, "l2", example_inputs, ignore).groups
+    return plan_pruning(model, "l2", example_inputs, ignore, example_kwargs=example_kwargs).groups

@@ -728,8 +728,9 @@ def example_tuple(example_inputs: Any, error: type = CaptureError) -> Tuple[Any,
         return tuple(example_inputs)
     if isinstance(example_inputs, Mapping):
         raise error(f"example_inputs are the positional inputs, a tuple such as (x,); got a dict with keys "
-                    f"{sorted(map(str, example_inputs))[:5]}: for keyword inputs (a tokenizer's batch) trace first "
-                    f"and pass the graph, e.g. amc.prune(amc.trace(model, **batch), ratio=0.3)")
+                    f"{sorted(map(str, example_inputs))[:5]}: pass keyword inputs (a tokenizer's batch) as "
+                    f"example_kwargs=batch, or trace first and pass the graph, e.g. "
+                    f"amc.prune(amc.trace(model, **batch), ratio=0.3)")
     return (example_inputs,)
 
 

@@ -40,6 +40,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .._modes import outside_inference_mode
 from ..errors import ArgumentError, DataError, PruningError
 from ..graph.capture import as_network, example_tuple
 from ..graph.network import ReconstructedNetwork
@@ -117,6 +118,7 @@ class BaseCompressor:
     name = "compressor"
     max_backoff_attempts = 8
 
+    @outside_inference_mode
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
                  trainset_ratio: float = 0.1, sampled_pixels_per_img: Optional[int] = None,
                  compress_ratio: Ratio = 0.5, checkpointfolder: Optional[str] = None, device: Any = "cpu",
@@ -254,6 +256,7 @@ class BaseCompressor:
             return {k: float(v) * 0.8 for k, v in ratio.items()}
         return float(ratio) * 0.8
 
+    @outside_inference_mode
     def compress(self) -> ReconstructedNetwork:
         """Compress a copy of the origin network; sets and returns `self.compressed_net`.
 

@@ -20,6 +20,7 @@ from ..errors import AmcError, PruningError
 from ..graph.capture import as_network, example_tuple
 from ..graph.counting import count
 from ..graph.network import ReconstructedNetwork
+from .._modes import outside_inference_mode
 from ..graph.untouched import training_mode, untouched
 from .apply import apply
 from .budget import per_sample, smallest_within_budget
@@ -148,8 +149,10 @@ def _as_network(model: nn.Module, example_inputs: Optional[Sequence[Any]],
 
 
 def _keeps_model(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The user's model (module or graph) leaves these calls exactly as it came: buffers, flags, RNG."""
+    """The user's model (module or graph) leaves these calls exactly as it came: buffers, flags, RNG; what
+    they return stays trainable when called inside `torch.inference_mode()`."""
     @functools.wraps(fn)
+    @outside_inference_mode
     def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
         with untouched(model):
             return fn(model, *args, **kwargs)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .._modes import outside_inference_mode
 from ..errors import ExportError
 from ..graph.capture import _amc_keywords, given_inputs
 from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
@@ -217,6 +218,7 @@ def _check_same(net: Any, out: nn.Module, args: Tuple[Any, ...], kwargs: Dict[st
             raise ExportError(f"the pruned {type(out).__name__} returns a different output {i} than the network")
 
 
+@outside_inference_mode
 def to_module(net: Any, model: nn.Module, *example_inputs: Any, rtol: float = 1e-4,
               **example_kwargs: Any) -> nn.Module:
     """A copy of `model` (the module `net` was traced from) running the pruned `net`'s layers.

@@ -46,6 +46,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .._modes import outside_inference_mode
 from ..errors import ExportError, LoadError
 from ..graph import ops
 from ..version import __version__
@@ -838,6 +839,7 @@ def _restore_training(path: str, net: nn.Module, doc: Dict[str, Any], weights: D
         names[name].training = not net.training
 
 
+@outside_inference_mode
 def load_json(path: str, device: Any = "cpu") -> "ReconstructedNetwork":  # noqa: F821
     """Rebuild a network written by `save_json` (no pickle; classes and functions from allowlists only).
 

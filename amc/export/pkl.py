@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .._modes import outside_inference_mode
 from ..errors import ExportError, LoadError
 from ..graph import node, ops, template
 from ..graph.network import ReconstructedNetwork
@@ -53,6 +54,7 @@ def save_pkl(net: ReconstructedNetwork, path: str) -> str:
     return path
 
 
+@outside_inference_mode
 def load_pkl(path: str, map_location: Any = "cpu", trusted: bool = False) -> ReconstructedNetwork:
     """Load a network written by `save_pkl`; refuses files naming code outside the allowlist.
 

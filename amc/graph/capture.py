@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from .._modes import outside_inference_mode
 from ..errors import CaptureError
 from .node import InputNode, Node
 from .ops import (_GUARD_OPS, AutogradFunctionOp, Constant, FunctionOp, GetAttr, ParamHolder, SetItem, ShapeGuard,
@@ -687,6 +688,7 @@ def _dead_code_elimination(nodes: List[Node], outputs: Any, modules: Dict[str, n
 # ----------------------------------------------------------------------------------------------
 # Public entry points.
 
+@outside_inference_mode
 def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "ReconstructedNetwork":
     """Run `model` once on the example inputs and return the captured ReconstructedNetwork.
 

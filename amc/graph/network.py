@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn.modules import module as _torch_module
 
+from .._modes import outside_inference_mode
 from ..errors import ExportError, GraphError
 from .formats import file_format
 from .node import InputNode, Node
@@ -269,6 +270,7 @@ class ReconstructedNetwork(nn.Module):
         if extra:
             raise GraphError(f"modules not used by any node: {sorted(extra)[:5]}")
 
+    @outside_inference_mode
     def copy(self) -> "ReconstructedNetwork":
         """A deep copy (passes copy, then edit the copy)."""
         return copy.deepcopy(self)

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..compressors.base import check_count, check_names, check_seed, unknown_arguments
+from .._modes import outside_inference_mode
 from ..errors import LoadError, PruningError, TuningError
 from ..export.atomic import atomic_write
 from ..trainers.checkpoint import _numpy_state_as_tensors, _numpy_state_from_tensors
@@ -177,6 +178,7 @@ class Tuner:
         return record["score"]
 
     # -- the loop ---------------------------------------------------------------------------------
+    @outside_inference_mode
     def search(self, model: nn.Module, example_inputs: Optional[Sequence[Any]] = None, target_macs: float = 0.5,
                compressor: Union[str, Callable[[Dict[str, float]], nn.Module]] = "prune",
                evaluate: Optional[Evaluator] = None, calibration: Optional[Iterable] = None,

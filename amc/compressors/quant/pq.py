@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..._modes import outside_inference_mode
 from ...errors import QuantizationError
 from ...graph.macs import conv_macs, linear_macs
 from ...graph.network import ReconstructedNetwork
@@ -157,6 +158,7 @@ class ProductQuantization:
 
     name = "product_quantization"
 
+    @outside_inference_mode
     def __init__(self, origin_net: nn.Module, trainloader: Any = None, valloader: Any = None,
                  block_size: Any = None, n_centroids: int = 256, finetune_epochs: int = 0, lr: float = 1e-3,
                  optimizer: str = "sgd", layers: Optional[Sequence[str]] = None, ignore: Sequence[str] = (),
@@ -192,6 +194,7 @@ class ProductQuantization:
         self.compressed_net: Optional[ReconstructedNetwork] = None
         self.quantized_layers: List[str] = []
 
+    @outside_inference_mode
     def compress(self) -> ReconstructedNetwork:
         net, self.quantized_layers = product_quantize(self.origin_graph, self.block_size, self.n_centroids,
                                                       self.seed, self.layers, self.ignore, n_init=self.n_init)

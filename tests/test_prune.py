@@ -372,3 +372,24 @@ def test_layers_can_be_named_by_module_or_container() -> None:
     assert amc.count(amc.prune(net, ratio={net.module_of("layer1.0.conv1"): 0.5}), x) == amc.count(one, x)
     whole = amc.prune(m, example_inputs=(x,), ratio={m.layer2: 0.5})
     assert whole.module_of("layer2.0.conv1").out_channels == 64 and whole.module_of("layer3.0.conv1").out_channels == 256
+
+
+class _FixedBatch(nn.Module):
+    """Reads the batch size into a Python int: the graph holds that number, so another batch cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = int(x.shape[0])
+        return self.fc(self.conv(x).reshape(n, -1))
+
+
+def test_a_model_that_fixes_its_batch_size_is_named_as_the_problem() -> None:
+    """It said 'pass the tensors it was traced with', which the user had done; pruning runs one sample."""
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(PruningError, match="fixes its batch size"):
+        amc.prune(_FixedBatch().eval(), example_inputs=(x,), ratio=0.5)
+    small = amc.prune(_FixedBatch().eval(), example_inputs=(x[:1],), ratio=0.5)  # the way out it names
+    assert small(x[:1]).shape == (1, 2)

@@ -279,8 +279,26 @@ def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Non
                 "random ones shaped like the captured inputs), and that sample takes another branch than "
                 f"capture did at a value the model reads into Python ({str(exc)[:300]} ...). Pass "
                 "example_inputs= whose first sample takes the captured path (or trace on that one sample)") from exc
+        one = per_sample(inputs)
+        if any(a is not b for a, b in zip(one, inputs)) and _runs(net, inputs):
+            batch = next(b.shape[0] for a, b in zip(one, inputs) if a is not b)
+            raise PruningError(
+                f"the network runs on the example batch of {batch} but not on its first sample alone "
+                f"({type(exc).__name__}: {str(exc)[:160]}): the model fixes its batch size somewhere (an "
+                "int(x.shape[0]) or a constant batch in a view / reshape; x.size(0) or -1 keeps it free). "
+                "Pruning runs one sample: fix the model, or trace and prune with a batch of 1 (the result then "
+                "runs at batch 1 only)") from exc
         raise PruningError(f"the network does not run on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); "
                            "pass the tensors it was traced with, e.g. example_inputs=(x,)") from exc
+
+
+def _runs(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> bool:
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            net(*inputs)
+    except Exception:  # noqa: BLE001 - only whether it runs matters here
+        return False
+    return True
 
 
 def check_pruned(ref: Any, pruned: ReconstructedNetwork, inputs: Tuple[Any, ...], out: Any = None) -> None:

@@ -398,3 +398,17 @@ def test_a_tuner_names_the_argument_meant(tuner, kwargs, meant):
     with pytest.raises(TypeError, match=f"{tuner} takes no argument .*did you mean '{meant}'") as e:
         getattr(amc.tuners, tuner)(**kwargs)
     assert isinstance(e.value, AmcError)
+
+
+def test_ignore_takes_modules_as_amc_prune_does():
+    """`ignore=[model.fc]` (Torch-Pruning's habit) was refused as 'must be a list of node names'."""
+    from amc.models import create
+
+    model = create("digits_resnet").eval()
+    x = torch.randn(1, 1, 8, 8)
+    last = [n for n in model.named_modules() if isinstance(n[1], torch.nn.Conv2d)][-1]
+    kw = dict(example_inputs=(x,), target_macs=0.7, evaluate=lambda n: 1.0, progress=False)
+    by_module = RandomSearch(samples=2, seed=0).search(model, ignore=[last[1]], **kw)
+    by_name = RandomSearch(samples=2, seed=0).search(model, ignore=[last[0]], **kw)
+    assert by_module.policy == by_name.policy and by_module.info["ignore"] == [last[0]]
+    assert amc.count(by_module.net, x) == amc.count(by_name.net, x)

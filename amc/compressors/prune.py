@@ -167,30 +167,43 @@ def _nodes_under(net: ReconstructedNetwork, qualname: str) -> List[str]:
             or str(n.meta.get("target", "")).startswith(inside)]
 
 
-def layer_names(model: Any, net: ReconstructedNetwork, keys: Iterable[Any], what: str) -> Dict[Any, List[str]]:
-    """Each key of `ignore=` / a ratio dict -> the node names it means. A key is a node name, a module
-    (of `model` or of the graph: Torch-Pruning's `ignored_layers=[model.fc]` habit) or the name of a
-    container such as "layer4" (all of its nodes). Anything else is a PruningError naming it."""
-    qualnames: Dict[int, str] = {}
-    if isinstance(model, nn.Module) and not isinstance(model, ReconstructedNetwork):
-        qualnames = {id(m): q for q, m in model.named_modules()}
-    graph_modules: Dict[int, List[str]] = {}
-    for n in net.layer_nodes:
-        graph_modules.setdefault(id(net.network[n.module]), []).append(n.name)
-    exact = {n.name for n in net.layer_nodes}
+def module_names(model: Any, keys: Iterable[Any], what: str) -> Dict[Any, List[str]]:
+    """Each key -> names: a module of `model` (Torch-Pruning's `ignored_layers=[model.fc]` habit) -> its
+    qualified name, or, in a graph, the nodes that call it; a string stays itself. Needs no trace, so
+    the tuners resolve `ignore=` with it before they build their network."""
+    lookup: Dict[int, List[str]] = {}
+    if isinstance(model, ReconstructedNetwork):
+        for n in model.layer_nodes:
+            lookup.setdefault(id(model.network[n.module]), []).append(n.name)
+    elif isinstance(model, nn.Module):
+        for q, m in model.named_modules():
+            if q:
+                lookup.setdefault(id(m), [q])
     out: Dict[Any, List[str]] = {}
-    unknown: List[Any] = []
     for key in keys:
         if isinstance(key, str):
-            found = [key] if key in exact else (_nodes_under(net, key) if key else [])
+            out[key] = [key]
         elif isinstance(key, nn.Module):
-            q = qualnames.get(id(key))
-            found = _nodes_under(net, q) if q else graph_modules.get(id(key), [])
+            if id(key) not in lookup:
+                raise PruningError(f"{what} names a {type(key).__name__} that is not a module of this model "
+                                   "(a module of the model you pass, or its node name)")
+            out[key] = lookup[id(key)]
         else:
             raise PruningError(f"{what} entries are node names or modules, got {type(key).__name__} {key!r}")
+    return out
+
+
+def layer_names(model: Any, net: ReconstructedNetwork, keys: Iterable[Any], what: str) -> Dict[Any, List[str]]:
+    """Each key of `ignore=` / a ratio dict -> the node names it means: a node name, a module (see
+    `module_names`) or a container such as "layer4" (all of its nodes). Unknown names raise PruningError."""
+    exact = {n.name for n in net.layer_nodes}
+    out: Dict[Any, List[str]] = {}
+    unknown: List[str] = []
+    for key, names in module_names(model, keys, what).items():
+        found = [m for q in names for m in ([q] if q in exact else (_nodes_under(net, q) if q else []))]
         if not found:
-            unknown.append(key if isinstance(key, str) else f"{type(key).__name__} (not a module of this model)")
-        out[key] = found
+            unknown.append(key if isinstance(key, str) else f"{type(key).__name__} {names[0]!r}")
+        out[key] = list(dict.fromkeys(found))
     if unknown:
         raise PruningError(f"{what} names unknown layers {unknown[:5]}; use node names such as "
                            f"{[n.name for n in net.layer_nodes if n.op in ('Conv2d', 'Linear')][:3]}, "
@@ -206,10 +219,20 @@ def _ratio_by_node(model: Any, net: ReconstructedNetwork, ratio: Ratio) -> Ratio
     return {node: ratio[key] for key in ratio for node in names[key]}
 
 
-def _ignore_by_node(model: Any, net: ReconstructedNetwork, ignore: Any) -> List[str]:
+def _ignore_list(ignore: Any) -> List[Any]:
     if isinstance(ignore, (str, bytes, nn.Module)) or not isinstance(ignore, Iterable):
         raise PruningError(f"ignore must be a list of node names or modules, got {ignore!r}")
-    names = layer_names(model, net, list(ignore), "ignore")
+    return list(ignore)
+
+
+def ignore_names(model: Any, ignore: Any) -> List[str]:
+    """`ignore=` with its modules named (qualified names; containers stay containers), before any trace."""
+    return list(dict.fromkeys(q for names in module_names(model, _ignore_list(ignore), "ignore").values()
+                              for q in names))
+
+
+def _ignore_by_node(model: Any, net: ReconstructedNetwork, ignore: Any) -> List[str]:
+    names = layer_names(model, net, _ignore_list(ignore), "ignore")
     return list(dict.fromkeys(node for nodes in names.values() for node in nodes))
 
 

@@ -451,7 +451,7 @@ def build_space(model: nn.Module, example_inputs: Optional[Sequence[Any]], targe
     budget on the latency predicted by per-layer latency tables (fraction of the original's; built and
     cached here, or `latency_table`), alone (target_macs=None) or beside target_macs."""
     from ..compressors.latency import check_target_latency
-    from ..compressors.prune import _as_network
+    from ..compressors.prune import _as_network, _ignore_by_node
 
     target_latency = check_target_latency(target_latency)
     if target_latency is not None and compressor == "lowrank":
@@ -466,7 +466,7 @@ def build_space(model: nn.Module, example_inputs: Optional[Sequence[Any]], targe
         raise PruningError(f"compressor must be one of {COMPRESSORS} or a callable policy -> network, "
                            f"got {compressor!r}")
     net, inputs = _as_network(model, example_inputs)
-    ignore = list(ignore)
+    ignore = _ignore_by_node(model, net, ignore)  # node names, containers ("layer4") and modules alike
     options = dict(compressor_options or {})
     if compressor == "lowrank":
         backend: Any = _LowRankBackend(net, inputs, ignore, calibration, options)

@@ -393,3 +393,20 @@ def test_a_model_that_fixes_its_batch_size_is_named_as_the_problem() -> None:
         amc.prune(_FixedBatch().eval(), example_inputs=(x,), ratio=0.5)
     small = amc.prune(_FixedBatch().eval(), example_inputs=(x[:1],), ratio=0.5)  # the way out it names
     assert small(x[:1]).shape == (1, 2)
+
+
+@pytest.mark.parametrize("parametrize", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm,
+                                         nn.utils.weight_norm], ids=["weight_norm", "spectral_norm", "hook_weight_norm"])
+def test_layers_with_computed_weights_keep_their_channels(parametrize) -> None:
+    """weight_norm / spectral_norm compute `weight` from other tensors at each call: slicing it resized
+    nothing underneath ('the pruned network no longer runs'). Such a layer's channels now stay, the warning
+    names it and the way out, and the rest of the network is pruned."""
+    torch.manual_seed(0)
+    m = nn.Sequential(parametrize(nn.Conv2d(3, 32, 3, padding=1)), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
+                      nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()  # mostly frozen: amc.prune warns
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="computed by .*remove_parametrizations") as record:
+        small = amc.prune(m, example_inputs=(x,), ratio=0.5)
+    assert any(w.filename == __file__ for w in record)  # attributed to this call, not to amc's internals
+    assert amc.count(small, x)[0] < amc.count(m, x)[0]
+    assert torch.allclose(small(x), amc.prune(m, example_inputs=(x,), ratio=0.5, mode="soft")(x), atol=1e-5)

@@ -328,6 +328,14 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
                                "report the model; amc.compressors.rules.mark_opaque(op) stops channels there") \
                 from exc
         a.labels[node.name] = labels if labels is not None else unlabeled_like(out)
+        how = _computed_weights(module)
+        if how:  # slicing `weight` would not reach the tensors it is computed from
+            a.uf.cause = (f"{node.name} (its weights are computed by {how}; prune it after "
+                          "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') or "
+                          "torch.nn.utils.remove_weight_norm(module))")
+            a.freeze_all(a.labels[node.name])
+            a.freeze_all(largs)
+            a.freeze_all(list(lkwargs.values()))
         if observe is not None:
             observe(node, module, args, kwargs, out)
 
@@ -378,6 +386,20 @@ def _couple_shared_parameters(a: Analysis) -> None:
             key, attr = sorted(other)[0]
             a.uf.cause = f"{head.node} (its {head.attr} is also {key}.{attr}, which no channel rule slices)"
             a.uf.freeze(head.vec)
+
+
+def _computed_weights(module: nn.Module) -> str:
+    """What computes this module's weights at each call, if anything does: a parametrization
+    (`torch.nn.utils.parametrizations.weight_norm` / `spectral_norm`, any `register_parametrization`)
+    or the older hook-based weight_norm / spectral_norm. Empty for plain modules."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        return "a parametrization (" + ", ".join(
+            f"{name}: {type(p).__name__}" for name, ps in module.parametrizations.items() for p in ps) + ")"
+    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()
+             if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
+    return f"a forward pre-hook ({', '.join(hooks)})" if hooks else ""
 
 
 def _has_ref(t: Any) -> bool:

@@ -17,7 +17,6 @@ import os
 import platform
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._warnings import warn_user
 from ..errors import PruningError
 
 DEFAULT_RATIOS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -133,8 +133,8 @@ def _read_cached(path: Path) -> Optional[LatencyTable]:
             raise ValueError("ratios and latencies do not match")
         return table
     except (OSError, ValueError, TypeError) as exc:
-        warnings.warn(f"latency cache {str(path)!r} is unreadable ({exc}); measuring the table again",
-                      RuntimeWarning, stacklevel=3)
+        warn_user(f"latency cache {str(path)!r} is unreadable ({exc}); measuring the table again",
+                      RuntimeWarning)
         return None
 
 

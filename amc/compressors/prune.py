@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._warnings import warn_user
 from ..errors import AmcError, PruningError
 from ..graph.capture import as_network, example_tuple
 from ..graph.counting import count
@@ -484,10 +484,10 @@ def _warn_if_mostly_frozen(plan: PruningPlan) -> None:
         for cause in row["causes"][:1] or ["unknown"]:
             causes[cause] = causes.get(cause, 0) + row["channels"]
     top = sorted(causes.items(), key=lambda kv: -kv[1])[:5]
-    warnings.warn(f"amc.prune: only {fraction:.0%} of the layers' output channels can be pruned; the rest are "
+    warn_user(f"amc.prune: only {fraction:.0%} of the layers' output channels can be pruned; the rest are "
                   "frozen by " + "; ".join(f"{c} ({n} channels)" for c, n in top) +
                   ". See amc.compressors.plan_pruning(...).frozen_report(); register a channel rule for an op "
-                  "that has none (amc.register_op)", stacklevel=4)
+                  "that has none (amc.register_op)")
 
 
 def _check_target_macs(target_macs: Any) -> None:

@@ -18,7 +18,6 @@ fit is well posed; `warn_underdetermined` says where it was not.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -26,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._warnings import warn_user
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import training_mode
 
@@ -248,5 +248,5 @@ def warn_underdetermined(who: str, rows: Sequence[Tuple[str, int, int]], request
     more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
     fix = (f"raise sampled_pixels_per_img (now {requested}) or pass None to size it per layer, or raise "
            "trainset_ratio" if requested is not None else "raise trainset_ratio (more calibration images)")
-    warnings.warn(f"{who}: the fit of {len(bad)} layer(s) is under-determined: {shown}{more}; the ridge term "
-                  f"keeps it solvable but the result leans on it: {fix}", stacklevel=5)
+    warn_user(f"{who}: the fit of {len(bad)} layer(s) is under-determined: {shown}{more}; the ridge term "
+                  f"keeps it solvable but the result leans on it: {fix}")

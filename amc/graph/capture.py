@@ -20,7 +20,6 @@ import itertools
 import linecache
 import os
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Tuple
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
+from .._warnings import warn_user
 from .._modes import outside_inference_mode
 from ..errors import CaptureError
 from .node import InputNode, Node
@@ -359,9 +359,9 @@ class Tracer(TorchFunctionMode):
         if self.state != "recording" or self._leaf_depth or func in _PASS_THROUGH:
             if func is torch.Tensor.__len__ and self.state == "recording" and not self._leaf_depth \
                     and self._is_traced(args[0]):
-                warnings.warn("amc capture: len(tensor) returns a plain int, so the graph keeps the captured "
+                warn_user("amc capture: len(tensor) returns a plain int, so the graph keeps the captured "
                               f"size {len(args[0])}; use x.shape[0] / x.size(0) where the size must follow "
-                              "the input", stacklevel=3)
+                              "the input")
             return func(*_plain(args), **_plain(kwargs))
         if _is_getter(func):
             return self._getter(func, args)
@@ -536,9 +536,9 @@ class Tracer(TorchFunctionMode):
                 "fallback_ops": dict(self.fallbacks), "input_constants": self.input_constants,
                 "training": self.root.training}
         if self.fallbacks:
-            warnings.warn("amc capture: ops without a dedicated wrapper were captured by the generic replay "
+            warn_user("amc capture: ops without a dedicated wrapper were captured by the generic replay "
                           "node (exact; pruning passes channels through them only where a probe proves them "
-                          f"element-wise): {dict(self.fallbacks)}", stacklevel=3)
+                          f"element-wise): {dict(self.fallbacks)}")
         net = ReconstructedNetwork(modules, self.input_nodes, nodes, self.outputs, meta)
         net.training = self.root.training  # the flag only: submodules keep the modes they were captured in
         return net

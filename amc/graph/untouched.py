@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import random
-import warnings
 from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
 
+from .._warnings import warn_user
 from .._modes import training_mode  # re-exported; it lives outside amc.graph so the trainers can use it
 
 __all__ = ["untouched", "training_mode", "rng_state", "set_rng_state"]
@@ -77,6 +77,6 @@ def untouched(*models: Any) -> Iterator[None]:
                     b.copy_(saved)
         changed = [name for name, p, version in params.values() if p._version != version]
         if changed:
-            warnings.warn(f"amc: the model's forward changed parameters in place ({changed[:5]}); amc cannot "
-                          "undo that, so the model now differs from before the call", stacklevel=3)
+            warn_user(f"amc: the model's forward changed parameters in place ({changed[:5]}); amc cannot "
+                          "undo that, so the model now differs from before the call")
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..._warnings import warn_user
 from ...errors import DataError, PruningError
 from ...graph.counting import count
 from ...graph.network import ReconstructedNetwork
@@ -307,7 +307,7 @@ class LowRankDecomposition(BaseCompressor):
                    f"{need / 2**30:.1f} GiB of activations (limit {limit / 2**30:.0f} GiB); lower trainset_ratio")
             if not self._asymmetric_by_default:
                 raise DataError(msg + ", or pass asymmetric=False")
-            warnings.warn(msg + "; falling back to the per-layer fit (asymmetric=False) for this run", stacklevel=3)
+            warn_user(msg + "; falling back to the per-layer fit (asymmetric=False) for this run")
             return {}
         fit = functools.partial(self._fit_asymmetric, ranks, holdout_images(n_images, self.seed))
         return fit_in_order(self.origin_graph, [self.infos[n] for n in ranks], stack_batches(batches),

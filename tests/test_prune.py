@@ -410,3 +410,23 @@ def test_layers_with_computed_weights_keep_their_channels(parametrize) -> None:
     assert any(w.filename == __file__ for w in record)  # attributed to this call, not to amc's internals
     assert amc.count(small, x)[0] < amc.count(m, x)[0]
     assert torch.allclose(small(x), amc.prune(m, example_inputs=(x,), ratio=0.5, mode="soft")(x), atol=1e-5)
+
+
+def test_compressors_take_modules_in_ignore_too() -> None:
+    """One vocabulary: ChannelPruning / LowRankDecomposition / Quantization / ProductQuantization take
+    `ignore=[model.fc]` as amc.prune does (they refused anything but node names)."""
+    from amc.compressors import ChannelPruning, ProductQuantization, Quantization
+    from amc.errors import QuantizationError
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval()
+    data = _loader(torch.randn(8, 3, 8, 8), 2)
+    q = Quantization(m, data, trainset_ratio=1.0, ignore=[m[6]])
+    q.compress()
+    assert q.ignore == ["6"] and "6" not in q.quantized_layers
+    assert ProductQuantization(m, data, n_centroids=4, ignore=[m[0]]).ignore == ["0"]
+    cp = ChannelPruning(m, data, target_macs=0.6, trainset_ratio=1.0, ignore=[m[0]])
+    assert cp.ignore == ["0"] and cp.compress().module_of("0").out_channels == 16
+    with pytest.raises(QuantizationError, match="Linear that is not a module of this model"):
+        Quantization(m, data, ignore=[nn.Linear(2, 2)])

@@ -371,12 +371,42 @@ def check_seed(value: Any, what: str = "seed", error: type = PruningError) -> in
     return int(value)
 
 
-def check_names(value: Any, what: str, error: type = PruningError) -> List[str]:
-    """A list of node names (`ignore=`, `layers=`): any iterable of str, but not a bare string."""
-    names = None if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) else list(value)
+def check_names(value: Any, what: str, error: type = PruningError, model: Any = None) -> List[str]:
+    """A list of node names (`ignore=`, `layers=`): any iterable of str, but not a bare string; with
+    `model`, its modules too (`ignore=[model.fc]`), named as `module_names` does."""
+    names = None if isinstance(value, (str, bytes, nn.Module)) or not isinstance(value, Iterable) else list(value)
+    if names is not None and model is not None and any(isinstance(n, nn.Module) for n in names):
+        names = [q for qs in module_names(model, names, what, error).values() for q in qs]
     if names is None or not all(isinstance(n, str) for n in names):
-        raise error(f"{what} must be a list of node names, got {value!r}")
+        raise error(f"{what} must be a list of node names{' or modules' if model is not None else ''}, "
+                    f"got {value!r}")
     return names
+
+
+def module_names(model: Any, keys: Iterable[Any], what: str, error: type = PruningError) -> Dict[Any, List[str]]:
+    """Each key -> names: a module of `model` (Torch-Pruning's `ignored_layers=[model.fc]` habit) -> its
+    qualified name, or, in a graph, the nodes that call it; a string stays itself. Needs no trace, so
+    the tuners resolve `ignore=` with it before they build their network."""
+    lookup: Dict[int, List[str]] = {}
+    if isinstance(model, ReconstructedNetwork):
+        for n in model.layer_nodes:
+            lookup.setdefault(id(model.network[n.module]), []).append(n.name)
+    elif isinstance(model, nn.Module):
+        for q, m in model.named_modules():
+            if q:
+                lookup.setdefault(id(m), [q])
+    out: Dict[Any, List[str]] = {}
+    for key in keys:
+        if isinstance(key, str):
+            out[key] = [key]
+        elif isinstance(key, nn.Module):
+            if id(key) not in lookup:
+                raise error(f"{what} names a {type(key).__name__} that is not a module of this model "
+                                   "(a module of the model you pass, or its node name)")
+            out[key] = lookup[id(key)]
+        else:
+            raise error(f"{what} entries are node names or modules, got {type(key).__name__} {key!r}")
+    return out
 
 
 def check_target_macs(target_macs: Any) -> Optional[float]:

@@ -224,7 +224,7 @@ class ChannelPruning(BaseCompressor):
         self.least_squares = bool(least_squares)
         self.ridge = float(ridge)
         self.target_macs = check_target_macs(target_macs)
-        self.ignore = check_names(ignore, "ignore")
+        self.ignore = check_names(ignore, "ignore", model=origin_net)
         self.round_to = int(round_to)
         self._plan: Optional[PruningPlan] = None
         self._samples: Optional[Dict[str, _LayerSample]] = None

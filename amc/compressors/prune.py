@@ -15,14 +15,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._modes import outside_inference_mode
 from .._warnings import warn_user
 from ..errors import AmcError, PruningError
 from ..graph.capture import as_network, example_tuple
 from ..graph.counting import count
 from ..graph.network import ReconstructedNetwork
-from .._modes import outside_inference_mode
 from ..graph.untouched import training_mode, untouched
 from .apply import apply
+from .base import module_names
 from .budget import per_sample, smallest_within_budget
 from .criteria import Criterion, get_criterion
 from .dependency import OUTPUT_CAUSE, Analysis, analyze
@@ -165,32 +166,6 @@ def _nodes_under(net: ReconstructedNetwork, qualname: str) -> List[str]:
     return [n.name for n in net.layer_nodes
             if qualname in (n.name, n.meta.get("target")) or n.name.startswith(inside)
             or str(n.meta.get("target", "")).startswith(inside)]
-
-
-def module_names(model: Any, keys: Iterable[Any], what: str) -> Dict[Any, List[str]]:
-    """Each key -> names: a module of `model` (Torch-Pruning's `ignored_layers=[model.fc]` habit) -> its
-    qualified name, or, in a graph, the nodes that call it; a string stays itself. Needs no trace, so
-    the tuners resolve `ignore=` with it before they build their network."""
-    lookup: Dict[int, List[str]] = {}
-    if isinstance(model, ReconstructedNetwork):
-        for n in model.layer_nodes:
-            lookup.setdefault(id(model.network[n.module]), []).append(n.name)
-    elif isinstance(model, nn.Module):
-        for q, m in model.named_modules():
-            if q:
-                lookup.setdefault(id(m), [q])
-    out: Dict[Any, List[str]] = {}
-    for key in keys:
-        if isinstance(key, str):
-            out[key] = [key]
-        elif isinstance(key, nn.Module):
-            if id(key) not in lookup:
-                raise PruningError(f"{what} names a {type(key).__name__} that is not a module of this model "
-                                   "(a module of the model you pass, or its node name)")
-            out[key] = lookup[id(key)]
-        else:
-            raise PruningError(f"{what} entries are node names or modules, got {type(key).__name__} {key!r}")
-    return out
 
 
 def layer_names(model: Any, net: ReconstructedNetwork, keys: Iterable[Any], what: str) -> Dict[Any, List[str]]:

@@ -111,8 +111,8 @@ class LowRankDecomposition(BaseCompressor):
         self.val_batches = check_count(val_batches, "val_batches")
         self.acc_grid = check_count(acc_grid, "acc_grid")
         self.nonlinear_iters = check_count(nonlinear_iters, "nonlinear_iters", minimum=0)
-        layers = None if layers is None else check_names(layers, "layers")
-        self._layers_arg, self._ignore_arg = layers, tuple(check_names(ignore, "ignore"))
+        layers = None if layers is None else check_names(layers, "layers", model=origin_net)
+        self._layers_arg, self._ignore_arg = layers, tuple(check_names(ignore, "ignore", model=origin_net))
         self._responses: Optional[Dict[str, Responses]] = None
         super().__init__(origin_net, trainloader, valloader, trainset_ratio, sampled_pixels_per_img, compress_ratio,
                          checkpointfolder, device, verbose, drawgraph, accuracy_first, accuracy_threshold, args,

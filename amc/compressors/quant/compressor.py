@@ -57,8 +57,8 @@ class Quantization(BaseCompressor):
         self.qat_epochs = check_count(qat_epochs, "qat_epochs", minimum=0)
         self.lr = check_number(lr, "lr", low=0.0, low_open=True, error=QuantizationError)
         self.optimizer = check_optimizer(optimizer)
-        self.layers = None if layers is None else check_names(layers, "layers", error=QuantizationError)
-        self.ignore = check_names(ignore, "ignore", error=QuantizationError)
+        self.layers = None if layers is None else check_names(layers, "layers", QuantizationError, origin_net)
+        self.ignore = check_names(ignore, "ignore", QuantizationError, origin_net)
         super().__init__(origin_net, trainloader, valloader, trainset_ratio=trainset_ratio,
                          checkpointfolder=checkpointfolder, device=device, verbose=verbose,
                          example_inputs=example_inputs, seed=seed, **kwargs)

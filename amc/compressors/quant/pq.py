@@ -176,8 +176,8 @@ class ProductQuantization:
         self.finetune_epochs = finetune_epochs
         self.lr = check_number(lr, "lr", low=0.0, low_open=True, error=QuantizationError)
         self.optimizer = check_optimizer(optimizer)
-        self.layers = None if layers is None else check_names(layers, "layers", error=QuantizationError)
-        self.ignore = check_names(ignore, "ignore", error=QuantizationError)
+        self.layers = None if layers is None else check_names(layers, "layers", QuantizationError, origin_net)
+        self.ignore = check_names(ignore, "ignore", QuantizationError, origin_net)
         self.seed = check_seed(seed, error=QuantizationError)
         self.n_init = check_count(n_init, "n_init", error=QuantizationError)
         self.trainloader, self.valloader, self.device = trainloader, valloader, device

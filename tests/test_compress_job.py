@@ -227,6 +227,18 @@ def test_method_and_model_that_cannot_go_together_fail_before_training(tmp_path,
     assert "train digits_resnet" not in capsys.readouterr().err
 
 
+def test_an_unreadable_policy_fails_before_training(tmp_path, capsys):
+    """`--policy missing.json` trained the original for minutes, then could not read the file."""
+    from amc.errors import LoadError
+
+    bad = tmp_path / "policy.json"
+    bad.write_text("{not json")
+    for path in (tmp_path / "missing.json", bad):
+        with pytest.raises(LoadError, match="cannot read the policy file"):
+            job.run(["--policy", str(path), "--out", str(tmp_path), "--no-progress"])
+        assert "train digits_resnet" not in capsys.readouterr().err
+
+
 def test_tokens_preflight_accepts_the_zoo_vits():
     from amc.jobs.compress import check_method
 

@@ -213,7 +213,12 @@ def resolve_options(ns: argparse.Namespace) -> argparse.Namespace:
 
 
 def check_method(ns: argparse.Namespace) -> None:
-    """Method and model that cannot go together, refused before the original is trained (minutes)."""
+    """Method and model that cannot go together, or a --policy file that cannot be read, refused before the
+    original is trained (minutes)."""
+    if getattr(ns, "policy", None):
+        from .search import load_policy
+
+        load_policy(ns.policy)
     steps = ns.method.split(",")
     early = [s for s in steps[:-1] if s in QUANT_METHODS]
     if early:

@@ -375,8 +375,8 @@ def check_names(value: Any, what: str, error: type = PruningError, model: Any = 
     """A list of node names (`ignore=`, `layers=`): any iterable of str, but not a bare string; with
     `model`, its modules too (`ignore=[model.fc]`), named as `module_names` does."""
     names = None if isinstance(value, (str, bytes, nn.Module)) or not isinstance(value, Iterable) else list(value)
-    if names is not None and model is not None and any(isinstance(n, nn.Module) for n in names):
-        names = [q for qs in module_names(model, names, what, error).values() for q in qs]
+    if names is not None and model is not None:
+        names = list(dict.fromkeys(q for qs in module_names(model, names, what, error).values() for q in qs))
     if names is None or not all(isinstance(n, str) for n in names):
         raise error(f"{what} must be a list of node names{' or modules' if model is not None else ''}, "
                     f"got {value!r}")
@@ -402,7 +402,7 @@ def module_names(model: Any, keys: Iterable[Any], what: str, error: type = Pruni
         elif isinstance(key, nn.Module):
             if id(key) not in lookup:
                 raise error(f"{what} names a {type(key).__name__} that is not a module of this model "
-                                   "(a module of the model you pass, or its node name)")
+                            "(a module of the model you pass, or its node name)")
             out[key] = lookup[id(key)]
         else:
             raise error(f"{what} entries are node names or modules, got {type(key).__name__} {key!r}")

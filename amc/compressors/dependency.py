@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from ..errors import AmcError, PruningError
 from ..graph.network import ReconstructedNetwork
@@ -392,8 +393,6 @@ def _computed_weights(module: nn.Module) -> str:
     """What computes this module's weights at each call, if anything does: a parametrization
     (`torch.nn.utils.parametrizations.weight_norm` / `spectral_norm`, any `register_parametrization`)
     or the older hook-based weight_norm / spectral_norm. Empty for plain modules."""
-    from torch.nn.utils import parametrize
-
     if parametrize.is_parametrized(module):
         return "a parametrization (" + ", ".join(
             f"{name}: {type(p).__name__}" for name, ps in module.parametrizations.items() for p in ps) + ")"

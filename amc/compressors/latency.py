@@ -133,8 +133,7 @@ def _read_cached(path: Path) -> Optional[LatencyTable]:
             raise ValueError("ratios and latencies do not match")
         return table
     except (OSError, ValueError, TypeError) as exc:
-        warn_user(f"latency cache {str(path)!r} is unreadable ({exc}); measuring the table again",
-                      RuntimeWarning)
+        warn_user(f"latency cache {str(path)!r} is unreadable ({exc}); measuring the table again", RuntimeWarning)
         return None
 
 

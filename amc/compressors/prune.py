@@ -23,7 +23,7 @@ from ..graph.counting import count
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import training_mode, untouched
 from .apply import apply
-from .base import module_names
+from .base import check_names, module_names
 from .budget import per_sample, smallest_within_budget
 from .criteria import Criterion, get_criterion
 from .dependency import OUTPUT_CAUSE, Analysis, analyze
@@ -194,20 +194,8 @@ def _ratio_by_node(model: Any, net: ReconstructedNetwork, ratio: Ratio) -> Ratio
     return {node: ratio[key] for key in ratio for node in names[key]}
 
 
-def _ignore_list(ignore: Any) -> List[Any]:
-    if isinstance(ignore, (str, bytes, nn.Module)) or not isinstance(ignore, Iterable):
-        raise PruningError(f"ignore must be a list of node names or modules, got {ignore!r}")
-    return list(ignore)
-
-
-def ignore_names(model: Any, ignore: Any) -> List[str]:
-    """`ignore=` with its modules named (qualified names; containers stay containers), before any trace."""
-    return list(dict.fromkeys(q for names in module_names(model, _ignore_list(ignore), "ignore").values()
-                              for q in names))
-
-
 def _ignore_by_node(model: Any, net: ReconstructedNetwork, ignore: Any) -> List[str]:
-    names = layer_names(model, net, _ignore_list(ignore), "ignore")
+    names = layer_names(model, net, check_names(ignore, "ignore", model=model), "ignore")
     return list(dict.fromkeys(node for nodes in names.values() for node in nodes))
 
 
@@ -460,9 +448,9 @@ def _warn_if_mostly_frozen(plan: PruningPlan) -> None:
             causes[cause] = causes.get(cause, 0) + row["channels"]
     top = sorted(causes.items(), key=lambda kv: -kv[1])[:5]
     warn_user(f"amc.prune: only {fraction:.0%} of the layers' output channels can be pruned; the rest are "
-                  "frozen by " + "; ".join(f"{c} ({n} channels)" for c, n in top) +
-                  ". See amc.compressors.plan_pruning(...).frozen_report(); register a channel rule for an op "
-                  "that has none (amc.register_op)")
+              "frozen by " + "; ".join(f"{c} ({n} channels)" for c, n in top) +
+              ". See amc.compressors.plan_pruning(...).frozen_report(); register a channel rule for an op "
+              "that has none (amc.register_op)")
 
 
 def _check_target_macs(target_macs: Any) -> None:

@@ -249,4 +249,4 @@ def warn_underdetermined(who: str, rows: Sequence[Tuple[str, int, int]], request
     fix = (f"raise sampled_pixels_per_img (now {requested}) or pass None to size it per layer, or raise "
            "trainset_ratio" if requested is not None else "raise trainset_ratio (more calibration images)")
     warn_user(f"{who}: the fit of {len(bad)} layer(s) is under-determined: {shown}{more}; the ridge term "
-                  f"keeps it solvable but the result leans on it: {fix}")
+              f"keeps it solvable but the result leans on it: {fix}")

@@ -360,8 +360,8 @@ class Tracer(TorchFunctionMode):
             if func is torch.Tensor.__len__ and self.state == "recording" and not self._leaf_depth \
                     and self._is_traced(args[0]):
                 warn_user("amc capture: len(tensor) returns a plain int, so the graph keeps the captured "
-                              f"size {len(args[0])}; use x.shape[0] / x.size(0) where the size must follow "
-                              "the input")
+                          f"size {len(args[0])}; use x.shape[0] / x.size(0) where the size must follow "
+                          "the input")
             return func(*_plain(args), **_plain(kwargs))
         if _is_getter(func):
             return self._getter(func, args)
@@ -537,8 +537,8 @@ class Tracer(TorchFunctionMode):
                 "training": self.root.training}
         if self.fallbacks:
             warn_user("amc capture: ops without a dedicated wrapper were captured by the generic replay "
-                          "node (exact; pruning passes channels through them only where a probe proves them "
-                          f"element-wise): {dict(self.fallbacks)}")
+                      "node (exact; pruning passes channels through them only where a probe proves them "
+                      f"element-wise): {dict(self.fallbacks)}")
         net = ReconstructedNetwork(modules, self.input_nodes, nodes, self.outputs, meta)
         net.training = self.root.training  # the flag only: submodules keep the modes they were captured in
         return net

@@ -78,5 +78,5 @@ def untouched(*models: Any) -> Iterator[None]:
         changed = [name for name, p, version in params.values() if p._version != version]
         if changed:
             warn_user(f"amc: the model's forward changed parameters in place ({changed[:5]}); amc cannot "
-                          "undo that, so the model now differs from before the call")
+                      "undo that, so the model now differs from before the call")
 

@@ -24,8 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..compressors.base import check_count, check_seed, unknown_arguments
-from ..compressors.prune import ignore_names
+from ..compressors.base import check_count, check_names, check_seed, unknown_arguments
 from .._modes import outside_inference_mode
 from ..errors import LoadError, PruningError, TuningError
 from ..export.atomic import atomic_write
@@ -217,7 +216,7 @@ class Tuner:
         if executor not in EXECUTORS:
             raise PruningError(f"executor must be one of {EXECUTORS}, got {executor!r}")
         check_count(checkpoint_every, "checkpoint_every")
-        ignore = ignore_names(model, ignore)  # modules (ignore=[model.fc]) named before the space traces
+        ignore = check_names(ignore, "ignore", model=model)  # modules (ignore=[model.fc]) named before tracing
         if compressor_options is not None and not isinstance(compressor_options, Mapping):
             raise PruningError(f"compressor_options must be a dict of the compressor's keyword arguments, "
                                f"got {compressor_options!r}")

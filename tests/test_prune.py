@@ -143,6 +143,7 @@ def test_prune_groups_lists_coupled_layers() -> None:
     (dict(ignore=["no_such_layer"]), "ignore names unknown layers"),
     (dict(ignore=[nn.Conv2d(3, 3, 1)]), "Conv2d that is not a module of this model"),
     (dict(ignore=[3]), "node names or modules, got int"),
+    (dict(example_kwargs=[1]), "example_kwargs must be a dict"),
     (dict(ratio={"nope": 0.5}), "ratio names unknown layers"),
     (dict(target_macs=2e12), "above the network's current"),
     (dict(mode="medium"), "mode must be 'hard' or 'soft'"),

@@ -574,6 +574,28 @@ def test_amc_keywords_name_the_inputs_as_in_prune():
     assert _capture_is_clean()
 
 
+class TakesAPair(nn.Module):
+    """A model whose one input is itself a tuple: a lone tuple must keep reaching it as it is."""
+
+    def forward(self, pair):
+        return pair[0] * 2 + pair[1]
+
+
+def test_a_lone_tuple_of_inputs_is_spread_when_the_model_needs_it():
+    """amc.trace(model, (x,)) as torch.jit.trace / torch.export take the inputs; a model that takes a
+    tuple still gets it; when both readings fail the error says so."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(amc.trace(model, (x,))(x), model(x))
+        assert amc.count(model, (x,)) == amc.count(model, x)
+        a, b = torch.randn(2), torch.randn(2)
+        torch.testing.assert_close(amc.trace(TakesAPair(), (a, b))((a, b)), a * 2 + b)
+    with pytest.raises(CaptureError, match="not tuple.*separate inputs.*failed too: RuntimeError..mat1 and mat2"):
+        amc.trace(model, (torch.randn(2, 5),))
+    assert _capture_is_clean()
+
+
 def test_boundary_misuse():
     model = nn.Linear(4, 4)
     with pytest.raises(CaptureError, match="without insertCaptureBoundaryStart"):

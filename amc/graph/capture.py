@@ -703,6 +703,33 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     example_inputs, example_kwargs = _amc_keywords(model, example_inputs, example_kwargs)
     if not example_inputs and not example_kwargs:
         raise CaptureError("amc.trace needs example inputs: amc.trace(model, torch.randn(1, 3, 224, 224))")
+    try:
+        return _capture(model, example_inputs, example_kwargs)
+    except _ForwardFailed as exc:
+        spread = spread_tuple(example_inputs)
+        if spread is None:
+            raise CaptureError(str(exc)) from exc.__cause__
+        try:  # amc.trace(model, (x,)), torch.jit.trace's and torch.export's habit: the tuple holds the inputs
+            return _capture(model, spread, example_kwargs)
+        except _ForwardFailed as again:
+            raise CaptureError(f"{exc} With the tuple's {len(spread)} tensor(s) as separate inputs "
+                               f"(amc.trace(model, *inputs)) it failed too: {again.__cause__!r}") from exc.__cause__
+
+
+class _ForwardFailed(CaptureError):
+    """The model's own forward raised on the example inputs (not a tracer limitation)."""
+
+
+def spread_tuple(example_inputs: Tuple[Any, ...]) -> Optional[Tuple[Any, ...]]:
+    """The inputs inside a lone tuple or list of tensors (`(x,)` passed where `x` was meant), else None."""
+    if len(example_inputs) != 1 or not isinstance(example_inputs[0], (tuple, list)):
+        return None
+    inner = tuple(example_inputs[0])
+    return inner if inner and all(isinstance(v, torch.Tensor) for v in inner) else None
+
+
+def _capture(model: nn.Module, example_inputs: Tuple[Any, ...], example_kwargs: Dict[str, Any]
+             ) -> "ReconstructedNetwork":
     tracer = Tracer(model)
     tracer.start()
     try:
@@ -711,9 +738,9 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     except CaptureError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with context
-        raise CaptureError(f"running {type(model).__name__} on the example inputs failed: "
-                           f"{type(exc).__name__}: {exc}. Check that the inputs run in eager mode "
-                           f"(shapes {describe(list(example_inputs))}).") from exc
+        raise _ForwardFailed(f"running {type(model).__name__} on the example inputs failed: "
+                             f"{type(exc).__name__}: {exc}. Check that the inputs run in eager mode "
+                             f"(shapes {describe(list(example_inputs))}).") from exc
     finally:
         tracer.end()
     return tracer.build()

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import GraphError
-from .capture import _amc_keywords, as_network
+from .capture import _amc_keywords, as_network, spread_tuple
 from .network import ReconstructedNetwork
 from .node import Node
 from .ops import FunctionOp, spec_of
@@ -67,7 +67,14 @@ def count(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Tupl
         example_inputs, example_kwargs = _amc_keywords(model, example_inputs, example_kwargs)
     net = as_network(model, example_inputs, example_kwargs, what="amc.count's model")
     try:
-        macs = sum(r["macs"] for r in node_costs(net, *example_inputs, **example_kwargs))
+        try:
+            costs = node_costs(net, *example_inputs, **example_kwargs)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            spread = spread_tuple(example_inputs)  # amc.count(model, (x,)), traced as amc.trace takes it
+            if spread is None:
+                raise
+            costs = node_costs(net, *spread, **example_kwargs)
+        macs = sum(r["macs"] for r in costs)
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # the inputs do not fit the network
         raise GraphError(f"amc.count could not run the network on the example inputs ({type(exc).__name__}: "
                          f"{str(exc)[:200]}); pass inputs shaped like the ones it was traced with") from exc

@@ -391,6 +391,49 @@ def test_onnx_dict_output_names(tmp_path):
     assert all(o.type.tensor_type.shape.dim[0].dim_param == "batch" for o in model.graph.output)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "lraspp"])
+def test_onnx_dynamic_axes_free_the_image_size(name, tmp_path):
+    """dynamic_axes (torch.onnx.export's form) frees height and width: the file runs, and matches the
+    network, at sizes it was not exported at; a segmentation head's output follows the input size."""
+    import numpy as np
+    import onnxruntime as ort
+
+    net = traced(name)
+    path = save_onnx(net, str(tmp_path / f"{name}.onnx"), dynamic_axes={0: {2: "height", 3: "width"}})
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [MODELS[name][1][0], "height", "width"]
+    for hw in ((48, 80), (96, 64)):
+        x = torch.randn(3, MODELS[name][1][0], *hw)
+        with torch.no_grad():
+            ref = onnx_io.tensor_leaves(net(x))
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        for r, g in zip(ref, got):
+            assert g.shape == tuple(r.shape)
+            np.testing.assert_allclose(g, r.numpy(), rtol=1e-3, atol=1e-4)
+    fixed = ort.InferenceSession(save_onnx(net, str(tmp_path / "fixed.onnx")), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="dimensions"):  # without it, the traced size is part of the file
+        fixed.run(None, {fixed.get_inputs()[0].name: torch.randn(1, MODELS[name][1][0], 48, 80).numpy()})
+
+
+def test_onnx_dynamic_axes_bad_input(tmp_path):
+    net = traced("resnet18")
+    for axes, match in [({"image": {2: "h"}}, r"not an input of the network; its inputs are \['x'\]"),
+                        ({"x": {0: "b"}}, "not a non-batch axis"), ({"x": {4: "b"}}, "not a non-batch axis"),
+                        ({"x": {2: 5}}, "must map axis numbers to names"), ([2, 3], "must be a dict"),
+                        ({"x": {2: "side", 1: "side"}}, "one name means one size")]:
+        with pytest.raises(ExportError, match=match):
+            save_onnx(net, str(tmp_path / "r.onnx"), dynamic_axes=axes)
+    import onnx
+
+    listed = onnx.load(save_onnx(net, str(tmp_path / "l.onnx"), dynamic_axes={"x": [2]}))  # named after the input
+    assert [d.dim_param or d.dim_value for d in listed.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, "x_2", 32]
+    os.remove(tmp_path / "l.onnx")
+    # a network whose traced ops fix the size (the ViT's position embedding) says so and writes nothing
+    with pytest.raises(ExportError, match="does not run at height=64, width=64.*cannot be dynamic"):
+        save_onnx(traced("vit_tiny"), str(tmp_path / "v.onnx"), dynamic_axes={"x": {2: "height", 3: "width"}})
+    assert not os.listdir(tmp_path)
+
+
 def test_onnx_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
     net = traced("vit_tiny")
     other = net.copy()

@@ -48,6 +48,24 @@ def test_minilm_traced_exactly_at_new_batch_and_length(minilm_model, minilm_net,
     assert torch.equal(pos.last_hidden_state, out.last_hidden_state)
 
 
+def test_minilm_onnx_with_a_dynamic_sequence_length(minilm_model, minilm_net, tmp_path, one_thread):
+    """A text model's ONNX file takes any sentence length when `dynamic_axes` frees it; its inputs keep
+    the tokenizer's names."""
+    import numpy as np
+    import onnxruntime as ort
+
+    tok, model = minilm_model
+    seq = {"input_ids": {1: "sequence"}, "attention_mask": {1: "sequence"}}
+    path = amc.export.save_onnx(minilm_net, str(tmp_path / "m.onnx"), dynamic_axes=seq)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [(n, ["batch", "sequence"]) for n in seq]
+    batch = _batch(tok, ["x y z", "compression of transformers, measured on a sentence of some length", "a"])
+    got = session.run(None, {k: v.numpy() for k, v in batch.items()})
+    with torch.no_grad():
+        ref = model(**batch)
+    np.testing.assert_allclose(got[0], ref.last_hidden_state.numpy(), rtol=1e-3, atol=1e-4)
+
+
 @pytest.mark.parametrize("fmt", ["pkl", "json"])
 def test_minilm_round_trips_keep_model_output(minilm_model, minilm_net, tmp_path, fmt, one_thread):
     tok, model = minilm_model

@@ -76,18 +76,22 @@ def _rebatch(x: Any, batch: int) -> Any:
 
 
 def _input_names(net: Any, inputs: Tuple[Any, ...]) -> List[str]:
-    nodes = sorted((n for n in net.input_nodes if isinstance(n.index, int)), key=lambda n: n.index)
+    """One name per input leaf, in the order `net.example_inputs()` gives them: positional slots, then the
+    inputs captured as keywords (a tokenizer's batch keeps `input_ids`, `attention_mask`)."""
+    by_index = {n.index: n for n in net.input_nodes if isinstance(n.index, int)}
+    slots = net._positional_slots() if hasattr(net, "_positional_slots") else len(by_index)
+    nodes = [by_index.get(i) for i in range(slots)] + [n for n in net.input_nodes if not isinstance(n.index, int)]
     names: List[str] = []
     for i, value in enumerate(inputs):
-        base = nodes[i].name if i < len(nodes) else f"input_{i}"
+        base = nodes[i].name if i < len(nodes) and nodes[i] is not None else f"input_{i}"
         leaves = flatten_leaves(value)
         names += [base] if len(leaves) == 1 else [f"{base}_{j}" for j in range(len(leaves))]
     return names
 
 
 def _export(net: nn.Module, inputs: Tuple[Any, ...], path: str, opset: int, input_names: List[str],
-            output_names: List[str]) -> None:
-    dynamic_axes = {n: {0: "batch"} for n in input_names + output_names}
+            output_names: List[str], axes: Dict[str, Dict[int, str]]) -> None:
+    dynamic_axes = {n: {0: "batch", **axes.get(n, {})} for n in input_names + output_names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
         try:
@@ -96,14 +100,16 @@ def _export(net: nn.Module, inputs: Tuple[Any, ...], path: str, opset: int, inpu
         except TypeError as exc:  # a torch without the TorchScript exporter: use torch.export's
             if "dynamo" not in str(exc):
                 raise
-            batch = torch.export.Dim("batch")
-            shapes = tuple({0: batch} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
+            dims: Dict[str, Any] = {}
+            shapes = tuple({a: dims.setdefault(d, torch.export.Dim(d)) for a, d in dynamic_axes[n].items()}
+                           if isinstance(x, torch.Tensor) and x.dim() else None
+                           for n, x in zip(input_names, inputs))
             torch.onnx.export(net, inputs, path, dynamo=True, opset_version=opset, input_names=input_names,
                               output_names=output_names, dynamic_shapes=shapes)
 
 
 def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List[str],
-           output_names: List[str]) -> None:
+           output_names: List[str], axes: Dict[str, Dict[int, str]]) -> None:
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -115,8 +121,18 @@ def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List
     first = next((x for x in flatten_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim()), None)
     batch = (int(first.shape[0]) + 1) if first is not None else 2
     new_inputs = tuple(_rebatch_tree(x, batch) for x in inputs)
+    sizes = _grown_sizes(inputs, input_names, axes)
+    if sizes:
+        new_inputs = _resize_inputs(new_inputs, input_names, axes, sizes)
     with torch.no_grad():
-        expected = tensor_leaves(net(*new_inputs))
+        try:
+            expected = tensor_leaves(net(*new_inputs))
+        except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+            if not sizes:
+                raise
+            raise ExportError(f"dynamic_axes: the network does not run at {_said(sizes)} ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); a traced op fixes that size (a position embedding, a reshape "
+                              "to constants, a size check), so the axis cannot be dynamic") from exc
     options = ort.SessionOptions()
     options.log_severity_level = 3
     atol, rel = _tolerance(net)
@@ -132,15 +148,92 @@ def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List
     for name, ref, out in zip(output_names, expected, got):
         ref_np = ref.detach().cpu().numpy()
         if ref_np.shape != out.shape:
-            raise ExportError(f"ONNX output {name!r} has shape {list(out.shape)} at batch {batch}, the network "
+            raise ExportError(f"ONNX output {name!r} has shape {list(out.shape)} at batch {batch}{_said(sizes, ', ')}, "
+                              f"the network "
                               f"gives {list(ref_np.shape)}: a size was frozen at export")
         if not np.allclose(out, ref_np, rtol=RTOL, atol=atol, equal_nan=True):
             delta = out.astype(np.float64) - ref_np.astype(np.float64)
             rel_l2 = float(np.linalg.norm(delta) / max(np.linalg.norm(ref_np.astype(np.float64)), 1e-30))
             if rel_l2 > rel:
-                raise ExportError(f"ONNX output {name!r} differs from the network at batch {batch} (max abs diff "
+                raise ExportError(f"ONNX output {name!r} differs from the network at batch {batch}{_said(sizes, ', ')} "
+                                  f"(max abs diff "
                                   f"{float(np.max(np.abs(delta))):.3g}, relative L2 {rel_l2:.3g}; rtol {RTOL}, atol "
                                   f"{atol:.3g}" + (f", relative L2 allowed {rel:.3g})" if rel else ")"))
+
+
+def _axes_by_name(dynamic_axes: Any, input_names: List[str], inputs: Tuple[Any, ...]) -> Dict[str, Dict[int, str]]:
+    """`dynamic_axes` ({input name or position: {axis: name}}, torch.onnx.export's form; a list of axes is
+    named after the input) checked against the inputs: the batch axis is always dynamic already."""
+    if dynamic_axes is None:
+        return {}
+    if not isinstance(dynamic_axes, dict):
+        raise ExportError("dynamic_axes must be a dict {input name or position: {axis: name}}, e.g. "
+                          "{'x': {2: 'height', 3: 'width'}}; got " + type(dynamic_axes).__name__)
+    leaves = flatten_leaves(inputs)
+    out: Dict[str, Dict[int, str]] = {}
+    for key, axes in dynamic_axes.items():
+        name = input_names[key] if isinstance(key, int) and 0 <= key < len(input_names) else key
+        if name not in input_names:
+            raise ExportError(f"dynamic_axes names {key!r}, not an input of the network; its inputs are "
+                              f"{input_names} (or their positions 0..{len(input_names) - 1})")
+        x = leaves[input_names.index(name)]
+        if isinstance(axes, (list, tuple)):
+            axes = {a: f"{name}_{a}" for a in axes}
+        if not isinstance(axes, dict) or not all(isinstance(a, int) and isinstance(d, str) for a, d in axes.items()):
+            raise ExportError(f"dynamic_axes[{key!r}] must map axis numbers to names, e.g. {{2: 'height'}}; "
+                              f"got {axes!r}")
+        rank = x.dim() if isinstance(x, torch.Tensor) else 0
+        for a in axes:
+            if not 0 < a < rank:  # 0 is the batch axis, dynamic anyway
+                raise ExportError(f"dynamic_axes[{key!r}]: axis {a} is not a non-batch axis of input {name!r} "
+                                  f"(shape {list(x.shape) if rank else 'scalar'}); give axes 1..{rank - 1}")
+        out[name] = dict(axes)
+    return out
+
+
+def _grown_sizes(inputs: Tuple[Any, ...], input_names: List[str], axes: Dict[str, Dict[int, str]]) -> Dict[str, int]:
+    """A new size for every dynamic axis name, checked by onnxruntime: the traced size plus its largest
+    power-of-two factor up to 32 (224 -> 256, 28 -> 32, 10 -> 12), so strided nets still divide evenly."""
+    leaves = dict(zip(input_names, flatten_leaves(inputs)))
+    traced: Dict[str, int] = {}
+    for name, named in axes.items():
+        for a, dim in named.items():
+            if traced.setdefault(dim, int(leaves[name].shape[a])) != leaves[name].shape[a]:
+                raise ExportError(f"dynamic_axes: the axes named {dim!r} have different sizes in the example "
+                                  "inputs; one name means one size (give them different names)")
+    return {dim: n + min(n & -n, 32) if n else 1 for dim, n in traced.items()}
+
+
+def _resize(x: torch.Tensor, size: Dict[int, int]) -> torch.Tensor:
+    for a, n in size.items():
+        if x.is_floating_point():
+            shape = list(x.shape)
+            shape[a] = n
+            x = torch.randn(shape, dtype=x.dtype, device=x.device)
+        else:  # ids and masks: repeat the example's values, so they stay valid
+            x = x.index_select(a, torch.arange(n, device=x.device) % x.shape[a])
+    return x
+
+
+def _resize_inputs(inputs: Tuple[Any, ...], input_names: List[str], axes: Dict[str, Dict[int, str]],
+                   sizes: Dict[str, int]) -> Tuple[Any, ...]:
+    names = iter(input_names)
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return type(v)(walk(u) for u in v)
+        if isinstance(v, dict):
+            return {k: walk(u) for k, u in v.items()}
+        name = next(names)
+        if name in axes and isinstance(v, torch.Tensor):
+            return _resize(v, {a: sizes[d] for a, d in axes[name].items()})
+        return v
+
+    return tuple(walk(v) for v in inputs)
+
+
+def _said(sizes: Dict[str, int], lead: str = "") -> str:
+    return (lead + ", ".join(f"{d}={n}" for d, n in sizes.items())) if sizes else ""
 
 
 _FOLDABLE = {"Min": np.minimum, "Max": np.maximum}  # element-wise ops of constants that fold_constant_quantize evaluates
@@ -292,12 +385,14 @@ def _warn_if_int8_saturates(net: ReconstructedNetwork, path: str) -> None:
 
 
 def save_onnx(net: ReconstructedNetwork, path: str, *inputs: Any, opset: int = 17,
-              check: bool = True, example_inputs: Any = None) -> str:
+              check: bool = True, example_inputs: Any = None, dynamic_axes: Any = None) -> str:
     """Write `net` as ONNX to `path` (atomically) with a dynamic batch axis on every input and output.
 
     The inputs (`save_onnx(net, path, x)`, `(x,)` or `example_inputs=(x,)`) default to
-    `net.example_inputs()`. With `check`, the model must pass
-    `onnx.checker` and match the network under onnxruntime at another batch size, else ExportError.
+    `net.example_inputs()`. `dynamic_axes={"x": {2: "height", 3: "width"}}` (torch.onnx.export's form; keys
+    are input names or positions) frees more axes, e.g. image size or sequence length. With `check`, the
+    model must pass `onnx.checker` and match the network under onnxruntime at another batch size (and
+    another size on every dynamic axis), else ExportError.
     """
     if not isinstance(net, ReconstructedNetwork):
         raise ExportError(f"save_onnx expects a ReconstructedNetwork, got {type(net).__name__}")
@@ -305,6 +400,7 @@ def save_onnx(net: ReconstructedNetwork, path: str, *inputs: Any, opset: int = 1
     if not inputs:
         raise ExportError("save_onnx needs example inputs: the network has no positional tensor inputs recorded")
     input_names = _unique(_input_names(net, inputs))
+    axes = _axes_by_name(dynamic_axes, input_names, inputs)
     output_names = _unique(_leaf_names(net.outputs, "output"))
     path = os.fspath(path)
     with training_mode(net, False):
@@ -318,7 +414,7 @@ def save_onnx(net: ReconstructedNetwork, path: str, *inputs: Any, opset: int = 1
             output_names = [f"output_{i}" for i in range(n_out)]
         with atomic_path(path) as tmp:
             try:
-                _export(net, inputs, tmp, opset, input_names, output_names)
+                _export(net, inputs, tmp, opset, input_names, output_names, axes)
             except ExportError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the exporter's errors are many and undocumented
@@ -327,5 +423,5 @@ def save_onnx(net: ReconstructedNetwork, path: str, *inputs: Any, opset: int = 1
             fold_constant_quantize(tmp)
             _warn_if_int8_saturates(net, path)
             if check:
-                _check(tmp, net, inputs, input_names, output_names)
+                _check(tmp, net, inputs, input_names, output_names, axes)
     return path

@@ -66,6 +66,18 @@ def test_minilm_onnx_with_a_dynamic_sequence_length(minilm_model, minilm_net, tm
     np.testing.assert_allclose(got[0], ref.last_hidden_state.numpy(), rtol=1e-3, atol=1e-4)
 
 
+def test_minilm_as_an_fx_graph_module(minilm_model, minilm_net, one_thread):
+    """to_fx of a keyword-traced transformer: inputs by the tokenizer's names, the ModelOutput as a dict."""
+    tok, model = minilm_model
+    gm = amc.export.to_fx(minilm_net)
+    assert gm.meta["amc_inputs"] == ["input_ids", "attention_mask"]
+    batch = _batch(tok, ["x y z", "compression of transformers, measured", "a third one"])
+    with torch.no_grad():
+        out, ref = gm(**batch), model(**batch)
+    assert set(out) == {"last_hidden_state", "pooler_output"}
+    torch.testing.assert_close(out["pooler_output"], ref.pooler_output, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["pkl", "json"])
 def test_minilm_round_trips_keep_model_output(minilm_model, minilm_net, tmp_path, fmt, one_thread):
     tok, model = minilm_model

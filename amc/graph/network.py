@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.fx import Proxy
 from torch.nn.modules import module as _torch_module
 
 from .._modes import outside_inference_mode
@@ -162,6 +163,8 @@ class ReconstructedNetwork(nn.Module):
         return env
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if type(args) is not tuple or type(kwargs) is not dict or args and isinstance(args[0], Proxy):
+            return self._traced_by_fx(args, kwargs)
         env = self._bind_inputs(args, kwargs)
         direct = _direct_calls_allowed()
         for name, module, get_args, get_kwargs, frees, kind in self._plan:
@@ -176,6 +179,14 @@ class ReconstructedNetwork(nn.Module):
             for f in frees:
                 del env[f]
         return self._get_output(env)
+
+    def _traced_by_fx(self, args: Any, kwargs: Any) -> Any:
+        """torch.fx is tracing: run the GraphModule of this graph (`amc.export.to_fx`) on the Proxies."""
+        from .fx_graph import input_order, to_fx
+
+        if isinstance(args, Proxy):  # symbolic_trace(net) itself: `*args` is one Proxy of the tuple
+            args = tuple(args[i] for i in range(len(input_order(self))))
+        return to_fx(self).forward(*args)  # its submodules are ours: FX records them by our paths
 
     def run_observed(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], observer: Observer) -> Any:
         """Run like forward, calling `observer(node, module, args, kwargs, out)` after each node."""

@@ -395,6 +395,9 @@ class SetItem(nn.Module):
     fn_name = "torch.Tensor.__setitem__"
 
     def forward(self, x: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # symbolic_trace of amc.export.to_fx's module: a Proxy has no
+            x.tracer.create_proxy("call_function", operator.setitem, (x, index, value), {})  # __setitem__
+            return x
         x[index] = value
         return x
 

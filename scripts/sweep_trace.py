@@ -6,7 +6,9 @@ For every model (weights=None, eval, seeded) the child process:
   3. compares the ReconstructedNetwork with eager at batch 2 and 3 (rtol 1e-4, atol 1e-5),
   4. when `amc.export.json_io` / `amc.export.pkl` exist: saves and loads JSON and pkl and compares the
      loaded network with the traced one at batch 2,
-  5. records node count, fallback ops and the first error with the stage it happened in.
+  5. runs `torch.fx.symbolic_trace(net)` (through `amc.export.to_fx`) and compares it with the network at
+     batch 2 and 3 (not part of "pass": its own column and count),
+  6. records node count, fallback ops and the first error with the stage it happened in.
 
 Results: scripts/results/trace_sweep.json (updated after each model, so a partial run is readable)
 and scripts/results/trace_sweep.md. Example:
@@ -122,6 +124,23 @@ def _export_roundtrips(net, x2, out2, result: Dict[str, Any]) -> None:
                 result.setdefault(f"{kind}_error", f"{type(exc).__name__}: {exc}"[:300])
 
 
+def _fx_check(net, *cases, result: Dict[str, Any], key: str = "fx") -> None:
+    """torch.fx.symbolic_trace of the network (the tools built on FX start there) equals the network."""
+    import torch
+
+    try:
+        gm = torch.fx.symbolic_trace(net)
+        with torch.no_grad():
+            checks = [compare(out, gm(x.clone())) for x, out in cases]
+        result[key] = all(ok for ok, _, _ in checks)
+        why = "; ".join(w for _, _, w in checks if w)
+        if why:
+            result[f"{key}_error"] = why[:300]
+    except Exception as exc:  # noqa: BLE001 - recorded per model
+        result[key] = False
+        result[f"{key}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+
 def trace_one(source: str, name: str, size: int, seed: int = 0, threads: int = 2,
               max_params: Optional[float] = None) -> Dict[str, Any]:
     """Everything the sweep records for one model. Runs in its own process (see _isolate.py)."""
@@ -166,6 +185,8 @@ def trace_one(source: str, name: str, size: int, seed: int = 0, threads: int = 2
             result["error"] = "; ".join(w for w in (why2 and f"b2 {why2}", why3 and f"b3 {why3}") if w)
         stage = "export"
         _export_roundtrips(net, x2, out2, result)
+        _fx_check(net, (x2, out2), (x3, out3), result=result)
+        _fx_check(model, (x2, ref2), (x3, ref3), result=result, key="fx_original")  # the peer: FX on the model
         ok = result["eq_b2"] and result["eq_b3"] and all(
             result.get(f"{k}_roundtrip") in (True, "n/a") for k in ("json", "pkl"))
         result["status"] = "pass" if ok else "fail"
@@ -217,6 +238,7 @@ def render_markdown(results: List[Dict[str, Any]], args: argparse.Namespace) -> 
     skipped = [r for r in results if r.get("status") == "skipped"]
     rt = {k: sum(1 for r in ran if r.get(f"{k}_roundtrip") is True) for k in ("json", "pkl")}
     fb = sum(1 for r in ran if r.get("fallbacks"))
+    fx_ran = [r for r in ran if "fx" in r]
     lines = [
         "# Trace sweep",
         "",
@@ -230,9 +252,15 @@ def render_markdown(results: List[Dict[str, Any]], args: argparse.Namespace) -> 
         f"skipped for > {args.max_params / 1e6:.0f}M params: {len(skipped)} "
         f"({', '.join(r['model'] for r in skipped) or 'none'}).",
         "",
+        f"`torch.fx.symbolic_trace(net)` (what torch.ao's `prepare_fx` and FX passes start from) equals the network "
+        f"at batch 2 and 3 on **{sum(r['fx'] is True for r in fx_ran)}/{len(fx_ran)}** models"
+        + "".join(f"; {r['model']}: {r.get('fx_error', '')[:120]}" for r in fx_ran if r["fx"] is not True)
+        + f"; `torch.fx.symbolic_trace(model)` on the original model itself (the peer): "
+        f"**{sum(r.get('fx_original') is True for r in fx_ran)}/{len(fx_ran)}** (column fx orig).",
+        "",
         "| model | params (M) | input | nodes | trace s | eager-equal b2 | eager-equal b3 | max diff | json rt | "
-        "pkl rt | fallbacks | error |",
-        "|---|---:|---:|---:|---:|:-:|:-:|---:|:-:|:-:|---|---|",
+        "pkl rt | fx | fx orig | fallbacks | error |",
+        "|---|---:|---:|---:|---:|:-:|:-:|---:|:-:|:-:|:-:|:-:|---|---|",
     ]
     for r in ran:
         name = r["model"] if r["source"] == "tv" else f"{r['source']}:{r['model']}"
@@ -247,6 +275,7 @@ def render_markdown(results: List[Dict[str, Any]], args: argparse.Namespace) -> 
         lines.append(f"| {name} | {params} | {r.get('input', '')} | {r.get('nodes', '-')} | {trace_s} | "
                      f"{_fmt_bool(r.get('eq_b2'))} | {_fmt_bool(r.get('eq_b3'))} | {diff:.1e} | "
                      f"{_fmt_bool(r.get('json_roundtrip'))} | {_fmt_bool(r.get('pkl_roundtrip'))} | "
+                     f"{_fmt_bool(r.get('fx'))} | {_fmt_bool(r.get('fx_original'))} | "
                      f"{fbs} | {('[' + r['status'] + '] ' if r.get('status') not in ('pass', 'fail') else '') + err} |")
     return "\n".join(lines) + "\n"
 

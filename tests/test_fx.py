@@ -100,3 +100,29 @@ def test_a_network_inside_a_traced_model(one_thread):
 def test_to_fx_refuses_what_is_not_a_graph():
     with pytest.raises(GraphError, match="expects a ReconstructedNetwork.*symbolic_trace"):
         amc.export.to_fx(nn.Linear(2, 2))
+
+
+class Branchy(nn.Module):
+    """Python control flow on a size: torch.fx cannot trace the model itself, but can trace amc's graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.shape[-1] > 8:
+            x = self.pool(x)
+        return x.flatten(1)
+
+
+def test_fx_traces_the_graph_of_a_model_it_cannot_trace():
+    model, x = Branchy().eval(), torch.randn(2, 3, 16, 16)
+    with pytest.raises(torch.fx.proxy.TraceError):
+        torch.fx.symbolic_trace(model)
+    gm = torch.fx.symbolic_trace(amc.trace(model, x))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(torch.randn(3, 3, 12, 12) * 0 + 1), model(torch.ones(3, 3, 12, 12)))
+    with pytest.raises(AssertionError, match="16 > 8 is True"):
+        gm(torch.randn(1, 3, 4, 4))  # the model takes the other branch here

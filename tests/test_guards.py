@@ -210,3 +210,27 @@ def test_pruning_names_a_first_sample_that_takes_another_branch():
     small = amc.prune(one, ratio=0.5, example_inputs=(x[1:], mask[1:]))
     assert small(x[1:], mask[1:]).shape == (1, 3, 4)
     assert torch.allclose(one(x[1:], mask[1:]), model(x[1:], mask[1:]))
+
+
+class FixedBatch(nn.Module):
+    """`int()` of a traced size hands torch a plain number: the graph holds it for the captured size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        n = int(x.shape[0])
+        channels = int(x.shape[1])
+        return self.fc(x.reshape(n, -1)) * channels
+
+
+def test_int_of_a_traced_size_is_guarded():
+    model = FixedBatch().eval()
+    net = amc.trace(model, torch.randn(2, 4, 4))
+    assert [g["condition"] for g in net.guards] == ["2 == 2", "4 == 4"]
+    assert "n = int(x.shape[0])" in net.guards[0]["source"]
+    x = torch.randn(2, 4, 4)
+    assert torch.allclose(net(x), model(x))
+    with pytest.raises(GraphError, match=r"n = int\(x.shape\[0\]\).*3 == 2 = False"):
+        net(torch.randn(3, 4, 4))  # before: a torch shape error deep inside the run

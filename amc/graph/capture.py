@@ -125,6 +125,20 @@ def _make_compare(op_name: str):
 for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
     setattr(TracedInt, f"__{_name}__", _make_compare(_name))
 TracedInt.__bool__ = _make_compare("truth")  # type: ignore[assignment]
+
+
+def _int_read(self: TracedInt) -> int:
+    """`int(n)` of a traced size in the model's code: the plain int leaves the graph (into a reshape's
+    constants, a range, a list), so the graph holds it for this size only; a guard checks it at run time."""
+    value = int.__int__(self)
+    tracer = _ACTIVE
+    if tracer is not None and tracer.state == "recording" and not tracer._leaf_depth \
+            and os.path.dirname(os.path.abspath(sys._getframe(1).f_code.co_filename)) != _AMC_GRAPH_DIR:
+        tracer.record_guard("eq", (self, value), True)
+    return value
+
+
+TracedInt.__int__ = _int_read  # type: ignore[assignment]
 TracedInt.__hash__ = int.__hash__  # type: ignore[assignment]  (defining __eq__ would drop it)
 
 

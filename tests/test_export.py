@@ -434,6 +434,22 @@ def test_onnx_dynamic_axes_bad_input(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(x.reshape(int(x.shape[0]), -1))
+
+
+def test_onnx_of_a_model_that_fixes_its_batch_says_so(tmp_path):
+    net = amc.trace(FixedBatch().eval(), torch.randn(2, 4, 4))
+    with pytest.raises(ExportError, match=r"does not run at batch 3 .*int\(x.shape\[0\]\).*fixes its batch size"):
+        save_onnx(net, str(tmp_path / "f.onnx"))
+    assert not os.listdir(tmp_path)
+
+
 def test_onnx_mismatch_raises_and_writes_nothing(tmp_path, monkeypatch):
     net = traced("vit_tiny")
     other = net.copy()

@@ -128,8 +128,11 @@ def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List
         try:
             expected = tensor_leaves(net(*new_inputs))
         except (RuntimeError, TypeError, ValueError, IndexError) as exc:
-            if not sizes:
-                raise
+            if not sizes:  # the batch axis is always dynamic in the file: a model that fixes it cannot export
+                raise ExportError(f"the network does not run at batch {batch} ({type(exc).__name__}: "
+                                  f"{str(exc)[:300]}); the model fixes its batch size (an int() of a size, a "
+                                  "reshape to constants), but ONNX files from save_onnx take any batch: read "
+                                  "sizes with x.shape[0] without int() and trace again") from exc
             raise ExportError(f"dynamic_axes: the network does not run at {_said(sizes)} ({type(exc).__name__}: "
                               f"{str(exc)[:300]}); a traced op fixes that size (a position embedding, a reshape "
                               "to constants, a size check), so the axis cannot be dynamic") from exc

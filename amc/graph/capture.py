@@ -133,7 +133,7 @@ def _int_read(self: TracedInt) -> int:
     value = int.__int__(self)
     tracer = _ACTIVE
     if tracer is not None and tracer.state == "recording" and not tracer._leaf_depth \
-            and os.path.dirname(os.path.abspath(sys._getframe(1).f_code.co_filename)) != _AMC_GRAPH_DIR:
+            and not _in_amc_graph(sys._getframe(1)):
         tracer.record_guard("eq", (self, value), True)
     return value
 
@@ -645,10 +645,15 @@ def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
 _AMC_GRAPH_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def _in_amc_graph(frame: Any) -> bool:
+    """True for a frame of amc's graph package (its own conversions, not the model's code)."""
+    return os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _AMC_GRAPH_DIR
+
+
 def _user_source_line() -> str:
     """`file:line: code` of the first frame outside amc's graph package (where the decision was made)."""
     frame = sys._getframe(1)
-    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _AMC_GRAPH_DIR:
+    while frame is not None and _in_amc_graph(frame):
         frame = frame.f_back
     if frame is None:
         return ""

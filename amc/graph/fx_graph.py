@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 import types
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.fx as fx
@@ -25,12 +25,6 @@ _ASSERTED = {("eq", True): operator.eq, ("ne", True): operator.ne, ("lt", True):
              ("le", True): operator.le, ("gt", True): operator.gt, ("ge", True): operator.ge,
              ("eq", False): operator.ne, ("ne", False): operator.eq, ("lt", False): operator.ge,
              ("le", False): operator.gt, ("gt", False): operator.le, ("ge", False): operator.lt}
-
-
-def input_order(net: Any) -> List[Any]:
-    """The tensor input nodes in the order `net.example_inputs()` gives them: positional, then keyword."""
-    positional = sorted((n for n in net.input_nodes if isinstance(n.index, int)), key=lambda n: n.index)
-    return positional + [n for n in net.input_nodes if not isinstance(n.index, int)]
 
 
 def to_fx(net: Any) -> fx.GraphModule:
@@ -48,7 +42,7 @@ def to_fx(net: Any) -> fx.GraphModule:
                          "(amc.trace(model, x)), or call torch.fx.symbolic_trace on a plain module")
     graph = fx.Graph()
     env: Dict[str, fx.Node] = {}
-    for node in input_order(net):
+    for node in net.input_order():
         env[node.name] = graph.placeholder(_identifier(node.name))
     indexed: Dict[Tuple[str, Tuple[Any, ...]], fx.Node] = {}
 
@@ -76,7 +70,7 @@ def to_fx(net: Any) -> fx.GraphModule:
     graph.output(map_template(_plain_outputs(net.outputs), leaf))
     graph.lint()
     gm = fx.GraphModule(net, graph, class_name="AmcGraphModule")
-    gm.meta["amc_inputs"] = [n.name for n in input_order(net)]
+    gm.meta["amc_inputs"] = [n.name for n in net.input_order()]
     return gm
 
 
@@ -93,8 +87,8 @@ def _call(graph: fx.Graph, module: Any, target: str, args: Tuple[Any, ...], kwar
         name = getattr(fn, "__name__", "")
         if name and getattr(torch.Tensor, name, None) is fn:
             return graph.call_method(name, args, kwargs)
-        if callable(fn) and name and name != "<lambda>" and getattr(fn, "__module__", None) is not None \
-                or isinstance(fn, types.BuiltinFunctionType):
+        if name and name != "<lambda>" and (getattr(fn, "__module__", None) is not None
+                                             or isinstance(fn, types.BuiltinFunctionType)):
             return graph.call_function(fn, args, kwargs)
     return graph.call_module(target, args, kwargs)
 

@@ -115,6 +115,11 @@ class ReconstructedNetwork(nn.Module):
         ints = [n.index for n in self.input_nodes if isinstance(n.index, int)] + [k for k in constants if isinstance(k, int)]
         return max(ints) + 1 if ints else 0
 
+    def input_order(self) -> List[InputNode]:
+        """The tensor input nodes in call order: positional by index, then those captured as keywords."""
+        positional = sorted((n for n in self.input_nodes if isinstance(n.index, int)), key=lambda n: n.index)
+        return positional + [n for n in self.input_nodes if not isinstance(n.index, int)]
+
     def _bind_inputs(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
         env: Dict[str, Any] = {}
         kwargs = dict(kwargs)
@@ -163,7 +168,7 @@ class ReconstructedNetwork(nn.Module):
         return env
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if type(args) is not tuple or type(kwargs) is not dict or args and isinstance(args[0], Proxy):
+        if type(args) is not tuple or args and isinstance(args[0], Proxy):  # torch.fx is tracing
             return self._traced_by_fx(args, kwargs)
         env = self._bind_inputs(args, kwargs)
         direct = _direct_calls_allowed()
@@ -182,10 +187,10 @@ class ReconstructedNetwork(nn.Module):
 
     def _traced_by_fx(self, args: Any, kwargs: Any) -> Any:
         """torch.fx is tracing: run the GraphModule of this graph (`amc.export.to_fx`) on the Proxies."""
-        from .fx_graph import input_order, to_fx
+        from .fx_graph import to_fx
 
         if isinstance(args, Proxy):  # symbolic_trace(net) itself: `*args` is one Proxy of the tuple
-            args = tuple(args[i] for i in range(len(input_order(self))))
+            args = tuple(args[i] for i in range(len(self.input_order())))
         return to_fx(self).forward(*args)  # its submodules are ours: FX records them by our paths
 
     def run_observed(self, args: Tuple[Any, ...], kwargs: Dict[str, Any], observer: Observer) -> Any:
@@ -323,8 +328,9 @@ class ReconstructedNetwork(nn.Module):
     def example_inputs(self, batch_size: Optional[int] = None) -> Tuple[Any, ...]:
         """Random inputs shaped like the captured ones (for counting, export and quick checks), positional
         first, then the inputs captured as keywords in capture order: `net(*net.example_inputs())` runs."""
-        positional = sorted((n for n in self.input_nodes if isinstance(n.index, int)), key=lambda n: n.index)
-        keyword = [n for n in self.input_nodes if not isinstance(n.index, int)]
+        ordered = self.input_order()
+        positional = [n for n in ordered if isinstance(n.index, int)]
+        keyword = ordered[len(positional):]
         if not keyword:
             return tuple(_make_like(n.meta.get("out"), batch_size) for n in positional)
         # keyword inputs follow every positional slot (constants included), as forward() binds them

@@ -51,6 +51,30 @@ def output_shapes(out: Any, leaf: Optional[Any] = None) -> Any:
     return leaf(out) if leaf is not None else None
 
 
+def cpu_info() -> str:
+    """The CPU a timing ran on, with its INT8 dot-product extensions: INT8 and fp32 kernels (oneDNN, MLAS)
+    pick code paths by them, so a latency ratio means little without this line beside it."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    ext = [name for flag, name in (("avx512f", "AVX-512"), ("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                   ("amx_int8", "AMX-INT8")) if flag in flags]
+    if not ext and "avx2" in flags:
+        ext = ["AVX2, no VNNI"]
+    return f"{model}, {os.cpu_count()} cores" + (f", {', '.join(ext)}" if ext else "")
+
+
 def package_version(mod: str) -> str:
     """The installed distribution's version, or "n/a" (for result headers). Not `mod.__version__`:
     torch_pruning 1.6.1 still reports 1.6.0 there."""

@@ -126,3 +126,17 @@ def test_fx_traces_the_graph_of_a_model_it_cannot_trace():
         torch.testing.assert_close(gm(torch.randn(3, 3, 12, 12) * 0 + 1), model(torch.ones(3, 3, 12, 12)))
     with pytest.raises(AssertionError, match="16 > 8 is True"):
         gm(torch.randn(1, 3, 4, 4))  # the model takes the other branch here
+
+
+def test_torch_export_and_compile_of_a_pruned_network(one_thread):
+    """torch.export (ExecuTorch / AOTInductor's entry) and torch.compile take a pruned network as it is; its
+    forward takes `*args`, so a dynamic batch is given for the first element of `args`."""
+    x = torch.randn(2, 3, 64, 64)
+    net = amc.prune(torchvision.models.mobilenet_v3_small().eval(), ratio=0.5, example_inputs=(x,), round_to=8)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(net, (x,), dynamic_shapes=(({0: batch},),))
+    x5 = torch.randn(5, 3, 64, 64)
+    with torch.no_grad():
+        ref = net(x5)
+        assert torch.allclose(exported.module()(x5), ref, atol=1e-5)
+        assert torch.allclose(torch.compile(net, backend="eager")(x5), ref, atol=1e-5)

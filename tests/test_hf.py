@@ -315,3 +315,56 @@ def test_hf_zoo_pruned_soft_equals_hard_and_written_back(name, heads, one_thread
         eager = amc.export.to_module(hard, model)
         assert type(eager) is type(model)
         assert torch.allclose(eager(**new)[0], hard(**new)[0], atol=1e-5)
+
+
+def _loader(tok, texts, size, length=None, **extra):
+    """A list of tokenizer batches of `size` sentences, as a Hugging Face collator yields them (labels too)."""
+    out = []
+    for i in range(0, len(texts), size):
+        b = _batch(tok, texts[i:i + size], length)
+        b.update({k: v(len(texts[i:i + size])) for k, v in extra.items()})
+        out.append(b)
+    return out
+
+
+def _sentence_cos(model, net, batch):
+    m = batch["attention_mask"].unsqueeze(-1)
+    with torch.no_grad():
+        a, b = (model(**batch).last_hidden_state * m).sum(1), (net(**batch).last_hidden_state * m).sum(1)
+    return torch.cosine_similarity(a, b).mean().item()
+
+
+@pytest.mark.parametrize("origin", ["graph", "module"])
+def test_compressors_calibrate_on_dict_batches(minilm_model, minilm_net, origin, one_thread):
+    """A loader of tokenizer dicts (with `labels`, as a collator yields them) calibrates a seed compressor:
+    the network gets every named input (the attention mask too), by name; a plain model is traced by keyword."""
+    from amc.compressors import Quantization
+    from amc.data import text_sentences
+
+    tok, model = minilm_model
+    calib = _loader(tok, text_sentences("calibration", n=16), 8,
+                    labels=lambda n: torch.zeros(n, dtype=torch.long))
+    q = Quantization(minilm_net if origin == "graph" else model, calib, trainset_ratio=1.0)
+    assert [tuple(x.shape) for x in q.example_inputs] == [tuple(calib[0]["input_ids"].shape)] * 2
+    net = q.compress()
+    assert len(q.quantized_layers) == 37  # every Linear: six per layer, and the pooler
+    test = _batch(tok, text_sentences("heldout", n=8))
+    assert _sentence_cos(model, net, test) > 0.9
+
+
+def test_dict_batches_must_name_the_inputs(minilm_model, minilm_net, one_thread):
+    from amc.compressors import LowRankDecomposition, Quantization
+    from amc.data import text_sentences
+    from amc.errors import DataError
+
+    tok, _ = minilm_model
+    texts = text_sentences("calibration", n=4)
+    extra = _loader(tok, texts, 2, token_type_ids=lambda n: torch.zeros(n, 5, dtype=torch.long))
+    with pytest.raises(DataError, match=r"not inputs of the network \['token_type_ids'\]"):
+        Quantization(minilm_net, extra, trainset_ratio=1.0).compress()
+    missing = [{"input_ids": b["input_ids"]} for b in _loader(tok, texts, 2)]
+    with pytest.raises(DataError, match=r"missing \['attention_mask'\]"):
+        Quantization(minilm_net, missing, trainset_ratio=1.0).compress()
+    ragged = _loader(tok, ["short", "a much longer sentence than the short one"], 1)  # two lengths
+    with pytest.raises(DataError, match="pad to one length"):
+        LowRankDecomposition(minilm_net, ragged, trainset_ratio=1.0, compress_ratio=0.2).compress()

@@ -45,26 +45,13 @@ from ..errors import ArgumentError, DataError, PruningError
 from ..graph.capture import as_network, example_tuple
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import untouched
+from .sampling import batch_inputs, example_from_batch
 from .calibration import DEFAULT_SEED, calibration_batches, check_loader, first_batch, loader_len, seeded_rng
 
 Ratio = Union[float, Dict[str, float]]
 logger = logging.getLogger("amc.compressors")
 
 __all__ = ["BaseCompressor", "Ratio", "batch_inputs", "check_target_macs"]
-
-
-def batch_inputs(batch: Any) -> Tuple[Any, ...]:
-    """The model inputs of one loader batch: `(x, y)` -> `(x,)`, a tensor -> `(tensor,)`, a dict -> its 'input'."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (list, tuple)) and batch:
-        return (batch[0],)
-    if isinstance(batch, Mapping):
-        for key in ("input", "inputs", "x", "image", "images"):
-            if key in batch:
-                return (batch[key],)
-    raise DataError(f"cannot find the model input in a batch of type {type(batch).__name__}; "
-                    "yield (inputs, labels) tuples or plain tensors")
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -147,8 +134,11 @@ class BaseCompressor:
         if self.verbose:
             _enable_info_logging()
         self._validate_scalars()
+        self._example_kwargs: Optional[Dict[str, Any]] = None  # a dict batch traces a plain module by keyword
         self.example_inputs = self._example_inputs(example_inputs)
         self.origin_graph = self._as_graph(origin_net)
+        if self._example_kwargs is not None:  # from now on the inputs go by position, in the graph's order
+            self.example_inputs = self.batch_inputs(self._example_kwargs)
         self.validate_ratio(compress_ratio)
 
     # -- validation ---------------------------------------------------------------------------
@@ -184,14 +174,21 @@ class BaseCompressor:
         batch = first_batch(self.trainloader, self.seed, self.device)
         if batch is None:
             raise DataError("trainloader yielded no batches: the compressor needs training data")
-        return tuple(_to(x, self.device) for x in batch_inputs(batch))
+        args, kwargs = example_from_batch(batch, self.origin_net)
+        if kwargs is not None:
+            self._example_kwargs = {k: _to(v, self.device) for k, v in kwargs.items()}
+        return tuple(_to(x, self.device) for x in args)
+
+    def batch_inputs(self, batch: Any) -> Tuple[Any, ...]:
+        """The network's positional inputs in one loader batch (a dict batch is read by input name)."""
+        return batch_inputs(batch, self.origin_graph)
 
     def _as_graph(self, net: nn.Module) -> ReconstructedNetwork:
         """`as_network`, on an eval-mode copy of a plain module: the compressed network is for inference,
         and the user's stays as it is (a graph is used as given; compressors never edit their input)."""
         if isinstance(net, nn.Module) and not isinstance(net, ReconstructedNetwork):
             net = copy.deepcopy(net).to(self.device).eval()
-        return as_network(net, self.example_inputs, error=PruningError, what="origin_net")
+        return as_network(net, self.example_inputs, self._example_kwargs, error=PruningError, what="origin_net")
 
     def layer_names(self) -> List[str]:
         """Names accepted as keys of a `compress_ratio` dict (every node of the graph by default)."""
@@ -234,7 +231,7 @@ class BaseCompressor:
         key = (self.trainset_ratio, self.seed)
         if getattr(self, "_calibration", (None, None))[0] != key:
             self._calibration = (key, calibration_batches(self.trainloader, self.trainset_ratio, self.seed,
-                                                          batch_inputs, self.device))
+                                                          self.batch_inputs, self.device))
         return list(self._calibration[1])
 
     def evaluate(self, net: nn.Module, loader: Optional[Iterable] = None) -> float:

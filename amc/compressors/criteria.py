@@ -15,7 +15,7 @@ import torch.nn as nn
 from ..errors import PruningError
 from .calibration import DEFAULT_SEED, iter_calibration, seeded_rng
 from .groups import Group, Member, param_of
-from .sampling import loader_inputs, observe
+from .sampling import batch_inputs, observe
 
 CRITERIA: Dict[str, Type["Criterion"]] = {}
 
@@ -147,7 +147,7 @@ def run_with_observer(net: nn.Module, dataloader: Iterable, observer: Callable, 
     DataLoader is sampled through its dataset); the caller's RNG and loader are left as they were."""
     with seeded_rng(seed):
         batches = iter_calibration(dataloader, 1.0, seed, max_batches=max_batches)
-        observe(net, (loader_inputs(net, b) for b in batches), observer)
+        observe(net, (batch_inputs(b, net) for b in batches), observer)
 
 
 def _require_loader(name: str, dataloader: Optional[Iterable]) -> None:

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._warnings import warn_user
+from ..errors import DataError
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import training_mode
 
@@ -163,6 +164,13 @@ def stack_batches(batches: Sequence[Tuple[Any, ...]]) -> Tuple[Any, ...]:
     """The calibration batches as one batch (tensors joined along dim 0, other inputs from the first),
     for a pass that must see every image at once (a sequential fit, one hooked forward)."""
     first = batches[0]
+    for i, x in enumerate(first):
+        shapes = sorted({tuple(b[i].shape[1:]) for b in batches if isinstance(b[i], torch.Tensor)})
+        if isinstance(x, torch.Tensor) and len(shapes) > 1:
+            raise DataError(
+                f"the calibration batches differ beyond the batch dimension (input {i}: shapes {shapes[:4]} after "
+                "it), and this compressor fits on all of them at once: give batches of one size (text: pad to one "
+                "length, e.g. tokenizer(..., padding='max_length', max_length=N, truncation=True))")
     return tuple(torch.cat([b[i] for b in batches]) if isinstance(first[i], torch.Tensor) else first[i]
                  for i in range(len(first)))
 
@@ -191,16 +199,57 @@ def observe(net: ReconstructedNetwork, batches: Iterable[Tuple[Any, ...]], obser
                 pass
 
 
-def loader_inputs(net: ReconstructedNetwork, batch: Any) -> Any:
-    """The network inputs in one loader batch: `(x, labels)` -> `(x,)`, a tensor -> `(x,)`, and a dict
-    (a tokenizer's output) -> the keyword inputs the network takes (`input_ids`, `attention_mask`...),
-    so a text model sees its attention mask, not only its first input."""
+#: keys of a dict batch that hold targets, not model inputs (Hugging Face's `labels`, torchvision-style `target`)
+TARGET_KEYS = frozenset({"labels", "label", "target", "targets", "y"})
+#: keys under which a dict batch of a one-input (image) model holds that input
+IMAGE_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
+
+
+def batch_inputs(batch: Any, net: Optional[ReconstructedNetwork] = None) -> Tuple[Any, ...]:
+    """The model inputs of one loader batch, positional: `(x, labels)` -> `(x,)`, a tensor -> `(tensor,)`, a
+    dict (a tokenizer's output, a Hugging Face collator's batch) -> `net`'s inputs by name, in its call order,
+    so a text model sees its attention mask and not only its first input (keys in `TARGET_KEYS` are labels);
+    without `net`, a dict gives the value of its image key."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (list, tuple)) and batch:
+        return (batch[0],)
     if isinstance(batch, Mapping):
-        names = {str(n.index) for n in net.input_nodes} | {n.name for n in net.input_nodes}
-        kwargs = {k: v for k, v in batch.items() if k in names}
-        if kwargs:
-            return kwargs
-    return (batch[0],) if isinstance(batch, (list, tuple)) else (batch,)
+        names = [n.name if isinstance(n.index, int) else str(n.index) for n in net.input_order()] if net else []
+        if names and (len(names) > 1 or names[0] in batch):
+            return _named_inputs(batch, names)
+        for key in IMAGE_KEYS:
+            if key in batch:
+                return (batch[key],)
+        if names:  # one input, under a name the batch does not use
+            return _named_inputs(batch, names)
+        raise DataError(f"cannot find the model input in a dict batch with keys {sorted(map(str, batch))}: put it "
+                        f"under one of {list(IMAGE_KEYS)}, or yield (inputs, labels) tuples")
+    raise DataError(f"cannot find the model input in a batch of type {type(batch).__name__}; "
+                    "yield (inputs, labels) tuples, plain tensors or dicts of named inputs")
+
+
+def example_from_batch(batch: Any, net: Any) -> Tuple[Tuple[Any, ...], Optional[dict]]:
+    """What to trace `net` on from one loader batch, as `(args, kwargs)`: a plain module fed dicts of named
+    inputs (a tokenizer's output) is traced by keyword, with the labels left out; anything else by position."""
+    if isinstance(net, ReconstructedNetwork):
+        return batch_inputs(batch, net), None
+    if isinstance(batch, Mapping) and not any(k in batch for k in IMAGE_KEYS):
+        return (), {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+    return batch_inputs(batch), None
+
+
+def _named_inputs(batch: Mapping[str, Any], names: Sequence[str]) -> Tuple[Any, ...]:
+    missing = [n for n in names if n not in batch]
+    extra = sorted(str(k) for k in batch if k not in names and k not in TARGET_KEYS)
+    if missing or extra:
+        raise DataError(
+            f"a dict batch feeds the network its inputs by name: it takes {list(names)}, the batch has "
+            f"{sorted(map(str, batch))}" + (f"; missing {missing}" if missing else "") +
+            (f"; not inputs of the network {extra}" if extra else "") +
+            ". Trace on a batch with the same keys (amc.trace(model, **batch)) or give batches with exactly "
+            f"those keys (keys {sorted(TARGET_KEYS)} are read as labels and skipped)")
+    return tuple(batch[n] for n in names)
 
 
 def hooked_pass(net: ReconstructedNetwork, inputs: Inputs, hooks: Mapping[str, Callable[..., Any]],

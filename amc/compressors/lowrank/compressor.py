@@ -12,7 +12,7 @@ from ..._warnings import warn_user
 from ...errors import DataError, PruningError
 from ...graph.counting import count
 from ...graph.network import ReconstructedNetwork
-from ..base import BaseCompressor, Ratio, batch_inputs, check_count, check_names, check_target_macs
+from ..base import BaseCompressor, Ratio, check_count, check_names, check_target_macs
 from ..budget import per_sample
 from ..calibration import DEFAULT_SEED
 from ..sampling import PositionSampler, count_images, stack_batches, warn_underdetermined
@@ -175,7 +175,7 @@ class LowRankDecomposition(BaseCompressor):
             raise DataError("rank_selection='accuracy'/'combined' needs a valloader")
         out = []
         for batch in self.valloader:
-            x = batch_inputs(batch)
+            x = self.batch_inputs(batch)
             y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
             out.append((tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in x), y))
             if len(out) >= self.val_batches:

@@ -165,7 +165,7 @@ class ProductQuantization:
                  example_inputs: Optional[Sequence[Any]] = None, device: Any = "cpu", seed: int = 0,
                  n_init: int = 1, verbose: bool = False):
         from ...graph.capture import as_network, example_tuple
-        from ..base import batch_inputs
+        from ..sampling import example_from_batch
 
         if isinstance(n_centroids, bool) or not isinstance(n_centroids, int) or n_centroids < 2:
             raise QuantizationError(f"n_centroids={n_centroids!r}: use an int >= 2 (256 fits one byte per code)")
@@ -184,12 +184,14 @@ class ProductQuantization:
         if example_inputs is None:
             if trainloader is None:
                 raise QuantizationError("give example_inputs or a trainloader to trace origin_net")
-            example_inputs = batch_inputs(next(iter(trainloader)))
+            example_inputs, example_kwargs = example_from_batch(next(iter(trainloader)), origin_net)
+        else:
+            example_kwargs = None
         if not isinstance(origin_net, ReconstructedNetwork):
             import copy
 
             origin_net = copy.deepcopy(origin_net).eval()
-        self.origin_graph = as_network(origin_net, example_tuple(example_inputs, QuantizationError),
+        self.origin_graph = as_network(origin_net, example_tuple(example_inputs, QuantizationError), example_kwargs,
                                        error=QuantizationError, what="origin_net")
         self.compressed_net: Optional[ReconstructedNetwork] = None
         self.quantized_layers: List[str] = []

@@ -481,3 +481,27 @@ def test_quantised_linear_exports_with_an_int32_bias_and_fuses(tmp_path):
     ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert "QGemm" in ops and "Gemm" not in ops, ops
+
+
+@pytest.mark.parametrize("observer", ["percentile", "mse", "minmax"])
+def test_max_pooling_keeps_its_input_grid_and_runs_in_int8(observer, tmp_path):
+    """A quantiser that reads max-pooled (and flattened) values of another one's output takes that one's grid:
+    the values are on it already, and onnxruntime runs the pooling in int8 only then (the percentile and mse
+    observers used to calibrate a second, coarser grid on the pooled maxima: float MaxPool between
+    DequantizeLinear and QuantizeLinear, 0.50x instead of 0.45x of vgg_small's float latency)."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8 * 3 * 3, 10)).eval()
+    q = Quantization(model, _loader(), trainset_ratio=1.0, observer=observer).compress()
+    scales = {n.name: float(q.network[n.module].scale) for n in q.layer_nodes
+              if isinstance(q.network[n.module], ActQuant)}
+    assert scales["2.aq"] == scales["1.aq"] and scales["6.aq"] == scales["4.aq"], scales
+    path = amc.export.save_onnx(q, str(tmp_path / "q.onnx"), torch.rand(1, 1, 12, 12))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "MaxPool" not in ops and "DequantizeLinear" not in ops, ops  # int8 from the input Q to the logits

@@ -13,6 +13,7 @@ from ...errors import QuantizationError
 from ...graph.edit import insert_after, remove_nodes
 from ...graph.network import ReconstructedNetwork
 from ...graph.node import Node
+from ...graph.ops import FunctionOp, TensorReshape, TensorSqueeze, TensorTranspose
 from ...graph.template import Ref, iter_refs
 from ..lowrank.eligible import _act_of
 from .quantizers import FLOAT_TO_QUANT, ActQuant, _QuantWeight
@@ -128,6 +129,56 @@ def insert_act_quants(net: ReconstructedNetwork, bits: int, observer: str, perce
     return new, [n.name for n in new.layer_nodes if isinstance(new.network[n.module], ActQuant)]
 
 
+#: modules whose output values are some of their input's values (moved, selected or kept): an activation
+#: already on a quantisation grid stays on it
+_SAME_GRID = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+              nn.AdaptiveMaxPool3d, nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+              nn.Dropout3d, TensorReshape, TensorTranspose, TensorSqueeze)
+_SAME_GRID_FUNCTIONS = {"max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+                        "adaptive_max_pool3d", "flatten", "dropout", "contiguous"}
+
+
+def _keeps_grid(module: nn.Module) -> bool:
+    if getattr(module, "return_indices", False):
+        return False
+    if isinstance(module, _SAME_GRID):
+        return True
+    return type(module) is FunctionOp and (module.fn_name or "").rsplit(".", 1)[-1] in _SAME_GRID_FUNCTIONS
+
+
+def _data_input(node: Node) -> Optional[str]:
+    """The node whose tensor `node` reads first (shape arguments such as `x.size(0)` aside)."""
+    first = node.args[0] if node.args else None
+    return first.node if isinstance(first, Ref) and not first.path else None
+
+
+@torch.no_grad()
+def share_grids(net: ReconstructedNetwork) -> List[str]:
+    """Give every activation quantiser that reads another one's output through ops that only move or select
+    values (max pooling, reshapes, dropout) that quantiser's scale and zero point, and return their names.
+    The values are on its grid already: a second grid would only round them again (a coarser one when it
+    was calibrated on the pooled maxima), and onnxruntime runs the pooling in int8 only when both are one."""
+    nodes = {n.name: n for n in net.layer_nodes}
+    shared: List[str] = []
+    for node in net.layer_nodes:
+        quant = net.network[node.module]
+        if not isinstance(quant, ActQuant):
+            continue
+        src = _data_input(node)
+        while src in nodes:
+            module = net.network[nodes[src].module]
+            if isinstance(module, ActQuant):
+                if module.bits == quant.bits:
+                    quant.scale.copy_(module.scale)
+                    quant.zero_point.copy_(module.zero_point)
+                    shared.append(node.name)
+                break
+            if not _keeps_grid(module):
+                break
+            src = _data_input(nodes[src])
+    return shared
+
+
 def act_quants(net: nn.Module) -> List[ActQuant]:
     return [m for m in net.modules() if isinstance(m, ActQuant)]
 
@@ -155,4 +206,5 @@ def calibrate(net: ReconstructedNetwork, batches: Sequence[Tuple], seed: int) ->
     for q in quants:
         q.calibrate_done()
         q.generator = None
+    share_grids(net)
     net.train(was)

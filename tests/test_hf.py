@@ -368,3 +368,38 @@ def test_dict_batches_must_name_the_inputs(minilm_model, minilm_net, one_thread)
     ragged = _loader(tok, ["short", "a much longer sentence than the short one"], 1)  # two lengths
     with pytest.raises(DataError, match="pad to one length"):
         LowRankDecomposition(minilm_net, ragged, trainset_ratio=1.0, compress_ratio=0.2).compress()
+
+
+def test_trainer_fine_tunes_a_pruned_classifier_on_dict_batches(tmp_path, one_thread):
+    """The default trainer hooks take a collator's dict batches: inputs by name, `labels` as targets, the
+    `ModelOutput`'s logits into the criterion and the accuracy; a pruned BERT classifier trains and scores."""
+    import transformers as T
+
+    from amc.trainers import BaseTrainer, recalibrate_bn
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    model = T.BertForSequenceClassification(config).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n):
+        ids = torch.randint(1, 100, (n, 8), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 3}
+
+    net = amc.prune(model, example_kwargs={k: v for k, v in batch(2).items() if k != "labels"}, ratio=0.5)
+    train, val = [batch(16) for _ in range(8)], [batch(16) for _ in range(2)]
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    trainer = BaseTrainer(train, val, None, net, torch.nn.CrossEntropyLoss(), opt, None, 3, "cpu",
+                          progress=False)
+    trainer.run()
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+    metrics = trainer.evaluate(val)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["total_loss"] < 1.0986  # below chance: it learnt
+    recalibrate_bn(net, train)  # no BatchNorm here: a no-op that must still accept dict batches
+    from amc.errors import TrainingError
+
+    unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in val]
+    with pytest.raises(TrainingError, match=r"targets of a dict batch under one of .*'labels'"):
+        trainer.evaluate(unlabelled)

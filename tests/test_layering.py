@@ -4,7 +4,7 @@
   amc.compressors, amc.trainers, amc.tuners, amc.jobs or amc.cli. The network's save/load methods
   reach the exporters through the format registry (amc.graph.formats), filled by amc.export.
 - amc.trainers train any nn.Module and know nothing of the graph. Their only entry points into the
-  rest of amc are TRAINER_ENTRY_POINTS: the errors, the neutral `training_mode`, and the compressors'
+  rest of amc are TRAINER_ENTRY_POINTS: the errors, the neutral `training_mode` and batch layout, and the compressors'
   public pruning API (`plan_pruning` / PruningPlan methods, the in-place primitives, `channel_masks`),
   and they never take a PruningPlan apart (its analysis, axes, graph nodes).
 """
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AMC = ROOT / "amc"
 
 GRAPH_MUST_NOT_IMPORT = ("amc.export", "amc.compressors", "amc.trainers", "amc.tuners", "amc.jobs", "amc.cli")
-TRAINER_ENTRY_POINTS = ("amc.errors", "amc._modes", "amc.compressors.prune", "amc.compressors.primitives",
+TRAINER_ENTRY_POINTS = ("amc.errors", "amc._modes", "amc._batches", "amc.compressors.prune", "amc.compressors.primitives",
                         "amc.compressors.masks")
 
 

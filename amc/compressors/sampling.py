@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._batches import TARGET_KEYS, dict_inputs
 from .._warnings import warn_user
 from ..errors import DataError
 from ..graph.network import ReconstructedNetwork
@@ -199,8 +200,6 @@ def observe(net: ReconstructedNetwork, batches: Iterable[Tuple[Any, ...]], obser
                 pass
 
 
-#: keys of a dict batch that hold targets, not model inputs (Hugging Face's `labels`, torchvision-style `target`)
-TARGET_KEYS = frozenset({"labels", "label", "target", "targets", "y"})
 #: keys under which a dict batch of a one-input (image) model holds that input
 IMAGE_KEYS = ("input", "inputs", "x", "image", "images", "pixel_values")
 
@@ -235,7 +234,7 @@ def example_from_batch(batch: Any, net: Any) -> Tuple[Tuple[Any, ...], Optional[
     if isinstance(net, ReconstructedNetwork):
         return batch_inputs(batch, net), None
     if isinstance(batch, Mapping) and not any(k in batch for k in IMAGE_KEYS):
-        return (), {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        return (), dict_inputs(batch)
     return batch_inputs(batch), None
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from amc._batches import TARGET_KEYS, dict_inputs, dict_targets, logits_of
 from amc._modes import training_mode
 from amc.errors import DataError, TrainingError
 
@@ -43,6 +44,13 @@ SEED_ALIASES: Dict[str, str] = {
 RESERVED_RUN_KWARGS = ("resume",)
 
 
+def _targets(batch: Any) -> Any:
+    """The targets of a batch: `batch[1]` of a tuple, a dict batch's `labels` (see `amc._batches`), or None."""
+    if isinstance(batch, Mapping):
+        return dict_targets(batch)
+    return batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+
+
 def _first(batch: Any, index: int, hook: str) -> Any:
     if isinstance(batch, (list, tuple)) and len(batch) > index:
         return batch[index]
@@ -52,7 +60,9 @@ def _first(batch: Any, index: int, hook: str) -> Any:
 
 def _batch_size(batch: Any, preds: Any) -> int:
     """Samples in a batch, for sample-weighted means (so sharded evaluation equals the full one)."""
-    for item in (batch[0] if isinstance(batch, (list, tuple)) and batch else batch, preds):
+    first = batch[0] if isinstance(batch, (list, tuple)) and batch else \
+        next(iter(dict_inputs(batch).values()), None) if isinstance(batch, Mapping) else batch
+    for item in (first, logits_of(preds)):
         if isinstance(item, torch.Tensor) and item.dim() > 0:
             return int(item.shape[0])
     return 1
@@ -60,9 +70,7 @@ def _batch_size(batch: Any, preds: Any) -> int:
 
 def _is_classification(preds: Any, batch: Any) -> bool:
     """Logits (N, C) against integer labels (N,): the case where accuracy means something."""
-    if not (isinstance(batch, (list, tuple)) and len(batch) > 1):
-        return False
-    labels = batch[1]
+    labels, preds = _targets(batch), logits_of(preds)
     return (isinstance(preds, torch.Tensor) and isinstance(labels, torch.Tensor) and preds.dim() == 2
             and preds.is_floating_point() and labels.dim() == 1 and not labels.is_floating_point()
             and labels.dtype != torch.bool and labels.shape[0] == preds.shape[0])
@@ -213,18 +221,17 @@ class BaseTrainer:
 
     # ------------------------------------------------------------------ hooks (override these)
     def get_train_batch_preds(self, batch_train_data: Any, *args: Any, **kwargs: Any) -> Any:
-        """Predictions for one training batch. Default: ``network(batch[0])``."""
-        inputs = _first(batch_train_data, 0, "get_train_batch_preds / __get_train_batch_preds__")
-        return self._network(self.to_device(inputs))
+        """Predictions for one training batch. Default: ``network(batch[0])``; a dict batch (a Hugging Face
+        collator's) is passed by name, its labels left out."""
+        return self._default_preds(batch_train_data, "get_train_batch_preds / __get_train_batch_preds__")
 
     def get_train_losses(self, batch_preds: Any, batch_train_data: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """Losses for one training batch; must contain ``'total_loss'`` (the one backpropagated)."""
         return self._criterion_losses(batch_preds, batch_train_data, "get_train_losses / __get_train_losses__")
 
     def get_val_batch_preds(self, batch_val_data: Any, *args: Any, **kwargs: Any) -> Any:
-        """Predictions for one validation batch. Default: ``network(batch[0])``."""
-        inputs = _first(batch_val_data, 0, "get_val_batch_preds / __get_val_batch_preds__")
-        return self._network(self.to_device(inputs))
+        """Predictions for one validation batch. Default: ``network(batch[0])``, or a dict batch by name."""
+        return self._default_preds(batch_val_data, "get_val_batch_preds / __get_val_batch_preds__")
 
     def get_val_losses(self, batch_preds: Any, batch_val_data: Any, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         """Losses for one validation batch; must contain ``'total_loss'``."""
@@ -234,12 +241,24 @@ class BaseTrainer:
         """Asked after every epoch with run()'s keyword arguments; True ends training early."""
         return False
 
+    def _default_preds(self, batch: Any, hook: str) -> Any:
+        if isinstance(batch, Mapping):
+            return self._network(**self.to_device(dict_inputs(batch)))
+        return self._network(self.to_device(_first(batch, 0, hook)))
+
     def _criterion_losses(self, preds: Any, batch: Any, hook: str) -> Dict[str, Any]:
         if self._criterion is None:
             raise TrainingError(f"criterion is None and {hook} is not overridden; pass a criterion "
                                 "(e.g. nn.CrossEntropyLoss()) or override the hook")
-        targets = _first(batch, 1, hook)
-        return {"total_loss": self._criterion(preds, self.to_device(targets))}
+        if isinstance(batch, Mapping):
+            targets = dict_targets(batch)
+            if targets is None:
+                raise TrainingError(f"the default {hook} needs the targets of a dict batch under one of "
+                                    f"{sorted(TARGET_KEYS)}; the batch has {sorted(map(str, batch))}: add them "
+                                    "or override the hook")
+        else:
+            targets = _first(batch, 1, hook)
+        return {"total_loss": self._criterion(logits_of(preds), self.to_device(targets))}
 
     def to_device(self, data: Any) -> Any:
         """Move tensors (also inside lists, tuples and dicts) to the training device."""
@@ -424,8 +443,9 @@ class BaseTrainer:
                     for k, v in values.items():
                         sums[k] += v * n
                     if _is_classification(preds, batch):
-                        labels = batch[1].to(preds.device)
-                        correct += int((preds.argmax(dim=1) == labels).sum())
+                        logits = logits_of(preds)
+                        labels = _targets(batch).to(logits.device)
+                        correct += int((logits.argmax(dim=1) == labels).sum())
                         labelled += int(labels.numel())
                 bar.close()
             finally:

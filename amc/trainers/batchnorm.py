@@ -7,11 +7,12 @@ touching a weight (seed 004's pitfall for SFP, and a cheap step before any fine-
 from __future__ import annotations
 
 import copy as _copy
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
+from .._batches import dict_inputs
 from ..errors import DataError
 
 
@@ -38,8 +39,11 @@ def recalibrate_bn(net: nn.Module, loader: Iterable[Any], max_batches: Optional[
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            net(x.to(device))
+            if isinstance(batch, Mapping):  # named inputs (a tokenizer's / collator's dict)
+                net(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict_inputs(batch).items()})
+            else:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                net(x.to(device))
             seen += 1
     finally:
         for m, mom in saved:

@@ -403,3 +403,29 @@ def test_trainer_fine_tunes_a_pruned_classifier_on_dict_batches(tmp_path, one_th
     unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in val]
     with pytest.raises(TrainingError, match=r"targets of a dict batch under one of .*'labels'"):
         trainer.evaluate(unlabelled)
+
+
+def test_distiller_teaches_a_pruned_classifier_on_dict_batches(one_thread):
+    """BaseDistiller's default hooks on a collator's dict batches: teacher and student both take the inputs by
+    name, KD and CE see the logits of their ModelOutputs, and feature pairs are sized from a dict batch."""
+    import transformers as T
+
+    from amc.trainers import BaseDistiller
+
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    teacher = T.BertForSequenceClassification(config).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1, 100, (16, 8), generator=g) for _ in range(4)]
+    train = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i[:, 0] % 3} for i in ids]
+    student = amc.prune(teacher, example_kwargs={k: v[:2] for k, v in train[0].items() if k != "labels"},
+                        ratio=0.5)
+    before = [p.detach().clone() for p in student.parameters()]
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    pairs = {"bert.encoder.layer.1.output.dense": "bert.encoder.layer.1.output.dense"}
+    distiller = BaseDistiller(train, None, None, student, torch.nn.CrossEntropyLoss(), opt, None, 1, "cpu",
+                              teacher=teacher, alpha=0.5, feature_pairs=pairs, progress=False)
+    history = distiller.run()
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    assert all(k in history[-1]["train"] for k in ("kd_loss", "ce_loss", "feature_loss"))

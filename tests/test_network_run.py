@@ -2,6 +2,7 @@
 only while nothing could observe the call: module hooks, global hooks and capture still see every op."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -49,3 +50,17 @@ def test_tracing_a_model_that_holds_a_network_records_its_layers():
     x = torch.randn(5, 6)
     assert torch.allclose(again(x), wrapper(x), atol=1e-6)
 
+
+
+def test_get_submodule_finds_layers_by_their_traced_names():
+    """`net.get_submodule("layer1.0.conv1")` (the model's own name) works as on the model, so hooks and
+    distillation feature pairs can name layers as the user knows them; unknown names still raise."""
+    import torchvision
+
+    model = torchvision.models.resnet18().eval()
+    net = amc.trace(model, torch.randn(1, 3, 32, 32))
+    conv = net.get_submodule("layer1.0.conv1")
+    assert isinstance(conv, torch.nn.Conv2d) and torch.equal(conv.weight, model.layer1[0].conv1.weight)
+    assert net.get_submodule("network") is net.network  # the module tree itself still answers first
+    with pytest.raises(AttributeError):
+        net.get_submodule("layer1.0.conv9")

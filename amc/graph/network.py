@@ -253,6 +253,16 @@ class ReconstructedNetwork(nn.Module):
     def module_of(self, name: str) -> nn.Module:
         return self.network[self.node(name).module]
 
+    def get_submodule(self, target: str) -> nn.Module:
+        """nn.Module's lookup, also by a layer's name in the traced model (`"layer1.0.conv1"`), so code that
+        names layers the way the model did (forward hooks, distillation feature pairs) finds them here."""
+        try:
+            return super().get_submodule(target)
+        except AttributeError:
+            if any(n.name == target for n in self.layer_nodes):
+                return self.module_of(target)
+            raise
+
     def users(self) -> Dict[str, List[Node]]:
         """Node name -> the nodes that read its output."""
         out: Dict[str, List[Node]] = {n.name: [] for n in self.input_nodes}

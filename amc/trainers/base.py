@@ -51,6 +51,28 @@ def _targets(batch: Any) -> Any:
     return batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
 
 
+def batch_inputs(batch: Any, hook: str) -> Any:
+    """What the default hooks feed the network: `batch[0]`, or a dict batch's named inputs (labels left out)."""
+    return dict_inputs(batch) if isinstance(batch, Mapping) else _first(batch, 0, hook)
+
+
+def batch_targets(batch: Any, hook: str) -> Any:
+    """What the default hooks score against: `batch[1]`, or a dict batch's `labels` (see `amc._batches`)."""
+    if not isinstance(batch, Mapping):
+        return _first(batch, 1, hook)
+    targets = dict_targets(batch)
+    if targets is None:
+        raise TrainingError(f"the default {hook} needs the targets of a dict batch under one of "
+                            f"{sorted(TARGET_KEYS)}; the batch has {sorted(map(str, batch))}: add them or "
+                            "override the hook")
+    return targets
+
+
+def call_with(network: Any, inputs: Any) -> Any:
+    """`network(**inputs)` for named inputs, else `network(inputs)`."""
+    return network(**inputs) if isinstance(inputs, Mapping) else network(inputs)
+
+
 def _first(batch: Any, index: int, hook: str) -> Any:
     if isinstance(batch, (list, tuple)) and len(batch) > index:
         return batch[index]
@@ -242,23 +264,13 @@ class BaseTrainer:
         return False
 
     def _default_preds(self, batch: Any, hook: str) -> Any:
-        if isinstance(batch, Mapping):
-            return self._network(**self.to_device(dict_inputs(batch)))
-        return self._network(self.to_device(_first(batch, 0, hook)))
+        return call_with(self._network, self.to_device(batch_inputs(batch, hook)))
 
     def _criterion_losses(self, preds: Any, batch: Any, hook: str) -> Dict[str, Any]:
         if self._criterion is None:
             raise TrainingError(f"criterion is None and {hook} is not overridden; pass a criterion "
                                 "(e.g. nn.CrossEntropyLoss()) or override the hook")
-        if isinstance(batch, Mapping):
-            targets = dict_targets(batch)
-            if targets is None:
-                raise TrainingError(f"the default {hook} needs the targets of a dict batch under one of "
-                                    f"{sorted(TARGET_KEYS)}; the batch has {sorted(map(str, batch))}: add them "
-                                    "or override the hook")
-        else:
-            targets = _first(batch, 1, hook)
-        return {"total_loss": self._criterion(logits_of(preds), self.to_device(targets))}
+        return {"total_loss": self._criterion(logits_of(preds), self.to_device(batch_targets(batch, hook)))}
 
     def to_device(self, data: Any) -> Any:
         """Move tensors (also inside lists, tuples and dicts) to the training device."""

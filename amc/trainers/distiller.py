@@ -17,7 +17,8 @@ from amc._modes import training_mode
 from amc.errors import TrainingError
 
 from . import distributed
-from .base import BaseTrainer, _first
+from .._batches import logits_of
+from .base import BaseTrainer, batch_inputs, batch_targets, call_with
 from .losses import FeatureReconstructionLoss, LabelSmoothingCrossEntropy, kd_loss
 
 log = logging.getLogger("amc.trainers")
@@ -33,11 +34,18 @@ class FeatureCapture:
         self.features: Dict[str, torch.Tensor] = {}
         self._handles = []
         for name in names:
-            if name not in modules:
+            target = modules.get(name)
+            if target is None:
+                try:  # an amc network also finds its layers by their names in the traced model
+                    target = module.get_submodule(name)
+                except AttributeError:
+                    target = None
+            if target is None:
                 options = [n for n in modules if n][:12]
                 raise TrainingError(f"{role} has no submodule named {name!r}; feature_pairs must use names from "
-                                    f"named_modules(), e.g. {options}")
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
+                                    f"named_modules() (for an amc network, also its layer names: "
+                                    f"[n.name for n in net.layer_nodes]), e.g. {options}")
+            self._handles.append(target.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -153,7 +161,7 @@ class BaseDistiller(BaseTrainer):
             loader = self._val_loader if self._val_loader is not None else self._train_loader
             with torch.random.fork_rng(devices=[]):  # peeking must not shift the shuffling stream
                 batch = next(iter(loader))
-            example = _first(batch, 0, "BaseDistiller (pass example_input=...)")
+            example = batch_inputs(batch, "BaseDistiller (pass example_input=...)")
         self.build_adapters(example)
 
     def _after_backward(self) -> None:
@@ -172,13 +180,13 @@ class BaseDistiller(BaseTrainer):
             if capture is not None:
                 capture.clear()
         with torch.no_grad():
-            teacher_logits = self._teacher(inputs)
-        student_logits = student(inputs)
+            teacher_logits = logits_of(call_with(self._teacher, inputs))
+        student_logits = logits_of(call_with(student, inputs))
         return student_logits, teacher_logits
 
     def get_train_batch_preds(self, batch_train_data: Any, *args: Any, **kwargs: Any) -> DistillPreds:
         """Student (through DDP when distributed) and teacher on the same inputs, plus captured features."""
-        inputs = self.to_device(_first(batch_train_data, 0, "get_train_batch_preds / __get_train_batch_preds__"))
+        inputs = self.to_device(batch_inputs(batch_train_data, "get_train_batch_preds / __get_train_batch_preds__"))
         student_logits, teacher_logits = self._forward_both(inputs, self._network)
         return DistillPreds(
             student=student_logits, teacher=teacher_logits,
@@ -192,7 +200,7 @@ class BaseDistiller(BaseTrainer):
         losses: Dict[str, torch.Tensor] = {"kd_loss": soft}
         total = self.alpha * soft
         if self.alpha < 1.0:
-            targets = self.to_device(_first(batch_train_data, 1, "get_train_losses / __get_train_losses__"))
+            targets = self.to_device(batch_targets(batch_train_data, "get_train_losses / __get_train_losses__"))
             hard = self._criterion(batch_preds.student, targets)
             losses["ce_loss"] = hard
             total = total + (1.0 - self.alpha) * hard

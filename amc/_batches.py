@@ -3,7 +3,9 @@ tuples, a plain tensor, or a dict of named inputs as a tokenizer or a Hugging Fa
 its targets under one of `TARGET_KEYS`."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
 
 #: keys of a dict batch that hold targets, not model inputs (Hugging Face's `labels`, torchvision-style `target`)
 TARGET_KEYS = frozenset({"labels", "label", "target", "targets", "y"})
@@ -24,3 +26,33 @@ def logits_of(preds: Any) -> Any:
     if isinstance(preds, Mapping) and "logits" in preds:
         return preds["logits"]
     return preds
+
+
+def split_batch(batch: Any) -> Tuple[Any, Any]:
+    """`(inputs, targets)` of a labelled batch: `batch[0], batch[1]`, or a dict's named inputs and labels."""
+    if isinstance(batch, Mapping):
+        targets = dict_targets(batch)
+        if targets is None:
+            raise ValueError(f"a dict batch with keys {sorted(map(str, batch))} has no targets under one of "
+                             f"{sorted(TARGET_KEYS)}")
+        return dict_inputs(batch), targets
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(f"expected a labelled batch, (inputs, targets, ...) or a dict with labels; got "
+                     f"{type(batch).__name__}")
+
+
+def to_device(data: Any, device: Any) -> Any:
+    """Tensors moved to `device`, also inside lists, tuples and dicts."""
+    if isinstance(data, torch.Tensor):
+        return data.to(device)
+    if isinstance(data, (list, tuple)):
+        return type(data)(to_device(d, device) for d in data)
+    if isinstance(data, Mapping):
+        return {k: to_device(v, device) for k, v in data.items()}
+    return data
+
+
+def call_with(network: Any, inputs: Any) -> Any:
+    """`network(**inputs)` for named inputs, else `network(inputs)`."""
+    return network(**inputs) if isinstance(inputs, Mapping) else network(inputs)

@@ -370,25 +370,35 @@ def test_dict_batches_must_name_the_inputs(minilm_model, minilm_net, one_thread)
         LowRankDecomposition(minilm_net, ragged, trainset_ratio=1.0, compress_ratio=0.2).compress()
 
 
-def test_trainer_fine_tunes_a_pruned_classifier_on_dict_batches(tmp_path, one_thread):
-    """The default trainer hooks take a collator's dict batches: inputs by name, `labels` as targets, the
-    `ModelOutput`'s logits into the criterion and the accuracy; a pruned BERT classifier trains and scores."""
+def _tiny_bert_classifier():
+    """A random 2-layer BertForSequenceClassification (3 labels) and a maker of collator-style dict batches
+    whose label is learnable (the first token id mod 3)."""
     import transformers as T
-
-    from amc.trainers import BaseTrainer, recalibrate_bn
 
     torch.manual_seed(0)
     config = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                           intermediate_size=64, max_position_embeddings=32, num_labels=3)
-    model = T.BertForSequenceClassification(config).eval()
     g = torch.Generator().manual_seed(0)
 
-    def batch(n):
-        ids = torch.randint(1, 100, (n, 8), generator=g)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 3}
+    def batches(count, n=16):
+        ids = [torch.randint(1, 100, (n, 8), generator=g) for _ in range(count)]
+        return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i[:, 0] % 3} for i in ids]
 
-    net = amc.prune(model, example_kwargs={k: v for k, v in batch(2).items() if k != "labels"}, ratio=0.5)
-    train, val = [batch(16) for _ in range(8)], [batch(16) for _ in range(2)]
+    return T.BertForSequenceClassification(config).eval(), batches
+
+
+def _inputs(batch):
+    return {k: v[:2] for k, v in batch.items() if k != "labels"}
+
+
+def test_trainer_fine_tunes_a_pruned_classifier_on_dict_batches(tmp_path, one_thread):
+    """The default trainer hooks take a collator's dict batches: inputs by name, `labels` as targets, the
+    `ModelOutput`'s logits into the criterion and the accuracy; a pruned BERT classifier trains and scores."""
+    from amc.trainers import BaseTrainer, recalibrate_bn
+
+    model, batches = _tiny_bert_classifier()
+    train, val = batches(8), batches(2)
+    net = amc.prune(model, example_kwargs=_inputs(train[0]), ratio=0.5)
     before = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     trainer = BaseTrainer(train, val, None, net, torch.nn.CrossEntropyLoss(), opt, None, 3, "cpu",
@@ -408,19 +418,11 @@ def test_trainer_fine_tunes_a_pruned_classifier_on_dict_batches(tmp_path, one_th
 def test_distiller_teaches_a_pruned_classifier_on_dict_batches(one_thread):
     """BaseDistiller's default hooks on a collator's dict batches: teacher and student both take the inputs by
     name, KD and CE see the logits of their ModelOutputs, and feature pairs are sized from a dict batch."""
-    import transformers as T
-
     from amc.trainers import BaseDistiller
 
-    torch.manual_seed(0)
-    config = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                          intermediate_size=64, max_position_embeddings=32, num_labels=3)
-    teacher = T.BertForSequenceClassification(config).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(1, 100, (16, 8), generator=g) for _ in range(4)]
-    train = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i[:, 0] % 3} for i in ids]
-    student = amc.prune(teacher, example_kwargs={k: v[:2] for k, v in train[0].items() if k != "labels"},
-                        ratio=0.5)
+    teacher, batches = _tiny_bert_classifier()
+    train = batches(4)
+    student = amc.prune(teacher, example_kwargs=_inputs(train[0]), ratio=0.5)
     before = [p.detach().clone() for p in student.parameters()]
     opt = torch.optim.Adam(student.parameters(), lr=1e-3)
     pairs = {"bert.encoder.layer.1.output.dense": "bert.encoder.layer.1.output.dense"}
@@ -429,3 +431,18 @@ def test_distiller_teaches_a_pruned_classifier_on_dict_batches(one_thread):
     history = distiller.run()
     assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
     assert all(k in history[-1]["train"] for k in ("kd_loss", "ce_loss", "feature_loss"))
+
+
+def test_tuner_default_evaluator_scores_dict_batches(one_thread):
+    """A search over a traced BERT classifier with collator dicts as calibration: the default evaluator (and
+    its proxy fine-tuning steps) reads inputs by name and labels from the dict, so candidates get scores."""
+    from amc.models import evaluate
+    from amc.tuners import RandomSearch
+
+    model, batches = _tiny_bert_classifier()
+    calib = batches(10)
+    net = amc.trace(model, **_inputs(calib[0]))
+    assert 0.0 <= evaluate(net, calib[:2])["acc"] <= 1.0
+    result = RandomSearch(samples=3, seed=0).search(net, target_macs=0.6, calibration=calib, finetune_steps=2,
+                                                   progress=False)
+    assert [h["status"] for h in result.history] == ["ok"] * 3 and result.macs_ratio <= 0.6

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._batches import call_with, logits_of, split_batch, to_device
 from ..errors import DataError, TrainingError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -26,9 +27,13 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Union[str, torch
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
     try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
+        for batch in loader:
+            try:
+                x, y = split_batch(batch)
+            except ValueError as exc:
+                raise DataError(f"evaluate: {exc}") from exc
+            x, y = to_device(x, device), y.to(device)
+            logits = logits_of(call_with(model, x))
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             total += int(y.numel())

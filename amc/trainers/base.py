@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from amc._batches import TARGET_KEYS, dict_inputs, dict_targets, logits_of
+from amc._batches import TARGET_KEYS, call_with, dict_inputs, dict_targets, logits_of
 from amc._modes import training_mode
 from amc.errors import DataError, TrainingError
 
@@ -66,11 +66,6 @@ def batch_targets(batch: Any, hook: str) -> Any:
                             f"{sorted(TARGET_KEYS)}; the batch has {sorted(map(str, batch))}: add them or "
                             "override the hook")
     return targets
-
-
-def call_with(network: Any, inputs: Any) -> Any:
-    """`network(**inputs)` for named inputs, else `network(inputs)`."""
-    return network(**inputs) if isinstance(inputs, Mapping) else network(inputs)
 
 
 def _first(batch: Any, index: int, hook: str) -> Any:

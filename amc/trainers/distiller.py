@@ -17,8 +17,8 @@ from amc._modes import training_mode
 from amc.errors import TrainingError
 
 from . import distributed
-from .._batches import logits_of
-from .base import BaseTrainer, batch_inputs, batch_targets, call_with
+from .._batches import call_with, logits_of
+from .base import BaseTrainer, batch_inputs, batch_targets
 from .losses import FeatureReconstructionLoss, LabelSmoothingCrossEntropy, kd_loss
 
 log = logging.getLogger("amc.trainers")

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..compressors.base import check_count, check_number
+from .._batches import call_with, logits_of, split_batch, to_device
 from ..compressors.calibration import check_loader
 from ..errors import DataError, PruningError
 
@@ -90,8 +91,9 @@ class AccuracyEvaluator:
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             tuned.train()
-            for x, y in self.finetune:
-                loss = nn.functional.cross_entropy(tuned(x.to(device)), y.to(device))
+            for batch in self.finetune:
+                x, y = split_batch(batch)
+                loss = nn.functional.cross_entropy(logits_of(call_with(tuned, to_device(x, device))), y.to(device))
                 if not torch.isfinite(loss):
                     raise ValueError(f"the proxy's fine-tuning loss became {float(loss)}")
                 opt.zero_grad(set_to_none=True)

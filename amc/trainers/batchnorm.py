@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .._batches import dict_inputs
+from .._batches import call_with, dict_inputs, to_device
 from ..errors import DataError
 
 
@@ -39,11 +39,9 @@ def recalibrate_bn(net: nn.Module, loader: Iterable[Any], max_batches: Optional[
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            if isinstance(batch, Mapping):  # named inputs (a tokenizer's / collator's dict)
-                net(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict_inputs(batch).items()})
-            else:
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                net(x.to(device))
+            inputs = dict_inputs(batch) if isinstance(batch, Mapping) else \
+                batch[0] if isinstance(batch, (tuple, list)) else batch  # named inputs (a collator's dict) or x
+            call_with(net, to_device(inputs, device))
             seen += 1
     finally:
         for m, mom in saved:

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..._batches import dict_targets
 from ..._warnings import warn_user
 from ...errors import DataError, PruningError
 from ...graph.counting import count
@@ -176,7 +177,8 @@ class LowRankDecomposition(BaseCompressor):
         out = []
         for batch in self.valloader:
             x = self.batch_inputs(batch)
-            y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+            y = dict_targets(batch) if isinstance(batch, Mapping) else \
+                batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
             out.append((tuple(t.to(self.device) if isinstance(t, torch.Tensor) else t for t in x), y))
             if len(out) >= self.val_batches:
                 break

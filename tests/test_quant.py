@@ -328,6 +328,10 @@ def test_pq_block_size_must_divide_the_rows():
     (dict(act_bits=16), "act_bits=16"), (dict(weight_bits=4.0), "weight_bits=4.0"),
     (dict(observer="kl"), "observer='kl'"), (dict(percentile=20), "percentile .* got 20"),
     (dict(weight_observer="percentile"), "weight_observer='percentile'"),
+    # the arguments every seed compressor shares are a QuantizationError here too (they were PruningErrors)
+    (dict(trainset_ratio=2), "trainset_ratio must be a fraction"), (dict(seed=-1), "seed must be an int"),
+    (dict(device="no-such-device"), "device 'no-such-device' is not usable"),
+    (dict(compress_ratio={"nope": 0.5}), "compress_ratio names unknown layer 'nope'"),
 ])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(QuantizationError, match=match):

@@ -103,6 +103,8 @@ class BaseCompressor:
     """
 
     name = "compressor"
+    #: what bad arguments and inputs raise (a compressor of its own kind names its own error)
+    error: type = PruningError
     max_backoff_attempts = 8
 
     @outside_inference_mode
@@ -122,7 +124,7 @@ class BaseCompressor:
         self.sampled_pixels_per_img = sampled_pixels_per_img
         self.compress_ratio = compress_ratio
         self.checkpointfolder = checkpointfolder
-        self.device = _as_device(device)
+        self.device = _as_device(device, self.error)
         self.verbose = bool(verbose)
         self.drawgraph = bool(drawgraph)
         self.accuracy_first = bool(accuracy_first)
@@ -145,18 +147,18 @@ class BaseCompressor:
     def _validate_scalars(self) -> None:
         r = self.trainset_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
-            raise PruningError(f"trainset_ratio must be a fraction in (0, 1], got {r!r}")
+            raise self.error(f"trainset_ratio must be a fraction in (0, 1], got {r!r}")
         self.trainset_ratio = float(r)
         s = self.sampled_pixels_per_img
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 1):
-            raise PruningError(f"sampled_pixels_per_img must be a positive int (or None: sized per layer), got {s!r}")
+            raise self.error(f"sampled_pixels_per_img must be a positive int (or None: sized per layer), got {s!r}")
         sd = self.seed
         if isinstance(sd, bool) or not isinstance(sd, numbers.Integral) or not 0 <= int(sd) < 2 ** 63:
-            raise PruningError(f"seed must be an int in [0, 2**63), got {sd!r}")
+            raise self.error(f"seed must be an int in [0, 2**63), got {sd!r}")
         self.seed = int(sd)
         t = self.accuracy_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 100.0:
-            raise PruningError(f"accuracy_threshold must be a fraction in [0, 1] (or percent in (1, 100]), got {t!r}")
+            raise self.error(f"accuracy_threshold must be a fraction in [0, 1] (or percent in (1, 100]), got {t!r}")
         self.accuracy_threshold = float(t) / 100.0 if float(t) > 1.0 else float(t)
         check_loader(self.trainloader, "trainloader")
         check_loader(self.valloader, "valloader")
@@ -168,7 +170,7 @@ class BaseCompressor:
             raise DataError("accuracy_first=True needs a valloader to measure accuracy")
 
     def _example_inputs(self, example_inputs: Optional[Sequence[Any]]) -> Tuple[Any, ...]:
-        example_inputs = example_tuple(example_inputs, PruningError)
+        example_inputs = example_tuple(example_inputs, self.error)
         if example_inputs:
             return tuple(_to(x, self.device) for x in example_inputs)
         batch = first_batch(self.trainloader, self.seed, self.device)
@@ -188,7 +190,7 @@ class BaseCompressor:
         and the user's stays as it is (a graph is used as given; compressors never edit their input)."""
         if isinstance(net, nn.Module) and not isinstance(net, ReconstructedNetwork):
             net = copy.deepcopy(net).to(self.device).eval()
-        return as_network(net, self.example_inputs, self._example_kwargs, error=PruningError, what="origin_net")
+        return as_network(net, self.example_inputs, self._example_kwargs, error=self.error, what="origin_net")
 
     def layer_names(self) -> List[str]:
         """Names accepted as keys of a `compress_ratio` dict (every node of the graph by default)."""
@@ -197,16 +199,16 @@ class BaseCompressor:
     def validate_ratio(self, ratio: Ratio) -> None:
         if isinstance(ratio, Mapping):
             if not ratio:
-                raise PruningError("compress_ratio is an empty dict; give {layer_name: ratio} or a float")
+                raise self.error("compress_ratio is an empty dict; give {layer_name: ratio} or a float")
             names = self.layer_names()
             known = set(names)
             for k, v in ratio.items():
                 if k not in known:
-                    raise PruningError(f"compress_ratio names unknown layer {k!r}; valid names include "
+                    raise self.error(f"compress_ratio names unknown layer {k!r}; valid names include "
                                        f"{self.example_layer_names()} (see [n.name for n in net.layer_nodes])")
-                _check_fraction(v, f"compress_ratio[{k!r}]")
+                _check_fraction(v, f"compress_ratio[{k!r}]", self.error)
             return
-        _check_fraction(ratio, "compress_ratio")
+        _check_fraction(ratio, "compress_ratio", self.error)
 
     def example_layer_names(self, n: int = 5) -> List[str]:
         weighted = [nd.name for nd in self.origin_graph.layer_nodes
@@ -321,19 +323,19 @@ class BaseCompressor:
         return self.saved_files
 
 
-def _check_fraction(v: Any, what: str) -> None:
+def _check_fraction(v: Any, what: str, error: type = PruningError) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
-        raise PruningError(f"{what} must be a float in [0, 1) (the fraction of the layer's MACs removed), got {v!r}")
+        raise error(f"{what} must be a float in [0, 1) (the fraction of the layer's MACs removed), got {v!r}")
 
 
-def _as_device(device: Any) -> torch.device:
-    """`device` as a torch.device this machine has (an unknown or absent device is a PruningError now,
+def _as_device(device: Any, error: type = PruningError) -> torch.device:
+    """`device` as a torch.device this machine has (an unknown or absent device is an `error` now,
     not a RuntimeError at the first tensor moved there)."""
     try:
         dev = device if isinstance(device, torch.device) else torch.device(device)
         torch.empty(0, device=dev)
     except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
-        raise PruningError(f"device {device!r} is not usable here ({type(exc).__name__}: {str(exc)[:120]}); "
+        raise error(f"device {device!r} is not usable here ({type(exc).__name__}: {str(exc)[:120]}); "
                            "pass 'cpu' or an available 'cuda:N'") from None
     return dev
 

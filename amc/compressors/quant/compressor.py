@@ -36,6 +36,7 @@ class Quantization(BaseCompressor):
     """
 
     name = "quantization"
+    error = QuantizationError
 
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
                  weight_bits: int = 8, act_bits: Optional[int] = 8, observer: str = "minmax",

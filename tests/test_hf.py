@@ -66,6 +66,27 @@ def test_minilm_onnx_with_a_dynamic_sequence_length(minilm_model, minilm_net, tm
     np.testing.assert_allclose(got[0], ref.last_hidden_state.numpy(), rtol=1e-3, atol=1e-4)
 
 
+def test_minilm_onnx_takes_its_inputs_by_name(minilm_model, minilm_net, tmp_path, one_thread):
+    """`save_onnx(net, path, **batch)`, as `amc.trace(model, **batch)`: the inputs go by the names the capture
+    gave them, whatever the dict's order; a wrong or missing name, or inputs given both ways, is an ExportError."""
+    import onnxruntime as ort
+
+    from amc.errors import ExportError
+
+    tok, _ = minilm_model
+    batch = _batch(tok, ["one sentence", "and a second, longer one"])
+    reordered = {"attention_mask": batch["attention_mask"], "input_ids": batch["input_ids"]}
+    path = minilm_net.save_to_onnx(str(tmp_path / "m.onnx"), **reordered)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    with pytest.raises(ExportError, match=r"by name, \['input_ids', 'attention_mask'\]; got unknown \['token_type_ids'\]"):
+        amc.export.save_onnx(minilm_net, str(tmp_path / "x.onnx"), **batch, token_type_ids=batch["input_ids"])
+    with pytest.raises(ExportError, match=r"missing \['attention_mask'\]"):
+        amc.export.save_onnx(minilm_net, str(tmp_path / "x.onnx"), input_ids=batch["input_ids"])
+    with pytest.raises(ExportError, match="both by position and by name"):
+        amc.export.save_onnx(minilm_net, str(tmp_path / "x.onnx"), batch["input_ids"], attention_mask=batch["input_ids"])
+    assert not (tmp_path / "x.onnx").exists()
+
 def test_minilm_as_an_fx_graph_module(minilm_model, minilm_net, one_thread):
     """to_fx of a keyword-traced transformer: inputs by the tokenizer's names, the ModelOutput as a dict."""
     tok, model = minilm_model

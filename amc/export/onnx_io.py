@@ -75,12 +75,33 @@ def _rebatch(x: Any, batch: int) -> Any:
     return x[torch.arange(batch) % x.shape[0]]  # keep valid ids / masks
 
 
+def _call_order(net: Any) -> List[Any]:
+    """The network's input nodes in call order (None for a positional slot captured as a non-tensor)."""
+    by_index = {n.index: n for n in net.input_nodes if isinstance(n.index, int)}
+    slots = net._positional_slots() if hasattr(net, "_positional_slots") else len(by_index)
+    return [by_index.get(i) for i in range(slots)] + [n for n in net.input_nodes if not isinstance(n.index, int)]
+
+
+def _inputs_by_name(net: Any, named: Dict[str, Any]) -> Tuple[Any, ...]:
+    """`save_onnx(net, path, input_ids=..., attention_mask=...)`: the inputs in call order, by the names the
+    capture gave them."""
+    order = _call_order(net)
+    names = [None if n is None else n.name if isinstance(n.index, int) else str(n.index) for n in order]
+    unknown = sorted(set(named) - set(names))
+    missing = [n for n in names if n is not None and n not in named]
+    if unknown or missing or None in names:
+        raise ExportError(f"save_onnx takes the network's inputs by name, {[n for n in names if n]}"
+                          + (f"; got unknown {unknown}" if unknown else "") + (f"; missing {missing}" if missing else "")
+                          + ("; a positional argument was captured as a non-tensor, so give them by position"
+                             if None in names else "")
+                          + " (its own keywords are opset, check, example_inputs, dynamic_axes)")
+    return tuple(named[n] for n in names)
+
+
 def _input_names(net: Any, inputs: Tuple[Any, ...]) -> List[str]:
     """One name per input leaf, in the order `net.example_inputs()` gives them: positional slots, then the
     inputs captured as keywords (a tokenizer's batch keeps `input_ids`, `attention_mask`)."""
-    by_index = {n.index: n for n in net.input_nodes if isinstance(n.index, int)}
-    slots = net._positional_slots() if hasattr(net, "_positional_slots") else len(by_index)
-    nodes = [by_index.get(i) for i in range(slots)] + [n for n in net.input_nodes if not isinstance(n.index, int)]
+    nodes = _call_order(net)
     names: List[str] = []
     for i, value in enumerate(inputs):
         base = nodes[i].name if i < len(nodes) and nodes[i] is not None else f"input_{i}"
@@ -388,18 +409,23 @@ def _warn_if_int8_saturates(net: ReconstructedNetwork, path: str) -> None:
 
 
 def save_onnx(net: ReconstructedNetwork, path: str, *inputs: Any, opset: int = 17,
-              check: bool = True, example_inputs: Any = None, dynamic_axes: Any = None) -> str:
+              check: bool = True, example_inputs: Any = None, dynamic_axes: Any = None, **named_inputs: Any) -> str:
     """Write `net` as ONNX to `path` (atomically) with a dynamic batch axis on every input and output.
 
-    The inputs (`save_onnx(net, path, x)`, `(x,)` or `example_inputs=(x,)`) default to
-    `net.example_inputs()`. `dynamic_axes={"x": {2: "height", 3: "width"}}` (torch.onnx.export's form; keys
+    The inputs (`save_onnx(net, path, x)`, `(x,)`, `example_inputs=(x,)`, or by name as traced:
+    `save_onnx(net, path, **batch)`) default to `net.example_inputs()`. `dynamic_axes={"x": {2: "height", 3: "width"}}` (torch.onnx.export's form; keys
     are input names or positions) frees more axes, e.g. image size or sequence length. With `check`, the
     model must pass `onnx.checker` and match the network under onnxruntime at another batch size (and
     another size on every dynamic axis), else ExportError.
     """
     if not isinstance(net, ReconstructedNetwork):
         raise ExportError(f"save_onnx expects a ReconstructedNetwork, got {type(net).__name__}")
-    inputs = given_inputs(net, inputs, example_inputs, ExportError) or net.example_inputs()
+    inputs = given_inputs(net, inputs, example_inputs, ExportError)
+    if named_inputs:
+        if inputs:
+            raise ExportError("save_onnx got inputs both by position and by name: give one of them")
+        inputs = _inputs_by_name(net, named_inputs)
+    inputs = inputs or net.example_inputs()
     if not inputs:
         raise ExportError("save_onnx needs example inputs: the network has no positional tensor inputs recorded")
     input_names = _unique(_input_names(net, inputs))

@@ -390,9 +390,9 @@ class ReconstructedNetwork(nn.Module):
         return file_format("json").load(file)
 
     def save_to_onnx(self, file: str, *example_inputs: Any, opset: int = 17, check: bool = True,
-                     dynamic_axes: Any = None) -> str:
+                     dynamic_axes: Any = None, **named_inputs: Any) -> str:
         return file_format("onnx").save(self, file, *example_inputs, opset=opset, check=check,
-                                        dynamic_axes=dynamic_axes)
+                                        dynamic_axes=dynamic_axes, **named_inputs)
 
     def save_to_vnmodel(self, pkl: str, model_base_size_hw: Tuple[int, int], model_id: int = 0) -> str:
         """Seed name: an ONNX Runtime ORT-format file (not Venus's private format), see amc.export.vnmodel."""

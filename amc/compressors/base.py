@@ -205,7 +205,7 @@ class BaseCompressor:
             for k, v in ratio.items():
                 if k not in known:
                     raise self.error(f"compress_ratio names unknown layer {k!r}; valid names include "
-                                       f"{self.example_layer_names()} (see [n.name for n in net.layer_nodes])")
+                                     f"{self.example_layer_names()} (see [n.name for n in net.layer_nodes])")
                 _check_fraction(v, f"compress_ratio[{k!r}]", self.error)
             return
         _check_fraction(ratio, "compress_ratio", self.error)
@@ -336,7 +336,7 @@ def _as_device(device: Any, error: type = PruningError) -> torch.device:
         torch.empty(0, device=dev)
     except (RuntimeError, TypeError, ValueError, AssertionError) as exc:
         raise error(f"device {device!r} is not usable here ({type(exc).__name__}: {str(exc)[:120]}); "
-                           "pass 'cpu' or an available 'cuda:N'") from None
+                    "pass 'cpu' or an available 'cuda:N'") from None
     return dev
 
 

@@ -214,7 +214,7 @@ def batch_inputs(batch: Any, net: Optional[ReconstructedNetwork] = None) -> Tupl
     if isinstance(batch, (list, tuple)) and batch:
         return (batch[0],)
     if isinstance(batch, Mapping):
-        names = [n.name if isinstance(n.index, int) else str(n.index) for n in net.input_order()] if net else []
+        names = net.input_names() if net else []
         if names and (len(names) > 1 or names[0] in batch):
             return _named_inputs(batch, names)
         for key in IMAGE_KEYS:
@@ -238,14 +238,16 @@ def example_from_batch(batch: Any, net: Any) -> Tuple[Tuple[Any, ...], Optional[
     return batch_inputs(batch), None
 
 
-def _named_inputs(batch: Mapping[str, Any], names: Sequence[str]) -> Tuple[Any, ...]:
-    missing = [n for n in names if n not in batch]
+def _named_inputs(batch: Mapping[str, Any], names: Sequence[Optional[str]]) -> Tuple[Any, ...]:
+    missing = [n for n in names if n is not None and n not in batch]
     extra = sorted(str(k) for k in batch if k not in names and k not in TARGET_KEYS)
-    if missing or extra:
+    if missing or extra or None in names:
         raise DataError(
-            f"a dict batch feeds the network its inputs by name: it takes {list(names)}, the batch has "
-            f"{sorted(map(str, batch))}" + (f"; missing {missing}" if missing else "") +
+            f"a dict batch feeds the network its inputs by name: it takes {[n for n in names if n]}, the batch "
+            f"has {sorted(map(str, batch))}" + (f"; missing {missing}" if missing else "") +
             (f"; not inputs of the network {extra}" if extra else "") +
+            ("; a positional argument was captured as a non-tensor, so yield (inputs, labels) tuples"
+             if None in names else "") +
             ". Trace on a batch with the same keys (amc.trace(model, **batch)) or give batches with exactly "
             f"those keys (keys {sorted(TARGET_KEYS)} are read as labels and skipped)")
     return tuple(batch[n] for n in names)

@@ -75,18 +75,10 @@ def _rebatch(x: Any, batch: int) -> Any:
     return x[torch.arange(batch) % x.shape[0]]  # keep valid ids / masks
 
 
-def _call_order(net: Any) -> List[Any]:
-    """The network's input nodes in call order (None for a positional slot captured as a non-tensor)."""
-    by_index = {n.index: n for n in net.input_nodes if isinstance(n.index, int)}
-    slots = net._positional_slots() if hasattr(net, "_positional_slots") else len(by_index)
-    return [by_index.get(i) for i in range(slots)] + [n for n in net.input_nodes if not isinstance(n.index, int)]
-
-
 def _inputs_by_name(net: Any, named: Dict[str, Any]) -> Tuple[Any, ...]:
     """`save_onnx(net, path, input_ids=..., attention_mask=...)`: the inputs in call order, by the names the
     capture gave them."""
-    order = _call_order(net)
-    names = [None if n is None else n.name if isinstance(n.index, int) else str(n.index) for n in order]
+    names = net.input_names()
     unknown = sorted(set(named) - set(names))
     missing = [n for n in names if n is not None and n not in named]
     if unknown or missing or None in names:
@@ -101,10 +93,10 @@ def _inputs_by_name(net: Any, named: Dict[str, Any]) -> Tuple[Any, ...]:
 def _input_names(net: Any, inputs: Tuple[Any, ...]) -> List[str]:
     """One name per input leaf, in the order `net.example_inputs()` gives them: positional slots, then the
     inputs captured as keywords (a tokenizer's batch keeps `input_ids`, `attention_mask`)."""
-    nodes = _call_order(net)
+    known = net.input_names()
     names: List[str] = []
     for i, value in enumerate(inputs):
-        base = nodes[i].name if i < len(nodes) and nodes[i] is not None else f"input_{i}"
+        base = known[i] if i < len(known) and known[i] is not None else f"input_{i}"
         leaves = flatten_leaves(value)
         names += [base] if len(leaves) == 1 else [f"{base}_{j}" for j in range(len(leaves))]
     return names

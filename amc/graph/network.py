@@ -120,6 +120,16 @@ class ReconstructedNetwork(nn.Module):
         positional = sorted((n for n in self.input_nodes if isinstance(n.index, int)), key=lambda n: n.index)
         return positional + [n for n in self.input_nodes if not isinstance(n.index, int)]
 
+    def input_names(self) -> List[Optional[str]]:
+        """The inputs' names in call order, as `net(**inputs)` takes them: the positional slots (None where
+        the capture saw a non-tensor that a positional call cannot skip), then the inputs captured as keywords."""
+        by_index = {n.index: n.name for n in self.input_nodes if isinstance(n.index, int)}
+        names = [by_index.get(i) for i in range(self._positional_slots())] + \
+            [str(n.index) for n in self.input_nodes if not isinstance(n.index, int)]
+        while names and names[-1] is None:  # trailing non-tensor arguments keep their captured values
+            names.pop()
+        return names
+
     def _bind_inputs(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Dict[str, Any]:
         env: Dict[str, Any] = {}
         kwargs = dict(kwargs)

@@ -18,6 +18,7 @@ import amc
 from amc.errors import CaptureError
 from amc.graph import reconstructor
 from amc.graph import drawing as drawing_mod
+from amc.graph.counting import node_costs
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -730,6 +731,27 @@ def test_count_relu_module_matches_functional():
 def test_count_gelu_module_matches_functional():
     x = torch.randn(1, 4, 8)
     assert amc.count(GeluModule(), x)[0] == amc.count(GeluFunctional(), x)[0] == x.numel()
+
+
+class AddMatMuls(nn.Module):
+    """GPT-2's Conv1D is `torch.addmm(b, x, W)`; attention scorers use `torch.baddbmm(bias, a, b)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        y = torch.addmm(self.b, x.view(-1, 8), self.w)  # [12, 6] from [12, 8] @ [8, 6]
+        return torch.baddbmm(self.b[:4].view(1, 1, 4), y.view(3, 4, 6), y.view(3, 4, 6).transpose(1, 2))  # [3, 4, 4]
+
+
+def test_count_addmm_and_baddbmm_as_products_plus_bias():
+    """addmm/baddbmm count the product's inner dim (mat1's last), not the added term's: GPT-2's layers were
+    counted as 0 MACs before (replayed, uncounted), an 11x undercount of the whole model."""
+    x = torch.randn(3, 4, 8)
+    net = amc.trace(AddMatMuls(), x)
+    ops = {r["name"].rsplit(".", 1)[-1]: r["macs"] for r in node_costs(net, x) if r["macs"]}
+    assert ops == {"addmm": 12 * 6 * (8 + 1), "baddbmm": 3 * 4 * 4 * (6 + 1)}
 
 
 # ----------------------------------------------------------------------------------------------

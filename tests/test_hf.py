@@ -338,6 +338,66 @@ def test_hf_zoo_pruned_soft_equals_hard_and_written_back(name, heads, one_thread
         assert torch.allclose(eager(**new)[0], hard(**new)[0], atol=1e-5)
 
 
+def _hf_lm_zoo():
+    import transformers as T
+
+    text = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64)
+    return {  # language-model heads: logits, not hidden states, leave the residual width prunable
+        "llama_gqa": lambda: T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, **text)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(num_key_value_heads=2, **text)),
+        "phi": lambda: T.PhiForCausalLM(T.PhiConfig(**text)),
+        "gpt2_tied": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4,
+                                                            n_positions=32)),  # lm_head is wte
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128,
+                                                             num_layers=2, num_heads=4)),  # shared position bias
+    }
+
+
+def _lm_inputs(name, batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = {"input_ids": torch.randint(0, 100, (batch, length), generator=g),
+           "attention_mask": torch.ones(batch, length, dtype=torch.long)}
+    if name == "t5":
+        out["decoder_input_ids"] = torch.randint(0, 100, (batch, length - 2), generator=g)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(_hf_lm_zoo()))
+@pytest.mark.parametrize("heads", [False, True], ids=["dims", "heads"])
+def test_hf_language_models_lose_residual_width(name, heads, one_thread):
+    """Decoder LMs (GQA, rotary, RMSNorm, tied embeddings) and T5: the embedding's columns are the residual
+    width, so it shrinks with everything that reads it (tied lm_head included, still one tensor); T5's
+    relative position bias (an embedding with one column per head, shared by every layer, passed to SDPA as
+    its mask) loses the heads the layers lose. Soft == hard, and the eager write-back returns the same where a
+    plain module can hold the result (grouped-query heads, T5's head size), else refuses."""
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()[name]().eval()
+    net = amc.trace(model, **_lm_inputs(name, 2, 9, 0), use_cache=False)
+    new = _lm_inputs(name, 3, 7, 1)
+    with torch.no_grad():
+        hard = amc.prune(net, ratio=0.5, heads=heads)
+        soft = amc.prune(net, ratio=0.5, heads=heads, mode="soft")
+        assert torch.allclose(soft(**new).logits, hard(**new).logits, atol=1e-4)
+        assert hard(**new).logits.shape == model(**new, use_cache=False).logits.shape
+        assert amc.count(hard)[0] < 0.65 * amc.count(net)[0]
+        embeddings = [m for m in hard.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == 100]
+        width = 64 if name == "t5" else 32  # T5 also returns the encoder's hidden states: its width is output
+        assert embeddings and all(m.embedding_dim == width == m.weight.shape[1] for m in embeddings)
+        if name == "gpt2_tied":
+            heads_out = [m for m in hard.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 100]
+            assert heads_out[0].weight is embeddings[0].weight
+        if name == "t5" and heads:
+            bias = [m for m in hard.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == 32]
+            assert [m.embedding_dim for m in bias] == [2, 2]  # encoder's and decoder's, one per kept head
+        if not heads and name in ("llama_gqa", "qwen2", "phi"):  # rotary pairs keep q/k's head size, v's shrinks
+            with pytest.raises(amc.errors.ExportError, match="one size attribute"):
+                amc.export.to_module(hard, model)
+            return
+        eager = amc.export.to_module(hard, model)  # GQA: fewer k/v heads, same groups; T5: key_value_proj_dim
+        assert torch.allclose(eager(**new, use_cache=False).logits, hard(**new).logits, atol=1e-5)
+
+
 def _loader(tok, texts, size, length=None, **extra):
     """A list of tokenizer batches of `size` sentences, as a Hugging Face collator yields them (labels too)."""
     out = []
@@ -467,3 +527,17 @@ def test_tuner_default_evaluator_scores_dict_batches(one_thread):
     result = RandomSearch(samples=3, seed=0).search(net, target_macs=0.6, calibration=calib, finetune_steps=2,
                                                    progress=False)
     assert [h["status"] for h in result.history] == ["ok"] * 3 and result.macs_ratio <= 0.6
+
+
+def test_decoder_traced_without_mask_names_the_batch_branch(one_thread):
+    """Without attention_mask a Llama expands its position ids only when the batch is not 1, so a graph traced
+    at batch 2 holds a branch that batch 1 does not take; pruning (which analyses one sample) says so and
+    names the fix instead of blaming the inputs."""
+    model = _hf_lm_zoo()["llama_gqa"]().eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    net = amc.trace(model, input_ids=ids, use_cache=False)
+    for kwargs in ({}, {"example_inputs": (ids,)}):
+        with pytest.raises(amc.errors.PruningError, match="runs at batch 2 but not at batch 1.*attention_mask="):
+            amc.prune(net, ratio=0.5, **kwargs)
+    masked = amc.trace(model, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    assert amc.prune(masked, ratio=0.5)(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])).logits.shape[0] == 1

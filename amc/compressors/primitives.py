@@ -62,7 +62,7 @@ def silence_units(plan: PruningPlan, roots: np.ndarray) -> List[str]:
     """Make the units output exactly 0 while leaving them trainable (Soft Filter Pruning).
 
     Zeroes what *produces* each channel: output rows and biases of ops whose registry role is
-    "producer" (conv, linear), and the bias and running mean of "norm" ops, so a conv-BN channel
+    "producer" (conv, linear), the columns of "embedding" ops, and the bias and running mean of "norm" ops, so a conv-BN channel
     evaluates to exactly 0 and a later hard prune of the same units computes the same function. Norm scales and consumer columns are kept: zeroing them
     would cut the gradient a silenced filter needs to regrow. Returns the layers touched.
     """
@@ -82,6 +82,10 @@ def silence_units(plan: PruningPlan, roots: np.ndarray) -> List[str]:
                     param_of(plan.net, key, ax.attr).data.index_fill_(ax.dim, idx, 0)
                 elif ax.attr == "weight" and getattr(module, "running_mean", None) is not None:
                     module.running_mean.index_fill_(0, idx, 0)
+            elif role == "embedding":
+                if ax.attr == "weight" and ax.dim == 1:
+                    param_of(plan.net, key, ax.attr).data.index_fill_(1, idx, 0)
+                    touched.append(ax.node) if ax.node not in touched else None
             elif role == "producer":
                 if (ax.attr == "weight" and ax.dim == 0) or ax.attr == "bias":
                     param_of(plan.net, key, ax.attr).data.index_fill_(ax.dim, idx, 0)

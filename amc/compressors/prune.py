@@ -266,14 +266,16 @@ def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Non
                 f"capture did at a value the model reads into Python ({str(exc)[:300]} ...). Pass "
                 "example_inputs= whose first sample takes the captured path (or trace on that one sample)") from exc
         one = per_sample(inputs)
-        if any(a is not b for a, b in zip(one, inputs)) and _runs(net, inputs):
-            batch = next(b.shape[0] for a, b in zip(one, inputs) if a is not b)
+        batched = inputs if any(a is not b for a, b in zip(one, inputs)) else net.example_inputs()
+        batch = next((b.shape[0] for a, b in zip(per_sample(batched), batched) if a is not b), 1)
+        if batch > 1 and _runs(net, batched):
             raise PruningError(
-                f"the network runs on the example batch of {batch} but not on its first sample alone "
-                f"({type(exc).__name__}: {str(exc)[:160]}): the model fixes its batch size somewhere (an "
-                "int(x.shape[0]) or a constant batch in a view / reshape; x.size(0) or -1 keeps it free). "
-                "Pruning runs one sample: fix the model, or trace and prune with a batch of 1 (the result then "
-                "runs at batch 1 only)") from exc
+                f"pruning analyses one sample, and the network runs at batch {batch} but not at batch 1 "
+                f"({type(exc).__name__}: {str(exc)[:300]} ...): the model fixes its batch size (an int(x.shape[0]) "
+                "or a constant batch in a view / reshape; x.size(0) or -1 keeps it free) or branches on it "
+                "(Hugging Face decoders without an attention_mask expand their position ids only when the batch "
+                "is not 1: pass attention_mask= to amc.trace). Fix the model or its inputs, or trace and prune "
+                "with a batch of 1 (the result then runs at batch 1 only)") from exc
         raise PruningError(f"the network does not run on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); "
                            "pass the tensors it was traced with, e.g. example_inputs=(x,)") from exc
 

@@ -27,8 +27,8 @@ from .onnx_io import tensor_leaves
 
 #: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
-HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size")
-ALL_HEADS_ATTRS = ("all_head_size",)
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")  # last: T5
+ALL_HEADS_ATTRS = ("all_head_size", "inner_dim")  # inner_dim: T5
 QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn")
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin")
 
@@ -108,6 +108,14 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
                 break
     if not found:
         return {}
+    new: Dict[str, Any] = {}
+    q, v, groups = found.get("query"), found.get("value"), getattr(module, "num_key_value_groups", None)
+    if q and v and q != v and q[1] == v[1] and isinstance(groups, int) and v[0] * groups == q[0]:
+        # grouped-query attention (Llama, Qwen2, Mistral): each k/v head serves `groups` query heads
+        for name in ("num_key_value_heads", "num_kv_heads"):
+            if isinstance(getattr(module, name, None), int):
+                new[name] = v[0]
+        del found["value"]
     if len(set(found.values())) > 1:
         raise ExportError(
             f"{path} ({type(module).__name__}) splits q/k and v into heads with one size attribute, but the "
@@ -115,7 +123,6 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
             f"{type(module).__name__} cannot run that. Prune q/k and v by the same ratio (amc.prune(ratio=r) "
             "or heads=True), or keep using the ReconstructedNetwork")
     heads, size = next(iter(found.values()))
-    new: Dict[str, Any] = {}
     if isinstance(getattr(module, "split_size", None), int) and pieces > 1:  # GPT-2: c_attn(x).split(split_size)
         new["split_size"] = heads * size
     for names, value in ((HEAD_COUNT_ATTRS, heads), (HEAD_SIZE_ATTRS, size), (ALL_HEADS_ATTRS, heads * size)):

@@ -93,6 +93,15 @@ def matmul_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
     return (out.numel() * a.shape[-1]) if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor) else 0
 
 
+def addmm_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """`input + mat1 @ mat2` (addmm, baddbmm; Hugging Face's GPT-2 Conv1D): the product, plus the added term
+    as a linear layer's bias counts."""
+    a = args[1] if len(args) > 1 else kwargs.get("mat1", kwargs.get("batch1"))
+    if not (isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor)):
+        return 0
+    return out.numel() * a.shape[-1] + out.numel()
+
+
 def einsum_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
     eq = args[0].replace(" ", "")
     ops = args[1:] if not (len(args) == 2 and isinstance(args[1], (list, tuple))) else args[1]

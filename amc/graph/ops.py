@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LoadError
-from .macs import (conv_macs, rnn_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs, in_numel, linear_macs, matmul_macs,
+from .macs import (addmm_macs, conv_macs, rnn_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs, in_numel, linear_macs, matmul_macs,
                    mha_macs, norm_macs, out_numel, sdpa_macs)
 
 MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
@@ -32,7 +32,8 @@ MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
 # only, so a file can never make unpickling import an arbitrary module.
 STRICT_CALLABLE_NAMES: "contextvars.ContextVar[bool]" = contextvars.ContextVar("amc_strict_names", default=False)
 
-ROLES = ("producer", "norm")  # what silencing (Soft Filter Pruning) zeroes: a producer's rows, a norm's shift
+ROLES = ("producer", "norm", "embedding")  # what silencing (Soft Filter Pruning) zeroes: a producer's rows, a
+# norm's shift, an embedding's columns
 
 
 @dataclass
@@ -591,7 +592,8 @@ register_function_op(F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_
 register_function_op(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle,
                      name="PixelShuffle", wrapper=PixelShuffle)
 register_function_op(torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm, T.bmm, torch.mm, T.mm,
-                     torch.baddbmm, name="MatMul", wrapper=MatMul, macs=matmul_macs)
+                     name="MatMul", wrapper=MatMul, macs=matmul_macs)
+register_function_op(torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, name="MatMul", wrapper=MatMul, macs=addmm_macs)
 register_function_op(torch.einsum, name="Einsum", wrapper=MatMul, macs=einsum_macs)
 register_function_op(F.scaled_dot_product_attention, name="ScaledDotProductAttention", wrapper=MatMul,
                      macs=sdpa_macs)

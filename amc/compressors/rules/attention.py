@@ -14,7 +14,7 @@ from ...graph.template import Ref
 from ..dependency import TL, Fixup, RuleCall, Vec, unlabeled_like
 from ...graph.network import ReconstructedNetwork
 
-from .common import _broadcast, _dims_of, _out_tl, _tl
+from .common import _broadcast, _dims_of, _out_tl, _tl, arg_dims
 from .registry import opaque, register_rule
 
 T = torch.Tensor
@@ -97,11 +97,13 @@ def sdpa(c: RuleCall) -> Any:
     dq, dk, dv = _dims_of(c, 0, q), _dims_of(c, 1, k), _dims_of(c, 2, v)
     c.a.uf.union_vecs(dq[-1], dk[-1]) if (dq[-1] is not None or dk[-1] is not None) else None
     c.a.uf.union_vecs(dk[-2], dv[-2]) if (dk[-2] is not None or dv[-2] is not None) else None
-    mask = c.kwargs.get("attn_mask", c.args[3] if len(c.args) > 3 else None)
-    if isinstance(mask, torch.Tensor):
-        c.a.freeze_all(c.larg(3, "attn_mask"))
-    batch = _broadcast(c, [(dq[:-2], q.shape[:-2]), (dk[:-2], k.shape[:-2]), (dv[:-2], v.shape[:-2])],
-                       c.out.shape[:-2])
+    items = [(dq[:-2], q.shape[:-2]), (dk[:-2], k.shape[:-2]), (dv[:-2], v.shape[:-2])]
+    mask, dm = arg_dims(c, 3, "attn_mask")
+    if isinstance(mask, torch.Tensor):  # added to the scores: its head dim lines up with q's (T5's position bias)
+        for vec in dm[-2:]:
+            c.a.uf.freeze(vec)
+        items.append((dm[:-2], mask.shape[:-2]))
+    batch = _broadcast(c, items, c.out.shape[:-2])
     if dq[-1] is not None and c.kwargs.get("scale") is None and len(c.args) < 7:
         c.a.fixup(c.node.name, fix_sdpa_scale, scale=1.0 / math.sqrt(q.shape[-1]))
     return TL(batch + [dq[-2], dv[-1]])

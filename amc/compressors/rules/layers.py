@@ -170,6 +170,33 @@ def linear(c: RuleCall) -> Any:
     return TL(dims[:-1] + [new])
 
 
+@register_rule(nn.Embedding)
+def embedding(c: RuleCall) -> Any:
+    """An embedding's columns are its output channels (a text transformer's residual width); the indices
+    carry none and the vocabulary rows stay whole. max_norm renormalises whole rows, so it keeps them all."""
+    m, idx = c.module, c.args[0]
+    c.a.freeze_all(c.largs)
+    new = c.a.new_space(c.node.name, m.embedding_dim)
+    c.a.axis(c.node.name, "weight", 1, new)
+    if m.max_norm is not None:
+        c.a.uf.freeze(new)
+    return TL([None] * idx.dim() + [new])
+
+
+@register_rule(F.embedding)
+def f_embedding(c: RuleCall) -> Any:
+    """`F.embedding(indices, weight)`: the weight's columns are the output channels, as for nn.Embedding."""
+    (idx, didx), (w, dw) = arg_dims(c, 0, "input"), arg_dims(c, 1, "weight")
+    if not isinstance(idx, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+        return opaque(c)
+    for v in didx:
+        c.a.uf.freeze(v)
+    c.a.uf.freeze(dw[0])  # rows are looked up by value
+    if c.arg(3, "max_norm") is not None:
+        c.a.uf.freeze(dw[1])
+    return TL([None] * idx.dim() + [dw[1]])
+
+
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
                nn.InstanceNorm3d)
 def batchnorm(c: RuleCall) -> Any:
@@ -523,6 +550,10 @@ def _resize_prelu(m: nn.Module) -> None:
     m.num_parameters = m.weight.numel()
 
 
+def _resize_embedding(m: nn.Module) -> None:
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
 register_op(*_CONVS, resize=_resize_conv)
 register_op(*_TCONVS, resize=_resize_conv)
 register_op(nn.Linear, resize=_resize_linear, role="producer")
@@ -532,6 +563,7 @@ register_op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, n
 register_op(nn.LayerNorm, resize=_resize_layernorm, role="norm")
 register_op(nn.GroupNorm, role="norm")
 register_op(nn.PReLU, resize=_resize_prelu)
+register_op(nn.Embedding, resize=_resize_embedding, role="embedding")
 
 
 def fix_layernorm(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:

@@ -80,12 +80,12 @@ def spatial(c: RuleCall) -> Any:
 # products
 
 
-# Declared opaque: channels stop here, on purpose. Recurrent cells, embedding and bilinear layers mix or
+# Declared opaque: channels stop here, on purpose. Recurrent cells and bilinear layers mix or
 # create features in ways no rule models yet; creation ops (zeros, arange, new_*) take a tensor only for
 # its dtype/device; gathers, unfold/fold, and GLU halving move or mix channels.
-mark_opaque(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
-            nn.GLU, F.glu, F.embedding, F.one_hot, F.unfold, F.fold,
+mark_opaque(nn.Bilinear, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
+            nn.GLU, F.glu, F.one_hot, F.unfold, F.fold,
             T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor, torch.zeros, torch.ones, torch.full,
             torch.empty, torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.meshgrid,
-            T.index_select, torch.index_select, T.gather, torch.gather, T.unfold, T.__rmatmul__, torch.baddbmm,
+            T.index_select, torch.index_select, T.gather, torch.gather, T.unfold, T.__rmatmul__,
             operator.getitem, ShapeGuard)

@@ -398,6 +398,30 @@ def test_hf_language_models_lose_residual_width(name, heads, one_thread):
         assert torch.allclose(eager(**new, use_cache=False).logits, hard(**new).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", sorted(_hf_lm_zoo()))
+def test_pruned_language_models_reload(name, tmp_path, one_thread):
+    """Whole heads and residual width pruned, written back and saved: the decoders' configs describe them
+    (hidden size, heads, key/value heads), so plain `transformers` reloads them and computes the same, a
+    tied lm_head tied again; T5 (cross-attention heads kept, so head counts differ by layer) goes through
+    amc's own loader."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()[name]().eval()
+    new = _lm_inputs(name, 3, 7, 1)
+    hard = amc.prune(amc.trace(model, **_lm_inputs(name, 2, 9, 0), use_cache=False), ratio=0.5, heads=True)
+    amc.export.save_pretrained(amc.export.to_module(hard, model), str(tmp_path))
+    if name == "t5":
+        back = amc.export.from_pretrained(str(tmp_path))
+    else:
+        back = getattr(T, type(model).__name__).from_pretrained(str(tmp_path)).eval()
+        assert back.config.hidden_size == 32
+    with torch.no_grad():
+        assert torch.allclose(back(**new, use_cache=False).logits, hard(**new).logits, atol=1e-5)
+    if name == "gpt2_tied":
+        assert back.lm_head.weight is back.transformer.wte.weight
+
+
 def _loader(tok, texts, size, length=None, **extra):
     """A list of tokenizer batches of `size` sentences, as a Hugging Face collator yields them (labels too)."""
     out = []

@@ -15,7 +15,7 @@ import glob
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from ..errors import ExportError, LoadError
 from .atomic import atomic_paths
 from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
 
-_ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + ("scaling",)
+_ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + ("scaling", "split_size", "num_key_value_heads", "nf", "nx")  # nf, nx: GPT-2 Conv1D
 _KEY = "amc_layers"
 
 
@@ -64,13 +64,37 @@ def _candidate(model: nn.Module, original: nn.Module) -> Any:
                  if isinstance(m, nn.Linear) and isinstance(before.get(p), nn.Linear) and before[p].out_features == inter]
         if _uniform(sizes) is not None:
             config.intermediate_size = _uniform(sizes)
+    width = _embedding_width(model)
+    if width is not None and width != _embedding_width(original) and hasattr(config, "hidden_size"):
+        config.hidden_size = width  # the residual width (GPT-2's n_embd, T5's d_model through attribute maps)
     heads = [getattr(m, a) for m in model.modules() for a in HEAD_COUNT_ATTRS if isinstance(getattr(m, a, None), int)]
     dims = [getattr(m, a) for m in model.modules() for a in HEAD_SIZE_ATTRS if isinstance(getattr(m, a, None), int)]
+    q_heads, kv_heads = _projection_heads(model)
+    heads = heads or q_heads  # Llama-style attentions keep no head count, only the head size
+    if _uniform(kv_heads) is not None and isinstance(getattr(config, "num_key_value_heads", None), int):
+        config.num_key_value_heads = _uniform(kv_heads)
     if _uniform(heads) is not None and hasattr(config, "num_attention_heads"):
         config.num_attention_heads = _uniform(heads)
         if _uniform(dims) is not None and _uniform(dims) * _uniform(heads) != getattr(config, "hidden_size", None):
             config.head_dim = _uniform(dims)
     return config
+
+
+def _embedding_width(model: nn.Module) -> Optional[int]:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.embedding_dim if isinstance(emb, nn.Embedding) else None
+
+
+def _projection_heads(model: nn.Module) -> Tuple[List[int], List[int]]:
+    """Query and key/value head counts of every attention with q_proj / k_proj Linears and a head size."""
+    q_heads, kv_heads = [], []
+    for m in model.modules():
+        size = next((getattr(m, a) for a in HEAD_SIZE_ATTRS if isinstance(getattr(m, a, None), int)), None)
+        q, k = getattr(m, "q_proj", None), getattr(m, "k_proj", None)
+        if size and isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
+            q_heads.append(q.out_features // size)
+            kv_heads.append(k.out_features // size)
+    return q_heads, kv_heads
 
 
 def describe_in_config(model: nn.Module, original: nn.Module) -> None:
@@ -187,6 +211,8 @@ def from_pretrained(directory: str, model_class: Optional[type] = None) -> nn.Mo
     for f in files:
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # the resize above gave the tied tensors one Parameter each
     tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:

@@ -565,3 +565,28 @@ def test_decoder_traced_without_mask_names_the_batch_branch(one_thread):
             amc.prune(net, ratio=0.5, **kwargs)
     masked = amc.trace(model, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     assert amc.prune(masked, ratio=0.5)(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])).logits.shape[0] == 1
+
+
+def test_gpt2_conv1d_layers_reach_lowrank_and_int8(one_thread):
+    """GPT-2's Conv1D is `torch.addmm(b, x, W)` on two parameters: the compressors that work on Linears see it
+    as one (`amc.graph.edit.addmm_as_linear`: same output, same MACs), so low-rank decomposes and INT8
+    quantises its eight layers instead of only the lm_head; the traced graph itself keeps its addmm nodes."""
+    from amc.compressors import LowRankDecomposition, Quantization
+    from amc.graph.edit import addmm_as_linear
+
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()["gpt2_tied"]().eval()
+    batch = _lm_inputs("gpt2_tied", 2, 9, 0)
+    net = amc.trace(model, **batch, use_cache=False)
+    lin = addmm_as_linear(net)
+    linears = [n.name for n in lin.layer_nodes if n.op == "Linear"]
+    assert linears[:4] == [f"transformer.h.0.{p}" for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert len(linears) == 9 and amc.count(lin) == amc.count(net)
+    with torch.no_grad():
+        assert torch.allclose(lin(**batch).logits, net(**batch).logits, atol=1e-5)
+    low = LowRankDecomposition(net, [batch] * 2, compress_ratio=0.5).compress()
+    assert amc.count(low)[0] < 0.6 * amc.count(net)[0]
+    q = Quantization(net, [batch] * 2)
+    q.compress()
+    assert len(q.quantized_layers) == 9
+    assert sum(n.name.endswith(".addmm") for n in net.layer_nodes) == 8  # the input graph is left as it was

@@ -43,6 +43,7 @@ import torch.nn as nn
 from .._modes import outside_inference_mode
 from ..errors import ArgumentError, DataError, PruningError
 from ..graph.capture import as_network, example_tuple
+from ..graph.edit import addmm_as_linear
 from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import untouched
 from .sampling import batch_inputs, example_from_batch
@@ -105,6 +106,8 @@ class BaseCompressor:
     name = "compressor"
     #: what bad arguments and inputs raise (a compressor of its own kind names its own error)
     error: type = PruningError
+    #: compressors that work on nn.Linear layers see `addmm(bias, x, W)` on parameters (GPT-2's Conv1D) as one
+    linear_addmm: bool = False
     max_backoff_attempts = 8
 
     @outside_inference_mode
@@ -190,7 +193,8 @@ class BaseCompressor:
         and the user's stays as it is (a graph is used as given; compressors never edit their input)."""
         if isinstance(net, nn.Module) and not isinstance(net, ReconstructedNetwork):
             net = copy.deepcopy(net).to(self.device).eval()
-        return as_network(net, self.example_inputs, self._example_kwargs, error=self.error, what="origin_net")
+        graph = as_network(net, self.example_inputs, self._example_kwargs, error=self.error, what="origin_net")
+        return addmm_as_linear(graph) if self.linear_addmm else graph
 
     def layer_names(self) -> List[str]:
         """Names accepted as keys of a `compress_ratio` dict (every node of the graph by default)."""

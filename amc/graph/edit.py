@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Iterable, List, Mapping
 
+import torch
 import torch.nn as nn
 
 from .network import ReconstructedNetwork
 from .node import Node
+from .ops import ParamHolder
 from .template import Ref, map_template
 
 
@@ -104,3 +106,77 @@ def remove_nodes(net: ReconstructedNetwork, names: Iterable[str]) -> Reconstruct
     new.train(src.training)
     new.lint()
     return new
+
+
+def addmm_as_linear(net: ReconstructedNetwork) -> ReconstructedNetwork:
+    """A copy of `net` where every `torch.addmm(bias, x, weight)` on two parameters read nowhere else (Hugging
+    Face's GPT-2 `Conv1D`, weight stored [in, out]) is an `nn.Linear` node, so the compressors that work on
+    Linears (low-rank, quantisation) see these layers too. Same function up to float rounding; the Linear
+    node takes the Conv1D's name (its `.addmm` node's name without the suffix) when that name is free; `net`
+    itself comes back when it has no such node."""
+    readers: Dict[str, int] = {}
+    for ref in _refs([(n.args, n.kwargs) for n in net.layer_nodes]) + _refs(net.outputs):
+        readers[ref] = readers.get(ref, 0) + 1
+    if not _addmm_on_parameters(net, readers):
+        return net
+    src = net.copy()
+    names = {n.name for n in src.layer_nodes} | {n.name for n in src.input_nodes}
+    modules: Dict[str, nn.Module] = dict(src.network.items())
+    converted: Dict[str, Node] = {}
+    dropped: set = set()
+    for node, bias, weight in _addmm_on_parameters(src, readers).values():
+        base = node.name[:-len(".addmm")] if node.name.endswith(".addmm") else node.name
+        name = base if base not in names else node.name
+        names.add(name)
+        key = _fresh_key(modules, name)
+        modules[key] = _linear(bias, weight)
+        dropped.update(r.node for r in (node.args[0], node.args[2]))
+        converted[node.name] = Node(name, key, (node.args[1],), {}, {**node.meta, "op": "Linear"})
+    mapping = {old: new.name for old, new in converted.items() if new.name != old}
+    nodes = [converted.get(n.name) or dataclasses.replace(n, args=_reroute(n.args, mapping),
+                                                          kwargs=dict(_reroute(n.kwargs, mapping)))
+             for n in src.layer_nodes if n.name not in dropped]
+    used = {n.module for n in nodes}
+    new = ReconstructedNetwork({k: m for k, m in modules.items() if k in used}, src.input_nodes, nodes,
+                               _reroute(src.outputs, mapping), dict(src.meta))
+    new.train(src.training)
+    new.lint()
+    return new
+
+
+def _refs(obj) -> List[str]:
+    out: List[str] = []
+    map_template(obj, lambda v: out.append(v.node) if isinstance(v, Ref) else None)
+    return out
+
+
+def _addmm_on_parameters(net: ReconstructedNetwork, readers: Mapping[str, int]) -> Dict[str, tuple]:
+    """{name: (addmm node, bias, weight)} for the `addmm(bias, x, weight)` nodes whose bias and weight are parameter
+    nodes only they read, with default beta/alpha and a 2-D weight."""
+    by_name = {n.name: n for n in net.layer_nodes}
+    found: Dict[str, tuple] = {}
+    for node in net.layer_nodes:
+        fn = getattr(net.network[node.module], "fn", None)
+        if fn not in (torch.addmm, torch.Tensor.addmm) or node.kwargs or len(node.args) != 3:
+            continue
+        bias_ref, x_ref, weight_ref = node.args
+        if not all(isinstance(r, Ref) and not r.path for r in node.args):
+            continue
+        held = [net.network[by_name[r.node].module] if r.node in by_name else None for r in (bias_ref, weight_ref)]
+        if not all(type(h) is ParamHolder and readers.get(r.node) == 1 for h, r in zip(held, (bias_ref, weight_ref))):
+            continue
+        bias, weight = held[0].value, held[1].value
+        if weight.dim() == 2 and bias.shape == (weight.shape[1],):
+            found[node.name] = (node, bias, weight)
+    return found
+
+
+def _linear(bias: torch.Tensor, weight: torch.Tensor) -> nn.Linear:
+    """The nn.Linear of `addmm(bias, x, weight)`: its weight is `weight` transposed."""
+    linear = nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+        linear.bias.copy_(bias)
+    linear.weight.requires_grad_(weight.requires_grad)
+    linear.bias.requires_grad_(bias.requires_grad)
+    return linear

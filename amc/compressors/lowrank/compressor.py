@@ -88,6 +88,7 @@ class LowRankDecomposition(BaseCompressor):
     """
 
     name = "lowrank"
+    linear_addmm = True
 
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
                  trainset_ratio: float = 0.1, sampled_pixels_per_img: Optional[int] = None,

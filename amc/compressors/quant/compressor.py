@@ -37,6 +37,7 @@ class Quantization(BaseCompressor):
 
     name = "quantization"
     error = QuantizationError
+    linear_addmm = True
 
     def __init__(self, origin_net: nn.Module, trainloader: Iterable, valloader: Optional[Iterable] = None,
                  weight_bits: int = 8, act_bits: Optional[int] = 8, observer: str = "minmax",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..._modes import outside_inference_mode
 from ...errors import QuantizationError
 from ...graph.macs import conv_macs, linear_macs
+from ...graph.edit import addmm_as_linear
 from ...graph.network import ReconstructedNetwork
 from ...graph.ops import register_op
 from ..base import check_count, check_names, check_number, check_seed
@@ -191,8 +192,8 @@ class ProductQuantization:
             import copy
 
             origin_net = copy.deepcopy(origin_net).eval()
-        self.origin_graph = as_network(origin_net, example_tuple(example_inputs, QuantizationError), example_kwargs,
-                                       error=QuantizationError, what="origin_net")
+        self.origin_graph = addmm_as_linear(as_network(origin_net, example_tuple(example_inputs, QuantizationError),
+                                                       example_kwargs, error=QuantizationError, what="origin_net"))
         self.compressed_net: Optional[ReconstructedNetwork] = None
         self.quantized_layers: List[str] = []
 

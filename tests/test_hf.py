@@ -365,7 +365,7 @@ def _lm_inputs(name, batch, length, seed):
 
 @pytest.mark.parametrize("name", sorted(_hf_lm_zoo()))
 @pytest.mark.parametrize("heads", [False, True], ids=["dims", "heads"])
-def test_hf_language_models_lose_residual_width(name, heads, one_thread):
+def test_hf_language_models_lose_residual_width(name, heads, tmp_path, one_thread):
     """Decoder LMs (GQA, rotary, RMSNorm, tied embeddings) and T5: the embedding's columns are the residual
     width, so it shrinks with everything that reads it (tied lm_head included, still one tensor); T5's
     relative position bias (an embedding with one column per head, shared by every layer, passed to SDPA as
@@ -386,7 +386,10 @@ def test_hf_language_models_lose_residual_width(name, heads, one_thread):
         assert embeddings and all(m.embedding_dim == width == m.weight.shape[1] for m in embeddings)
         if name == "gpt2_tied":
             heads_out = [m for m in hard.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 100]
-            assert heads_out[0].weight is embeddings[0].weight
+            assert heads_out[0].weight is embeddings[0].weight and heads_out[0].in_features == 32
+        hard.save_to_json(str(tmp_path / "lm.json"))  # every layer's sizes agree with its tensors
+        again = amc.ReconstructedNetwork.load_from_json(str(tmp_path / "lm.json"))
+        assert torch.equal(again(**new).logits, hard(**new).logits)
         if name == "t5" and heads:
             bias = [m for m in hard.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == 32]
             assert [m.embedding_dim for m in bias] == [2, 2]  # encoder's and decoder's, one per kept head

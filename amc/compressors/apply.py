@@ -71,6 +71,7 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
         key_name = new.node(ax.node).module
         p = param_of(new, key_name, ax.attr)
         key = (id(p), ax.dim)
+        touched.add(key_name)  # a tensor shared with another layer (a tied lm_head) is sliced once, both resized
         if key in done:
             continue
         done.add(key)
@@ -78,7 +79,6 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
             p.data = p.data.index_select(ax.dim, torch.from_numpy(np.flatnonzero(keep))).contiguous()
         elif not ax.attr.endswith(("running_mean", "running_var")):
             p.data.index_fill_(ax.dim, torch.from_numpy(np.flatnonzero(~keep)), 0)
-        touched.add(key_name)
     for fx in a.fixups:
         fx.edit(new, fx, keep_of, mode)
     if mode == "hard":

@@ -857,3 +857,19 @@ def test_registered_leaf_function_is_recorded_whole_and_round_trips(tmp_path, as
         for x in xs:
             for g in [net] + loaded:
                 assert_same(model(x), g(x))
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, mask=None):
+        return x * mask if mask is not None else x
+
+
+def test_trace_takes_torch_export_args_and_kwargs():
+    """`amc.trace(model, args, kwargs)`, as torch.export.export takes them: the tuple is the positional inputs
+    and the dict the keyword ones (tried when the model fails on the pair itself)."""
+    x, mask = torch.randn(2, 3), torch.ones(2, 3)
+    net = amc.trace(TwoInputs(), (x,), {"mask": mask})
+    assert net.input_names() == ["x", "mask"]
+    assert torch.equal(net(x, mask=mask * 2), x * 2)
+    with pytest.raises(CaptureError, match="Read as torch.export's \\(args, kwargs\\) it failed too"):
+        amc.trace(TwoInputs(), (x,), {"mask": torch.ones(5, 7)})

@@ -725,6 +725,13 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     try:
         return _capture(model, example_inputs, example_kwargs)
     except _ForwardFailed as exc:
+        pair = _export_pair(example_inputs) if not example_kwargs else None
+        if pair is not None:  # amc.trace(model, args, kwargs), torch.export.export's spelling
+            try:
+                return _capture(model, *pair)
+            except _ForwardFailed as again:
+                raise CaptureError(f"{exc} Read as torch.export's (args, kwargs) it failed too: "
+                                   f"{again.__cause__!r}") from exc.__cause__
         spread = spread_tuple(example_inputs)
         if spread is None:
             raise CaptureError(str(exc)) from exc.__cause__
@@ -733,6 +740,14 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
         except _ForwardFailed as again:
             raise CaptureError(f"{exc} With the tuple's {len(spread)} tensor(s) as separate inputs "
                                f"(amc.trace(model, *inputs)) it failed too: {again.__cause__!r}") from exc.__cause__
+
+
+def _export_pair(example_inputs: Tuple[Any, ...]) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:
+    """`(args, kwargs)` when the inputs are a tuple and a dict of keyword inputs, as torch.export takes them."""
+    if len(example_inputs) != 2 or not isinstance(example_inputs[0], (tuple, list)) \
+            or not isinstance(example_inputs[1], Mapping) or not all(isinstance(k, str) for k in example_inputs[1]):
+        return None
+    return tuple(example_inputs[0]), dict(example_inputs[1])
 
 
 class _ForwardFailed(CaptureError):

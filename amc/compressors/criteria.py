@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Iterable, List, Optional, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -322,26 +322,42 @@ def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, targets)
 
 
-@register_criterion("taylor")
-class Taylor(Criterion):
-    """First-order Taylor estimate of the loss change when a unit goes (Molchanov et al. 2019; the seed's
-    "Approximate Oracle"): `(sum over every weight the unit owns of gradient x weight)^2` on each of
-    `max_batches` labelled batches drawn with `seed`, averaged. Gradients come from `torch.autograd.grad` in eval
-    mode, so the network's `.grad`, BatchNorm statistics and flags stay as they were.
-
-    loss_fn(output, targets) -> scalar; default: cross-entropy on the logits (see `default_loss`)."""
+class _LossCriterion(Criterion):
+    """A criterion that reads the loss on labelled calibration batches (`loss_fn(output, targets)`, default
+    `default_loss`), `max_batches` of them drawn with `seed`."""
 
     data_driven = True
+    default_batches = 4
 
-    def __init__(self, max_batches: int = 4, seed: int = DEFAULT_SEED,
+    def __init__(self, max_batches: Optional[int] = None, seed: int = DEFAULT_SEED,
                  loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None):
-        self.max_batches = max_batches
+        self.max_batches = self.default_batches if max_batches is None else max_batches
         self.seed = int(seed)
         self.loss_fn = loss_fn or default_loss
 
+    def _labelled(self, net: nn.Module, dataloader: Optional[Iterable]) -> List[Tuple[Tuple[Any, ...], Any]]:
+        _require_loader(self.name, dataloader)
+        with seeded_rng(self.seed):
+            batches = [(batch_inputs(b, net), _targets_of(b))
+                       for b in iter_calibration(dataloader, 1.0, self.seed, max_batches=self.max_batches)]
+        if not batches:
+            raise PruningError(f"criterion {self.name!r}: the dataloader yielded no batches")
+        if any(t is None for _, t in batches):
+            raise PruningError(f"criterion {self.name!r} needs labelled batches ((inputs, labels) pairs or dicts "
+                               "with labels) to compute the loss")
+        return batches
+
+
+@register_criterion("taylor")
+class Taylor(_LossCriterion):
+    """First-order Taylor estimate of the loss change when a unit goes (Molchanov et al. 2019; the seed's
+    "Approximate Oracle"): `(sum over every weight the unit owns of gradient x weight)^2` on each of
+    `max_batches` (4) labelled batches, averaged. Gradients come from `torch.autograd.grad` in eval mode, so
+    the network's `.grad`, BatchNorm statistics and flags stay as they were."""
+
     def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
         super().prepare(net, analysis, dataloader)
-        _require_loader(self.name, dataloader)
+        batches = self._labelled(net, dataloader)
         tensors: Dict[int, torch.Tensor] = {}
         for ax in analysis.axes:
             t = param_of(net, net.node(ax.node).module, ax.attr)
@@ -349,24 +365,16 @@ class Taylor(Criterion):
                 tensors.setdefault(id(t), t)
         params = list(tensors.values())
         self.products: Dict[int, List[torch.Tensor]] = {}  # per tensor, one gradient x weight per batch
-        batches = 0
-        with seeded_rng(self.seed), training_mode(net, False), _grads_enabled(params):
-            for batch in iter_calibration(dataloader, 1.0, self.seed, max_batches=self.max_batches):
-                targets = _targets_of(batch)
-                if targets is None:
-                    raise PruningError("criterion 'taylor' needs labelled batches ((inputs, labels) pairs or "
-                                       "dicts with labels) to compute the loss it differentiates")
-                loss = self.loss_fn(net(*batch_inputs(batch, net)), targets)
+        with training_mode(net, False), _grads_enabled(params):
+            for inputs, targets in batches:
+                loss = self.loss_fn(net(*inputs), targets)
                 if not torch.isfinite(loss):
                     raise PruningError(f"criterion 'taylor': the loss is {float(loss)} on a calibration batch")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for t, g in zip(params, grads):
                     self.products.setdefault(id(t), []).append(
                         (g * t).detach().double() if g is not None else torch.zeros_like(t, dtype=torch.float64))
-                batches += 1
-        if not batches:
-            raise PruningError("criterion 'taylor': the dataloader yielded no batches")
-        self.batches = batches
+        self.batches = len(batches)
 
     def __call__(self, group: Group) -> torch.Tensor:
         per_batch = torch.zeros(self.batches, group.size, dtype=torch.float64)
@@ -380,33 +388,17 @@ class Taylor(Criterion):
 
 
 @register_criterion("oracle")
-class Oracle(Criterion):
+class Oracle(_LossCriterion):
     """The seed's "Oracle" (Molchanov et al. 2017's reference): each unit's score is the loss increase
-    measured with that unit alone soft-pruned (zeroed), on `max_batches` labelled batches drawn with
-    `seed`. Exact where Taylor is a first-order estimate, and one network copy plus `max_batches`
-    forwards per unit: for small networks, or to check a cheaper criterion against it.
+    measured with that unit alone soft-pruned (zeroed), on `max_batches` (2) labelled batches. Exact where
+    Taylor is a first-order estimate, and one network copy plus `max_batches` forwards per unit: for small
+    networks, or to check a cheaper criterion against it."""
 
-    loss_fn(output, targets) -> scalar; default: cross-entropy on the logits (see `default_loss`)."""
-
-    data_driven = True
-
-    def __init__(self, max_batches: int = 2, seed: int = DEFAULT_SEED,
-                 loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None):
-        self.max_batches = max_batches
-        self.seed = int(seed)
-        self.loss_fn = loss_fn or default_loss
+    default_batches = 2
 
     def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
         super().prepare(net, analysis, dataloader)
-        _require_loader(self.name, dataloader)
-        with seeded_rng(self.seed):
-            self.batches = [(batch_inputs(b, net), _targets_of(b))
-                            for b in iter_calibration(dataloader, 1.0, self.seed, max_batches=self.max_batches)]
-        if not self.batches:
-            raise PruningError("criterion 'oracle': the dataloader yielded no batches")
-        if any(t is None for _, t in self.batches):
-            raise PruningError("criterion 'oracle' needs labelled batches ((inputs, labels) pairs or dicts with "
-                               "labels) to measure the loss")
+        self.batches = self._labelled(net, dataloader)
         self.roots = analysis.uf.roots()
         self.base = self._loss(net)
 

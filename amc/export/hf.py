@@ -24,7 +24,8 @@ from ..errors import ExportError, LoadError
 from .atomic import atomic_paths
 from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
 
-_ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + ("scaling", "split_size", "num_key_value_heads", "nf", "nx")  # nf, nx: GPT-2 Conv1D
+_ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + (  # nf, nx, split_size: GPT-2's Conv1D, attention
+    "scaling", "split_size", "num_key_value_heads", "nf", "nx")
 _KEY = "amc_layers"
 
 

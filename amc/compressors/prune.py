@@ -266,7 +266,7 @@ def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Non
                 f"capture did at a value the model reads into Python ({str(exc)[:300]} ...). Pass "
                 "example_inputs= whose first sample takes the captured path (or trace on that one sample)") from exc
         one = per_sample(inputs)
-        batched = inputs if any(a is not b for a, b in zip(one, inputs)) else net.example_inputs()
+        batched = inputs if any(a is not b for a, b in zip(one, inputs)) else _captured_inputs(net)
         batch = next((b.shape[0] for a, b in zip(per_sample(batched), batched) if a is not b), 1)
         if batch > 1 and _runs(net, batched):
             raise PruningError(
@@ -278,6 +278,14 @@ def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Non
                 "with a batch of 1 (the result then runs at batch 1 only)") from exc
         raise PruningError(f"the network does not run on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); "
                            "pass the tensors it was traced with, e.g. example_inputs=(x,)") from exc
+
+
+def _captured_inputs(net: ReconstructedNetwork) -> Tuple[Any, ...]:
+    """Random inputs at the batch the graph was captured at, or () where it cannot make them."""
+    try:
+        return net.example_inputs()
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        return ()
 
 
 def _runs(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> bool:

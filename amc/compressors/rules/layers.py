@@ -174,8 +174,11 @@ def linear(c: RuleCall) -> Any:
 def embedding(c: RuleCall) -> Any:
     """An embedding's columns are its output channels (a text transformer's residual width); the indices
     carry none and the vocabulary rows stay whole. max_norm renormalises whole rows, so it keeps them all."""
-    m, idx = c.module, c.args[0]
+    m, idx = c.module, c.arg(0, "input")
+    if not isinstance(idx, torch.Tensor):
+        return opaque(c)
     c.a.freeze_all(c.largs)
+    c.a.freeze_all(c.lkwargs)
     new = c.a.new_space(c.node.name, m.embedding_dim)
     c.a.axis(c.node.name, "weight", 1, new)
     if m.max_norm is not None:

@@ -593,3 +593,22 @@ def test_gpt2_conv1d_layers_reach_lowrank_and_int8(one_thread):
     q.compress()
     assert len(q.quantized_layers) == 9
     assert sum(n.name.endswith(".addmm") for n in net.layer_nodes) == 8  # the input graph is left as it was
+
+
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama_gqa"])
+def test_pruned_decoder_generates_what_the_pruned_graph_decodes(name, one_thread):
+    """The written-back decoder runs `generate` with its KV cache (which the graph, traced without one, never
+    saw) and produces the tokens the pruned graph picks greedily, one full forward per step."""
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()[name]().eval()
+    batch = _lm_inputs(name, 2, 9, 0)
+    hard = amc.prune(amc.trace(model, **batch, use_cache=False), ratio=0.5, heads=True)
+    ids = batch["input_ids"][:1]
+    out = amc.export.to_module(hard, model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                                      do_sample=False, pad_token_id=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            step = hard(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, step], 1)
+    assert torch.equal(out, seq)

@@ -28,6 +28,20 @@ def logits_of(preds: Any) -> Any:
     return preds
 
 
+def class_rows(output: Any, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(logits [N, C], targets [N])` to score a model's output against its targets: `[B, C]` / `[B]` as they
+    are; a sequence model's `[B, L, V]` / `[B, L]` one row per token, shifted by one for a Hugging Face causal
+    LM (its output class says so; transformers computes its own loss the same way), labels -100 left out."""
+    logits = logits_of(output)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3 and targets.dim() == 2:
+        if "CausalLM" in type(output).__name__:
+            logits, targets = logits[:, :-1], targets[:, 1:]
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        keep = targets != -100
+        return logits[keep], targets[keep]
+    return logits, targets
+
+
 def split_batch(batch: Any) -> Tuple[Any, Any]:
     """`(inputs, targets)` of a labelled batch: `batch[0], batch[1]`, or a dict's named inputs and labels."""
     if isinstance(batch, Mapping):

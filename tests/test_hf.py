@@ -612,3 +612,23 @@ def test_pruned_decoder_generates_what_the_pruned_graph_decodes(name, one_thread
             step = hard(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, step], 1)
     assert torch.equal(out, seq)
+
+
+def test_language_models_are_scored_per_next_token(one_thread):
+    """`amc.models.evaluate` (and so the tuners' default evaluator and the Taylor criterion) scores a causal
+    LM's `[B, L, V]` logits against its `labels` per next token, as transformers computes its loss: the
+    cross-entropy equals the model's own `loss`, and a search on a loader of collator dicts runs."""
+    from amc.tuners import RandomSearch
+
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()["llama_gqa"]().eval()
+    loader = [dict(_lm_inputs("llama_gqa", 4, 9, s), labels=_lm_inputs("llama_gqa", 4, 9, s)["input_ids"])
+              for s in range(6)]
+    loader[0]["labels"][:, :3] = -100  # prompt tokens left out, as a collator marks them
+    net = amc.trace(model, **_lm_inputs("llama_gqa", 2, 9, 0), use_cache=False)
+    scored = amc.models.evaluate(net, loader[:1])
+    with torch.no_grad():
+        own = model(**loader[0], use_cache=False)
+    assert scored["n"] == 4 * 8 - 4 * 2 and abs(scored["loss"] - float(own.loss)) < 1e-5
+    result = RandomSearch(samples=3, seed=0).search(net, target_macs=0.5, calibration=loader, progress=False)
+    assert result.macs_ratio <= 0.5 and all(h["score"] == h["score"] for h in result.history)

@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..errors import PruningError
 from .calibration import DEFAULT_SEED, iter_calibration, seeded_rng
 from .groups import Group, Member, param_of
-from .._batches import dict_targets, logits_of
+from .._batches import class_rows, dict_targets, logits_of
 from ..graph.untouched import training_mode
 from .sampling import batch_inputs, observe
 
@@ -308,18 +308,11 @@ def _targets_of(batch: Any) -> Any:
 
 
 def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy on the output's logits: per sample for `[B, C]` logits, per token for `[B, L, V]` ones
-    (labels -100 ignored), shifted by one for a Hugging Face causal LM (its output class says so), as
-    `transformers` computes its own loss."""
-    logits = logits_of(output)
-    if not isinstance(logits, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        raise PruningError("the Taylor criterion's default loss needs logits and integer targets; pass loss_fn=")
-    if logits.dim() == 3:
-        if "CausalLM" in type(output).__name__:
-            logits, targets = logits[:, :-1], targets[:, 1:]
-        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                           ignore_index=-100)
-    return nn.functional.cross_entropy(logits, targets)
+    """Cross-entropy on the output's logits: per sample, or per token for a language model (shifted by one
+    for a Hugging Face causal LM, labels -100 left out: `amc._batches.class_rows`)."""
+    if not isinstance(logits_of(output), torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise PruningError("the default loss needs logits and integer targets; pass loss_fn=")
+    return nn.functional.cross_entropy(*class_rows(output, targets))
 
 
 class _LossCriterion(Criterion):

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._batches import call_with, logits_of, split_batch, to_device
+from .._batches import call_with, class_rows, split_batch, to_device
 from ..errors import DataError, TrainingError
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -22,7 +22,8 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[Batch], device: Union[str, torch.device] = "cpu") -> Dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy over ``loader``, in eval mode (the mode is restored)."""
+    """Top-1 accuracy and mean cross-entropy over ``loader``, in eval mode (the mode is restored); for a
+    language model's `[B, L, V]` logits, over its tokens (`amc._batches.class_rows`)."""
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
@@ -33,7 +34,7 @@ def evaluate(model: nn.Module, loader: Iterable[Batch], device: Union[str, torch
             except ValueError as exc:
                 raise DataError(f"evaluate: {exc}") from exc
             x, y = to_device(x, device), y.to(device)
-            logits = logits_of(call_with(model, x))
+            logits, y = class_rows(call_with(model, x), y)  # a language model: one row per (next) token
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())
             total += int(y.numel())

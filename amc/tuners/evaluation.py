@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..compressors.base import check_count, check_number
-from .._batches import call_with, logits_of, split_batch, to_device
+from .._batches import call_with, class_rows, split_batch, to_device
 from ..compressors.calibration import check_loader
 from ..errors import DataError, PruningError
 
@@ -93,7 +93,7 @@ class AccuracyEvaluator:
             tuned.train()
             for batch in self.finetune:
                 x, y = split_batch(batch)
-                loss = nn.functional.cross_entropy(logits_of(call_with(tuned, to_device(x, device))), y.to(device))
+                loss = nn.functional.cross_entropy(*class_rows(call_with(tuned, to_device(x, device)), y.to(device)))
                 if not torch.isfinite(loss):
                     raise ValueError(f"the proxy's fine-tuning loss became {float(loss)}")
                 opt.zero_grad(set_to_none=True)

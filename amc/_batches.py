@@ -42,6 +42,18 @@ def class_rows(output: Any, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return logits, targets
 
 
+def per_token(output: Any) -> bool:
+    """A Hugging Face output with `[B, L, V]` logits (classes last, one row per token), not `[B, C, ...]`."""
+    return isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor) \
+        and output["logits"].dim() == 3
+
+
+def logit_rows(output: Any) -> Any:
+    """The logits with classes on dim 1 as losses such as KD read them: a per-token output's `[B * L, V]`."""
+    logits = logits_of(output)
+    return logits.reshape(-1, logits.shape[-1]) if per_token(output) else logits
+
+
 def split_batch(batch: Any) -> Tuple[Any, Any]:
     """`(inputs, targets)` of a labelled batch: `batch[0], batch[1]`, or a dict's named inputs and labels."""
     if isinstance(batch, Mapping):

@@ -632,3 +632,38 @@ def test_language_models_are_scored_per_next_token(one_thread):
     assert scored["n"] == 4 * 8 - 4 * 2 and abs(scored["loss"] - float(own.loss)) < 1e-5
     result = RandomSearch(samples=3, seed=0).search(net, target_macs=0.5, calibration=loader, progress=False)
     assert result.macs_ratio <= 0.5 and all(h["score"] == h["score"] for h in result.history)
+
+
+def test_language_models_train_and_distil_per_token(one_thread):
+    """BaseTrainer with nn.CrossEntropyLoss and BaseDistiller on a causal LM's collator dicts: the loss is the
+    model's own next-token loss, accuracy counts next tokens, and KD's softmax runs over the vocabulary of
+    each position (on `[B, L, V]` logits it ran over the positions before)."""
+    import torch.nn.functional as F
+    from amc.trainers import BaseDistiller, BaseTrainer
+    from amc.trainers.losses import kd_loss
+
+    torch.manual_seed(0)
+    teacher = _hf_lm_zoo()["llama_gqa"]().eval()
+    train = [dict(_lm_inputs("llama_gqa", 4, 9, s), labels=_lm_inputs("llama_gqa", 4, 9, s)["input_ids"])
+             for s in range(4)]
+    student = amc.prune(amc.trace(teacher, **_lm_inputs("llama_gqa", 2, 9, 0), use_cache=False), ratio=0.5)
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    trainer = BaseTrainer(train, train[:1], None, student, torch.nn.CrossEntropyLoss(), opt, None, 1, "cpu",
+                          progress=False)
+    metrics = trainer.evaluate(train[:1])
+    inputs = {k: v for k, v in train[0].items() if k != "labels"}
+    with torch.no_grad():
+        logits = student(**inputs).logits
+        own = F.cross_entropy(logits[:, :-1].reshape(-1, 100), train[0]["labels"][:, 1:].reshape(-1))
+        hits = (logits[:, :-1].argmax(-1) == train[0]["labels"][:, 1:]).float().mean()
+    assert abs(metrics["total_loss"] - float(own)) < 1e-5 and abs(metrics["accuracy"] - float(hits)) < 1e-6
+    distiller = BaseDistiller(train, None, None, student, torch.nn.CrossEntropyLoss(), opt, None, 1, "cpu",
+                              teacher=teacher, alpha=0.5, progress=False)
+    preds = distiller.get_train_batch_preds(train[0])
+    losses = distiller.get_train_losses(preds, train[0])
+    with torch.no_grad():
+        t = teacher(**inputs, use_cache=False).logits
+        s = student(**inputs).logits
+    assert torch.allclose(losses["kd_loss"], kd_loss(s.reshape(-1, 100), t.reshape(-1, 100), distiller.temperature))
+    assert torch.allclose(losses["ce_loss"], own, atol=1e-6)
+    distiller.run()

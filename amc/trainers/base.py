@@ -14,13 +14,13 @@ import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from amc._batches import TARGET_KEYS, call_with, dict_inputs, dict_targets, logits_of
+from amc._batches import TARGET_KEYS, call_with, class_rows, dict_inputs, dict_targets, logits_of, per_token
 from amc._modes import training_mode
 from amc.errors import DataError, TrainingError
 
@@ -91,6 +91,18 @@ def _is_classification(preds: Any, batch: Any) -> bool:
     return (isinstance(preds, torch.Tensor) and isinstance(labels, torch.Tensor) and preds.dim() == 2
             and preds.is_floating_point() and labels.dim() == 1 and not labels.is_floating_point()
             and labels.dtype != torch.bool and labels.shape[0] == preds.shape[0])
+
+
+def _scored_rows(preds: Any, batch: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) that accuracy counts: a classifier's, or a language model's next tokens; else None."""
+    if _is_classification(preds, batch):
+        logits = logits_of(preds)
+        return logits, _targets(batch).to(logits.device)
+    labels = _targets(batch)
+    if per_token(preds) and isinstance(labels, torch.Tensor) and labels.dim() == 2 \
+            and tuple(labels.shape) == tuple(logits_of(preds).shape[:2]):
+        return class_rows(preds, labels.to(logits_of(preds).device))
+    return None
 
 
 def _check_optimizer_owns(optimizer: Any, network: nn.Module) -> None:
@@ -265,7 +277,10 @@ class BaseTrainer:
         if self._criterion is None:
             raise TrainingError(f"criterion is None and {hook} is not overridden; pass a criterion "
                                 "(e.g. nn.CrossEntropyLoss()) or override the hook")
-        return {"total_loss": self._criterion(logits_of(preds), self.to_device(batch_targets(batch, hook)))}
+        targets = self.to_device(batch_targets(batch, hook))
+        if per_token(preds) and isinstance(targets, torch.Tensor) and targets.dim() == 2:
+            return {"total_loss": self._criterion(*class_rows(preds, targets))}  # a language model's next tokens
+        return {"total_loss": self._criterion(logits_of(preds), targets)}
 
     def to_device(self, data: Any) -> Any:
         """Move tensors (also inside lists, tuples and dicts) to the training device."""
@@ -449,9 +464,9 @@ class BaseTrainer:
                     samples += n
                     for k, v in values.items():
                         sums[k] += v * n
-                    if _is_classification(preds, batch):
-                        logits = logits_of(preds)
-                        labels = _targets(batch).to(logits.device)
+                    rows = _scored_rows(preds, batch)
+                    if rows is not None:
+                        logits, labels = rows
                         correct += int((logits.argmax(dim=1) == labels).sum())
                         labelled += int(labels.numel())
                 bar.close()

@@ -17,7 +17,7 @@ from amc._modes import training_mode
 from amc.errors import TrainingError
 
 from . import distributed
-from .._batches import call_with, logits_of
+from .._batches import call_with, class_rows, logit_rows, per_token
 from .base import BaseTrainer, batch_inputs, batch_targets
 from .losses import FeatureReconstructionLoss, LabelSmoothingCrossEntropy, kd_loss
 
@@ -71,6 +71,7 @@ class DistillPreds:
     teacher: torch.Tensor
     student_features: Dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: Dict[str, torch.Tensor] = field(default_factory=dict)
+    student_output: Any = None  # the student's output as it came (a language model's, for its token loss)
 
 
 def _normalise_pairs(pairs: FeaturePairs) -> List[Tuple[str, str]]:
@@ -175,21 +176,21 @@ class BaseDistiller(BaseTrainer):
             self.feature_loss.load_state_dict(state["feature_loss"])
 
     # ------------------------------------------------------------------ hooks
-    def _forward_both(self, inputs: Any, student: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _forward_both(self, inputs: Any, student: nn.Module) -> Tuple[Any, Any]:
+        """The student's and the teacher's outputs as they come (logits, or a model output holding them)."""
         for capture in (self._student_capture, self._teacher_capture):
             if capture is not None:
                 capture.clear()
         with torch.no_grad():
-            teacher_logits = logits_of(call_with(self._teacher, inputs))
-        student_logits = logits_of(call_with(student, inputs))
-        return student_logits, teacher_logits
+            teacher = call_with(self._teacher, inputs)
+        return call_with(student, inputs), teacher
 
     def get_train_batch_preds(self, batch_train_data: Any, *args: Any, **kwargs: Any) -> DistillPreds:
         """Student (through DDP when distributed) and teacher on the same inputs, plus captured features."""
         inputs = self.to_device(batch_inputs(batch_train_data, "get_train_batch_preds / __get_train_batch_preds__"))
-        student_logits, teacher_logits = self._forward_both(inputs, self._network)
-        return DistillPreds(
-            student=student_logits, teacher=teacher_logits,
+        student, teacher = self._forward_both(inputs, self._network)
+        return DistillPreds(  # per-token logits as rows: KD's softmax runs over the vocabulary
+            student=logit_rows(student), teacher=logit_rows(teacher), student_output=student,
             student_features=dict(self._student_capture.features) if self._student_capture else {},
             teacher_features=dict(self._teacher_capture.features) if self._teacher_capture else {})
 
@@ -201,7 +202,9 @@ class BaseDistiller(BaseTrainer):
         total = self.alpha * soft
         if self.alpha < 1.0:
             targets = self.to_device(batch_targets(batch_train_data, "get_train_losses / __get_train_losses__"))
-            hard = self._criterion(batch_preds.student, targets)
+            out = batch_preds.student_output
+            hard = self._criterion(*class_rows(out, targets)) if per_token(out) and targets.dim() == 2 \
+                else self._criterion(batch_preds.student, targets)
             losses["ce_loss"] = hard
             total = total + (1.0 - self.alpha) * hard
         if self.feature_pairs:

@@ -110,8 +110,10 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
         return {}
     new: Dict[str, Any] = {}
     q, v, groups = found.get("query"), found.get("value"), getattr(module, "num_key_value_groups", None)
-    if q and v and q != v and q[1] == v[1] and isinstance(groups, int) and v[0] * groups == q[0]:
-        # grouped-query attention (Llama, Qwen2, Mistral): each k/v head serves `groups` query heads
+    if q and v and q != v and q[1] == v[1] and isinstance(groups, int) and q[0] % v[0] == 0:
+        # grouped-query attention (Llama, Qwen2, Mistral, Gemma's one k/v head): each k/v head serves
+        # q/v query heads (the check against the network below refuses a grouping this does not reproduce)
+        new["num_key_value_groups"] = q[0] // v[0]
         for name in ("num_key_value_heads", "num_kv_heads"):
             if isinstance(getattr(module, name, None), int):
                 new[name] = v[0]

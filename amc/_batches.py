@@ -29,11 +29,12 @@ def logits_of(preds: Any) -> Any:
 
 
 def class_rows(output: Any, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`(logits [N, C], targets [N])` to score a model's output against its targets: `[B, C]` / `[B]` as they
-    are; a sequence model's `[B, L, V]` / `[B, L]` one row per token, shifted by one for a Hugging Face causal
-    LM (its output class says so; transformers computes its own loss the same way), labels -100 left out."""
+    """`(logits, targets)` to score a model's output against its targets: as they are, except a Hugging Face
+    output's `[B, L, V]` logits against `[B, L]` labels: one row per token, shifted by one for a causal LM (its
+    output class says so; transformers computes its own loss the same way), labels -100 left out. A plain
+    `[B, C, L]` tensor keeps torch's class-on-dim-1 reading."""
     logits = logits_of(output)
-    if isinstance(logits, torch.Tensor) and logits.dim() == 3 and targets.dim() == 2:
+    if per_token(output) and targets.dim() == 2:
         if "CausalLM" in type(output).__name__:
             logits, targets = logits[:, :-1], targets[:, 1:]
         logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)

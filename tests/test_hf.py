@@ -667,3 +667,16 @@ def test_language_models_train_and_distil_per_token(one_thread):
     assert torch.allclose(losses["kd_loss"], kd_loss(s.reshape(-1, 100), t.reshape(-1, 100), distiller.temperature))
     assert torch.allclose(losses["ce_loss"], own, atol=1e-6)
     distiller.run()
+
+
+def test_class_rows_reads_only_hugging_face_outputs_per_token():
+    """A plain `[B, C, L]` tensor (a 1-D segmenter) keeps torch's class-on-dim-1 reading; only a model output's
+    `[B, L, V]` logits become rows, shifted for a causal LM."""
+    import transformers as T
+    from amc._batches import class_rows
+
+    plain, labels = torch.randn(2, 5, 7), torch.randint(0, 5, (2, 7))
+    assert class_rows(plain, labels)[0] is plain
+    out = T.modeling_outputs.CausalLMOutput(logits=torch.randn(2, 7, 5))
+    rows, targets = class_rows(out, labels)
+    assert rows.shape == (12, 5) and torch.equal(targets, labels[:, 1:].reshape(-1))

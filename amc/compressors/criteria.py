@@ -351,32 +351,35 @@ class Taylor(_LossCriterion):
     def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
         super().prepare(net, analysis, dataloader)
         batches = self._labelled(net, dataloader)
-        tensors: Dict[int, torch.Tensor] = {}
+        axes: Dict[Tuple[int, int], Tuple[torch.Tensor, int]] = {}  # (tensor, dim) pairs the groups slice
         for ax in analysis.axes:
             t = param_of(net, net.node(ax.node).module, ax.attr)
             if isinstance(t, nn.Parameter) and t.is_floating_point():  # buffers (BN statistics) have no gradient
-                tensors.setdefault(id(t), t)
-        params = list(tensors.values())
-        self.products: Dict[int, List[torch.Tensor]] = {}  # per tensor, one gradient x weight per batch
+                axes.setdefault((id(t), ax.dim), (t, ax.dim))
+        params = list({id(t): t for t, _ in axes.values()}.values())
+        # per (tensor, dim), one vector per batch: gradient x weight summed over each slice along dim
+        self.sums: Dict[Tuple[int, int], List[torch.Tensor]] = {key: [] for key in axes}
         with training_mode(net, False), _grads_enabled(params):
             for inputs, targets in batches:
                 loss = self.loss_fn(net(*inputs), targets)
                 if not torch.isfinite(loss):
                     raise PruningError(f"criterion 'taylor': the loss is {float(loss)} on a calibration batch")
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for t, g in zip(params, grads):
-                    self.products.setdefault(id(t), []).append(
-                        (g * t).detach().double() if g is not None else torch.zeros_like(t, dtype=torch.float64))
+                grads = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True)))
+                for key, (t, dim) in axes.items():
+                    g = grads[id(t)]
+                    prod = (g * t).detach().double() if g is not None else torch.zeros_like(t, dtype=torch.float64)
+                    self.sums[key].append(prod.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1))
         self.batches = len(batches)
 
     def __call__(self, group: Group) -> torch.Tensor:
         per_batch = torch.zeros(self.batches, group.size, dtype=torch.float64)
         for m in group.members:
             t = param_of(self.net, self.net.node(m.axis.node).module, m.axis.attr)
-            if id(t) not in self.products or m.axis.attr.endswith(("running_mean", "running_var")):
+            key = (id(t), m.axis.dim)
+            if key not in self.sums or m.axis.attr.endswith(("running_mean", "running_var")):
                 continue
-            for b, prod in enumerate(self.products[id(t)]):
-                _scatter(group, m, prod.movedim(m.axis.dim, 0).reshape(prod.shape[m.axis.dim], -1).sum(1), per_batch[b])
+            for b, sums in enumerate(self.sums[key]):
+                _scatter(group, m, sums, per_batch[b])
         return per_batch.pow(2).mean(0)
 
 

@@ -873,3 +873,59 @@ def test_trace_takes_torch_export_args_and_kwargs():
     assert torch.equal(net(x, mask=mask * 2), x * 2)
     with pytest.raises(CaptureError, match="Read as torch.export's \\(args, kwargs\\) it failed too"):
         amc.trace(TwoInputs(), (x,), {"mask": torch.ones(5, 7)})
+
+
+class _Call(nn.Module):
+    def __init__(self, fn, *params):
+        super().__init__()
+        self.fn, self.params = fn, nn.ParameterList(params)
+
+    def forward(self, *xs):
+        return self.fn(*xs, *self.params)
+
+
+_PRODUCTS = {  # name: (fn(*inputs, *params), inputs, params, MACs: products (+ the added term, as a bias))
+    "mv": (torch.mv, [(4, 6), (6,)], [], 4 * 6),
+    "Tensor.mv": (lambda a, v: a.mv(v), [(4, 6), (6,)], [], 4 * 6),
+    "addmv": (lambda a, v, b: torch.addmv(b, a, v), [(4, 6), (6,)], [(4,)], 4 * 6 + 4),
+    "dot": (torch.dot, [(6,), (6,)], [], 6),
+    "inner": (torch.inner, [(4, 6), (3, 6)], [], 4 * 3 * 6),
+    "tensordot": (lambda a, b: torch.tensordot(a, b, dims=2), [(2, 4, 6), (4, 6, 5)], [], 2 * 5 * 24),
+    "outer": (torch.outer, [(4,), (6,)], [], 24),
+    "addbmm": (lambda a, b, c: torch.addbmm(c, a, b), [(3, 4, 6), (3, 6, 5)], [(4, 5)], 3 * 4 * 6 * 5 + 20),
+    "multi_dot": (lambda a, b, c: torch.linalg.multi_dot([a, b, c]), [(10, 2), (2, 10), (10, 1)], [],
+                  2 * 10 * 1 + 10 * 2 * 1),  # the cheaper order: (b @ c) first, then a @ (b c)
+    "bilinear": (lambda a, w, b: F.bilinear(a, a, w, b), [(4, 6)], [(3, 6, 6), (3,)], 4 * 3 * 36 + 12),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PRODUCTS))
+def test_count_every_product_op(name, tmp_path):
+    """Products other than matmul/linear/conv were replayed uncounted (0 MACs): each is counted now, and
+    the graph still saves and loads."""
+    fn, shapes, params, expected = _PRODUCTS[name]
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(s, generator=g) for s in shapes]
+    net = amc.trace(_Call(fn, *[nn.Parameter(torch.randn(s, generator=g)) for s in params]), *xs)
+    assert amc.count(net, *xs)[0] == expected
+    net.save_to_json(str(tmp_path / "p.json"))
+    assert torch.allclose(amc.ReconstructedNetwork.load_from_json(str(tmp_path / "p.json"))(*xs), net(*xs))
+
+
+class _Cells(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru, self.rnn = nn.LSTMCell(6, 5), nn.GRUCell(6, 5), nn.RNNCell(6, 5, bias=False)
+        self.bil = nn.Bilinear(5, 5, 3)
+
+    def forward(self, x):
+        h, _ = self.lstm(x)
+        return self.bil(h, self.gru(x)) + self.rnn(x).sum(1, keepdim=True)
+
+
+def test_count_recurrent_cells_and_bilinear_layers():
+    x = torch.randn(4, 6)
+    cells = 4 * (4 * 5 * (6 + 5 + 2) + 3 * 5 * (6 + 5 + 2) + 1 * 5 * (6 + 5))
+    rows = {r["op"]: r["macs"] for r in node_costs(amc.trace(_Cells(), x), x)}
+    assert rows["LSTMCell"] + rows["GRUCell"] + rows["RNNCell"] == cells
+    assert rows["Bilinear"] == 4 * 3 * 25 + 12

@@ -42,6 +42,26 @@ def rnn_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
     return total * d * steps * batch
 
 
+def rnn_cell_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
+    """nn.RNNCell/GRUCell/LSTMCell: one step, counted as nn.RNN/GRU/LSTM count each step."""
+    x = args[0] if args else kwargs.get("input")
+    if not isinstance(x, torch.Tensor):
+        return 0
+    gates = {"LSTMCell": 4, "GRUCell": 3}.get(type(m).__name__, 1)
+    batch = x.shape[0] if x.dim() == 2 else 1
+    return gates * m.hidden_size * (m.input_size + m.hidden_size + (2 if m.bias else 0)) * batch
+
+
+def bilinear_macs(m: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """nn.Bilinear / F.bilinear: `x1^T W_k x2` for each of the out features, per sample (+ the bias)."""
+    weight = getattr(m, "weight", None) if isinstance(m, nn.Module) else (args[2] if len(args) > 2 else kwargs.get("weight"))
+    bias = getattr(m, "bias", None) if isinstance(m, nn.Module) else (args[3] if len(args) > 3 else kwargs.get("bias"))
+    if not isinstance(weight, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return 0
+    rows = out.numel() // weight.shape[0]
+    return rows * weight.numel() + (out.numel() if bias is not None else 0)
+
+
 def norm_macs(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
     affine = getattr(m, "affine", getattr(m, "elementwise_affine", False))
     return _numel(args[0]) * (2 if affine else 1)
@@ -100,6 +120,40 @@ def addmm_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
     if not (isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor)):
         return 0
     return out.numel() * a.shape[-1] + out.numel()
+
+
+def contraction_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """mv, dot, inner, tensordot: every output element sums `c` products, `c` being the contracted size
+    (`a.numel() * b.numel() == out.numel() * c**2` for a contraction without broadcasting)."""
+    a, b = (args + (None, None))[:2]
+    if not all(isinstance(t, torch.Tensor) for t in (a, b, out)) or out.numel() == 0:
+        return 0
+    return out.numel() * math.isqrt(a.numel() * b.numel() // out.numel())
+
+
+def addbmm_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """`input + sum_b batch1[b] @ batch2[b]`: every batch's product, plus the added term."""
+    b1 = args[1] if len(args) > 1 else kwargs.get("batch1")
+    if not isinstance(b1, torch.Tensor) or not isinstance(out, torch.Tensor):
+        return 0
+    return b1.shape[0] * out.numel() * b1.shape[-1] + out.numel()
+
+
+def chain_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """linalg.multi_dot / chain_matmul: the products of the cheapest order, which both compute in (matrix
+    chain dynamic programme; a first or last 1-D operand is a row or column vector)."""
+    mats = list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else list(args)
+    if len(mats) < 2 or not all(isinstance(t, torch.Tensor) for t in mats):
+        return 0
+    dims = [mats[0].shape[0] if mats[0].dim() == 2 else 1] + [t.shape[-1] for t in mats[:-1]] \
+        + [mats[-1].shape[-1] if mats[-1].dim() == 2 else 1]
+    n = len(mats)
+    cost = [[0] * n for _ in range(n)]
+    for span in range(1, n):
+        for i in range(n - span):
+            j = i + span
+            cost[i][j] = min(cost[i][k] + cost[k + 1][j] + dims[i] * dims[k + 1] * dims[j + 1] for k in range(i, j))
+    return cost[0][n - 1]
 
 
 def einsum_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:

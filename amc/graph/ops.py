@@ -23,7 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LoadError
-from .macs import (addmm_macs, conv_macs, rnn_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs, in_numel, linear_macs, matmul_macs,
+from .macs import (addbmm_macs, addmm_macs, bilinear_macs, chain_macs, contraction_macs, conv_macs, rnn_cell_macs,
+                   rnn_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs, in_numel, linear_macs, matmul_macs,
                    mha_macs, norm_macs, out_numel, sdpa_macs)
 
 MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
@@ -533,7 +534,9 @@ class AutogradFunctionOp(FunctionOp):
 register_module_op(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                    nn.ConvTranspose3d, macs=conv_macs)
 register_module_op(nn.Linear, macs=linear_macs)
-register_module_op(nn.Bilinear, nn.Embedding, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+register_module_op(nn.Bilinear, macs=bilinear_macs)
+register_module_op(nn.RNNCell, nn.LSTMCell, nn.GRUCell, macs=rnn_cell_macs)
+register_module_op(nn.Embedding, nn.EmbeddingBag)
 register_module_op(nn.RNN, nn.LSTM, nn.GRU, macs=rnn_macs)
 register_module_op(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d,
                    nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, macs=norm_macs)
@@ -593,7 +596,14 @@ register_function_op(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, to
                      name="PixelShuffle", wrapper=PixelShuffle)
 register_function_op(torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm, T.bmm, torch.mm, T.mm,
                      name="MatMul", wrapper=MatMul, macs=matmul_macs)
-register_function_op(torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, name="MatMul", wrapper=MatMul, macs=addmm_macs)
+register_function_op(torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, torch.addmv, T.addmv, name="MatMul",
+                     wrapper=MatMul, macs=addmm_macs)
+register_function_op(torch.mv, T.mv, torch.dot, T.dot, torch.inner, T.inner, torch.tensordot, name="MatMul",
+                     wrapper=MatMul, macs=contraction_macs)
+register_function_op(torch.outer, T.outer, torch.ger, T.ger, name="MatMul", wrapper=MatMul, macs=out_numel)
+register_function_op(torch.addbmm, T.addbmm, name="MatMul", wrapper=MatMul, macs=addbmm_macs)
+register_function_op(torch.linalg.multi_dot, torch.chain_matmul, name="MatMul", wrapper=MatMul, macs=chain_macs)
+register_function_op(F.bilinear, name="FunctionalBilinear", macs=bilinear_macs)
 register_function_op(torch.einsum, name="Einsum", wrapper=MatMul, macs=einsum_macs)
 register_function_op(F.scaled_dot_product_attention, name="ScaledDotProductAttention", wrapper=MatMul,
                      macs=sdpa_macs)

@@ -88,4 +88,7 @@ mark_opaque(nn.Bilinear, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
             T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor, torch.zeros, torch.ones, torch.full,
             torch.empty, torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.meshgrid,
             T.index_select, torch.index_select, T.gather, torch.gather, T.unfold, T.__rmatmul__,
+            torch.mv, T.mv, torch.dot, T.dot, torch.inner, T.inner, torch.tensordot, torch.outer, T.outer,
+            torch.ger, T.ger, torch.addmv, T.addmv, torch.addbmm, T.addbmm, torch.linalg.multi_dot,
+            torch.chain_matmul, F.bilinear,
             operator.getitem, ShapeGuard)

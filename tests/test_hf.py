@@ -680,3 +680,16 @@ def test_class_rows_reads_only_hugging_face_outputs_per_token():
     out = T.modeling_outputs.CausalLMOutput(logits=torch.randn(2, 7, 5))
     rows, targets = class_rows(out, labels)
     assert rows.shape == (12, 5) and torch.equal(targets, labels[:, 1:].reshape(-1))
+
+
+def test_a_graph_traced_with_labels_says_why_it_needs_them(one_thread):
+    """A collator batch passed whole (labels included) is traced as it is: the graph computes the model's loss
+    and needs the labels; called without them it says so and what to do."""
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()["llama_gqa"]().eval()
+    batch = dict(_lm_inputs("llama_gqa", 2, 9, 0))
+    batch["labels"] = batch["input_ids"].clone()
+    net = amc.prune(model, example_kwargs=batch, ratio=0.5)
+    assert net.input_names() == ["input_ids", "attention_mask", "labels"] and net(**batch).loss.dim() == 0
+    with pytest.raises(TypeError, match="missing input 'labels'.*trace on the batch without them"):
+        net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torch.fx import Proxy
 from torch.nn.modules import module as _torch_module
 
+from .._batches import TARGET_KEYS
 from .._modes import outside_inference_mode
 from ..errors import ExportError, GraphError
 from .formats import file_format
@@ -153,9 +154,12 @@ class ReconstructedNetwork(nn.Module):
                 env[node.name] = kwargs.pop(node.name if node.name in kwargs else node.index)
                 _check_structure(node.name, env[node.name], node.meta.get("out"))
             else:
+                hint = (f"; it was traced with {node.name!r} (a collator batch's targets), so the graph computes "
+                        "the loss and needs them: trace on the batch without them for inference"
+                        if node.name in TARGET_KEYS else "")
                 raise TypeError(f"ReconstructedNetwork.forward() missing input {node.name!r} "
                                 f"(captured with {len(self.input_nodes)} tensor input(s): "
-                                f"{[n.name for n in self.input_nodes]})")
+                                f"{[n.name for n in self.input_nodes]}){hint}")
         constants = self.meta.get("input_constants", {})
         known = {n.index for n in self.input_nodes if isinstance(n.index, int)} | {
             k for k in constants if isinstance(k, int)}

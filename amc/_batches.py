@@ -21,6 +21,13 @@ def dict_targets(batch: Mapping[str, Any]) -> Optional[Any]:
     return next((batch[k] for k in sorted(TARGET_KEYS) if k in batch), None)
 
 
+def targets_of(batch: Any) -> Optional[Any]:
+    """The targets of a batch: `batch[1]` of a tuple, a dict batch's (under one of `TARGET_KEYS`), or None."""
+    if isinstance(batch, Mapping):
+        return dict_targets(batch)
+    return batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+
+
 def logits_of(preds: Any) -> Any:
     """A model output's logits: the tensor itself, or the `logits` entry of a Hugging Face `ModelOutput`."""
     if isinstance(preds, Mapping) and "logits" in preds:

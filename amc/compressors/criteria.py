@@ -6,7 +6,6 @@ A criterion scores every prunable unit of a group (higher = more important); the
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 import numpy as np
@@ -16,7 +15,7 @@ import torch.nn as nn
 from ..errors import PruningError
 from .calibration import DEFAULT_SEED, iter_calibration, seeded_rng
 from .groups import Group, Member, param_of
-from .._batches import class_rows, dict_targets, logits_of
+from .._batches import class_rows, logits_of, targets_of
 from ..graph.untouched import training_mode
 from .sampling import batch_inputs, observe
 
@@ -299,14 +298,6 @@ class ThiNet(Criterion):
         return score
 
 
-def _targets_of(batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return dict_targets(batch)
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[1]
-    return None
-
-
 def default_loss(output: Any, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy on the output's logits: per sample, or per token for a language model (shifted by one
     for a Hugging Face causal LM, labels -100 left out: `amc._batches.class_rows`)."""
@@ -331,7 +322,7 @@ class _LossCriterion(Criterion):
     def _labelled(self, net: nn.Module, dataloader: Optional[Iterable]) -> List[Tuple[Tuple[Any, ...], Any]]:
         _require_loader(self.name, dataloader)
         with seeded_rng(self.seed):
-            batches = [(batch_inputs(b, net), _targets_of(b))
+            batches = [(batch_inputs(b, net), targets_of(b))
                        for b in iter_calibration(dataloader, 1.0, self.seed, max_batches=self.max_batches)]
         if not batches:
             raise PruningError(f"criterion {self.name!r}: the dataloader yielded no batches")

@@ -15,7 +15,7 @@ import torch.nn as nn
 from .network import ReconstructedNetwork
 from .node import Node
 from .ops import ParamHolder
-from .template import Ref, map_template
+from .template import Ref, iter_refs, map_template
 
 
 def _fresh_key(taken: Mapping[str, object], base: str) -> str:
@@ -114,17 +114,14 @@ def addmm_as_linear(net: ReconstructedNetwork) -> ReconstructedNetwork:
     Linears (low-rank, quantisation) see these layers too. Same function up to float rounding; the Linear
     node takes the Conv1D's name (its `.addmm` node's name without the suffix) when that name is free; `net`
     itself comes back when it has no such node."""
-    readers: Dict[str, int] = {}
-    for ref in _refs([(n.args, n.kwargs) for n in net.layer_nodes]) + _refs(net.outputs):
-        readers[ref] = readers.get(ref, 0) + 1
-    if not _addmm_on_parameters(net, readers):
+    if not _addmm_on_parameters(net):
         return net
     src = net.copy()
     names = {n.name for n in src.layer_nodes} | {n.name for n in src.input_nodes}
     modules: Dict[str, nn.Module] = dict(src.network.items())
     converted: Dict[str, Node] = {}
     dropped: set = set()
-    for node, bias, weight in _addmm_on_parameters(src, readers).values():
+    for node, bias, weight in _addmm_on_parameters(src).values():
         base = node.name[:-len(".addmm")] if node.name.endswith(".addmm") else node.name
         name = base if base not in names else node.name
         names.add(name)
@@ -144,15 +141,10 @@ def addmm_as_linear(net: ReconstructedNetwork) -> ReconstructedNetwork:
     return new
 
 
-def _refs(obj) -> List[str]:
-    out: List[str] = []
-    map_template(obj, lambda v: out.append(v.node) if isinstance(v, Ref) else None)
-    return out
-
-
-def _addmm_on_parameters(net: ReconstructedNetwork, readers: Mapping[str, int]) -> Dict[str, tuple]:
+def _addmm_on_parameters(net: ReconstructedNetwork) -> Dict[str, tuple]:
     """{name: (addmm node, bias, weight)} for the `addmm(bias, x, weight)` nodes whose bias and weight are parameter
     nodes only they read, with default beta/alpha and a 2-D weight."""
+    users, outputs = net.users(), {r.node for r in iter_refs(net.outputs)}
     by_name = {n.name: n for n in net.layer_nodes}
     found: Dict[str, tuple] = {}
     for node in net.layer_nodes:
@@ -163,7 +155,8 @@ def _addmm_on_parameters(net: ReconstructedNetwork, readers: Mapping[str, int]) 
         if not all(isinstance(r, Ref) and not r.path for r in node.args):
             continue
         held = [net.network[by_name[r.node].module] if r.node in by_name else None for r in (bias_ref, weight_ref)]
-        if not all(type(h) is ParamHolder and readers.get(r.node) == 1 for h, r in zip(held, (bias_ref, weight_ref))):
+        if not all(type(h) is ParamHolder and len(users[r.node]) == 1 and r.node not in outputs
+                   for h, r in zip(held, (bias_ref, weight_ref))):
             continue
         bias, weight = held[0].value, held[1].value
         if weight.dim() == 2 and bias.shape == (weight.shape[1],):

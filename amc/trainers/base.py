@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from amc._batches import TARGET_KEYS, call_with, class_rows, dict_inputs, dict_targets, logits_of, per_token
+from amc._batches import TARGET_KEYS, call_with, class_rows, dict_inputs, logits_of, per_token, targets_of
 from amc._modes import training_mode
 from amc.errors import DataError, TrainingError
 
@@ -44,13 +44,6 @@ SEED_ALIASES: Dict[str, str] = {
 RESERVED_RUN_KWARGS = ("resume",)
 
 
-def _targets(batch: Any) -> Any:
-    """The targets of a batch: `batch[1]` of a tuple, a dict batch's `labels` (see `amc._batches`), or None."""
-    if isinstance(batch, Mapping):
-        return dict_targets(batch)
-    return batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
-
-
 def batch_inputs(batch: Any, hook: str) -> Any:
     """What the default hooks feed the network: `batch[0]`, or a dict batch's named inputs (labels left out)."""
     return dict_inputs(batch) if isinstance(batch, Mapping) else _first(batch, 0, hook)
@@ -60,7 +53,7 @@ def batch_targets(batch: Any, hook: str) -> Any:
     """What the default hooks score against: `batch[1]`, or a dict batch's `labels` (see `amc._batches`)."""
     if not isinstance(batch, Mapping):
         return _first(batch, 1, hook)
-    targets = dict_targets(batch)
+    targets = targets_of(batch)
     if targets is None:
         raise TrainingError(f"the default {hook} needs the targets of a dict batch under one of "
                             f"{sorted(TARGET_KEYS)}; the batch has {sorted(map(str, batch))}: add them or "
@@ -87,7 +80,7 @@ def _batch_size(batch: Any, preds: Any) -> int:
 
 def _is_classification(preds: Any, batch: Any) -> bool:
     """Logits (N, C) against integer labels (N,): the case where accuracy means something."""
-    labels, preds = _targets(batch), logits_of(preds)
+    labels, preds = targets_of(batch), logits_of(preds)
     return (isinstance(preds, torch.Tensor) and isinstance(labels, torch.Tensor) and preds.dim() == 2
             and preds.is_floating_point() and labels.dim() == 1 and not labels.is_floating_point()
             and labels.dtype != torch.bool and labels.shape[0] == preds.shape[0])
@@ -97,8 +90,8 @@ def _scored_rows(preds: Any, batch: Any) -> Optional[Tuple[torch.Tensor, torch.T
     """(logits, labels) that accuracy counts: a classifier's, or a language model's next tokens; else None."""
     if _is_classification(preds, batch):
         logits = logits_of(preds)
-        return logits, _targets(batch).to(logits.device)
-    labels = _targets(batch)
+        return logits, targets_of(batch).to(logits.device)
+    labels = targets_of(batch)
     if per_token(preds) and isinstance(labels, torch.Tensor) and labels.dim() == 2 \
             and tuple(labels.shape) == tuple(logits_of(preds).shape[:2]):
         return class_rows(preds, labels.to(logits_of(preds).device))

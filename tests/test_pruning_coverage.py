@@ -710,3 +710,146 @@ def test_weight_standardised_convs_prune_with_statistics_of_the_kept_inputs(tmp_
     assert any(type(m).__name__ == "MaskedStatistics" for m in soft.network.values())
     back = amc.ReconstructedNetwork.load_from_json(soft.save_to_json(file=str(tmp_path / "soft.json")))
     torch.testing.assert_close(back(x), soft(x))
+
+
+class ClassTokenPooling(nn.Module):
+    """MViT's pooling: `torch.tensor_split` takes the class token off the token axis, the rest is pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.fc = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        cls, rest = torch.tensor_split(self.qkv(x).relu(), (1,), dim=1)
+        return self.fc(torch.cat((cls, rest.mean(1, keepdim=True)), dim=1)).sum(1)
+
+
+def test_tensor_split_along_tokens_passes_the_channels_through():
+    """torch.tensor_split (the function; the method already was) had no channel rule: mvit_v2_s froze
+    51 of them and kept 0.73x of its MACs at ratio 0.5, 0.50x now."""
+    torch.manual_seed(0)
+    model, x = ClassTokenPooling().eval(), torch.randn(2, 5, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no generic-replay node, no frozen channels
+        hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("qkv").out_features == 8
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+
+
+class SizeAsValue(nn.Module):
+    """A channel count read from a shape and used as a number, not as a shape."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.c1, self.c2, self.form = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 1), form
+
+    def forward(self, x):
+        y = self.c1(x).relu()
+        if self.form == "tensor_sqrt":  # RAFT's correlation volume: corr / sqrt(tensor(C))
+            y = y / torch.sqrt(torch.tensor(y.shape[1]))
+        elif self.form == "sum_div":  # a mean written by hand
+            y = y - y.sum(1, keepdim=True) / y.shape[1]
+        elif self.form == "numel":  # counts H and W too, which may change from call to call
+            y = y / y[0].numel()
+        return self.c2(y)
+
+
+@pytest.mark.parametrize("form,kept", [("tensor_sqrt", 8), ("sum_div", 8), ("numel", 16)])
+def test_a_channel_count_used_as_a_value_keeps_its_traced_value(form, kept, tmp_path):
+    """The hard network used to scale by the *kept* count (RAFT: soft and hard flows 0.46 apart): now the
+    count is written as its traced constant (soft == hard), or its channels stay where the number also
+    counts a dim that is no channel."""
+    torch.manual_seed(0)
+    model, x = SizeAsValue(form).eval(), torch.randn(2, 3, 8, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("c1").out_channels == kept
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-6)
+    back = amc.ReconstructedNetwork.load_from_json(hard.save_to_json(str(tmp_path / "hard.json")))
+    torch.testing.assert_close(back(x), hard(x))
+
+
+def test_instance_norm_without_tensors_learns_its_kept_width():
+    """InstanceNorm2d(affine=False) holds no tensor to slice; its num_features follows by a fixup, so
+    torch no longer warns on every call of the pruned network (RAFT's encoders)."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.InstanceNorm2d(16), nn.ReLU(), nn.Conv2d(16, 4, 1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    assert hard.module_of("1").num_features == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hard(x)
+
+
+class Warp(nn.Module):
+    """RAFT's lookup: features sampled at coordinates that a conv predicts."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.flow, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 2, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        grid = self.flow(x).permute(0, 2, 3, 1).tanh()
+        return self.c2(nn.functional.grid_sample(self.c1(x).relu(), grid, align_corners=False))
+
+
+def test_grid_sample_passes_the_sampled_channels_and_keeps_the_coordinates():
+    torch.manual_seed(0)
+    model, x = Warp().eval(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dedicated op now, not the generic replay node
+        hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert (hard.module_of("c1").out_channels, hard.module_of("flow").out_channels) == (8, 2)
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-6)
+
+
+class TanhGelu(torch.autograd.Function):
+    """BLOOM's GeLU: an element-wise activation written as a custom autograd Function."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        t = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * 0.79788456 * (1 + 3 * 0.044715 * x * x))
+
+
+class ScaleRows(torch.autograd.Function):
+    """Not element-wise along the features: each output mixes every feature of its row."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+class CustomActivationMLP(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fc1, self.fc2, self.fn = nn.Linear(8, 32), nn.Linear(32, 4), fn
+
+    def forward(self, x):
+        return self.fc2(self.fn.apply(self.fc1(x)))
+
+
+@pytest.mark.parametrize("fn,hidden", [(TanhGelu, 16), (ScaleRows, 32)], ids=["elementwise", "mixing"])
+def test_custom_autograd_function_is_probed_like_any_op_without_a_rule(fn, hidden):
+    """A custom autograd Function froze every channel it touched (BLOOM's MLP kept its 4h width): it is now
+    probed as any op without a rule is, passing channels only where it is proven element-wise."""
+    torch.manual_seed(0)
+    model, x = CustomActivationMLP(fn).eval(), torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+        soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("fc1").out_features == hidden
+    torch.testing.assert_close(hard(x), soft(x), rtol=1e-4, atol=1e-6)

@@ -346,11 +346,12 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
             a.labels[inp.name] = unlabeled_like(env_inputs[inp.index])
     with torch.no_grad():
         out = net.run_observed(tuple(example_inputs), {}, observer)
-    _couple_shared_parameters(a)
-    # outputs never change shape: everything that reaches them is frozen
+    # outputs never change shape: everything that reaches them is frozen (named first as the cause, so a
+    # tied lm_head's vocabulary reads as output, not as a tensor the embedding shares)
     a.uf.cause = OUTPUT_CAUSE
     for r in iter_refs(net.outputs):
         a.freeze_all(_index(a.labels.get(r.node), r.path))
+    _couple_shared_parameters(a)
     a.output = out
     return a
 

@@ -29,7 +29,8 @@ from .onnx_io import tensor_leaves
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")  # last: T5
 ALL_HEADS_ATTRS = ("all_head_size", "inner_dim")  # inner_dim: T5
-QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn")
+QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn", "query_key_value")  # last: BLOOM, GPT-NeoX
+FUSED_NAMES = ("qkv", "c_attn", "query_key_value")  # one projection for q, k and v
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin")
 
 #: (predicate, rule): a rule returns the attributes of one module to set, given the pruned graph
@@ -50,7 +51,7 @@ def _sizes(node: Any) -> List[Any]:
     return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
 
 
-def _head_splits(net: Any, producer: str, features: int) -> List[Tuple[int, int]]:
+def _head_splits(net: Any, producer: str, features: int, heads: Optional[int] = None) -> List[Tuple[int, int]]:
     """(heads, head size) of every view/reshape that splits `producer`'s output into heads: directly (a q
     Linear), or each piece of a split of it (GPT-2's fused `c_attn(x).split(split_size, dim=2)`), whose
     features are then the piece's size. `producer` may be a module traced into (its nodes share its prefix)."""
@@ -61,14 +62,14 @@ def _head_splits(net: Any, producer: str, features: int) -> List[Tuple[int, int]
     found = []
     for node, module in net.iter_nodes():
         if isinstance(module, TensorReshape) and reads(node, producer) and not node.name.startswith(producer + "."):
-            split = _heads_from_reshape(_sizes(node), features)
+            split = _heads_from_reshape(_sizes(node), features, heads)
             found += [split] if split else []
         elif isinstance(module, TensorSlice) and reads(node, producer) and len(node.args) > 1 \
                 and isinstance(node.args[1], int) and node.args[1] > 0:
             for reader, op in net.iter_nodes():
                 if isinstance(op, TensorReshape) and reader.args and isinstance(reader.args[0], Ref) \
                         and reader.args[0].node == node.name:
-                    split = _heads_from_reshape(_sizes(reader), node.args[1])
+                    split = _heads_from_reshape(_sizes(reader), node.args[1], heads)
                     found += [split] if split else []
     return found
 
@@ -80,35 +81,50 @@ def _features(module: nn.Module) -> Optional[int]:
     return int(weight.shape[1]) if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) else None
 
 
-def _heads_from_reshape(sizes: List[Any], features: int) -> Optional[Tuple[int, int]]:
-    """(head count, head size) of a projection with `features` outputs split by `sizes` (last = head size)."""
+def _heads_from_reshape(sizes: List[Any], features: int, heads: Optional[int] = None) -> Optional[Tuple[int, int]]:
+    """(head count, head size) of a projection with `features` outputs split by `sizes`: the last is the
+    head size; the head count is the one size equal to the module's unchanged count (BLOOM's fused
+    `view(B, L, heads, 3, head_dim)`), else the size before the last, else what a -1 there stands for."""
     tail = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool)]
     if len(tail) < 2 or tail[-1] <= 0:
         return None
     size, others = tail[-1], tail[:-1]
-    known = math.prod(s for s in others if s > 0)
-    heads = features // (size * known) if -1 in others else others[-1]
-    return heads, size
+    if heads is not None and others.count(heads) == 1:
+        return heads, size
+    if others[-1] > 0:  # OPT's view(bsz, -1, heads, head_dim): the -1 is the sequence
+        return others[-1], size
+    return features // (size * math.prod(s for s in others if s > 0)), size
 
 
 def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     found: Dict[str, Tuple[int, int]] = {}
+    grouped: Dict[str, int] = {}
     pieces = 0
+    count = next((getattr(module, a) for a in HEAD_COUNT_ATTRS if isinstance(getattr(module, a, None), int)), None)
     for role, names in (("query", QUERY_NAMES), ("value", VALUE_NAMES)):
         for name in names:
             child = getattr(module, name, None)
             qualified = f"{path}.{name}" if path else name
             if child is not None and _features(child) is not None:
-                splits = sorted(set(_head_splits(net, qualified, _features(child))))
+                splits = sorted(set(_head_splits(net, qualified, _features(child), count)))
                 if len(splits) > 1:  # q, k, v pieces of one fused projection kept different head sizes
                     found["query"], found["value"] = splits[0], splits[-1]
                 elif splits:
                     found[role] = splits[0]
                     pieces = _features(child) // (splits[0][0] * splits[0][1])
+                    (h, d), kv = splits[0], getattr(module, "num_kv_heads", None)
+                    if name in FUSED_NAMES and pieces == 1 and isinstance(kv, int) and h > 2 * kv:
+                        # Falcon's multi-query view(B, L, heads + 2 * kv_heads, head_dim)
+                        found[role], pieces = (h - 2 * kv, d), 3
+                        if isinstance(getattr(module, "num_key_value_groups", None), int):
+                            grouped = {"num_key_value_groups": (h - 2 * kv) // kv}
+                    elif name in FUSED_NAMES and pieces == 1 and d % 3 == 0:
+                        # GPT-NeoX: view(B, L, heads, 3 * head_size), chunked into q, k, v afterwards
+                        found[role], pieces = (h, d // 3), 3
                 break
     if not found:
         return {}
-    new: Dict[str, Any] = {}
+    new: Dict[str, Any] = dict(grouped)
     q, v, groups = found.get("query"), found.get("value"), getattr(module, "num_key_value_groups", None)
     if q and v and q != v and q[1] == v[1] and isinstance(groups, int) and q[0] % v[0] == 0:
         # grouped-query attention (Llama, Qwen2, Mistral, Gemma's one k/v head): each k/v head serves

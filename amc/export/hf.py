@@ -27,6 +27,7 @@ from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
 _ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + (  # nf, nx, split_size: GPT-2's Conv1D, attention
     "scaling", "split_size", "num_key_value_heads", "nf", "nx")
 _KEY = "amc_layers"
+_FFN_ATTRS = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "ffn_hidden_size")  # the MLP's hidden width
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -58,15 +59,18 @@ def _uniform(values: list) -> Optional[int]:
 def _candidate(model: nn.Module, original: nn.Module) -> Any:
     """The original config with every size the pruned model keeps uniform across its layers."""
     config = copy.deepcopy(original.config)
-    inter = getattr(config, "intermediate_size", None)
-    if isinstance(inter, int):
-        before = dict(original.named_modules())
-        sizes = [m.out_features for p, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and isinstance(before.get(p), nn.Linear) and before[p].out_features == inter]
-        if _uniform(sizes) is not None:
-            config.intermediate_size = _uniform(sizes)
+    before = dict(original.named_modules())
+    for name in _FFN_ATTRS:
+        inter = getattr(config, name, None)
+        if isinstance(inter, int) and not isinstance(inter, bool):
+            sizes = [m.out_features for p, m in model.named_modules() if isinstance(m, nn.Linear)
+                     and isinstance(before.get(p), nn.Linear) and before[p].out_features == inter]
+            if _uniform(sizes) is not None:
+                setattr(config, name, _uniform(sizes))
     width = _embedding_width(model)
     if width is not None and width != _embedding_width(original) and hasattr(config, "hidden_size"):
+        if getattr(config, "word_embed_proj_dim", None) == config.hidden_size:  # OPT: no projection in/out
+            config.word_embed_proj_dim = width
         config.hidden_size = width  # the residual width (GPT-2's n_embd, T5's d_model through attribute maps)
     heads = [getattr(m, a) for m in model.modules() for a in HEAD_COUNT_ATTRS if isinstance(getattr(m, a, None), int)]
     dims = [getattr(m, a) for m in model.modules() for a in HEAD_SIZE_ATTRS if isinstance(getattr(m, a, None), int)]
@@ -77,7 +81,10 @@ def _candidate(model: nn.Module, original: nn.Module) -> Any:
     if _uniform(heads) is not None and hasattr(config, "num_attention_heads"):
         config.num_attention_heads = _uniform(heads)
         if _uniform(dims) is not None and _uniform(dims) * _uniform(heads) != getattr(config, "hidden_size", None):
-            config.head_dim = _uniform(dims)
+            try:
+                config.head_dim = _uniform(dims)
+            except AttributeError:  # Falcon derives head_dim (a read-only property): the check below decides
+                pass
     return config
 
 
@@ -87,14 +94,18 @@ def _embedding_width(model: nn.Module) -> Optional[int]:
 
 
 def _projection_heads(model: nn.Module) -> Tuple[List[int], List[int]]:
-    """Query and key/value head counts of every attention with q_proj / k_proj Linears and a head size."""
+    """Query and key/value head counts of every attention with q_proj / k_proj Linears (or one fused
+    query_key_value) and a head size."""
     q_heads, kv_heads = [], []
     for m in model.modules():
         size = next((getattr(m, a) for a in HEAD_SIZE_ATTRS if isinstance(getattr(m, a, None), int)), None)
         q, k = getattr(m, "q_proj", None), getattr(m, "k_proj", None)
+        fused = getattr(m, "query_key_value", None)  # GPT-NeoX: q, k and v in one projection
         if size and isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
             q_heads.append(q.out_features // size)
             kv_heads.append(k.out_features // size)
+        elif size and isinstance(fused, nn.Linear) and fused.out_features % (3 * size) == 0:
+            q_heads.append(fused.out_features // (3 * size))
     return q_heads, kv_heads
 
 

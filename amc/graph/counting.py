@@ -69,13 +69,13 @@ def count(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Tupl
     try:
         try:
             costs = node_costs(net, *example_inputs, **example_kwargs)
-        except (RuntimeError, TypeError, ValueError, IndexError):
+        except (RuntimeError, TypeError, ValueError, IndexError, AttributeError):
             spread = spread_tuple(example_inputs)  # amc.count(model, (x,)), traced as amc.trace takes it
             if spread is None:
                 raise
             costs = node_costs(net, *spread, **example_kwargs)
         macs = sum(r["macs"] for r in costs)
-    except (RuntimeError, TypeError, ValueError, IndexError) as exc:  # the inputs do not fit the network
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:  # inputs unfit for the network
         raise GraphError(f"amc.count could not run the network on the example inputs ({type(exc).__name__}: "
                          f"{str(exc)[:200]}); pass inputs shaped like the ones it was traced with") from exc
     return macs, count_params(net)

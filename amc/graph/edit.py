@@ -7,7 +7,7 @@ output keeps reading the original, which is what every caller here wants (they w
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -109,26 +109,29 @@ def remove_nodes(net: ReconstructedNetwork, names: Iterable[str]) -> Reconstruct
 
 
 def addmm_as_linear(net: ReconstructedNetwork) -> ReconstructedNetwork:
-    """A copy of `net` where every `torch.addmm(bias, x, weight)` on two parameters read nowhere else (Hugging
-    Face's GPT-2 `Conv1D`, weight stored [in, out]) is an `nn.Linear` node, so the compressors that work on
-    Linears (low-rank, quantisation) see these layers too. Same function up to float rounding; the Linear
-    node takes the Conv1D's name (its `.addmm` node's name without the suffix) when that name is free; `net`
-    itself comes back when it has no such node."""
-    if not _addmm_on_parameters(net):
+    """A copy of `net` where every linear layer written by hand on parameters read nowhere else is an
+    `nn.Linear` node, so the compressors that work on Linears (low-rank, quantisation) see these layers too:
+    `torch.addmm(bias, x, weight)` (Hugging Face's GPT-2 `Conv1D`, weight stored [in, out]) and
+    `x @ weight.T`, plus a bias when one is added right after (Falcon's `FalconLinear`). Same function up to
+    float rounding; the Linear node takes its layer's name (the node's name without the `.addmm` /
+    `.matmul` suffix) when that name is free; `net` itself comes back when it has no such node."""
+    found = _hand_written_linears(net)
+    if not found:
         return net
     src = net.copy()
     names = {n.name for n in src.layer_nodes} | {n.name for n in src.input_nodes}
     modules: Dict[str, nn.Module] = dict(src.network.items())
     converted: Dict[str, Node] = {}
     dropped: set = set()
-    for node, bias, weight in _addmm_on_parameters(src).values():
-        base = node.name[:-len(".addmm")] if node.name.endswith(".addmm") else node.name
+    for out_name, (x_ref, bias, weight, gone) in _hand_written_linears(src).items():
+        node = src.node(out_name)
+        base = next((node.name[:-len(s)] for s in (".addmm", ".matmul", ".add") if node.name.endswith(s)), node.name)
         name = base if base not in names else node.name
         names.add(name)
         key = _fresh_key(modules, name)
         modules[key] = _linear(bias, weight)
-        dropped.update(r.node for r in (node.args[0], node.args[2]))
-        converted[node.name] = Node(name, key, (node.args[1],), {}, {**node.meta, "op": "Linear"})
+        dropped.update(gone)
+        converted[node.name] = Node(name, key, (x_ref,), {}, {**node.meta, "op": "Linear"})
     mapping = {old: new.name for old, new in converted.items() if new.name != old}
     nodes = [converted.get(n.name) or dataclasses.replace(n, args=_reroute(n.args, mapping),
                                                           kwargs=dict(_reroute(n.kwargs, mapping)))
@@ -141,35 +144,72 @@ def addmm_as_linear(net: ReconstructedNetwork) -> ReconstructedNetwork:
     return new
 
 
-def _addmm_on_parameters(net: ReconstructedNetwork) -> Dict[str, tuple]:
-    """{name: (addmm node, bias, weight)} for the `addmm(bias, x, weight)` nodes whose bias and weight are parameter
-    nodes only they read, with default beta/alpha and a 2-D weight."""
+_TRANSPOSES = (torch.Tensor.t, torch.t, torch.Tensor.transpose, torch.transpose)
+
+
+def _hand_written_linears(net: ReconstructedNetwork) -> Dict[str, tuple]:
+    """{name of the node whose output the Linear gives: (x, bias or None, weight [in, out], nodes it replaces)}
+    for `addmm(bias, x, weight)` and `x @ weight.T` (+ bias) on 2-D weight and 1-D bias parameter nodes that
+    only they read, with default beta/alpha."""
     users, outputs = net.users(), {r.node for r in iter_refs(net.outputs)}
     by_name = {n.name: n for n in net.layer_nodes}
+
+    def sole(ref, into: str):
+        """The node behind `ref` when it is a plain reference read only by node `into`."""
+        if not isinstance(ref, Ref) or ref.path or ref.node not in by_name or ref.node in outputs:
+            return None
+        return by_name[ref.node] if [u.name for u in users[ref.node]] == [into] else None
+
+    def param(ref, into: str, dim: int):
+        node = sole(ref, into)
+        held = net.network[node.module] if node is not None else None
+        return (node, held.value) if type(held) is ParamHolder and held.value.dim() == dim else (None, None)
+
     found: Dict[str, tuple] = {}
     for node in net.layer_nodes:
-        fn = getattr(net.network[node.module], "fn", None)
-        if fn not in (torch.addmm, torch.Tensor.addmm) or node.kwargs or len(node.args) != 3:
-            continue
-        bias_ref, x_ref, weight_ref = node.args
-        if not all(isinstance(r, Ref) and not r.path for r in node.args):
-            continue
-        held = [net.network[by_name[r.node].module] if r.node in by_name else None for r in (bias_ref, weight_ref)]
-        if not all(type(h) is ParamHolder and len(users[r.node]) == 1 and r.node not in outputs
-                   for h, r in zip(held, (bias_ref, weight_ref))):
-            continue
-        bias, weight = held[0].value, held[1].value
-        if weight.dim() == 2 and bias.shape == (weight.shape[1],):
-            found[node.name] = (node, bias, weight)
+        op = net.network[node.module]
+        fn = getattr(op, "fn", None)
+        if fn in (torch.addmm, torch.Tensor.addmm) and not node.kwargs and len(node.args) == 3:
+            (b_node, bias), (w_node, weight) = param(node.args[0], node.name, 1), param(node.args[2], node.name, 2)
+            if b_node is not None and w_node is not None and isinstance(node.args[1], Ref) \
+                    and bias.shape == (weight.shape[1],):
+                found[node.name] = (node.args[1], bias, weight, {b_node.name, w_node.name})
+        elif fn in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and not node.kwargs \
+                and len(node.args) == 2 and isinstance(node.args[0], Ref):
+            t = sole(node.args[1], node.name)
+            t_op = net.network[t.module] if t is not None else None
+            if t is None or not (getattr(t_op, "attr", None) in ("T", "mT") and not t.kwargs or
+                                 getattr(t_op, "fn", None) in _TRANSPOSES):
+                continue
+            if getattr(t_op, "fn", None) in (torch.Tensor.transpose, torch.transpose) and \
+                    sorted(int(d) % 2 for d in t.args[1:]) != [0, 1]:
+                continue
+            w_node, weight = param(t.args[0] if t.args else None, t.name, 2)
+            if w_node is None:
+                continue
+            out_name, gone = node.name, {w_node.name, t.name}
+            after = users[node.name]
+            add = after[0] if len(after) == 1 and node.name not in outputs else None
+            if add is not None and getattr(net.network[add.module], "fn", None) in (
+                    torch.add, torch.Tensor.add, torch.Tensor.__add__) and not add.kwargs and len(add.args) == 2:
+                other = [a for a in add.args if not (isinstance(a, Ref) and a.node == node.name)]
+                b_node, bias = param(other[0], add.name, 1) if len(other) == 1 else (None, None)
+                if b_node is not None and bias.shape == (weight.shape[0],):
+                    out_name, gone = add.name, gone | {b_node.name, node.name}
+                    found[out_name] = (node.args[0], bias, weight.t(), gone)
+                    continue
+            found[out_name] = (node.args[0], None, weight.t(), gone)
     return found
 
 
-def _linear(bias: torch.Tensor, weight: torch.Tensor) -> nn.Linear:
-    """The nn.Linear of `addmm(bias, x, weight)`: its weight is `weight` transposed."""
-    linear = nn.Linear(weight.shape[0], weight.shape[1], device=weight.device, dtype=weight.dtype)
+def _linear(bias: Optional[torch.Tensor], weight: torch.Tensor) -> nn.Linear:
+    """The nn.Linear of `bias + x @ weight` (`weight` stored [in, out], as addmm takes it)."""
+    linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None, device=weight.device,
+                       dtype=weight.dtype)
     with torch.no_grad():
         linear.weight.copy_(weight.t())
-        linear.bias.copy_(bias)
+        if bias is not None:
+            linear.bias.copy_(bias)
+            linear.bias.requires_grad_(bias.requires_grad)
     linear.weight.requires_grad_(weight.requires_grad)
-    linear.bias.requires_grad_(bias.requires_grad)
     return linear

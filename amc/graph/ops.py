@@ -576,6 +576,14 @@ register_function_op(torch.div, T.div, T.div_, T.__truediv__, T.__itruediv__, T.
                      torch.as_tensor, torch.meshgrid, T.roll, torch.roll, T.flip, torch.flip, T.type, T.bool,
                      T.long, T.int, T.half, T.bfloat16, T.double, T.abs_,
                      name="Elementwise")
+#: element-wise math a model may call as torch.f or x.f (Falcon's rotary cos/sin, erf-based GELUs, ...)
+ELEMENTWISE_MATH = tuple(f for name in (
+    "cos", "sin", "tan", "acos", "asin", "atan", "cosh", "sinh", "asinh", "acosh", "atanh", "erf", "erfc",
+    "erfinv", "log1p", "expm1", "exp2", "log2", "log10", "reciprocal", "square", "floor", "ceil", "trunc", "frac",
+    "sign", "sgn", "round", "nan_to_num", "logit", "isnan", "isinf", "isfinite", "atan2", "hypot", "fmod",
+    "remainder", "float_power", "logaddexp", "copysign", "true_divide", "floor_divide")
+    for f in dict.fromkeys((getattr(torch, name, None), getattr(T, name, None))) if callable(f))  # ordered
+register_function_op(*ELEMENTWISE_MATH, name="Elementwise")
 register_function_op(torch.cat, torch.concat, torch.concatenate, name="Concatenate", wrapper=Concatenate)
 register_function_op(torch.stack, name="Stack")
 register_function_op(T.view, T.reshape, torch.reshape, T.flatten, torch.flatten, T.unflatten, torch.unflatten,
@@ -589,9 +597,11 @@ register_function_op(T.expand, T.expand_as, T.repeat, T.repeat_interleave, torch
                      T.tile, torch.tile, torch.broadcast_to, name="TensorExpand")
 register_function_op(T.__getitem__, T.chunk, torch.chunk, T.split, torch.split, T.unbind, torch.unbind,
                      T.narrow, torch.narrow, T.select, torch.select, T.index_select, torch.index_select,
-                     T.gather, torch.gather, T.unfold, T.tensor_split, name="TensorSlice", wrapper=TensorSlice)
+                     T.gather, torch.gather, T.unfold, T.tensor_split, torch.tensor_split, name="TensorSlice",
+                     wrapper=TensorSlice)
 register_function_op(F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest, name="Interpolate",
                      wrapper=Interpolate, macs=out_numel)
+register_function_op(F.grid_sample, name="GridSample")
 register_function_op(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle,
                      name="PixelShuffle", wrapper=PixelShuffle)
 register_function_op(torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm, T.bmm, torch.mm, T.mm,

@@ -59,12 +59,14 @@ def matmul(c: RuleCall) -> Any:
 def addmm(c: RuleCall) -> Any:
     """`bias + mat1 @ mat2` (Hugging Face's GPT-2 `Conv1D`: `addmm(b, x, W)` with W stored [in, out]): the
     product couples like matmul, and the added term broadcasts onto its result like an element-wise add."""
-    base, a, b = c.args[0], c.args[1], c.args[2]
+    batched = c.module.fn in (torch.baddbmm, T.baddbmm)  # BLOOM: alibi.baddbmm(batch1=q, batch2=k, ...)
+    (base, lb), (a, la), (b, lb2) = (arg_dims(c, i, name) for i, name in
+                                     enumerate(("input", "batch1" if batched else "mat1",
+                                                "batch2" if batched else "mat2")))
     if not all(isinstance(t, torch.Tensor) for t in (base, a, b, c.out)):
         return opaque(c)
-    prod = _matmul_dims(c, _dims_of(c, 1, a), _dims_of(c, 2, b), a.shape, b.shape, c.out.shape)
-    return TL(_broadcast(c, [(prod, tuple(c.out.shape)), (_dims_of(c, 0, base), tuple(base.shape))],
-                         list(c.out.shape)))
+    prod = _matmul_dims(c, la, lb2, a.shape, b.shape, c.out.shape)
+    return TL(_broadcast(c, [(prod, tuple(c.out.shape)), (lb, tuple(base.shape))], list(c.out.shape)))
 
 
 @register_rule(torch.einsum)

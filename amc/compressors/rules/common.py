@@ -91,6 +91,7 @@ def elementwise(c: RuleCall) -> Any:
     """Broadcasting ops couple the channels they line up (residual add, gating mul, where)."""
     if not isinstance(c.out, torch.Tensor):
         return opaque(c)
+    size_values(c)
     items = []
     for i, v in enumerate(c.args):
         if isinstance(v, torch.Tensor):
@@ -147,6 +148,46 @@ def size_source(c: RuleCall, t: Any) -> Tuple[str, List[Vec]]:
     if isinstance(t, int) and t == -1:
         return "auto", []
     return "const", []
+
+
+def size_values(c: RuleCall) -> None:
+    """A size that counts channels, read as a value (RAFT's `corr / sqrt(tensor(C))`, `x.sum(1) / C`): the
+    hard prune writes its traced value there, so the pruned network scales as the zeroed one does (soft ==
+    hard), as it does for `C ** -0.5` already folded at capture. A size that also counts a dim that is no
+    channel (`numel` over H and W, which may change per call) freezes the channels it counts instead."""
+    slots = [(i, t) for i, t in enumerate(c.node.args)] + list(c.node.kwargs.items())
+    pins = {}
+    for slot, t in slots:
+        if not isinstance(t, Ref) or t.node not in c.a.size_sources:
+            continue
+        vecs = size_source(c, t)[1]
+        if not vecs or all(v is None for v in vecs):
+            continue
+        if any(v is None for v in vecs):
+            cause = c.a.uf.cause
+            c.a.uf.cause = f"{c.node.name} (reads their count, with a dim that is no channel, as a value)"
+            for v in vecs:
+                if v is not None:
+                    c.a.uf.freeze(v)
+            c.a.uf.cause = cause
+            continue
+        pins[slot] = c.arg(slot) if isinstance(slot, int) else c.kwargs.get(slot)
+    if pins:
+        c.a.fixup(c.node.name, fix_size_values, pins=pins)
+
+
+def fix_size_values(net: Any, fx: Any, keep_of: Any, mode: str) -> None:
+    """Hard prune: the sizes `size_values` read as values become their traced constants."""
+    if mode != "hard":
+        return
+    node = net.node(fx.node)
+    args = list(node.args)
+    for slot, value in fx.data["pins"].items():
+        if isinstance(slot, int):
+            args[slot] = value
+        else:
+            node.kwargs[slot] = value
+    node.args = tuple(args)
 
 
 def _same_classes(c: RuleCall, a: Vec, b: Vec) -> bool:

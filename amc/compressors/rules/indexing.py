@@ -103,8 +103,8 @@ def _split_dim(c: RuleCall, x: torch.Tensor, d: int) -> int:
     return int(d) % x.dim()
 
 
-@register_rule(T.chunk, torch.chunk, T.split, torch.split, T.tensor_split, T.unbind, torch.unbind, T.narrow,
-               torch.narrow, T.select, torch.select)
+@register_rule(T.chunk, torch.chunk, T.split, torch.split, T.tensor_split, torch.tensor_split, T.unbind, torch.unbind,
+               T.narrow, torch.narrow, T.select, torch.select)
 def split(c: RuleCall) -> Any:
     x = c.args[0]
     dims = _dims_of(c, 0, x)

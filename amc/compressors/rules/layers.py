@@ -208,10 +208,18 @@ def batchnorm(c: RuleCall) -> Any:
     ch = 1 if x.dim() > 1 else 0
     if isinstance(m, nn.modules.instancenorm._InstanceNorm) and x.dim() == len(_spatial_of(m)) + 1:
         ch = 0
-    for attr in ("weight", "bias", "running_mean", "running_var"):
-        if getattr(m, attr, None) is not None:
-            c.a.axis(name, attr, 0, dims[ch])
+    held = [attr for attr in ("weight", "bias", "running_mean", "running_var") if getattr(m, attr, None) is not None]
+    for attr in held:
+        c.a.axis(name, attr, 0, dims[ch])
+    if not held and dims[ch] is not None:  # InstanceNorm(affine=False): no tensor tells its new size
+        c.a.fixup(name, fix_num_features, vec=dims[ch])
     return TL(dims)
+
+
+def fix_num_features(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    """A norm without tensors learns its kept width here (torch warns when num_features disagrees)."""
+    if mode == "hard":
+        net.module_of(fx.node).num_features = int(keep_of(fx.data["vec"]).sum())
 
 
 def _spatial_of(m: nn.Module) -> Tuple[int, ...]:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...graph.ops import FunctionOp, GetAttr
+from ...graph.template import Ref
 from ..dependency import TL, Fixup, RuleCall, Vec
 from ...graph.network import ReconstructedNetwork
 
@@ -110,8 +111,19 @@ def reshape_labels(c: RuleCall, in_dims: List[Vec], a: Sequence[int], b: Sequenc
     return out
 
 
+def _whole_shape(c: RuleCall) -> bool:
+    """`x.view(shape)` with `shape` a whole `y.shape` read at run time (OPT: `.view(hidden_states_shape)`)."""
+    t = c.node.args[1:]
+    if len(t) != 1 or not isinstance(t[0], Ref) or t[0].path or not isinstance(c.out, torch.Tensor):
+        return False
+    src = c.a.size_sources.get(t[0].node)
+    return src is not None and src[0] == "shape" and len(src[1]) == c.out.dim()
+
+
 def size_templates(c: RuleCall) -> List[Any]:
     t = c.node.args[1:]
+    if _whole_shape(c):  # one size per dim, each read from its dim of the shape
+        return [Ref(t[0].node, (d,)) for d in range(c.out.dim())]
     if len(t) == 1 and isinstance(t[0], (list, tuple)):
         return list(t[0])
     if not t and "shape" in c.node.kwargs:
@@ -142,6 +154,10 @@ def reshape(c: RuleCall) -> Any:
         templates = size_templates(c)
         consts = freeze_sizes_of_unlabeled(c, templates, out)
         pinned = check_sizes(c, templates, out, in_dims)
+        if (pinned or consts) and _whole_shape(c):  # no per-dim slot to write a kept size into
+            for v in out:
+                c.a.uf.freeze(v)
+            return TL.unlabeled(c.out.dim())
         if pinned or consts or any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
             c.a.fixup(c.node.name, fix_sizes, out_dims=out, pinned=pinned, consts=consts)
     elif fn in (T.view_as, T.reshape_as):

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...graph.ops import ShapeGuard
+from ...graph.ops import ELEMENTWISE_MATH, ShapeGuard
 from ..dependency import TL, RuleCall
-from .common import _dims_of, _freeze, along_dim, elementwise
+from .common import _dims_of, _freeze, along_dim, arg_dims, elementwise
 from .registry import mark_opaque, register_rule
 
 T = torch.Tensor
@@ -33,6 +33,7 @@ register_rule(torch.add, T.add, T.add_, T.__add__, T.__iadd__, T.__radd__, torch
               nn.ReLU, nn.ReLU6, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
               nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Hardtanh, nn.SELU, nn.CELU)(elementwise)
 
+register_rule(*ELEMENTWISE_MATH)(elementwise)
 register_rule(F.log_softmax, torch.log_softmax, T.log_softmax, T.cumsum, torch.cumsum)(along_dim)
 
 
@@ -74,6 +75,15 @@ def spatial(c: RuleCall) -> Any:
     if isinstance(c.out, tuple):  # return_indices
         return [TL(list(out or dims)) for _ in c.out]
     return TL(out)
+
+
+@register_rule(F.grid_sample)
+def grid_sample(c: RuleCall) -> Any:
+    """Each channel is sampled on its own at the grid's points (RAFT's correlation lookup): the input's
+    channels pass; the grid holds coordinates, so any channels it carries stay."""
+    for v in arg_dims(c, 1, "grid")[1]:
+        _freeze(c, v)
+    return spatial(c)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,11 +39,10 @@ def opaque(c: RuleCall) -> Any:
 
 
 def rule_for(module: nn.Module, node: Node) -> Rule:
-    """The registered channel rule of a graph node's op module; `opaque` for ops declared opaque and custom
-    autograd functions; for any other op without a rule, a probe that proves it element-wise or freezes."""
-    if isinstance(module, AutogradFunctionOp):
-        return opaque
-    spec = spec_of(module)
+    """The registered channel rule of a graph node's op module; `opaque` for ops declared opaque; for any
+    other op without a rule (custom autograd functions included: BLOOM's GeLU), a probe that proves it
+    element-wise or freezes."""
+    spec = None if isinstance(module, AutogradFunctionOp) else spec_of(module)
     rule = spec.get("channels") if spec is not None else None
     if rule is not None:
         return rule

@@ -4,13 +4,16 @@ from __future__ import annotations
 import operator
 from typing import Any, List
 
+import torch
 
 from ...graph.ops import TensorSize
 from ...graph.template import Ref
 from ..dependency import RuleCall, Vec
 
-from .common import _tl, size_source
+from .common import _tl, size_source, size_values
 from .registry import register_rule
+
+T = torch.Tensor
 
 @register_rule(TensorSize)
 def tensor_size(c: RuleCall) -> Any:
@@ -38,3 +41,10 @@ def int_arith(c: RuleCall) -> Any:
 register_rule(operator.mul, operator.floordiv, operator.truediv, operator.sub, operator.mod, operator.neg,
               operator.add)(int_arith)
 
+
+
+@register_rule(torch.tensor, torch.as_tensor, torch.scalar_tensor, T.new_tensor)
+def tensor_of_values(c: RuleCall) -> Any:
+    """`torch.tensor(C)` of a channel count is a value: pinned to its traced one (see `size_values`)."""
+    size_values(c)
+    return None

@@ -853,3 +853,29 @@ def test_custom_autograd_function_is_probed_like_any_op_without_a_rule(fn, hidde
         soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
     assert hard.module_of("fc1").out_features == hidden
     torch.testing.assert_close(hard(x), soft(x), rtol=1e-4, atol=1e-6)
+
+
+class TokenPooler(nn.Module):
+    """Hugging Face Swin's pooler: AdaptiveAvgPool1d over the tokens of [B, C, L]."""
+
+    def __init__(self, functional):
+        super().__init__()
+        self.proj, self.fc, self.functional = nn.Linear(8, 16), nn.Linear(16, 4), functional
+        self.pool = nn.AdaptiveAvgPool1d(1)
+
+    def forward(self, x):
+        t = self.proj(x).transpose(1, 2)
+        t = nn.functional.adaptive_avg_pool1d(t, 1) if self.functional else self.pool(t)
+        return self.fc(t.flatten(1))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_pooling_1d_over_tokens_keeps_the_channels_prunable(functional):
+    """A 3-D input was read as an unbatched 2-D pooling, so the channels of [B, C, L] froze (Swin's whole
+    residual stream); a 1d op pools the last dim only."""
+    torch.manual_seed(0)
+    model, x = TokenPooler(functional).eval(), torch.randn(2, 5, 8)
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    assert hard.module_of("proj").out_features == 8
+    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-6)

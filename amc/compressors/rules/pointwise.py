@@ -56,6 +56,16 @@ def softmax_module(c: RuleCall) -> Any:
     return TL(dims)
 
 
+def _spatial_dims(op: nn.Module, x: torch.Tensor) -> int:
+    """How many trailing dims an op pools or resizes: its 1d/2d/3d suffix says it (AdaptiveAvgPool1d over a
+    [B, C, L] token sequence pools L only: Swin's pooler), else every dim after batch and channels."""
+    name = getattr(getattr(op, "fn", None), "__name__", None) or type(op).__name__
+    for n in (1, 2, 3):
+        if name.lower().endswith(f"{n}d"):
+            return min(n, x.dim())
+    return max(x.dim() - 2, 1)
+
+
 @register_rule(nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
                nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Upsample, nn.UpsamplingNearest2d,
@@ -67,8 +77,7 @@ def spatial(c: RuleCall) -> Any:
     """Pooling / resizing: channels (and batch) pass, spatial dims carry no channels."""
     x = c.args[0]
     dims = _dims_of(c, 0, x)
-    spatial_dims = {1: 1, 2: 1, 3: 2, 4: 2, 5: 3}.get(x.dim(), 0)
-    keep = x.dim() - spatial_dims
+    keep = x.dim() - _spatial_dims(c.module, x)
     for k in range(keep, x.dim()):
         dims[k] = _freeze(c, dims[k])
     out = dims[:keep] + [None] * (c.out.dim() - keep) if isinstance(c.out, torch.Tensor) else None

@@ -936,3 +936,17 @@ def test_count_recurrent_cells_and_bilinear_layers():
     rows = {r["op"]: r["macs"] for r in node_costs(amc.trace(_Cells(), x), x)}
     assert rows["LSTMCell"] + rows["GRUCell"] + rows["RNNCell"] == cells
     assert rows["Bilinear"] == 4 * 3 * 25 + 12
+
+
+def test_compiled_models_are_captured_through_and_torchscript_is_refused():
+    """torch.compile's wrapper is looked through (dynamo compiled the capture itself, with recompile-limit
+    warnings, and every name began with `_orig_mod.`); TorchScript says what to pass instead of "returned
+    no tensor computed from its inputs"."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval(), torch.randn(2, 4)
+    net = amc.trace(torch.compile(model), x)
+    assert [n.name for n in net.layer_nodes] == ["0", "1"]
+    torch.testing.assert_close(net(x), model(x))
+    for scripted in (torch.jit.script(model), torch.jit.trace(model, x)):
+        with pytest.raises(CaptureError, match="TorchScript.*Pass the nn.Module it was made from"):
+            amc.trace(scripted, x)

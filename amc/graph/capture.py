@@ -719,6 +719,7 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
     if not isinstance(model, nn.Module):
         raise CaptureError(f"amc.trace expects an nn.Module, got {type(model).__name__}; "
                            "wrap plain functions in an nn.Module first")
+    model = _eager(model)
     example_inputs, example_kwargs = _amc_keywords(model, example_inputs, example_kwargs)
     if not example_inputs and not example_kwargs:
         raise CaptureError("amc.trace needs example inputs: amc.trace(model, torch.randn(1, 3, 224, 224))")
@@ -740,6 +741,17 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
         except _ForwardFailed as again:
             raise CaptureError(f"{exc} With the tuple's {len(spread)} tensor(s) as separate inputs "
                                f"(amc.trace(model, *inputs)) it failed too: {again.__cause__!r}") from exc.__cause__
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    """The eager module to capture: torch.compile's wrapper is looked through (dynamo would otherwise compile
+    the capture itself, and every name would start with `_orig_mod.`); TorchScript cannot be captured."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CaptureError(f"{type(model).__name__} is TorchScript (torch.jit.script / torch.jit.trace): it runs in "
+                           "the TorchScript interpreter, where capture sees no module call and no op. Pass the "
+                           "nn.Module it was made from")
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
 
 
 def _export_pair(example_inputs: Tuple[Any, ...]) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:

@@ -950,3 +950,35 @@ def test_compiled_models_are_captured_through_and_torchscript_is_refused():
     for scripted in (torch.jit.script(model), torch.jit.trace(model, x)):
         with pytest.raises(CaptureError, match="TorchScript.*Pass the nn.Module it was made from"):
             amc.trace(scripted, x)
+
+
+class MixedPrecision(nn.Module):
+    """A forward that enters torch.autocast itself, and leaves it for one layer (as rotary embeddings do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = self.a(x)
+            with torch.autocast("cpu", enabled=False):
+                z = self.b(y.float().relu())
+        return z + y.float().sum(-1, keepdim=True)
+
+
+def test_autocast_inside_forward_is_replayed(tmp_path):
+    """The replay ran `a` in float32 where the model ran it in bfloat16 (outputs 4e-3 apart): each node now
+    keeps the autocast state it was captured in, through pkl, JSON and FX, and pruning keeps soft == hard."""
+    torch.manual_seed(0)
+    model, x = MixedPrecision().eval(), torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x)
+        net = amc.trace(model, x)
+        assert [n.name for n in net.layer_nodes if n.meta.get("autocast")] == ["a"]
+        assert torch.equal(net(x), ref)
+        assert torch.equal(amc.ReconstructedNetwork.load_from_json(net.save_to_json(str(tmp_path / "n.json")))(x), ref)
+        assert torch.equal(amc.ReconstructedNetwork.load(net.save(str(tmp_path / "n.pkl")))(x), ref)
+        assert torch.equal(amc.export.to_fx(net)(x), ref)
+        hard = amc.prune(net, ratio=0.5)
+        torch.testing.assert_close(hard(x), amc.prune(net, ratio=0.5, mode="soft")(x), rtol=1e-4, atol=1e-5)

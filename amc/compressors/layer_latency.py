@@ -16,6 +16,7 @@ re-aims the prediction if the machine disagrees. The tuners read the same predic
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import PruningError
-from ..graph.network import ReconstructedNetwork, _REPLAY, _direct_calls_allowed, _has_hooks
+from ..graph.network import ReconstructedNetwork, _REPLAY, _direct_calls_allowed, _has_hooks, under_autocast
 from ..graph.template import Ref, map_template
 from .dependency import iter_labels
 from .groups import select_units
@@ -62,9 +63,11 @@ def _timed_forward(net: ReconstructedNetwork, inputs: Tuple[Any, ...], out: Dict
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
-    for name, module, get_args, get_kwargs, frees, kind in net._plan:
+    for name, module, get_args, get_kwargs, frees, kind, amp in net._plan:
         call = (module.fn if kind == _REPLAY else module.forward) if direct and kind and not _has_hooks(module) \
             else module
+        if amp:
+            call = functools.partial(under_autocast, amp, call)
         args = get_args(env)
         kwargs = get_kwargs(env) if get_kwargs is not None else {}
         t = clock()

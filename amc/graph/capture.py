@@ -316,6 +316,9 @@ class Tracer(TorchFunctionMode):
             key = self._key_for(name)
             self.modules[key] = module
         meta.setdefault("out", describe(out))
+        amp = autocast_state()
+        if amp != self._autocast_at_start:  # forward entered torch.autocast: the replay enters it too
+            meta["autocast"] = amp_difference(amp, self._autocast_at_start)
         node = Node(name, key, tuple(args), dict(kwargs), meta)
         self.nodes.append(node)
         self._bind(name, out)
@@ -516,6 +519,7 @@ class Tracer(TorchFunctionMode):
         if _ACTIVE is not None:
             raise CaptureError("a capture is already in progress: call insertCaptureBoundaryEnd() first")
         _ACTIVE = self
+        self._autocast_at_start = autocast_state()
         nn.Module.__call__ = _patched_call
         torch.autograd.Function.apply = classmethod(_patched_apply)
         builtins.len = _patched_len
@@ -752,6 +756,20 @@ def _eager(model: nn.Module) -> nn.Module:
                            "nn.Module it was made from")
     inner = getattr(model, "_orig_mod", None)
     return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
+
+
+_AMP_DEVICES = ("cpu", "cuda")
+
+
+def autocast_state() -> Tuple[Tuple[bool, str], ...]:
+    """(enabled, dtype) of torch.autocast per device type, as the ops being recorded see it."""
+    return tuple((torch.is_autocast_enabled(d), str(torch.get_autocast_dtype(d)).split(".")[-1])
+                 for d in _AMP_DEVICES)
+
+
+def amp_difference(now: Tuple[Tuple[bool, str], ...], before: Tuple[Tuple[bool, str], ...]) -> List[list]:
+    """[[device_type, enabled, dtype], ...] for the device types whose autocast state differs."""
+    return [[d, a[0], a[1]] for d, a, b in zip(_AMP_DEVICES, now, before) if a != b]
 
 
 def _export_pair(example_inputs: Tuple[Any, ...]) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:

@@ -15,6 +15,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 import torch.fx as fx
+from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
 from ..errors import GraphError
 from .ops import AutogradFunctionOp, Constant, FunctionOp, ParamHolder, ShapeGuard
@@ -66,7 +67,11 @@ def to_fx(net: Any) -> fx.GraphModule:
         if isinstance(module, ShapeGuard):
             _assert_guard(graph, module, args)
             continue
+        amp = node.meta.get("autocast")
+        entered = [graph.call_function(_enter_autocast, (d, getattr(torch, t), on, True)) for d, on, t in amp or ()]
         env[node.name] = _call(graph, module, f"network.{node.module}", args, kwargs)
+        for ctx in reversed(entered):  # the captured torch.autocast state, as dynamo's graphs hold it
+            graph.call_function(_exit_autocast, (ctx,))
     graph.output(map_template(_plain_outputs(net.outputs), leaf))
     graph.lint()
     gm = fx.GraphModule(net, graph, class_name="AmcGraphModule")

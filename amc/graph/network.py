@@ -5,7 +5,9 @@ of the current run, so it works at any batch size and after passes change channe
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -45,6 +47,15 @@ def _call_kind(module: nn.Module) -> int:
     if isinstance(module, FunctionOp) and type(module).forward is FunctionOp.forward:
         return _REPLAY  # FunctionOp.forward only calls self.fn: one Python frame less per op
     return _FORWARD
+
+
+def under_autocast(amp: Any, call: Any, *args: Any, **kwargs: Any) -> Any:
+    """`call` inside the torch.autocast states a node was captured in (`[[device_type, enabled, dtype]]`):
+    a forward that enters autocast replays with the same casts."""
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in amp:
+            stack.enter_context(torch.autocast(device, dtype=getattr(torch, dtype), enabled=enabled))
+        return call(*args, **kwargs)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -106,7 +117,8 @@ class ReconstructedNetwork(nn.Module):
                 raise GraphError(f"node {node.name!r} uses module {node.module!r}, which is not in the ModuleDict")
             get_kwargs = compile_getter(node.kwargs) if node.kwargs else None
             module = self.network[node.module]
-            plan.append((node.name, module, compile_args(node.args), get_kwargs, tuple(frees[i]), _call_kind(module)))
+            plan.append((node.name, module, compile_args(node.args), get_kwargs, tuple(frees[i]), _call_kind(module),
+                         node.meta.get("autocast")))
         self._plan = plan
         self._get_output = compile_getter(self.outputs)
 
@@ -186,11 +198,13 @@ class ReconstructedNetwork(nn.Module):
             return self._traced_by_fx(args, kwargs)
         env = self._bind_inputs(args, kwargs)
         direct = _direct_calls_allowed()
-        for name, module, get_args, get_kwargs, frees, kind in self._plan:
+        for name, module, get_args, get_kwargs, frees, kind, amp in self._plan:
             if direct and kind and not _has_hooks(module):
                 call = module.fn if kind == _REPLAY else module.forward
             else:
                 call = module
+            if amp:
+                call = functools.partial(under_autocast, amp, call)
             if get_kwargs is None:
                 env[name] = call(*get_args(env))
             else:
@@ -211,10 +225,10 @@ class ReconstructedNetwork(nn.Module):
         """Run like forward, calling `observer(node, module, args, kwargs, out)` after each node."""
         env = self._bind_inputs(args, kwargs)
         nodes = {n.name: n for n in self.layer_nodes}
-        for name, module, get_args, get_kwargs, frees, _ in self._plan:
+        for name, module, get_args, get_kwargs, frees, _, amp in self._plan:
             a = tuple(get_args(env))
             kw = get_kwargs(env) if get_kwargs is not None else {}
-            out = module(*a, **kw)
+            out = under_autocast(amp, module, *a, **kw) if amp else module(*a, **kw)
             observer(nodes[name], module, a, kw, out)
             env[name] = out
             for f in frees:

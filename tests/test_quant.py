@@ -430,15 +430,22 @@ def test_quantnoise_reestimates_batchnorm_with_every_weight_quantised():
     (lambda: amc.models.create("vit_digits", image_size=8, dim=24, depth=2, heads=2), (1, 8, 8)),
     (lambda: __import__("torchvision").models.mobilenet_v3_small(num_classes=10), (3, 32, 32)),
     (lambda: __import__("torchvision").models.resnet18(num_classes=10), (3, 32, 32)),
-], ids=["vit_digits", "mobilenet_v3_small", "resnet18"])
+    (lambda: __import__("torchvision").models.video.r3d_18(num_classes=10), (3, 4, 32, 32)),
+], ids=["vit_digits", "mobilenet_v3_small", "resnet18", "r3d_18"])
 def test_zoo_models_quantise_and_export(build, shape, tmp_path):
+    """r3d_18: its Conv3d layers (torchvision's Conv3DSimple, an nn.Conv3d subclass) are quantised too;
+    before, only its fc was."""
     torch.manual_seed(0)
     model = build().eval()
     g = torch.Generator().manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(16, *shape, generator=g), torch.zeros(16, dtype=torch.long)),
                         batch_size=8)
     x = torch.randn(4, *shape, generator=g)
-    q = Quantization(model, loader, trainset_ratio=1.0).compress()
+    compressor = Quantization(model, loader, trainset_ratio=1.0)
+    q = compressor.compress()
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    assert len(compressor.quantized_layers) == len(layers)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in q.modules())  # all folded
     with torch.no_grad():
         assert _logit_error(q(x), model(x)) < 0.05
     amc.export.save_onnx(q, str(tmp_path / "q.onnx"), x[:2])  # checked by onnxruntime inside

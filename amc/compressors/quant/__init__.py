@@ -4,8 +4,8 @@ from .compressor import Quantization
 from .noise import QuantNoise
 from .pq import PQConv2d, PQLinear, ProductQuantization, product_quantize
 from .prepare import activation_points, calibrate, fold_batchnorm, quantize_weights
-from .quantizers import ActQuant, QuantConv1d, QuantConv2d, QuantLinear, fake_quant_weight, quantize_weight
+from .quantizers import ActQuant, QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, fake_quant_weight, quantize_weight
 
 __all__ = ["Quantization", "QuantNoise", "ProductQuantization", "product_quantize", "PQConv2d", "PQLinear",
-           "ActQuant", "QuantConv1d", "QuantConv2d", "QuantLinear", "fake_quant_weight", "quantize_weight",
+           "ActQuant", "QuantConv1d", "QuantConv2d", "QuantConv3d", "QuantLinear", "fake_quant_weight", "quantize_weight",
            "fold_batchnorm", "quantize_weights", "activation_points", "calibrate"]

@@ -31,7 +31,7 @@ class Quantization(BaseCompressor):
       nets of scripts/results/quant.md; try both)
     - qat_epochs: quantisation-aware fine-tuning epochs after calibration (0: post-training only), at `lr`
       with `optimizer` ("sgd" or "adamw"); the activation ranges stay as calibrated
-    - layers / ignore: node names to quantise / to leave in float (default: every Conv1d/Conv2d/Linear)
+    - layers / ignore: node names to quantise / to leave in float (default: every Conv1d/2d/3d and Linear)
     - fold_bn: fold each conv's sole BatchNorm into it first (default True: one rounding instead of two)
     """
 
@@ -75,7 +75,7 @@ class Quantization(BaseCompressor):
         net, self.quantized_layers = quantize_weights(net, self.weight_bits, self.layers, self.ignore,
                                                        self.weight_observer)
         if not self.quantized_layers:
-            raise QuantizationError("the network has no Conv1d, Conv2d or Linear layer to quantise")
+            raise QuantizationError("the network has no Conv1d, Conv2d, Conv3d or Linear layer to quantise")
         if self.act_bits is not None:
             net, self.act_quant_nodes = insert_act_quants(net, self.act_bits, self.observer, self.percentile)
             batches = self.calibration_batches()

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from ...errors import QuantizationError
 from ...trainers.plugins import TrainerCallback
 from ..base import check_seed
-from .quantizers import FLOAT_TO_QUANT, check_bits, check_weight_observer, quantize_weight
+from .quantizers import check_bits, check_weight_observer, quant_class, quantize_weight
 
 
 class _NoisyWeight(nn.Module):
@@ -68,13 +68,13 @@ class QuantNoise(TrainerCallback):
         return self._generators[key]
 
     def attach(self, model: nn.Module) -> int:
-        """Parametrize every Conv1d/Conv2d/Linear weight of `model`; returns how many."""
+        """Parametrize every Conv1d/2d/3d and Linear weight of `model`; returns how many."""
         for m in model.modules():
-            if type(m) in FLOAT_TO_QUANT and not parametrize.is_parametrized(m, "weight"):
+            if quant_class(m) is not None and not parametrize.is_parametrized(m, "weight"):
                 parametrize.register_parametrization(m, "weight", _NoisyWeight(self))
                 self._layers.append((m, "weight"))
         if not self._layers:
-            raise QuantizationError(f"QuantNoise found no Conv1d, Conv2d or Linear in {type(model).__name__}")
+            raise QuantizationError(f"QuantNoise found no Conv1d, Conv2d, Conv3d or Linear in {type(model).__name__}")
         return len(self._layers)
 
     def detach(self) -> None:

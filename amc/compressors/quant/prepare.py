@@ -16,7 +16,7 @@ from ...graph.node import Node
 from ...graph.ops import FunctionOp, TensorReshape, TensorSqueeze, TensorTranspose
 from ...graph.template import Ref, iter_refs
 from ..lowrank.eligible import _act_of
-from .quantizers import FLOAT_TO_QUANT, ActQuant, _QuantWeight
+from .quantizers import ActQuant, _QuantWeight, quant_class
 
 
 def _sole_plain_input(node: Node) -> Optional[str]:
@@ -43,7 +43,8 @@ def fold_batchnorm(net: ReconstructedNetwork) -> Tuple[ReconstructedNetwork, Lis
     for node in net.layer_nodes:
         conv = net.network[node.module]
         readers = users.get(node.name, [])
-        if type(conv) not in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or uses[node.module] != 1 or len(readers) != 1:
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or quant_class(conv) is None \
+                or uses[node.module] != 1 or len(readers) != 1:  # subclasses with the conv's own forward too
             continue
         bn_node = readers[0]
         bn = net.network[bn_node.module]
@@ -92,10 +93,10 @@ def swap_layers(net: ReconstructedNetwork, make: Callable[[Node, nn.Module], Opt
 
 def quantize_weights(net: ReconstructedNetwork, bits: int, layers: Optional[Sequence[str]] = None,
                      ignore: Sequence[str] = (), observer: str = "minmax") -> Tuple[ReconstructedNetwork, List[str]]:
-    """A copy of `net` whose Conv1d/Conv2d/Linear layers (all, or the nodes named in `layers`, less `ignore`)
-    compute with `bits`-bit weights on a `observer` grid; returns it and the quantised node names."""
-    return swap_layers(net, lambda node, mod: FLOAT_TO_QUANT[type(mod)].from_float(mod, bits, observer)
-                       if type(mod) in FLOAT_TO_QUANT else None, layers, ignore)
+    """A copy of `net` whose Conv1d/2d/3d and Linear layers (all, or the nodes named in `layers`, less
+    `ignore`) compute with `bits`-bit weights on a `observer` grid; returns it and the quantised node names."""
+    return swap_layers(net, lambda node, mod: quant_class(mod).from_float(mod, bits, observer)
+                       if quant_class(mod) is not None else None, layers, ignore)
 
 
 def activation_points(net: ReconstructedNetwork) -> List[str]:

@@ -168,6 +168,18 @@ class QuantConv1d(_QuantConv, nn.Conv1d):
         self.weight_observer = check_weight_observer(weight_observer)
 
 
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    """`nn.Conv3d` computing with its `weight_bits`-bit weights (video networks)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", weight_bits: int = 8,
+                 device=None, dtype=None, weight_observer: str = "minmax"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        self.weight_bits = check_bits(int(weight_bits), "weight_bits")
+        self.weight_observer = check_weight_observer(weight_observer)
+
+
 class QuantLinear(_QuantWeight, nn.Linear):
     """`nn.Linear` computing with its `weight_bits`-bit weights."""
 
@@ -181,9 +193,18 @@ class QuantLinear(_QuantWeight, nn.Linear):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
-FLOAT_TO_QUANT = {nn.Conv2d: QuantConv2d, nn.Conv1d: QuantConv1d, nn.Linear: QuantLinear}
+FLOAT_TO_QUANT = {nn.Conv2d: QuantConv2d, nn.Conv1d: QuantConv1d, nn.Conv3d: QuantConv3d, nn.Linear: QuantLinear}
 for _float, _quant in FLOAT_TO_QUANT.items():
     register_op(_quant, like=_float, leaf=True)
+
+
+def quant_class(layer: nn.Module) -> Optional[type]:
+    """The quantised class for `layer`: its own class's, or a parent's when the subclass keeps the parent's
+    forward (torchvision's `Conv3DSimple` is an nn.Conv3d with a helper method)."""
+    for base in type(layer).__mro__:
+        if base in FLOAT_TO_QUANT:
+            return FLOAT_TO_QUANT[base] if type(layer).forward is base.forward else None
+    return None
 
 
 class ActQuant(nn.Module):

@@ -140,6 +140,17 @@ class _QuantWeight:
 
 
 class _QuantConv(_QuantWeight):
+    """The convolutions' shared constructor (the conv's arguments plus `weight_bits` and `weight_observer`)
+    and forward."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", weight_bits: int = 8,
+                 device=None, dtype=None, weight_observer: str = "minmax"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device=device, dtype=dtype)
+        self.weight_bits = check_bits(int(weight_bits), "weight_bits")
+        self.weight_observer = check_weight_observer(weight_observer)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
@@ -147,37 +158,13 @@ class _QuantConv(_QuantWeight):
 class QuantConv2d(_QuantConv, nn.Conv2d):
     """`nn.Conv2d` computing with its `weight_bits`-bit weights."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", weight_bits: int = 8,
-                 device=None, dtype=None, weight_observer: str = "minmax"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device=device, dtype=dtype)
-        self.weight_bits = check_bits(int(weight_bits), "weight_bits")
-        self.weight_observer = check_weight_observer(weight_observer)
-
 
 class QuantConv1d(_QuantConv, nn.Conv1d):
     """`nn.Conv1d` computing with its `weight_bits`-bit weights."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", weight_bits: int = 8,
-                 device=None, dtype=None, weight_observer: str = "minmax"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device=device, dtype=dtype)
-        self.weight_bits = check_bits(int(weight_bits), "weight_bits")
-        self.weight_observer = check_weight_observer(weight_observer)
-
 
 class QuantConv3d(_QuantConv, nn.Conv3d):
     """`nn.Conv3d` computing with its `weight_bits`-bit weights (video networks)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", weight_bits: int = 8,
-                 device=None, dtype=None, weight_observer: str = "minmax"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device=device, dtype=dtype)
-        self.weight_bits = check_bits(int(weight_bits), "weight_bits")
-        self.weight_observer = check_weight_observer(weight_observer)
 
 
 class QuantLinear(_QuantWeight, nn.Linear):

@@ -879,3 +879,60 @@ def test_pooling_1d_over_tokens_keeps_the_channels_prunable(functional):
     soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
     assert hard.module_of("proj").out_features == 8
     torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-6)
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer with its inputs projected: the decoder's cross-attention reads the encoder's memory."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.src, self.tgt, self.head = nn.Linear(8, 32), nn.Embedding(50, 32), nn.Linear(32, 50)
+        self.t = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=2, num_decoder_layers=2,
+                                dim_feedforward=64, batch_first=batch_first)
+
+    def forward(self, src, tgt):
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+        a, b = self.src(src), self.tgt(tgt)
+        if not self.batch_first:
+            a, b = a.transpose(0, 1), b.transpose(0, 1)
+        out = self.t(a, b, tgt_mask=mask, tgt_is_causal=True)
+        return self.head(out if self.batch_first else out.transpose(0, 1))
+
+
+class KeyValueDims(nn.Module):
+    """nn.MultiheadAttention with kdim / vdim: separate q, k and v projection weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv, self.head = nn.Linear(8, 32), nn.Linear(8, 24), nn.Linear(32, 3)
+        self.att = nn.MultiheadAttention(32, 4, kdim=24, vdim=24, batch_first=True)
+
+    def forward(self, x, y):
+        kv = self.kv(y)
+        return self.head(self.att(self.q(x), kv, kv, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_cross_attention_prunes_with_the_memory_it_reads(batch_first):
+    """nn.MultiheadAttention was pruned only as self-attention; any other call froze its inputs, so the
+    whole nn.Transformer kept its width (0.82x MACs at ratio 0.5). Query, key and value share in_proj's
+    columns, so their channels are one group now: 0.29x, soft == hard."""
+    torch.manual_seed(0)
+    model, xs = Seq2Seq(batch_first).eval(), (torch.randn(2, 6, 8), torch.randint(0, 50, (2, 5)))
+    hard = amc.prune(model, ratio=0.5, example_inputs=xs)
+    soft = amc.prune(model, ratio=0.5, example_inputs=xs, mode="soft")
+    assert amc.count(hard, *xs)[0] < 0.35 * amc.count(model, *xs)[0]
+    torch.testing.assert_close(soft(*xs), hard(*xs), rtol=1e-4, atol=1e-5)
+
+
+def test_attention_key_and_value_dims_prune_their_own_columns(tmp_path):
+    torch.manual_seed(0)
+    model, xs = KeyValueDims().eval(), (torch.randn(2, 5, 8), torch.randn(2, 7, 8))
+    hard = amc.prune(model, ratio=0.5, example_inputs=xs)
+    soft = amc.prune(model, ratio=0.5, example_inputs=xs, mode="soft")
+    att = hard.module_of("att")
+    assert (hard.module_of("kv").out_features, att.kdim, att.vdim, att.k_proj_weight.shape[1]) == (12, 12, 12, 12)
+    torch.testing.assert_close(soft(*xs), hard(*xs), rtol=1e-4, atol=1e-5)
+    back = amc.ReconstructedNetwork.load_from_json(hard.save_to_json(str(tmp_path / "kv.json")))
+    torch.testing.assert_close(back(*xs), hard(*xs))

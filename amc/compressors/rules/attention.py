@@ -10,9 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import PruningError
-from ...graph.template import Ref
 from ..dependency import TL, Fixup, RuleCall, Vec, unlabeled_like
 from ...graph.network import ReconstructedNetwork
+from ...graph.ops import register_op
 
 from .common import _broadcast, _dims_of, _out_tl, _tl, arg_dims
 from .registry import opaque, register_rule
@@ -116,15 +116,28 @@ def sdpa(c: RuleCall) -> Any:
 
 @register_rule(nn.MultiheadAttention)
 def multihead_attention(c: RuleCall) -> Any:
-    """Self-attention: the embed dim follows the residual stream; head dims shrink with it."""
+    """The embed dim follows the residual stream; head dims shrink with it. One in_proj weight reads query,
+    key and value by the same columns, so in cross-attention (nn.Transformer's decoder reading the encoder's
+    memory) the three inputs' channels are one group."""
     m, name = c.module, c.node.name
-    t = list(c.node.args[:3]) + [c.node.kwargs.get(k) for k in ("query", "key", "value")[len(c.node.args):]]
-    self_attn = len(t) >= 3 and isinstance(t[0], Ref) and t[0] == t[1] == t[2]
-    if not (self_attn and m._qkv_same_embed_dim and m.bias_k is None and not m.add_zero_attn):
+    if m.bias_k is not None or m.add_zero_attn:
         opaque(c)
         return unlabeled_like(c.out)
-    q = c.args[0] if c.args else c.kwargs["query"]
-    dims = _dims_of(c, 0, q) if c.args else list(_tl(c.lkwargs["query"]).dims)
+    (_, dims), (_, key), (_, value) = (arg_dims(c, i, n) for i, n in enumerate(("query", "key", "value")))
+    if not m._qkv_same_embed_dim:  # kdim / vdim: key and value channels are columns of their own weights
+        for attr, d in (("k_proj_weight", key), ("v_proj_weight", value)):
+            if d and d[-1] is not None:
+                c.a.axis(name, attr, 1, d[-1])
+        c.a.uf.freeze(dims[-1] if dims else None)  # the embed dim stays (its head dims have no rule here)
+        return [TL(dims[:-1] + [None]), unlabeled_like(c.out[1])]
+    ends = [d[-1] if d else None for d in (dims, key, value)]
+    if any(e is None for e in ends):  # a channel dim with no labels (a model input) cannot follow the others
+        for e in ends:
+            c.a.uf.freeze(e)
+        dims = dims[:-1] + [None]
+    else:
+        c.a.uf.union_vecs(ends[0], ends[1])
+        c.a.uf.union_vecs(ends[0], ends[2])
     emb = dims[-1]
     if emb is None:
         return [TL(dims), unlabeled_like(c.out[1])]
@@ -143,6 +156,14 @@ def multihead_attention(c: RuleCall) -> Any:
 def fix_sdpa_scale(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
     if mode == "hard":
         net.node(fx.node).kwargs["scale"] = fx.data["scale"]  # head dims shrank: keep the original scale
+
+
+def _resize_mha(m: nn.MultiheadAttention) -> None:
+    if not m._qkv_same_embed_dim:
+        m.kdim, m.vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
+
+
+register_op(nn.MultiheadAttention, resize=_resize_mha)
 
 
 def mha_inner_selection(m: nn.MultiheadAttention, n_keep: int) -> Tuple[torch.Tensor, torch.Tensor, int]:

@@ -516,3 +516,34 @@ def test_max_pooling_keeps_its_input_grid_and_runs_in_int8(observer, tmp_path):
     ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert "MaxPool" not in ops and "DequantizeLinear" not in ops, ops  # int8 from the input Q to the logits
+
+
+class TaggedLinear(nn.Linear):
+    """A Linear subclass that only adds an attribute (library layers often are): computes what Linear does."""
+
+    tag = "keeps Linear.forward"
+
+
+class ScaledLinear(nn.Linear):
+    """A Linear subclass with its own forward: never rebuilt as a plain layer."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_layer_subclasses_that_keep_the_forward_are_quantised_and_decomposed():
+    """INT8, product quantisation and low-rank skipped any subclass of their layer types (an exact type
+    check); one that keeps its parent's forward is now the layer it computes, one that overrides it stays."""
+    from amc.compressors import LowRankDecomposition
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TaggedLinear(16, 32), nn.ReLU(), ScaledLinear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    loader = [(torch.randn(8, 16), torch.zeros(8, dtype=torch.long)) for _ in range(2)]
+    q = Quantization(model, loader, trainset_ratio=1.0)
+    q.compress()
+    assert q.quantized_layers == ["0", "4"]
+    pq = ProductQuantization(model, loader, n_centroids=4)
+    pq.compress()
+    assert sorted(pq.quantized_layers) == ["0", "4"]
+    low = LowRankDecomposition(model, loader, compress_ratio=0.5, trainset_ratio=1.0).compress()
+    assert [n.name for n in low.layer_nodes if n.name.startswith("0")] == ["0.lr0", "0"]  # two factors

@@ -199,6 +199,17 @@ def leaf_functions() -> List[OpSpec]:
     return [spec for key, spec in list(_FUNCTION_OPS.items()) if spec.leaf and spec.call_sites]
 
 
+def plain_layer(module: nn.Module, *bases: type) -> Optional[type]:
+    """The first of `bases` that `module` is an instance of while computing what that class computes: the
+    class itself, or a subclass that keeps its forward (torchvision's `Conv3DSimple`, a Linear subclass
+    that only adds attributes). None otherwise, so the compressors that rebuild a layer from its class's
+    arguments never replace a forward they do not know."""
+    for base in type(module).__mro__:
+        if base in bases:
+            return base if type(module).forward is base.forward else None
+    return None
+
+
 def module_spec(module: nn.Module) -> Optional[OpSpec]:
     """Spec of a leaf module: exact class, or a subclass that keeps its parent's forward."""
     cls = type(module)

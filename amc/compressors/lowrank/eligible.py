@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ...graph.network import ReconstructedNetwork
 from ...graph.node import Node
-from ...graph.ops import FunctionOp
+from ...graph.ops import FunctionOp, plain_layer
 from ...graph.template import iter_refs
 
 __all__ = ["LayerInfo", "lowrank_rank", "eligible_layers", "output_layers"]
@@ -173,7 +173,8 @@ def eligible_layers(net: ReconstructedNetwork, fold_bn: bool = True) -> Dict[str
     out: Dict[str, LayerInfo] = {}
     for node in net.layer_nodes:
         mod = net.network[node.module]
-        if type(mod) not in (nn.Conv2d, nn.Linear) or module_uses[node.module] != 1 or _single_input(node) is None:
+        if plain_layer(mod, nn.Conv2d, nn.Linear) is None or module_uses[node.module] != 1 \
+                or _single_input(node) is None:
             continue
         info = _describe(node, mod)
         if info is None:

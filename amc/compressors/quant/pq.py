@@ -19,7 +19,7 @@ from ...errors import QuantizationError
 from ...graph.macs import conv_macs, linear_macs
 from ...graph.edit import addmm_as_linear
 from ...graph.network import ReconstructedNetwork
-from ...graph.ops import register_op
+from ...graph.ops import plain_layer, register_op
 from ..base import check_count, check_names, check_number, check_seed
 from .prepare import swap_layers
 from .quantizers import check_optimizer
@@ -104,11 +104,12 @@ def _kmeans(vectors: np.ndarray, k: int, seed: int, n_init: int) -> Tuple[np.nda
 
 def pq_layer(layer: nn.Module, block_size: int, n_centroids: int, seed: int = 0, n_init: int = 1) -> nn.Module:
     """The product-quantised twin of a Conv2d or Linear (k-means over its weight's sub-vectors)."""
-    if type(layer) is nn.Conv2d:
+    base = plain_layer(layer, nn.Conv2d, nn.Linear)
+    if base is nn.Conv2d:
         new: _PQWeight = PQConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                                   layer.padding, layer.dilation, layer.groups, layer.bias is not None,
                                   block_size, n_centroids)
-    elif type(layer) is nn.Linear:
+    elif base is nn.Linear:
         new = PQLinear(layer.in_features, layer.out_features, layer.bias is not None, block_size, n_centroids)
     else:
         raise QuantizationError(f"product quantisation supports nn.Conv2d and nn.Linear, not {type(layer).__name__}")
@@ -134,7 +135,7 @@ def product_quantize(net: ReconstructedNetwork, block_size: Any = None, n_centro
     Layers with fewer than `min_weights` weights, or fewer sub-vectors than `n_centroids`, stay float
     (a codebook as large as the layer saves nothing)."""
     def make(node: Any, mod: nn.Module) -> Optional[nn.Module]:
-        if type(mod) not in (nn.Conv2d, nn.Linear):
+        if plain_layer(mod, nn.Conv2d, nn.Linear) is None:
             return None
         if isinstance(block_size, dict):
             bs = block_size.get(node.name)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import QuantizationError
-from ...graph.ops import register_op
+from ...graph.ops import plain_layer, register_op
 from ..rules.common import passthrough
 
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -186,12 +186,9 @@ for _float, _quant in FLOAT_TO_QUANT.items():
 
 
 def quant_class(layer: nn.Module) -> Optional[type]:
-    """The quantised class for `layer`: its own class's, or a parent's when the subclass keeps the parent's
-    forward (torchvision's `Conv3DSimple` is an nn.Conv3d with a helper method)."""
-    for base in type(layer).__mro__:
-        if base in FLOAT_TO_QUANT:
-            return FLOAT_TO_QUANT[base] if type(layer).forward is base.forward else None
-    return None
+    """The quantised class for `layer` (a subclass that keeps its parent's forward too: `plain_layer`)."""
+    base = plain_layer(layer, *FLOAT_TO_QUANT)
+    return FLOAT_TO_QUANT[base] if base is not None else None
 
 
 class ActQuant(nn.Module):

@@ -418,7 +418,7 @@ def test_onnx_dynamic_axes_free_the_image_size(name, tmp_path):
 def test_onnx_dynamic_axes_bad_input(tmp_path):
     net = traced("resnet18")
     for axes, match in [({"image": {2: "h"}}, r"not an input of the network; its inputs are \['x'\]"),
-                        ({"x": {0: "b"}}, "not a non-batch axis"), ({"x": {4: "b"}}, "not a non-batch axis"),
+                        ({"x": {4: "b"}}, "has no axis 4.*give axes 0..3"),
                         ({"x": {2: 5}}, "must map axis numbers to names"), ([2, 3], "must be a dict"),
                         ({"x": {2: "side", 1: "side"}}, "one name means one size")]:
         with pytest.raises(ExportError, match=match):
@@ -428,6 +428,10 @@ def test_onnx_dynamic_axes_bad_input(tmp_path):
     listed = onnx.load(save_onnx(net, str(tmp_path / "l.onnx"), dynamic_axes={"x": [2]}))  # named after the input
     assert [d.dim_param or d.dim_value for d in listed.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, "x_2", 32]
     os.remove(tmp_path / "l.onnx")
+    # torch.onnx.export's users name the batch axis too, or count from the end: both are accepted
+    named = onnx.load(save_onnx(net, str(tmp_path / "n.onnx"), dynamic_axes={"x": {0: "b", -1: "w"}}))
+    assert [d.dim_param or d.dim_value for d in named.graph.input[0].type.tensor_type.shape.dim] == ["batch", 3, 32, "w"]
+    os.remove(tmp_path / "n.onnx")
     # a network whose traced ops fix the size (the ViT's position embedding) says so and writes nothing
     with pytest.raises(ExportError, match="does not run at height=64, width=64.*cannot be dynamic"):
         save_onnx(traced("vit_tiny"), str(tmp_path / "v.onnx"), dynamic_axes={"x": {2: "height", 3: "width"}})

@@ -604,6 +604,23 @@ def test_gpt2_conv1d_layers_reach_lowrank_and_int8(one_thread):
     assert sum(n.name.endswith(".addmm") for n in net.layer_nodes) == 8  # the input graph is left as it was
 
 
+@pytest.mark.parametrize("name", ["bloom", "opt", "gpt_neox", "falcon"])
+def test_pruned_language_models_export_to_onnx_with_any_length(name, tmp_path, one_thread):
+    """Pruned by dims, written as ONNX with batch and length dynamic in torch.onnx.export's own form (the
+    batch axis named too, which was refused), and run by onnxruntime at another batch and length."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()[name]().eval()
+    hard = amc.prune(amc.trace(model, **_lm_inputs(name, 2, 9, 0), use_cache=False), ratio=0.5)
+    axes = {k: {0: "batch", 1: "length"} for k in ("input_ids", "attention_mask")}
+    path = hard.save_to_onnx(str(tmp_path / "lm.onnx"), **_lm_inputs(name, 2, 9, 0), dynamic_axes=axes)
+    new = _lm_inputs(name, 3, 6, 1)
+    got = ort.InferenceSession(path).run(None, {k: v.numpy() for k, v in new.items()})[0]
+    with torch.no_grad():
+        assert torch.allclose(torch.from_numpy(got), hard(**new).logits, atol=1e-4)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_falcon_hand_written_linears_reach_lowrank_and_int8(bias, one_thread):
     """Falcon's `FalconLinear` overrides nn.Linear's forward with `x @ weight.T (+ bias)`, so it is traced

@@ -200,10 +200,11 @@ def _axes_by_name(dynamic_axes: Any, input_names: List[str], inputs: Tuple[Any, 
                               f"got {axes!r}")
         rank = x.dim() if isinstance(x, torch.Tensor) else 0
         for a in axes:
-            if not 0 < a < rank:  # 0 is the batch axis, dynamic anyway
-                raise ExportError(f"dynamic_axes[{key!r}]: axis {a} is not a non-batch axis of input {name!r} "
-                                  f"(shape {list(x.shape) if rank else 'scalar'}); give axes 1..{rank - 1}")
-        out[name] = dict(axes)
+            if not -rank <= a < rank:
+                raise ExportError(f"dynamic_axes[{key!r}]: input {name!r} has no axis {a} (shape "
+                                  f"{list(x.shape) if rank else 'scalar'}); give axes 0..{rank - 1}")
+        # the batch axis (0) is dynamic anyway, under its own name: naming it too, as torch.onnx's users do, is fine
+        out[name] = {a % rank: d for a, d in axes.items() if a % rank}
     return out
 
 

@@ -7,6 +7,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .errors import DataError
+
 #: keys of a dict batch that hold targets, not model inputs (Hugging Face's `labels`, torchvision-style `target`)
 TARGET_KEYS = frozenset({"labels", "label", "target", "targets", "y"})
 
@@ -26,6 +28,16 @@ def targets_of(batch: Any) -> Optional[Any]:
     if isinstance(batch, Mapping):
         return dict_targets(batch)
     return batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+
+
+def labels_of(batch: Any, who: str) -> torch.Tensor:
+    """The targets of a labelled batch (`targets_of`), or a DataError naming `who` needs them and where."""
+    targets = targets_of(batch)
+    if not isinstance(targets, torch.Tensor):
+        keys = f" (its keys: {sorted(map(str, batch))})" if isinstance(batch, Mapping) else ""
+        raise DataError(f"{who} trains on labelled batches: (inputs, labels, ...) tuples or dicts with labels under "
+                        f"one of {sorted(TARGET_KEYS)}; got a {type(batch).__name__}{keys}")
+    return targets
 
 
 def logits_of(preds: Any) -> Any:

@@ -231,6 +231,27 @@ def hf_vit():
     return ViTForImageClassification(config).eval()
 
 
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+@pytest.mark.parametrize("method", ["tokens", "vtp"])
+def test_hf_vit_takes_token_pruning_and_vtp(hf_vit, form, method, one_thread):
+    """A Hugging Face ViT reads its CLS token as `x[:, 0, :]` (token pruning looked only for `x[:, 0]`) and
+    returns an `ImageClassifierOutput` (the APT, VTP and fine-tuning losses took it for logits); batches come
+    as (pixel_values, labels) tuples or as an image processor's dicts."""
+    from amc.compressors import VTP, TokenPruning
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    loader = [(x, y)] * 2 if form == "tuple" else [{"pixel_values": x, "labels": y}] * 2
+    if method == "tokens":
+        c = TokenPruning(hf_vit, loader, loader, target_macs=0.7, epochs=1)  # 2 blocks: one agent, after the first
+    else:
+        c = VTP(hf_vit, loader, loader, compress_ratio=0.5, epochs=1, finetune_epochs=1)
+    c.compress()
+    out = c.compressed_net(pixel_values=x[:3])
+    assert out.logits.shape == (3, 10)
+    assert amc.count(c.compressed_net)[0] < 0.72 * amc.count(hf_vit, pixel_values=x[:1])[0]
+
+
 @pytest.mark.parametrize("heads", [False, True], ids=["dims", "heads"])
 def test_hf_vit_traced_pruned_round_tripped_and_written_back(hf_vit, heads, tmp_path, one_thread):
     x, x_new = torch.randn(2, 3, 32, 32), torch.randn(5, 3, 32, 32)

@@ -134,11 +134,15 @@ def _run_epochs(model: nn.Module, train_loader: Iterable[Batch], val_loader: Ite
         for epoch in range(int(epochs)):
             model.train()
             loss_sum, seen, hits = 0.0, 0, 0
-            for x, y in train_loader:
-                x, y = x.to(device), y.to(device)
-                if channels_last and x.dim() == 4:
+            for batch in train_loader:
+                try:
+                    x, y = split_batch(batch)  # (x, y) tuples, or a collator's dict with its labels
+                except ValueError as exc:
+                    raise DataError(f"train_classifier: {exc}") from exc
+                x, y = to_device(x, device), y.to(device)
+                if channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
-                logits = model(x)
+                logits, y = class_rows(call_with(model, x), y)  # a Hugging Face output's logits
                 loss = F.cross_entropy(logits, y)
                 if not math.isfinite(loss.item()):
                     raise TrainingError(

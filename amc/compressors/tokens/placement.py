@@ -63,8 +63,9 @@ def _reads_cls(net: ReconstructedNetwork) -> bool:
         if node.op != "TensorSlice" or len(node.args) != 2 or not isinstance(node.args[0], Ref):
             continue
         src, index = shapes.get(node.args[0].node), node.args[1]
-        if src is not None and len(src) == 3 and isinstance(index, tuple) and len(index) == 2 \
-                and index[0] == slice(None) and index[1] == 0:
+        if src is not None and len(src) == 3 and isinstance(index, tuple) and len(index) >= 2 \
+                and index[0] == slice(None) and index[1] == 0 \
+                and all(i == slice(None) or i is Ellipsis for i in index[2:]):  # Hugging Face: x[:, 0, :]
             return True
     return False
 

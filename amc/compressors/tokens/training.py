@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..._batches import class_rows, labels_of, logits_of
 from ...errors import TrainingError
 from ..base import batch_inputs
 from .agent import TokenAgent
@@ -36,12 +37,14 @@ logger = logging.getLogger("amc.compressors.tokens")
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _per_sample_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, y, reduction="none")
+def _per_sample_ce(out: Any, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per image of logits, or of a Hugging Face output's `logits`."""
+    return F.cross_entropy(*class_rows(out, y), reduction="none")
 
 
 def _kl(student: Any, teacher: Any) -> Optional[torch.Tensor]:
     """Mean KL(teacher || student) of two logit tensors (teacher detached); None for non-tensor outputs."""
+    student, teacher = logits_of(student), logits_of(teacher)
     if not (isinstance(student, torch.Tensor) and isinstance(teacher, torch.Tensor)) or student.shape != teacher.shape:
         return None
     return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher.detach(), -1), log_target=True,
@@ -142,7 +145,7 @@ def train_apt(net: nn.Module, agents: Sequence[TokenAgent], keep: Sequence[int],
         batches: Iterable = loader if progress is None else progress(loader, f"APT epoch {epoch + 1}/{epochs}",
                                                                      len(loader))  # type: ignore[arg-type]
         for i, batch in enumerate(batches):
-            x, y = batch_inputs(batch)[0].to(device), batch[1].to(device)
+            x, y = batch_inputs(batch)[0].to(device), labels_of(batch, "token pruning").to(device)
             losses = step(x, y)
             (losses["total_loss"] / accumulation_steps).backward()
             if (i + 1) % accumulation_steps == 0:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..._batches import class_rows, labels_of
 from ...errors import PruningError, TrainingError
 from ...graph.network import ReconstructedNetwork
 from ..base import BaseCompressor, batch_inputs, check_count, check_number
@@ -89,8 +90,8 @@ def train_gates(net: nn.Module, loader: Iterable, epochs: int, lr: float, sparsi
         net.train()
         total, seen = 0.0, 0
         for batch in loader:
-            x, y = batch_inputs(batch)[0].to(device), batch[1].to(device)
-            loss = F.cross_entropy(net(x), y) + sparsity * sum(g.abs().sum() for g in gates)
+            x, y = batch_inputs(batch)[0].to(device), labels_of(batch, "VTP").to(device)
+            loss = F.cross_entropy(*class_rows(net(x), y)) + sparsity * sum(g.abs().sum() for g in gates)
             if not math.isfinite(float(loss.detach())):
                 raise TrainingError(f"VTP sparsity training: loss became {float(loss.detach())} in epoch {epoch + 1};"
                                     " lower lr or sparsity (the network was not changed)")

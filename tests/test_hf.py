@@ -231,6 +231,30 @@ def hf_vit():
     return ViTForImageClassification(config).eval()
 
 
+@pytest.mark.parametrize("given", ["calibration", "example_kwargs"])
+def test_tuners_search_a_plain_hugging_face_model(given, one_thread):
+    """search(model, ...) on a plain transformers model: traced on the first calibration batch (a collator's
+    dict, by keyword), or on `example_kwargs` as amc.prune takes them (search refused that keyword)."""
+    import transformers as T
+    from amc.tuners import RandomSearch
+
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=64,
+                                                         num_labels=3)).eval()
+
+    def batch(seed):
+        ids = torch.randint(1, 100, (16, 8), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 3}
+
+    train, val = [batch(s) for s in range(4)], [batch(s) for s in (10, 11)]
+    inputs = {k: v for k, v in train[0].items() if k != "labels"}
+    extra = {"example_kwargs": inputs} if given == "example_kwargs" else {}
+    result = RandomSearch(samples=4, seed=0).search(model, target_macs=0.5, calibration=train, holdout=val,
+                                                    progress=False, **extra)
+    assert result.macs_ratio <= 0.5 and result.net(**inputs).logits.shape == (16, 3)
+
+
 @pytest.mark.parametrize("form", ["tuple", "dict"])
 @pytest.mark.parametrize("method", ["tokens", "vtp"])
 def test_hf_vit_takes_token_pruning_and_vtp(hf_vit, form, method, one_thread):

@@ -189,8 +189,12 @@ class Tuner:
                logdir: Optional[str] = None, bn_batches: int = 4,
                holdout_batches: Optional[int] = None, finetune_steps: int = 0, tighten: Optional[bool] = None,
                target_latency: Optional[float] = None, latency_table: Any = None, rerank: int = 0,
-               rerank_steps: int = 100, rerank_batches: int = 32) -> SearchResult:
+               rerank_steps: int = 100, rerank_batches: int = 32,
+               example_kwargs: Optional[Mapping[str, Any]] = None) -> SearchResult:
         """Search per-layer ratios whose compressed network keeps at most `target_macs` of the MACs.
+
+        example_inputs / example_kwargs: what to trace a plain module on, as amc.prune takes them (default:
+          the first `calibration` batch, a collator's dict by keyword).
 
         target_latency: instead of (target_macs=None) or beside target_macs, a budget on the latency that
           per-layer latency tables predict at the example inputs' batch (fraction of the original's;
@@ -230,7 +234,7 @@ class Tuner:
                           compressor=compressor, calibration=calibration, ignore=list(ignore),
                           min_ratio=min_ratio, max_ratio=max_ratio, criterion=criterion,
                           compressor_options=dict(compressor_options or {}), target_latency=target_latency,
-                          latency_table=latency_table)
+                          latency_table=latency_table, example_kwargs=example_kwargs)
         space = build_space(**space_args)
         if space.latency is not None:  # Ray workers rebuild the space: hand them this table, time nothing
             space_args["latency_table"] = space.latency.table

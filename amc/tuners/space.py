@@ -446,10 +446,11 @@ def build_space(model: nn.Module, example_inputs: Optional[Sequence[Any]], targe
                 calibration: Optional[Iterable] = None, ignore: Iterable[str] = (), min_ratio: Bound = 0.0,
                 max_ratio: Bound = 0.8, criterion: Any = "l2",
                 compressor_options: Optional[Mapping[str, Any]] = None, target_latency: Optional[float] = None,
-                latency_table: Any = None) -> SearchSpace:
+                latency_table: Any = None, example_kwargs: Optional[Mapping[str, Any]] = None) -> SearchSpace:
     """Validate the request and build its SearchSpace (see the module docstring). target_latency: a
     budget on the latency predicted by per-layer latency tables (fraction of the original's; built and
-    cached here, or `latency_table`), alone (target_macs=None) or beside target_macs."""
+    cached here, or `latency_table`), alone (target_macs=None) or beside target_macs. A plain module given
+    no example inputs is traced on the first `calibration` batch (a collator's dict by keyword)."""
     from ..compressors.latency import check_target_latency
     from ..compressors.prune import _as_network, _ignore_by_node
 
@@ -465,7 +466,12 @@ def build_space(model: nn.Module, example_inputs: Optional[Sequence[Any]], targe
     if not callable(compressor) and compressor not in COMPRESSORS:
         raise PruningError(f"compressor must be one of {COMPRESSORS} or a callable policy -> network, "
                            f"got {compressor!r}")
-    net, inputs = _as_network(model, example_inputs)
+    if not isinstance(model, ReconstructedNetwork) and example_inputs is None and not example_kwargs \
+            and calibration is not None:
+        from ..compressors.sampling import example_from_batch
+
+        example_inputs, example_kwargs = example_from_batch(next(iter(calibration)), model)
+    net, inputs = _as_network(model, example_inputs, example_kwargs)
     ignore = _ignore_by_node(model, net, ignore)  # node names, containers ("layer4") and modules alike
     options = dict(compressor_options or {})
     if compressor == "lowrank":

@@ -418,3 +418,26 @@ def test_underdetermined_fit_warns(trained):
     with pytest.warns(UserWarning, match=r"under-determined.*sampled_pixels_per_img \(now 1\)"):
         _lr(model, train, val, trainset_ratio=0.02, sampled_pixels_per_img=1, compress_ratio={"stages.1.0.conv1": 0.5}
             ).compress()
+
+
+@pytest.mark.parametrize("dims", [1, 3], ids=["conv1d", "conv3d"])
+@pytest.mark.parametrize("kw", [{}, {"method": "svd"}, {"asymmetric": True}, {"nonlinear_case": True}],
+                         ids=["data", "svd", "asymmetric", "nonlinear"])
+def test_audio_and_video_convolutions_are_decomposed(dims, kw, tmp_path):
+    """Conv1d (audio) and Conv3d (video) split like Conv2d: the same class with the layer's kernel and r
+    outputs, then a 1x..x1 mix; BatchNorm1d/3d folded. They were refused ('no decomposable layer')."""
+    conv, norm = {1: (nn.Conv1d, nn.BatchNorm1d), 3: (nn.Conv3d, nn.BatchNorm3d)}[dims]
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 16, 3, padding=1), norm(16), nn.ReLU(), conv(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.LazyLinear(4))
+    shape = (8, 2) + (6,) * dims
+    model(torch.randn(*shape))
+    model.eval()
+    loader = [(torch.randn(*shape), torch.zeros(8, dtype=torch.long)) for _ in range(4)]
+    low = LowRankDecomposition(model, loader, compress_ratio=0.4, trainset_ratio=1.0, **kw).compress()
+    convs = [m for m in low.modules() if isinstance(m, conv)]
+    assert len(convs) > 2 and not any(isinstance(m, norm) for m in low.modules())
+    x = loader[0][0]
+    assert amc.count(low, x)[0] < 0.8 * amc.count(model, x)[0]
+    back = amc.ReconstructedNetwork.load_from_json(low.save_to_json(str(tmp_path / "low.json")))
+    torch.testing.assert_close(back(x), low(x))

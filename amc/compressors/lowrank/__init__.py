@@ -6,7 +6,7 @@
 A pass over a ReconstructedNetwork that returns a NEW network (the input is never edited). One module
 per job:
 
-- `eligible`: which layers can be split (Conv2d with groups=1, Linear), with a sole BatchNorm2d user
+- `eligible`: which layers can be split (Conv1d/2d/3d with groups=1, Linear), with a sole BatchNorm user
   folded in (`fold_bn`) and the ReLU/ReLU6 after them;
 - `responses`: the layers' sampled responses and their PCA (`amc.compressors.sampling` draws them);
 - `factorize`: the maths: truncated SVD (`method="svd"`), response PCA (`method="data"`, the linear

@@ -64,14 +64,14 @@ class LowRankDecomposition(BaseCompressor):
         layers' total MACs removed.
       ranks: explicit {layer: rank}; overrides the ratio for those layers (ranks may reach full rank).
       target_macs: fraction of the whole network's MACs kept (<= 1), e.g. 1/1.5; overrides compress_ratio.
-      layers / ignore: restrict the decomposed layers (default: every Conv2d with groups=1 and Linear but
+      layers / ignore: restrict the decomposed layers (default: every Conv1d/2d/3d with groups=1 and Linear but
         the layer that writes the network output, see `decompose_output_layer`).
       decompose_output_layer: also decompose, under a float `compress_ratio` or `target_macs`, the layer
         that writes the network output (a classifier's last Linear). Default False: its rank would bound
         the number of separable classes for a negligible share of the MACs (digits CNN at 0.5x: 94.9%
         with it, 98.7% without, scripts/results/robustness.md); channel pruning never shrinks that output either. Naming
         it in `layers`, a `compress_ratio` dict or `ranks` decomposes it anyway.
-      fold_bn: fold a conv's sole BatchNorm2d user into it first (default True): the fit then approximates
+      fold_bn: fold a conv's sole BatchNorm user into it first (default True): the fit then approximates
         the BN output, the response the next layer sees, and the nonlinear case applies. Measured on the
         digits CNN (scripts/results/robustness.md) folding gives the lower logit error and the higher
         agreement with the original at 0.5x, 0.3x and 0.2x MACs; keep BN (False) to fine-tune afterwards
@@ -124,7 +124,7 @@ class LowRankDecomposition(BaseCompressor):
             bad = [n for n in names if n not in self.infos]
             if bad:
                 raise PruningError(f"{what} names {bad[:5]} that are not decomposable layers; valid names include "
-                                   f"{list(self.infos)[:5]} (Conv2d with groups=1, Linear)")
+                                   f"{list(self.infos)[:5]} (Conv1d/2d/3d with groups=1, Linear)")
         self.ranks = self._checked_ranks(ranks)
         self.report: Dict[str, Dict[str, Any]] = {}
         self._energy = EnergyRanks(self.infos, self._spectrum)
@@ -147,7 +147,7 @@ class LowRankDecomposition(BaseCompressor):
 
     # -- names --------------------------------------------------------------------------------
     def layer_names(self) -> List[str]:
-        """Decomposable layers: Conv2d (groups=1) and Linear nodes."""
+        """Decomposable layers: Conv1d/2d/3d (groups=1) and Linear nodes."""
         return list(eligible_layers(self.origin_graph, getattr(self, "fold_bn", True)))
 
     def targets(self, ratio: Ratio) -> List[str]:
@@ -237,7 +237,7 @@ class LowRankDecomposition(BaseCompressor):
         """{layer: rank} for `ratio` (or `target_macs`); a layer missing from the result stays whole."""
         names = self.targets(ratio)
         if not names:
-            raise PruningError("no decomposable layer selected (Conv2d with groups=1 or Linear)")
+            raise PruningError("no decomposable layer selected (Conv1d/2d/3d with groups=1 or Linear)")
         free = [n for n in names if n not in self.ranks]
         fixed = {n: self.ranks[n] for n in names if n in self.ranks}
         if self.target_macs is not None:

@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ...graph.network import ReconstructedNetwork
 from ...graph.node import Node
+from ...graph.ops import plain_layer
 from ...graph.template import Ref, rename_refs
 from .eligible import LayerInfo
 from .factorize import Factors
@@ -28,12 +29,13 @@ def _factor_modules(info: LayerInfo, orig: nn.Module, factors: Factors) -> Tuple
     A, P, bias = factors
     dev, dtype = orig.weight.device, orig.weight.dtype
     r = A.shape[0]
-    if info.kind == "conv":
-        first = nn.Conv2d(info.C, r, orig.kernel_size, stride=orig.stride, padding=orig.padding,
-                          dilation=orig.dilation, bias=False, padding_mode=orig.padding_mode)
+    if info.kind == "conv":  # the same convolution class (1d, 2d or 3d): its kernel, then a 1x..x1 mix
+        conv = plain_layer(orig, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        first = conv(info.C, r, orig.kernel_size, stride=orig.stride, padding=orig.padding,
+                     dilation=orig.dilation, bias=False, padding_mode=orig.padding_mode)
         first.weight.data = A.reshape(r, info.C, *orig.kernel_size).to(dev, dtype).contiguous()
-        second = nn.Conv2d(r, info.N, 1, bias=bias is not None)
-        second.weight.data = P.reshape(info.N, r, 1, 1).to(dev, dtype).contiguous()
+        second = conv(r, info.N, 1, bias=bias is not None)
+        second.weight.data = P.reshape(info.N, r, *[1] * len(orig.kernel_size)).to(dev, dtype).contiguous()
     else:
         first = nn.Linear(info.C, r, bias=False)
         first.weight.data = A.to(dev, dtype).contiguous()

@@ -1,6 +1,6 @@
 """The layers a low-rank pass can split, and what it needs to know about each (`LayerInfo`).
 
-A layer is eligible when it is a Conv2d with groups=1 or a Linear, called once, on one input. Its
+A layer is eligible when it is a Conv1d/2d/3d with groups=1 or a Linear, called once, on one input. Its
 weight is read as a `[N, C*k2]` float64 matrix with its sole BatchNorm2d user folded in (`fold_bn`), so
 the factorisation approximates the response the next layer sees; the activation after it (ReLU/ReLU6)
 is what the nonlinear case reconstructs through.
@@ -28,7 +28,7 @@ _RELU_FNS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.relu_: "rel
 
 @dataclass
 class LayerInfo:
-    """One decomposable layer: a Conv2d (groups=1) or a Linear node, plus its folded BN and activation."""
+    """One decomposable layer: a Conv1d/2d/3d (groups=1) or a Linear node, plus its folded BN and activation."""
 
     name: str  # the conv / linear node
     kind: str  # "conv" | "linear"
@@ -127,14 +127,18 @@ def output_layers(net: ReconstructedNetwork, infos: Mapping[str, LayerInfo]) -> 
     return list(dict.fromkeys(found))
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # audio, image and video convolutions
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
 def _describe(node: Node, mod: nn.Module) -> Optional[LayerInfo]:
-    """The LayerInfo of a Conv2d (groups=1) / Linear node with a recorded output shape, weights unfolded."""
-    if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+    """The LayerInfo of a Conv1d/2d/3d (groups=1) / Linear node with a recorded output shape, weights unfolded."""
+    if isinstance(mod, _CONVS) and mod.groups != 1:
         return None
     shape = (node.meta.get("out") or {}).get("shape") if isinstance(node.meta.get("out"), dict) else None
     if not shape:
         return None
-    if isinstance(mod, nn.Conv2d):
+    if isinstance(mod, _CONVS):
         info = LayerInfo(node.name, "conv", mod.in_channels, int(np.prod(mod.kernel_size)), mod.out_channels,
                          int(np.prod(shape[2:])), has_bias=mod.bias is not None)
     else:
@@ -160,7 +164,7 @@ def _fold_bn(info: LayerInfo, bn_node: Node, bn: nn.BatchNorm2d) -> bool:
 
 
 def eligible_layers(net: ReconstructedNetwork, fold_bn: bool = True) -> Dict[str, LayerInfo]:
-    """Every Conv2d (groups=1) / Linear node the pass can split, in graph order."""
+    """Every Conv1d/2d/3d (groups=1) / Linear node the pass can split, in graph order."""
     users = net.users()
     module_uses: Dict[str, int] = {}
     for n in net.layer_nodes:
@@ -173,7 +177,7 @@ def eligible_layers(net: ReconstructedNetwork, fold_bn: bool = True) -> Dict[str
     out: Dict[str, LayerInfo] = {}
     for node in net.layer_nodes:
         mod = net.network[node.module]
-        if plain_layer(mod, nn.Conv2d, nn.Linear) is None or module_uses[node.module] != 1 \
+        if plain_layer(mod, *_CONVS, nn.Linear) is None or module_uses[node.module] != 1 \
                 or _single_input(node) is None:
             continue
         info = _describe(node, mod)
@@ -181,7 +185,7 @@ def eligible_layers(net: ReconstructedNetwork, fold_bn: bool = True) -> Dict[str
             continue
         last = node
         bn = sole_user(node)
-        if fold_bn and info.kind == "conv" and bn is not None and type(net.network[bn.module]) is nn.BatchNorm2d \
+        if fold_bn and info.kind == "conv" and bn is not None and type(net.network[bn.module]) in _NORMS \
                 and module_uses[bn.module] == 1 and _fold_bn(info, bn, net.network[bn.module]):
             last = bn
         act = sole_user(last)

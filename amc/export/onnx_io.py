@@ -155,10 +155,16 @@ def _check(path: str, net: nn.Module, inputs: Tuple[Any, ...], input_names: List
     if rel:  # fake-quantised: check the QDQ graph as written (onnxruntime's fused integer kernels round ties
         # and requantise their own way: about 1-3% of the logits on resnet20, which says nothing about the export)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-    feed = {n: t.detach().cpu().numpy() for n, t in zip(input_names, flatten_leaves(new_inputs)) if n in wanted}
-    got = session.run(None, feed)
+    try:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        wanted = {i.name for i in session.get_inputs()}
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(input_names, flatten_leaves(new_inputs)) if n in wanted}
+        got = session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are its own classes, per status code
+        raise ExportError(f"onnxruntime cannot run the exported file on CPU ({type(exc).__name__}: {str(exc)[:300]}); "
+                          "an op in a dtype it has no CPU kernel for (bfloat16 from torch.autocast or .bfloat16() "
+                          "has none for Gemm/Conv) is the usual cause: export the float32 network, or pass "
+                          "check=False to keep the file unchecked") from exc
     if len(got) != len(expected):
         raise ExportError(f"onnxruntime returned {len(got)} outputs, the network {len(expected)}")
     for name, ref, out in zip(output_names, expected, got):

@@ -231,6 +231,28 @@ def hf_vit():
     return ViTForImageClassification(config).eval()
 
 
+def test_two_tower_clip_is_pruned_written_back_and_reloaded(tmp_path, one_thread):
+    """CLIPModel (a text and a vision tower, logits_per_image out): pruned with whole heads, written back
+    into its class (to_module asked transformers for its one input embedding, which CLIP has not, and
+    crashed with NotImplementedError), saved and reloaded computing the same."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.CLIPConfig(text_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, max_position_embeddings=16),
+                          vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64), projection_dim=16)
+    model = T.CLIPModel(config).eval()
+    batch = {"input_ids": torch.randint(0, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long),
+             "pixel_values": torch.randn(2, 3, 32, 32)}
+    hard = amc.prune(model, ratio=0.5, example_kwargs=batch, heads=True)
+    assert amc.count(hard)[0] < 0.35 * amc.count(model, **batch)[0]
+    amc.export.save_pretrained(amc.export.to_module(hard, model), str(tmp_path))
+    back = amc.export.from_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert torch.allclose(back(**batch).logits_per_image, hard(**batch).logits_per_image, atol=1e-5)
+
+
 @pytest.mark.parametrize("given", ["calibration", "example_kwargs"])
 def test_tuners_search_a_plain_hugging_face_model(given, one_thread):
     """search(model, ...) on a plain transformers model: traced on the first calibration batch (a collator's

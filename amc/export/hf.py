@@ -89,7 +89,10 @@ def _candidate(model: nn.Module, original: nn.Module) -> Any:
 
 
 def _embedding_width(model: nn.Module) -> Optional[int]:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except (NotImplementedError, AttributeError):  # two-tower models (CLIPModel) have no one input embedding
+        emb = None
     return emb.embedding_dim if isinstance(emb, nn.Embedding) else None
 
 

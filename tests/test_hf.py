@@ -231,6 +231,28 @@ def hf_vit():
     return ViTForImageClassification(config).eval()
 
 
+def test_marian_sinusoidal_tables_are_saved_and_reloaded(tmp_path, one_thread):
+    """transformers leaves Marian's sinusoidal position tables out of a checkpoint (`_keys_to_ignore_on_save`):
+    amc's loader refused the pruned model ('weights missing'); every tensor is written now, and a rebuilt
+    table could not stand in for a pruned one anyway."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.MarianMTModel(T.MarianConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                           decoder_ffn_dim=64, max_position_embeddings=32, pad_token_id=0,
+                                           decoder_start_token_id=0)).eval()
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 100, (2, 9), generator=g), "attention_mask": torch.ones(2, 9, dtype=torch.long),
+             "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=g)}
+    hard = amc.prune(model, ratio=0.5, example_kwargs=batch, heads=True)
+    eager = amc.export.to_module(hard, model)
+    amc.export.save_pretrained(eager, str(tmp_path))
+    assert eager._keys_to_ignore_on_save == model._keys_to_ignore_on_save  # the model's own setting is back
+    with torch.no_grad():
+        assert torch.allclose(amc.export.from_pretrained(str(tmp_path))(**batch).logits, hard(**batch).logits, atol=1e-5)
+
+
 def test_two_tower_clip_is_pruned_written_back_and_reloaded(tmp_path, one_thread):
     """CLIPModel (a text and a vision tower, logits_per_image out): pruned with whole heads, written back
     into its class (to_module asked transformers for its one input embedding, which CLIP has not, and

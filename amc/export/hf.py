@@ -10,12 +10,13 @@ class is looked up by name in `transformers` only.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import glob
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -134,6 +135,23 @@ def describe_in_config(model: nn.Module, original: nn.Module) -> None:
     model.config = config
 
 
+@contextlib.contextmanager
+def _saving_every_tensor(model: nn.Module) -> Iterator[None]:
+    """transformers leaves out of a checkpoint the tensors its class can rebuild (Marian's sinusoidal position
+    tables: `_keys_to_ignore_on_save`); a pruned model's are columns of the original's, which a rebuild at
+    the new width would not give back, so every tensor is written."""
+    own = "_keys_to_ignore_on_save" in vars(model)
+    before = vars(model).get("_keys_to_ignore_on_save")
+    model._keys_to_ignore_on_save = None
+    try:
+        yield
+    finally:
+        if own:
+            model._keys_to_ignore_on_save = before
+        else:
+            del model._keys_to_ignore_on_save
+
+
 def save_pretrained(model: nn.Module, directory: str, **kwargs: Any) -> str:
     """`model.save_pretrained(directory)`, written to a temporary folder first and then moved in file by
     file (`atomic_paths`): an interrupted save leaves the previous checkpoint loadable."""
@@ -146,7 +164,8 @@ def save_pretrained(model: nn.Module, directory: str, **kwargs: Any) -> str:
     try:
         if getattr(model.config, _KEY, None):  # keys as the model names them: our loader reads them as they are
             kwargs.setdefault("save_original_format", False)
-        model.save_pretrained(scratch, **kwargs)
+        with _saving_every_tensor(model):
+            model.save_pretrained(scratch, **kwargs)
         names = sorted(os.listdir(scratch), key=lambda n: n == "config.json")  # the config goes in last
         with atomic_paths(*(os.path.join(directory, n) for n in names)) as temps:
             for name, tmp in zip(names, temps):

@@ -100,12 +100,11 @@ def grid_sample(c: RuleCall) -> Any:
 
 
 # Declared opaque: channels stop here, on purpose. Recurrent cells and bilinear layers mix or
-# create features in ways no rule models yet; creation ops (zeros, arange, new_*) take a tensor only for
-# its dtype/device; gathers, unfold/fold, and GLU halving move or mix channels.
+# create features in ways no rule models yet; arange / linspace / meshgrid make positions; gathers,
+# unfold/fold, and GLU halving move or mix channels. (Creation from sizes, new_zeros & co: sizes.py.)
 mark_opaque(nn.Bilinear, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
             nn.GLU, F.glu, F.one_hot, F.unfold, F.fold,
-            T.new_zeros, T.new_ones, T.new_full, T.new_empty, T.new_tensor, torch.zeros, torch.ones, torch.full,
-            torch.empty, torch.arange, torch.linspace, torch.tensor, torch.as_tensor, torch.meshgrid,
+            torch.arange, torch.linspace, torch.meshgrid,
             T.index_select, torch.index_select, T.gather, torch.gather, T.unfold, T.__rmatmul__,
             torch.mv, T.mv, torch.dot, T.dot, torch.inner, T.inner, torch.tensordot, torch.outer, T.outer,
             torch.ger, T.ger, torch.addmv, T.addmv, torch.addbmm, T.addbmm, torch.linalg.multi_dot,

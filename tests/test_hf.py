@@ -656,14 +656,15 @@ def test_tuner_default_evaluator_scores_dict_batches(one_thread):
 
 def test_decoder_traced_without_mask_names_the_batch_branch(one_thread):
     """Without attention_mask a Llama expands its position ids only when the batch is not 1, so a graph traced
-    at batch 2 holds a branch that batch 1 does not take; pruning (which analyses one sample) says so and
-    names the fix instead of blaming the inputs."""
+    at batch 2 holds a branch that batch 1 does not take; pruning (which analyses one sample) says so and names
+    the fix instead of blaming the inputs; given that batch as its example, it analyses it whole and warns."""
     model = _hf_lm_zoo()["llama_gqa"]().eval()
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     net = amc.trace(model, input_ids=ids, use_cache=False)
-    for kwargs in ({}, {"example_inputs": (ids,)}):
-        with pytest.raises(amc.errors.PruningError, match="runs at batch 2 but not at batch 1.*attention_mask="):
-            amc.prune(net, ratio=0.5, **kwargs)
+    with pytest.raises(amc.errors.PruningError, match="runs at its captured batch 2 but not at batch 1.*attention_mask="):
+        amc.prune(net, ratio=0.5)
+    with pytest.warns(UserWarning, match="but not on the first one alone.*attention_mask=.*batch 2 only"):
+        assert amc.prune(net, ratio=0.5, example_inputs=(ids,))(input_ids=ids).logits.shape == (2, 9, 100)
     masked = amc.trace(model, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     assert amc.prune(masked, ratio=0.5)(input_ids=ids[:1], attention_mask=torch.ones_like(ids[:1])).logits.shape[0] == 1
 

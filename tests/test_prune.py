@@ -388,12 +388,43 @@ class _FixedBatch(nn.Module):
 
 
 def test_a_model_that_fixes_its_batch_size_is_named_as_the_problem() -> None:
-    """It said 'pass the tensors it was traced with', which the user had done; pruning runs one sample."""
+    """It said 'pass the tensors it was traced with', which the user had done. Pruning analyses one sample;
+    where only the whole example runs, it analyses that, and says why and what it means."""
     x = torch.randn(2, 3, 4, 4)
-    with pytest.raises(PruningError, match="fixes its batch size"):
-        amc.prune(_FixedBatch().eval(), example_inputs=(x,), ratio=0.5)
+    with pytest.warns(UserWarning, match="runs on its 2 example inputs but not on the first one alone.*fixes its "
+                                         "batch size.*runs at batch 2 only"):
+        whole = amc.prune(_FixedBatch().eval(), example_inputs=(x,), ratio=0.5)
+    assert whole(x).shape == (2, 2) and whole.module_of("conv").out_channels == 4
     small = amc.prune(_FixedBatch().eval(), example_inputs=(x[:1],), ratio=0.5)  # the way out it names
     assert small(x[:1]).shape == (1, 2)
+
+
+class MessagePassing(nn.Module):
+    """A graph network: dim 0 holds nodes, and the edge indices point into them (no batch to slice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = nn.Linear(8, 32), nn.Linear(32, 3)
+
+    def forward(self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x).relu()
+        return self.out(torch.zeros_like(h).index_add_(0, dst, h[src])).mean(0)
+
+
+def test_inputs_whose_dim_0_is_no_batch_are_analysed_whole() -> None:
+    """One node of a graph is no sample (its edges point at others): pruning failed with 'trace and prune with
+    a batch of 1', impossible here. It analyses the whole graph now, with a warning; gathering nodes (`h[src]`)
+    and summing messages (`index_add_`) keep the features prunable (they froze them)."""
+    torch.manual_seed(0)
+    x, src, dst = torch.randn(10, 8), torch.randint(0, 10, (30,)), torch.randint(0, 10, (30,))
+    model = MessagePassing().eval()
+    with pytest.warns(UserWarning, match="dim 0 is no batch"):
+        hard = amc.prune(model, example_inputs=(x, src, dst), ratio=0.5)
+        soft = amc.prune(model, example_inputs=(x, src, dst), ratio=0.5, mode="soft")
+    assert hard.module_of("lin").out_features == 16
+    torch.testing.assert_close(soft(x, src, dst), hard(x, src, dst), rtol=1e-4, atol=1e-6)
+    x2, e2 = torch.randn(7, 8), torch.randint(0, 7, (2, 12))
+    assert hard(x2, e2[0], e2[1]).shape == (3,)
 
 
 @pytest.mark.parametrize("parametrize", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm,

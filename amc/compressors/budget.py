@@ -18,9 +18,16 @@ import torch
 __all__ = ["smallest_within_budget", "per_sample"]
 
 
+class WholeInputs(tuple):
+    """Example inputs whose dim 0 is no batch (a graph's nodes, with edge indices into them): their one
+    sample is all of them."""
+
+
 def per_sample(inputs: Sequence[Any]) -> Tuple[Any, ...]:
     """The first example of every batched input: budgets count MACs per sample (and one example is the
-    cheapest run that checks a network still works)."""
+    cheapest run that checks a network still works); `WholeInputs` as they are."""
+    if isinstance(inputs, WholeInputs):
+        return tuple(inputs)
     return tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] > 1 else x for x in inputs)
 
 

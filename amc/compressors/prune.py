@@ -24,7 +24,7 @@ from ..graph.network import ReconstructedNetwork
 from ..graph.untouched import training_mode, untouched
 from .apply import apply
 from .base import check_names, module_names
-from .budget import per_sample, smallest_within_budget
+from .budget import WholeInputs, per_sample, smallest_within_budget
 from .criteria import Criterion, get_criterion
 from .dependency import OUTPUT_CAUSE, Analysis, analyze
 from .groups import Group, build_groups, select_units
@@ -234,8 +234,11 @@ def plan_pruning(model: nn.Module, criterion: Any = "l2", example_inputs: Option
         try:
             a = analyze(net, per_sample(inputs), rule_for, heads=heads)
         except Exception:
-            _check_inputs_run(net, inputs)  # bad example_inputs: say so; else the analysis' own error
-            raise
+            whole = _check_inputs_run(net, inputs)  # bad example_inputs: say so; else the analysis' own error
+            if whole is None:
+                raise
+            inputs = whole
+            a = analyze(net, inputs, rule_for, heads=heads)
     for space in a.spaces:  # ignored layers keep their output channels
         if space.node in ignore:
             a.uf.cause = f"ignore={space.node!r}"
@@ -252,9 +255,10 @@ def check_round_to(round_to: Any) -> None:
                            f"got {round_to!r}")
 
 
-def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> None:
+def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Optional[WholeInputs]:
     """Bad example_inputs are the caller's mistake: say so (run only when the analysis failed, so the
-    happy path costs no extra forward)."""
+    happy path costs no extra forward). Inputs that run whole but not as one sample come back as
+    `WholeInputs`, to analyse and count on as they are (with a warning saying what that means)."""
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             net(*per_sample(inputs))
@@ -268,14 +272,24 @@ def _check_inputs_run(net: ReconstructedNetwork, inputs: Tuple[Any, ...]) -> Non
         one = per_sample(inputs)
         batched = inputs if any(a is not b for a, b in zip(one, inputs)) else _captured_inputs(net)
         batch = next((b.shape[0] for a, b in zip(per_sample(batched), batched) if a is not b), 1)
-        if batch > 1 and _runs(net, batched):
+        if batch > 1 and batched is not inputs and _runs(net, batched):  # no example given: the graph's own batch
             raise PruningError(
-                f"pruning analyses one sample, and the network runs at batch {batch} but not at batch 1 "
-                f"({type(exc).__name__}: {str(exc)[:300]} ...): the model fixes its batch size (an int(x.shape[0]) "
-                "or a constant batch in a view / reshape; x.size(0) or -1 keeps it free) or branches on it "
-                "(Hugging Face decoders without an attention_mask expand their position ids only when the batch "
-                "is not 1: pass attention_mask= to amc.trace). Fix the model or its inputs, or trace and prune "
-                "with a batch of 1 (the result then runs at batch 1 only)") from exc
+                f"pruning analyses one sample, and the network runs at its captured batch {batch} but not at batch "
+                f"1 ({type(exc).__name__}: {str(exc)[:300]} ...): the model fixes its batch size (an "
+                "int(x.shape[0]) or a constant batch in a view / reshape; x.size(0) or -1 keeps it free) or "
+                "branches on it (Hugging Face decoders without an attention_mask expand their position ids only "
+                "when the batch is not 1: pass attention_mask= to amc.trace). Pass example_inputs= at that batch "
+                "to prune for it alone, or fix the model") from exc
+        if batch > 1 and _runs(net, batched):
+            warn_user(
+                f"amc.prune: the network runs on its {batch} example inputs but not on the first one alone "
+                f"({type(exc).__name__}: {str(exc)[:200]} ...), so pruning analysed all {batch} and budgets count "
+                "MACs on all of them. Right when dim 0 is no batch (a graph's nodes, with edge indices into them). "
+                "Otherwise the model fixes its batch size (an int(x.shape[0]) or a constant batch in a view / "
+                "reshape; x.size(0) or -1 keeps it free) or branches on it (Hugging Face decoders without an "
+                "attention_mask expand their position ids only when the batch is not 1: pass attention_mask= to "
+                f"amc.trace), and the pruned network, like the traced one, runs at batch {batch} only")
+            return WholeInputs(batched)
         raise PruningError(f"the network does not run on example_inputs ({type(exc).__name__}: {str(exc)[:200]}); "
                            "pass the tensors it was traced with, e.g. example_inputs=(x,)") from exc
 

@@ -613,6 +613,8 @@ register_function_op(T.__getitem__, T.chunk, torch.chunk, T.split, torch.split, 
 register_function_op(F.interpolate, F.upsample, F.upsample_bilinear, F.upsample_nearest, name="Interpolate",
                      wrapper=Interpolate, macs=out_numel)
 register_function_op(F.grid_sample, name="GridSample")
+register_function_op(T.index_add, T.index_add_, torch.index_add, T.scatter_add, T.scatter_add_, torch.scatter_add,
+                     T.scatter_reduce, T.scatter_reduce_, torch.scatter_reduce, name="Scatter")
 register_function_op(F.pixel_shuffle, F.pixel_unshuffle, torch.pixel_shuffle, torch.pixel_unshuffle,
                      name="PixelShuffle", wrapper=PixelShuffle)
 register_function_op(torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.bmm, T.bmm, torch.mm, T.mm,

@@ -12,7 +12,7 @@ from ...graph.ops import SetItem
 from ..dependency import TL, Fixup, RuleCall, Vec
 from ...graph.network import ReconstructedNetwork
 
-from .common import _dims_of, _freeze, _norm_dims, _out_tl, _tl, check_sizes
+from .common import _dims_of, _freeze, _norm_dims, _out_tl, _tl, arg_dims, check_sizes
 from .registry import opaque, register_rule
 from .layout import fix_sizes, size_templates
 
@@ -77,13 +77,35 @@ def fix_channel_slice(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mod
     node.args = (node.args[0], idx) + tuple(node.args[2:])
 
 
+def _one_tensor_index(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any) -> Optional[List[Vec]]:
+    """`x[i]`, `x[:, i]`, `x[..., i]` with one integer or boolean index tensor and full slices elsewhere (a
+    graph network gathering nodes, `h[src]`): the dims it indexes are data positions (their channels stay),
+    every other dim keeps its channels, where torch puts it."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    tensors = [k for k, i in enumerate(idx) if isinstance(i, torch.Tensor)]
+    if len(tensors) != 1 or idx.count(Ellipsis) > 1 or not all(
+            i == slice(None) or i is Ellipsis for k, i in enumerate(idx) if k != tensors[0]):
+        return None
+    c.a.freeze_all(c.larg(1))  # the index holds positions: its own dims (a buffer's, say) stay whole
+    k, i = tensors[0], idx[tensors[0]]
+    spans = [i.dim() if i.dtype == torch.bool else 1 if j == k else 0 if e is Ellipsis else 1 for j, e in enumerate(idx)]
+    if Ellipsis in idx:
+        spans[idx.index(Ellipsis)] = x.dim() - sum(spans)
+    start = sum(spans[:k])
+    taken = dims[start:start + spans[k]]
+    for v in taken:
+        c.a.uf.freeze(v)
+    made = 1 if i.dtype == torch.bool else i.dim()
+    return dims[:start] + [None] * made + dims[start + spans[k]:]
+
+
 @register_rule(T.__getitem__)
 def getitem(c: RuleCall) -> Any:
     x = c.args[0]
     if not isinstance(x, torch.Tensor) or not isinstance(c.out, torch.Tensor):
         return opaque(c)
     dims = _dims_of(c, 0, x)
-    out = _getitem_dims(c, x, dims, c.args[1], c.node.args[1])
+    out = _one_tensor_index(c, x, dims, c.args[1]) or _getitem_dims(c, x, dims, c.args[1], c.node.args[1])
     if out is None or len(out) != c.out.dim():
         return opaque(c)
     return TL(out)
@@ -279,3 +301,32 @@ def fix_split_size(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: 
     if mode == "hard" and len(node.args) > 1 and isinstance(node.args[1], int):
         node.args = (node.args[0], int(keep_of(fx.data["vec"]).sum())) + tuple(node.args[2:])
 
+
+
+@register_rule(T.index_add, T.index_add_, torch.index_add, T.scatter_add, T.scatter_add_, torch.scatter_add,
+               T.scatter_reduce, T.scatter_reduce_, torch.scatter_reduce)
+def scatter(c: RuleCall) -> Any:
+    """`x.index_add_(dim, index, source)`, `x.scatter_add_(dim, index, src)`, `scatter_reduce`: rows of the
+    source land at data positions along `dim` (a graph network's message sum); along every other dim the
+    source lines up with `x` (and a scatter's index with both), so those dims are one set of channels."""
+    (x, xd), (_, dim) = arg_dims(c, 0, "input"), (None, c.arg(1, "dim"))
+    (index, idd), (src, sd) = arg_dims(c, 2, "index"), arg_dims(c, 3, "source" if "index_add" in
+                                                                   c.module.fn.__name__ else "src")
+    if not all(isinstance(t, torch.Tensor) for t in (x, index, src, c.out)) or not isinstance(dim, int) \
+            or src.dim() != x.dim():
+        return opaque(c)
+    d = dim % x.dim()
+    lined = [xd, sd] + ([idd] if index.dim() == x.dim() else [])
+    for vecs in lined:
+        _freeze(c, vecs[d])
+    for k in range(x.dim()):
+        if k == d:
+            continue
+        column = [v[k] for v in lined]
+        if any(v is None for v in column):
+            for v in column:
+                _freeze(c, v)
+        else:
+            for v in column[1:]:
+                c.a.uf.union_vecs(column[0], v)
+    return TL([None if k == d else xd[k] for k in range(x.dim())])

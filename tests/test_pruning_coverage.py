@@ -974,3 +974,29 @@ def test_tensors_made_from_sizes_leave_the_channels_prunable(tmp_path, one_threa
     back = amc.ReconstructedNetwork.load_from_json(hard.save_to_json(str(tmp_path / "swin.json")))
     x2 = torch.randn(2, 3, 224, 224)
     torch.testing.assert_close(back(x2), hard(x2))
+
+
+class MaskedTokens(nn.Module):
+    """Tokens picked by a boolean mask: over one dim (`h[:, keep]`) or over batch and tokens (`h[keep]`)."""
+
+    def __init__(self, two_dims):
+        super().__init__()
+        self.a, self.b, self.two_dims = nn.Linear(8, 16), nn.Linear(16, 3), two_dims
+
+    def forward(self, x, keep):
+        h = self.a(x).relu()
+        return self.b(h[keep]).mean(0) if self.two_dims else self.b(h[:, keep]).mean(1)
+
+
+@pytest.mark.parametrize("two_dims", [False, True], ids=["one_dim_mask", "two_dim_mask"])
+def test_boolean_mask_indexing_keeps_the_feature_channels(two_dims):
+    """A mask (or an index tensor) picks positions, so the features it carries along still prune; the
+    indexed dims keep theirs (they were all frozen: the op was opaque)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    keep = torch.rand(2, 5) > 0.3 if two_dims else torch.tensor([True, False, True, True, False])
+    model = MaskedTokens(two_dims).eval()
+    hard = amc.prune(model, ratio=0.5, example_inputs=(x, keep))
+    soft = amc.prune(model, ratio=0.5, example_inputs=(x, keep), mode="soft")
+    assert hard.module_of("a").out_features == 8
+    torch.testing.assert_close(soft(x, keep), hard(x, keep), rtol=1e-4, atol=1e-6)

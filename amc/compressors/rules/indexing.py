@@ -88,14 +88,15 @@ def _one_tensor_index(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any) -
         return None
     c.a.freeze_all(c.larg(1))  # the index holds positions: its own dims (a buffer's, say) stay whole
     k, i = tensors[0], idx[tensors[0]]
-    spans = [i.dim() if i.dtype == torch.bool else 1 if j == k else 0 if e is Ellipsis else 1 for j, e in enumerate(idx)]
+    mask = i.dtype == torch.bool  # a mask covers as many dims as it has; an index tensor one
+    spans = [(i.dim() if mask else 1) if j == k else 0 if e is Ellipsis else 1 for j, e in enumerate(idx)]
     if Ellipsis in idx:
         spans[idx.index(Ellipsis)] = x.dim() - sum(spans)
     start = sum(spans[:k])
     taken = dims[start:start + spans[k]]
     for v in taken:
         c.a.uf.freeze(v)
-    made = 1 if i.dtype == torch.bool else i.dim()
+    made = 1 if mask else i.dim()
     return dims[:start] + [None] * made + dims[start + spans[k]:]
 
 

@@ -14,7 +14,7 @@ from ..dependency import TL, Fixup, RuleCall, Vec, unlabeled_like
 from ...graph.network import ReconstructedNetwork
 from ...graph.ops import register_op
 
-from .common import _broadcast, _dims_of, _out_tl, _tl, arg_dims
+from .common import _broadcast, _dims_of, _out_tl, arg_dims
 from .registry import opaque, register_rule
 
 T = torch.Tensor

@@ -404,24 +404,27 @@ class MessagePassing(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin, self.out = nn.Linear(8, 32), nn.Linear(32, 3)
+        self.lin, self.lin2, self.out = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 3)
 
     def forward(self, x: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
         h = self.lin(x).relu()
-        return self.out(torch.zeros_like(h).index_add_(0, dst, h[src])).mean(0)
+        h = self.lin2(torch.zeros_like(h).index_add_(0, dst, h[src])).relu()
+        index = dst[:, None].expand(-1, h.shape[1])  # scatter's index: one value along the features
+        return self.out(torch.zeros_like(h).scatter_add_(0, index, h[src])).mean(0)
 
 
 def test_inputs_whose_dim_0_is_no_batch_are_analysed_whole() -> None:
     """One node of a graph is no sample (its edges point at others): pruning failed with 'trace and prune with
     a batch of 1', impossible here. It analyses the whole graph now, with a warning; gathering nodes (`h[src]`)
-    and summing messages (`index_add_`) keep the features prunable (they froze them)."""
+    and summing messages (`index_add_`, `scatter_add_` on an index expanded along the features) keep the
+    features prunable (they froze them)."""
     torch.manual_seed(0)
     x, src, dst = torch.randn(10, 8), torch.randint(0, 10, (30,)), torch.randint(0, 10, (30,))
     model = MessagePassing().eval()
     with pytest.warns(UserWarning, match="dim 0 is no batch"):
         hard = amc.prune(model, example_inputs=(x, src, dst), ratio=0.5)
         soft = amc.prune(model, example_inputs=(x, src, dst), ratio=0.5, mode="soft")
-    assert hard.module_of("lin").out_features == 16
+    assert hard.module_of("lin").out_features == hard.module_of("lin2").out_features == 16
     torch.testing.assert_close(soft(x, src, dst), hard(x, src, dst), rtol=1e-4, atol=1e-6)
     x2, e2 = torch.randn(7, 8), torch.randint(0, 7, (2, 12))
     assert hard(x2, e2[0], e2[1]).shape == (3,)

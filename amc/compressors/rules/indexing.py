@@ -12,7 +12,7 @@ from ...graph.ops import SetItem
 from ..dependency import TL, Fixup, RuleCall, Vec
 from ...graph.network import ReconstructedNetwork
 
-from .common import _dims_of, _freeze, _norm_dims, _out_tl, _tl, arg_dims, check_sizes
+from .common import _dims_of, _freeze, _norm_dims, _out_tl, _tl, arg_dims, check_sizes, size_source
 from .registry import opaque, register_rule
 from .layout import fix_sizes, size_templates
 
@@ -225,6 +225,12 @@ def expand(c: RuleCall) -> Any:
     fn = c.module.fn
     if fn in (T.expand, torch.broadcast_to):
         templates = size_templates(c)
+        for k, t in enumerate(templates[:len(out)]):  # a size-1 dim grown to a size read from a channel dim
+            kind, vecs = size_source(c, t)            # holds one value along it: it carries those channels
+            grows = k < lead or x.shape[k - lead] == 1
+            if out[k] is None and grows and kind == "direct" and vecs and vecs[0] is not None \
+                    and len(vecs[0]) == c.out.shape[k]:
+                out[k] = vecs[0]
         pinned = check_sizes(c, templates, out, dims)
         if pinned or any(isinstance(t, int) and t != -1 for t, v in zip(templates, out) if v is not None):
             c.a.fixup(c.node.name, fix_sizes, out_dims=out, pinned=pinned)

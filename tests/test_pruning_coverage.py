@@ -10,6 +10,18 @@ import torch.nn as nn
 import amc
 
 
+def _soft_equals_hard(model, *inputs, atol=1e-6, no_warnings=False):
+    """amc.prune at ratio 0.5, hard and soft: asserts they compute the same and returns the hard network
+    (`no_warnings`: the hard prune raises none: no generic-replay node, no frozen channels)."""
+    with warnings.catch_warnings():
+        if no_warnings:
+            warnings.simplefilter("error")
+        hard = amc.prune(model, ratio=0.5, example_inputs=inputs)
+    soft = amc.prune(model, ratio=0.5, example_inputs=inputs, mode="soft")
+    torch.testing.assert_close(soft(*inputs), hard(*inputs), rtol=1e-4, atol=atol)
+    return hard
+
+
 class InplaceBlock(nn.Module):
     """A conv block written with in-place ops, then flattened into a Linear (issue 19's example)."""
 
@@ -729,12 +741,8 @@ def test_tensor_split_along_tokens_passes_the_channels_through():
     51 of them and kept 0.73x of its MACs at ratio 0.5, 0.50x now."""
     torch.manual_seed(0)
     model, x = ClassTokenPooling().eval(), torch.randn(2, 5, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no generic-replay node, no frozen channels
-        hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
-    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    hard = _soft_equals_hard(model, x, atol=1e-5, no_warnings=True)
     assert hard.module_of("qkv").out_features == 8
-    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
 
 
 class SizeAsValue(nn.Module):
@@ -762,10 +770,8 @@ def test_a_channel_count_used_as_a_value_keeps_its_traced_value(form, kept, tmp_
     counts a dim that is no channel."""
     torch.manual_seed(0)
     model, x = SizeAsValue(form).eval(), torch.randn(2, 3, 8, 8)
-    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
-    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    hard = _soft_equals_hard(model, x)
     assert hard.module_of("c1").out_channels == kept
-    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-6)
     back = amc.ReconstructedNetwork.load_from_json(hard.save_to_json(str(tmp_path / "hard.json")))
     torch.testing.assert_close(back(x), hard(x))
 
@@ -797,12 +803,8 @@ class Warp(nn.Module):
 def test_grid_sample_passes_the_sampled_channels_and_keeps_the_coordinates():
     torch.manual_seed(0)
     model, x = Warp().eval(), torch.randn(2, 3, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a dedicated op now, not the generic replay node
-        hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
-    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
+    hard = _soft_equals_hard(model, x, no_warnings=True)  # a dedicated op now, not the generic replay node
     assert (hard.module_of("c1").out_channels, hard.module_of("flow").out_channels) == (8, 2)
-    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-6)
 
 
 class TanhGelu(torch.autograd.Function):
@@ -875,10 +877,7 @@ def test_pooling_1d_over_tokens_keeps_the_channels_prunable(functional):
     residual stream); a 1d op pools the last dim only."""
     torch.manual_seed(0)
     model, x = TokenPooler(functional).eval(), torch.randn(2, 5, 8)
-    hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
-    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
-    assert hard.module_of("proj").out_features == 8
-    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-6)
+    assert _soft_equals_hard(model, x).module_of("proj").out_features == 8
 
 
 class Seq2Seq(nn.Module):
@@ -920,20 +919,16 @@ def test_cross_attention_prunes_with_the_memory_it_reads(batch_first):
     columns, so their channels are one group now: 0.29x, soft == hard."""
     torch.manual_seed(0)
     model, xs = Seq2Seq(batch_first).eval(), (torch.randn(2, 6, 8), torch.randint(0, 50, (2, 5)))
-    hard = amc.prune(model, ratio=0.5, example_inputs=xs)
-    soft = amc.prune(model, ratio=0.5, example_inputs=xs, mode="soft")
+    hard = _soft_equals_hard(model, *xs, atol=1e-5)
     assert amc.count(hard, *xs)[0] < 0.35 * amc.count(model, *xs)[0]
-    torch.testing.assert_close(soft(*xs), hard(*xs), rtol=1e-4, atol=1e-5)
 
 
 def test_attention_key_and_value_dims_prune_their_own_columns(tmp_path):
     torch.manual_seed(0)
     model, xs = KeyValueDims().eval(), (torch.randn(2, 5, 8), torch.randn(2, 7, 8))
-    hard = amc.prune(model, ratio=0.5, example_inputs=xs)
-    soft = amc.prune(model, ratio=0.5, example_inputs=xs, mode="soft")
+    hard = _soft_equals_hard(model, *xs, atol=1e-5)
     att = hard.module_of("att")
     assert (hard.module_of("kv").out_features, att.kdim, att.vdim, att.k_proj_weight.shape[1]) == (12, 12, 12, 12)
-    torch.testing.assert_close(soft(*xs), hard(*xs), rtol=1e-4, atol=1e-5)
     back = amc.ReconstructedNetwork.load_from_json(hard.save_to_json(str(tmp_path / "kv.json")))
     torch.testing.assert_close(back(*xs), hard(*xs))
 
@@ -960,12 +955,7 @@ def test_tensors_made_from_sizes_leave_the_channels_prunable(tmp_path, one_threa
 
     torch.manual_seed(0)
     model, x = MadeFromSizes().eval(), torch.randn(2, 3, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        hard = amc.prune(model, ratio=0.5, example_inputs=(x,))
-    soft = amc.prune(model, ratio=0.5, example_inputs=(x,), mode="soft")
-    assert hard.module_of("c1").out_channels == 8
-    torch.testing.assert_close(soft(x), hard(x), rtol=1e-4, atol=1e-5)
+    assert _soft_equals_hard(model, x, atol=1e-5, no_warnings=True).module_of("c1").out_channels == 8
     swin, x = torchvision.models.swin_t().eval(), torch.randn(1, 3, 224, 224)
     hard = amc.prune(swin, ratio=0.5, example_inputs=(x,))
     assert amc.count(hard, x)[0] < 0.3 * amc.count(swin, x)[0]
@@ -996,7 +986,4 @@ def test_boolean_mask_indexing_keeps_the_feature_channels(two_dims):
     x = torch.randn(2, 5, 8)
     keep = torch.rand(2, 5) > 0.3 if two_dims else torch.tensor([True, False, True, True, False])
     model = MaskedTokens(two_dims).eval()
-    hard = amc.prune(model, ratio=0.5, example_inputs=(x, keep))
-    soft = amc.prune(model, ratio=0.5, example_inputs=(x, keep), mode="soft")
-    assert hard.module_of("a").out_features == 8
-    torch.testing.assert_close(soft(x, keep), hard(x, keep), rtol=1e-4, atol=1e-6)
+    assert _soft_equals_hard(model, x, keep).module_of("a").out_features == 8

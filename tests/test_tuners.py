@@ -186,6 +186,10 @@ def test_bad_input_gets_clear_errors(digits):
         _search(RandomSearch(samples=1), digits, compressor="magic")
     with pytest.raises(PruningError, match="unknown tuner"):
         get_tuner("nope")
+    with pytest.raises(PruningError, match="example_kwargs must be a dict"):
+        RandomSearch(samples=1).search(model, example_kwargs="input_ids", target_macs=0.5, progress=False)
+    with pytest.raises(PruningError, match="needs example inputs"):  # nothing to trace on: no inputs, no loader
+        RandomSearch(samples=1).search(model, target_macs=0.5, progress=False)
     res = _search(RandomSearch(samples=1), digits)
     from amc.tuners import build_space
 

@@ -123,7 +123,7 @@ def addmm_as_linear(net: ReconstructedNetwork) -> ReconstructedNetwork:
     modules: Dict[str, nn.Module] = dict(src.network.items())
     converted: Dict[str, Node] = {}
     dropped: set = set()
-    for out_name, (x_ref, bias, weight, gone) in _hand_written_linears(src).items():
+    for out_name, (x_ref, bias, weight, gone) in found.items():  # names and values: the copy's are the same
         node = src.node(out_name)
         base = next((node.name[:-len(s)] for s in (".addmm", ".matmul", ".add") if node.name.endswith(s)), node.name)
         name = base if base not in names else node.name

@@ -150,6 +150,17 @@ def size_source(c: RuleCall, t: Any) -> Tuple[str, List[Vec]]:
     return "const", []
 
 
+def whole_shape_refs(c: RuleCall, t: Any, ndim: int) -> Optional[List[Ref]]:
+    """A whole `y.shape` passed as one size argument (`x.view(y.shape)`, `x.new_zeros(y.shape)`), as one
+    reference per dim of it; None for anything else."""
+    if not isinstance(t, Ref) or t.path:
+        return None
+    src = c.a.size_sources.get(t.node)
+    if src is None or src[0] != "shape" or len(src[1]) != ndim:
+        return None
+    return [Ref(t.node, (d,)) for d in range(ndim)]
+
+
 def size_values(c: RuleCall) -> None:
     """A size that counts channels, read as a value (RAFT's `corr / sqrt(tensor(C))`, `x.sum(1) / C`): the
     hard prune writes its traced value there, so the pruned network scales as the zeroed one does (soft ==

@@ -14,7 +14,8 @@ from ...graph.template import Ref
 from ..dependency import TL, Fixup, RuleCall, Vec
 from ...graph.network import ReconstructedNetwork
 
-from .common import freeze_sizes_of_unlabeled, _dims_of, _first_tensor, _out_tl, _tl, check_sizes, passthrough
+from .common import (freeze_sizes_of_unlabeled, _dims_of, _first_tensor, _out_tl, _tl, check_sizes, passthrough,
+                     whole_shape_refs)
 from .registry import opaque, register_rule
 
 T = torch.Tensor
@@ -111,19 +112,17 @@ def reshape_labels(c: RuleCall, in_dims: List[Vec], a: Sequence[int], b: Sequenc
     return out
 
 
-def _whole_shape(c: RuleCall) -> bool:
+def _whole_shape(c: RuleCall) -> Optional[List[Ref]]:
     """`x.view(shape)` with `shape` a whole `y.shape` read at run time (OPT: `.view(hidden_states_shape)`)."""
     t = c.node.args[1:]
-    if len(t) != 1 or not isinstance(t[0], Ref) or t[0].path or not isinstance(c.out, torch.Tensor):
-        return False
-    src = c.a.size_sources.get(t[0].node)
-    return src is not None and src[0] == "shape" and len(src[1]) == c.out.dim()
+    return whole_shape_refs(c, t[0], c.out.dim()) if len(t) == 1 and isinstance(c.out, torch.Tensor) else None
 
 
 def size_templates(c: RuleCall) -> List[Any]:
     t = c.node.args[1:]
-    if _whole_shape(c):  # one size per dim, each read from its dim of the shape
-        return [Ref(t[0].node, (d,)) for d in range(c.out.dim())]
+    whole = _whole_shape(c)
+    if whole:  # one size per dim, each read from its dim of the shape
+        return whole
     if len(t) == 1 and isinstance(t[0], (list, tuple)):
         return list(t[0])
     if not t and "shape" in c.node.kwargs:

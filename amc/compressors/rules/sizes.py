@@ -10,7 +10,7 @@ from ...graph.ops import TensorSize
 from ...graph.template import Ref
 from ..dependency import TL, RuleCall, Vec
 
-from .common import _tl, size_source, size_values
+from .common import _tl, size_source, size_values, whole_shape_refs
 from .registry import register_rule
 
 T = torch.Tensor
@@ -65,8 +65,8 @@ def created(c: RuleCall) -> Any:
         args = [c.node.kwargs["size"]]
     if len(args) == 1 and isinstance(args[0], (list, tuple)):
         args = list(args[0])
-    elif len(args) == 1 and isinstance(args[0], Ref) and c.a.size_sources.get(args[0].node, ("",))[0] == "shape":
-        args = [Ref(args[0].node, (d,)) for d in range(c.out.dim())]  # x.new_zeros(y.shape)
+    elif len(args) == 1 and whole_shape_refs(c, args[0], c.out.dim()):
+        args = whole_shape_refs(c, args[0], c.out.dim())  # x.new_zeros(y.shape)
     dims: List[Vec] = []
     for t in args + ([fill] if fill is not None else []):
         kind, vecs = size_source(c, t)

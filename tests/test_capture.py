@@ -986,3 +986,64 @@ def test_autocast_inside_forward_is_replayed(tmp_path):
     with pytest.raises(amc.errors.ExportError, match="onnxruntime cannot run the exported file.*check=False"):
         net.save_to_onnx(str(tmp_path / "n.onnx"), x)
     assert not (tmp_path / "n.onnx").exists()
+
+
+class EinopsViTStem(nn.Module):
+    """A lucidrains-style ViT stem: einops' Rearrange layer, `repeat` of the CLS token by the batch size."""
+
+    def __init__(self):
+        super().__init__()
+        from einops.layers.torch import Rearrange
+
+        self.patch = nn.Sequential(Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=4, p2=4), nn.Linear(48, 16))
+        self.cls = nn.Parameter(torch.randn(1, 1, 16))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, img):
+        from einops import rearrange, repeat
+
+        x = self.patch(img)
+        x = torch.cat((repeat(self.cls, "1 1 d -> b 1 d", b=x.shape[0]), x), dim=1)
+        x = rearrange(rearrange(x, "b n (h d) -> b h n d", h=2).softmax(-1), "b h n d -> b n (h d)")
+        return self.fc(x[:, 0])
+
+
+@pytest.mark.parametrize("second", ["no_grad", "inference_mode", "grad"])
+def test_einops_shape_cache_does_not_leak_between_captures(second):
+    """einops caches its reshape recipe per input shape: a second capture (amc.prune traces under no_grad)
+    was handed the first capture's traced sizes and replayed with a KeyError."""
+    pytest.importorskip("einops")
+    model, x = EinopsViTStem().eval(), torch.randn(2, 3, 16, 16)
+    amc.trace(model, x)
+    with getattr(torch, second)() if second != "grad" else torch.enable_grad():
+        net = amc.trace(model, x)
+    for b in (2, 1, 5):  # the batch stays free: the sizes are this capture's own
+        xb = torch.randn(b, 3, 16, 16)
+        torch.testing.assert_close(net(xb), model(xb))
+
+
+_seen = {}
+
+
+def _cached_tokens(h: int, w: int) -> int:
+    """A user's own memo of a shape computation (what functools.lru_cache does)."""
+    if (h, w) not in _seen:
+        _seen[(h, w)] = h * w
+    return _seen[(h, w)]
+
+
+class CachedTokens(nn.Module):
+    def forward(self, x):
+        return x.reshape(x.shape[0], x.shape[1], _cached_tokens(x.shape[2], x.shape[3])).mean(-1)
+
+
+def test_a_size_cached_from_an_earlier_capture_is_refused_by_name():
+    """An int traced in one capture and handed back in a later one names a node of another graph: refused
+    at capture with the line that used it, not a KeyError when the network first runs."""
+    _seen.clear()
+    x = torch.randn(2, 4, 3, 3)
+    amc.trace(CachedTokens(), x)
+    with pytest.raises(CaptureError, match=r"earlier capture.*test_capture.py.*UNCACHED_DURING_CAPTURE"):
+        amc.trace(CachedTokens(), x)
+    _seen.clear()  # cleared, the helper is traced afresh
+    torch.testing.assert_close(amc.trace(CachedTokens(), x)(x), CachedTokens()(x))

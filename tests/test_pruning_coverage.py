@@ -987,3 +987,111 @@ def test_boolean_mask_indexing_keeps_the_feature_channels(two_dims):
     keep = torch.rand(2, 5) > 0.3 if two_dims else torch.tensor([True, False, True, True, False])
     model = MaskedTokens(two_dims).eval()
     assert _soft_equals_hard(model, x, keep).module_of("a").out_features == 8
+
+
+class EinopsAttention(nn.Module):
+    """lucidrains' vit-pytorch attention: qkv chunked, heads split and merged by einops."""
+
+    def __init__(self, dim=32, heads=4, dim_head=16):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+        self.fc = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        from einops import rearrange
+
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in self.to_qkv(x).chunk(3, dim=-1))
+        attn = (torch.matmul(q, k.transpose(-1, -2)) * 0.25).softmax(-1)
+        out = rearrange(torch.matmul(attn, v), "b h n d -> b n (h d)")
+        return self.fc(self.to_out(out) + x).mean(1)
+
+
+class UnflattenHeads(nn.Module):
+    """Heads split by `unflatten` (function, keyword or nn.Unflatten), attention by einsum."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.qkv, self.o, self.fc = nn.Linear(32, 96), nn.Linear(32, 32), nn.Linear(32, 3)
+        self.split = nn.Unflatten(-1, (4, 8))
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        if self.form == "module":
+            q, k, v = map(self.split, (q, k, v))
+        elif self.form == "keyword":
+            q, k, v = (torch.unflatten(t, dim=-1, sizes=(4, -1)) for t in (q, k, v))
+        else:
+            q, k, v = (t.unflatten(2, (4, 8)) for t in (q, k, v))
+        a = torch.einsum("bihd,bjhd->bhij", q, k).softmax(-1)
+        return self.fc(self.o(torch.einsum("bhij,bjhd->bihd", a, v).flatten(2))).mean(1)
+
+
+def test_einops_vit_attention_prunes_its_head_dims():
+    """The head count, read back from the split tensor to merge heads (einops multiplies h by d), is static:
+    it no longer freezes the qkv projection (it kept all 192 columns)."""
+    pytest.importorskip("einops")
+    model = EinopsAttention().eval()
+    hard = _soft_equals_hard(model, torch.randn(2, 5, 32), no_warnings=True)
+    assert hard.module_of("to_qkv").out_features == 96 and hard.module_of("to_out").in_features == 32
+    for b in (1, 3):
+        assert hard(torch.randn(b, 7, 32)).shape == (b, 3)
+
+
+@pytest.mark.parametrize("form", ["method", "keyword", "module"])
+def test_unflatten_splits_follow_pruning(form, tmp_path):
+    """`unflatten` froze every dim it split; its sizes are now rewritten like a view's."""
+    model = UnflattenHeads(form).eval()
+    x = torch.randn(2, 5, 32)
+    hard = _soft_equals_hard(model, x, no_warnings=True)
+    assert hard.module_of("qkv").out_features == 48
+    amc.export.save_json(hard, tmp_path / "n.json")
+    torch.testing.assert_close(amc.load(tmp_path / "n.json")(x), hard(x))
+
+
+class Siamese(nn.Module):
+    """One encoder on two inputs: its layers are called twice, on paths that meet only at the head."""
+
+    def __init__(self, scales=False):
+        super().__init__()
+        self.scales = scales
+        self.enc = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head, self.other = nn.Linear(64, 2), nn.Linear(32, 2)
+
+    def forward(self, a, b):
+        if self.scales:  # the second call feeds another layer
+            return self.head(torch.cat([self.enc(a), self.enc(b)], 1)) + self.other(self.enc(a[..., ::2, ::2]))
+        return self.head(torch.cat([self.enc(a), self.enc(b)], 1))
+
+
+@pytest.mark.parametrize("scales", [False, True])
+def test_a_module_called_twice_prunes_one_set_of_channels(scales):
+    """Both calls of a module slice its one weight: their channels are one group. They were two groups
+    (one holder of the weight was counted, not two readers), so the hard network sliced the weight for
+    one call and differed from the soft one by 6e-3."""
+    model = Siamese(scales).eval()
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    hard = _soft_equals_hard(model, a, b)
+    assert amc.count(hard, a, b)[0] < 0.4 * amc.count(model, a, b)[0]
+
+
+class TwoViews(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.c2 = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        y = self.c(x).view(x.shape[0], 4, -1, 8, 8).mean(1)
+        return self.c2(y.repeat(1, 4, 1, 1)) + self.c(x).sum(1, keepdim=True)
+
+
+def test_a_module_called_twice_stays_whole_when_one_call_must():
+    """One call's channels frozen (tiled by repeat), the other's free: the weight they share stays whole
+    (the hard network sliced it for the free call and no longer ran)."""
+    model, x = TwoViews().eval(), torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="frozen by repeat"):
+        hard = _soft_equals_hard(model, x)
+    assert hard.module_of("c").out_channels == 32

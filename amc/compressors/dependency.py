@@ -377,8 +377,8 @@ def _couple_shared_parameters(a: Analysis) -> None:
     for ax in a.axes:
         by_dim.setdefault((id(param_of(a.net, a.net.node(ax.node).module, ax.attr)), ax.dim), []).append(ax)
     for (tid, _), axes in by_dim.items():
-        if len(holders.get(tid, ())) < 2:
-            continue
+        if len(holders.get(tid, ())) < 2 and len({ax.node for ax in axes}) < 2:
+            continue  # one holder, read by one node (a module called twice is one holder, two nodes)
         head = axes[0]
         for ax in axes[1:]:
             a.uf.cause = f"{ax.node} (its {ax.attr} is {head.node}'s {head.attr})"

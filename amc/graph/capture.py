@@ -76,6 +76,7 @@ class TracedInt(int):
     def __new__(cls, value: int, ref: Ref) -> "TracedInt":
         obj = int.__new__(cls, value)
         obj._amc_ref = ref
+        obj._amc_owner = _ACTIVE  # the capture whose graph `ref` names
         return obj
 
     def __reduce__(self):  # pickles (and deep-copies) as the plain int it stands for
@@ -161,6 +162,7 @@ class TracedSize(tuple):
     def __new__(cls, values: Tuple[int, ...], ref: Ref) -> "TracedSize":
         obj = tuple.__new__(cls, (TracedInt(v, Ref(ref.node, (i,))) for i, v in enumerate(values)))
         obj._amc_ref = ref
+        obj._amc_owner = _ACTIVE
         return obj
 
     def numel(self) -> int:
@@ -255,9 +257,13 @@ class Tracer(TorchFunctionMode):
         return False
 
     def _leaf_template(self, obj: Any) -> Any:
-        if isinstance(obj, TracedSize):
-            return obj._amc_ref
-        if isinstance(obj, TracedInt):
+        if isinstance(obj, (TracedSize, TracedInt)):
+            if obj._amc_owner is not self:
+                raise CaptureError(
+                    f"a size read from a tensor's shape in an earlier capture reached this one ({_user_source_line()}):"
+                    " a cache kept across calls (e.g. functools.lru_cache on a shape helper) returned it, and the "
+                    "graph would read a node that does not exist. Run that helper uncached while tracing (add it "
+                    "to amc.graph.known_leaves.UNCACHED_DURING_CAPTURE) or clear its cache before amc.trace")
             return obj._amc_ref
         if isinstance(obj, torch.Tensor):
             ref = self._values.get(id(obj))
@@ -617,10 +623,16 @@ def _swap_leaf_functions() -> List[Tuple[Any, str, Any]]:
 
 def _swap_library_hooks() -> List[Tuple[Any, str, Any]]:
     """Tell libraries that check "am I being traced?" that they are (`known_leaves.TRACING_CHECKS`), so they
-    keep their general path: transformers otherwise drops an all-ones attention mask from the graph."""
-    from .known_leaves import TRACING_CHECKS
+    keep their general path: transformers otherwise drops an all-ones attention mask from the graph. Known
+    shape caches run uncached (`known_leaves.UNCACHED_DURING_CAPTURE`)."""
+    from .known_leaves import TRACING_CHECKS, UNCACHED_DURING_CAPTURE
 
     swapped = []
+    for package, cached, uncached in UNCACHED_DURING_CAPTURE:
+        space = vars(sys.modules[package]) if sys.modules.get(package) is not None else {}
+        if callable(space.get(cached)) and callable(space.get(uncached)):
+            swapped.append((space, cached, space[cached]))
+            space[cached] = space[uncached]
     for package, attr in TRACING_CHECKS:
         for name, module in list(sys.modules.items()):
             if module is None or not (name == package or name.startswith(package + ".")):

@@ -30,6 +30,13 @@ KNOWN: Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]] = {
 #: batch would run unmasked (the value guard then refuses it), so its masking code is told it is traced.
 TRACING_CHECKS: Tuple[Tuple[str, str], ...] = (("transformers", "is_tracing"),)
 
+#: Memoized shape helpers run uncached during a capture: (module, cached name, uncached name). A cache keyed
+#: on shape ints (equal to traced ones) hands a later call, or a later capture, the traced ints of an
+#: earlier one: einops caches its reshape recipe per input shape, so `repeat(cls, "1 1 d -> b 1 d", b=b)`
+#: in a second capture read sizes of a graph that no longer exists.
+UNCACHED_DURING_CAPTURE: Tuple[Tuple[str, str, str], ...] = (
+    ("einops.einops", "_reconstruct_from_shape", "_reconstruct_from_shape_uncached"),)
+
 
 def register_known(name: str = "") -> None:
     """Register the entries of KNOWN whose module is imported (idempotent). A loader resolving `name`

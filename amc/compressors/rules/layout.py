@@ -106,6 +106,8 @@ def reshape_labels(c: RuleCall, in_dims: List[Vec], a: Sequence[int], b: Sequenc
             for row in grid[1:]:
                 c.a.uf.union_vecs(grid[0], row)
             out[big_out[-1]] = grid[0].copy()
+            for j in big_out[:-1]:  # the outer dims (heads, groups): split off channels, so static in size
+                out[j] = np.zeros(b[j], dtype=np.int64)  # frozen labels: a size read there is no batch
             continue
         for _, v in vecs:  # anything else (two labeled dims regrouped): frozen
             c.a.uf.freeze(v)
@@ -165,11 +167,59 @@ def reshape(c: RuleCall) -> Any:
             for v, w in zip(out, other.dims):
                 c.a.uf.union_vecs(v, w) if (v is not None or w is not None) else None
     elif fn in (T.unflatten, torch.unflatten) or isinstance(c.module, nn.Unflatten):
-        if any(v is not None for v in out):
+        templates = _unflatten_templates(c, c.out.dim())
+        if templates is None:  # sizes we cannot rewrite (a named shape): what they split stays whole
             for v in out:
                 c.a.uf.freeze(v)
-            out = [None] * len(out)
+            return TL([None] * len(out))
+        consts = freeze_sizes_of_unlabeled(c, templates, out)
+        pinned = check_sizes(c, templates, out, in_dims)
+        c.a.fixup(c.node.name, fix_unflatten, out_dims=out, pinned=pinned, consts=consts)
     return TL(out)
+
+
+def _unflatten_call(node: Any, module: Any) -> Optional[Tuple[int, List[Any]]]:
+    """(dim, sizes) of `x.unflatten(dim, sizes)` / `nn.Unflatten(dim, sizes)`; None for a named shape."""
+    if isinstance(module, nn.Unflatten):
+        dim, sizes = module.dim, module.unflattened_size
+    else:
+        args, kw = node.args, node.kwargs
+        dim = args[1] if len(args) > 1 else kw.get("dim")
+        sizes = args[2] if len(args) > 2 else kw.get("sizes")
+    if not isinstance(dim, int) or not isinstance(sizes, (list, tuple)) or \
+            any(isinstance(s, (list, tuple)) for s in sizes):
+        return None
+    return dim, list(sizes)
+
+
+def _unflatten_templates(c: RuleCall, ndim: int) -> Optional[List[Any]]:
+    """The unflatten's sizes placed at the output dims they make (-1, "follows", everywhere else)."""
+    call = _unflatten_call(c.node, c.module)
+    if call is None:
+        return None
+    dim, sizes = call
+    start = dim % (ndim - len(sizes) + 1)
+    return [-1] * start + sizes + [-1] * (ndim - start - len(sizes))
+
+
+def fix_unflatten(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:
+    """Hard prune: the split sizes of a pruned dim become the kept counts (as `fix_sizes` does for view)."""
+    if mode != "hard":
+        return
+    node = net.node(fx.node)
+    module = net.module_of(fx.node) if not node.args[1:] and not node.kwargs else None
+    module = module if isinstance(module, nn.Unflatten) else None
+    dim, sizes = _unflatten_call(node, module)
+    out_dims = fx.data["out_dims"]
+    start = dim % (len(out_dims) - len(sizes) + 1)
+    full = [-1] * start + sizes + [-1] * (len(out_dims) - start - len(sizes))
+    new = _replace_const_sizes(full, out_dims, keep_of, fx.data["pinned"], fx.data["consts"])[start:start + len(sizes)]
+    if module is not None:
+        module.unflattened_size = tuple(new)
+    elif len(node.args) > 2:
+        node.args = node.args[:2] + (type(node.args[2])(new),) + node.args[3:]
+    else:
+        node.kwargs["sizes"] = type(node.kwargs["sizes"])(new)
 
 
 @register_rule(T.permute, torch.permute, nn.Identity)

@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import amc
 
@@ -1095,3 +1096,26 @@ def test_a_module_called_twice_stays_whole_when_one_call_must():
     with pytest.warns(UserWarning, match="frozen by repeat"):
         hard = _soft_equals_hard(model, x)
     assert hard.module_of("c").out_channels == 32
+
+
+class GatedConv(nn.Module):
+    """A conformer's convolution module: pointwise conv to 2C, GLU over channels, depthwise conv."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.pw1, self.dw, self.pw2 = nn.Conv1d(16, 64, 1), nn.Conv1d(32, 32, 5, padding=2, groups=32), nn.Conv1d(32, 16, 1)
+        self.glu = nn.GLU(dim=1) if module else None
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.glu(self.pw1(x)) if self.glu is not None else F.glu(self.pw1(x), dim=1)
+        return self.fc((x + self.pw2(F.silu(self.dw(h)))).mean(-1))
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_glu_prunes_both_halves_alike(module):
+    """GLU was opaque: the 2C-wide conv feeding it kept every channel. Channel i of both halves now prune
+    together, so the gated width halves with the rest."""
+    model = GatedConv(module).eval()
+    hard = _soft_equals_hard(model, torch.randn(2, 16, 12), no_warnings=True)
+    assert hard.module_of("pw1").out_channels == 32 and hard.module_of("dw").out_channels == 16

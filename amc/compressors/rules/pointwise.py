@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ...graph.ops import ELEMENTWISE_MATH, ShapeGuard
 from ..dependency import TL, RuleCall
 from .common import _dims_of, _freeze, along_dim, arg_dims, elementwise
-from .registry import mark_opaque, register_rule
+from .registry import mark_opaque, opaque, register_rule
 
 T = torch.Tensor
 
@@ -95,15 +95,32 @@ def grid_sample(c: RuleCall) -> Any:
     return spatial(c)
 
 
+@register_rule(F.glu, nn.GLU)
+def glu(c: RuleCall) -> Any:
+    """`glu(x, dim)` = first half * sigmoid(second half): channel i of each half make output i together, so
+    the halves prune alike (the conformer's and gated CNNs' pointwise conv stays prunable)."""
+    x = c.args[0] if c.args else None
+    if not isinstance(x, torch.Tensor) or not isinstance(c.out, torch.Tensor):
+        return opaque(c)
+    d = int(c.module.dim if isinstance(c.module, nn.GLU) else c.arg(1, "dim", -1)) % x.dim()
+    dims = _dims_of(c, 0, x)
+    v = dims[d]
+    if v is not None:
+        half = x.shape[d] // 2
+        c.a.uf.union_vecs(v[:half], v[half:])
+        dims[d] = v[:half].copy()
+    return TL(dims)
+
+
 # ----------------------------------------------------------------------------------------------
 # products
 
 
 # Declared opaque: channels stop here, on purpose. Recurrent cells and bilinear layers mix or
-# create features in ways no rule models yet; arange / linspace / meshgrid make positions; gathers,
-# unfold/fold, and GLU halving move or mix channels. (Creation from sizes, new_zeros & co: sizes.py.)
+# create features in ways no rule models yet; arange / linspace / meshgrid make positions; gathers
+# and unfold/fold move or mix channels. (Creation from sizes, new_zeros & co: sizes.py.)
 mark_opaque(nn.Bilinear, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
-            nn.GLU, F.glu, F.one_hot, F.unfold, F.fold,
+            F.one_hot, F.unfold, F.fold,
             torch.arange, torch.linspace, torch.meshgrid,
             T.index_select, torch.index_select, T.gather, torch.gather, T.unfold, T.__rmatmul__,
             torch.mv, T.mv, torch.dot, T.dot, torch.inner, T.inner, torch.tensordot, torch.outer, T.outer,

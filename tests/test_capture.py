@@ -1047,3 +1047,36 @@ def test_a_size_cached_from_an_earlier_capture_is_refused_by_name():
         amc.trace(CachedTokens(), x)
     _seen.clear()  # cleared, the helper is traced afresh
     torch.testing.assert_close(amc.trace(CachedTokens(), x)(x), CachedTokens()(x))
+
+
+class Checkpointed(nn.Module):
+    """Activation checkpointing as older code and many training scripts write it."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+        h = checkpoint(self.a, x, use_reentrant=self.reentrant)
+        h = checkpoint_sequential(self.b, 1, h, use_reentrant=self.reentrant)
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_activation_checkpointing_is_traced_through(reentrant, mode):
+    """`checkpoint(fn, x, use_reentrant=True)` is an autograd Function around fn: it was captured as one opaque
+    node, so its convs were neither counted (34 MACs for 179k) nor pruned, silently."""
+    model, x = getattr(Checkpointed(reentrant), mode)(), torch.randn(2, 3, 8, 8)
+    net = amc.trace(model, x)
+    assert [n.op for n in net.layer_nodes][:4] == ["Conv2d", "ReLU", "Conv2d", "ReLU"]
+    plain = Checkpointed(False).eval()
+    assert amc.count(net, x[:1]) == amc.count(plain, x[:1])
+    torch.testing.assert_close(net.eval()(x), model.eval()(x))
+    small = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    assert small.module_of("a.0").out_channels == 8

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
 from .._warnings import warn_user
@@ -655,7 +656,12 @@ def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
     tracer = _ACTIVE
     if tracer is None or tracer.state != "recording" or tracer._leaf_depth or not tracer._is_traced((args, kwargs)):
         return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
+    if cls is _REENTRANT_CHECKPOINT:  # checkpoint(fn, *xs, use_reentrant=True) computes fn(*xs): trace into
+        return args[0](*args[2:])    # fn (it was one opaque node: its layers unprunable, its MACs uncounted)
     return tracer.call_autograd_function(cls, args, kwargs)
+
+
+_REENTRANT_CHECKPOINT = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
 
 
 _AMC_GRAPH_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -1080,3 +1080,53 @@ def test_activation_checkpointing_is_traced_through(reentrant, mode):
     torch.testing.assert_close(net.eval()(x), model.eval()(x))
     small = amc.prune(model, ratio=0.5, example_inputs=(x,))
     assert small.module_of("a.0").out_channels == 8
+
+
+def _drop_path_models():
+    import timm
+    import torchvision
+
+    return {"timm": lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=3,
+                                              num_classes=4, drop_path_rate=0.5),
+            "torchvision": lambda: torchvision.models.efficientnet_b0(num_classes=4, stochastic_depth_prob=0.5)}
+
+
+@pytest.mark.parametrize("family", ["timm", "torchvision"])
+@pytest.mark.parametrize("captured_in", ["train", "eval"])
+def test_drop_path_follows_train_and_eval_like_the_model(family, captured_in, tmp_path):
+    """Drop path reads `self.training`: traced through, the graph kept the captured mode's path (captured in
+    training, eval calls still dropped branches at random; captured in eval, fine-tuning ran without it).
+    Kept as a leaf, the graph (pruned, saved and reloaded in a fresh process too) switches as the model does."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = getattr(_drop_path_models()[family](), captured_in)()
+    x = torch.randn(2, 3, 32, 32)
+    net = amc.prune(model, ratio=0.3, example_inputs=(x,))
+    assert {"DropPath", "StochasticDepth"} & {n.op for n in net.layer_nodes}
+    net.eval()
+    torch.testing.assert_close(net(x), net(x), rtol=0, atol=0)  # eval: no branch dropped
+    net.train()
+    torch.manual_seed(1)
+    a = net(x)
+    torch.manual_seed(2)
+    assert not torch.allclose(a, net(x))  # training: branches dropped at random, as the model does
+    net.eval()
+    net.save_to_json(str(tmp_path / "n.json"))
+    net.save(pkl=str(tmp_path / "n.pkl"))
+    with torch.no_grad():
+        torch.save({"x": x, "ref": net(x)}, tmp_path / "ref.pt")
+    code = f"""
+import sys, torch, amc
+d = torch.load({str(tmp_path / 'ref.pt')!r})
+assert "timm" not in sys.modules and "torchvision.ops.stochastic_depth" not in sys.modules
+for net in (amc.load({str(tmp_path / 'n.json')!r}), amc.load({str(tmp_path / 'n.pkl')!r})):
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(net(d["x"]), d["ref"], atol=1e-6), "differs"
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

@@ -656,6 +656,9 @@ def save_json(net: "ReconstructedNetwork", path: str) -> str:  # noqa: F821
 # Loading.
 
 def _resolve_class(path: str, node: str) -> type:
+    from ..graph.known_leaves import register_known
+
+    register_known(path)  # a known leaf class (timm's DropPath) registers, as in the process that saved
     module_name, _, qualname = path.rpartition(".")
     cls = None
     for known in registered_json_classes():

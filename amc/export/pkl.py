@@ -156,6 +156,9 @@ def allowed_global(full: str) -> Optional[Any]:
     module, _, name = full.partition(".") if full.startswith("builtins.") else (None, None, None)
     if module == "builtins":
         return getattr(builtins, name) if name in _SAFE_BUILTINS else None
+    from ..graph.known_leaves import register_known
+
+    register_known(full)  # a known leaf class (timm's DropPath) registers, as in the process that saved
     amc = _amc_classes()
     if full in amc:
         return amc[full]

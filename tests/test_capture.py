@@ -1130,3 +1130,64 @@ print("ok")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+class FunctionalDropout(nn.Module):
+    """Dropout written functionally, switched by the module's mode, and an MC-dropout head that always drops."""
+
+    def __init__(self, mc=False):
+        super().__init__()
+        self.mc = mc
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = F.dropout(F.relu(self.fc1(x)), 0.5, training=True if self.mc else self.training)
+        return self.fc2(F.dropout1d(h[..., None], p=0.3, training=self.training)[..., 0])
+
+
+def _dropout_models():
+    import timm
+    import transformers
+
+    bert = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, attn_implementation="sdpa")
+    ids = torch.randint(0, 100, (2, 7))
+    return {
+        "functional": (lambda: FunctionalDropout(), (torch.randn(4, 8),), {}),
+        "timm_attn_drop": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2,
+                                                     num_classes=3, attn_drop_rate=0.3), (torch.randn(2, 3, 32, 32),), {}),
+        "hf_bert_sdpa": (lambda: transformers.BertForSequenceClassification(bert), (), {"input_ids": ids}),
+    }
+
+
+@pytest.mark.parametrize("name", ["functional", "timm_attn_drop", "hf_bert_sdpa"])
+def test_dropout_switched_by_the_training_flag_follows_eval(name, tmp_path):
+    """Captured in training, a dropout that the code switched on by `self.training` (F.dropout(training=...),
+    an SDPA's `dropout_p=p if self.training else 0.`: timm, transformers) was recorded as always on, so the
+    graph kept dropping after `.eval()` (BERT's attention: every eval call different). It now reads the
+    network's mode, in the pruned network and after a JSON / pkl round trip too."""
+    torch.manual_seed(0)
+    make, args, kwargs = _dropout_models()[name]
+    model = make().train()
+    net = amc.trace(model, *args, **kwargs)
+    out = (lambda o: o.logits if hasattr(o, "logits") else o)
+    net.eval(), model.eval()
+    torch.testing.assert_close(out(net(*args, **kwargs)), out(model(*args, **kwargs)))
+    net.train()
+    torch.manual_seed(1)
+    a = out(net(*args, **kwargs))
+    torch.manual_seed(2)
+    assert not torch.allclose(a, out(net(*args, **kwargs)))  # training: still drops
+    small = amc.prune(net, ratio=0.5, example_inputs=args, example_kwargs=kwargs or None).eval()
+    torch.testing.assert_close(out(small(*args, **kwargs)), out(small(*args, **kwargs)), rtol=0, atol=0)
+    small.save_to_json(str(tmp_path / "n.json"))
+    small.save(pkl=str(tmp_path / "n.pkl"))
+    for loaded in (amc.load(str(tmp_path / "n.json")), amc.load(str(tmp_path / "n.pkl"))):
+        torch.testing.assert_close(out(loaded.eval()(*args, **kwargs)), out(small(*args, **kwargs)))
+
+
+def test_mc_dropout_that_always_drops_keeps_dropping():
+    """`F.dropout(x, training=True)` in a module captured in eval mode is a choice (MC dropout): kept."""
+    model, x = FunctionalDropout(mc=True).eval(), torch.randn(4, 8)
+    net = amc.trace(model, x).eval()
+    assert not torch.allclose(net(x), net(x))

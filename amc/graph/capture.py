@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
@@ -34,7 +35,7 @@ from .._modes import outside_inference_mode
 from ..errors import CaptureError
 from .node import InputNode, Node
 from .ops import (_GUARD_OPS, AutogradFunctionOp, Constant, FunctionOp, GetAttr, ParamHolder, SetItem, ShapeGuard,
-                  TensorSize, function_spec, leaf_functions, module_spec, name_of_callable)
+                  TensorSize, TrainingFlag, function_spec, leaf_functions, module_spec, name_of_callable)
 from .template import Ref, iter_refs
 from .untouched import untouched
 
@@ -211,6 +212,8 @@ class Tracer(TorchFunctionMode):
         self._keepalive: List[Any] = []
         self._leaf_depth = 0
         self._scope: List[str] = []
+        self._modules_called: List[nn.Module] = [root]  # whose forward runs now (its `training` decides dropouts)
+        self._flag_node: Optional[str] = None
         self._names: set = set()
         self._module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
         self._module_keys: Dict[int, str] = {}
@@ -411,6 +414,8 @@ class Tracer(TorchFunctionMode):
 
     def _record_call(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         targs, tkwargs = self.to_template(args), self.to_template(kwargs)
+        if func in _DROPOUT_SLOTS and self._modules_called[-1].training:
+            targs, tkwargs = self._dropout_follows_mode(func, targs, tkwargs)
         out = func(*_plain(args), **_plain(kwargs))
         short = (getattr(func, "__name__", None) or "call").strip("_") or "call"
         name = self._unique(self._scoped(short))
@@ -437,6 +442,32 @@ class Tracer(TorchFunctionMode):
             out._amc_node = name
         return out
 
+    def _dropout_follows_mode(self, func: Any, targs: Any, tkwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+        """A dropout switched on in a training module (`training=True`, `dropout_p > 0`) reads the network's
+        mode at run time instead: traced as a constant, `.eval()` kept dropping (HF BERT's SDPA attention)."""
+        index, keyword = _DROPOUT_SLOTS[func]
+        targs = list(targs)
+        value = targs[index] if index < len(targs) else tkwargs.get(keyword)
+        if isinstance(value, bool) and value:
+            flag: Any = Ref(self._training_flag())
+        elif isinstance(value, float) and not isinstance(value, bool) and value > 0:
+            flag = Ref(self._unique(self._scoped("dropout_p")))
+            self._add(flag.node, FunctionOp(_op.mul), (Ref(self._training_flag()), value), {}, {"op": "IntArith"},
+                      None)
+        else:
+            return tuple(targs), tkwargs
+        if index < len(targs):
+            targs[index] = flag
+        else:
+            tkwargs = {**tkwargs, keyword: flag}
+        return tuple(targs), tkwargs
+
+    def _training_flag(self) -> str:
+        if self._flag_node is None:
+            self._flag_node = self._unique("train_mode")
+            self._add(self._flag_node, TrainingFlag(), (), {}, {"op": "TrainingFlag"}, None)
+        return self._flag_node
+
     def _mark_mutated_constant(self, targs: Any) -> None:
         first = targs[0] if targs else None
         if isinstance(first, Ref) and isinstance(self.modules.get(self._node_key(first.node)), Constant):
@@ -452,10 +483,12 @@ class Tracer(TorchFunctionMode):
         spec = module_spec(mod)
         if spec is None or not spec.leaf:
             self._scope.append(self._module_names.get(id(mod), type(mod).__name__.lower()))
+            self._modules_called.append(mod)
             try:
                 return _ORIG_CALL(mod, *args, **kwargs)
             finally:
                 self._scope.pop()
+                self._modules_called.pop()
         if not self._is_traced(args) and not self._is_traced(kwargs):
             return _ORIG_CALL(mod, *args, **kwargs)
         targs, tkwargs = self.to_template(args), self.to_template(kwargs)
@@ -662,6 +695,14 @@ def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
 
 
 _REENTRANT_CHECKPOINT = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+
+# callable -> (position, keyword) of its switch: a `training` flag, or the attention's dropout probability
+_DROPOUT_SLOTS: Dict[Any, Tuple[int, str]] = {
+    **{fn: (2, "training") for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                                      F.feature_alpha_dropout)},
+    torch.dropout: (2, "train"),
+    F.scaled_dot_product_attention: (4, "dropout_p"),
+}
 
 
 _AMC_GRAPH_DIR = os.path.dirname(os.path.abspath(__file__))

@@ -114,7 +114,7 @@ def summary_table(net: ReconstructedNetwork, *example_inputs: Any) -> str:
     total = sum(r["macs"] for r in rows) or 1
     lines = [f"{'node':<48} {'op':<22} {'output':<24} {'MACs':>14} {'%':>6} {'params':>10} {'bits':>4}"]
     for r in rows:
-        if r["op"] in ("TensorSize", "IntArith", "Parameter", "ShapeGuard"):
+        if r["op"] in ("TensorSize", "IntArith", "Parameter", "ShapeGuard", "TrainingFlag"):
             continue
         out = str(r["out"])
         lines.append(f"{r['name'][:48]:<48} {r['op'][:22]:<22} {out[:24]:<24} {r['macs']:>14,} "

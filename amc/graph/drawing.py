@@ -20,7 +20,7 @@ from .network import ReconstructedNetwork
 from .node import Node
 from .template import iter_refs
 
-_HIDDEN = {"TensorSize", "IntArith"}
+_HIDDEN = {"TensorSize", "IntArith", "TrainingFlag"}
 #: Graphs with at most this many visible nodes are drawn as one top-to-bottom chain.
 FOLD_ABOVE = 16
 

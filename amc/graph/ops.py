@@ -472,6 +472,15 @@ class Constant(nn.Module):
         return self.value.clone() if self.clone else self.value
 
 
+class TrainingFlag(nn.Module):
+    """The network's train/eval mode, read at run time: a dropout that the traced code switched on because
+    its module was training (`F.dropout(x, p, training=self.training)`, an attention's
+    `dropout_p=p if self.training else 0.`) reads it, so `.eval()` turns it off as it does in the model."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
 _GUARD_OPS = {"eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le, "gt": operator.gt,
               "ge": operator.ge, "truth": operator.truth}
 _GUARD_SYMBOLS = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "truth": "bool"}
@@ -648,7 +657,7 @@ register_function_op(operator.mul, operator.floordiv, operator.truediv, operator
 
 # amc's own op modules: never in a user's model, so capture traces into them (leaf=False); their entries
 # exist so that the passes and the exporters find their facets in the same place as everyone else's.
-register_op(TensorSize, GetAttr, SetItem, ParamHolder, Constant, ShapeGuard, leaf=False)
+register_op(TensorSize, GetAttr, SetItem, ParamHolder, Constant, ShapeGuard, TrainingFlag, leaf=False)
 
 # The in-place form of a registered op (`torch.sigmoid_(z)`, `z.exp_()`, `x.cumsum_(1)`) computes the same
 # values into its first argument (capture records the mutation): it is the same op to every layer, so its

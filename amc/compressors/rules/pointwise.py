@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...graph.ops import ELEMENTWISE_MATH, ShapeGuard
+from ...graph.ops import ELEMENTWISE_MATH, ShapeGuard, TrainingFlag
 from ..dependency import TL, RuleCall
 from .common import _dims_of, _freeze, along_dim, arg_dims, elementwise
 from .registry import mark_opaque, opaque, register_rule
@@ -126,4 +126,4 @@ mark_opaque(nn.Bilinear, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
             torch.mv, T.mv, torch.dot, T.dot, torch.inner, T.inner, torch.tensordot, torch.outer, T.outer,
             torch.ger, T.ger, torch.addmv, T.addmv, torch.addbmm, T.addbmm, torch.linalg.multi_dot,
             torch.chain_matmul, F.bilinear,
-            operator.getitem, ShapeGuard)
+            operator.getitem, ShapeGuard, TrainingFlag)

@@ -6,6 +6,8 @@
   structure and container types, tensors equal within rtol 1e-4 / atol 1e-5.
 - `check_trace(model, make_inputs, ...)` is the golden-equality helper: trace at one batch size,
   `lint()`, compare with eager at the traced batch size and at another one; returns the network.
+- `outputs_in_fresh_process(tmp_path, net, *inputs, absent=...)`: the network saved as JSON and pkl, each
+  loaded and run in a new process; returns both outputs.
 """
 from __future__ import annotations
 
@@ -120,3 +122,33 @@ def _check_trace(model: torch.nn.Module, make_inputs: Callable[[int], Any], trac
 @pytest.fixture
 def check_trace() -> Callable[..., Any]:
     return _check_trace
+
+
+def _outputs_in_fresh_process(tmp_path: Any, net: Any, *inputs: Any, absent: Sequence[str] = ()) -> list:
+    """Save `net` as JSON and pkl, load each in a new Python process (where the modules named in `absent`
+    were never imported) and run it in eval mode on `inputs`: the two outputs, for the caller to compare."""
+    import subprocess
+    import sys
+
+    net.save_to_json(str(tmp_path / "fresh.json"))
+    net.save(pkl=str(tmp_path / "fresh.pkl"))
+    torch.save(inputs, tmp_path / "fresh_in.pt")
+    code = f"""
+import sys, torch, amc
+torch.set_num_threads({torch.get_num_threads()})  # as many as here: kernels split work by thread count
+inputs = torch.load({str(tmp_path / 'fresh_in.pt')!r})
+assert not [m for m in {list(absent)!r} if m in sys.modules], "imported before loading"
+outs = []
+for path in ({str(tmp_path / 'fresh.json')!r}, {str(tmp_path / 'fresh.pkl')!r}):
+    with torch.no_grad():
+        outs.append(amc.load(path).eval()(*inputs))
+torch.save(outs, {str(tmp_path / 'fresh_out.pt')!r})
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return torch.load(tmp_path / "fresh_out.pt")
+
+
+@pytest.fixture
+def outputs_in_fresh_process() -> Callable[..., list]:
+    return _outputs_in_fresh_process

@@ -1174,3 +1174,40 @@ def test_mc_dropout_that_always_drops_keeps_dropping():
     model, x = FunctionalDropout(mc=True).eval(), torch.randn(4, 8)
     net = amc.trace(model, x).eval()
     assert not torch.allclose(net(x), net(x))
+
+
+class FrozenTeacher(nn.Module):
+    """Distillation in one forward: the teacher runs under no_grad, a stop-gradient region in the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.student, self.teacher, self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = self.teacher(x).softmax(-1)
+        h = self.a(self.student(x))
+        with torch.set_grad_enabled(False):
+            g = h * 2
+        return self.b(h + g).sum() + ((h.log_softmax(-1) - target.log()) * target).sum()
+
+
+def test_no_grad_blocks_inside_forward_replay_without_grad(tmp_path):
+    """A `with torch.no_grad():` inside forward was replayed with grad on: fine-tuning the graph trained the
+    frozen teacher and sent gradients through stop-gradient regions (the student's gradient 1.5 off)."""
+    torch.manual_seed(0)
+    model, x = FrozenTeacher().train(), torch.randn(3, 8)
+    net = amc.trace(model, x)  # shares the model's parameter tensors: the reference gradient is a copy
+    model(x).backward()
+    ref = model.student.weight.grad.clone()
+    net.save_to_json(str(tmp_path / "n.json"))
+    for graph in (net, amc.load(str(tmp_path / "n.json")).train(), amc.export.to_fx(net)):
+        graph.zero_grad()
+        graph(x).backward()
+        mods = dict(graph.named_modules())
+        teacher = next(m for k, m in mods.items() if k.endswith("teacher"))
+        student = next(m for k, m in mods.items() if k.endswith("student"))
+        assert teacher.weight.grad is None
+        torch.testing.assert_close(student.weight.grad, ref)
+    with torch.no_grad():  # a caller's own no_grad still holds everywhere
+        assert not net(x).requires_grad

@@ -14,6 +14,7 @@ containers need no support at all: the path taken is what is recorded.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import inspect
 import itertools
@@ -22,7 +23,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -214,6 +215,7 @@ class Tracer(TorchFunctionMode):
         self._scope: List[str] = []
         self._modules_called: List[nn.Module] = [root]  # whose forward runs now (its `training` decides dropouts)
         self._flag_node: Optional[str] = None
+        self._grad_mode = [True]  # the grad mode the forward's own code set (`_grad_mode_seen`)
         self._names: set = set()
         self._module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
         self._module_keys: Dict[int, str] = {}
@@ -329,6 +331,8 @@ class Tracer(TorchFunctionMode):
         amp = autocast_state()
         if amp != self._autocast_at_start:  # forward entered torch.autocast: the replay enters it too
             meta["autocast"] = amp_difference(amp, self._autocast_at_start)
+        if not self._grad_mode[0]:  # inside the forward's own `torch.no_grad()`
+            meta["no_grad"] = True
         node = Node(name, key, tuple(args), dict(kwargs), meta)
         self.nodes.append(node)
         self._bind(name, out)
@@ -529,6 +533,10 @@ class Tracer(TorchFunctionMode):
     # -- the root call -------------------------------------------------------------------------
     def run_root(self, mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         self.state = "recording"
+        with _grad_mode_seen(self._grad_mode):
+            return self._run_root(mod, args, kwargs)
+
+    def _run_root(self, mod: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         try:
             names = list(inspect.signature(mod.forward).parameters)
         except (TypeError, ValueError):
@@ -695,6 +703,24 @@ def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
 
 
 _REENTRANT_CHECKPOINT = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+
+
+@contextlib.contextmanager
+def _grad_mode_seen(mode: List[bool]) -> Iterator[None]:
+    """While the root forward runs (under amc's no_grad), `mode[0]` is the grad mode its own code sets:
+    True at the start, as in training; `torch.no_grad()` / `set_grad_enabled` inside it (they all call
+    `torch._C._set_grad_enabled`) switch it, and `torch.is_grad_enabled()` reads it. Ops still run without
+    autograd; nodes recorded with it False replay under no_grad."""
+    set_real, is_real = torch._C._set_grad_enabled, torch.is_grad_enabled
+
+    def set_seen(enabled: bool) -> None:
+        mode[0] = bool(enabled)
+
+    torch._C._set_grad_enabled, torch.is_grad_enabled = set_seen, lambda: mode[0]
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled, torch.is_grad_enabled = set_real, is_real
 
 # callable -> (position, keyword) of its switch: a `training` flag, or the attention's dropout probability
 _DROPOUT_SLOTS: Dict[Any, Tuple[int, str]] = {

@@ -69,7 +69,12 @@ def to_fx(net: Any) -> fx.GraphModule:
             continue
         amp = node.meta.get("autocast")
         entered = [graph.call_function(_enter_autocast, (d, getattr(torch, t), on, True)) for d, on, t in amp or ()]
+        grad = graph.call_function(torch.is_grad_enabled, ()) if node.meta.get("no_grad") else None
+        if grad is not None:  # the forward's own `torch.no_grad()`, as torch.export's graphs hold it
+            graph.call_function(torch._C._set_grad_enabled, (False,))
         env[node.name] = _call(graph, module, f"network.{node.module}", args, kwargs)
+        if grad is not None:
+            graph.call_function(torch._C._set_grad_enabled, (grad,))
         for ctx in reversed(entered):  # the captured torch.autocast state, as dynamo's graphs hold it
             graph.call_function(_exit_autocast, (ctx,))
     graph.output(map_template(_plain_outputs(net.outputs), leaf))

@@ -49,12 +49,24 @@ def _call_kind(module: nn.Module) -> int:
     return _FORWARD
 
 
+_NO_GRAD = ("grad", False, "")  # a node of the forward's own `with torch.no_grad():` (meta "no_grad")
+
+
+def replay_context(node: Node) -> Optional[List[Any]]:
+    """The autocast states a node was captured in, plus `_NO_GRAD` inside the forward's no_grad blocks."""
+    ctx = node.meta.get("autocast")
+    return [*(ctx or ()), _NO_GRAD] if node.meta.get("no_grad") else ctx
+
+
 def under_autocast(amp: Any, call: Any, *args: Any, **kwargs: Any) -> Any:
     """`call` inside the torch.autocast states a node was captured in (`[[device_type, enabled, dtype]]`):
-    a forward that enters autocast replays with the same casts."""
+    a forward that enters autocast replays with the same casts; under no_grad where the forward was."""
     with contextlib.ExitStack() as stack:
         for device, enabled, dtype in amp:
-            stack.enter_context(torch.autocast(device, dtype=getattr(torch, dtype), enabled=enabled))
+            if device == "grad":
+                stack.enter_context(torch.no_grad())
+            else:
+                stack.enter_context(torch.autocast(device, dtype=getattr(torch, dtype), enabled=enabled))
         return call(*args, **kwargs)
 
 
@@ -118,7 +130,7 @@ class ReconstructedNetwork(nn.Module):
             get_kwargs = compile_getter(node.kwargs) if node.kwargs else None
             module = self.network[node.module]
             plan.append((node.name, module, compile_args(node.args), get_kwargs, tuple(frees[i]), _call_kind(module),
-                         node.meta.get("autocast")))
+                         replay_context(node)))
         self._plan = plan
         self._get_output = compile_getter(self.outputs)
 

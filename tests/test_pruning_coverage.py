@@ -1119,3 +1119,26 @@ def test_glu_prunes_both_halves_alike(module):
     model = GatedConv(module).eval()
     hard = _soft_equals_hard(model, torch.randn(2, 16, 12), no_warnings=True)
     assert hard.module_of("pw1").out_channels == 32 and hard.module_of("dw").out_channels == 16
+
+
+class PerChannelStatistics(nn.Module):
+    """Hand-written normalisation by stored per-channel statistics, and a learned per-channel temperature."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+        self.register_buffer("mean", torch.randn(1, 16, 1, 1))
+        self.register_buffer("std", torch.rand(1, 16, 1, 1) + 0.5)
+        self.tau = nn.Parameter(torch.rand(16) + 0.5)
+
+    def forward(self, x):
+        h = (self.c1(x) - self.mean) / self.std
+        return self.c2((h / self.tau.view(1, -1, 1, 1)).relu())
+
+
+def test_soft_pruning_never_divides_by_a_zeroed_channel():
+    """Soft pruning zeroed every tensor along a pruned channel, the divisors too: 0 / 0 made the whole soft
+    network NaN. A tensor that is divided by keeps its pruned entries (as BatchNorm's running_var does)."""
+    model, x = PerChannelStatistics().eval(), torch.randn(2, 3, 8, 8)
+    hard = _soft_equals_hard(model, x, no_warnings=True)
+    assert hard.module_of("c1").out_channels == 8

@@ -64,6 +64,7 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
     new = _copy_sharing_tensors(net) if mode == "hard" else net.copy()
     done: Set[Tuple[int, int]] = set()
     touched: Set[str] = set()
+    divisors = _divisors(net) if mode == "soft" else set()
     for ax in a.axes:
         keep = keep_of(ax.vec)
         if keep.all():
@@ -77,7 +78,7 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
         done.add(key)
         if mode == "hard":
             p.data = p.data.index_select(ax.dim, torch.from_numpy(np.flatnonzero(keep))).contiguous()
-        elif not ax.attr.endswith(("running_mean", "running_var")):
+        elif not ax.attr.endswith(("running_mean", "running_var")) and ax.node not in divisors:
             p.data.index_fill_(ax.dim, torch.from_numpy(np.flatnonzero(~keep)), 0)
     for fx in a.fixups:
         fx.edit(new, fx, keep_of, mode)
@@ -87,6 +88,37 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
         _unshare(new, net)
     new.recompile()
     return new
+
+
+T = torch.Tensor
+# callable -> the argument it divides by (or takes the reciprocal of): a zero there is a 0 / 0
+_DIVIDE_BY = {T.__truediv__: 1, T.__itruediv__: 1, T.div: 1, T.div_: 1, torch.div: 1, torch.true_divide: 1,
+              T.__rtruediv__: 0, torch.reciprocal: 0, T.reciprocal: 0, torch.rsqrt: 0, T.rsqrt: 0}
+_LAYOUT = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "permute", "transpose", "flatten",
+           "contiguous", "to", "float", "double", "half", "getitem", "__getitem__"}
+
+
+def _divisors(net: ReconstructedNetwork) -> Set[str]:
+    """Tensor nodes (a parameter or buffer read in forward) that, through layout ops only, are divided by
+    (`(h - self.mean) / self.std`): soft pruning leaves their pruned entries as they are, as it does a
+    BatchNorm's running_var, since a zeroed channel there would be 0 / 0 = NaN in every later layer."""
+    users = net.users()
+    found: Set[str] = set()
+    for node in net.layer_nodes:
+        if node.op not in ("Parameter", "Constant"):
+            continue
+        frontier = [node.name]
+        while frontier:
+            name = frontier.pop()
+            for user in users.get(name, ()):
+                fn = getattr(net.network[user.module], "fn", None)
+                slot = _DIVIDE_BY.get(fn) if fn is not None else None
+                arg = user.args[slot] if slot is not None and slot < len(user.args) else None
+                if getattr(arg, "node", None) == name:
+                    found.add(node.name)
+                elif getattr(fn, "__name__", "") in _LAYOUT and user.args and getattr(user.args[0], "node", None) == name:
+                    frontier.append(user.name)
+    return found
 
 
 def _copy_sharing_tensors(net: ReconstructedNetwork) -> ReconstructedNetwork:

@@ -81,3 +81,31 @@ def test_a_compressor_names_itself_and_the_argument_meant():
     with pytest.raises(TypeError, match="Quantization takes no argument 'bits' \\(did you mean .*'weight_bits'") as e:
         Quantization(origin_net=model, trainloader=loader, bits=4)
     assert isinstance(e.value, AmcError) and "act_bits" in str(e.value)
+
+
+class TwoInputs(nn.Module):
+    """A forward with two required inputs (an image and a timestep, as a diffusion UNet takes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.t, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Linear(1, 16), nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.c2((self.c1(x) + self.t(t.float()[:, None])[:, :, None, None]).relu())
+
+
+@pytest.mark.parametrize("name", ["ChannelPruning", "LowRankDecomposition", "Quantization"])
+def test_compressors_feed_a_multi_input_model_from_dict_batches(name):
+    """Dict batches keyed by the forward's own parameter names feed every input; the key `x` was read as an
+    image key, so only `x` was traced and the capture failed on the missing `t`. A tuple batch, read as
+    (inputs, labels), is refused with the names to use."""
+    from amc import compressors
+
+    torch.manual_seed(0)
+    model, x, t = TwoInputs().eval(), torch.randn(4, 3, 8, 8), torch.tensor([1, 5, 9, 2])
+    cls = getattr(compressors, name)
+    out = cls(model, [{"x": x, "t": t}] * 2, compress_ratio=0.5).compress() if name != "Quantization" else \
+        cls(model, [{"x": x, "t": t}] * 2, trainset_ratio=1.0).compress()
+    assert out(x, t).shape == (4, 3, 8, 8)
+    with pytest.raises(DataError, match=r"takes 2 inputs \(x, t\).*\{'x': \.\.\., 't': \.\.\.\}"):
+        cls(model, [(x, t)] * 2, compress_ratio=0.5).compress()

@@ -17,6 +17,7 @@ fit is well posed; `warn_underdetermined` says where it was not.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
@@ -233,9 +234,27 @@ def example_from_batch(batch: Any, net: Any) -> Tuple[Tuple[Any, ...], Optional[
     inputs (a tokenizer's output) is traced by keyword, with the labels left out; anything else by position."""
     if isinstance(net, ReconstructedNetwork):
         return batch_inputs(batch, net), None
-    if isinstance(batch, Mapping) and not any(k in batch for k in IMAGE_KEYS):
-        return (), dict_inputs(batch)
+    params = _forward_parameters(net)
+    if isinstance(batch, Mapping):
+        named = dict_inputs(batch)
+        if not any(k in batch for k in IMAGE_KEYS) or (len(named) > 1 and set(named) <= set(params)):
+            return (), named  # a tokenizer's output, or every input of a multi-input forward by its name
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if isinstance(batch, (list, tuple)) and len(required) > 1:
+        raise DataError(f"{type(net).__name__}.forward takes {len(required)} inputs ({', '.join(required)}), but a "
+                        "tuple batch is read as (inputs, labels, ...): yield dict batches with those names as keys "
+                        f"({{{', '.join(repr(n) + ': ...' for n in required)}}}, labels under 'labels'), or pass "
+                        "example_inputs=")
     return batch_inputs(batch), None
+
+
+def _forward_parameters(net: Any) -> Mapping[str, inspect.Parameter]:
+    """The named parameters of `net.forward` (empty where it has no readable signature)."""
+    try:
+        return inspect.signature(net.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return {}
 
 
 def _named_inputs(batch: Mapping[str, Any], names: Sequence[Optional[str]]) -> Tuple[Any, ...]:

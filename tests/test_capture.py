@@ -1211,3 +1211,20 @@ def test_no_grad_blocks_inside_forward_replay_without_grad(tmp_path):
         torch.testing.assert_close(student.weight.grad, ref)
     with torch.no_grad():  # a caller's own no_grad still holds everywhere
         assert not net(x).requires_grad
+
+
+@pytest.mark.parametrize("captured_in", ["train", "eval"])
+def test_batchnorm_subclasses_traced_into_follow_train_and_eval(captured_in):
+    """timm's BatchNormAct2d calls F.batch_norm(training=self.training) itself: captured in training, the graph
+    normalised by each batch's statistics after `.eval()` too (a pruned efficientnet 1.66 off the same network
+    captured in eval); captured in eval, it trained on running statistics. It now follows the graph's mode."""
+    import timm
+
+    torch.manual_seed(0)
+    model = getattr(timm.create_model("efficientnet_b0", num_classes=4), captured_in)()
+    x = torch.randn(2, 3, 64, 64)
+    net = amc.trace(model, x)
+    for mode in ("eval", "train", "eval"):
+        getattr(net, mode)(), getattr(model, mode)()
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), model(x))

@@ -420,6 +420,8 @@ class Tracer(TorchFunctionMode):
         targs, tkwargs = self.to_template(args), self.to_template(kwargs)
         if func in _DROPOUT_SLOTS and self._modules_called[-1].training:
             targs, tkwargs = self._dropout_follows_mode(func, targs, tkwargs)
+        elif func is F.batch_norm and _batch_stats_follow_mode(self._modules_called[-1]):
+            targs, tkwargs = self._batch_norm_follows_mode(targs, tkwargs)
         out = func(*_plain(args), **_plain(kwargs))
         short = (getattr(func, "__name__", None) or "call").strip("_") or "call"
         name = self._unique(self._scoped(short))
@@ -464,6 +466,17 @@ class Tracer(TorchFunctionMode):
             targs[index] = flag
         else:
             tkwargs = {**tkwargs, keyword: flag}
+        return tuple(targs), tkwargs
+
+    def _batch_norm_follows_mode(self, targs: Any, tkwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+        """`F.batch_norm(..., training=self.training)` in a BatchNorm subclass that calls it itself (timm's
+        BatchNormAct2d): batch statistics while the network trains, running ones in eval, whichever mode
+        it was captured in (captured in training, eval replays normalised by each batch's own statistics)."""
+        targs = list(targs)
+        if len(targs) > 5:
+            targs[5] = Ref(self._training_flag())
+        else:
+            tkwargs = {**tkwargs, "training": Ref(self._training_flag())}
         return tuple(targs), tkwargs
 
     def _training_flag(self) -> str:
@@ -721,6 +734,13 @@ def _grad_mode_seen(mode: List[bool]) -> Iterator[None]:
         yield
     finally:
         torch._C._set_grad_enabled, torch.is_grad_enabled = set_real, is_real
+
+def _batch_stats_follow_mode(module: nn.Module) -> bool:
+    """A BatchNorm layer traced into (a subclass with its own forward) whose batch statistics are used
+    exactly while it trains: `training=self.training` (nn.BatchNorm's own rule with running statistics)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats \
+        and module.running_mean is not None
+
 
 # callable -> (position, keyword) of its switch: a `training` flag, or the attention's dropout probability
 _DROPOUT_SLOTS: Dict[Any, Tuple[int, str]] = {

@@ -1228,3 +1228,14 @@ def test_batchnorm_subclasses_traced_into_follow_train_and_eval(captured_in):
         getattr(net, mode)(), getattr(model, mode)()
         with torch.no_grad():
             torch.testing.assert_close(net(x), model(x))
+
+
+def test_a_graph_captured_in_eval_runs_in_eval_before_any_mode_switch():
+    """The mode node is made in the mode it was captured in: an op module starts in training, so an
+    eval-captured efficientnet normalised by batch statistics until `.eval()` was called again (0.8 off)."""
+    import timm
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("efficientnet_b0", num_classes=4).eval(), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(amc.trace(model, x)(x), model(x))

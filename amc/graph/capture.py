@@ -214,7 +214,7 @@ class Tracer(TorchFunctionMode):
         self._leaf_depth = 0
         self._scope: List[str] = []
         self._modules_called: List[nn.Module] = [root]  # whose forward runs now (its `training` decides dropouts)
-        self._flag_node: Optional[str] = None
+        self._flag_nodes: Dict[bool, str] = {}  # TrainingFlag node per mode it was made in
         self._grad_mode = [True]  # the grad mode the forward's own code set (`_grad_mode_seen`)
         self._names: set = set()
         self._module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
@@ -480,10 +480,14 @@ class Tracer(TorchFunctionMode):
         return tuple(targs), tkwargs
 
     def _training_flag(self) -> str:
-        if self._flag_node is None:
-            self._flag_node = self._unique("train_mode")
-            self._add(self._flag_node, TrainingFlag(), (), {}, {"op": "TrainingFlag"}, None)
-        return self._flag_node
+        """The node reading the network's mode, in the mode of the module calling for it now (an op module
+        is made training; captured in eval, a BatchNorm must read eval until the graph is switched)."""
+        mode = bool(self._modules_called[-1].training)
+        if mode not in self._flag_nodes:
+            name = self._unique("train_mode" if mode else "eval_mode")
+            self._add(name, TrainingFlag().train(mode), (), {}, {"op": "TrainingFlag"}, None)
+            self._flag_nodes[mode] = name
+        return self._flag_nodes[mode]
 
     def _mark_mutated_constant(self, targs: Any) -> None:
         first = targs[0] if targs else None

@@ -1239,3 +1239,26 @@ def test_a_graph_captured_in_eval_runs_in_eval_before_any_mode_switch():
     model, x = timm.create_model("efficientnet_b0", num_classes=4).eval(), torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(amc.trace(model, x)(x), model(x))
+
+
+class StoresItsWindow(nn.Module):
+    """HF Swin's habit: forward stores a size it read (`self.window_size = min(input_resolution)`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.window, self.fc = 99, nn.Linear(4, 2)
+
+    def forward(self, x):
+        if min(x.shape[-2:]) <= self.window:
+            self.window = min(x.shape[-2:])
+        return self.fc(x.flatten(2).mean(-1)) * self.window
+
+
+def test_sizes_the_forward_stores_on_its_modules_become_plain_ints():
+    """A size stored on the model during one capture was read by the next one as a size of a graph that no
+    longer exists (HF Swin pruned with heads=True, then `to_module`, re-traced it: CaptureError). Capture
+    leaves the plain int the eager model would hold."""
+    model, x = StoresItsWindow(), torch.randn(2, 4, 3, 5)
+    amc.trace(model, x)
+    assert type(model.window) is int and model.window == 3
+    torch.testing.assert_close(amc.trace(model, x)(x), model(x))

@@ -836,3 +836,31 @@ def test_a_graph_traced_with_labels_says_why_it_needs_them(one_thread):
     assert net.input_names() == ["input_ids", "attention_mask", "labels"] and net(**batch).loss.dim() == 0
     with pytest.raises(TypeError, match="missing input 'labels'.*trace on the batch without them"):
         net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_vision_transformers_pruned_by_heads_save_and_reload(family, tmp_path):
+    """ViT's residual width is its patch projection's: the config now says so, so plain transformers reloads
+    a ViT pruned with heads=True (it needed amc's loader); Swin, pruned a second time (the window size its
+    forward stores was still a traced int of the first capture, which the second refused), reloads through
+    amc's loader."""
+    import transformers
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    if family == "vit":
+        cls = transformers.ViTForImageClassification
+        cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64, num_labels=3)
+    else:
+        cls = transformers.SwinForImageClassification
+        cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2],
+                                      window_size=4, num_labels=3)
+    model = cls(cfg).eval()
+    amc.prune(model, example_inputs=(x,), ratio=0.3)  # a first try at another ratio traced it already
+    small = amc.prune(model, example_inputs=(x,), ratio=0.5, heads=True).eval()
+    folder = amc.export.save_pretrained(amc.export.to_module(small, model, x), str(tmp_path))
+    again = cls.from_pretrained(folder).eval() if family == "vit" else amc.export.from_pretrained(folder, cls)
+    torch.testing.assert_close(again(x).logits, small(x).logits)
+    if family == "vit":
+        assert again.config.hidden_size == 16

@@ -94,7 +94,12 @@ def _embedding_width(model: nn.Module) -> Optional[int]:
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     except (NotImplementedError, AttributeError):  # two-tower models (CLIPModel) have no one input embedding
         emb = None
-    return emb.embedding_dim if isinstance(emb, nn.Embedding) else None
+    if isinstance(emb, nn.Embedding):
+        return emb.embedding_dim
+    proj = getattr(emb, "projection", None)  # a vision model's patch embedding (ViT, DeiT, BEiT): its conv
+    if isinstance(proj, (nn.Conv2d, nn.Linear)):
+        return proj.out_channels if isinstance(proj, nn.Conv2d) else proj.out_features
+    return None
 
 
 def _projection_heads(model: nn.Module) -> Tuple[List[int], List[int]]:

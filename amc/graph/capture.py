@@ -602,6 +602,8 @@ class Tracer(TorchFunctionMode):
             for space, attr, fn in getattr(self, "_swapped", ()):
                 space[attr] = fn
             _ACTIVE = None
+            _plain_attributes(self.root)
+
 
     def build(self, name: str = "") -> "ReconstructedNetwork":
         from .network import ReconstructedNetwork
@@ -720,6 +722,17 @@ def _patched_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
 
 
 _REENTRANT_CHECKPOINT = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
+
+
+def _plain_attributes(root: nn.Module) -> None:
+    """Sizes the forward stored on its modules (HF Swin keeps `self.window_size = min(input_resolution)`)
+    become the plain ints they stand for: a later capture reading them sees the model's value, as eager does,
+    not a size of this capture's graph."""
+    for module in root.modules():
+        for key, value in list(vars(module).items()):
+            if isinstance(value, (TracedInt, TracedSize)) or (
+                    isinstance(value, (list, tuple)) and any(isinstance(v, (TracedInt, TracedSize)) for v in value)):
+                vars(module)[key] = _plain(value)
 
 
 @contextlib.contextmanager

@@ -604,7 +604,6 @@ class Tracer(TorchFunctionMode):
             _ACTIVE = None
             _plain_attributes(self.root)
 
-
     def build(self, name: str = "") -> "ReconstructedNetwork":
         from .network import ReconstructedNetwork
 
@@ -751,6 +750,7 @@ def _grad_mode_seen(mode: List[bool]) -> Iterator[None]:
         yield
     finally:
         torch._C._set_grad_enabled, torch.is_grad_enabled = set_real, is_real
+
 
 def _batch_stats_follow_mode(module: nn.Module) -> bool:
     """A BatchNorm layer traced into (a subclass with its own forward) whose batch statistics are used

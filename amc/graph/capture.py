@@ -418,10 +418,9 @@ class Tracer(TorchFunctionMode):
 
     def _record_call(self, func: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
         targs, tkwargs = self.to_template(args), self.to_template(kwargs)
-        if func in _DROPOUT_SLOTS and self._modules_called[-1].training:
-            targs, tkwargs = self._dropout_follows_mode(func, targs, tkwargs)
-        elif func is F.batch_norm and _batch_stats_follow_mode(self._modules_called[-1]):
-            targs, tkwargs = self._batch_norm_follows_mode(targs, tkwargs)
+        if func in _MODE_SWITCHES and (self._modules_called[-1].training if func is not F.batch_norm
+                                       else _batch_stats_follow_mode(self._modules_called[-1])):
+            targs, tkwargs = self._switch_follows_mode(func, targs, tkwargs)
         out = func(*_plain(args), **_plain(kwargs))
         short = (getattr(func, "__name__", None) or "call").strip("_") or "call"
         name = self._unique(self._scoped(short))
@@ -448,15 +447,17 @@ class Tracer(TorchFunctionMode):
             out._amc_node = name
         return out
 
-    def _dropout_follows_mode(self, func: Any, targs: Any, tkwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
-        """A dropout switched on in a training module (`training=True`, `dropout_p > 0`) reads the network's
-        mode at run time instead: traced as a constant, `.eval()` kept dropping (HF BERT's SDPA attention)."""
-        index, keyword = _DROPOUT_SLOTS[func]
+    def _switch_follows_mode(self, func: Any, targs: Any, tkwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+        """A mode switch (`training=` of a dropout or of a BatchNorm subclass's F.batch_norm, an attention's
+        `dropout_p`) set from the calling module's mode reads the network's mode at run time instead: traced
+        as a constant, `.eval()` kept dropping (HF BERT's SDPA attention) or kept batch statistics (timm's
+        BatchNormAct2d), and an eval capture trained on running statistics."""
+        index, keyword = _MODE_SWITCHES[func]
         targs = list(targs)
         value = targs[index] if index < len(targs) else tkwargs.get(keyword)
-        if isinstance(value, bool) and value:
+        if isinstance(value, bool) and value == self._modules_called[-1].training:
             flag: Any = Ref(self._training_flag())
-        elif isinstance(value, float) and not isinstance(value, bool) and value > 0:
+        elif isinstance(value, float) and value > 0:  # dropout_p: p while training, 0 in eval
             flag = Ref(self._unique(self._scoped("dropout_p")))
             self._add(flag.node, FunctionOp(_op.mul), (Ref(self._training_flag()), value), {}, {"op": "IntArith"},
                       None)
@@ -466,17 +467,6 @@ class Tracer(TorchFunctionMode):
             targs[index] = flag
         else:
             tkwargs = {**tkwargs, keyword: flag}
-        return tuple(targs), tkwargs
-
-    def _batch_norm_follows_mode(self, targs: Any, tkwargs: Dict[str, Any]) -> Tuple[Any, Dict[str, Any]]:
-        """`F.batch_norm(..., training=self.training)` in a BatchNorm subclass that calls it itself (timm's
-        BatchNormAct2d): batch statistics while the network trains, running ones in eval, whichever mode
-        it was captured in (captured in training, eval replays normalised by each batch's own statistics)."""
-        targs = list(targs)
-        if len(targs) > 5:
-            targs[5] = Ref(self._training_flag())
-        else:
-            tkwargs = {**tkwargs, "training": Ref(self._training_flag())}
         return tuple(targs), tkwargs
 
     def _training_flag(self) -> str:
@@ -759,12 +749,13 @@ def _batch_stats_follow_mode(module: nn.Module) -> bool:
         and module.running_mean is not None
 
 
-# callable -> (position, keyword) of its switch: a `training` flag, or the attention's dropout probability
-_DROPOUT_SLOTS: Dict[Any, Tuple[int, str]] = {
+# callable -> (position, keyword) of its mode switch: a `training` flag, or the attention's dropout probability
+_MODE_SWITCHES: Dict[Any, Tuple[int, str]] = {
     **{fn: (2, "training") for fn in (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                                       F.feature_alpha_dropout)},
     torch.dropout: (2, "train"),
     F.scaled_dot_product_attention: (4, "dropout_p"),
+    F.batch_norm: (5, "training"),  # only in a BatchNorm subclass with running statistics
 }
 
 

@@ -430,12 +430,19 @@ def test_inputs_whose_dim_0_is_no_batch_are_analysed_whole() -> None:
     assert hard(x2, e2[0], e2[1]).shape == (3,)
 
 
-@pytest.mark.parametrize("parametrize", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm,
-                                         nn.utils.weight_norm], ids=["weight_norm", "spectral_norm", "hook_weight_norm"])
+class _Scaled(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return 2 * w
+
+
+@pytest.mark.parametrize("parametrize", [nn.utils.parametrizations.spectral_norm, nn.utils.spectral_norm,
+                                         lambda m: nn.utils.parametrize.register_parametrization(m, "weight", _Scaled())],
+                         ids=["spectral_norm", "hook_spectral_norm", "own_parametrization"])
 def test_layers_with_computed_weights_keep_their_channels(parametrize) -> None:
-    """weight_norm / spectral_norm compute `weight` from other tensors at each call: slicing it resized
-    nothing underneath ('the pruned network no longer runs'). Such a layer's channels now stay, the warning
-    names it and the way out, and the rest of the network is pruned."""
+    """spectral_norm or a parametrization of one's own computes `weight` from other tensors at each call:
+    slicing it resized nothing underneath ('the pruned network no longer runs'). Such a layer's channels
+    stay, the warning names it and the way out, and the rest of the network is pruned (weight_norm is
+    pruned exactly: tests/test_weight_norm.py)."""
     torch.manual_seed(0)
     m = nn.Sequential(parametrize(nn.Conv2d(3, 32, 3, padding=1)), nn.ReLU(), nn.Conv2d(32, 8, 3, padding=1),
                       nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)).eval()  # mostly frozen: amc.prune warns

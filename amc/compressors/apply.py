@@ -19,8 +19,8 @@ from ..errors import PruningError
 from ..graph.network import ReconstructedNetwork
 from ..export.json_io import register_json_op
 from ..graph.ops import spec_of
-from .dependency import Analysis
-from .groups import param_of
+from ..graph import reparam
+from .dependency import Analysis, owner_of, tensor_identity
 from .rules.layers import (MaskedFunctionalLayerNorm, MaskedFunctionalRMSNorm,  # noqa: F401 - soft-pruned nets
                            MaskedGroupNorm, MaskedLayerNorm)
 from .rules.reductions import MaskedReduction, MaskedSoftmax, MaskedStatistics  # noqa: F401 - soft-pruned nets
@@ -70,12 +70,17 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
         if keep.all():
             continue
         key_name = new.node(ax.node).module
-        p = param_of(new, key_name, ax.attr)
-        key = (id(p), ax.dim)
+        key = (tensor_identity(new, key_name, ax.attr), ax.dim)
         touched.add(key_name)  # a tensor shared with another layer (a tied lm_head) is sliced once, both resized
         if key in done:
             continue
         done.add(key)
+        owner, attr = owner_of(new, key_name, ax.attr)
+        if attr in reparam.weight_norms(owner):  # computed from g and v: edit those
+            edit = reparam.select if mode == "hard" else reparam.zero
+            edit(owner, attr, ax.dim, torch.from_numpy(np.flatnonzero(keep if mode == "hard" else ~keep)))
+            continue
+        p = getattr(owner, attr)
         if mode == "hard":
             p.data = p.data.index_select(ax.dim, torch.from_numpy(np.flatnonzero(keep))).contiguous()
         elif not ax.attr.endswith(("running_mean", "running_var")) and ax.node not in divisors:

@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import PruningError
+from ..graph import reparam
 from ..graph.capture import example_tuple
 from ..graph.counting import node_costs
 from ..graph.network import ReconstructedNetwork
@@ -453,7 +454,7 @@ class ChannelPruning(BaseCompressor):
         self._fit_dims.append((name, int(xs.shape[0]), int(xs.shape[1])))
         w, b = fit_layer(xs, y, w0, b0, self.ridge)
         w = w.to(module.weight.dtype)
-        module.weight.data.copy_(w.reshape(module.weight.shape))
+        reparam.assign(module, "weight", w.reshape(module.weight.shape))  # a weight-normed one through g and v
         if b is not None:
             module.bias.data.copy_(b.to(module.bias.dtype))
         after = xs @ w.T + (module.bias.detach() if module.bias is not None else 0)

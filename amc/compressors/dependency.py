@@ -18,9 +18,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
 
 from ..errors import AmcError, PruningError
+from ..graph import reparam
 from ..graph.network import ReconstructedNetwork
 from ..graph.node import Node
 from ..graph.template import Ref, iter_refs, map_template
@@ -329,11 +329,11 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
                                "report the model; amc.compressors.rules.mark_opaque(op) stops channels there") \
                 from exc
         a.labels[node.name] = labels if labels is not None else unlabeled_like(out)
-        how = _computed_weights(module)
-        if how:  # slicing `weight` would not reach the tensors it is computed from
+        how = reparam.computed_by(module)
+        if how:  # slicing `weight` would not reach the tensors it is computed from (weight norms are edited exactly)
             a.uf.cause = (f"{node.name} (its weights are computed by {how}; prune it after "
                           "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') or "
-                          "torch.nn.utils.remove_weight_norm(module))")
+                          "torch.nn.utils.remove_spectral_norm(module); weight_norm is pruned as it is)")
             a.freeze_all(a.labels[node.name])
             a.freeze_all(largs)
             a.freeze_all(list(lkwargs.values()))
@@ -357,12 +357,27 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
 
 
 def param_of(net: nn.Module, node_module: str, attr: str) -> torch.Tensor:
-    """The tensor behind `attr` (dotted) of the module stored under `node_module`."""
+    """The tensor behind `attr` (dotted) of the module stored under `node_module` (for a weight-normed
+    weight, the weight it computes now)."""
+    obj, last = owner_of(net, node_module, attr)
+    return getattr(obj, last)
+
+
+def owner_of(net: nn.Module, node_module: str, attr: str) -> Tuple[nn.Module, str]:
+    """(the module holding `attr` (dotted) of the module under `node_module`, the attribute's last name)."""
     obj: nn.Module = net.network[node_module]
     *path, last = attr.split(".")
     for p in path:
         obj = getattr(obj, p)
-    return getattr(obj, last)
+    return obj, last
+
+
+def tensor_identity(net: nn.Module, node_module: str, attr: str) -> int:
+    """An id that is the same for every reader of one stored tensor: a weight-normed weight is a new
+    tensor at each read, so its `v` stands for it."""
+    obj, last = owner_of(net, node_module, attr)
+    src = reparam.source_tensor(obj, last)
+    return id(src if src is not None else getattr(obj, last))
 
 
 def _couple_shared_parameters(a: Analysis) -> None:
@@ -373,9 +388,11 @@ def _couple_shared_parameters(a: Analysis) -> None:
     for key, mod in a.net.network.items():
         for attr, t in [*mod.named_parameters(remove_duplicate=False), *mod.named_buffers(remove_duplicate=False)]:
             holders.setdefault(id(t), set()).add((key, attr))
+        for attr in reparam.weight_norms(mod):  # its `v` is read as `weight` (see tensor_identity)
+            holders[id(reparam.source_tensor(mod, attr))] = {(key, attr)}
     by_dim: Dict[Tuple[int, int], List[Axis]] = {}
     for ax in a.axes:
-        by_dim.setdefault((id(param_of(a.net, a.net.node(ax.node).module, ax.attr)), ax.dim), []).append(ax)
+        by_dim.setdefault((tensor_identity(a.net, a.net.node(ax.node).module, ax.attr), ax.dim), []).append(ax)
     for (tid, _), axes in by_dim.items():
         if len(holders.get(tid, ())) < 2 and len({ax.node for ax in axes}) < 2:
             continue  # one holder, read by one node (a module called twice is one holder, two nodes)
@@ -388,18 +405,6 @@ def _couple_shared_parameters(a: Analysis) -> None:
             key, attr = sorted(other)[0]
             a.uf.cause = f"{head.node} (its {head.attr} is also {key}.{attr}, which no channel rule slices)"
             a.uf.freeze(head.vec)
-
-
-def _computed_weights(module: nn.Module) -> str:
-    """What computes this module's weights at each call, if anything does: a parametrization
-    (`torch.nn.utils.parametrizations.weight_norm` / `spectral_norm`, any `register_parametrization`)
-    or the older hook-based weight_norm / spectral_norm. Empty for plain modules."""
-    if parametrize.is_parametrized(module):
-        return "a parametrization (" + ", ".join(
-            f"{name}: {type(p).__name__}" for name, ps in module.parametrizations.items() for p in ps) + ")"
-    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values()
-             if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
-    return f"a forward pre-hook ({', '.join(hooks)})" if hooks else ""
 
 
 def _has_ref(t: Any) -> bool:

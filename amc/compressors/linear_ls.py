@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PruningError
+from ..graph import reparam
 from ..graph.network import ReconstructedNetwork
 from ..graph.template import Ref
 from .refit import fit_layer, relative_error
@@ -162,7 +163,7 @@ def refit_linears(plan: PruningPlan, pruned_roots: np.ndarray, pruned: Reconstru
         b0 = module.bias.detach() if module.bias is not None else None
         before = xs @ w0.T + (b0 if b0 is not None else 0)
         w, b = fit_layer(xs, y, w0, b0, ridge)
-        module.weight.data.copy_(w.to(module.weight.dtype))
+        reparam.assign(module, "weight", w.to(module.weight.dtype))  # a weight-normed one through g and v
         if b is not None:
             module.bias.data.copy_(b.to(module.bias.dtype))
         after = xs @ module.weight.detach().T + (module.bias.detach() if module.bias is not None else 0)

@@ -18,12 +18,23 @@ import torch
 import torch.nn as nn
 
 from ..errors import PruningError
+from ..graph import reparam
 from ..graph.ops import spec_of
+from .dependency import Axis, owner_of
 from .groups import param_of
 from .masks import chosen_units
 from .prune import PruningPlan
 
 Saved = Dict[Tuple[str, str, int], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _editable(plan: PruningPlan, ax: Axis) -> None:
+    """These primitives edit parameter slices in place: a weight computed from g and v has none to edit."""
+    owner, attr = owner_of(plan.net, plan.net.node(ax.node).module, ax.attr)
+    if attr in reparam.weight_norms(owner):
+        raise PruningError(f"layer {ax.node!r} computes its {attr} by weight_norm, which the in-place SFP/RePr "
+                           "primitives cannot edit; remove it first (torch.nn.utils.parametrize."
+                           f"remove_parametrizations(module, {attr!r})) or pass it in ignore=")
 
 
 def _slices(plan: PruningPlan, roots: np.ndarray) -> Iterator[Tuple[Tuple[str, str, int], torch.Tensor, torch.Tensor]]:
@@ -34,6 +45,7 @@ def _slices(plan: PruningPlan, roots: np.ndarray) -> Iterator[Tuple[Tuple[str, s
         pos = np.flatnonzero(chosen[plan.roots[ax.vec]])
         if not len(pos):
             continue
+        _editable(plan, ax)
         module_key = plan.net.node(ax.node).module
         p = param_of(plan.net, module_key, ax.attr)
         key = (module_key, ax.attr, ax.dim)
@@ -73,6 +85,7 @@ def silence_units(plan: PruningPlan, roots: np.ndarray) -> List[str]:
             pos = np.flatnonzero(chosen[plan.roots[ax.vec]])
             if not len(pos):
                 continue
+            _editable(plan, ax)
             key = plan.net.node(ax.node).module
             module = plan.net.network[key]
             idx = torch.from_numpy(pos)

@@ -19,6 +19,7 @@ from torch import nn
 
 from .._modes import outside_inference_mode
 from ..errors import ExportError
+from ..graph import reparam
 from ..graph.capture import _amc_keywords, given_inputs
 from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
 from ..graph.template import Ref
@@ -190,10 +191,12 @@ def _write_layers(net: Any, out: nn.Module) -> None:
             foreign.append(f"{node.name} (a tensor)")
             continue
         own = list(op.parameters(recurse=True)) + list(op.buffers(recurse=True))
-        if not own:
-            continue
         target = modules.get(node.name)
-        if target is None or type(target) is not type(op):
+        if not own:  # a parameterless layer that pruning resized (LayerNorm without affine) goes back too
+            if target is not None and reparam.base_class(target) is reparam.base_class(op) and repr(target) != repr(op):
+                _set_path(out, node.name, copy.deepcopy(op))
+            continue
+        if target is None or reparam.base_class(target) is not reparam.base_class(op):
             foreign.append(f"{node.name} ({type(op).__name__})")
             continue
         _set_path(out, node.name, copy.deepcopy(op))

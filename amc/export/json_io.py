@@ -48,7 +48,7 @@ import torch.nn as nn
 
 from .._modes import outside_inference_mode
 from ..errors import ExportError, LoadError
-from ..graph import ops
+from ..graph import ops, reparam
 from ..version import __version__
 from .atomic import atomic_paths, previous_path
 
@@ -471,7 +471,7 @@ def _public_state(module: nn.Module) -> Dict[str, Dict[str, str]]:
 
 
 def _structure(module: nn.Module) -> Tuple[Any, ...]:
-    return (type(module), repr(module),
+    return (class_path(type(module)), repr(module),
             sorted((n, tuple(t.shape)) for n, t in _local_tensors(module).items()),
             sorted(module.state_dict(keep_vars=True)), _public_state(module))
 
@@ -508,7 +508,11 @@ def _describe_module(node_name: str, module: nn.Module) -> Dict[str, Any]:
     decomposed layer), with every class and callable checked against what `load_json` accepts."""
     from ..graph.ops import AutogradFunctionOp, FunctionOp, resolve_callable
 
-    cls = type(module)
+    how = reparam.computed_by(module)
+    if how:
+        raise ExportError(f"node {node_name!r} computes its weights by {how}, which JSON cannot describe; remove it "
+                          "first (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
+    cls = reparam.base_class(module)
     if isinstance(module, AutogradFunctionOp):
         raise ExportError(f"node {node_name!r} is a custom torch.autograd.Function ({module.fn_name}); JSON only "
                           "names torch functions, so save this network with net.save('net.pkl') instead")
@@ -537,9 +541,13 @@ def _describe_module(node_name: str, module: nn.Module) -> Dict[str, Any]:
         config = entry.to_config(module)
     except _Unencodable as exc:
         raise ExportError(f"node {node_name!r} ({class_path(cls)}): {exc}; save with net.save('net.pkl')") from None
-    return {"class": class_path(cls),
-            "config": {str(k): _encode_strict(v, f"the config of node {node_name!r}", tuples_as_lists=True)
-                       for k, v in config.items()}}
+    described = {"class": class_path(cls),
+                 "config": {str(k): _encode_strict(v, f"the config of node {node_name!r}", tuples_as_lists=True)
+                            for k, v in config.items()}}
+    norms = reparam.weight_norms(module)
+    if norms:  # rebuilt by registering the same weight norm; its g and v are tensors like any other
+        described["weight_norms"] = {attr: {"kind": kind, "dim": dim} for attr, (kind, dim) in norms.items()}
+    return described
 
 
 def _build_entry(entry: Dict[str, Any], tensors: Dict[str, torch.Tensor], node_name: str) -> nn.Module:
@@ -555,7 +563,13 @@ def _build_entry(entry: Dict[str, Any], tensors: Dict[str, torch.Tensor], node_n
             children[str(name)] = _build_entry(child, local, node_name)
         return nn.Sequential(children)
     config = {k: _tuplify(decode_value(v)) for k, v in entry["config"].items()}
-    return _json_op(cls).from_config(cls, config, tensors)
+    module = _json_op(cls).from_config(cls, config, tensors)
+    for attr, norm in entry.get("weight_norms", {}).items():
+        if not isinstance(norm, dict) or norm.get("kind") not in ("param", "hook") or type(norm.get("dim")) is not int:
+            raise LoadError(f"node {node_name!r}: weight norm of {attr!r} must be {{'kind': 'param' or 'hook', "
+                            f"'dim': int}}, got {_short(repr(norm))}")
+        reparam.register(module, str(attr), norm["kind"], norm["dim"])
+    return module
 
 
 def _module_entry(node_name: str, module: nn.Module) -> Dict[str, Any]:
@@ -608,7 +622,7 @@ def save_json(net: "ReconstructedNetwork", path: str) -> str:  # noqa: F821
         module = net.network[node.module]
         entry: Dict[str, Any] = {"name": node.name, "op": node.op, "module": node.module}
         if node.module in described:
-            entry["class"] = class_path(type(module))
+            entry["class"] = class_path(reparam.base_class(module))
             entry["shares_module_with"] = described[node.module]
         else:
             entry.update(_module_entry(node.name, module))
@@ -793,7 +807,7 @@ def _read_graph(path: str, doc: Dict[str, Any], tensors: Dict[str, torch.Tensor]
         name, key = str(entry["name"]), str(entry["module"])
         cls = _resolve_class(str(entry["class"]), name)
         if key in modules:
-            if type(modules[key]) is not cls:
+            if reparam.base_class(modules[key]) is not cls:
                 raise _fail(path, f"node {name!r} shares module {key!r} but names class {entry['class']!r}")
         else:
             modules[key] = _module_of_entry(path, entry, name, key, tensors, aliases)

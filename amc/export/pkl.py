@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .._modes import outside_inference_mode
 from ..errors import ExportError, LoadError
-from ..graph import node, ops, template
+from ..graph import node, ops, reparam, template
 from ..graph.network import ReconstructedNetwork
 from ..graph.ops import STRICT_CALLABLE_NAMES, FunctionOp, GetAttr, name_of_callable
 from ..version import __version__
@@ -42,11 +42,17 @@ def save_pkl(net: ReconstructedNetwork, path: str) -> str:
     if not isinstance(net, ReconstructedNetwork):
         raise ExportError(f"save_pkl expects a ReconstructedNetwork, got {type(net).__name__}; "
                           "trace the model first: net = amc.trace(model, example_input)")
-    payload = {"format": FORMAT, "version": VERSION, "amc_version": __version__,
-               "torch_version": torch.__version__, "network": net}
     path = os.fspath(path)
+    for name, module in net.named_modules():
+        how = reparam.computed_by(module)
+        if how:
+            raise ExportError(f"module {name!r} computes its weights by {how}, which pickle cannot store; remove it "
+                              "first (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')) or "
+                              "save a state_dict")
     try:
-        with atomic_write(path, "wb") as f:
+        with reparam.stripped(net) as weight_norms, atomic_write(path, "wb") as f:
+            payload = {"format": FORMAT, "version": VERSION, "amc_version": __version__,
+                       "torch_version": torch.__version__, "network": net, "weight_norms": weight_norms}
             torch.save(payload, f)
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
         raise ExportError(f"cannot pickle the network to {path!r}: {type(exc).__name__}: {exc}. A module or "
@@ -82,6 +88,12 @@ def load_pkl(path: str, map_location: Any = "cpu", trusted: bool = False) -> Rec
                         "net.save(path) / amc.export.pkl.save_pkl")
     if not trusted:
         _check_inert(net, path)
+    if isinstance(obj, dict) and obj.get("weight_norms"):
+        try:
+            reparam.restore(net, obj["weight_norms"])
+        except Exception as exc:  # noqa: BLE001 - a malformed spec is a malformed file
+            raise LoadError(f"cannot load {path!r}: its weight norms do not fit the network "
+                            f"({type(exc).__name__}: {exc})") from exc
     try:
         net.lint()
     except Exception as exc:  # noqa: BLE001 - reported as a load problem with the file named

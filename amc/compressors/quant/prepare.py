@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import QuantizationError
+from ...graph import reparam
 from ...graph.edit import insert_after, remove_nodes
 from ...graph.network import ReconstructedNetwork
 from ...graph.node import Node
@@ -55,7 +56,8 @@ def fold_batchnorm(net: ReconstructedNetwork) -> Tuple[ReconstructedNetwork, Lis
         scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight.mul_(scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype))
+        w = conv.weight * scale.reshape((-1,) + (1,) * (conv.weight.dim() - 1)).to(conv.weight.dtype)
+        reparam.assign(conv, "weight", w.detach())  # a weight-normed conv through its g and v
         conv.bias = nn.Parameter(((bias - bn.running_mean) * scale + shift).to(conv.weight.dtype))
         folded.append(bn_node.name)
     return (remove_nodes(net, folded) if folded else net), folded

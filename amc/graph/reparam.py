@@ -1,0 +1,206 @@
+"""Weights a module computes at each call: weight normalisation, exactly editable; anything else, named.
+
+`weight_norm` (`torch.nn.utils.parametrizations.weight_norm`, or the older hook `torch.nn.utils.weight_norm`)
+computes `weight = g * v / ||v||` from two tensors of its own (wav2vec2, HuBERT and WavLM's positional conv,
+vocoders). Slicing or zeroing `module.weight` would edit a temporary, so the pruning and export code edits
+`g` and `v` through these helpers: a slice along the norm's own dim slices both; a slice across it changes
+`||v||`, so `g` is rescaled by the norm kept, and the weight the module computes is the sliced weight, exactly.
+Other parametrizations (spectral_norm, your own) stay whole: `computed_by` names them.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
+
+__all__ = ["weight_norms", "computed_by", "source_tensor", "select", "zero", "assign", "base_class", "register",
+           "stripped", "restore"]
+
+
+def _hooks(module: nn.Module) -> Dict[str, object]:
+    """`{attr: hook}` for the older hook-based weight_norm."""
+    return {h.name: h for h in module._forward_pre_hooks.values() if type(h).__name__ == "WeightNorm"
+            and type(h).__module__ == "torch.nn.utils.weight_norm"}
+
+
+def weight_norms(module: nn.Module) -> Dict[str, Tuple[str, int]]:
+    """`{attr: (kind, dim)}` of the weight norms on `module` itself: kind "param" (a parametrization)
+    or "hook" (the older forward pre-hook); dim -1 is one norm over the whole tensor."""
+    out: Dict[str, Tuple[str, int]] = {}
+    if parametrize.is_parametrized(module):
+        for attr, plist in module.parametrizations.items():
+            if len(plist) == 1 and type(plist[0]) is _WeightNorm:
+                out[attr] = ("param", int(plist[0].dim))
+    for attr, hook in _hooks(module).items():
+        out[attr] = ("hook", int(hook.dim))
+    return out
+
+
+def computed_by(module: nn.Module) -> str:
+    """What computes this module's weights at each call that the pruning code cannot edit exactly (empty
+    for plain modules and for weight norms, which it edits through `g` and `v`)."""
+    norms = weight_norms(module)
+    other = []
+    if parametrize.is_parametrized(module):
+        other = [f"{attr}: {type(p).__name__}" for attr, plist in module.parametrizations.items()
+                 if attr not in norms for p in plist]
+    hooks = [type(h).__name__ for h in module._forward_pre_hooks.values() if type(h).__name__ == "SpectralNorm"]
+    if other:
+        return "a parametrization (" + ", ".join(other) + ")"
+    return f"a forward pre-hook ({', '.join(hooks)})" if hooks else ""
+
+
+def _g_v(module: nn.Module, attr: str) -> Tuple[str, int, nn.Parameter, nn.Parameter]:
+    kind, dim = weight_norms(module)[attr]
+    if kind == "param":
+        plist = module.parametrizations[attr]
+        return kind, dim, plist.original0, plist.original1
+    return kind, dim, getattr(module, attr + "_g"), getattr(module, attr + "_v")
+
+
+def source_tensor(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
+    """The stored tensor behind a weight-normed `attr` (its `v`): a stable identity, where reading
+    `module.weight` makes a new tensor at every access. None for a plain attribute."""
+    return _g_v(module, attr)[3] if attr in weight_norms(module) else None
+
+
+def _norm(v: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.norm_except_dim(v, 2, dim)
+
+
+def _set(module: nn.Module, attr: str, g: torch.Tensor, v: torch.Tensor) -> None:
+    kind, _, g_old, v_old = _g_v(module, attr)
+    g_old.data, v_old.data = g.contiguous(), v.contiguous()
+    if kind == "hook":  # the attribute holds the last computed weight: keep its shape current
+        setattr(module, attr, _hooks(module)[attr].compute_weight(module))
+
+
+def _rescaled(g: torch.Tensor, v: torch.Tensor, old_norm: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`g` for the edited `v` so that g * v / ||v|| is unchanged on what was kept; a slice whose kept
+    entries are all zero gets g = 0 and v = 1 (its weight is 0, as it was, and no 0 / 0)."""
+    new = _norm(v, dim)
+    empty = new == 0
+    g = torch.where(empty, torch.zeros_like(g), g * new / torch.where(old_norm == 0, torch.ones_like(old_norm), old_norm))
+    if bool(empty.any()):
+        v = torch.where(empty.expand_as(v), torch.ones_like(v), v)
+    return g, v
+
+
+def select(module: nn.Module, attr: str, axis: int, idx: torch.Tensor) -> None:
+    """Keep `idx` along `axis` of the weight `attr` computes (hard pruning), exactly."""
+    _, dim, g, v = _g_v(module, attr)
+    g, v = g.data, v.data
+    if dim != -1 and axis % v.dim() == dim % v.dim():
+        _set(module, attr, g.index_select(axis, idx), v.index_select(axis, idx))
+        return
+    old = _norm(v, dim)
+    _set(module, attr, *_rescaled(g, v.index_select(axis, idx), old, dim))
+
+
+def zero(module: nn.Module, attr: str, axis: int, idx: torch.Tensor) -> None:
+    """Make the weight `attr` computes 0 at `idx` along `axis` (soft pruning), the rest unchanged."""
+    _, dim, g, v = _g_v(module, attr)
+    g, v = g.data.clone(), v.data.clone()
+    if dim != -1 and axis % v.dim() == dim % v.dim():
+        _set(module, attr, g.index_fill_(axis, idx, 0), v)
+        return
+    old = _norm(v, dim)
+    _set(module, attr, *_rescaled(g, v.index_fill_(axis, idx, 0), old, dim))
+
+
+def assign(module: nn.Module, attr: str, value: torch.Tensor) -> None:
+    """Make `attr` compute `value` (a refit's least-squares weights): g = ||value||, v = value."""
+    if attr not in weight_norms(module):
+        getattr(module, attr).data.copy_(value)
+        return
+    _, dim, g, v = _g_v(module, attr)
+    value = value.to(v.dtype).reshape(v.shape)
+    _set(module, attr, *_rescaled(_norm(value, dim), value, _norm(value, dim), dim))
+
+
+def base_class(module: nn.Module) -> type:
+    """The class a parametrized module was made from (parametrize swaps in a generated subclass)."""
+    cls = type(module)
+    return cls.__bases__[0] if parametrize.is_parametrized(module) else cls
+
+
+def register(module: nn.Module, attr: str, kind: str, dim: int) -> None:
+    """Put a weight norm of `kind` ("param" or "hook") on `module.attr`, as a loader rebuilds it."""
+    if kind == "param":
+        torch.nn.utils.parametrizations.weight_norm(module, attr, dim=dim)
+    elif kind == "hook":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated by torch, still what the model used
+            torch.nn.utils.weight_norm(module, attr, dim=dim)
+    else:
+        raise ValueError(f"unknown weight norm kind {kind!r}")
+
+
+def _plain(module: nn.Module) -> Tuple[nn.Module, Dict[str, Dict[str, Any]]]:
+    """A copy of `module` (sharing its tensors) without its weight norms: `attr` holds `v`; and the spec
+    (`{attr: {"kind", "dim", "g"}}`) that `restore` puts back. Pickle cannot store a parametrized
+    module, and amc's safe loader refuses modules with hooks."""
+    base = base_class(module)
+    plain = base.__new__(base)
+    plain.__dict__.update(module.__dict__)
+    params = type(module._parameters)(module._parameters)
+    hooks = type(module._forward_pre_hooks)(module._forward_pre_hooks)
+    spec: Dict[str, Dict[str, Any]] = {}
+    for attr, (kind, dim) in weight_norms(module).items():
+        _, _, g, v = _g_v(module, attr)
+        spec[attr] = {"kind": kind, "dim": dim, "g": g}
+        if kind == "hook":
+            params.pop(attr + "_g"), params.pop(attr + "_v")
+            hooks = type(hooks)((k, h) for k, h in hooks.items() if h is not _hooks(module)[attr])
+            plain.__dict__.pop(attr, None)
+        params[attr] = v
+    plain._parameters, plain._forward_pre_hooks = params, hooks
+    plain._load_state_dict_pre_hooks = type(module._load_state_dict_pre_hooks)(  # weight_norm's own, put back by restore
+        (k, h) for k, h in module._load_state_dict_pre_hooks.items()
+        if getattr(getattr(h, "hook", h), "__name__", "") != "_weight_norm_compat_hook")
+    plain._modules = type(module._modules)((k, m) for k, m in module._modules.items() if k != "parametrizations")
+    return plain, spec
+
+
+@contextlib.contextmanager
+def stripped(root: nn.Module) -> Iterator[Dict[str, Dict[str, Dict[str, Any]]]]:
+    """Within the block, every weight-normed module under `root` is swapped for its plain copy; yields
+    `{module path: spec}` for `restore`. The originals are back in place afterwards, whatever happened."""
+    swaps = []
+    specs: Dict[str, Dict[str, Dict[str, Any]]] = {}
+    plain_of: Dict[int, nn.Module] = {}
+    try:
+        for path, module in list(root.named_modules(remove_duplicate=False)):
+            if not path or not weight_norms(module):
+                continue
+            parent_path, _, name = path.rpartition(".")
+            parent = root.get_submodule(parent_path)
+            if id(module) not in plain_of:
+                plain_of[id(module)], specs[path] = _plain(module)
+            swaps.append((parent, name, module))
+            parent._modules[name] = plain_of[id(module)]
+        yield specs
+    finally:
+        for parent, name, module in reversed(swaps):
+            parent._modules[name] = module
+
+
+def restore(root: nn.Module, specs: Dict[str, Dict[str, Dict[str, Any]]]) -> None:
+    """Put back the weight norms `stripped` took off (in place: every parent sees the module change)."""
+    for path, spec in specs.items():
+        module = root.get_submodule(path)
+        for attr, s in spec.items():
+            v = getattr(module, attr)
+            register(module, attr, s["kind"], int(s["dim"]))
+            if s["kind"] == "param":
+                plist = module.parametrizations[attr]
+                plist.original0, plist.original1 = s["g"], v
+            else:
+                setattr(module, attr + "_g", s["g"])
+                setattr(module, attr + "_v", v)
+                setattr(module, attr, _hooks(module)[attr].compute_weight(module))

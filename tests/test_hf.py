@@ -244,7 +244,7 @@ def test_marian_sinusoidal_tables_are_saved_and_reloaded(tmp_path, one_thread):
                                            decoder_start_token_id=0)).eval()
     g = torch.Generator().manual_seed(0)
     batch = {"input_ids": torch.randint(0, 100, (2, 9), generator=g), "attention_mask": torch.ones(2, 9, dtype=torch.long),
-             "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=g)}
+             "decoder_input_ids": torch.randint(0, 100, (2, 5), generator=g), "use_cache": False}
     hard = amc.prune(model, ratio=0.5, example_kwargs=batch, heads=True)
     eager = amc.export.to_module(hard, model)
     amc.export.save_pretrained(eager, str(tmp_path))
@@ -832,7 +832,7 @@ def test_a_graph_traced_with_labels_says_why_it_needs_them(one_thread):
     model = _hf_lm_zoo()["llama_gqa"]().eval()
     batch = dict(_lm_inputs("llama_gqa", 2, 9, 0))
     batch["labels"] = batch["input_ids"].clone()
-    net = amc.prune(model, example_kwargs=batch, ratio=0.5)
+    net = amc.prune(model, example_kwargs={**batch, "use_cache": False}, ratio=0.5)
     assert net.input_names() == ["input_ids", "attention_mask", "labels"] and net(**batch).loss.dim() == 0
     with pytest.raises(TypeError, match="missing input 'labels'.*trace on the batch without them"):
         net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -864,3 +864,34 @@ def test_vision_transformers_pruned_by_heads_save_and_reload(family, tmp_path):
     torch.testing.assert_close(again(x).logits, small(x).logits)
     if family == "vit":
         assert again.config.hidden_size == 16
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2_tied", "t5"])
+def test_a_generation_cache_output_is_refused_by_name(name, one_thread):
+    """Traced with its cache on, the graph returned the cache object of the capture from every call (its
+    keys 0.33 off the model's on new inputs, silently). Capture refuses it and says use_cache=False."""
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()[name]().eval()
+    batch = dict(_lm_inputs(name, 2, 9, 0))
+    with pytest.raises(amc.errors.CaptureError, match=r"cache_utils\..*Cache at output .*use_cache=False"):
+        amc.trace(model, **batch)
+    net = amc.trace(model, **batch, use_cache=False)
+    other = dict(_lm_inputs(name, 3, 7, 1))
+    torch.testing.assert_close(net(**other).logits, model(**other, use_cache=False).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_an_output_object_holding_traced_tensors_is_refused():
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(x), Box(self.a(x) * 2)
+
+    with pytest.raises(amc.errors.CaptureError, match=r"Box at output \[1\], which holds a tensor .*\(t\)"):
+        amc.trace(M(), torch.randn(2, 4))

@@ -214,3 +214,18 @@ def test_speech_transformers_prune_their_residual_and_round_trip(cls_name: str, 
     eager = amc.export.to_module(small, model)
     x2 = torch.randn(3, 1200)
     torch.testing.assert_close(eager(x2).logits, small(x2).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_removing_the_weight_norm_from_the_pruned_copy_leaves_the_model_alone() -> None:
+    """deepcopy keeps the class parametrize generated, and remove_parametrizations deletes the weight
+    property from it: removing it from the pruned network (before an export, say) broke the user's model
+    ('object has no attribute weight'). The pruned network's layers have classes of their own now."""
+    model, x = _model("param"), torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    small = amc.prune(model, example_inputs=(x,), ratio=0.5)
+    for copy_of in (small, small.copy(), amc.export.to_module(small, model)):
+        for m in copy_of.modules():
+            if parametrize.is_parametrized(m):
+                parametrize.remove_parametrizations(m, "weight")
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert _normed(amc.trace(model, x)) == ["0", "2", "4", "9"]

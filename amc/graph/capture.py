@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import enum
 import functools
 import inspect
 import itertools
@@ -603,6 +604,7 @@ class Tracer(TorchFunctionMode):
         if not any(True for r in iter_refs(self.outputs) if r.node not in self._const_names()):
             raise CaptureError(f"{type(self.root).__name__} returned no tensor computed from its inputs "
                                f"(got {describe(self.outputs)}); amc captures networks whose outputs are tensors")
+        _refuse_stale_outputs(self.root, self.outputs, self._values)
         nodes = _dead_code_elimination(self.nodes, self.outputs, self.modules)
         used = {n.module for n in nodes}
         modules = {k: m for k, m in self.modules.items() if k in used}
@@ -776,6 +778,56 @@ def _user_source_line() -> str:
         return ""
     line = (linecache.getline(frame.f_code.co_filename, frame.f_lineno) or "").strip()
     return f"{frame.f_code.co_filename}:{frame.f_lineno}" + (f" `{line}`" if line else "")
+
+
+_INERT = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, slice, type, enum.Enum)
+
+
+def _computed_inside(obj: Any, values: Dict[int, Any], depth: int, seen: set) -> Optional[str]:
+    """Where (".attr[0].keys") a tensor this forward computed sits inside `obj`, if one does."""
+    if isinstance(obj, torch.Tensor):
+        return "" if id(obj) in values else None
+    if depth == 0 or id(obj) in seen or isinstance(obj, (_INERT, nn.Module)):
+        return None
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        items = [(f"[{i}]", v) for i, v in enumerate(obj)]
+    elif isinstance(obj, dict):
+        items = [(f"[{k!r}]", v) for k, v in obj.items()]
+    else:
+        items = [(f".{k}", v) for k, v in getattr(obj, "__dict__", {}).items()]
+    for where, v in items:
+        found = _computed_inside(v, values, depth - 1, seen)
+        if found is not None:
+            return where + found
+    return None
+
+
+def _refuse_stale_outputs(root: nn.Module, template: Any, values: Dict[int, Any], path: str = "") -> None:
+    """An output object other than a tensor or a list/tuple/dict of them is kept as it was at capture:
+    one holding tensors of this forward (a transformers generation cache) would come back, stale, from
+    every call. Refuse it by name."""
+    if isinstance(template, (Ref, torch.Tensor)) or isinstance(template, _INERT):
+        return
+    if isinstance(template, (list, tuple)):
+        for i, v in enumerate(template):
+            _refuse_stale_outputs(root, v, values, f"{path}[{i}]")
+        return
+    if isinstance(template, dict):
+        for k, v in template.items():
+            _refuse_stale_outputs(root, v, values, f"{path}[{k!r}]")
+        return
+    where = _computed_inside(template, values, 6, set())
+    if where is None:
+        return
+    cls = type(template)
+    hint = ("It is the generation cache (past_key_values): trace with use_cache=False, e.g. "
+            "amc.trace(model, **batch, use_cache=False)" if cls.__module__.startswith("transformers")
+            else "Return the tensors themselves, or a list, tuple or dict of them")
+    raise CaptureError(f"{type(root).__name__} returns a {cls.__module__}.{cls.__qualname__} at output {path or '[]'}, "
+                       f"which holds a tensor this forward computed ({where.lstrip('.')}): a graph returns tensors "
+                       "and lists, tuples and dicts of them, and keeps any other object as it was at capture, so "
+                       f"every call would return these traced values. {hint}")
 
 
 def _contains_tensor(obj: Any) -> bool:

@@ -16,6 +16,8 @@ from typing import Any, Dict
 import torch
 import torch.nn as nn
 
+from .reparam import own_classes
+
 _ATOMIC = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.layout,
            torch.memory_format, type, range)
 _PLAIN: Dict[type, bool] = {}
@@ -41,7 +43,9 @@ def clone_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
         return memo[id(m)]
     cls = type(m)
     if not _plain(cls):
-        return copy.deepcopy(m, memo)
+        new = copy.deepcopy(m, memo)
+        own_classes(new)  # a parametrized module: a copy whose parametrization can be removed on its own
+        return new
     new = cls.__new__(cls)
     memo[id(m)] = new
     state = m.__getstate__()

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
 __all__ = ["weight_norms", "computed_by", "source_tensor", "select", "zero", "assign", "base_class", "register",
-           "stripped", "restore"]
+           "stripped", "restore", "own_classes"]
 
 
 def _hooks(module: nn.Module) -> Dict[str, object]:
@@ -204,3 +204,14 @@ def restore(root: nn.Module, specs: Dict[str, Dict[str, Dict[str, Any]]]) -> Non
                 setattr(module, attr + "_g", s["g"])
                 setattr(module, attr + "_v", v)
                 setattr(module, attr, _hooks(module)[attr].compute_weight(module))
+
+
+def own_classes(root: nn.Module) -> None:
+    """Give every parametrized module under `root` a class of its own. `copy.deepcopy` keeps the class
+    parametrize generated, and `remove_parametrizations` deletes the weight property from that class: on
+    a pruned copy it broke the user's model too ('object has no attribute weight')."""
+    for module in root.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            module.__class__ = type(cls.__name__, cls.__bases__, body)

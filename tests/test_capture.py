@@ -1262,3 +1262,66 @@ def test_sizes_the_forward_stores_on_its_modules_become_plain_ints():
     amc.trace(model, x)
     assert type(model.window) is int and model.window == 3
     torch.testing.assert_close(amc.trace(model, x)(x), model(x))
+
+
+@pytest.mark.parametrize("wrap", ["dataclass", "object", "userdict"])
+def test_an_input_object_holding_tensors_is_refused_at_trace(wrap):
+    """An input that is neither a tensor nor a list, tuple or dict of them was kept as a constant with its
+    tensors: the graph computed on the capture's batch, and the first call failed with advice to trace
+    again (which baked the next batch in). Trace names the input and what to pass instead."""
+    import collections
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+
+    class Box:
+        def __init__(self, x):
+            self.x = x
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, b):
+            return self.a(b["x"] if isinstance(b, collections.UserDict) else b.x)
+
+    x = torch.randn(2, 4)
+    value = {"dataclass": Batch(x), "object": Box(x), "userdict": collections.UserDict(x=x)}[wrap]
+    where = "data\\['x'\\]" if wrap == "userdict" else "x"
+    with pytest.raises(CaptureError, match=rf"input 'b' is a .*{type(value).__name__} holding tensors \({where}\).*dict of them"):
+        amc.trace(M(), value)
+
+
+@pytest.mark.parametrize("draw", ["random", "numpy"])
+def test_a_python_random_draw_during_capture_is_refused(draw):
+    """A hand-written drop path (`if self.training and random.random() < p: return x`) traced in training
+    mode kept the capture's draw forever: the graph skipped the same block in eval too (0.93 off the model).
+    A Python or numpy draw under capture in training mode raises, naming the line; in eval mode it warns."""
+    import random
+
+    import numpy as np
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            u = random.random() if draw == "random" else float(np.random.rand())
+            if self.training and u < 0.5:
+                return x
+            return x + self.a(x)
+
+    model, x = nn.Sequential(Block(), Block()).train(), torch.randn(2, 4)
+    state = random.getstate()
+    with pytest.raises(CaptureError, match=rf"{'random.random' if draw == 'random' else 'numpy.random.rand'} at .*"
+                                           r"test_capture.py:\d+ `u = random.*eval mode"):
+        amc.trace(model, x)
+    assert random.random() == (random.setstate(state), random.random())[1]  # the real draws are back
+    model.eval()  # drawn but unused in eval: traced, with a warning naming the line
+    with pytest.warns(UserWarning, match=r"drew a Python random number .*test_capture.py:\d+"):
+        net = amc.trace(model, x)
+    torch.testing.assert_close(net(x), model(x))

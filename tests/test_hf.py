@@ -895,3 +895,19 @@ def test_an_output_object_holding_traced_tensors_is_refused():
 
     with pytest.raises(amc.errors.CaptureError, match=r"Box at output \[1\], which holds a tensor .*\(t\)"):
         amc.trace(M(), torch.randn(2, 4))
+
+
+def test_wav2vec2_traced_in_training_names_its_numpy_mask():
+    """wav2vec2 in training mode draws its SpecAugment mask with numpy: the graph kept the capture's mask and
+    applied it in eval too (logits 0.42 off the model). Capture refuses it, naming the line."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8,
+                              num_conv_pos_embedding_groups=4, vocab_size=12, mask_time_prob=0.3)
+    model, x = T.Wav2Vec2ForCTC(config).train(), torch.randn(2, 1600)
+    with pytest.raises(amc.errors.CaptureError, match=r"numpy.random.rand at .*modeling_wav2vec2.py:\d+ .*eval mode"):
+        amc.trace(model, x)
+    model.eval()
+    torch.testing.assert_close(amc.trace(model, x)(x).logits, model(x).logits)

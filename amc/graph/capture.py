@@ -563,6 +563,15 @@ class Tracer(TorchFunctionMode):
 
     def _add_input(self, name: str, index: Any, value: Any) -> None:
         if not _contains_tensor(value):
+            inside = _computed_inside(value, None, 6, set())
+            if inside is not None:  # kept as a constant, its tensors would be the graph's forever
+                cls = type(value)
+                raise CaptureError(
+                    f"input {name!r} is a {cls.__module__}.{cls.__qualname__} holding tensors "
+                    f"({inside.lstrip('.') or 'itself'}): amc traces tensors and lists, tuples and dicts of them as "
+                    "inputs and keeps any other object as a constant, so the graph would compute on these tensors "
+                    "at every call. Pass the tensors, or a dict of them (dataclasses.asdict(batch), dict(batch)), "
+                    "and wrap the model if its forward wants the object")
             self.input_constants[index] = value
             return
         name = self._unique(name)
@@ -579,7 +588,7 @@ class Tracer(TorchFunctionMode):
         nn.Module.__call__ = _patched_call
         torch.autograd.Function.apply = classmethod(_patched_apply)
         builtins.len = _patched_len
-        self._swapped = _swap_leaf_functions() + _swap_library_hooks()
+        self._swapped = _swap_leaf_functions() + _swap_library_hooks() + _swap_python_random()
         self.__enter__()
 
     def end(self) -> None:
@@ -696,6 +705,41 @@ def _swap_library_hooks() -> List[Tuple[Any, str, Any]]:
     return swapped
 
 
+#: Python-level random draws: a graph replays torch ops only, so a draw during capture is a decision (a
+#: hand-written drop path's `random.random() < p`, SpecAugment's numpy mask) it would keep at every call
+PYTHON_RANDOM = (("random", ("random", "uniform", "randint", "randrange", "choice", "choices", "sample", "shuffle",
+                             "gauss", "normalvariate", "betavariate", "expovariate", "triangular", "getrandbits")),
+                 ("numpy.random", ("rand", "randn", "random", "random_sample", "uniform", "randint", "choice",
+                                   "binomial", "normal", "beta", "permutation", "shuffle", "exponential", "poisson")))
+
+
+def _swap_python_random() -> List[Tuple[Any, str, Any]]:
+    """While the model runs under capture, Python's and numpy's random draws raise (`_refusing_draw`)."""
+    swapped = []
+    for package, names in PYTHON_RANDOM:
+        space = vars(sys.modules[package]) if sys.modules.get(package) is not None else {}
+        for name in names:
+            if callable(space.get(name)):
+                swapped.append((space, name, space[name]))
+                space[name] = _refusing_draw(f"{package}.{name}", space[name])
+    return swapped
+
+
+def _refusing_draw(name: str, fn: Any) -> Any:
+    """Raises in a model captured in training mode (where the draw decides something); in eval mode the
+    draw may be unused, so it warns and runs."""
+    def draw(*args: Any, **kwargs: Any) -> Any:
+        text = (f"the model drew a Python random number during capture ({name} at {_user_source_line()}): a graph "
+                "replays torch ops only, so it would keep this draw's outcome at every call (a hand-written drop "
+                "path traced in training mode would skip the same blocks forever, in eval too)")
+        if _ACTIVE is not None and _ACTIVE.root.training:
+            raise CaptureError(f"{text}. Trace the model in eval mode (model.eval()), or draw with torch "
+                               "(torch.rand) so the graph replays the draw")
+        warn_user(f"{text}; if the outcome matters, draw with torch (torch.rand) so the graph replays it")
+        return fn(*args, **kwargs)
+    return draw
+
+
 def _tracing_check(*args: Any, **kwargs: Any) -> bool:
     return True
 
@@ -783,10 +827,11 @@ def _user_source_line() -> str:
 _INERT = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, slice, type, enum.Enum)
 
 
-def _computed_inside(obj: Any, values: Dict[int, Any], depth: int, seen: set) -> Optional[str]:
-    """Where (".attr[0].keys") a tensor this forward computed sits inside `obj`, if one does."""
+def _computed_inside(obj: Any, values: Optional[Dict[int, Any]], depth: int, seen: set) -> Optional[str]:
+    """Where (".attr[0].keys") a tensor this forward computed (any tensor: `values` None) sits inside
+    `obj`, if one does."""
     if isinstance(obj, torch.Tensor):
-        return "" if id(obj) in values else None
+        return "" if values is None or id(obj) in values else None
     if depth == 0 or id(obj) in seen or isinstance(obj, (_INERT, nn.Module)):
         return None
     seen.add(id(obj))

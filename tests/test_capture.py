@@ -1325,3 +1325,39 @@ def test_a_python_random_draw_during_capture_is_refused(draw):
     with pytest.warns(UserWarning, match=r"drew a Python random number .*test_capture.py:\d+"):
         net = amc.trace(model, x)
     torch.testing.assert_close(net(x), model(x))
+
+
+def test_a_training_capture_whose_eval_path_differs_says_so():
+    """Captured in training mode, `if self.training: x = x + noise` stayed in the graph after .eval() (0.11
+    off the model), and GoogLeNet kept returning its aux logits. A model captured in training is captured in
+    eval mode too, and capture warns where the paths part; models whose only mode switches are dropout,
+    drop path and BatchNorm (bound to the graph's flag) trace without the warning."""
+    import warnings
+
+    import torchvision
+
+    class Noisy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if self.training:
+                x = x + 0.1 * torch.randn_like(x)
+            return self.a(x)
+
+    with pytest.warns(UserWarning, match=r"Noisy was captured in training mode .*\('Fallback', 'randn_like'\) vs "
+                                         r"\('Linear', 'a'\).*model.eval\(\)"):
+        amc.trace(Noisy().train(), torch.randn(2, 4))
+    torch.manual_seed(0)
+    net = torchvision.models.googlenet(aux_logits=True, init_weights=False).train()
+    with pytest.warns(UserWarning, match=r"GoogLeNet was captured in training mode .*aux1"):
+        amc.trace(net, torch.randn(2, 3, 64, 64))
+    for model in (torchvision.models.resnet18(), torchvision.models.efficientnet_b0(),
+                  nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            amc.trace(model.train(), torch.randn(2, 3, 64, 64) if not isinstance(model, nn.Sequential)
+                      else torch.randn(2, 4))
+        assert not [w for w in caught if "another path" in str(w.message)]
+        assert model.training

@@ -22,6 +22,7 @@ import itertools
 import linecache
 import os
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -1017,7 +1018,72 @@ def _capture(model: nn.Module, example_inputs: Tuple[Any, ...], example_kwargs: 
                              f"(shapes {describe(list(example_inputs))}).") from exc
     finally:
         tracer.end()
-    return tracer.build()
+    net = tracer.build()
+    if model.training:
+        _warn_if_eval_differs(model, example_inputs, example_kwargs, net)
+    return net
+
+
+def _path(net: "ReconstructedNetwork", norms: Tuple[str, ...]) -> Tuple[List[Tuple[str, str]], str]:  # noqa: F821
+    """(op, node) in order and the outputs' structure: what a capture in another mode must match. Mode
+    switches bound to the graph's training flag (and their arithmetic) are the same network in either mode,
+    and so is the inside of a BatchNorm traced into (`norms`: its statistics follow the flag; counting its
+    batches is its own business)."""
+    flagged = set()
+    ops = []
+    for node in net.layer_nodes:
+        refs = [r.node for r in iter_refs((node.args, node.kwargs))]
+        if node.meta.get("op") == "TrainingFlag" or (refs and all(r in flagged for r in refs)):
+            flagged.add(node.name)
+            continue
+        if not node.name.startswith(norms):
+            ops.append((str(node.meta.get("op")), node.name))
+    return ops, _structure(net.outputs)
+
+
+def _structure(template: Any) -> str:
+    """The outputs' containers with "T" for each tensor (GoogLeNetOutputs(T, T, T) vs T)."""
+    if isinstance(template, Ref):
+        return "T"
+    if isinstance(template, dict):
+        return f"{type(template).__name__}({', '.join(f'{k}={_structure(v)}' for k, v in template.items())})"
+    if isinstance(template, (list, tuple)):
+        return f"{type(template).__name__}({', '.join(_structure(v) for v in template)})"
+    return type(template).__name__
+
+
+def _warn_if_eval_differs(model: nn.Module, example_inputs: Tuple[Any, ...], example_kwargs: Dict[str, Any],
+                          net: "ReconstructedNetwork") -> None:  # noqa: F821
+    """A model captured in training mode is captured once more in eval mode: where its Python code takes
+    another path there (`if self.training: x = x + noise`, GoogLeNet's aux logits, DeiT's two heads), the
+    graph holds the training path and would run it after `.eval()` too; say so."""
+    try:
+        with untouched(model):
+            model.eval()
+            tracer = Tracer(model)
+            tracer.start()
+            try:
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model(*example_inputs, **example_kwargs)
+            finally:
+                tracer.end()
+            other = tracer.build()
+    except Exception:  # noqa: BLE001 - the model may not run in eval mode at all: nothing to compare
+        return
+    norms = tuple(f"{name}." for name, m in model.named_modules() if name and _batch_stats_follow_mode(m)
+                  and type(m).forward is not nn.modules.batchnorm._BatchNorm.forward)
+    (train_ops, train_out), (eval_ops, eval_out) = _path(net, norms), _path(other, norms)
+    if train_ops == eval_ops and train_out == eval_out:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(train_ops, eval_ops)) if a[0] != b[0]),
+                 min(len(train_ops), len(eval_ops)))
+    where = (f"outputs {train_out[:80]} in training, {eval_out[:80]} in eval" if train_ops == eval_ops else
+             f"{len(train_ops)} ops in training, {len(eval_ops)} in eval; first different: "
+             f"{train_ops[first] if first < len(train_ops) else 'none'} vs {eval_ops[first] if first < len(eval_ops) else 'none'}")
+    warn_user(f"amc capture: {type(model).__name__} was captured in training mode and its forward takes another path "
+              f"in eval mode ({where}): the graph holds the training path and runs it after .eval() too. For a "
+              "network to evaluate or deploy, trace the model in eval mode (model.eval())")
 
 
 def example_tuple(example_inputs: Any, error: type = CaptureError) -> Tuple[Any, ...]:

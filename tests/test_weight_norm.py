@@ -201,7 +201,8 @@ def _wav2vec2(cls_name: str):
 @pytest.mark.parametrize("cls_name", ["Wav2Vec2ForCTC", "HubertForCTC", "Data2VecAudioForCTC"])
 def test_speech_transformers_prune_their_residual_and_round_trip(cls_name: str, tmp_path) -> None:
     """Their positional conv is weight-normed: the residual stream (every attention and MLP output) was
-    frozen, 0.56x MACs at ratio 0.5; the pruned network saves, loads and writes back into the model."""
+    frozen, 0.56x MACs at ratio 0.5; the pruned network saves, loads, writes back into the model and
+    reloads from a transformers checkpoint through amc's loader."""
     model, x = _wav2vec2(cls_name), torch.randn(2, 800)
     net = amc.trace(model, x)
     small = amc.prune(net, ratio=0.5)
@@ -214,6 +215,10 @@ def test_speech_transformers_prune_their_residual_and_round_trip(cls_name: str, 
     eager = amc.export.to_module(small, model)
     x2 = torch.randn(3, 1200)
     torch.testing.assert_close(eager(x2).logits, small(x2).logits, rtol=1e-5, atol=1e-5)
+    # a transformers checkpoint: amc's loader rebuilt neither the weight-normed conv nor a GroupNorm it resized
+    amc.export.save_pretrained(eager, str(tmp_path / "hf"))
+    back = amc.export.from_pretrained(str(tmp_path / "hf"))
+    torch.testing.assert_close(back(x2).logits, small(x2).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_removing_the_weight_norm_from_the_pruned_copy_leaves_the_model_alone() -> None:

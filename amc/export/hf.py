@@ -20,8 +20,10 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ..errors import ExportError, LoadError
+from ..graph import reparam
 from .atomic import atomic_paths
 from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
 
@@ -40,8 +42,13 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 
 def _attributes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
-    return {path: {a: getattr(m, a) for a in _ATTRS if isinstance(getattr(m, a, None), (int, float))}
-            for path, m in model.named_modules()}
+    out = {}
+    for path, m in model.named_modules():
+        attrs = {a: getattr(m, a) for a in _ATTRS if isinstance(getattr(m, a, None), (int, float))}
+        if isinstance(m, nn.LayerNorm) and m.weight is None and m.bias is None:  # no tensor carries its width
+            attrs["normalized_shape"] = list(m.normalized_shape)
+        out[path] = attrs
+    return out
 
 
 def _shapes(model: nn.Module) -> Dict[str, list]:
@@ -188,13 +195,20 @@ def _resize_bn(m: nn.Module, s: Dict[str, list]) -> None:
     m.num_features = s["running_mean"][0]
 
 
+def _resize_gn(m: nn.Module, s: Dict[str, list]) -> None:
+    """Pruning removes whole groups: as many channels per group as the layer was built with."""
+    per_group = m.num_channels // m.num_groups
+    m.num_channels = s["weight"][0]
+    m.num_groups = m.num_channels // per_group
+
+
 #: how a torch.nn layer's size attributes follow its resized tensors ({tensor name: shape})
 _RESIZE = {
     nn.Linear: lambda m, s: (setattr(m, "out_features", s["weight"][0]), setattr(m, "in_features", s["weight"][1])),
     nn.LayerNorm: lambda m, s: setattr(m, "normalized_shape", tuple(s.get("weight") or s.get("bias"))),
     nn.Embedding: lambda m, s: (setattr(m, "num_embeddings", s["weight"][0]), setattr(m, "embedding_dim", s["weight"][1])),
     nn.Conv1d: _resize_conv, nn.Conv2d: _resize_conv, nn.Conv3d: _resize_conv,
-    nn.BatchNorm1d: _resize_bn, nn.BatchNorm2d: _resize_bn,
+    nn.BatchNorm1d: _resize_bn, nn.BatchNorm2d: _resize_bn, nn.GroupNorm: _resize_gn,
 }
 
 
@@ -203,6 +217,7 @@ def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
     for name, shape in shapes.items():
         path, _, leaf = name.rpartition(".")
         by_module.setdefault(path, {})[leaf] = shape
+    owners: Dict[str, nn.Module] = {}
     for path, leaves in by_module.items():
         module = model.get_submodule(path)
         for leaf, shape in leaves.items():
@@ -212,12 +227,17 @@ def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
                 module._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
             else:
                 module._buffers[leaf] = new
-        resize = _RESIZE.get(type(module))
+        if isinstance(module, ParametrizationList):  # a weight norm's g and v: its layer is resized below
+            path = path.rpartition(".parametrizations.")[0]
+        owners[path] = model.get_submodule(path)
+    for path, module in owners.items():  # after every tensor is in place, so a computed weight has its shape
+        resize = _RESIZE.get(reparam.base_class(module))
         if resize is None and type(module).__module__.startswith("torch.nn"):  # sizes kept in attributes
             raise LoadError(f"the checkpoint resizes {path} ({type(module).__name__}), which amc cannot rebuild")
         if resize is not None:  # the model's own modules use their tensors as they are
-            resize(module, {k: list(v.shape) for k, v in list(module.named_parameters(recurse=False))
-                            + list(module.named_buffers(recurse=False))})
+            computed = {attr: list(reparam.computed(module, attr).shape) for attr in reparam.weight_norms(module)}
+            resize(module, {**{k: list(v.shape) for k, v in list(module.named_parameters(recurse=False))
+                               + list(module.named_buffers(recurse=False))}, **computed})
 
 
 def from_pretrained(directory: str, model_class: Optional[type] = None) -> nn.Module:
@@ -242,7 +262,7 @@ def from_pretrained(directory: str, model_class: Optional[type] = None) -> nn.Mo
     for path, attrs in layers.get("attributes", {}).items():
         module = model.get_submodule(path) if path else model
         for name, value in attrs.items():
-            setattr(module, name, value)
+            setattr(module, name, tuple(value) if isinstance(value, list) else value)
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise LoadError(f"{directory} holds no .safetensors weights")

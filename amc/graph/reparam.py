@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
 __all__ = ["weight_norms", "computed_by", "source_tensor", "select", "zero", "assign", "base_class", "register",
-           "stripped", "restore", "own_classes"]
+           "stripped", "restore", "own_classes", "computed"]
 
 
 def _hooks(module: nn.Module) -> Dict[str, object]:
@@ -67,6 +67,12 @@ def source_tensor(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
     """The stored tensor behind a weight-normed `attr` (its `v`): a stable identity, where reading
     `module.weight` makes a new tensor at every access. None for a plain attribute."""
     return _g_v(module, attr)[3] if attr in weight_norms(module) else None
+
+
+def computed(module: nn.Module, attr: str) -> torch.Tensor:
+    """The weight `attr` computes from its g and v now (the hook's attribute is only refreshed by a forward)."""
+    kind, _ = weight_norms(module)[attr]
+    return getattr(module, attr) if kind == "param" else _hooks(module)[attr].compute_weight(module)
 
 
 def _norm(v: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1230,6 +1230,26 @@ def test_batchnorm_subclasses_traced_into_follow_train_and_eval(captured_in):
             torch.testing.assert_close(net(x), model(x))
 
 
+def test_batchnorm_subclasses_count_batches_only_while_training():
+    """Captured in training, BatchNormAct2d's `num_batches_tracked.add_(1)` (under `if self.training:`) ran at
+    every call, in eval too: the model's counter grew in eval. It now adds the graph's mode."""
+    import timm
+
+    torch.manual_seed(0)
+    model, x = timm.create_model("efficientnet_b0", num_classes=4).train(), torch.randn(2, 3, 64, 64)
+    net = amc.trace(model, x)
+    counter = model.bn1.num_batches_tracked
+    start = int(counter)
+    net.eval()
+    with torch.no_grad():
+        net(x), net(x)
+    assert int(counter) == start
+    net.train()
+    with torch.no_grad():
+        net(x)
+    assert int(counter) == start + 1
+
+
 def test_a_graph_captured_in_eval_runs_in_eval_before_any_mode_switch():
     """The mode node is made in the mode it was captured in: an op module starts in training, so an
     eval-captured efficientnet normalised by batch statistics until `.eval()` was called again (0.8 off)."""

@@ -423,6 +423,9 @@ class Tracer(TorchFunctionMode):
         if func in _MODE_SWITCHES and (self._modules_called[-1].training if func is not F.batch_norm
                                        else _batch_stats_follow_mode(self._modules_called[-1])):
             targs, tkwargs = self._switch_follows_mode(func, targs, tkwargs)
+        elif func is torch.Tensor.add_ and len(targs) == 2 and isinstance(targs[1], int) \
+                and self._counts_batches(args[0]):
+            targs = (targs[0], self._while_training(targs[1]))
         out = func(*_plain(args), **_plain(kwargs))
         short = (getattr(func, "__name__", None) or "call").strip("_") or "call"
         name = self._unique(self._scoped(short))
@@ -460,9 +463,7 @@ class Tracer(TorchFunctionMode):
         if isinstance(value, bool) and value == self._modules_called[-1].training:
             flag: Any = Ref(self._training_flag())
         elif isinstance(value, float) and value > 0:  # dropout_p: p while training, 0 in eval
-            flag = Ref(self._unique(self._scoped("dropout_p")))
-            self._add(flag.node, FunctionOp(_op.mul), (Ref(self._training_flag()), value), {}, {"op": "IntArith"},
-                      None)
+            flag = self._while_training(value)
         else:
             return tuple(targs), tkwargs
         if index < len(targs):
@@ -470,6 +471,19 @@ class Tracer(TorchFunctionMode):
         else:
             tkwargs = {**tkwargs, keyword: flag}
         return tuple(targs), tkwargs
+
+    def _counts_batches(self, tensor: Any) -> bool:
+        """`tensor` is the batch counter of a training BatchNorm traced into (`num_batches_tracked.add_(1)`
+        under `if self.training:`): captured as it is, every eval call counted a batch."""
+        module = self._modules_called[-1]
+        return module.training and _batch_stats_follow_mode(module) \
+            and tensor is getattr(module, "num_batches_tracked", None)
+
+    def _while_training(self, value: int) -> Ref:
+        """`value` while the network trains, 0 in eval (the network's mode read at run time)."""
+        step = Ref(self._unique(self._scoped("while_training")))
+        self._add(step.node, FunctionOp(_op.mul), (Ref(self._training_flag()), value), {}, {"op": "IntArith"}, None)
+        return step
 
     def _training_flag(self) -> str:
         """The node reading the network's mode, in the mode of the module calling for it now (an op module

@@ -21,6 +21,7 @@ from .._modes import outside_inference_mode
 from ..errors import ExportError
 from ..graph import reparam
 from ..graph.capture import _amc_keywords, given_inputs
+from ..graph.clone import clone_module
 from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
 from ..graph.template import Ref
 from ..graph.untouched import training_mode
@@ -157,13 +158,6 @@ register_attribute_rule(lambda m: any(isinstance(getattr(m, a, None), int) for a
                         _attention_rule)
 
 
-def _copy(module: nn.Module) -> nn.Module:
-    """A deep copy whose parametrized modules are its own (see `reparam.own_classes`)."""
-    out = copy.deepcopy(module)
-    reparam.own_classes(out)
-    return out
-
-
 def _set_path(root: nn.Module, path: str, value: Any) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -201,12 +195,12 @@ def _write_layers(net: Any, out: nn.Module) -> None:
         target = modules.get(node.name)
         if not own:  # a parameterless layer that pruning resized (LayerNorm without affine) goes back too
             if target is not None and reparam.base_class(target) is reparam.base_class(op) and repr(target) != repr(op):
-                _set_path(out, node.name, _copy(op))
+                _set_path(out, node.name, clone_module(op, {}))
             continue
         if target is None or reparam.base_class(target) is not reparam.base_class(op):
             foreign.append(f"{node.name} ({type(op).__name__})")
             continue
-        _set_path(out, node.name, _copy(op))
+        _set_path(out, node.name, clone_module(op, {}))
     if foreign:
         raise ExportError(
             f"to_module writes pruned layers back by name, but {len(foreign)} layer(s) of the network have no "
@@ -270,7 +264,7 @@ def to_module(net: Any, model: nn.Module, *example_inputs: Any, rtol: float = 1e
     if not isinstance(model, nn.Module) or isinstance(model, ReconstructedNetwork):
         raise ExportError("to_module takes the original eager nn.Module (the one traced) second, got "
                           f"{type(model).__name__}")
-    out = _copy(model)
+    out = clone_module(model, {})
     _write_layers(net, out)
     for path, module in list(out.named_modules()):
         for applies, rule in _RULES:

@@ -97,26 +97,24 @@ def _rescaled(g: torch.Tensor, v: torch.Tensor, old_norm: torch.Tensor, dim: int
     return g, v
 
 
-def select(module: nn.Module, attr: str, axis: int, idx: torch.Tensor) -> None:
-    """Keep `idx` along `axis` of the weight `attr` computes (hard pruning), exactly."""
+def _edit(module: nn.Module, attr: str, axis: int, cut: Any, zeroing: bool) -> None:
+    """Apply `cut` (a slice or a zero fill along `axis`) to the weight `attr` computes, through g and v."""
     _, dim, g, v = _g_v(module, attr)
     g, v = g.data, v.data
-    if dim != -1 and axis % v.dim() == dim % v.dim():
-        _set(module, attr, g.index_select(axis, idx), v.index_select(axis, idx))
-        return
-    old = _norm(v, dim)
-    _set(module, attr, *_rescaled(g, v.index_select(axis, idx), old, dim))
+    if dim != -1 and axis % v.dim() == dim % v.dim():  # along the norm's dim: a zeroed g alone zeroes the row
+        _set(module, attr, cut(g), v if zeroing else cut(v))
+    else:
+        _set(module, attr, *_rescaled(g, cut(v), _norm(v, dim), dim))
+
+
+def select(module: nn.Module, attr: str, axis: int, idx: torch.Tensor) -> None:
+    """Keep `idx` along `axis` of the weight `attr` computes (hard pruning), exactly."""
+    _edit(module, attr, axis, lambda t: t.index_select(axis, idx), zeroing=False)
 
 
 def zero(module: nn.Module, attr: str, axis: int, idx: torch.Tensor) -> None:
     """Make the weight `attr` computes 0 at `idx` along `axis` (soft pruning), the rest unchanged."""
-    _, dim, g, v = _g_v(module, attr)
-    g, v = g.data.clone(), v.data.clone()
-    if dim != -1 and axis % v.dim() == dim % v.dim():
-        _set(module, attr, g.index_fill_(axis, idx, 0), v)
-        return
-    old = _norm(v, dim)
-    _set(module, attr, *_rescaled(g, v.index_fill_(axis, idx, 0), old, dim))
+    _edit(module, attr, axis, lambda t: t.index_fill(axis, idx, 0), zeroing=True)
 
 
 def assign(module: nn.Module, attr: str, value: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AMC = ROOT / "amc"
 
 GRAPH_MUST_NOT_IMPORT = ("amc.export", "amc.compressors", "amc.trainers", "amc.tuners", "amc.jobs", "amc.cli")
-TRAINER_ENTRY_POINTS = ("amc.errors", "amc._modes", "amc._batches", "amc.compressors.prune", "amc.compressors.primitives",
+TRAINER_ENTRY_POINTS = ("amc.errors", "amc._modes", "amc._batches", "amc._copying", "amc.compressors.prune", "amc.compressors.primitives",
                         "amc.compressors.masks")
 
 

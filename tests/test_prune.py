@@ -516,3 +516,15 @@ def test_taylor_and_oracle_leave_the_network_as_it_was(digits_trained):
         plan_pruning(net, "taylor", dataloader=[b[0] for b in batches])
     with pytest.raises(PruningError, match="data-driven"):
         plan_pruning(net, "oracle")
+
+
+def test_channels_last_weights_stay_channels_last() -> None:
+    """The hard prune's slices came back in the default layout: a channels_last model (picked for its
+    faster convolution kernels) lost it on a third of resnet50's convs, silently."""
+    x = torch.randn(1, 3, 64, 64).to(memory_format=torch.channels_last)
+    model = torchvision.models.resnet50(num_classes=10).eval().to(memory_format=torch.channels_last)
+    net = amc.prune(model, 0.5, example_inputs=(x,))
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 53 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    torch.testing.assert_close(net(x), amc.prune(model.to(memory_format=torch.contiguous_format), 0.5,
+                                                  example_inputs=(x.contiguous(),))(x), rtol=1e-4, atol=1e-5)

@@ -234,3 +234,14 @@ def test_removing_the_weight_norm_from_the_pruned_copy_leaves_the_model_alone() 
                 parametrize.remove_parametrizations(m, "weight")
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
     assert _normed(amc.trace(model, x)) == ["0", "2", "4", "9"]
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_taylor_scores_the_computed_weight(kind: str) -> None:
+    """Taylor differentiated parameters only, so a weight-normed weight scored 0 (its group ranked by the
+    BatchNorm alone), and the older hook's weight, left with a grad_fn, made the copy fail."""
+    model, x = _model(kind), torch.randn(4, 3, 8, 8)
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
+    net = amc.prune(model, 0.5, "taylor", example_inputs=(x,), dataloader=data)
+    reference = amc.prune(_plain(kind), 0.5, "taylor", example_inputs=(x,), dataloader=data)
+    torch.testing.assert_close(net(x), reference(x), rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..errors import PruningError
 from ..graph.network import ReconstructedNetwork
+from ..graph.reparam import layout_of
 from ..export.json_io import register_json_op
 from ..graph.ops import spec_of
 from ..graph import reparam
@@ -76,13 +77,14 @@ def apply(net: ReconstructedNetwork, a: Analysis, roots: np.ndarray, pruned_root
             continue
         done.add(key)
         owner, attr = owner_of(new, key_name, ax.attr)
-        if attr in reparam.weight_norms(owner):  # computed from g and v: edit those
+        if attr in reparam.computed_weights(owner):  # computed from g and v (orig and mask): edit those
             edit = reparam.select if mode == "hard" else reparam.zero
             edit(owner, attr, ax.dim, torch.from_numpy(np.flatnonzero(keep if mode == "hard" else ~keep)))
             continue
         p = getattr(owner, attr)
         if mode == "hard":
-            p.data = p.data.index_select(ax.dim, torch.from_numpy(np.flatnonzero(keep))).contiguous()
+            p.data = p.data.index_select(ax.dim, torch.from_numpy(np.flatnonzero(keep))).contiguous(
+                memory_format=layout_of(p.data))
         elif not ax.attr.endswith(("running_mean", "running_var")) and ax.node not in divisors:
             p.data.index_fill_(ax.dim, torch.from_numpy(np.flatnonzero(~keep)), 0)
     for fx in a.fixups:

@@ -28,7 +28,6 @@ and may override `backoff(ratio, attempt)` (how the ratio shrinks when accuracy 
 """
 from __future__ import annotations
 
-import copy
 import difflib
 import inspect
 import logging
@@ -42,6 +41,7 @@ import torch.nn as nn
 
 from .._modes import outside_inference_mode
 from ..errors import ArgumentError, DataError, PruningError
+from .._copying import copy_module
 from ..graph.capture import as_network, example_tuple
 from ..graph.edit import addmm_as_linear
 from ..graph.network import ReconstructedNetwork
@@ -192,7 +192,7 @@ class BaseCompressor:
         """`as_network`, on an eval-mode copy of a plain module: the compressed network is for inference,
         and the user's stays as it is (a graph is used as given; compressors never edit their input)."""
         if isinstance(net, nn.Module) and not isinstance(net, ReconstructedNetwork):
-            net = copy.deepcopy(net).to(self.device).eval()
+            net = copy_module(net).to(self.device).eval()
         graph = as_network(net, self.example_inputs, self._example_kwargs, error=self.error, what="origin_net")
         return addmm_as_linear(graph) if self.linear_addmm else graph
 

@@ -11,10 +11,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from ..errors import PruningError
 from .calibration import DEFAULT_SEED, iter_calibration, seeded_rng
 from .groups import Group, Member, param_of
+from .dependency import owner_of, tensor_identity
+from ..graph import reparam
 from .._batches import class_rows, logits_of, targets_of
 from ..graph.untouched import training_mode
 from .sampling import batch_inputs, observe
@@ -332,6 +335,16 @@ class _LossCriterion(Criterion):
         return batches
 
 
+def _computed_sources(net: nn.Module, node_module: str, attr: str) -> List[torch.Tensor]:
+    """The stored tensors a weight-normed or masked `attr` is computed from (they must require grad for its
+    gradient to exist); empty for a plain attribute."""
+    owner, last = owner_of(net, node_module, attr)
+    if last not in reparam.computed_weights(owner):
+        return []
+    kind, _, g, v = reparam._g_v(owner, last)
+    return [v] if kind == "mask" else [g, v]
+
+
 @register_criterion("taylor")
 class Taylor(_LossCriterion):
     """First-order Taylor estimate of the loss change when a unit goes (Molchanov et al. 2019; the seed's
@@ -342,22 +355,28 @@ class Taylor(_LossCriterion):
     def prepare(self, net: nn.Module, analysis: Any, dataloader: Optional[Iterable]) -> None:
         super().prepare(net, analysis, dataloader)
         batches = self._labelled(net, dataloader)
-        axes: Dict[Tuple[int, int], Tuple[torch.Tensor, int]] = {}  # (tensor, dim) pairs the groups slice
+        # (stored tensor, dim) pairs the groups slice, by an id that is stable for a computed weight too
+        axes: Dict[Tuple[int, int], Tuple[str, str, int]] = {}
+        sources: List[torch.Tensor] = []
         for ax in analysis.axes:
-            t = param_of(net, net.node(ax.node).module, ax.attr)
-            if isinstance(t, nn.Parameter) and t.is_floating_point():  # buffers (BN statistics) have no gradient
-                axes.setdefault((id(t), ax.dim), (t, ax.dim))
-        params = list({id(t): t for t, _ in axes.values()}.values())
+            module, t = net.node(ax.node).module, param_of(net, net.node(ax.node).module, ax.attr)
+            computed = _computed_sources(net, module, ax.attr)
+            if (isinstance(t, nn.Parameter) or computed) and t.is_floating_point():  # no BN statistics
+                axes.setdefault((tensor_identity(net, module, ax.attr), ax.dim), (module, ax.attr, ax.dim))
+                sources += computed or [t]
+        params = list({id(t): t for t in sources}.values())
         # per (tensor, dim), one vector per batch: gradient x weight summed over each slice along dim
         self.sums: Dict[Tuple[int, int], List[torch.Tensor]] = {key: [] for key in axes}
-        with training_mode(net, False), _grads_enabled(params):
+        with training_mode(net, False), _grads_enabled(params), parametrize.cached():
             for inputs, targets in batches:
                 loss = self.loss_fn(net(*inputs), targets)
                 if not torch.isfinite(loss):
                     raise PruningError(f"criterion 'taylor': the loss is {float(loss)} on a calibration batch")
-                grads = dict(zip(map(id, params), torch.autograd.grad(loss, params, allow_unused=True)))
-                for key, (t, dim) in axes.items():
-                    g = grads[id(t)]
+                # the weights this forward used: a parametrization's cached one, a hook's attribute
+                used = {key: getattr(*owner_of(net, module, attr)) for key, (module, attr, _) in axes.items()}
+                grads = dict(zip(used, torch.autograd.grad(loss, list(used.values()), allow_unused=True)))
+                for key, (_, _, dim) in axes.items():
+                    g, t = grads[key], used[key]
                     prod = (g * t).detach().double() if g is not None else torch.zeros_like(t, dtype=torch.float64)
                     self.sums[key].append(prod.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1))
         self.batches = len(batches)
@@ -365,8 +384,7 @@ class Taylor(_LossCriterion):
     def __call__(self, group: Group) -> torch.Tensor:
         per_batch = torch.zeros(self.batches, group.size, dtype=torch.float64)
         for m in group.members:
-            t = param_of(self.net, self.net.node(m.axis.node).module, m.axis.attr)
-            key = (id(t), m.axis.dim)
+            key = (tensor_identity(self.net, self.net.node(m.axis.node).module, m.axis.attr), m.axis.dim)
             if key not in self.sums or m.axis.attr.endswith(("running_mean", "running_var")):
                 continue
             for b, sums in enumerate(self.sums[key]):

@@ -357,10 +357,10 @@ def analyze(net: ReconstructedNetwork, example_inputs: Sequence[Any], rule_for: 
 
 
 def param_of(net: nn.Module, node_module: str, attr: str) -> torch.Tensor:
-    """The tensor behind `attr` (dotted) of the module stored under `node_module` (for a weight-normed
-    weight, the weight it computes now)."""
+    """The tensor behind `attr` (dotted) of the module stored under `node_module` (for a weight-normed or
+    masked weight, the weight it computes now: a hook's attribute holds the last call's)."""
     obj, last = owner_of(net, node_module, attr)
-    return getattr(obj, last)
+    return reparam.computed(obj, last) if last in reparam.computed_weights(obj) else getattr(obj, last)
 
 
 def owner_of(net: nn.Module, node_module: str, attr: str) -> Tuple[nn.Module, str]:
@@ -388,7 +388,7 @@ def _couple_shared_parameters(a: Analysis) -> None:
     for key, mod in a.net.network.items():
         for attr, t in [*mod.named_parameters(remove_duplicate=False), *mod.named_buffers(remove_duplicate=False)]:
             holders.setdefault(id(t), set()).add((key, attr))
-        for attr in reparam.weight_norms(mod):  # its `v` is read as `weight` (see tensor_identity)
+        for attr in reparam.computed_weights(mod):  # its `v` (`weight_orig`) is read as `weight` (tensor_identity)
             holders[id(reparam.source_tensor(mod, attr))] = {(key, attr)}
     by_dim: Dict[Tuple[int, int], List[Axis]] = {}
     for ax in a.axes:

@@ -29,12 +29,15 @@ Saved = Dict[Tuple[str, str, int], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def _editable(plan: PruningPlan, ax: Axis) -> None:
-    """These primitives edit parameter slices in place: a weight computed from g and v has none to edit."""
+    """These primitives edit parameter slices in place: a weight computed from g and v (or orig and mask)
+    has none to edit."""
     owner, attr = owner_of(plan.net, plan.net.node(ax.node).module, ax.attr)
-    if attr in reparam.weight_norms(owner):
-        raise PruningError(f"layer {ax.node!r} computes its {attr} by weight_norm, which the in-place SFP/RePr "
-                           "primitives cannot edit; remove it first (torch.nn.utils.parametrize."
-                           f"remove_parametrizations(module, {attr!r})) or pass it in ignore=")
+    kind = reparam.computed_weights(owner).get(attr, ("",))[0]
+    if kind:
+        how, undo = (("a torch.nn.utils.prune mask", f"torch.nn.utils.prune.remove(module, {attr!r})") if kind == "mask"
+                     else ("weight_norm", f"torch.nn.utils.parametrize.remove_parametrizations(module, {attr!r})"))
+        raise PruningError(f"layer {ax.node!r} computes its {attr} by {how}, which the in-place SFP/RePr "
+                           f"primitives cannot edit; remove it first ({undo}) or pass it in ignore=")
 
 
 def _slices(plan: PruningPlan, roots: np.ndarray) -> Iterator[Tuple[Tuple[str, str, int], torch.Tensor, torch.Tensor]]:

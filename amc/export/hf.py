@@ -235,7 +235,7 @@ def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
         if resize is None and type(module).__module__.startswith("torch.nn"):  # sizes kept in attributes
             raise LoadError(f"the checkpoint resizes {path} ({type(module).__name__}), which amc cannot rebuild")
         if resize is not None:  # the model's own modules use their tensors as they are
-            computed = {attr: list(reparam.computed(module, attr).shape) for attr in reparam.weight_norms(module)}
+            computed = {attr: list(reparam.computed(module, attr).shape) for attr in reparam.computed_weights(module)}
             resize(module, {**{k: list(v.shape) for k, v in list(module.named_parameters(recurse=False))
                                + list(module.named_buffers(recurse=False))}, **computed})
 

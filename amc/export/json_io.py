@@ -547,6 +547,8 @@ def _describe_module(node_name: str, module: nn.Module) -> Dict[str, Any]:
     norms = reparam.weight_norms(module)
     if norms:  # rebuilt by registering the same weight norm; its g and v are tensors like any other
         described["weight_norms"] = {attr: {"kind": kind, "dim": dim} for attr, (kind, dim) in norms.items()}
+    if reparam.masks(module):  # torch.nn.utils.prune: orig and mask are tensors like any other
+        described["prune_masks"] = sorted(reparam.masks(module))
     return described
 
 
@@ -569,6 +571,13 @@ def _build_entry(entry: Dict[str, Any], tensors: Dict[str, torch.Tensor], node_n
             raise LoadError(f"node {node_name!r}: weight norm of {attr!r} must be {{'kind': 'param' or 'hook', "
                             f"'dim': int}}, got {_short(repr(norm))}")
         reparam.register(module, str(attr), norm["kind"], norm["dim"])
+    masked = entry.get("prune_masks", [])
+    if not isinstance(masked, list) or not all(isinstance(a, str) and isinstance(getattr(module, a, None), nn.Parameter)
+                                              for a in masked):
+        raise LoadError(f"node {node_name!r}: prune_masks must list the module's parameter names, got "
+                        f"{_short(repr(masked))}")
+    for attr in masked:
+        reparam.register(module, attr, "mask", -1)
     return module
 
 

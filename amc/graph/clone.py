@@ -60,6 +60,8 @@ def clone_module(m: nn.Module, memo: Dict[int, Any]) -> nn.Module:
             out[k] = v
         elif type(v) is OrderedDict and not v:
             out[k] = OrderedDict()
+        elif isinstance(v, torch.Tensor) and v.grad_fn is not None:  # a weight a hook computed under grad
+            out[k] = copy.deepcopy(v.detach(), memo)  # (deepcopy refuses it; the next call recomputes it)
         else:
             out[k] = copy.deepcopy(v, memo)
     if hasattr(new, "__setstate__"):

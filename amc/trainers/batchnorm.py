@@ -6,12 +6,12 @@ touching a weight (seed 004's pitfall for SFP, and a cheap step before any fine-
 """
 from __future__ import annotations
 
-import copy as _copy
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
+from .._copying import copy_module
 from .._batches import call_with, dict_inputs, to_device
 from ..errors import DataError
 
@@ -26,7 +26,7 @@ def recalibrate_bn(net: nn.Module, loader: Iterable[Any], max_batches: Optional[
     """
     if isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__"):  # trainers stay off compressors
         raise DataError(f"recalibrate_bn needs an iterable of batches (a DataLoader), got {type(loader).__name__}")
-    net = _copy.deepcopy(net) if copy else net
+    net = copy_module(net) if copy else net
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m, m.momentum) for m in bns]
     for m in bns:

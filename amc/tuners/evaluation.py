@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..compressors.base import check_count, check_number
+from .._copying import copy_module
 from .._batches import call_with, class_rows, split_batch, to_device
 from ..compressors.calibration import check_loader
 from ..errors import DataError, PruningError
@@ -80,9 +81,7 @@ class AccuracyEvaluator:
 
     def _steps(self, net: nn.Module) -> nn.Module:
         """One SGD step (momentum 0.9) per fine-tuning batch on a copy of `net`, seeded: same net, same score."""
-        import copy
-
-        tuned = copy.deepcopy(net)
+        tuned = copy_module(net)
         params = [p for p in tuned.parameters() if p.requires_grad]
         if not params:  # nothing to train: the score is the untrained one
             return tuned.eval()

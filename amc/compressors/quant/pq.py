@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..._modes import outside_inference_mode
 from ...errors import QuantizationError
+from ..._copying import copy_module
 from ...graph.macs import conv_macs, linear_macs
 from ...graph.edit import addmm_as_linear
 from ...graph.network import ReconstructedNetwork
@@ -190,9 +191,7 @@ class ProductQuantization:
         else:
             example_kwargs = None
         if not isinstance(origin_net, ReconstructedNetwork):
-            import copy
-
-            origin_net = copy.deepcopy(origin_net).eval()
+            origin_net = copy_module(origin_net).eval()
         self.origin_graph = addmm_as_linear(as_network(origin_net, example_tuple(example_inputs, QuantizationError),
                                                        example_kwargs, error=QuantizationError, what="origin_net"))
         self.compressed_net: Optional[ReconstructedNetwork] = None

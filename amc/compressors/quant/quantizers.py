@@ -9,7 +9,6 @@ Activations: per tensor, affine (`uint8`-style `[0, 2^b - 1]` with a zero point)
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, List, Optional
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import QuantizationError
+from ..._copying import copy_module
 from ...graph.ops import plain_layer, register_op
 from ..rules.common import passthrough
 
@@ -125,7 +125,7 @@ class _QuantWeight:
     @classmethod
     def from_float(cls, layer: nn.Module, weight_bits: int = 8, weight_observer: str = "minmax") -> nn.Module:
         """A quantised copy of `layer` (same parameters, same class otherwise)."""
-        q = copy.deepcopy(layer)
+        q = copy_module(layer)
         q.__class__ = cls
         q.weight_bits = check_bits(int(weight_bits), "weight_bits")
         q.weight_observer = check_weight_observer(weight_observer)

@@ -9,13 +9,13 @@ column by column.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..._copying import copy_module
 from ...errors import PruningError
 
 
@@ -56,7 +56,7 @@ class SelfAttention(nn.Module):
 def unfuse_attention(model: nn.Module) -> Tuple[nn.Module, int]:
     """A deep copy of `model` with every `nn.MultiheadAttention` whose in-projection is one matrix and
     that has no bias_k / zero-attention replaced by `SelfAttention`; returns it and how many were."""
-    model = copy.deepcopy(model)
+    model = copy_module(model)
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

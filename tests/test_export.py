@@ -739,3 +739,15 @@ def test_json_atomic(tmp_path, monkeypatch):
     assert {p: open(tmp_path / p, "rb").read() for p in before} == before
     _only(tmp_path, "n.json", "n.safetensors")
     check_equal(net, load_json(path))
+
+
+def test_torch_jit_script_names_the_ways_that_work() -> None:
+    """torch.jit.script's own error ('variable number of arguments', pointing into amc's source) said
+    nothing of jit.trace, torch.export or ONNX, which all take the network."""
+    x = torch.randn(1, 3, 16, 16)
+    net = amc.trace(torchvision.models.resnet18(num_classes=4).eval(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript
+        with pytest.raises(ExportError, match=r"torch.jit.trace\(net, \(x,\)\).*torch.export.export"):
+            torch.jit.script(net)
+        torch.testing.assert_close(torch.jit.trace(net, (x,))(x), net(x))

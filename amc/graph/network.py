@@ -108,6 +108,12 @@ class ReconstructedNetwork(nn.Module):
         self.meta = dict(meta or {})
         self.recompile()
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """torch.jit.script calls this first: its own error ('variable number of arguments') named no way on."""
+        raise ExportError("torch.jit.script cannot compile a ReconstructedNetwork (its forward replays the graph "
+                          "with *args); for TorchScript use torch.jit.trace(net, (x,)), or export with "
+                          "torch.export.export(net, (x,)) or net.save_to_onnx(path, x)")
+
     # -- running -------------------------------------------------------------------------------
     def recompile(self) -> None:
         """Rebuild the run plan from the node records (call after editing nodes in place)."""

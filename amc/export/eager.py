@@ -76,7 +76,15 @@ def _head_splits(net: Any, producer: str, features: int, heads: Optional[int] = 
     return found
 
 
+def _wrapped(module: nn.Module) -> Optional[nn.Module]:
+    """The layer an adapter wraps (peft's LoRA layers keep it as `base_layer`), else None."""
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) and base is not module else None
+
+
 def _features(module: nn.Module) -> Optional[int]:
+    if _wrapped(module) is not None:  # a LoRA-wrapped q projection: the base layer's outputs
+        return _features(_wrapped(module))
     if isinstance(module, nn.Linear):
         return module.out_features
     weight = getattr(module, "weight", None)  # transformers' Conv1D (GPT-2): weight stored [in, out]
@@ -156,6 +164,17 @@ register_attribute_rule(lambda m: type(m).__name__ == "Conv1D" and isinstance(ge
                         lambda m, path, net: {"nf": int(m.weight.shape[1]), "nx": int(m.weight.shape[0])})
 register_attribute_rule(lambda m: any(isinstance(getattr(m, a, None), int) for a in HEAD_SIZE_ATTRS + HEAD_COUNT_ATTRS),
                         _attention_rule)
+
+
+def _adapter_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """peft's LoRA layer keeps the wrapped layer's sizes, which it reads when an adapter is added."""
+    base = _wrapped(module)
+    sizes = {"in_features": getattr(base, "in_features", getattr(base, "in_channels", None)),
+             "out_features": getattr(base, "out_features", getattr(base, "out_channels", None))}
+    return {k: v for k, v in sizes.items() if isinstance(v, int) and isinstance(getattr(module, k, None), int)}
+
+
+register_attribute_rule(lambda m: _wrapped(m) is not None, _adapter_rule)
 
 
 def _set_path(root: nn.Module, path: str, value: Any) -> None:

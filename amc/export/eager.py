@@ -31,8 +31,8 @@ from .onnx_io import tensor_leaves
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")  # last: T5
 ALL_HEADS_ATTRS = ("all_head_size", "inner_dim")  # inner_dim: T5
-QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn", "query_key_value")  # last: BLOOM, GPT-NeoX
-FUSED_NAMES = ("qkv", "c_attn", "query_key_value")  # one projection for q, k and v
+QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn", "query_key_value", "qkv_proj")  # BLOOM, NeoX, Phi-3
+FUSED_NAMES = ("qkv", "c_attn", "query_key_value", "qkv_proj")  # one projection for q, k and v
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin")
 
 #: (predicate, rule): a rule returns the attributes of one module to set, given the pruned graph
@@ -66,14 +66,26 @@ def _head_splits(net: Any, producer: str, features: int, heads: Optional[int] = 
         if isinstance(module, TensorReshape) and reads(node, producer) and not node.name.startswith(producer + "."):
             split = _heads_from_reshape(_sizes(node), features, heads)
             found += [split] if split else []
-        elif isinstance(module, TensorSlice) and reads(node, producer) and len(node.args) > 1 \
-                and isinstance(node.args[1], int) and node.args[1] > 0:
-            for reader, op in net.iter_nodes():
+        elif isinstance(module, TensorSlice) and reads(node, producer) and len(node.args) > 1:
+            piece = _piece_features(node.args[1], features)
+            for reader, op in net.iter_nodes() if piece else ():
                 if isinstance(op, TensorReshape) and reader.args and isinstance(reader.args[0], Ref) \
                         and reader.args[0].node == node.name:
-                    split = _heads_from_reshape(_sizes(reader), node.args[1], heads)
+                    split = _heads_from_reshape(_sizes(reader), piece, heads)
                     found += [split] if split else []
     return found
+
+
+def _piece_features(index: Any, features: int) -> Optional[int]:
+    """The features of one piece of a fused projection: `split(size, dim=-1)`'s size, or the length of
+    `qkv[..., start:stop]` (Phi-3's fused qkv_proj, sliced by head counts)."""
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index if index > 0 else None
+    if isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis and isinstance(index[1], slice):
+        start, stop, step = index[1].start, index[1].stop, index[1].step
+        if step is None and all(v is None or (isinstance(v, int) and v >= 0) for v in (start, stop)):
+            return min(features, features if stop is None else stop) - (start or 0)
+    return None
 
 
 def _wrapped(module: nn.Module) -> Optional[nn.Module]:
@@ -116,7 +128,7 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
             child = getattr(module, name, None)
             qualified = f"{path}.{name}" if path else name
             if child is not None and _features(child) is not None:
-                splits = sorted(set(_head_splits(net, qualified, _features(child), count)))
+                splits = list(dict.fromkeys(_head_splits(net, qualified, _features(child), count)))  # q .. v
                 if len(splits) > 1:  # q, k, v pieces of one fused projection kept different head sizes
                     found["query"], found["value"] = splits[0], splits[-1]
                 elif splits:
@@ -296,9 +308,9 @@ def to_module(net: Any, model: nn.Module, *example_inputs: Any, rtol: float = 1e
         args, kwargs = example_inputs, example_kwargs
     else:
         args, kwargs = _split_inputs(net, net.example_inputs())
-    _check_same(net, out, args, kwargs, rtol)
     from .hf import describe_in_config, is_transformers_model
 
-    if is_transformers_model(out):
+    if is_transformers_model(out):  # before the check: layers that read their sizes from the config (Phi-3)
         describe_in_config(out, model)
+    _check_same(net, out, args, kwargs, rtol)
     return out

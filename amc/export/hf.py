@@ -117,22 +117,38 @@ def _projection_heads(model: nn.Module) -> Tuple[List[int], List[int]]:
         size = next((getattr(m, a) for a in HEAD_SIZE_ATTRS if isinstance(getattr(m, a, None), int)), None)
         q, k = getattr(m, "q_proj", None), getattr(m, "k_proj", None)
         fused = getattr(m, "query_key_value", None)  # GPT-NeoX: q, k and v in one projection
+        qkv, kv = getattr(m, "qkv_proj", None), getattr(m, "num_key_value_heads", None)  # Phi-3: q, then k and v
         if size and isinstance(q, nn.Linear) and isinstance(k, nn.Linear):
             q_heads.append(q.out_features // size)
             kv_heads.append(k.out_features // size)
         elif size and isinstance(fused, nn.Linear) and fused.out_features % (3 * size) == 0:
             q_heads.append(fused.out_features // (3 * size))
+        elif size and isinstance(qkv, nn.Linear) and isinstance(kv, int) and qkv.out_features % size == 0:
+            q_heads.append(qkv.out_features // size - 2 * kv)
+            kv_heads.append(kv)
     return q_heads, kv_heads
 
 
+def _update_in_place(target: Any, source: Any) -> None:
+    """Give `target` (a config) the values of `source`, sub-configs field by field: every layer holds the
+    model's config object itself (Phi-3's attention reads its head count there at each call, and
+    `set_attn_implementation` changes it), so a new object would leave the layers reading the old one."""
+    for key, value in vars(source).items():
+        current = vars(target).get(key)
+        if type(current) is type(value) and hasattr(value, "to_dict") and current is not value:
+            _update_in_place(current, value)
+        elif key not in vars(target) or current != value:
+            setattr(target, key, value)
+
+
 def describe_in_config(model: nn.Module, original: nn.Module) -> None:
-    """Make `model.config` describe the pruned `model` (see the module docstring)."""
+    """Make `model.config` describe the pruned `model` (see the module docstring), in place."""
     config = _candidate(model, original)
     shapes, attrs = _shapes(model), _attributes(model)
     try:
         rebuilt = _built_from(model, config)
         if _shapes(rebuilt) == shapes and _attributes(rebuilt) == attrs:
-            model.config = config
+            _update_in_place(model.config, config)
             return
     except Exception:  # noqa: BLE001 - a config transformers refuses is one it cannot describe
         pass
@@ -144,7 +160,7 @@ def describe_in_config(model: nn.Module, original: nn.Module) -> None:
         "attributes": {p: {a: v for a, v in d.items() if base_attrs.get(p, {}).get(a) != v}
                        for p, d in attrs.items() if d != base_attrs.get(p, {})},
     })
-    model.config = config
+    _update_in_place(model.config, config)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,9 @@ from ..errors import GraphError
 from .capture import _amc_keywords, as_network, spread_tuple
 from .network import ReconstructedNetwork
 from .node import Node
-from .ops import FunctionOp, spec_of
+from .ops import FunctionOp, name_of_callable, spec_of
+from .template import map_template
+from .._warnings import warn_user
 from .untouched import untouched
 
 
@@ -29,6 +31,7 @@ def node_costs(net: ReconstructedNetwork, *example_inputs: Any, **example_kwargs
 def _observe_costs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...],
                    example_kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
+    weights = {p.untyped_storage().data_ptr() for p in net.parameters() if p.dim() >= 2 and p.numel()}
 
     def observe(node: Node, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
         spec = spec_of(module)
@@ -36,7 +39,12 @@ def _observe_costs(net: ReconstructedNetwork, example_inputs: Tuple[Any, ...],
         macs_fn = spec.get("macs") if spec is not None else None
         if macs_fn is not None:
             macs = int(macs_fn(module.fn if isinstance(module, FunctionOp) else module, args, kwargs, out))
+        read: List[torch.Tensor] = []
+        if spec is None and isinstance(module, FunctionOp):
+            map_template((args, kwargs), lambda v: read.append(v) if isinstance(v, torch.Tensor) else None)
+        uncounted = any(t.dim() >= 2 and t.numel() and t.untyped_storage().data_ptr() in weights for t in read)
         rows.append({"name": node.name, "op": node.op, "macs": macs, "out": _shapes(out),
+                     "uncounted": name_of_callable(module.fn) or repr(module.fn) if uncounted else None,
                      "params": 0 if isinstance(module, FunctionOp) else sum(p.numel() for p in module.parameters()),
                      "bits": weight_bits(module) if isinstance(getattr(module, "weight", None), torch.Tensor)
                      else None})
@@ -75,10 +83,21 @@ def count(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> Tupl
                 raise
             costs = node_costs(net, *spread, **example_kwargs)
         macs = sum(r["macs"] for r in costs)
+        _warn_uncounted(costs)
     except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:  # inputs unfit for the network
         raise GraphError(f"amc.count could not run the network on the example inputs ({type(exc).__name__}: "
                          f"{str(exc)[:200]}); pass inputs shaped like the ones it was traced with") from exc
     return macs, count_params(net)
+
+
+def _warn_uncounted(costs: List[Dict[str, Any]]) -> None:
+    """A weight multiplied by an op that has no MACs rule (a fused attention or an MoE kernel amc does not
+    know) would silently count as zero MACs: say which, so a ratio is not read as more than it is."""
+    ops = sorted({r["uncounted"] for r in costs if r.get("uncounted")})
+    if ops:
+        warn_user(f"amc.count: {sum(1 for r in costs if r.get('uncounted'))} node(s) compute with the network's "
+                  f"weights through ops that have no MACs rule ({', '.join(ops[:5])}): their MACs are not in the "
+                  "count. Give one with amc.register_op(fn, name=..., macs=fn(op, args, kwargs, out) -> int)")
 
 
 def weight_bits(module: nn.Module) -> int:

@@ -6,6 +6,7 @@ kwargs, output) -> MACs` of one call, read from the shapes that call actually sa
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any, Dict
 
 import torch
@@ -96,6 +97,23 @@ def mha_macs(m: nn.MultiheadAttention, args: tuple, kwargs: dict, out: Any) -> i
     return flops * batch
 
 
+_FMHA_ARGS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",
+              "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias")
+
+
+def fmha_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """`F.multi_head_attention_forward` (WavLM calls it with its own weights): as nn.MultiheadAttention counts."""
+    given = {**dict(zip(_FMHA_ARGS, args)), **kwargs}
+    w = given.get("out_proj_weight")
+    if not isinstance(w, torch.Tensor) or not isinstance(given.get("query"), torch.Tensor):
+        return 0
+    layer = SimpleNamespace(batch_first=False, embed_dim=int(given["embed_dim_to_check"]),
+                            num_heads=int(given["num_heads"]), in_proj_bias=given.get("in_proj_bias"),
+                            out_proj=SimpleNamespace(out_features=w.shape[0]))
+    return mha_macs(layer, (given["query"], given.get("key", given["query"]), given.get("value", given["query"])),
+                    {}, out)
+
+
 def fconv_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
     w = args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
@@ -111,6 +129,19 @@ def flinear_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
 def matmul_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
     a = args[0]
     return (out.numel() * a.shape[-1]) if isinstance(a, torch.Tensor) and isinstance(out, torch.Tensor) else 0
+
+
+def grouped_mm_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
+    """Mixture-of-experts grouped GEMM (`F.grouped_mm`, `torch._grouped_mm`): every output row is one token's
+    product with its expert's matrix, `out.numel() * K`; with both operands 2D the groups split K instead
+    (`out` is `(groups, M, N)`), so each of the M x N outputs sums K products once."""
+    a = args[0] if args else kwargs.get("mat_a", kwargs.get("self"))
+    b = args[1] if len(args) > 1 else kwargs.get("mat_b", kwargs.get("mat2"))
+    if not all(isinstance(t, torch.Tensor) for t in (a, b, out)):
+        return 0
+    if a.dim() == 2 and b.dim() == 2 and out.dim() == 3:
+        return out.shape[1] * out.shape[2] * a.shape[-1]
+    return out.numel() * a.shape[-1]
 
 
 def addmm_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:

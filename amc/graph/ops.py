@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import LoadError
-from .macs import (addbmm_macs, addmm_macs, bilinear_macs, chain_macs, contraction_macs, conv_macs, rnn_cell_macs,
-                   rnn_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs, in_numel, linear_macs, matmul_macs,
-                   mha_macs, norm_macs, out_numel, sdpa_macs)
+from .macs import (addbmm_macs, addmm_macs, bilinear_macs, chain_macs, contraction_macs, conv_macs, fmha_macs,
+                   grouped_mm_macs, rnn_cell_macs, rnn_macs, einsum_macs, fconv_macs, flinear_macs, fnorm_macs,
+                   in_numel, linear_macs, matmul_macs, mha_macs, norm_macs, out_numel, sdpa_macs)
 
 MacsFn = Callable[[nn.Module, tuple, dict, Any], int]
 
@@ -636,6 +636,9 @@ register_function_op(torch.outer, T.outer, torch.ger, T.ger, name="MatMul", wrap
 register_function_op(torch.addbmm, T.addbmm, name="MatMul", wrapper=MatMul, macs=addbmm_macs)
 register_function_op(torch.linalg.multi_dot, torch.chain_matmul, name="MatMul", wrapper=MatMul, macs=chain_macs)
 register_function_op(F.bilinear, name="FunctionalBilinear", macs=bilinear_macs)
+register_function_op(*[f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f],
+                     name="GroupedMatMul", macs=grouped_mm_macs)  # MoE experts: counted, no channel rule yet
+register_function_op(F.multi_head_attention_forward, name="MultiheadAttentionForward", macs=fmha_macs)  # (WavLM)
 register_function_op(torch.einsum, name="Einsum", wrapper=MatMul, macs=einsum_macs)
 register_function_op(F.scaled_dot_product_attention, name="ScaledDotProductAttention", wrapper=MatMul,
                      macs=sdpa_macs)

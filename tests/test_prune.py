@@ -528,3 +528,28 @@ def test_channels_last_weights_stay_channels_last() -> None:
     assert len(convs) == 53 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     torch.testing.assert_close(net(x), amc.prune(model.to(memory_format=torch.contiguous_format), 0.5,
                                                   example_inputs=(x.contiguous(),))(x), rtol=1e-4, atol=1e-5)
+
+
+class _BatchedExperts(nn.Module):
+    """Each expert on its own slots: `a [experts, M, K] @ w [experts, K, N]` through F.grouped_mm."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.w1, self.w2 = nn.Parameter(torch.randn(4, 16, 32) * 0.1), nn.Parameter(torch.randn(4, 32, 16) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.grouped_mm(F.grouped_mm(self.inp(x), self.w1).relu(), self.w2)
+        return self.out(h.mean(1))
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without F.grouped_mm")
+def test_grouped_gemm_prunes_its_widths_and_keeps_its_experts() -> None:
+    torch.manual_seed(0)
+    model, x = _BatchedExperts().eval(), torch.randn(4, 5, 8)
+    with pytest.warns(UserWarning, match="not on the first one alone"):  # dim 0 is the experts, not a batch
+        hard = amc.prune(model, 0.5, example_inputs=(x,))
+    soft = amc.prune(model, 0.5, example_inputs=(x,), mode="soft")
+    assert sorted(tuple(p.shape) for p in hard.parameters() if p.dim() == 3) == [(4, 8, 16), (4, 16, 8)]
+    torch.testing.assert_close(hard(x), soft(x), rtol=1e-5, atol=1e-5)
+    assert amc.count(hard, x)[0] < 0.3 * amc.count(model, x)[0]

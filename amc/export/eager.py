@@ -189,6 +189,26 @@ def _adapter_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
 register_attribute_rule(lambda m: _wrapped(m) is not None, _adapter_rule)
 
 
+def _expert_sizes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """Mixture-of-experts blocks keep their widths in attributes: the router reshapes its input to
+    `hidden_dim`; the experts' 3-D weights are `[experts, 2 * intermediate, hidden]` and `[experts, hidden,
+    intermediate]` (the other way round when `is_transposed`)."""
+    weight, gate_up, down = (getattr(module, n, None) for n in ("weight", "gate_up_proj", "down_proj"))
+    if isinstance(down, torch.Tensor) and down.dim() == 3 and isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3:
+        hidden, inter = (gate_up.shape[1], down.shape[1]) if getattr(module, "is_transposed", False) \
+            else (gate_up.shape[2], down.shape[2])
+        sizes = {"hidden_dim": hidden, "intermediate_dim": inter}
+    elif isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        sizes = {"hidden_dim": weight.shape[1]}
+    else:
+        return {}
+    return {k: int(v) for k, v in sizes.items() if isinstance(getattr(module, k, None), int)}
+
+
+register_attribute_rule(lambda m: all(isinstance(getattr(m, a, None), int) for a in ("hidden_dim", "num_experts")),
+                        _expert_sizes)
+
+
 def _set_path(root: nn.Module, path: str, value: Any) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root

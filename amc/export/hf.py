@@ -28,9 +28,10 @@ from .atomic import atomic_paths
 from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
 
 _ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + (  # nf, nx, split_size: GPT-2's Conv1D, attention
-    "scaling", "split_size", "num_key_value_heads", "nf", "nx")
+    "scaling", "split_size", "num_key_value_heads", "nf", "nx", "hidden_dim", "intermediate_dim")  # last: MoE
 _KEY = "amc_layers"
-_FFN_ATTRS = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "ffn_hidden_size")  # the MLP's hidden width
+_FFN_ATTRS = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "ffn_hidden_size",  # the MLP's hidden width
+              "moe_intermediate_size", "shared_expert_intermediate_size")  # a mixture of experts': each expert's
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -73,6 +74,9 @@ def _candidate(model: nn.Module, original: nn.Module) -> Any:
         if isinstance(inter, int) and not isinstance(inter, bool):
             sizes = [m.out_features for p, m in model.named_modules() if isinstance(m, nn.Linear)
                      and isinstance(before.get(p), nn.Linear) and before[p].out_features == inter]
+            sizes += [m.intermediate_dim for p, m in model.named_modules()  # experts stored as 3-D weights
+                      if isinstance(getattr(m, "intermediate_dim", None), int)
+                      and getattr(before.get(p), "intermediate_dim", None) == inter]
             if _uniform(sizes) is not None:
                 setattr(config, name, _uniform(sizes))
     width = _embedding_width(model)

@@ -55,6 +55,25 @@ def matmul(c: RuleCall) -> Any:
     return TL(_matmul_dims(c, _dims_of(c, 0, a), _dims_of(c, 1, b), a.shape, b.shape, c.out.shape))
 
 
+_GROUPED_MM = [f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f]
+
+
+@register_rule(*_GROUPED_MM)
+def grouped_mm(c: RuleCall) -> Any:
+    """Mixture-of-experts grouped GEMM: `a [tokens, K] @ b [experts, K, N]` (each row by its expert's matrix,
+    rows grouped by `offs`), or `a [G, M, K] @ b [G, K, N]`. K couples a's last dim with b's, N is b's
+    last; the experts stay whole (the offsets count rows per expert). Both 2-D (K split by `offs`): whole."""
+    (a, da), (b, db) = arg_dims(c, 0, "mat_a"), arg_dims(c, 1, "mat_b")
+    if not all(isinstance(t, torch.Tensor) for t in (a, b, c.out)) or b.dim() != 3 or a.dim() not in (2, 3):
+        return opaque(c)
+    c.a.uf.union_vecs(da[-1], db[-2]) if (da[-1] is not None or db[-2] is not None) else None
+    c.a.uf.freeze(db[0]) if db[0] is not None else None
+    if a.dim() == 3:
+        c.a.uf.freeze(da[0]) if da[0] is not None else None
+        return _out_tl(c.out, [None, da[1], db[-1]])
+    return _out_tl(c.out, [da[0], db[-1]])
+
+
 @register_rule(torch.addmm, T.addmm, torch.baddbmm, T.baddbmm)
 def addmm(c: RuleCall) -> Any:
     """`bias + mat1 @ mat2` (Hugging Face's GPT-2 `Conv1D`: `addmm(b, x, W)` with W stored [in, out]): the

@@ -127,7 +127,5 @@ mark_opaque(nn.Bilinear, nn.EmbeddingBag, nn.RNNCell, nn.LSTMCell, nn.GRUCell,
             torch.ger, T.ger, torch.addmv, T.addmv, torch.addbmm, T.addbmm, torch.linalg.multi_dot,
             torch.chain_matmul, F.bilinear,
             operator.getitem, ShapeGuard, TrainingFlag)
-# Mixture-of-experts grouped GEMMs (3-D expert weights) and the functional attention WavLM calls with its own
-# weights: counted (amc.graph.macs), their channels not modelled yet
-mark_opaque(F.multi_head_attention_forward,
-            *[f for f in (getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f])
+# The functional attention WavLM calls with its own weights: counted (amc.graph.macs), channels not modelled
+mark_opaque(F.multi_head_attention_forward)

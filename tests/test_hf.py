@@ -3,6 +3,7 @@
 and counted without passing the inputs again."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
@@ -956,3 +957,45 @@ def test_mixture_of_experts_prune_write_back_and_reload(name, tmp_path, one_thre
         back = getattr(T, type(model).__name__).from_pretrained(str(tmp_path)).eval()
         assert back.config.hidden_size == 32
         torch.testing.assert_close(back(**new, use_cache=False).logits, hard(**new).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mamba_prunes_writes_back_and_reloads(tmp_path, one_thread):
+    """A state-space model: the inner width, the SSM state (A_log, B and C together) and the time-step rank
+    prune (soft == hard); to_module failed ('split_sizes [4, 8, 8]' on a 10-wide x_proj), since the mixer
+    splits by its own size attributes and calls its depthwise conv with the conv's stale `groups`. The
+    config now states the pruned sizes, so plain transformers reloads it, and it generates."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.MambaForCausalLM(T.MambaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, state_size=8,
+                                             expand=2)).eval()
+    ids = torch.randint(1, 100, (2, 12))
+    net = amc.trace(model, input_ids=ids, use_cache=False)
+    hard, soft = amc.prune(net, 0.5), amc.prune(net, 0.5, mode="soft")
+    with torch.no_grad():
+        torch.testing.assert_close(soft(input_ids=ids).logits, hard(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        assert amc.count(hard, input_ids=ids)[0] < 0.3 * amc.count(net, input_ids=ids)[0]
+        eager = amc.export.to_module(hard, model, input_ids=ids, use_cache=False)
+        mixer = eager.backbone.layers[0].mixer
+        assert (mixer.ssm_state_size, mixer.time_step_rank, mixer.conv1d.groups) == (4, 2, 64)
+        config = eager.config
+        assert (config.hidden_size, config.intermediate_size, config.state_size, config.time_step_rank) == (32, 64, 4, 2)
+        assert eager.generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+        amc.export.save_pretrained(eager, str(tmp_path))
+        back = T.MambaForCausalLM.from_pretrained(str(tmp_path)).eval()
+        torch.testing.assert_close(back(input_ids=ids, use_cache=False).logits, hard(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes: Python 3.11")
+def test_a_graph_that_fixed_a_length_says_so_when_it_fails(one_thread):
+    """Mamba's recurrent scan loops `for i in range(seq_len)` in Python: the graph holds the captured length,
+    and a shorter input failed with a bare IndexError from deep inside the replay."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.MambaForCausalLM(T.MambaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, state_size=4)).eval()
+    net = amc.trace(model, input_ids=torch.randint(1, 100, (2, 12)), use_cache=False)
+    with pytest.raises(IndexError) as info:
+        net(input_ids=torch.randint(1, 100, (3, 7)))
+    assert "captured with [(2, 12)]" in "".join(getattr(info.value, "__notes__", []))

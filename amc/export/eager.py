@@ -25,6 +25,7 @@ from ..graph.clone import clone_module
 from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
 from ..graph.template import Ref
 from ..graph.untouched import training_mode
+from .layer_sizes import follow_tensors
 from .onnx_io import tensor_leaves
 
 #: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
@@ -209,6 +210,21 @@ register_attribute_rule(lambda m: all(isinstance(getattr(m, a, None), int) for a
                         _expert_sizes)
 
 
+def _state_space_sizes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """Mamba's mixer splits `x_proj`'s output by `time_step_rank` and `ssm_state_size` and sizes its cache by
+    `intermediate_size`: read them back from `A_log [intermediate, state]` and `dt_proj [intermediate, rank]`."""
+    a_log, dt, inp = getattr(module, "A_log", None), getattr(module, "dt_proj", None), getattr(module, "in_proj", None)
+    if not (isinstance(a_log, torch.Tensor) and a_log.dim() == 2 and isinstance(getattr(dt, "weight", None), torch.Tensor)):
+        return {}
+    sizes = {"intermediate_size": a_log.shape[0], "ssm_state_size": a_log.shape[1], "time_step_rank": dt.weight.shape[1],
+             "hidden_size": getattr(getattr(inp, "weight", None), "shape", (None, None))[1]}
+    return {k: int(v) for k, v in sizes.items() if isinstance(v, int) and isinstance(getattr(module, k, None), int)}
+
+
+register_attribute_rule(lambda m: all(isinstance(getattr(m, a, None), int) for a in ("ssm_state_size", "time_step_rank")),
+                        _state_space_sizes)
+
+
 def _set_path(root: nn.Module, path: str, value: Any) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -231,7 +247,7 @@ def _has_tensor(root: nn.Module, path: str) -> bool:
 
 def _write_layers(net: Any, out: nn.Module) -> None:
     modules = dict(out.named_modules())
-    foreign, written = [], set()
+    foreign, written, owners = [], set(), set()
     for node, op in net.iter_nodes():
         if isinstance(op, Constant) or node.module in written:  # a shared layer (ALBERT) called again
             continue
@@ -239,6 +255,7 @@ def _write_layers(net: Any, out: nn.Module) -> None:
         if isinstance(op, ParamHolder):
             if _has_tensor(out, node.name):
                 _set_path(out, node.name, copy.deepcopy(op.value))
+                owners.add(node.name.rpartition(".")[0])  # a layer whose weight the model reads directly
                 continue
             foreign.append(f"{node.name} (a tensor)")
             continue
@@ -252,6 +269,9 @@ def _write_layers(net: Any, out: nn.Module) -> None:
             foreign.append(f"{node.name} ({type(op).__name__})")
             continue
         _set_path(out, node.name, clone_module(op, {}))
+    for path in owners:  # Mamba's `F.conv1d(x, self.conv1d.weight, groups=self.conv1d.groups)`
+        if path in modules:
+            follow_tensors(modules[path])
     if foreign:
         raise ExportError(
             f"to_module writes pruned layers back by name, but {len(foreign)} layer(s) of the network have no "

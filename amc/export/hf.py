@@ -26,9 +26,12 @@ from ..errors import ExportError, LoadError
 from ..graph import reparam
 from .atomic import atomic_paths
 from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
+from .layer_sizes import RESIZE
 
 _ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + (  # nf, nx, split_size: GPT-2's Conv1D, attention
-    "scaling", "split_size", "num_key_value_heads", "nf", "nx", "hidden_dim", "intermediate_dim")  # last: MoE
+    "scaling", "split_size", "num_key_value_heads", "nf", "nx", "hidden_dim", "intermediate_dim",  # MoE
+    "ssm_state_size", "time_step_rank")  # last: Mamba's mixer
+_SAME_AS = {"state_size": "ssm_state_size"}  # config field -> the layer attribute that holds it (Mamba)
 _KEY = "amc_layers"
 _FFN_ATTRS = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "ffn_hidden_size",  # the MLP's hidden width
               "moe_intermediate_size", "shared_expert_intermediate_size")  # a mixture of experts': each expert's
@@ -80,6 +83,13 @@ def _candidate(model: nn.Module, original: nn.Module) -> Any:
             if _uniform(sizes) is not None:
                 setattr(config, name, _uniform(sizes))
     width = _embedding_width(model)
+    for key, value in list(vars(config).items()):  # a size the layers keep under the config's name (Mamba)
+        if isinstance(value, int) and not isinstance(value, bool):
+            attr = _SAME_AS.get(key, key)
+            sizes = [getattr(m, attr) for p, m in model.named_modules() if isinstance(getattr(m, attr, None), int)
+                     and getattr(before.get(p), attr, None) == value]
+            if _uniform(sizes) is not None and _uniform(sizes) != value:
+                setattr(config, key, _uniform(sizes))
     if width is not None and width != _embedding_width(original) and hasattr(config, "hidden_size"):
         if getattr(config, "word_embed_proj_dim", None) == config.hidden_size:  # OPT: no projection in/out
             config.word_embed_proj_dim = width
@@ -207,31 +217,6 @@ def save_pretrained(model: nn.Module, directory: str, **kwargs: Any) -> str:
     return directory
 
 
-def _resize_conv(m: nn.Module, s: Dict[str, list]) -> None:
-    m.out_channels, m.in_channels = s["weight"][0], s["weight"][1] * m.groups
-
-
-def _resize_bn(m: nn.Module, s: Dict[str, list]) -> None:
-    m.num_features = s["running_mean"][0]
-
-
-def _resize_gn(m: nn.Module, s: Dict[str, list]) -> None:
-    """Pruning removes whole groups: as many channels per group as the layer was built with."""
-    per_group = m.num_channels // m.num_groups
-    m.num_channels = s["weight"][0]
-    m.num_groups = m.num_channels // per_group
-
-
-#: how a torch.nn layer's size attributes follow its resized tensors ({tensor name: shape})
-_RESIZE = {
-    nn.Linear: lambda m, s: (setattr(m, "out_features", s["weight"][0]), setattr(m, "in_features", s["weight"][1])),
-    nn.LayerNorm: lambda m, s: setattr(m, "normalized_shape", tuple(s.get("weight") or s.get("bias"))),
-    nn.Embedding: lambda m, s: (setattr(m, "num_embeddings", s["weight"][0]), setattr(m, "embedding_dim", s["weight"][1])),
-    nn.Conv1d: _resize_conv, nn.Conv2d: _resize_conv, nn.Conv3d: _resize_conv,
-    nn.BatchNorm1d: _resize_bn, nn.BatchNorm2d: _resize_bn, nn.GroupNorm: _resize_gn,
-}
-
-
 def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
     by_module: Dict[str, Dict[str, list]] = {}
     for name, shape in shapes.items():
@@ -251,7 +236,7 @@ def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
             path = path.rpartition(".parametrizations.")[0]
         owners[path] = model.get_submodule(path)
     for path, module in owners.items():  # after every tensor is in place, so a computed weight has its shape
-        resize = _RESIZE.get(reparam.base_class(module))
+        resize = RESIZE.get(reparam.base_class(module))
         if resize is None and type(module).__module__.startswith("torch.nn"):  # sizes kept in attributes
             raise LoadError(f"the checkpoint resizes {path} ({type(module).__name__}), which amc cannot rebuild")
         if resize is not None:  # the model's own modules use their tensors as they are

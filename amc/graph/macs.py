@@ -115,7 +115,7 @@ def fmha_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
 
 
 def fconv_macs(fn: Any, args: tuple, kwargs: dict, out: Any) -> int:
-    w = args[1]
+    w = args[1] if len(args) > 1 else kwargs["weight"]  # F.conv1d(x, weight=w) (Mamba's causal conv)
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
     active = out.shape[0] * math.prod(out.shape[2:])
     return math.prod(w.shape[1:]) * w.shape[0] * active + (w.shape[0] * active if bias is not None else 0)

@@ -216,20 +216,38 @@ class ReconstructedNetwork(nn.Module):
             return self._traced_by_fx(args, kwargs)
         env = self._bind_inputs(args, kwargs)
         direct = _direct_calls_allowed()
-        for name, module, get_args, get_kwargs, frees, kind, amp in self._plan:
-            if direct and kind and not _has_hooks(module):
-                call = module.fn if kind == _REPLAY else module.forward
-            else:
-                call = module
-            if amp:
-                call = functools.partial(under_autocast, amp, call)
-            if get_kwargs is None:
-                env[name] = call(*get_args(env))
-            else:
-                env[name] = call(*get_args(env), **get_kwargs(env))
-            for f in frees:
-                del env[f]
+        name = ""
+        try:
+            for name, module, get_args, get_kwargs, frees, kind, amp in self._plan:
+                if direct and kind and not _has_hooks(module):
+                    call = module.fn if kind == _REPLAY else module.forward
+                else:
+                    call = module
+                if amp:
+                    call = functools.partial(under_autocast, amp, call)
+                if get_kwargs is None:
+                    env[name] = call(*get_args(env))
+                else:
+                    env[name] = call(*get_args(env), **get_kwargs(env))
+                for f in frees:
+                    del env[f]
+        except Exception as exc:
+            if hasattr(exc, "add_note") and name:  # Python >= 3.11: the same exception, with where and why
+                exc.add_note(self._failure_note(name, args, kwargs))
+            raise
         return self._get_output(env)
+
+    def _failure_note(self, name: str, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> str:
+        """Which node failed, and the inputs' shapes beside the captured ones: a size the model's Python code
+        turned into a constant (a loop over a length, a list of that many) holds for the captured shapes only."""
+        given = [tuple(v.shape) for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        traced = [tuple(n.meta["out"]["shape"]) for n in self.input_order()
+                  if isinstance(n.meta.get("out"), dict) and "shape" in n.meta["out"]]
+        note = f"amc: raised by node {name!r} ({self.node(name).meta.get('op', '?')}) of the ReconstructedNetwork"
+        if given and traced and given != traced:
+            note += (f"; inputs of shapes {given}, captured with {traced}: if the model's code loops over or "
+                     "lists a size, the graph holds the captured one only; trace with inputs of the shape you run")
+        return note
 
     def _traced_by_fx(self, args: Any, kwargs: Any) -> Any:
         """torch.fx is tracing: run the GraphModule of this graph (`amc.export.to_fx`) on the Proxies."""

@@ -1,0 +1,53 @@
+"""How a torch.nn layer's size attributes follow tensors that were resized under it.
+
+A pruned tensor written into a layer from outside its forward (a conv or linear whose weight the model reads
+as `self.conv1d.weight`, a checkpoint's smaller tensors) leaves `in_features`, `out_channels`, `groups`...
+describing the old layer; code that reads them (`F.conv1d(x, conv.weight, groups=conv.groups)`, a cache
+sized from `conv.out_channels`) would then compute with the old sizes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch.nn as nn
+
+Shapes = Dict[str, list]
+
+
+def _resize_conv(m: nn.Module, s: Shapes) -> None:
+    """Channels per group stay as built: a depthwise conv that lost channels lost groups; a grouped conv
+    whose groups each lost input channels keeps its group count."""
+    out, per_group_in = s["weight"][0], s["weight"][1]
+    multiplier = m.out_channels // m.groups
+    if per_group_in == m.in_channels // m.groups and out % multiplier == 0 and m.groups > 1:
+        m.groups = out // multiplier
+    m.out_channels, m.in_channels = out, per_group_in * m.groups
+
+
+def _resize_bn(m: nn.Module, s: Shapes) -> None:
+    m.num_features = s["running_mean"][0]
+
+
+def _resize_gn(m: nn.Module, s: Shapes) -> None:
+    """Pruning removes whole groups: as many channels per group as the layer was built with."""
+    per_group = m.num_channels // m.num_groups
+    m.num_channels = s["weight"][0]
+    m.num_groups = m.num_channels // per_group
+
+
+#: {layer class: fn(layer, {tensor name: shape})}
+RESIZE: Dict[type, Callable[[nn.Module, Shapes], None]] = {
+    nn.Linear: lambda m, s: (setattr(m, "out_features", s["weight"][0]), setattr(m, "in_features", s["weight"][1])),
+    nn.LayerNorm: lambda m, s: setattr(m, "normalized_shape", tuple(s.get("weight") or s.get("bias"))),
+    nn.Embedding: lambda m, s: (setattr(m, "num_embeddings", s["weight"][0]), setattr(m, "embedding_dim", s["weight"][1])),
+    nn.Conv1d: _resize_conv, nn.Conv2d: _resize_conv, nn.Conv3d: _resize_conv,
+    nn.BatchNorm1d: _resize_bn, nn.BatchNorm2d: _resize_bn, nn.GroupNorm: _resize_gn,
+}
+
+
+def follow_tensors(module: nn.Module) -> None:
+    """Set a torch.nn layer's size attributes from the tensors it holds now (other classes: unchanged)."""
+    resize = RESIZE.get(type(module))
+    if resize is not None:
+        resize(module, {k: list(v.shape) for k, v in [*module.named_parameters(recurse=False),
+                                                       *module.named_buffers(recurse=False)]})

@@ -999,3 +999,26 @@ def test_a_graph_that_fixed_a_length_says_so_when_it_fails(one_thread):
     with pytest.raises(IndexError) as info:
         net(input_ids=torch.randint(1, 100, (3, 7)))
     assert "captured with [(2, 12)]" in "".join(getattr(info.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("family", ["ConvNext", "ConvNextV2"])
+def test_convnext_writes_back_and_reloads(family, tmp_path, one_thread):
+    """ConvNeXt's channels-first LayerNorm is an nn.LayerNorm subclass that calls F.layer_norm with its own
+    `normalized_shape`: to_module left it at the unpruned width ('Expected weight to be of same shape as
+    normalized_shape'). Its size attributes now follow its tensors, as an nn.LayerNorm's do."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = getattr(T, f"{family}Config")(hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=5)
+    model = getattr(T, f"{family}ForImageClassification")(config).eval()
+    x, y = torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    hard = amc.prune(model, 0.5, example_kwargs={"pixel_values": x})
+    with torch.no_grad():
+        assert amc.count(hard, pixel_values=y)[0] < 0.5 * amc.count(model, pixel_values=y)[0]
+        eager = amc.export.to_module(hard, model, pixel_values=x)
+        norms = [m for m in eager.modules() if isinstance(m, torch.nn.LayerNorm) and hasattr(m, "data_format")]
+        assert norms and all(tuple(m.normalized_shape) == tuple(m.weight.shape) for m in norms)
+        torch.testing.assert_close(eager(pixel_values=y).logits, hard(pixel_values=y).logits, rtol=1e-5, atol=1e-5)
+        amc.export.save_pretrained(eager, str(tmp_path))
+        back = amc.export.from_pretrained(str(tmp_path))  # per-stage widths: the config keeps amc_layers
+        torch.testing.assert_close(back(pixel_values=y).logits, hard(pixel_values=y).logits, rtol=1e-5, atol=1e-5)

@@ -26,7 +26,7 @@ from ..errors import ExportError, LoadError
 from ..graph import reparam
 from .atomic import atomic_paths
 from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
-from .layer_sizes import RESIZE
+from .layer_sizes import resizer
 
 _ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + (  # nf, nx, split_size: GPT-2's Conv1D, attention
     "scaling", "split_size", "num_key_value_heads", "nf", "nx", "hidden_dim", "intermediate_dim",  # MoE
@@ -236,7 +236,7 @@ def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
             path = path.rpartition(".parametrizations.")[0]
         owners[path] = model.get_submodule(path)
     for path, module in owners.items():  # after every tensor is in place, so a computed weight has its shape
-        resize = RESIZE.get(reparam.base_class(module))
+        resize = resizer(reparam.base_class(module))
         if resize is None and type(module).__module__.startswith("torch.nn"):  # sizes kept in attributes
             raise LoadError(f"the checkpoint resizes {path} ({type(module).__name__}), which amc cannot rebuild")
         if resize is not None:  # the model's own modules use their tensors as they are

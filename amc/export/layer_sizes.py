@@ -7,7 +7,7 @@ sized from `conv.out_channels`) would then compute with the old sizes.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
@@ -45,9 +45,15 @@ RESIZE: Dict[type, Callable[[nn.Module, Shapes], None]] = {
 }
 
 
+def resizer(cls: type) -> Optional[Callable[[nn.Module, Shapes], None]]:
+    """The entry of `cls` or of the torch.nn class it derives from (transformers' ConvNextLayerNorm is an
+    nn.LayerNorm that F.layer_norm's its input with `self.normalized_shape`)."""
+    return next((RESIZE[k] for k in cls.__mro__ if k in RESIZE), None)
+
+
 def follow_tensors(module: nn.Module) -> None:
     """Set a torch.nn layer's size attributes from the tensors it holds now (other classes: unchanged)."""
-    resize = RESIZE.get(type(module))
+    resize = resizer(type(module))
     if resize is not None:
         resize(module, {k: list(v.shape) for k, v in [*module.named_parameters(recurse=False),
                                                        *module.named_buffers(recurse=False)]})

@@ -33,9 +33,18 @@ def _mobilenet_v2():
     return torchvision.models.mobilenet_v2(num_classes=10)
 
 
+def _torchvision_vit():
+    """Its `_process_input` reshapes the patches to `self.hidden_dim`, which TP's ViT example patches by hand."""
+    import torchvision
+
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=32,
+                                                mlp_dim=64, num_classes=10)
+
+
 MODELS = {"digits_resnet": (lambda: amc.models.create("digits_resnet"), (1, 8, 8)),
           "vit_digits": (lambda: amc.models.create("vit_digits"), (1, 16, 16)),
-          "torchvision_mobilenet_v2": (_mobilenet_v2, (3, 32, 32))}
+          "torchvision_mobilenet_v2": (_mobilenet_v2, (3, 32, 32)),
+          "torchvision_vit": (_torchvision_vit, (3, 32, 32))}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -210,6 +210,16 @@ register_attribute_rule(lambda m: all(isinstance(getattr(m, a, None), int) for a
                         _expert_sizes)
 
 
+def _patch_width(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """torchvision's VisionTransformer reshapes its patches to `hidden_dim` (Torch-Pruning's ViT example
+    patches `model.hidden_dim` by hand): the patch projection's width."""
+    return {"hidden_dim": int(module.conv_proj.out_channels)}
+
+
+register_attribute_rule(lambda m: isinstance(getattr(m, "hidden_dim", None), int)
+                        and isinstance(getattr(m, "conv_proj", None), nn.Conv2d), _patch_width)
+
+
 def _state_space_sizes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     """Mamba's mixer splits `x_proj`'s output by `time_step_rank` and `ssm_state_size` and sizes its cache by
     `intermediate_size`: read them back from `A_log [intermediate, state]` and `dt_proj [intermediate, rank]`."""

@@ -109,3 +109,23 @@ def test_bad_rule_and_checkpoint_folder_are_named(tmp_path):
         amc.export.register_attribute_rule("OddAttention", {"dk": 4})
     with pytest.raises(amc.errors.LoadError, match="no config.json"):
         amc.export.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("heads", [False, True], ids=["dims", "heads"])
+def test_timm_vit_written_back(heads, one_thread):
+    """timm's Attention reshapes qkv to (B, N, 3, num_heads, head_dim) and returns attn_dim features. With 3
+    heads pruned to 2 the reshape (3, 2, 64) was read as 3 heads (the q/k/v count taken for the head
+    count), attn_dim was not updated, and with pruned head dims its fused SDPA scaled by the new head size
+    (the written-back copy now takes timm's own path, which keeps `scale`)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2,
+                                                             num_heads=3, mlp_ratio=2, num_classes=10).eval()
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)
+    small = amc.prune(model, ratio=0.4, example_inputs=(x,), heads=heads)
+    eager = amc.export.to_module(small, model, x)
+    attn = eager.blocks[0].attn
+    assert attn.num_heads == (2 if heads else 3) and attn.attn_dim == attn.num_heads * attn.head_dim
+    assert attn.fused_attn is heads  # only a changed head size needs the unfused path
+    with torch.no_grad():
+        assert torch.allclose(eager(y), small(y), atol=1e-5)

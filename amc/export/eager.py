@@ -31,7 +31,7 @@ from .onnx_io import tensor_leaves
 #: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
 HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")  # last: T5
-ALL_HEADS_ATTRS = ("all_head_size", "inner_dim")  # inner_dim: T5
+ALL_HEADS_ATTRS = ("all_head_size", "inner_dim", "attn_dim")  # inner_dim: T5; attn_dim: timm
 QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn", "query_key_value", "qkv_proj")  # BLOOM, NeoX, Phi-3
 FUSED_NAMES = ("qkv", "c_attn", "query_key_value", "qkv_proj")  # one projection for q, k and v
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin")
@@ -54,10 +54,11 @@ def _sizes(node: Any) -> List[Any]:
     return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
 
 
-def _head_splits(net: Any, producer: str, features: int, heads: Optional[int] = None) -> List[Tuple[int, int]]:
+def _head_splits(net: Any, producer: str, features: int, pieces: int = 1) -> List[Tuple[int, int]]:
     """(heads, head size) of every view/reshape that splits `producer`'s output into heads: directly (a q
-    Linear), or each piece of a split of it (GPT-2's fused `c_attn(x).split(split_size, dim=2)`), whose
-    features are then the piece's size. `producer` may be a module traced into (its nodes share its prefix)."""
+    Linear; a fused qkv holds `pieces` = 3 of them), or each piece of a split of it (GPT-2's fused
+    `c_attn(x).split(split_size, dim=2)`), whose features are then the piece's size. `producer` may be a module
+    traced into (its nodes share its prefix)."""
     def reads(node: Any, name: str) -> bool:
         ref = node.args[0] if node.args else None
         return isinstance(ref, Ref) and (ref.node == name or ref.node.startswith(name + "."))
@@ -65,14 +66,14 @@ def _head_splits(net: Any, producer: str, features: int, heads: Optional[int] = 
     found = []
     for node, module in net.iter_nodes():
         if isinstance(module, TensorReshape) and reads(node, producer) and not node.name.startswith(producer + "."):
-            split = _heads_from_reshape(_sizes(node), features, heads)
+            split = _heads_from_reshape(_sizes(node), features, pieces)
             found += [split] if split else []
         elif isinstance(module, TensorSlice) and reads(node, producer) and len(node.args) > 1:
             piece = _piece_features(node.args[1], features)
             for reader, op in net.iter_nodes() if piece else ():
                 if isinstance(op, TensorReshape) and reader.args and isinstance(reader.args[0], Ref) \
                         and reader.args[0].node == node.name:
-                    split = _heads_from_reshape(_sizes(reader), piece, heads)
+                    split = _heads_from_reshape(_sizes(reader), piece)
                     found += [split] if split else []
     return found
 
@@ -104,16 +105,22 @@ def _features(module: nn.Module) -> Optional[int]:
     return int(weight.shape[1]) if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) else None
 
 
-def _heads_from_reshape(sizes: List[Any], features: int, heads: Optional[int] = None) -> Optional[Tuple[int, int]]:
+def _heads_from_reshape(sizes: List[Any], features: int, pieces: int = 1) -> Optional[Tuple[int, int]]:
     """(head count, head size) of a projection with `features` outputs split by `sizes`: the last is the
-    head size; the head count is the one size equal to the module's unchanged count (BLOOM's fused
-    `view(B, L, heads, 3, head_dim)`), else the size before the last, else what a -1 there stands for."""
+    head size; the head count is the one size whose companions multiply to the projection's `pieces` (3
+    for a fused qkv: BLOOM's `view(B, L, heads, 3, head_dim)`, timm's `reshape(B, N, 3, heads, head_dim)`,
+    which read alike once 3 heads are pruned to 2), else the size before the last, else what a -1 there
+    stands for."""
     tail = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool)]
+    if len(tail) >= 3 and tail[-1] == -1 and all(s > 0 for s in tail[:-1]) and features % math.prod(tail[:-1]) == 0:
+        tail[-1] = features // math.prod(tail[:-1])  # timm's Eva: reshape(B, N, 3, heads, -1)
     if len(tail) < 2 or tail[-1] <= 0:
         return None
     size, others = tail[-1], tail[:-1]
-    if heads is not None and others.count(heads) == 1:
-        return heads, size
+    if len(others) > 1 and all(s > 0 for s in others) and math.prod(others) * size == features:
+        fits = {h for i, h in enumerate(others) if math.prod(others[:i] + others[i + 1:]) == pieces}
+        if len(fits) == 1:
+            return fits.pop(), size
     if others[-1] > 0:  # OPT's view(bsz, -1, heads, head_dim): the -1 is the sequence
         return others[-1], size
     return features // (size * math.prod(s for s in others if s > 0)), size
@@ -123,13 +130,13 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     found: Dict[str, Tuple[int, int]] = {}
     grouped: Dict[str, int] = {}
     pieces = 0
-    count = next((getattr(module, a) for a in HEAD_COUNT_ATTRS if isinstance(getattr(module, a, None), int)), None)
     for role, names in (("query", QUERY_NAMES), ("value", VALUE_NAMES)):
         for name in names:
             child = getattr(module, name, None)
             qualified = f"{path}.{name}" if path else name
             if child is not None and _features(child) is not None:
-                splits = list(dict.fromkeys(_head_splits(net, qualified, _features(child), count)))  # q .. v
+                splits = list(dict.fromkeys(  # q .. v
+                    _head_splits(net, qualified, _features(child), 3 if name in FUSED_NAMES else 1)))
                 if len(splits) > 1:  # q, k, v pieces of one fused projection kept different head sizes
                     found["query"], found["value"] = splits[0], splits[-1]
                 elif splits:
@@ -170,6 +177,10 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
         for name in names:
             if isinstance(getattr(module, name, None), int):
                 new[name] = value
+    before = next((getattr(module, a) for a in HEAD_SIZE_ATTRS if isinstance(getattr(module, a, None), int)), size)
+    if before != size and getattr(module, "fused_attn", None) is True and isinstance(getattr(module, "scale", None),
+                                                                                      float):
+        new["fused_attn"] = False  # timm: fused SDPA would scale by the pruned head size; its own path keeps `scale`
     return new
 
 

@@ -235,15 +235,17 @@ def _state_space_sizes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]
     """Mamba's mixer splits `x_proj`'s output by `time_step_rank` and `ssm_state_size` and sizes its cache by
     `intermediate_size`: read them back from `A_log [intermediate, state]` and `dt_proj [intermediate, rank]`."""
     a_log, dt, inp = getattr(module, "A_log", None), getattr(module, "dt_proj", None), getattr(module, "in_proj", None)
-    if not (isinstance(a_log, torch.Tensor) and a_log.dim() == 2 and isinstance(getattr(dt, "weight", None), torch.Tensor)):
+    if not (isinstance(a_log, torch.Tensor) and a_log.dim() == 2
+            and isinstance(getattr(dt, "weight", None), torch.Tensor)):
         return {}
-    sizes = {"intermediate_size": a_log.shape[0], "ssm_state_size": a_log.shape[1], "time_step_rank": dt.weight.shape[1],
-             "hidden_size": getattr(getattr(inp, "weight", None), "shape", (None, None))[1]}
+    sizes = {"intermediate_size": a_log.shape[0], "ssm_state_size": a_log.shape[1],
+             "time_step_rank": dt.weight.shape[1], "hidden_size": getattr(getattr(inp, "weight", None), "shape",
+                                                                          (None, None))[1]}
     return {k: int(v) for k, v in sizes.items() if isinstance(v, int) and isinstance(getattr(module, k, None), int)}
 
 
-register_attribute_rule(lambda m: all(isinstance(getattr(m, a, None), int) for a in ("ssm_state_size", "time_step_rank")),
-                        _state_space_sizes)
+register_attribute_rule(lambda m: all(isinstance(getattr(m, a, None), int)
+                                      for a in ("ssm_state_size", "time_step_rank")), _state_space_sizes)
 
 
 def _set_path(root: nn.Module, path: str, value: Any) -> None:

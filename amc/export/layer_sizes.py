@@ -39,7 +39,8 @@ def _resize_gn(m: nn.Module, s: Shapes) -> None:
 RESIZE: Dict[type, Callable[[nn.Module, Shapes], None]] = {
     nn.Linear: lambda m, s: (setattr(m, "out_features", s["weight"][0]), setattr(m, "in_features", s["weight"][1])),
     nn.LayerNorm: lambda m, s: setattr(m, "normalized_shape", tuple(s.get("weight") or s.get("bias"))),
-    nn.Embedding: lambda m, s: (setattr(m, "num_embeddings", s["weight"][0]), setattr(m, "embedding_dim", s["weight"][1])),
+    nn.Embedding: lambda m, s: (setattr(m, "num_embeddings", s["weight"][0]),
+                                setattr(m, "embedding_dim", s["weight"][1])),
     nn.Conv1d: _resize_conv, nn.Conv2d: _resize_conv, nn.Conv3d: _resize_conv,
     nn.BatchNorm1d: _resize_bn, nn.BatchNorm2d: _resize_bn, nn.GroupNorm: _resize_gn,
 }

@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 from torch.nn.utils.parametrizations import _WeightNorm
 
-__all__ = ["weight_norms", "masks", "computed_weights", "computed_by", "layout_of", "source_tensor", "select", "zero", "assign", "base_class", "register",
-           "stripped", "restore", "own_classes", "computed"]
+__all__ = ["weight_norms", "masks", "computed_weights", "computed_by", "layout_of", "source_tensor", "select", "zero",
+           "assign", "base_class", "register", "stripped", "restore", "own_classes", "computed"]
 
 
 def _hooks(module: nn.Module) -> Dict[str, object]:
@@ -98,7 +98,7 @@ def source_tensor(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
         return _g_v(module, attr)[3]
     if parametrize.is_parametrized(module, attr):
         plist = module.parametrizations[attr]
-        return getattr(plist, "original", None) if hasattr(plist, "original") else plist.original0
+        return plist.original if hasattr(plist, "original") else plist.original0
     return None
 
 

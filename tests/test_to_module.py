@@ -129,3 +129,18 @@ def test_timm_vit_written_back(heads, one_thread):
     assert attn.fused_attn is heads  # only a changed head size needs the unfused path
     with torch.no_grad():
         assert torch.allclose(eager(y), small(y), atol=1e-5)
+
+
+def test_blur_pool_channels_follow_its_filter(one_thread):
+    """timm's BlurPool2d convolves with `groups=self.channels`: the written-back copy kept the unpruned count
+    ('Given groups=64, expected weight to be at least 64')."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnetblur18", pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    small = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    eager = amc.export.to_module(small, model, x)
+    blurs = [(m, o) for m, o in zip(eager.modules(), model.modules()) if type(m).__name__ == "BlurPool2d"]
+    assert blurs and all(m.channels == m.filt.shape[0] < o.channels for m, o in blurs)
+    with torch.no_grad():
+        assert torch.allclose(eager(x), small(x), atol=1e-5)

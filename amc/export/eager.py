@@ -231,6 +231,17 @@ register_attribute_rule(lambda m: isinstance(getattr(m, "hidden_dim", None), int
                         and isinstance(getattr(m, "conv_proj", None), nn.Conv2d), _patch_width)
 
 
+def _filter_channels(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """A depthwise fixed filter (timm's BlurPool2d: `F.conv2d(x, self.filt, groups=self.channels)`): one filter
+    row per channel kept."""
+    return {"channels": int(module.filt.shape[0])}
+
+
+register_attribute_rule(lambda m: isinstance(getattr(m, "channels", None), int) and not isinstance(m.channels, bool)
+                        and isinstance(getattr(m, "filt", None), torch.Tensor) and m.filt.dim() == 4
+                        and m.filt.shape[1] == 1, _filter_channels)
+
+
 def _state_space_sizes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     """Mamba's mixer splits `x_proj`'s output by `time_step_rank` and `ssm_state_size` and sizes its cache by
     `intermediate_size`: read them back from `A_log [intermediate, state]` and `dt_proj [intermediate, rank]`."""

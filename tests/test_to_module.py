@@ -144,3 +144,19 @@ def test_blur_pool_channels_follow_its_filter(one_thread):
     assert blurs and all(m.channels == m.filt.shape[0] < o.channels for m, o in blurs)
     with torch.no_grad():
         assert torch.allclose(eager(x), small(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["poolformer_s12", "caformer_s18"])
+def test_metaformer_scale_and_group_norm_follow_their_tensors(name, one_thread):
+    """timm's MetaFormer multiplies by `scale.view(self.shape)` (shape (dim, 1, 1) kept unpruned: 'shape
+    [320] is invalid'), and its GroupNorm1 (one group over channels and space) was resized to 0 groups."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    small = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    eager = amc.export.to_module(small, model, x)
+    scales = [m for m in eager.modules() if type(m).__name__ == "Scale"]
+    assert all(m.shape[0] == m.scale.numel() for m in scales)
+    with torch.no_grad():
+        assert torch.allclose(eager(x), small(x), atol=1e-5)

@@ -242,6 +242,16 @@ register_attribute_rule(lambda m: isinstance(getattr(m, "channels", None), int) 
                         and m.filt.shape[1] == 1, _filter_channels)
 
 
+def _scale_shape(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """timm's MetaFormer `Scale` multiplies by `self.scale.view(self.shape)`, shape `(dim, 1, 1)`."""
+    return {"shape": (int(module.scale.numel()),) + tuple(module.shape[1:])}
+
+
+register_attribute_rule(lambda m: isinstance(getattr(m, "scale", None), torch.Tensor) and m.scale.dim() == 1
+                        and isinstance(getattr(m, "shape", None), tuple) and len(m.shape) >= 1
+                        and all(type(v) is int for v in m.shape) and all(v == 1 for v in m.shape[1:]), _scale_shape)
+
+
 def _state_space_sizes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     """Mamba's mixer splits `x_proj`'s output by `time_step_rank` and `ssm_state_size` and sizes its cache by
     `intermediate_size`: read them back from `A_log [intermediate, state]` and `dt_proj [intermediate, rank]`."""

@@ -29,10 +29,11 @@ def _resize_bn(m: nn.Module, s: Shapes) -> None:
 
 
 def _resize_gn(m: nn.Module, s: Shapes) -> None:
-    """Pruning removes whole groups: as many channels per group as the layer was built with."""
+    """Pruning removes whole groups: as many channels per group as the layer was built with; one group
+    (timm's GroupNorm1, a LayerNorm over channels and space) stays one."""
     per_group = m.num_channels // m.num_groups
     m.num_channels = s["weight"][0]
-    m.num_groups = m.num_channels // per_group
+    m.num_groups = 1 if m.num_groups == 1 else m.num_channels // per_group
 
 
 #: {layer class: fn(layer, {tensor name: shape})}

@@ -335,16 +335,6 @@ class _LossCriterion(Criterion):
         return batches
 
 
-def _computed_sources(net: nn.Module, node_module: str, attr: str) -> List[torch.Tensor]:
-    """The stored tensors a weight-normed or masked `attr` is computed from (they must require grad for its
-    gradient to exist); empty for a plain attribute."""
-    owner, last = owner_of(net, node_module, attr)
-    if last not in reparam.computed_weights(owner):
-        return []
-    kind, _, g, v = reparam._g_v(owner, last)
-    return [v] if kind == "mask" else [g, v]
-
-
 @register_criterion("taylor")
 class Taylor(_LossCriterion):
     """First-order Taylor estimate of the loss change when a unit goes (Molchanov et al. 2019; the seed's
@@ -360,7 +350,7 @@ class Taylor(_LossCriterion):
         sources: List[torch.Tensor] = []
         for ax in analysis.axes:
             module, t = net.node(ax.node).module, param_of(net, net.node(ax.node).module, ax.attr)
-            computed = _computed_sources(net, module, ax.attr)
+            computed = reparam.sources(*owner_of(net, module, ax.attr))
             if (isinstance(t, nn.Parameter) or computed) and t.is_floating_point():  # no BN statistics
                 axes.setdefault((tensor_identity(net, module, ax.attr), ax.dim), (module, ax.attr, ax.dim))
                 sources += computed or [t]

@@ -23,10 +23,9 @@ from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 
 from ..errors import ExportError, LoadError
-from ..graph import reparam
 from .atomic import atomic_paths
 from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
-from .layer_sizes import resizer
+from .layer_sizes import follow_tensors
 
 _ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + (  # nf, nx, split_size: GPT-2's Conv1D, attention
     "scaling", "split_size", "num_key_value_heads", "nf", "nx", "hidden_dim", "intermediate_dim",  # MoE
@@ -236,13 +235,9 @@ def _resize(model: nn.Module, shapes: Dict[str, list]) -> None:
             path = path.rpartition(".parametrizations.")[0]
         owners[path] = model.get_submodule(path)
     for path, module in owners.items():  # after every tensor is in place, so a computed weight has its shape
-        resize = resizer(reparam.base_class(module))
-        if resize is None and type(module).__module__.startswith("torch.nn"):  # sizes kept in attributes
+        # the model's own modules use their tensors as they are; a torch.nn layer's sizes are attributes
+        if not follow_tensors(module) and type(module).__module__.startswith("torch.nn"):
             raise LoadError(f"the checkpoint resizes {path} ({type(module).__name__}), which amc cannot rebuild")
-        if resize is not None:  # the model's own modules use their tensors as they are
-            computed = {attr: list(reparam.computed(module, attr).shape) for attr in reparam.computed_weights(module)}
-            resize(module, {**{k: list(v.shape) for k, v in list(module.named_parameters(recurse=False))
-                               + list(module.named_buffers(recurse=False))}, **computed})
 
 
 def from_pretrained(directory: str, model_class: Optional[type] = None) -> nn.Module:

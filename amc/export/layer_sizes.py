@@ -11,6 +11,8 @@ from typing import Callable, Dict, Optional
 
 import torch.nn as nn
 
+from ..graph import reparam
+
 Shapes = Dict[str, list]
 
 
@@ -53,9 +55,13 @@ def resizer(cls: type) -> Optional[Callable[[nn.Module, Shapes], None]]:
     return next((RESIZE[k] for k in cls.__mro__ if k in RESIZE), None)
 
 
-def follow_tensors(module: nn.Module) -> None:
-    """Set a torch.nn layer's size attributes from the tensors it holds now (other classes: unchanged)."""
-    resize = resizer(type(module))
-    if resize is not None:
-        resize(module, {k: list(v.shape) for k, v in [*module.named_parameters(recurse=False),
-                                                       *module.named_buffers(recurse=False)]})
+def follow_tensors(module: nn.Module) -> bool:
+    """Set a torch.nn layer's size attributes from the tensors it holds now (a weight-normed or masked
+    weight: the one it computes); False for a class with no entry (left as it is)."""
+    resize = resizer(reparam.base_class(module))
+    if resize is None:
+        return False
+    own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    shapes = {k: list(v.shape) for k, v in own}
+    resize(module, {**shapes, **{a: list(reparam.computed(module, a).shape) for a in reparam.computed_weights(module)}})
+    return True

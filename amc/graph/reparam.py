@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -23,8 +23,8 @@ from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 from torch.nn.utils.parametrizations import _WeightNorm
 
-__all__ = ["weight_norms", "masks", "computed_weights", "computed_by", "layout_of", "source_tensor", "select", "zero",
-           "assign", "base_class", "register", "stripped", "restore", "own_classes", "computed"]
+__all__ = ["weight_norms", "masks", "computed_weights", "computed_by", "layout_of", "source_tensor", "sources",
+           "select", "zero", "assign", "base_class", "register", "stripped", "restore", "own_classes", "computed"]
 
 
 def _hooks(module: nn.Module) -> Dict[str, object]:
@@ -100,6 +100,14 @@ def source_tensor(module: nn.Module, attr: str) -> Optional[torch.Tensor]:
         plist = module.parametrizations[attr]
         return plist.original if hasattr(plist, "original") else plist.original0
     return None
+
+
+def sources(module: nn.Module, attr: str) -> List[torch.Tensor]:
+    """The stored tensors a computed `attr` derives from (g and v; weight_orig), empty for a plain one."""
+    if attr not in computed_weights(module):
+        return []
+    kind, _, g, v = _g_v(module, attr)
+    return [v] if kind == "mask" else [g, v]
 
 
 def computed(module: nn.Module, attr: str) -> torch.Tensor:

@@ -1381,3 +1381,29 @@ def test_a_training_capture_whose_eval_path_differs_says_so():
                       else torch.randn(2, 4))
         assert not [w for w in caught if "another path" in str(w.message)]
         assert model.training
+
+
+def test_side_effect_hooks_are_named():
+    """A feature hook (`layer3.register_forward_hook(lambda m, i, o: feats.append(o))`, Grad-CAM's) is not called
+    by the network, which replays recorded ops: capture now says so and where; hooks whose whole effect is a
+    tensor the graph records (torch.nn.utils.prune masks, weight norm) stay quiet."""
+    import warnings
+
+    import torchvision
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    feats = []
+    model.layer3.register_forward_hook(lambda m, i, o: feats.append(o))
+    with pytest.warns(UserWarning, match=r"forward hooks on \['layer3'\]"):
+        net = amc.trace(model, x)
+    feats.clear()
+    net(x)
+    assert feats == []  # what the warning says
+    quiet = torchvision.models.resnet18(num_classes=10).eval()
+    torch.nn.utils.prune.l1_unstructured(quiet.conv1, "weight", 0.3)
+    torch.nn.utils.parametrizations.weight_norm(quiet.fc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        amc.trace(quiet, x)

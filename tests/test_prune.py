@@ -553,3 +553,29 @@ def test_grouped_gemm_prunes_its_widths_and_keeps_its_experts() -> None:
     assert sorted(tuple(p.shape) for p in hard.parameters() if p.dim() == 3) == [(4, 8, 16), (4, 16, 8)]
     torch.testing.assert_close(hard(x), soft(x), rtol=1e-5, atol=1e-5)
     assert amc.count(hard, x)[0] < 0.3 * amc.count(model, x)[0]
+
+
+def test_modules_keep_their_own_training_mode():
+    """A model training with its backbone's BatchNorm frozen (`model.train(); model.backbone.eval()`, as detection
+    fine-tuning does), or an eval model wrapped in nn.DataParallel (which is in train mode): the pruned network
+    put every layer in the root's mode, so it normalised with batch statistics (outputs 0.7 apart from the same
+    model pruned unwrapped) and overwrote the frozen running statistics at every call."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    plain = amc.prune(model, 0.5, example_inputs=(x,))
+    wrapped = amc.prune(nn.DataParallel(model), 0.5, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), plain(x), atol=1e-5)
+
+    model = nn.Sequential(torchvision.models.resnet18(num_classes=16), nn.BatchNorm1d(16), nn.Linear(16, 10)).train()
+    model[0].eval()  # frozen backbone statistics
+    small = amc.prune(model, 0.5, example_inputs=(x,))
+    assert small.training
+    norms = {n.name: small.network[n.module] for n in small.layer_nodes if isinstance(small.network[n.module],
+                                                                                      nn.BatchNorm2d)}
+    assert norms and not any(m.training for m in norms.values())
+    before = {k: m.running_mean.clone() for k, m in norms.items()}
+    small(x)
+    assert all(torch.equal(m.running_mean, before[k]) for k, m in norms.items())
+    assert small.network[small.node("1").module].training  # the head's BatchNorm1d still trains

@@ -131,15 +131,20 @@ def test_timm_vit_written_back(heads, one_thread):
         assert torch.allclose(eager(y), small(y), atol=1e-5)
 
 
+def _timm_written_back(name: str):
+    """(model, pruned network, written-back copy, input) for the smallest timm model of a family, at 64 px."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    small = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    return model, small, amc.export.to_module(small, model, x), x
+
+
 def test_blur_pool_channels_follow_its_filter(one_thread):
     """timm's BlurPool2d convolves with `groups=self.channels`: the written-back copy kept the unpruned count
     ('Given groups=64, expected weight to be at least 64')."""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("resnetblur18", pretrained=False, num_classes=10).eval()
-    x = torch.randn(1, 3, 64, 64)
-    small = amc.prune(model, ratio=0.5, example_inputs=(x,))
-    eager = amc.export.to_module(small, model, x)
+    model, small, eager, x = _timm_written_back("resnetblur18")
     blurs = [(m, o) for m, o in zip(eager.modules(), model.modules()) if type(m).__name__ == "BlurPool2d"]
     assert blurs and all(m.channels == m.filt.shape[0] < o.channels for m, o in blurs)
     with torch.no_grad():
@@ -150,13 +155,39 @@ def test_blur_pool_channels_follow_its_filter(one_thread):
 def test_metaformer_scale_and_group_norm_follow_their_tensors(name, one_thread):
     """timm's MetaFormer multiplies by `scale.view(self.shape)` (shape (dim, 1, 1) kept unpruned: 'shape
     [320] is invalid'), and its GroupNorm1 (one group over channels and space) was resized to 0 groups."""
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-    x = torch.randn(1, 3, 64, 64)
-    small = amc.prune(model, ratio=0.5, example_inputs=(x,))
-    eager = amc.export.to_module(small, model, x)
+    model, small, eager, x = _timm_written_back(name)
     scales = [m for m in eager.modules() if type(m).__name__ == "Scale"]
     assert all(m.shape[0] == m.scale.numel() for m in scales)
     with torch.no_grad():
         assert torch.allclose(eager(x), small(x), atol=1e-5)
+
+
+# timm families whose forward reads a size from an attribute (or holds a conv whose kernel runs over
+# channels): the written-back copy failed ('split_with_sizes expects split_sizes to sum exactly to 8',
+# 'Given groups=1, weight of size [64, 64, 3, 3], expected input[1, 128, 28, 28]') or was refused.
+# {model: (class of the layer, attribute that must follow the pruning)}
+TIMM_SIZE_ATTRIBUTES = {
+    "ecaresnet26t": ("ConvOverKeptChannels", "__class__"),     # ECA's conv over the pooled channels
+    "cspresnet50": ("CrossStage", "expand_chs"),               # x.split(self.expand_chs // 2)
+    "mixnet_s": ("MixedConv2d", "splits"),                     # torch.split(x, self.splits)
+    "rexnet_100": ("LinearBottleneck", "in_channels"),         # x[:, 0:self.in_channels] + shortcut
+    "res2net50_26w_4s": ("Bottle2neck", "width"),              # torch.split(out, self.width)
+    "skresnet18": ("SelectiveKernel", "in_channels"),          # split by self.in_channels // num_paths
+    "nf_regnet_b0": ("ScaledStdConv2d", "out_channels"),       # F.conv2d(..., self.groups): groups kept
+    "inception_next_atto": ("InceptionDWConv2d", "split_indexes"),
+    "fasternet_t0": ("Partial_conv3", "dim_untouched"),        # split by [self.dim_conv3, self.dim_untouched]
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_SIZE_ATTRIBUTES))
+def test_timm_size_attributes_follow_the_pruning(name, one_thread):
+    model, small, eager, _ = _timm_written_back(name)
+    assert type(eager) is type(model)
+    cls, attribute = TIMM_SIZE_ATTRIBUTES[name]
+    pairs = [(getattr(m, attribute), getattr(o, attribute)) for (_, m), (_, o)
+             in zip(eager.named_modules(), model.named_modules()) if type(o).__name__ == cls
+             or type(m).__name__ == cls]
+    assert pairs and any(new != old for new, old in pairs), pairs
+    with torch.no_grad():
+        y = torch.randn(2, 3, 64, 64)
+        assert torch.allclose(eager(y), small(y), atol=1e-5)

@@ -45,6 +45,9 @@ class PruningPlan:
     roots: np.ndarray
     importance: Optional[List[torch.Tensor]] = None
 
+    def __post_init__(self) -> None:
+        self._modes = _modes(self.net)  # the layers' modes when planned (they are the model's own layers)
+
     def pruned_roots(self, ratio: Ratio) -> np.ndarray:
         chosen = []
         for g, imp in zip(self.groups, self.importance or []):
@@ -91,9 +94,13 @@ class PruningPlan:
                                f"{exc}); the model's Python code may use tensor values as sizes (int(tensor), "
                                "e.g. Mask R-CNN's paste_masks_in_image), which the graph keeps from the trace") from exc
         check_pruned(self.analysis.output, pruned, self.example_inputs, out)
-        # one mode throughout, the network's own: its modules keep the flags of the graph they were cut
-        # from, which a training loop may have switched since the plan was made (SoftFilterPruning)
-        return pruned.train(pruned.training)
+        if _modes(self.net) != self._modes:
+            # a training loop switched the model (whose layers the plan shares) since it was planned
+            # (SoftFilterPruning): one mode throughout, the network's own
+            return pruned.train(pruned.training)
+        # else each layer keeps its own mode, as in the model (a frozen-BatchNorm backbone in a training model,
+        # an eval model inside nn.DataParallel): one mode for all normalised with batch statistics
+        return pruned
 
     def rescore(self, criterion: Any, dataloader: Optional[Iterable] = None) -> "PruningPlan":
         """Score the same groups with another criterion (the analysis is reused)."""
@@ -113,6 +120,10 @@ class PruningPlan:
                 if m.axis.node == node and m.axis.attr == attr and m.axis.dim == dim:
                     return g, m.unit_index
         return None, np.zeros(0, dtype=np.int64)
+
+
+def _modes(net: nn.Module) -> List[bool]:
+    return [m.training for m in net.modules()]
 
 
 def _scores(crit: Criterion, g: Group) -> torch.Tensor:

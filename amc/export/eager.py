@@ -11,6 +11,7 @@ raises instead of coming back.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -22,7 +23,7 @@ from ..errors import ExportError
 from ..graph import reparam
 from ..graph.capture import _amc_keywords, given_inputs
 from ..graph.clone import clone_module
-from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice
+from ..graph.ops import Constant, ParamHolder, TensorReshape, TensorSlice, module_spec
 from ..graph.template import Ref
 from ..graph.untouched import training_mode
 from .layer_sizes import follow_tensors
@@ -42,7 +43,9 @@ _RULES: List[Tuple[Callable[[nn.Module], bool], AttributeRule]] = []
 
 
 def register_attribute_rule(applies: Callable[[nn.Module], bool], rule: AttributeRule) -> None:
-    """Teach `to_module` another convention: `rule(module, path, net)` -> {attribute: new value}."""
+    """Teach `to_module` another convention: `rule(module, path, net)` -> {attribute: new value}. Rules read
+    the attributes as the model built them; where two set the same one, the last registered wins (so a rule
+    of yours overrides amc's)."""
     if not callable(applies) or not callable(rule):
         raise ExportError("register_attribute_rule(applies, rule) takes two callables: applies(module) -> bool "
                           f"and rule(module, path, net) -> dict; got {type(applies).__name__}, {type(rule).__name__}")
@@ -269,6 +272,113 @@ register_attribute_rule(lambda m: all(isinstance(getattr(m, a, None), int)
                                       for a in ("ssm_state_size", "time_step_rank")), _state_space_sizes)
 
 
+def _csp_split(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """timm's CSP stages split `conv_exp`'s output in halves, `x.split(self.expand_chs // 2)`: the pruned
+    width (halves pruned to different sizes cannot be written this way: the output check refuses them)."""
+    return {"expand_chs": int(module.conv_exp.conv.out_channels)}
+
+
+register_attribute_rule(lambda m: isinstance(getattr(m, "expand_chs", None), int)
+                        and isinstance(getattr(getattr(m, "conv_exp", None), "conv", None), nn.Conv2d), _csp_split)
+
+
+def _mixed_conv_splits(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """timm's MixedConv2d (MixNet) splits its input by `self.splits`, one piece per kernel size: the
+    pruned convs' input widths."""
+    convs = list(module.values())
+    return {"splits": [int(c.in_channels) for c in convs], "in_channels": sum(int(c.in_channels) for c in convs),
+            "out_channels": sum(int(c.out_channels) for c in convs)}
+
+
+register_attribute_rule(lambda m: isinstance(m, nn.ModuleDict) and isinstance(getattr(m, "splits", None), list)
+                        and len(m) == len(m.splits) and all(isinstance(c, nn.Conv2d) for c in m.values()),
+                        _mixed_conv_splits)
+
+
+def _partial_shortcut(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """timm's RexNet block adds its input to the first `in_channels` of its output (`x[:, 0:self.in_channels]
+    + shortcut`): the pruned input width; kept channels keep their order, so the added ones stay first."""
+    first = module.conv_exp if module.conv_exp is not None else module.conv_dw
+    return {"in_channels": int(first.conv.in_channels), "out_channels": int(module.conv_pwl.conv.out_channels)}
+
+
+register_attribute_rule(lambda m: all(isinstance(getattr(m, a, None), int) for a in ("in_channels", "out_channels"))
+                        and isinstance(getattr(m, "use_shortcut", None), bool) and hasattr(m, "conv_exp")
+                        and isinstance(getattr(getattr(m, "conv_pwl", None), "conv", None), nn.Conv2d)
+                        and isinstance(getattr(getattr(m, "conv_dw", None), "conv", None), nn.Conv2d),
+                        _partial_shortcut)
+
+
+def _scale_width(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """timm's Res2Net block splits `conv1`'s output in pieces of `self.width`, one per scale: the pruned
+    convs' width (pieces pruned to different widths cannot be written this way: the output check refuses)."""
+    return {"width": int(module.convs[0].in_channels)}
+
+
+register_attribute_rule(lambda m: isinstance(getattr(m, "width", None), int) and isinstance(getattr(m, "convs", None), nn.ModuleList)
+                        and len(m.convs) > 0 and isinstance(m.convs[0], nn.Conv2d)
+                        and isinstance(getattr(m, "conv1", None), nn.Conv2d), _scale_width)
+
+
+def _path_widths(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """timm's SelectiveKernel splits its input by `self.in_channels // self.num_paths` when `split_input`:
+    the pruned paths' widths."""
+    convs = [p.conv for p in module.paths]
+    width = sum(int(c.in_channels) for c in convs) if module.split_input else int(convs[0].in_channels)
+    return {"in_channels": width, "out_channels": int(convs[0].out_channels)}
+
+
+register_attribute_rule(lambda m: isinstance(getattr(m, "split_input", None), bool)
+                        and isinstance(getattr(m, "in_channels", None), int) and isinstance(getattr(m, "paths", None), nn.ModuleList)
+                        and all(isinstance(getattr(p, "conv", None), nn.Conv2d) for p in m.paths), _path_widths)
+
+
+@functools.lru_cache(maxsize=1)  # one to_module call's network; cleared when the call ends
+def _split_sizes(net: Any) -> Dict[str, List[Tuple[List[int], List[int]]]]:
+    """{layer path: (sizes at capture, sizes now) of each `split` the pruned network runs directly inside it}."""
+    pairs: Dict[str, List[Tuple[List[int], List[int]]]] = {}
+    for node, op in net.iter_nodes():
+        if not isinstance(op, TensorSlice) or len(node.args) < 2:
+            continue
+        now, out, dim = node.args[1], node.meta.get("out"), node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        if not (isinstance(now, (list, tuple)) and all(type(v) is int for v in now) and isinstance(out, list)
+                and len(out) == len(now) and isinstance(dim, int)):
+            continue
+        try:
+            was = [int(o["shape"][dim]) for o in out]
+        except (KeyError, IndexError, TypeError):
+            continue
+        if was != list(now):
+            pairs.setdefault(node.name.rpartition(".")[0], []).append((was, list(now)))
+    return pairs
+
+
+def _split_attributes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """A layer that splits by sizes it keeps in attributes (timm's InceptionDWConv2d `split_indexes`,
+    FasterNet's `[self.dim_conv3, self.dim_untouched]`): an attribute holding the split's sizes at capture
+    takes the pruned sizes; an int equal to one piece's captured size takes that piece's (when every piece
+    of that size was pruned alike). The output check refuses a coincidence that changed the function."""
+    pairs = _split_sizes(net).get(path)
+    if not pairs:
+        return {}
+    new: Dict[str, Any] = {}
+    for name, value in vars(module).items():
+        if name.startswith("_") or type(value) not in (int, list, tuple):
+            continue
+        for was, now in pairs:
+            if type(value) is not int and list(value) == was:
+                new[name] = type(value)(now)
+            elif type(value) is int and value in was and len({n for w, n in zip(was, now) if w == value}) == 1:
+                new[name] = now[was.index(value)]
+    return new
+
+
+
+
+def _not_torch_nn(module: nn.Module) -> bool:
+    return not type(module).__module__.startswith("torch.nn")
+
+
 def _set_path(root: nn.Module, path: str, value: Any) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -287,6 +397,27 @@ def _has_tensor(root: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return leaf in parent._parameters or leaf in parent._buffers
+
+
+def _same_kind(target: nn.Module, op: nn.Module) -> bool:
+    """`op` can stand where `target` is: the same class, or an amc layer registered as a drop-in for
+    it (`register_op(..., drop_in_for=nn.Conv1d)`: called the same way, it computes the pruned layer);
+    the write-back is checked against the network's output either way."""
+    if reparam.base_class(target) is reparam.base_class(op):
+        return True
+    spec = module_spec(op)
+    return spec is not None and spec.meta.get("drop_in_for") is reparam.base_class(target)
+
+
+def _functional_groups(net: Any, path: str) -> Dict[str, list]:
+    """The `groups` the pruned network's `F.conv*d` inside layer `path` runs with (timm's ScaledStdConv2d
+    calls `F.conv2d(x, w, ..., self.groups)` itself), or {}."""
+    inside = path + "."
+    for node, op in net.iter_nodes():
+        if node.name.startswith(inside) and node.meta.get("op") == "FunctionalConv":
+            groups = node.kwargs.get("groups", node.args[6] if len(node.args) > 6 else 1)
+            return {"groups": [groups]} if isinstance(groups, int) else {}
+    return {}
 
 
 def _write_layers(net: Any, out: nn.Module) -> None:
@@ -309,13 +440,13 @@ def _write_layers(net: Any, out: nn.Module) -> None:
             if target is not None and reparam.base_class(target) is reparam.base_class(op) and repr(target) != repr(op):
                 _set_path(out, node.name, clone_module(op, {}))
             continue
-        if target is None or reparam.base_class(target) is not reparam.base_class(op):
+        if target is None or not _same_kind(target, op):
             foreign.append(f"{node.name} ({type(op).__name__})")
             continue
         _set_path(out, node.name, clone_module(op, {}))
     for path in owners:  # Mamba's `F.conv1d(x, self.conv1d.weight, groups=self.conv1d.groups)`
         if path in modules:
-            follow_tensors(modules[path])
+            follow_tensors(modules[path], _functional_groups(net, path))
     if foreign:
         raise ExportError(
             f"to_module writes pruned layers back by name, but {len(foreign)} layer(s) of the network have no "
@@ -381,11 +512,16 @@ def to_module(net: Any, model: nn.Module, *example_inputs: Any, rtol: float = 1e
                           f"{type(model).__name__}")
     out = clone_module(model, {})
     _write_layers(net, out)
-    for path, module in list(out.named_modules()):
-        for applies, rule in _RULES:
-            if applies(module):
-                for name, value in rule(module, path, net).items():
-                    setattr(module, name, value)
+    try:
+        for path, module in list(out.named_modules()):
+            updates: Dict[str, Any] = {}  # every rule reads the attributes as built; the last to set one wins
+            for applies, rule in [(_not_torch_nn, _split_attributes)] + _RULES:  # the generic one first
+                if applies(module):
+                    updates.update(rule(module, path, net))
+            for name, value in updates.items():
+                setattr(module, name, value)
+    finally:
+        _split_sizes.cache_clear()
     example_inputs, example_kwargs = _amc_keywords(net, example_inputs, example_kwargs, ExportError)
     example_inputs = given_inputs(net, example_inputs, None, ExportError)  # (x,) given as one argument
     if example_inputs or example_kwargs:

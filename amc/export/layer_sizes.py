@@ -18,10 +18,13 @@ Shapes = Dict[str, list]
 
 def _resize_conv(m: nn.Module, s: Shapes) -> None:
     """Channels per group stay as built: a depthwise conv that lost channels lost groups; a grouped conv
-    whose groups each lost input channels keeps its group count."""
+    whose groups each lost input channels keeps its group count. The weight alone cannot tell a grouped
+    conv that lost only outputs from one that lost groups: a `groups` the pruned network ran with wins."""
     out, per_group_in = s["weight"][0], s["weight"][1]
     multiplier = m.out_channels // m.groups
-    if per_group_in == m.in_channels // m.groups and out % multiplier == 0 and m.groups > 1:
+    if "groups" in s:
+        m.groups = s["groups"][0]
+    elif per_group_in == m.in_channels // m.groups and out % multiplier == 0 and m.groups > 1:
         m.groups = out // multiplier
     m.out_channels, m.in_channels = out, per_group_in * m.groups
 
@@ -55,13 +58,14 @@ def resizer(cls: type) -> Optional[Callable[[nn.Module, Shapes], None]]:
     return next((RESIZE[k] for k in cls.__mro__ if k in RESIZE), None)
 
 
-def follow_tensors(module: nn.Module) -> bool:
+def follow_tensors(module: nn.Module, known: Optional[Shapes] = None) -> bool:
     """Set a torch.nn layer's size attributes from the tensors it holds now (a weight-normed or masked
-    weight: the one it computes); False for a class with no entry (left as it is)."""
+    weight: the one it computes) and `known` sizes (`{"groups": [2]}` read from the pruned network); False
+    for a class with no entry (left as it is)."""
     resize = resizer(reparam.base_class(module))
     if resize is None:
         return False
     own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-    shapes = {k: list(v.shape) for k, v in own}
+    shapes = {**(known or {}), **{k: list(v.shape) for k, v in own}}
     resize(module, {**shapes, **{a: list(reparam.computed(module, a).shape) for a in reparam.computed_weights(module)}})
     return True

@@ -949,6 +949,7 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
         raise CaptureError(f"amc.trace expects an nn.Module, got {type(model).__name__}; "
                            "wrap plain functions in an nn.Module first")
     model = _eager(model)
+    _warn_hooks(model)
     example_inputs, example_kwargs = _amc_keywords(model, example_inputs, example_kwargs)
     if not example_inputs and not example_kwargs:
         raise CaptureError("amc.trace needs example inputs: amc.trace(model, torch.randn(1, 3, 224, 224))")
@@ -970,6 +971,36 @@ def trace(model: nn.Module, *example_inputs: Any, **example_kwargs: Any) -> "Rec
         except _ForwardFailed as again:
             raise CaptureError(f"{exc} With the tuple's {len(spread)} tensor(s) as separate inputs "
                                f"(amc.trace(model, *inputs)) it failed too: {again.__cause__!r}") from exc.__cause__
+
+
+def _replayed_hook(hook: Any) -> bool:
+    """Hooks whose whole effect is the tensors they compute, which the graph records: masks, weight and
+    spectral norm, amc's own."""
+    from torch.nn.utils.prune import BasePruningMethod
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    owner = getattr(hook, "__func__", hook)
+    return isinstance(hook, (BasePruningMethod, WeightNorm, SpectralNorm)) or \
+        str(getattr(owner, "__module__", "") or type(hook).__module__).split(".")[0] == "amc"
+
+
+def _warn_hooks(model: nn.Module) -> None:
+    """A forward hook's side effects (features appended to a list, Grad-CAM's activations, an observer's
+    statistics) do not happen when the network runs, which replays recorded ops only: say so, where."""
+    from torch.nn.modules import module as torch_module
+
+    hooked = [name or "(the model itself)" for name, m in model.named_modules()
+              if any(not _replayed_hook(h) for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))]
+    if any(not _replayed_hook(h) for h in (*torch_module._global_forward_hooks.values(),
+                                           *torch_module._global_forward_pre_hooks.values())):
+        hooked.insert(0, "every module (a global hook)")
+    if hooked:
+        warn_user(f"amc capture: forward hooks on {hooked[:5]}{' ...' if len(hooked) > 5 else ''} ran during "
+                  "capture; the tensors they return are part of the network, but nothing else they do (append "
+                  "features to a list, log, update an observer) happens when the network runs. Register such "
+                  "hooks on the network's layers instead: net.module_of(name).register_forward_hook(...), names "
+                  "in net.layer_nodes")
 
 
 def _eager(model: nn.Module) -> nn.Module:

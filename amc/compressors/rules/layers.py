@@ -145,7 +145,8 @@ def _macs_over_kept(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> int:
     return conv_macs(m, args, kwargs, out) * m.length // max(out.shape[-1], 1)  # it runs at full length
 
 
-register_op(ConvOverKeptChannels, like=nn.Conv1d, leaf=True, macs=_macs_over_kept)
+register_op(ConvOverKeptChannels, like=nn.Conv1d, leaf=True, macs=_macs_over_kept,
+            drop_in_for=nn.Conv1d)  # to_module puts it where the model's Conv1d was (ECA calls self.conv(y))
 
 
 def _conv_over_kept_build(cls: type, config: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> nn.Module:

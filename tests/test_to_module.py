@@ -131,12 +131,12 @@ def test_timm_vit_written_back(heads, one_thread):
         assert torch.allclose(eager(y), small(y), atol=1e-5)
 
 
-def _timm_written_back(name: str):
-    """(model, pruned network, written-back copy, input) for the smallest timm model of a family, at 64 px."""
+def _timm_written_back(name: str, size: int = 64):
+    """(model, pruned network, written-back copy, input) for the smallest timm model of a family."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10).eval()
-    x = torch.randn(1, 3, 64, 64)
+    x = torch.randn(1, 3, size, size)
     small = amc.prune(model, ratio=0.5, example_inputs=(x,))
     return model, small, amc.export.to_module(small, model, x), x
 
@@ -176,12 +176,17 @@ TIMM_SIZE_ATTRIBUTES = {
     "nf_regnet_b0": ("ScaledStdConv2d", "out_channels"),       # F.conv2d(..., self.groups): groups kept
     "inception_next_atto": ("InceptionDWConv2d", "split_indexes"),
     "fasternet_t0": ("Partial_conv3", "dim_untouched"),        # split by [self.dim_conv3, self.dim_untouched]
+    # .split([self.key_dim, self.key_dim, self.val_dim]) per head, output reshaped to num_heads * val_dim;
+    # its last stage has num_heads == key_dim == 16, which a match by value alone resized too
+    "levit_128s": ("AttentionDownsample", "val_attn_dim"),
+    "tiny_vit_5m_224": ("Attention", "out_dim"),               # and its SDPA path (pruned key size) is left
 }
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_SIZE_ATTRIBUTES))
 def test_timm_size_attributes_follow_the_pruning(name, one_thread):
-    model, small, eager, _ = _timm_written_back(name)
+    size = 224 if name.startswith("levit") else 64  # LeViT's attention biases are built for 224 px
+    model, small, eager, _ = _timm_written_back(name, size)
     assert type(eager) is type(model)
     cls, attribute = TIMM_SIZE_ATTRIBUTES[name]
     pairs = [(getattr(m, attribute), getattr(o, attribute)) for (_, m), (_, o)
@@ -189,5 +194,5 @@ def test_timm_size_attributes_follow_the_pruning(name, one_thread):
              or type(m).__name__ == cls]
     assert pairs and any(new != old for new, old in pairs), pairs
     with torch.no_grad():
-        y = torch.randn(2, 3, 64, 64)
+        y = torch.randn(2, 3, size, size)
         assert torch.allclose(eager(y), small(y), atol=1e-5)

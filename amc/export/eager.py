@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import math
+import re
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -353,26 +355,79 @@ def _split_sizes(net: Any) -> Dict[str, List[Tuple[List[int], List[int]]]]:
     return pairs
 
 
+@functools.lru_cache(maxsize=None)
+def _split_calls(cls: type) -> Tuple[Tuple[str, ...], ...]:
+    """For each `split(...)` call in the source of `cls` and its bases (outside torch), the `self.<name>`s
+    written in it, in order: `torch.split(x, [self.dim_conv3, self.dim_untouched])` -> (dim_conv3, dim_untouched)."""
+    calls = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn") or klass is object:
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for match in re.finditer(r"\bsplit\(", source):
+            depth, end = 1, match.end()
+            while depth and end < len(source):
+                depth += {"(": 1, ")": -1}.get(source[end], 0)
+                end += 1
+            calls.append(tuple(re.findall(r"self\.(\w+)", source[match.end():end])))
+    return tuple(calls)
+
+
 def _split_attributes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     """A layer that splits by sizes it keeps in attributes (timm's InceptionDWConv2d `split_indexes`,
-    FasterNet's `[self.dim_conv3, self.dim_untouched]`): an attribute holding the split's sizes at capture
-    takes the pruned sizes; an int equal to one piece's captured size takes that piece's (when every piece
+    FasterNet's `[self.dim_conv3, self.dim_untouched]`, LeViT's `[self.key_dim, self.key_dim, self.val_dim]`):
+    an attribute its source passes to `split(...)` takes the pruned network's sizes of that split. A list
+    attribute holding the captured sizes takes the pruned ones; ints written one per piece take their
+    piece's, in order; else an int equal to one piece's captured size takes that piece's (when every piece
     of that size was pruned alike). The output check refuses a coincidence that changed the function."""
     pairs = _split_sizes(net).get(path)
     if not pairs:
         return {}
+    own = vars(module)
+    calls = _split_calls(type(module))
+    named = {n for call in calls for n in call if type(own.get(n)) in (int, list, tuple)}
     new: Dict[str, Any] = {}
-    for name, value in vars(module).items():
-        if name.startswith("_") or type(value) not in (int, list, tuple):
-            continue
-        for was, now in pairs:
+    for was, now in pairs:
+        for name in named:
+            value = own[name]
             if type(value) is not int and list(value) == was:
                 new[name] = type(value)(now)
-            elif type(value) is int and value in was and len({n for w, n in zip(was, now) if w == value}) == 1:
-                new[name] = now[was.index(value)]
+        for call in calls:  # positional: [self.key_dim, self.key_dim, self.val_dim]
+            ints = [n for n in call if type(own.get(n)) is int]
+            if len(ints) == len(was) and [own[n] for n in ints] == was:
+                pieces = {n: {p for m, p in zip(ints, now) if m == n} for n in ints}
+                if all(len(p) == 1 for p in pieces.values()):
+                    new.update({n: p.pop() for n, p in pieces.items()})
+                    break
+        else:
+            for name in named:
+                value = own[name]
+                if type(value) is int and value in was and len({p for w, p in zip(was, now) if w == value}) == 1:
+                    new.setdefault(name, now[was.index(value)])
     return new
 
 
+def _value_width(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """timm's LeViT / TinyViT / EfficientFormer attention splits each head into `[key_dim, key_dim, val_dim]`
+    (the generic split rule resizes those) and reshapes its output to `num_heads * val_dim`, kept in an
+    attribute of its own (`val_attn_dim`, `out_dim`, `dh`): every int equal to that product follows."""
+    pieces = [now for was, now in _split_sizes(net).get(path, []) if was[-1] == module.val_dim]
+    if not pieces:
+        return {}
+    width = module.num_heads * module.val_dim
+    new = {name: module.num_heads * pieces[0][-1] for name, value in vars(module).items()
+           if type(value) is int and value == width and name not in ("val_dim", "num_heads", "key_dim")}
+    if pieces[0][0] != getattr(module, "key_dim", pieces[0][0]) and getattr(module, "fused_attn", None) is True \
+            and isinstance(getattr(module, "scale", None), float):
+        new["fused_attn"] = False  # SDPA would scale by the pruned key size; timm's own path keeps `scale`
+    return new
+
+
+register_attribute_rule(lambda m: all(type(getattr(m, a, None)) is int for a in ("val_dim", "num_heads")),
+                        _value_width)
 
 
 def _not_torch_nn(module: nn.Module) -> bool:

@@ -48,6 +48,8 @@ def _attributes(model: nn.Module) -> Dict[str, Dict[str, Any]]:
     out = {}
     for path, m in model.named_modules():
         attrs = {a: getattr(m, a) for a in _ATTRS if isinstance(getattr(m, a, None), (int, float))}
+        attrs.update({a: v for a, v in vars(m).items()  # a scale the layer derived from the config at init
+                      if type(v) is float and not a.startswith("_") and v == v})
         if isinstance(m, nn.LayerNorm) and m.weight is None and m.bias is None:  # no tensor carries its width
             attrs["normalized_shape"] = list(m.normalized_shape)
         out[path] = attrs
@@ -58,8 +60,30 @@ def _shapes(model: nn.Module) -> Dict[str, list]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
-def _built_from(model: nn.Module, config: Any) -> nn.Module:
-    with torch.device("meta"):
+def _derived(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The buffers a checkpoint leaves out, which the class computes from the config when it is built
+    (Gemma's `embed_scale = hidden_size ** 0.5`, rotary `inv_freq`): a reload recomputes them."""
+    return {f"{path}.{name}" if path else name: b for path, m in model.named_modules()
+            for name, b in m._buffers.items() if b is not None and name in m._non_persistent_buffers_set}
+
+
+def _same_derived(model: nn.Module, rebuilt: nn.Module) -> bool:
+    mine, theirs = _derived(model), _derived(rebuilt)
+    return mine.keys() == theirs.keys() and all(
+        mine[k].shape == theirs[k].shape and torch.equal(mine[k].cpu(), theirs[k].to(mine[k].dtype)) for k in mine)
+
+
+def _built_from(model: nn.Module, config: Any, values: bool = False) -> nn.Module:
+    """A model of `model`'s class built from `config`: on the meta device, or with real values (weights
+    left uninitialised) where the computed buffers are to be compared."""
+    if not values:
+        with torch.device("meta"):
+            return type(model)(config)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialising is slower, the result the same
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
         return type(model)(config)
 
 
@@ -159,19 +183,24 @@ def describe_in_config(model: nn.Module, original: nn.Module) -> None:
     config = _candidate(model, original)
     shapes, attrs = _shapes(model), _attributes(model)
     try:
-        rebuilt = _built_from(model, config)
-        if _shapes(rebuilt) == shapes and _attributes(rebuilt) == attrs:
+        rebuilt = _built_from(model, config, values=True)
+        if _shapes(rebuilt) == shapes and _attributes(rebuilt) == attrs and _same_derived(model, rebuilt):
             _update_in_place(model.config, config)
             return
     except Exception:  # noqa: BLE001 - a config transformers refuses is one it cannot describe
         pass
     config = copy.deepcopy(original.config)
-    base = _built_from(model, config)
-    base_shapes, base_attrs = _shapes(base), _attributes(base)
+    base = _built_from(model, config, values=True)
+    base_shapes, base_attrs, base_derived = _shapes(base), _attributes(base), _derived(base)
+    derived = {k: b for k, b in _derived(model).items()
+               if k not in base_derived or b.shape != base_derived[k].shape
+               or not torch.equal(b.cpu(), base_derived[k].to(b.dtype))}
     setattr(config, _KEY, {
         "shapes": {k: v for k, v in shapes.items() if base_shapes.get(k) != v},
         "attributes": {p: {a: v for a, v in d.items() if base_attrs.get(p, {}).get(a) != v}
                        for p, d in attrs.items() if d != base_attrs.get(p, {})},
+        "buffers": {k: {"dtype": str(b.dtype).replace("torch.", ""), "value": b.cpu().tolist()}
+                    for k, b in derived.items()},
     })
     _update_in_place(model.config, config)
 
@@ -263,6 +292,14 @@ def from_pretrained(directory: str, model_class: Optional[type] = None) -> nn.Mo
         module = model.get_submodule(path) if path else model
         for name, value in attrs.items():
             setattr(module, name, tuple(value) if isinstance(value, list) else value)
+    for key, saved in layers.get("buffers", {}).items():  # computed at build time, left out of the weights
+        path, _, name = key.rpartition(".")
+        module = model.get_submodule(path) if path else model
+        dtype = getattr(torch, str(saved.get("dtype", "")), None)
+        if name not in module._buffers or not isinstance(dtype, torch.dtype):
+            raise LoadError(f"{directory}/config.json: amc_layers names a buffer {key!r} the model does not "
+                            "hold; save and load with the same transformers version")
+        module._buffers[name] = torch.tensor(saved["value"], dtype=dtype)
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
         raise LoadError(f"{directory} holds no .safetensors weights")

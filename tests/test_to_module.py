@@ -180,12 +180,13 @@ TIMM_SIZE_ATTRIBUTES = {
     # its last stage has num_heads == key_dim == 16, which a match by value alone resized too
     "levit_128s": ("AttentionDownsample", "val_attn_dim"),
     "tiny_vit_5m_224": ("Attention", "out_dim"),               # and its SDPA path (pruned key size) is left
+    "botnet26t_256": ("BottleneckAttn", "dim_head_qk"),        # split by dim_out_qk, per head dim_out_qk / heads
 }
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_SIZE_ATTRIBUTES))
 def test_timm_size_attributes_follow_the_pruning(name, one_thread):
-    size = 224 if name.startswith("levit") else 64  # LeViT's attention biases are built for 224 px
+    size = {"levit_128s": 224, "botnet26t_256": 256}.get(name, 64)  # attention biases / position tables built for it
     model, small, eager, _ = _timm_written_back(name, size)
     assert type(eager) is type(model)
     cls, attribute = TIMM_SIZE_ATTRIBUTES[name]

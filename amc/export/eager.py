@@ -407,22 +407,36 @@ def _split_attributes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
                 value = own[name]
                 if type(value) is int and value in was and len({p for w, p in zip(was, now) if w == value}) == 1:
                     new.setdefault(name, now[was.index(value)])
+    heads = own.get("num_heads")
+    if type(heads) is int and heads > 0:  # per-head and all-heads sizes of what was split (BoTNet's
+        follow: Dict[str, set] = {}      # dim_out_qk -> dim_head_qk; LeViT's val_dim -> val_attn_dim)
+        for name, value in new.items():
+            old = own[name]
+            for other, size in own.items():
+                if other in new or type(size) is not int or type(value) is not int or other == "num_heads":
+                    continue
+                if size == old * heads:
+                    follow.setdefault(other, set()).add(value * heads)
+                elif size * heads == old and value % heads == 0:
+                    follow.setdefault(other, set()).add(value // heads)
+        new.update({other: sizes.pop() for other, sizes in follow.items() if len(sizes) == 1})  # unambiguous only
     return new
 
 
 def _value_width(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     """timm's LeViT / TinyViT / EfficientFormer attention splits each head into `[key_dim, key_dim, val_dim]`
-    (the generic split rule resizes those) and reshapes its output to `num_heads * val_dim`, kept in an
-    attribute of its own (`val_attn_dim`, `out_dim`, `dh`): every int equal to that product follows."""
+    and reshapes its output to `num_heads * val_dim`, kept in an attribute of its own (`val_attn_dim`,
+    `out_dim`): that one follows the value size (the generic rule cannot tell it from the key size when both
+    were equal). Where the key size changed, timm's own path keeps `scale` (SDPA would use the new size)."""
     pieces = [now for was, now in _split_sizes(net).get(path, []) if was[-1] == module.val_dim]
     if not pieces:
         return {}
     width = module.num_heads * module.val_dim
-    new = {name: module.num_heads * pieces[0][-1] for name, value in vars(module).items()
-           if type(value) is int and value == width and name not in ("val_dim", "num_heads", "key_dim")}
+    new: Dict[str, Any] = {name: module.num_heads * pieces[0][-1] for name, value in vars(module).items()
+                           if type(value) is int and value == width and name not in ("val_dim", "num_heads", "key_dim")}
     if pieces[0][0] != getattr(module, "key_dim", pieces[0][0]) and getattr(module, "fused_attn", None) is True \
             and isinstance(getattr(module, "scale", None), float):
-        new["fused_attn"] = False  # SDPA would scale by the pruned key size; timm's own path keeps `scale`
+        new["fused_attn"] = False
     return new
 
 

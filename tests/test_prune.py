@@ -579,3 +579,24 @@ def test_modules_keep_their_own_training_mode():
     small(x)
     assert all(torch.equal(m.running_mean, before[k]) for k, m in norms.items())
     assert small.network[small.node("1").module].training  # the head's BatchNorm1d still trains
+
+
+def test_ignore_reaches_a_layer_held_under_two_names():
+    """`self.shared = self.c2`: capture named the layer by its last name while named_modules() and its
+    parameters use the first, so ignore=[model.c2] and ignore=["c2"] were refused as unknown layers."""
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+            self.shared = self.c2
+
+        def forward(self, x):
+            y = torch.relu(self.c1(x))
+            return self.fc((torch.relu(self.shared(torch.relu(self.c2(y)))) + y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, x = Aliased().eval(), torch.randn(2, 3, 8, 8)
+    for ignore in ([model.c2], ["c2"], ["shared"], [model.shared]):
+        small = amc.prune(model, 0.5, example_inputs=(x,), ignore=ignore)
+        assert small.network[small.node("c2").module].out_channels == 16, ignore

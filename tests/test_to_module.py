@@ -197,3 +197,30 @@ def test_timm_size_attributes_follow_the_pruning(name, one_thread):
     with torch.no_grad():
         y = torch.randn(2, 3, size, size)
         assert torch.allclose(eager(y), small(y), atol=1e-5)
+
+
+class AliasedLayer(nn.Module):
+    """One conv under two names (`self.shared = self.c2`, a refactor alias), called through both."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+        self.shared = self.c2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y)) + y
+        y = torch.relu(self.shared(y)) + y
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_layer_under_two_names_is_written_back_once(one_thread):
+    """The network names the layer by one of its names; the other kept the unpruned layer (refused as 'no
+    layer of the same name and class', or failing at the other call)."""
+    torch.manual_seed(0)
+    model, x = AliasedLayer().eval(), torch.randn(2, 3, 8, 8)
+    small = amc.prune(model, 0.5, example_inputs=(x,))
+    eager = amc.export.to_module(small, model, x)
+    assert eager.c2 is eager.shared and eager.c2.out_channels == 8
+    with torch.no_grad():
+        assert torch.allclose(eager(x), small(x), atol=1e-6)

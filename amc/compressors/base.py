@@ -395,13 +395,15 @@ def module_names(model: Any, keys: Iterable[Any], what: str, error: type = Pruni
         for n in model.layer_nodes:
             lookup.setdefault(id(model.network[n.module]), []).append(n.name)
     elif isinstance(model, nn.Module):
-        for q, m in model.named_modules():
+        for q, m in model.named_modules(remove_duplicate=False):  # every name of a layer held under two
             if q:
-                lookup.setdefault(id(m), [q])
+                lookup.setdefault(id(m), []).append(q)
+    aliases = {q: names for names in lookup.values() for q in names} if isinstance(model, nn.Module) \
+        and not isinstance(model, ReconstructedNetwork) else {}
     out: Dict[Any, List[str]] = {}
     for key in keys:
         if isinstance(key, str):
-            out[key] = [key]
+            out[key] = aliases.get(key, [key])
         elif isinstance(key, nn.Module):
             if id(key) not in lookup:
                 raise error(f"{what} names a {type(key).__name__} that is not a module of this model "

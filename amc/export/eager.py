@@ -490,7 +490,10 @@ def _functional_groups(net: Any, path: str) -> Dict[str, list]:
 
 
 def _write_layers(net: Any, out: nn.Module) -> None:
-    modules = dict(out.named_modules())
+    modules = dict(out.named_modules(remove_duplicate=False))  # a layer the model holds under two names too
+    aliases: Dict[int, List[str]] = {}
+    for path, module in modules.items():
+        aliases.setdefault(id(module), []).append(path)
     foreign, written, owners = [], set(), set()
     for node, op in net.iter_nodes():
         if isinstance(op, Constant) or node.module in written:  # a shared layer (ALBERT) called again
@@ -507,12 +510,16 @@ def _write_layers(net: Any, out: nn.Module) -> None:
         target = modules.get(node.name)
         if not own:  # a parameterless layer that pruning resized (LayerNorm without affine) goes back too
             if target is not None and reparam.base_class(target) is reparam.base_class(op) and repr(target) != repr(op):
-                _set_path(out, node.name, clone_module(op, {}))
+                new = clone_module(op, {})
+                for path in aliases[id(target)]:
+                    _set_path(out, path, new)
             continue
         if target is None or not _same_kind(target, op):
             foreign.append(f"{node.name} ({type(op).__name__})")
             continue
-        _set_path(out, node.name, clone_module(op, {}))
+        new = clone_module(op, {})
+        for path in aliases[id(target)]:  # `self.shared = self.c2`: every name of the layer gets the one copy
+            _set_path(out, path, new)
     for path in owners:  # Mamba's `F.conv1d(x, self.conv1d.weight, groups=self.conv1d.groups)`
         if path in modules:
             follow_tensors(modules[path], _functional_groups(net, path))

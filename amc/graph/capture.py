@@ -219,7 +219,9 @@ class Tracer(TorchFunctionMode):
         self._flag_nodes: Dict[bool, str] = {}  # TrainingFlag node per mode it was made in
         self._grad_mode = [True]  # the grad mode the forward's own code set (`_grad_mode_seen`)
         self._names: set = set()
-        self._module_names = {id(m): n for n, m in root.named_modules(remove_duplicate=False)}
+        self._module_names: Dict[int, str] = {}  # a layer held under two names is called by its first, as
+        for n, m in root.named_modules(remove_duplicate=False):  # named_modules() and its parameters name it
+            self._module_names.setdefault(id(m), n)
         self._module_keys: Dict[int, str] = {}
         self._params: Dict[int, Tuple[str, torch.Tensor, bool]] = {}
         for n, p in root.named_parameters(remove_duplicate=False):

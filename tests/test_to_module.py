@@ -224,3 +224,30 @@ def test_a_layer_under_two_names_is_written_back_once(one_thread):
     assert eager.c2 is eager.shared and eager.c2.out_channels == 8
     with torch.no_grad():
         assert torch.allclose(eager(x), small(x), atol=1e-6)
+
+
+class TiedLM(nn.Module):
+    """An output projection that reuses the embedding's Parameter (`head.weight = emb.weight`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc1, self.fc2 = nn.Embedding(50, 32), nn.Linear(32, 64), nn.Linear(64, 32)
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = self.emb(t)
+        return self.head(self.norm(h + self.fc2(torch.relu(self.fc1(h)))))
+
+
+def test_tied_weights_stay_one_parameter(one_thread):
+    """The residual width pruned: the network keeps the tied table one tensor, but each layer was written
+    back as its own copy, so the written-back model held two (fine-tuning would train them apart)."""
+    torch.manual_seed(0)
+    model, t = TiedLM().eval(), torch.randint(0, 50, (2, 7))
+    small = amc.prune(model, 0.5, example_inputs=(t,))
+    eager = amc.export.to_module(small, model, t)
+    assert eager.head.weight is eager.emb.weight and eager.emb.embedding_dim == 16
+    assert len(list(eager.parameters())) == len(list(model.parameters()))
+    with torch.no_grad():
+        assert torch.allclose(eager(t), small(t), atol=1e-6)

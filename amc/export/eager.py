@@ -489,11 +489,28 @@ def _functional_groups(net: Any, path: str) -> Dict[str, list]:
     return {}
 
 
+def _tie_again(out: nn.Module, groups: List[List[str]]) -> None:
+    """Each layer was written back as its own copy, so a Parameter the model shared between layers became
+    two (fine-tuning would train them apart): the pruned copies, equal as the network's one tensor, are one
+    Parameter again."""
+    params = dict(out.named_parameters(remove_duplicate=False))
+    for names in groups:
+        first = params.get(names[0])
+        for name in names[1:]:
+            other = params.get(name)
+            if first is not None and other is not None and other is not first and other.shape == first.shape \
+                    and torch.equal(other, first):
+                _set_path(out, name, first)
+
+
 def _write_layers(net: Any, out: nn.Module) -> None:
     modules = dict(out.named_modules(remove_duplicate=False))  # a layer the model holds under two names too
     aliases: Dict[int, List[str]] = {}
     for path, module in modules.items():
         aliases.setdefault(id(module), []).append(path)
+    tied: Dict[int, List[str]] = {}  # one Parameter in two layers (an output projection reusing the embedding)
+    for name, param in out.named_parameters(remove_duplicate=False):
+        tied.setdefault(id(param), []).append(name)
     foreign, written, owners = [], set(), set()
     for node, op in net.iter_nodes():
         if isinstance(op, Constant) or node.module in written:  # a shared layer (ALBERT) called again
@@ -520,6 +537,7 @@ def _write_layers(net: Any, out: nn.Module) -> None:
         new = clone_module(op, {})
         for path in aliases[id(target)]:  # `self.shared = self.c2`: every name of the layer gets the one copy
             _set_path(out, path, new)
+    _tie_again(out, [names for names in tied.values() if len(names) > 1])
     for path in owners:  # Mamba's `F.conv1d(x, self.conv1d.weight, groups=self.conv1d.groups)`
         if path in modules:
             follow_tensors(modules[path], _functional_groups(net, path))

@@ -69,9 +69,9 @@ def test_unknown_head_attribute_is_caught_then_taught_by_a_rule(monkeypatch):
     small = amc.prune(model, ratio=0.5, example_inputs=(x,), ignore=["proj", "fc2"])
     with pytest.raises(ExportError, match="register_attribute_rule"):
         amc.export.to_module(small, model, x)
-    from amc.export import eager as eager_mod
+    from amc.export import attribute_rules
 
-    monkeypatch.setattr(eager_mod, "_RULES", list(eager_mod._RULES))
+    monkeypatch.setattr(attribute_rules, "_RULES", list(attribute_rules._RULES))
     amc.export.register_attribute_rule(lambda m: isinstance(m, OddAttention),
                                        lambda m, path, net: {"dk": net.module_of("q").out_features // m.nh})
     eager = amc.export.to_module(small, model, x)

@@ -14,7 +14,8 @@ methods (`amc.graph.formats`): export knows the graph, the graph never imports e
 """
 from ..graph.formats import register_format
 from ..graph.fx_graph import to_fx
-from .eager import register_attribute_rule, to_module
+from .attribute_rules import register_attribute_rule
+from .eager import to_module
 from .hf import from_pretrained, save_pretrained
 from .json_io import load_json, register_json_op, save_json
 from .onnx_io import save_onnx

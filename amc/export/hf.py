@@ -24,7 +24,7 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from ..errors import ExportError, LoadError
 from .atomic import atomic_paths
-from .eager import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
+from .attention_rules import ALL_HEADS_ATTRS, HEAD_COUNT_ATTRS, HEAD_SIZE_ATTRS
 from .layer_sizes import follow_tensors
 
 _ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + (  # nf, nx, split_size: GPT-2's Conv1D, attention

@@ -395,12 +395,13 @@ def _hf_zoo():
                                                  use_cache=False)),  # fused c_attn Conv1D (addmm), split
         "vit": lambda: T.ViTModel(T.ViTConfig(**image)),
         "deit": lambda: T.DeiTModel(T.DeiTConfig(**image)),
+        "beit": lambda: T.BeitModel(T.BeitConfig(use_relative_position_bias=True, **image)),  # memoized bias
     }
 
 
 def _hf_inputs(name, batch, length, seed):
     g = torch.Generator().manual_seed(seed)
-    if name in ("vit", "deit"):
+    if name in ("vit", "deit", "beit"):
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g)}
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[0, length // 2:] = 0  # padding in the first sequence
@@ -410,7 +411,7 @@ def _hf_inputs(name, batch, length, seed):
 @pytest.mark.parametrize("name", sorted(_hf_zoo()))
 @pytest.mark.parametrize("heads", [False, True], ids=["dims", "heads"])
 def test_hf_zoo_pruned_soft_equals_hard_and_written_back(name, heads, one_thread):
-    """Random small configs of eight transformers architectures: traced exactly, pruned to about half the
+    """Random small configs of nine transformers architectures: traced exactly, pruned to about half the
     MACs (soft == hard at a new batch and length), and written back into a plain transformers model of
     their own class that returns the pruned network's output."""
     torch.manual_seed(0)
@@ -1031,3 +1032,20 @@ def test_convnext_writes_back_and_reloads(family, tmp_path, one_thread):
         amc.export.save_pretrained(eager, str(tmp_path))
         back = amc.export.from_pretrained(str(tmp_path))  # per-stage widths: the config keeps amc_layers
         torch.testing.assert_close(back(pixel_values=y).logits, hard(pixel_values=y).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_memoized_shape_helpers_run_uncached_during_capture(one_thread):
+    """BEiT's relative position bias comes from a transformers helper memoized per window size
+    (`compile_compatible_method_lru_cache`, uncached only under dynamo): a second capture of the same model got
+    the first capture's traced sizes back and was refused ('a size read from a tensor's shape in an earlier
+    capture reached this one'), so pruning a BEiT twice failed."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.BeitModel(T.BeitConfig(image_size=32, patch_size=8, num_hidden_layers=2, num_attention_heads=4,
+                                     hidden_size=64, intermediate_size=128, use_relative_position_bias=True)).eval()
+    x = _hf_inputs("beit", 2, 0, 0)
+    first, second = amc.trace(model, **x), amc.trace(model, **x)
+    with torch.no_grad():
+        assert torch.allclose(second(**x)[0], model(**x)[0], atol=1e-5)
+        assert torch.equal(first(**x)[0], second(**x)[0])

@@ -30,7 +30,11 @@ KNOWN: Dict[str, Tuple[Tuple[str, Tuple[str, ...]], ...]] = {
 #: captures, so the library keeps the path that holds for every input. transformers skips an all-ones
 #: attention mask in eager mode (`if padding_mask.all(): mask = None`); captured that way, a later padded
 #: batch would run unmasked (the value guard then refuses it), so its masking code is told it is traced.
-TRACING_CHECKS: Tuple[Tuple[str, str], ...] = (("transformers", "is_tracing"),)
+#: transformers' `compile_compatible_method_lru_cache` (BEiT's relative position bias, DETR's and SAM's position
+#: helpers) memoizes shape helpers unless dynamo compiles: told so in that module only, it runs uncached, and a
+#: second capture no longer gets the first one's traced sizes back (BEiT was refused on its second prune).
+TRACING_CHECKS: Tuple[Tuple[str, str], ...] = (("transformers", "is_tracing"),
+                                               ("transformers.pytorch_utils", "is_torchdynamo_compiling"))
 
 #: Memoized shape helpers run uncached during a capture: (module, cached name, uncached name). A cache keyed
 #: on shape ints (equal to traced ones) hands a later call, or a later capture, the traced ints of an

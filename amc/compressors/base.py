@@ -391,6 +391,7 @@ def module_names(model: Any, keys: Iterable[Any], what: str, error: type = Pruni
     qualified name, or, in a graph, the nodes that call it; a string stays itself. Needs no trace, so
     the tuners resolve `ignore=` with it before they build their network."""
     lookup: Dict[int, List[str]] = {}
+    aliases: Dict[str, List[str]] = {}  # a string naming one of a layer's names reaches all of them
     if isinstance(model, ReconstructedNetwork):
         for n in model.layer_nodes:
             lookup.setdefault(id(model.network[n.module]), []).append(n.name)
@@ -398,8 +399,7 @@ def module_names(model: Any, keys: Iterable[Any], what: str, error: type = Pruni
         for q, m in model.named_modules(remove_duplicate=False):  # every name of a layer held under two
             if q:
                 lookup.setdefault(id(m), []).append(q)
-    aliases = {q: names for names in lookup.values() for q in names} if isinstance(model, nn.Module) \
-        and not isinstance(model, ReconstructedNetwork) else {}
+        aliases = {q: names for names in lookup.values() for q in names}
     out: Dict[Any, List[str]] = {}
     for key in keys:
         if isinstance(key, str):

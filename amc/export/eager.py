@@ -91,6 +91,12 @@ def _write_layers(net: Any, out: nn.Module) -> None:
     for name, param in out.named_parameters(remove_duplicate=False):
         tied.setdefault(id(param), []).append(name)
     foreign, written, owners = [], set(), set()
+
+    def place(target: nn.Module, op: nn.Module) -> None:
+        new = clone_module(op, {})
+        for path in aliases[id(target)]:  # `self.shared = self.c2`: every name of the layer gets the one copy
+            _set_path(out, path, new)
+
     for node, op in net.iter_nodes():
         if isinstance(op, Constant) or node.module in written:  # a shared layer (ALBERT) called again
             continue
@@ -106,16 +112,12 @@ def _write_layers(net: Any, out: nn.Module) -> None:
         target = modules.get(node.name)
         if not own:  # a parameterless layer that pruning resized (LayerNorm without affine) goes back too
             if target is not None and reparam.base_class(target) is reparam.base_class(op) and repr(target) != repr(op):
-                new = clone_module(op, {})
-                for path in aliases[id(target)]:
-                    _set_path(out, path, new)
+                place(target, op)
             continue
         if target is None or not _same_kind(target, op):
             foreign.append(f"{node.name} ({type(op).__name__})")
             continue
-        new = clone_module(op, {})
-        for path in aliases[id(target)]:  # `self.shared = self.c2`: every name of the layer gets the one copy
-            _set_path(out, path, new)
+        place(target, op)
     _tie_again(out, [names for names in tied.values() if len(names) > 1])
     for path in owners:  # Mamba's `F.conv1d(x, self.conv1d.weight, groups=self.conv1d.groups)`
         if path in modules:

@@ -469,8 +469,10 @@ def test_hf_language_models_lose_residual_width(name, heads, tmp_path, one_threa
     """Decoder LMs (GQA, rotary, RMSNorm, tied embeddings) and T5: the embedding's columns are the residual
     width, so it shrinks with everything that reads it (tied lm_head included, still one tensor); T5's
     relative position bias (an embedding with one column per head, shared by every layer, passed to SDPA as
-    its mask) loses the heads the layers lose. Soft == hard, and the eager write-back returns the same where a
-    plain module can hold the result (grouped-query heads, T5's head size), else refuses."""
+    its mask) loses the heads the layers lose. Rotary q/k lose frequency pairs (`rotate_half` halves at
+    `x.shape[-1] // 2`, a bound counted from channels; they kept their head size before). Soft == hard, and the
+    eager write-back returns the same where a plain module can hold the result (grouped-query heads, T5's head
+    size, rotary head size), else refuses."""
     torch.manual_seed(0)
     model = _hf_lm_zoo()[name]().eval()
     net = amc.trace(model, **_lm_inputs(name, 2, 9, 0), use_cache=False)
@@ -501,7 +503,7 @@ def test_hf_language_models_lose_residual_width(name, heads, tmp_path, one_threa
         if name == "t5" and heads:
             bias = [m for m in hard.modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings == 32]
             assert [m.embedding_dim for m in bias] == [2, 2]  # encoder's and decoder's, one per kept head
-        if not heads and name in ("llama_gqa", "qwen2", "phi", "phi3", "gemma2"):  # rotary pairs keep q/k's head size
+        if not heads and name == "phi3":  # its fused qkv_proj sliced at config head counts keeps q/k's head size
             with pytest.raises(amc.errors.ExportError, match="one size attribute"):
                 amc.export.to_module(hard, model)
             return
@@ -538,6 +540,28 @@ def test_pruned_language_models_reload(name, tmp_path, one_thread):
         assert torch.allclose(back(**new, use_cache=False).logits, hard(**new).logits, atol=1e-5)
     if name == "gpt2_tied":
         assert back.lm_head.weight is back.transformer.wte.weight
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "phi"])
+def test_rotary_models_pruned_by_dims_reload(name, tmp_path, one_thread):
+    """q/k pruned by frequency pairs: the rotary `inv_freq` keeps the kept pairs' frequencies (a config at
+    the new head size would compute others), and Phi's partial rotary width `rotary_ndims` (set from the
+    config at build, sliced at `q[..., :self.rotary_ndims]`) follows: amc's loader gives the network's
+    logits back (it raised on the unpruned rotary width); plain transformers refuses the shapes, loudly."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = _hf_lm_zoo()[name]().eval()
+    hard = amc.prune(amc.trace(model, **_lm_inputs(name, 2, 9, 0), use_cache=False), ratio=0.5)
+    eager = amc.export.to_module(hard, model)
+    assert model.model.rotary_emb.inv_freq.numel() > eager.model.rotary_emb.inv_freq.numel()
+    amc.export.save_pretrained(eager, str(tmp_path))
+    back = amc.export.from_pretrained(str(tmp_path))
+    new = _lm_inputs(name, 1, 20, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**new, use_cache=False).logits, hard(**new).logits, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="mismatched"):
+        getattr(T, type(model).__name__).from_pretrained(str(tmp_path))
 
 
 def _loader(tok, texts, size, length=None, **extra):

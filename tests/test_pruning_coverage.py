@@ -1142,3 +1142,32 @@ def test_soft_pruning_never_divides_by_a_zeroed_channel():
     model, x = PerChannelStatistics().eval(), torch.randn(2, 3, 8, 8)
     hard = _soft_equals_hard(model, x, no_warnings=True)
     assert hard.module_of("c1").out_channels == 8
+
+
+class CountedSlices(nn.Module):
+    """Bounds counted from channels alone: Swin v2 zeroes the key third of its qkv bias with
+    `b[n // 3:2 * n // 3]` (n = `b.numel()`), and a hand-written GLU halves by `x.shape[1] // 2`."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.qkv, self.proj = nn.Linear(16, 16), nn.Linear(16, 48), nn.Linear(16, 16)
+        self.up, self.fc = nn.Linear(16, 32), nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        bias = self.qkv.bias.clone()
+        n = bias.numel()
+        bias[n // 3:2 * n // 3].zero_()
+        q, k, v = F.linear(x, self.qkv.weight, bias).reshape(x.shape[0], x.shape[1], 3, 2, -1).unbind(2)
+        a = torch.softmax(q.transpose(1, 2) @ k.permute(0, 2, 3, 1), -1) @ v.transpose(1, 2)
+        x = x + self.proj(a.transpose(1, 2).flatten(2))
+        h = self.up(x)
+        c = h.shape[-1] // 2
+        return self.fc((x + h[..., :c] * torch.sigmoid(h[..., c:])).mean(1))
+
+
+def test_slice_bounds_counted_from_channels_prune_with_the_run():
+    """Such bounds froze every channel they cut (Swin v2's q/k/v stayed whole: 0.37x MACs, not 0.26x): no
+    input changes them, so they prune like constant bounds and the hard prune writes the kept run's."""
+    hard = _soft_equals_hard(CountedSlices().eval(), torch.randn(2, 5, 16), no_warnings=True)
+    assert hard.module_of("qkv.weight").value.shape[0] == 24 and hard.module_of("up").out_features == 16

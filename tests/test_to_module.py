@@ -181,12 +181,14 @@ TIMM_SIZE_ATTRIBUTES = {
     "levit_128s": ("AttentionDownsample", "val_attn_dim"),
     "tiny_vit_5m_224": ("Attention", "out_dim"),               # and its SDPA path (pruned key size) is left
     "botnet26t_256": ("BottleneckAttn", "dim_head_qk"),        # split by dim_out_qk, per head dim_out_qk / heads
+    "maxvit_pico_rw_256": ("AttentionCl", "dim_head"),         # qkv(x).view(B, -1, heads, dim_head * 3)
+    "coatnet_pico_rw_224": ("Attention2d", "dim_head"),        # a 1x1 conv qkv viewed (B, heads, dim_head * 3, -1)
 }
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_SIZE_ATTRIBUTES))
 def test_timm_size_attributes_follow_the_pruning(name, one_thread):
-    size = {"levit_128s": 224, "botnet26t_256": 256}.get(name, 64)  # attention biases / position tables built for it
+    size = {"levit_128s": 224, "botnet26t_256": 256, "maxvit_pico_rw_256": 256, "coatnet_pico_rw_224": 224}.get(name, 64)  # attention biases / position tables built for it
     model, small, eager, _ = _timm_written_back(name, size)
     assert type(eager) is type(model)
     cls, attribute = TIMM_SIZE_ATTRIBUTES[name]
@@ -197,6 +199,55 @@ def test_timm_size_attributes_follow_the_pruning(name, one_thread):
     with torch.no_grad():
         y = torch.randn(2, 3, size, size)
         assert torch.allclose(eager(y), small(y), atol=1e-5)
+
+
+def _torchvision_swin(v2: bool):
+    from torchvision.models import swin_transformer as sw
+
+    extra = dict(block=sw.SwinTransformerBlockV2, downsample_layer=sw.PatchMergingV2) if v2 else {}
+    return sw.SwinTransformer(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                              stochastic_depth_prob=0.0, num_classes=10, **extra)
+
+
+def _torchvision_maxvit():
+    from torchvision.models import MaxVit
+
+    return MaxVit(input_size=(64, 64), stem_channels=16, partition_size=4, block_channels=[16, 32],
+                  block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0, num_classes=10)
+
+
+# torchvision attentions that compute from their input's width: Swin scales queries by (C // heads) ** -0.5
+# (the network keeps the captured scale: 6e-4 off), Swin v2 zeroes `qkv_bias[n // 3:2 * n // 3]` (its q/k/v
+# stayed unpruned and the copy failed to run), MaxViT splits `to_qkv` by `head_dim`
+TORCHVISION_ATTENTIONS = {"swin": lambda: _torchvision_swin(False), "swin_v2": lambda: _torchvision_swin(True),
+                          "maxvit": _torchvision_maxvit}
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION_ATTENTIONS))
+def test_torchvision_window_attention_written_back(name, one_thread):
+    torch.manual_seed(0)
+    model = TORCHVISION_ATTENTIONS[name]().eval()
+    for n, m in model.named_modules():  # peaked attention (the init's is near uniform, blind to its scale)
+        if n.endswith(("attn.qkv", ".to_qkv")):
+            nn.init.normal_(m.weight, std=0.5)
+    x = torch.randn(1, 3, 64, 64)
+    small = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    eager = amc.export.to_module(small, model, x)
+    assert type(eager) is type(model)
+    qkv = [(m, o) for (n, m), (_, o) in zip(eager.named_modules(), model.named_modules())
+           if n.endswith(("attn.qkv", ".to_qkv"))]
+    assert qkv and all(m.out_features < o.out_features for m, o in qkv)
+    with torch.no_grad():
+        y = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(eager(y), small(y), rtol=1e-4, atol=1e-5)
+
+
+def test_halo_attention_q_conv_is_read_as_blocks_not_heads(one_thread):
+    """HaloNet's `q` is a 1x1 conv like Attention2d's qkv, but its view splits blocks: read as heads, its
+    head count was rewritten and the copy failed ('size of tensor a (392) must match ... (196)')."""
+    model, small, eager, x = _timm_written_back("halonet_h1", 256)
+    with torch.no_grad():
+        assert torch.allclose(eager(x), small(x), atol=1e-5)
 
 
 class AliasedLayer(nn.Module):

@@ -4,6 +4,7 @@ value widths. The head size each attention now uses is read from the graph's own
 projection."""
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,10 +18,10 @@ from .attribute_rules import _split_sizes, register_attribute_rule
 
 #: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
-HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim")  # last: T5
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim", "dim_head")  # T5; timm MaxViT
 ALL_HEADS_ATTRS = ("all_head_size", "inner_dim", "attn_dim")  # inner_dim: T5; attn_dim: timm
-QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn", "query_key_value", "qkv_proj")  # BLOOM, NeoX, Phi-3
-FUSED_NAMES = ("qkv", "c_attn", "query_key_value", "qkv_proj")  # one projection for q, k and v
+QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn", "query_key_value", "qkv_proj", "to_qkv")  # BLOOM, NeoX, Phi-3, MaxViT
+FUSED_NAMES = ("qkv", "c_attn", "query_key_value", "qkv_proj", "to_qkv")  # one projection for q, k and v
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin")
 
 def _sizes(node: Any) -> List[Any]:
@@ -28,11 +29,12 @@ def _sizes(node: Any) -> List[Any]:
     return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else sizes
 
 
-def _head_splits(net: Any, producer: str, features: int, pieces: int = 1) -> List[Tuple[int, int]]:
+def _head_splits(net: Any, producer: str, features: int, pieces: int = 1,
+                 channels_first: bool = False) -> List[Tuple[int, int]]:
     """(heads, head size) of every view/reshape that splits `producer`'s output into heads: directly (a q
     Linear; a fused qkv holds `pieces` = 3 of them), or each piece of a split of it (GPT-2's fused
     `c_attn(x).split(split_size, dim=2)`), whose features are then the piece's size. `producer` may be a module
-    traced into (its nodes share its prefix)."""
+    traced into (its nodes share its prefix); a 1x1 conv's (`channels_first`) view ends with its pixels."""
     def reads(node: Any, name: str) -> bool:
         ref = node.args[0] if node.args else None
         return isinstance(ref, Ref) and (ref.node == name or ref.node.startswith(name + "."))
@@ -40,7 +42,10 @@ def _head_splits(net: Any, producer: str, features: int, pieces: int = 1) -> Lis
     found = []
     for node, module in net.iter_nodes():
         if isinstance(module, TensorReshape) and reads(node, producer) and not node.name.startswith(producer + "."):
-            split = _heads_from_reshape(_sizes(node), features, pieces)
+            sizes = _sizes(node)
+            if channels_first and sizes and sizes[-1] == -1:  # view(B, heads, head_dim, -1): the -1 is H x W
+                sizes = sizes[:-1]
+            split = _heads_from_reshape(sizes, features, pieces)
             found += [split] if split else []
         elif isinstance(module, TensorSlice) and reads(node, producer) and len(node.args) > 1:
             piece = _piece_features(node.args[1], features)
@@ -75,6 +80,8 @@ def _features(module: nn.Module) -> Optional[int]:
         return _features(_wrapped(module))
     if isinstance(module, nn.Linear):
         return module.out_features
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):  # timm's Attention2d: a 1x1 conv qkv
+        return module.out_channels
     weight = getattr(module, "weight", None)  # transformers' Conv1D (GPT-2): weight stored [in, out]
     return int(weight.shape[1]) if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) else None
 
@@ -107,10 +114,13 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     for role, names in (("query", QUERY_NAMES), ("value", VALUE_NAMES)):
         for name in names:
             child = getattr(module, name, None)
+            if isinstance(child, nn.Conv2d) and name not in FUSED_NAMES:  # HaloNet's strided q conv: blocks, not heads
+                continue
             qualified = f"{path}.{name}" if path else name
             if child is not None and _features(child) is not None:
                 splits = list(dict.fromkeys(  # q .. v
-                    _head_splits(net, qualified, _features(child), 3 if name in FUSED_NAMES else 1)))
+                    _head_splits(net, qualified, _features(child), 3 if name in FUSED_NAMES else 1,
+                                 isinstance(child, nn.Conv2d))))
                 if len(splits) > 1:  # q, k, v pieces of one fused projection kept different head sizes
                     found["query"], found["value"] = splits[0], splits[-1]
                 elif splits:
@@ -224,3 +234,29 @@ def _value_width(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
 
 register_attribute_rule(lambda m: all(type(getattr(m, a, None)) is int for a in ("val_dim", "num_heads")),
                         _value_width)
+
+
+def _swin_query_scale(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """torchvision's Swin (v1) scales queries by `(C // num_heads) ** -0.5`, C read from its input at run
+    time, while the pruned network keeps the scale of the width it was captured at (soft == hard): the
+    ratio of the two is folded into the query rows of `qkv`, so the module computes the network's function."""
+    try:
+        meta = net.node(f"{path}.qkv.weight").meta.get("out", {})
+    except KeyError:  # the layer was captured as a leaf: it computes its own scale
+        return {}
+    qkv, heads = module.qkv, module.num_heads
+    if len(meta.get("shape", ())) != 2 or not isinstance(qkv, nn.Linear) or qkv.out_features != 3 * qkv.in_features:
+        return {}
+    was, now = int(meta["shape"][1]) // heads, qkv.in_features // heads
+    if was == now or not was or not now:
+        return {}
+    folded = copy.deepcopy(qkv)
+    with torch.no_grad():
+        for p in (folded.weight, folded.bias):
+            if p is not None:
+                p[:qkv.in_features] *= (now / was) ** 0.5
+    return {"qkv": folded}
+
+
+register_attribute_rule(lambda m: type(m).__name__ == "ShiftedWindowAttention"
+                        and type(m).__module__ == "torchvision.models.swin_transformer", _swin_query_scale)

@@ -1,7 +1,8 @@
 """Attribute rules: how `to_module` sets what a module computes sizes from after its layers were pruned.
 
-One registry entry per convention (`register_attribute_rule`), plus the generic rule every module gets
-first: a layer that splits by sizes it keeps in attributes takes the split sizes the pruned network runs.
+One registry entry per convention (`register_attribute_rule`), plus the generic rules every module gets
+first: a layer that splits (or slices the last dim) by sizes it keeps in attributes takes the sizes the
+pruned network runs.
 Rules read the attributes as the model built them; the last to set one wins, so a user's rule overrides
 amc's. The conventions themselves live in `attention_rules` and `layer_rules`.
 """
@@ -121,6 +122,45 @@ def _split_attributes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     return new
 
 
+@functools.lru_cache(maxsize=None)
+def _slice_bounds(cls: type) -> Tuple[str, ...]:
+    """The `self.<name>`s the source of `cls` (and its bases outside torch) slices the last dim at:
+    `q[..., : self.rotary_ndims]` (Phi's partial rotary) -> (rotary_ndims,)."""
+    names = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn") or klass is object:
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        names += re.findall(r"\[\s*\.\.\.\s*,\s*:\s*self\.(\w+)\s*\]", source)
+    return tuple(dict.fromkeys(names))
+
+
+def _slice_attributes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """A layer that slices the last dim at an attribute (`x[..., :self.rotary_ndims]`): the attribute takes
+    the bound the pruned network slices at, where the slice it ran at capture was that wide."""
+    names = [n for n in _slice_bounds(type(module)) if type(vars(module).get(n)) is int]
+    if not names:
+        return {}
+    bounds: Dict[int, set] = {}  # captured width -> widths the pruned network slices
+    for node, op in net.iter_nodes():
+        index = node.args[1] if isinstance(op, TensorSlice) and len(node.args) > 1 else None
+        if node.name.rpartition(".")[0] != path or not (isinstance(index, tuple) and len(index) == 2
+                                                         and index[0] is Ellipsis and isinstance(index[1], slice)):
+            continue
+        cut, out = index[1], node.meta.get("out")
+        if cut.start in (None, 0) and cut.step is None and type(cut.stop) is int and isinstance(out, dict):
+            bounds.setdefault(int(out["shape"][-1]), set()).add(cut.stop)
+    new = {}
+    for name in names:
+        now = bounds.get(vars(module)[name], set())
+        if len(now) == 1 and vars(module)[name] not in now:
+            new[name] = now.pop()
+    return new
+
+
 def _not_torch_nn(module: nn.Module) -> bool:
     return not type(module).__module__.startswith("torch.nn")
 
@@ -130,7 +170,7 @@ def apply_rules(out: nn.Module, net: Any) -> None:
     try:
         for path, module in list(out.named_modules()):
             updates: Dict[str, Any] = {}  # every rule reads the attributes as built; the last to set one wins
-            for applies, rule in [(_not_torch_nn, _split_attributes)] + _RULES:
+            for applies, rule in [(_not_torch_nn, _split_attributes), (_not_torch_nn, _slice_attributes)] + _RULES:
                 if applies(module):
                     updates.update(rule(module, path, net))
             for name, value in updates.items():

@@ -29,7 +29,8 @@ from .layer_sizes import follow_tensors
 
 _ATTRS = HEAD_COUNT_ATTRS + HEAD_SIZE_ATTRS + ALL_HEADS_ATTRS + (  # nf, nx, split_size: GPT-2's Conv1D, attention
     "scaling", "split_size", "num_key_value_heads", "nf", "nx", "hidden_dim", "intermediate_dim",  # MoE
-    "ssm_state_size", "time_step_rank")  # last: Mamba's mixer
+    "ssm_state_size", "time_step_rank",  # Mamba's mixer
+    "rotary_ndims")  # Phi's partial rotary width (`q[..., :self.rotary_ndims]`)
 _SAME_AS = {"state_size": "ssm_state_size"}  # config field -> the layer attribute that holds it (Mamba)
 _KEY = "amc_layers"
 _FFN_ATTRS = ("intermediate_size", "ffn_dim", "d_ff", "n_inner", "ffn_hidden_size",  # the MLP's hidden width

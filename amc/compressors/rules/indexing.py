@@ -47,8 +47,10 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
             if v is not None and r != range(x.shape[d]):
                 # a contiguous run of channels with constant bounds (`g[:, -3:]`): the rest prune freely,
                 # the run prunes with its readers, and the hard prune moves the bounds onto the kept
-                # channels; bounds read at run time (BERT's `position_ids[:, :seq_len]`) stay frozen
-                static = isinstance(t, slice) and all(b is None or type(b) is int for b in (t.start, t.stop, t.step))
+                # channels; so do bounds counted from channels alone; bounds read at run time from a
+                # dim that is no channel (BERT's `position_ids[:, :seq_len]`) stay frozen
+                static = isinstance(t, slice) and all(b is None or type(b) is int or _counts_channels(c, b)
+                                                      for b in (t.start, t.stop, t.step))
                 if r.step == 1 and len(r) and static:
                     c.a.nonempty.append(v[r.start:r.stop].copy())  # the run never empties
                     c.a.fixup(c.node.name, fix_channel_slice, pos=None if single else k,
@@ -63,6 +65,14 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
             return None
     out.extend(dims[d:])
     return out
+
+
+def _counts_channels(c: RuleCall, bound: Any) -> bool:
+    """A bound computed from channel counts alone (Swin v2's `qkv_bias[n // 3:2 * n // 3]`, n its `numel()`):
+    no input changes it, so it is a constant of the network, and the hard prune writes the kept run's
+    bounds there as for a constant. A count that also reads a batch or token dim is no constant."""
+    kind, vecs = size_source(c, bound)
+    return kind == "derived" and bool(vecs) and all(v is not None for v in vecs)
 
 
 def fix_channel_slice(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:

@@ -250,6 +250,25 @@ def test_halo_attention_q_conv_is_read_as_blocks_not_heads(one_thread):
         assert torch.allclose(eager(x), small(x), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["davit_tiny", "volo_d1_224"])
+def test_fused_attention_without_a_head_size_attribute_keeps_its_scale(name, one_thread):
+    """DaViT's window attention (and VOLO's) derives its head size from the input (`C // num_heads`) and keeps only
+    `scale`: fused SDPA scaled by the pruned head size (6e-4 off, refused); its own path keeps `scale`."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()
+    fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is not None and hasattr(m, "scale")]
+    for m in fused:
+        m.fused_attn = True
+    size = 224 if name.startswith("volo") else 64
+    x = torch.randn(1, 3, size, size)
+    small = amc.prune(model, ratio=0.5, example_inputs=(x,))
+    eager = amc.export.to_module(small, model, x)
+    assert any(m.fused_attn is False for m in eager.modules() if getattr(m, "fused_attn", None) is not None)
+    with torch.no_grad():
+        torch.testing.assert_close(eager(x), small(x), rtol=1e-4, atol=1e-5)
+
+
 class AliasedLayer(nn.Module):
     """One conv under two names (`self.shared = self.c2`, a refactor alias), called through both."""
 

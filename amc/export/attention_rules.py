@@ -161,9 +161,10 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
         for name in names:
             if isinstance(getattr(module, name, None), int):
                 new[name] = value
-    before = next((getattr(module, a) for a in HEAD_SIZE_ATTRS if isinstance(getattr(module, a, None), int)), size)
-    if before != size and getattr(module, "fused_attn", None) is True and isinstance(getattr(module, "scale", None),
-                                                                                      float):
+    scale = getattr(module, "scale", None)
+    before = next((getattr(module, a) for a in HEAD_SIZE_ATTRS if isinstance(getattr(module, a, None), int)),
+                  round(scale ** -2) if isinstance(scale, float) and scale > 0 else size)  # DaViT keeps no head size
+    if before != size and getattr(module, "fused_attn", None) is True and isinstance(scale, float):
         new["fused_attn"] = False  # timm: fused SDPA would scale by the pruned head size; its own path keeps `scale`
     return new
 

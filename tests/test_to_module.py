@@ -188,7 +188,8 @@ TIMM_SIZE_ATTRIBUTES = {
 
 @pytest.mark.parametrize("name", sorted(TIMM_SIZE_ATTRIBUTES))
 def test_timm_size_attributes_follow_the_pruning(name, one_thread):
-    size = {"levit_128s": 224, "botnet26t_256": 256, "maxvit_pico_rw_256": 256, "coatnet_pico_rw_224": 224}.get(name, 64)  # attention biases / position tables built for it
+    # attention biases / position tables are built for these sizes
+    size = {"levit_128s": 224, "botnet26t_256": 256, "maxvit_pico_rw_256": 256, "coatnet_pico_rw_224": 224}.get(name, 64)
     model, small, eager, _ = _timm_written_back(name, size)
     assert type(eager) is type(model)
     cls, attribute = TIMM_SIZE_ATTRIBUTES[name]

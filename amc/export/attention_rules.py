@@ -18,9 +18,11 @@ from .attribute_rules import _split_sizes, register_attribute_rule
 
 #: attribute names that hold a head count, a per-head size, and their product, in the conventions we know
 HEAD_COUNT_ATTRS = ("num_attention_heads", "num_heads", "n_heads")
-HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size", "key_value_proj_dim", "dim_head")  # T5; timm MaxViT
+HEAD_SIZE_ATTRS = ("attention_head_size", "head_dim", "head_size",
+                   "key_value_proj_dim", "dim_head")  # T5; timm's MaxViT
 ALL_HEADS_ATTRS = ("all_head_size", "inner_dim", "attn_dim")  # inner_dim: T5; attn_dim: timm
-QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn", "query_key_value", "qkv_proj", "to_qkv")  # BLOOM, NeoX, Phi-3, MaxViT
+QUERY_NAMES = ("query", "q_proj", "q", "q_lin", "qkv", "c_attn", "query_key_value", "qkv_proj",  # BLOOM, NeoX, Phi-3
+               "to_qkv")  # torchvision's MaxViT
 FUSED_NAMES = ("qkv", "c_attn", "query_key_value", "qkv_proj", "to_qkv")  # one projection for q, k and v
 VALUE_NAMES = ("value", "v_proj", "v", "v_lin")
 
@@ -114,8 +116,8 @@ def _attention_rule(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     for role, names in (("query", QUERY_NAMES), ("value", VALUE_NAMES)):
         for name in names:
             child = getattr(module, name, None)
-            if isinstance(child, nn.Conv2d) and name not in FUSED_NAMES:  # HaloNet's strided q conv: blocks, not heads
-                continue
+            if isinstance(child, nn.Conv2d) and name not in FUSED_NAMES:  # HaloNet's q conv: viewed as blocks,
+                continue                                                  # not heads
             qualified = f"{path}.{name}" if path else name
             if child is not None and _features(child) is not None:
                 splits = list(dict.fromkeys(  # q .. v

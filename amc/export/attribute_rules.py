@@ -54,18 +54,25 @@ def _split_sizes(net: Any) -> Dict[str, List[Tuple[List[int], List[int]]]]:
     return pairs
 
 
+def _sources(cls: type) -> List[str]:
+    """The source of `cls` and of its bases outside torch (where Python can find it)."""
+    out = []
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch.nn") or klass is object:
+            continue
+        try:
+            out.append(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _split_calls(cls: type) -> Tuple[Tuple[str, ...], ...]:
     """For each `split(...)` call in the source of `cls` and its bases (outside torch), the `self.<name>`s
     written in it, in order: `torch.split(x, [self.dim_conv3, self.dim_untouched])` -> (dim_conv3, dim_untouched)."""
     calls = []
-    for klass in cls.__mro__:
-        if klass.__module__.startswith("torch.nn") or klass is object:
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
+    for source in _sources(cls):
         for match in re.finditer(r"\bsplit\(", source):
             depth, end = 1, match.end()
             while depth and end < len(source):
@@ -126,15 +133,7 @@ def _split_attributes(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
 def _slice_bounds(cls: type) -> Tuple[str, ...]:
     """The `self.<name>`s the source of `cls` (and its bases outside torch) slices the last dim at:
     `q[..., : self.rotary_ndims]` (Phi's partial rotary) -> (rotary_ndims,)."""
-    names = []
-    for klass in cls.__mro__:
-        if klass.__module__.startswith("torch.nn") or klass is object:
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):
-            continue
-        names += re.findall(r"\[\s*\.\.\.\s*,\s*:\s*self\.(\w+)\s*\]", source)
+    names = [n for source in _sources(cls) for n in re.findall(r"\[\s*\.\.\.\s*,\s*:\s*self\.(\w+)\s*\]", source)]
     return tuple(dict.fromkeys(names))
 
 

@@ -78,12 +78,14 @@ def _subject(name: str):
         calib, evalset = photo_split(crops_per_image=SETTINGS.get("crops_per_image", 25))
         loader = DataLoader(TensorDataset(calib), batch_size=20)
         model = pretrained_mobilenet_v2().eval()
-        with torch.no_grad():
-            ref = model(evalset)
+        def logits(net):  # in chunks: 1,000 crops at once need over 1 GB of activations
+            with torch.no_grad():
+                return torch.cat([net(chunk) for chunk in evalset.split(100)])
+
+        ref = logits(model)
 
         def judge(net):
-            with torch.no_grad():
-                out = net(evalset)
+            out = logits(net)
             kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(ref, 1), log_target=True, reduction="batchmean")
             return float((out.argmax(1) == ref.argmax(1)).float().mean()), float(kl)
 

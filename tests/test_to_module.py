@@ -183,6 +183,7 @@ TIMM_SIZE_ATTRIBUTES = {
     "botnet26t_256": ("BottleneckAttn", "dim_head_qk"),        # split by dim_out_qk, per head dim_out_qk / heads
     "maxvit_pico_rw_256": ("AttentionCl", "dim_head"),         # qkv(x).view(B, -1, heads, dim_head * 3)
     "coatnet_pico_rw_224": ("Attention2d", "dim_head"),        # a 1x1 conv qkv viewed (B, heads, dim_head * 3, -1)
+    "pvt_v2_b0": ("Attention", "head_dim"),                    # q viewed (B, N, heads, -1), kv (.., heads, head_dim)
 }
 
 
@@ -268,6 +269,19 @@ def test_fused_attention_without_a_head_size_attribute_keeps_its_scale(name, one
     assert any(m.fused_attn is False for m in eager.modules() if getattr(m, "fused_attn", None) is not None)
     with torch.no_grad():
         torch.testing.assert_close(eager(x), small(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,size", [("eva02_tiny_patch14_224", 224), ("vit_tiny_patch16_dinov3_qkvb", 256)])
+def test_eva_rotary_attention_prunes_and_writes_back(name, size, one_thread):
+    """EVA-02 rotates q/k in interleaved pairs (`x[..., 1::2]` and `x[..., ::2]`, stacked back): those strided
+    slices froze q, k and v (0.46x MACs at ratio 0.5), and the output's `reshape(B, N, C)`, C read from the
+    pruned residual, then refused the copy. DINOv3's rotary table asserts `periods.numel() == dim // 4`, and
+    its register tokens (rows of one parameter, thinned like channels) move the prefix-token counts."""
+    model, small, eager, x = _timm_written_back(name, size)
+    assert amc.count(small, x)[0] < 0.35 * amc.count(amc.trace(model, x), x)[0]
+    with torch.no_grad():
+        y = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(eager(y), small(y), rtol=1e-4, atol=1e-5)
 
 
 class AliasedLayer(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..graph.ops import TensorReshape, TensorSlice
+from ..graph.ops import ParamHolder, TensorReshape, TensorSlice
 from ..graph.template import Ref
 from .attribute_rules import _split_sizes, register_attribute_rule
 
@@ -95,8 +95,9 @@ def _heads_from_reshape(sizes: List[Any], features: int, pieces: int = 1) -> Opt
     which read alike once 3 heads are pruned to 2), else the size before the last, else what a -1 there
     stands for."""
     tail = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool)]
-    if len(tail) >= 3 and tail[-1] == -1 and all(s > 0 for s in tail[:-1]) and features % math.prod(tail[:-1]) == 0:
-        tail[-1] = features // math.prod(tail[:-1])  # timm's Eva: reshape(B, N, 3, heads, -1)
+    if len(tail) >= 2 and tail[-1] == -1 and all(s > 0 for s in tail[:-1]) and features % math.prod(tail[:-1]) == 0:
+        # timm's Eva: reshape(B, N, 3, heads, -1); PVT-v2's q: reshape(B, N, heads, -1)
+        tail[-1] = features // math.prod(tail[:-1])
     if len(tail) < 2 or tail[-1] <= 0:
         return None
     size, others = tail[-1], tail[:-1]
@@ -263,3 +264,42 @@ def _swin_query_scale(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
 
 register_attribute_rule(lambda m: type(m).__name__ == "ShiftedWindowAttention"
                         and type(m).__module__ == "torchvision.models.swin_transformer", _swin_query_scale)
+
+
+def _rotary_periods_width(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """timm's DINOv3 rotary table (`RotaryEmbeddingDinoV3`) builds its sin/cos from one period per 4 head dims
+    (two axes, sin and cos) and asserts `periods.numel() == dim // 4`: the head dims q/k lost took their
+    periods with them, so `dim` is 4 per period kept."""
+    return {"dim": 4 * int(module.periods.numel())}
+
+
+register_attribute_rule(lambda m: type(m).__name__ == "RotaryEmbeddingDinoV3" and type(getattr(m, "dim", None)) is int
+                        and isinstance(getattr(m, "periods", None), torch.Tensor) and m.periods.dim() == 1,
+                        _rotary_periods_width)
+
+
+def _registers_removed(net: Any) -> Dict[str, int]:
+    """{owner path: register tokens pruned away} from the graph's `reg_token` tensors (traced vs now)."""
+    out = {}
+    for node, op in net.iter_nodes():
+        shape = (node.meta.get("out") or {}).get("shape") if isinstance(node.meta.get("out"), dict) else None
+        if isinstance(op, ParamHolder) and node.name.rpartition(".")[2] == "reg_token" and shape and len(shape) == 3:
+            out[node.name.rpartition(".")[0]] = int(shape[1]) - int(op.value.shape[1])
+    return out
+
+
+def _prefix_tokens(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
+    """Register tokens are token rows of one parameter (`reg_token`, [1, R, D]), which pruning may thin like
+    channels: the prefix-token counts timm's ViTs slice at (`x[:, npt:]`) and the register count follow."""
+    new: Dict[str, Any] = {}
+    for owner, removed in _registers_removed(net).items():
+        if removed and (path == owner or path.startswith(owner + ".") if owner else True):
+            if type(vars(module).get("num_prefix_tokens")) is int:
+                new["num_prefix_tokens"] = module.num_prefix_tokens - removed
+            if type(vars(module).get("num_reg_tokens")) is int:
+                new["num_reg_tokens"] = module.num_reg_tokens - removed
+    return new
+
+
+register_attribute_rule(lambda m: any(type(vars(m).get(a)) is int for a in ("num_prefix_tokens", "num_reg_tokens")),
+                        _prefix_tokens)

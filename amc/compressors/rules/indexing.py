@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...graph.ops import SetItem
+from ...graph.template import Ref
 from ..dependency import TL, Fixup, RuleCall, Vec
 from ...graph.network import ReconstructedNetwork
 
@@ -44,15 +45,36 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
         elif isinstance(i, slice):
             v = dims[d]
             r = range(x.shape[d])[i]
-            if v is not None and r != range(x.shape[d]):
+            widths = [w for w in (_run_width_source(c, b, v) for b in _bounds(t)) if w is not None]
+            n = x.shape[d]
+            if v is not None and r.step > 1 and n % r.step == 0 and r == range(r.start % r.step, n, r.step) \
+                    and isinstance(t, slice) and t.stop is None and all(type(b) is int for b in (t.start or 0, t.step)):
+                # every step-th channel (timm's interleaved rotary `rot`: `x[..., 1::2]`, `x[..., ::2]`): the
+                # channels go a block of `step` at a time, so the kept ones stay in whole blocks and the
+                # same slice picks the same member of each kept block; nothing to rewrite
+                grid = v.reshape(-1, r.step)
+                for j in range(1, r.step):
+                    c.a.uf.union_vecs(grid[:, 0], grid[:, j])
+                out.append(grid[:, r.start].copy())
+                d += 1
+                continue
+            if v is not None and r == range(x.shape[d]):
+                for w in widths:  # the dim a bound is read from: the same channels as the run it ends
+                    c.a.uf.union_vecs(v[:len(w)], w)
+            elif v is not None:
                 # a contiguous run of channels with constant bounds (`g[:, -3:]`): the rest prune freely,
                 # the run prunes with its readers, and the hard prune moves the bounds onto the kept
-                # channels; so do bounds counted from channels alone; bounds read at run time from a
-                # dim that is no channel (BERT's `position_ids[:, :seq_len]`) stay frozen
-                static = isinstance(t, slice) and all(b is None or type(b) is int or _counts_channels(c, b)
-                                                      for b in (t.start, t.stop, t.step))
-                if r.step == 1 and len(r) and static:
-                    c.a.nonempty.append(v[r.start:r.stop].copy())  # the run never empties
+                # channels; so do bounds counted from channels alone, and bounds read from a dim as wide
+                # as the run they end; bounds read at run time from a dim that is no channel (BERT's
+                # `position_ids[:, :seq_len]`) stay frozen
+                static = isinstance(t, slice) and (t.step is None or type(t.step) is int) and all(
+                    b is None or type(b) is int or _counts_channels(c, b) or _run_width_source(c, b, v) is not None
+                    for b in (t.start, t.stop))
+                if r.step == 1 and static:
+                    for w in widths:
+                        c.a.uf.union_vecs(v[:len(w)], w)
+                    if len(r):
+                        c.a.nonempty.append(v[r.start:r.stop].copy())  # the run never empties
                     c.a.fixup(c.node.name, fix_channel_slice, pos=None if single else k,
                               before=v[:r.start].copy(), inside=v[r.start:r.stop].copy())
                     v = v[r.start:r.stop]
@@ -73,6 +95,24 @@ def _counts_channels(c: RuleCall, bound: Any) -> bool:
     bounds there as for a constant. A count that also reads a batch or token dim is no constant."""
     kind, vecs = size_source(c, bound)
     return kind == "derived" and bool(vecs) and all(v is not None for v in vecs)
+
+
+def _bounds(t: Any) -> List[Any]:
+    return [t.start, t.stop] if isinstance(t, slice) else []
+
+
+def _run_width_source(c: RuleCall, bound: Any, v: Vec) -> Vec:
+    """The channel dim a slice bound is read from (Phi-3's `q[..., :rotary_dim]` and `q[..., rotary_dim:]`,
+    `rotary_dim = cos.shape[-1]`, cos multiplied into q's first channels next), if it is a channel dim no
+    wider than the sliced one: the caller couples it channel by channel with the run before the bound, so
+    both keep the same count and the bound stays where the run ends (the hard prune writes it as a
+    constant). None otherwise (a dim that is no channel: the caller freezes a partial slice)."""
+    if v is None or not isinstance(bound, Ref):
+        return None
+    kind, vecs = size_source(c, bound)
+    if kind != "direct" or len(vecs) != 1 or vecs[0] is None or not 0 < len(vecs[0]) <= len(v):
+        return None
+    return vecs[0]
 
 
 def fix_channel_slice(net: ReconstructedNetwork, fx: Fixup, keep_of: KeepFn, mode: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import weakref
 from collections import namedtuple
 
 import pytest
@@ -1407,3 +1408,31 @@ def test_side_effect_hooks_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         amc.trace(quiet, x)
+
+
+class _Chain(nn.Module):
+    """Doubles its input four times and counts, at the end of its forward, how many of the four
+    intermediates are still alive (in eager only the last is: nothing else refers to them)."""
+
+    def forward(self, x):
+        refs = []
+        for _ in range(4):
+            x = x * 2
+            refs.append(weakref.ref(x))
+        self.alive = sum(r() is not None for r in refs)
+        return x
+
+
+def test_capture_frees_intermediates_as_eager_does():
+    """Capture kept every recorded tensor alive until it ended (so that a dead tensor's id, reused by
+    a new one, could not be mistaken for it): a 768-px ViT (timm's gemma4_vit_167m_enc) peaked at 9.2 GB
+    where its eager forward takes 2.0 GB. A tensor's id is now forgotten when the tensor dies, in every map
+    keyed by it (a constant's node too: torchvision's detection anchors came out of the wrong constants)."""
+    m = _Chain()
+    x = torch.randn(2, 3)
+    m(x)
+    assert m.alive == 1
+    net = amc.trace(m, x)
+    assert m.alive == 1
+    y = torch.randn(5, 3)
+    assert torch.equal(net(y), y * 16)

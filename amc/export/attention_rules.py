@@ -293,7 +293,7 @@ def _prefix_tokens(module: nn.Module, path: str, net: Any) -> Dict[str, Any]:
     channels: the prefix-token counts timm's ViTs slice at (`x[:, npt:]`) and the register count follow."""
     new: Dict[str, Any] = {}
     for owner, removed in _registers_removed(net).items():
-        if removed and (path == owner or path.startswith(owner + ".") if owner else True):
+        if removed and (not owner or path == owner or path.startswith(owner + ".")):  # the owner and inside it
             if type(vars(module).get("num_prefix_tokens")) is int:
                 new["num_prefix_tokens"] = module.num_prefix_tokens - removed
             if type(vars(module).get("num_reg_tokens")) is int:

@@ -657,7 +657,7 @@ class Tracer(TorchFunctionMode):
         return net
 
     def _const_names(self) -> set:
-        return set(self._constants)
+        return self._constants
 
 
 def _patched_call(mod: nn.Module, *args: Any, **kwargs: Any) -> Any:

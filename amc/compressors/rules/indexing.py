@@ -45,8 +45,9 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
         elif isinstance(i, slice):
             v = dims[d]
             r = range(x.shape[d])[i]
-            widths = [w for w in (_run_width_source(c, b, v) for b in _bounds(t)) if w is not None]
             n = x.shape[d]
+            bounds = (t.start, t.stop) if isinstance(t, slice) else ()
+            widths = {j: w for j, w in enumerate(_run_width_source(c, b, v) for b in bounds) if w is not None}
             if v is not None and r.step > 1 and n % r.step == 0 and r == range(r.start % r.step, n, r.step) \
                     and isinstance(t, slice) and t.stop is None and all(type(b) is int for b in (t.start or 0, t.step)):
                 # every step-th channel (timm's interleaved rotary `rot`: `x[..., 1::2]`, `x[..., ::2]`): the
@@ -58,9 +59,8 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
                 out.append(grid[:, r.start].copy())
                 d += 1
                 continue
-            if v is not None and r == range(x.shape[d]):
-                for w in widths:  # the dim a bound is read from: the same channels as the run it ends
-                    c.a.uf.union_vecs(v[:len(w)], w)
+            if v is not None and r == range(n):
+                _couple_runs(c, v, widths.values())
             elif v is not None:
                 # a contiguous run of channels with constant bounds (`g[:, -3:]`): the rest prune freely,
                 # the run prunes with its readers, and the hard prune moves the bounds onto the kept
@@ -68,11 +68,9 @@ def _getitem_dims(c: RuleCall, x: torch.Tensor, dims: List[Vec], idx: Any, idx_t
                 # as the run they end; bounds read at run time from a dim that is no channel (BERT's
                 # `position_ids[:, :seq_len]`) stay frozen
                 static = isinstance(t, slice) and (t.step is None or type(t.step) is int) and all(
-                    b is None or type(b) is int or _counts_channels(c, b) or _run_width_source(c, b, v) is not None
-                    for b in (t.start, t.stop))
+                    b is None or type(b) is int or _counts_channels(c, b) or j in widths for j, b in enumerate(bounds))
                 if r.step == 1 and static:
-                    for w in widths:
-                        c.a.uf.union_vecs(v[:len(w)], w)
+                    _couple_runs(c, v, widths.values())
                     if len(r):
                         c.a.nonempty.append(v[r.start:r.stop].copy())  # the run never empties
                     c.a.fixup(c.node.name, fix_channel_slice, pos=None if single else k,
@@ -97,8 +95,10 @@ def _counts_channels(c: RuleCall, bound: Any) -> bool:
     return kind == "derived" and bool(vecs) and all(v is not None for v in vecs)
 
 
-def _bounds(t: Any) -> List[Any]:
-    return [t.start, t.stop] if isinstance(t, slice) else []
+def _couple_runs(c: RuleCall, v: np.ndarray, sources: Any) -> None:
+    """Each dim a bound is read from and the run of `v` that bound ends: the same channels."""
+    for w in sources:
+        c.a.uf.union_vecs(v[:len(w)], w)
 
 
 def _run_width_source(c: RuleCall, bound: Any, v: Vec) -> Vec:

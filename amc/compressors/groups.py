@@ -50,6 +50,18 @@ def _lcm(a: int, b: int) -> int:
     return a * b // int(np.gcd(a, b))
 
 
+def rounding_step(multiple_of: int, round_to: int, total: int) -> int:
+    """The step a group's kept count moves in: a multiple of both its structural `multiple_of` (groups
+    of a grouped conv) and `round_to`. Where that step is the group's whole width (RegNet's 25 groups of
+    16 at round_to=16 -> 400 of 400) rounding would keep every channel, so the largest divisor of
+    round_to whose step still leaves something to prune is used instead (8 there: 200 of 400)."""
+    m = max(multiple_of, 1)
+    for r in range(round_to, 0, -1):
+        if round_to % r == 0 and (_lcm(m, r) < total or r == 1):
+            return _lcm(m, r)
+    return m
+
+
 def _units_by_signature(rr: np.ndarray, sp: np.ndarray, n_spaces: int) -> Dict[Tuple[int, ...], List[int]]:
     """Unit roots grouped by the set of spaces their elements lie in (their signature), in order of
     each signature's first root. `rr`/`sp`: root and space of every live element, sorted by root then
@@ -123,7 +135,8 @@ def module_key(a: Analysis, node: str) -> str:
 
 def keep_counts(group: Group, ratio: float) -> int:
     """How many units of `group` to prune at `ratio`, keeping >= 1 and honouring multiple_of; with
-    `round_to` > 1 the kept count is rounded up to a multiple of it (never more pruned than asked)."""
+    `round_to` > 1 the kept count is rounded up to a multiple of it (never more pruned than asked; a
+    grouped conv whose groups make that step its whole width rounds to a divisor: `rounding_step`)."""
     n, frozen, m = group.size, group.n_frozen, group.multiple_of
     if m == 0:
         return 0
@@ -134,7 +147,7 @@ def keep_counts(group: Group, ratio: float) -> int:
         if total % m:
             return 0
     if group.round_to > 1:
-        step = _lcm(max(m, 1), group.round_to)
+        step = rounding_step(m, group.round_to, total)
         keep_total = min(total, -(-keep_total // step) * step)
     return max(0, min(n, total - keep_total))
 

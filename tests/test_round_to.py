@@ -144,7 +144,8 @@ def test_grouped_conv_whose_step_is_its_width_still_prunes(one_thread):
     """3 groups of 16 at round_to=16: a multiple of both is 48, the whole width, which once kept all of it
     (RegNet at round_to=16 kept 0.62x MACs instead of 0.27x); now it rounds to 8: 24 of 48 kept."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 48, 1), nn.BatchNorm2d(48), nn.ReLU(),
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 48, 1), nn.BatchNorm2d(48), nn.ReLU(),
                           nn.Conv2d(48, 48, 3, padding=1, groups=3), nn.BatchNorm2d(48), nn.ReLU(),
                           nn.Conv2d(48, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -152,5 +153,6 @@ def test_grouped_conv_whose_step_is_its_width_still_prunes(one_thread):
     grouped = [c for c in _convs(pruned) if c.groups == 3]
     assert [c.out_channels for c in grouped] == [24]
     assert _convs(pruned)[-1].out_channels == 16  # an ungrouped width keeps its multiple of 16
+    assert _convs(pruned)[0].out_channels == 16  # and one no wider than round_to is not pruned below it
     soft = amc.prune(model, ratio=0.5, example_inputs=(x,), round_to=16, mode="soft")
     torch.testing.assert_close(pruned(x), soft(x), atol=1e-5, rtol=1e-4)

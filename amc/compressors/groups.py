@@ -1,6 +1,7 @@
 """Pruning groups: channels that must go together, clustered by the layers they touch."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
@@ -36,6 +37,14 @@ class Group:
         """Prunable channels in the group."""
         return len(self.units)
 
+    @functools.cached_property
+    def channels_per_unit(self) -> int:
+        """Channels one unit spans on its widest member: a grouped conv's groups are pruned alike, so
+        one unit bundles a channel of each (25 for RegNet's 25 groups); 1 for a plain layer."""
+        if not self.members or not self.size:
+            return 1
+        return max(1, max(int(np.count_nonzero(m.unit_index >= 0)) for m in self.members) // self.size)
+
     @property
     def layers(self) -> List[str]:
         """Names of the nodes whose parameters this group slices."""
@@ -50,16 +59,18 @@ def _lcm(a: int, b: int) -> int:
     return a * b // int(np.gcd(a, b))
 
 
-def rounding_step(multiple_of: int, round_to: int, total: int) -> int:
-    """The step a group's kept count moves in: a multiple of both its structural `multiple_of` (groups
-    of a grouped conv) and `round_to`. Where that step is the group's whole width (RegNet's 25 groups of
-    16 at round_to=16 -> 400 of 400) rounding would keep every channel, so the largest divisor of
-    round_to whose step still leaves something to prune is used instead (8 there: 200 of 400)."""
+def rounding_step(multiple_of: int, round_to: int, total: int, bundled: bool = False) -> int:
+    """The step a group's kept count (in units) moves in: a multiple of both its structural
+    `multiple_of` (attention heads) and `round_to`. For a grouped conv (`bundled`: one unit per channel
+    of each group) or a structural multiple, a step that is the group's whole width (RegNet's groups 16
+    wide at round_to=16: 16 of 16 units) would keep every channel, so the largest divisor of round_to whose
+    step still leaves something to prune is used instead (8 there: half of each group). A plain layer no
+    wider than round_to keeps its width, as round_to asks."""
     m = max(multiple_of, 1)
-    for r in range(round_to, 0, -1):
-        if round_to % r == 0 and (_lcm(m, r) < total or r == 1):
-            return _lcm(m, r)
-    return m
+    if m == 1 and not bundled:
+        return round_to
+    divisors = [r for r in range(round_to, 1, -1) if round_to % r == 0]
+    return next((_lcm(m, r) for r in divisors if _lcm(m, r) < total), m)
 
 
 def _units_by_signature(rr: np.ndarray, sp: np.ndarray, n_spaces: int) -> Dict[Tuple[int, ...], List[int]]:
@@ -136,7 +147,7 @@ def module_key(a: Analysis, node: str) -> str:
 def keep_counts(group: Group, ratio: float) -> int:
     """How many units of `group` to prune at `ratio`, keeping >= 1 and honouring multiple_of; with
     `round_to` > 1 the kept count is rounded up to a multiple of it (never more pruned than asked; a
-    grouped conv whose groups make that step its whole width rounds to a divisor: `rounding_step`)."""
+    grouped conv whose groups are no wider than that step rounds to a divisor: `rounding_step`)."""
     n, frozen, m = group.size, group.n_frozen, group.multiple_of
     if m == 0:
         return 0
@@ -147,7 +158,7 @@ def keep_counts(group: Group, ratio: float) -> int:
         if total % m:
             return 0
     if group.round_to > 1:
-        step = rounding_step(m, group.round_to, total)
+        step = rounding_step(m, group.round_to, total, group.channels_per_unit > 1)
         keep_total = min(total, -(-keep_total // step) * step)
     return max(0, min(n, total - keep_total))
 

@@ -44,6 +44,7 @@ sys.path.insert(0, str(HERE))
 import amc  # noqa: E402
 from amc.compressors import TokenPruning  # noqa: E402
 from amc.compressors.tokens import agents_of, dynamic_macs, set_mode  # noqa: E402
+from amc.compressors.tokens.agent import TokenAgent  # noqa: E402
 from amc.models import evaluate, train_classifier  # noqa: E402
 from _isolate import write_atomic  # noqa: E402
 from _ort import ort_runners  # noqa: E402
@@ -57,6 +58,44 @@ BASELINES = [("CLS attention top-k (EViT rule)", "cls_attention", "none"),
              ("token norm top-k", "norm", "none"), ("random tokens", "random", "none"),
              ("random tokens + merge", "random", "merge")]
 FREE = {label for label, _, _ in BASELINES}
+ORACLE = "ceiling: first k tokens, no scoring"
+
+
+class FirstTokens(torch.nn.Module):
+    """Keeps CLS and the next `keep` tokens: a slice, no scoring and no selection. Timed in place of APT's
+    agents, it is the speed any token pruner with APT's kept counts could at best reach on this runtime."""
+
+    def __init__(self, keep: int):
+        super().__init__()
+        self.keep = int(keep)
+
+    def forward(self, x: torch.Tensor, attn: Any = None) -> torch.Tensor:
+        return x[:, :self.keep + 1]
+
+
+def ceiling_net(net: Any) -> Any:
+    """A copy of an APT network whose agents are FirstTokens with the same kept counts."""
+    out = copy.deepcopy(net)
+    for node in out.layer_nodes:
+        agent = out.network[node.module]
+        if isinstance(agent, TokenAgent):
+            out.network[node.module] = FirstTokens(agent.keep)
+    out.recompile()
+    return out
+
+
+def add_ceilings(res: Dict[str, Any], nets: Dict[str, Any], x1) -> None:
+    """One ceiling network (and row, accuracy not measured) per budget with an APT batched network."""
+    for b in res["args"]["budgets"]:
+        apt = nets.get(f"{b}|APT batched")
+        if apt is None:
+            continue
+        net = nets[f"{b}|{ORACLE}"] = ceiling_net(apt)
+        if not any(r["budget"] == b and r["method"] == ORACLE for r in res["rows"]):
+            at = max(i for i, r in enumerate(res["rows"]) if r["budget"] == b) + 1
+            res["rows"].insert(at, {"budget": b, "method": ORACLE, "acc": None, "keep": [m.keep for m in
+                                    net.network.values() if isinstance(m, FirstTokens)],
+                                    "macs": amc.count(net, x1)[0] / res["base_macs"]})
 
 
 def acc_batch1(net, test, limit: int) -> float:
@@ -248,6 +287,8 @@ def latency_from(args: argparse.Namespace) -> Dict[str, Any]:
         return res
     if args.fuse_attention:  # sites whose probabilities an agent reads (EViT's rule) stay unfused, by design
         nets, res["fused_attention"] = fuse_all(nets, x1)
+    if args.ceiling:
+        add_ceilings(res, nets, x1)
     add_latency(res, nets, test, x1, args)
     return res
 
@@ -326,6 +367,11 @@ def render(res: Dict[str, Any]) -> str:
                      + ("; ORT: the network exported by `save_to_onnx` (dynamic batch axis) run by onnxruntime "
                         "with 1 thread, timed the same way." if has_ort else "."))
         lines.append("")
+        if any(r["method"] == ORACLE for r in res["rows"]):
+            lines += [f"Rows \"{ORACLE}\" (`--ceiling`): APT's batched network with every agent replaced by a slice "
+                      "that keeps CLS and the next k tokens (APT's counts; no scorer, no selection, no merging): "
+                      "the fastest any token pruner keeping these counts can run on this runtime: its speedup "
+                      "caps the speedup of every row that keeps them.", ""]
         if res.get("fused_attention"):
             f = res["fused_attention"]
             lines += [f"Every network (the unpruned one included) timed after `amc.fuse_attention`: attention sites "
@@ -333,7 +379,8 @@ def render(res: Dict[str, Any]) -> str:
                       f"agent reads, as EViT's CLS-attention rule does, stays as it is).", ""]
     lines += [head, sep]
     for r in res["rows"]:
-        line = (f"| {r['budget']} | {r['method']} | {100 * r['acc']:.2f} | {r['macs']:.3f}x | "
+        acc = "not measured" if r["acc"] is None else f"{100 * r['acc']:.2f}"
+        line = (f"| {r['budget']} | {r['method']} | {acc} | {r['macs']:.3f}x | "
                 f"{r.get('keep', '')} |")
         if has_lat:
             s = r.get("speedup")
@@ -354,6 +401,9 @@ def render(res: Dict[str, Any]) -> str:
         lines.append(f"- budget {b}: APT batched {100 * apt['acc']:.2f}% at {apt['macs']:.3f}x MACs "
                      f"(unpruned minus APT: {gap:+.2f} points); best training-free: {best['method']} "
                      f"{100 * best['acc']:.2f}% ({'APT above' if apt['acc'] > best['acc'] else 'APT NOT above'}).")
+        cap, dyn = rows.get(ORACLE), rows.get("APT dynamic (batch 1)")
+        if apt.get("speedup") and cap and cap.get("speedup"):
+            lines.append("  " + _speed_line(apt, cap, dyn))
     if "vit_b16" in res:
         v = res["vit_b16"]
         lines += ["", "## torchvision vit_b_16 (random weights, 224 px)", "",
@@ -370,6 +420,22 @@ def render(res: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _speed_line(apt: Dict[str, Any], cap: Dict[str, Any], dyn: Any) -> str:
+    """APT's speed at one budget beside the ceiling's (the Reading section)."""
+    s, c = apt["speedup"], cap["speedup"]
+    text = (f"Speed: APT batched at batch 64 {s['b64']:.2f}x, efficiency {s['b64'] * apt['macs']:.2f} (goal 0.9); "
+            f"at batch 1 {s['b1']:.2f}x, efficiency {s['b1'] * apt['macs']:.2f}, where the ceiling runs "
+            f"{c['b1']:.2f}x, efficiency {c['b1'] * cap['macs']:.2f}")
+    if dyn and dyn.get("speedup"):
+        text += f"; dynamic at batch 1 {dyn['speedup']['b1']:.2f}x"
+    if apt.get("ort_speedup") and cap.get("ort_speedup"):
+        ort = [f"batched {apt['ort_speedup']['b1']:.2f}x", f"ceiling {cap['ort_speedup']['b1']:.2f}x"]
+        if dyn and dyn.get("ort_speedup"):
+            ort.append(f"dynamic {dyn['ort_speedup']['b1']:.2f}x")
+        text += f" (onnxruntime at batch 1: {', '.join(ort)})"
+    return text + "."
+
+
 def plot(res: Dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -377,7 +443,8 @@ def plot(res: Dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    methods = dict.fromkeys(r["method"] for r in res["rows"] if r["method"] != "APT trained, not pruning")
+    methods = dict.fromkeys(r["method"] for r in res["rows"]
+                            if r["method"] != "APT trained, not pruning" and r["acc"] is not None)
     for m in methods:
         pts = sorted((r["macs"], 100 * r["acc"]) for r in res["rows"] if r["method"] == m)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
@@ -419,6 +486,9 @@ def main(argv=None) -> int:
                     help="with --latency-from: time every network after amc.fuse_attention (write to another --out)")
     ap.add_argument("--onnxruntime", action="store_true",
                     help="with --latency-from: also time every network exported to ONNX in onnxruntime (1 thread)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help=f"with --latency-from: also time '{ORACLE}' at each budget: APT's network with its agents "
+                         "replaced by a slice to the same counts (the best any token pruner could run at)")
     ap.add_argument("--recheck", action="store_true",
                     help="with --latency-from: only re-measure accuracy and MACs of the saved networks (no timing: "
                          "run --latency-from again, without it, on the quiet machine)")

@@ -43,8 +43,7 @@ sys.path.insert(0, str(HERE))
 
 import amc  # noqa: E402
 from amc.compressors import TokenPruning  # noqa: E402
-from amc.compressors.tokens import agents_of, dynamic_macs, set_mode  # noqa: E402
-from amc.compressors.tokens.agent import TokenAgent  # noqa: E402
+from amc.compressors.tokens import TokenAgent, agents_of, dynamic_macs, set_mode  # noqa: E402
 from amc.models import evaluate, train_classifier  # noqa: E402
 from _isolate import write_atomic  # noqa: E402
 from _ort import ort_runners  # noqa: E402

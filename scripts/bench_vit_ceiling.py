@@ -46,7 +46,7 @@ from amc.models.vit import SmallViT  # noqa: E402
 from _isolate import cpu_info, write_atomic  # noqa: E402
 from _ort import ort_runners  # noqa: E402
 from bench_speed import interleaved  # noqa: E402
-from bench_token_pruning import ceiling_net  # noqa: E402
+from bench_token_pruning import FirstTokens, ceiling_net  # noqa: E402
 
 RESULTS = HERE / "results"
 SHAPES = [  # (label, patch, width, heads): vit_fashion's shape, then the width range, then more tokens
@@ -80,7 +80,7 @@ def one_shape(label: str, patch: int, dim: int, heads: int, budgets: List[float]
         net = nets[str(b)] = ceiling_net(apt)
         rows.append({"shape": label, "tokens": (28 // patch) ** 2 + 1, "width": dim, "mmacs": base / 1e6,
                      "budget": b, "macs": amc.count(net, x1)[0] / base,
-                     "keep": [m.keep for m in net.network.values() if type(m).__name__ == "FirstTokens"]})
+                     "keep": [m.keep for m in net.network.values() if isinstance(m, FirstTokens)]})
     _time_rows(rows, nets, ort_runners(nets, x1, folder), x1, x64, args)
     return rows
 

@@ -37,7 +37,7 @@ from amc.export.atomic import atomic_write  # noqa: E402
 from amc.jobs.search import make_tuner  # noqa: E402
 from amc.models import create, evaluate, train_classifier  # noqa: E402
 from amc.trainers import recalibrate_bn  # noqa: E402
-from amc.tuners import build_space  # noqa: E402
+from amc.tuners import GA, build_space  # noqa: E402
 from amc.tuners.evaluation import default_evaluator, take_batches  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -127,6 +127,16 @@ def uniform_net(model, x, train, compressor: str, target: float, options: Dict[s
     return space.compress(v), space.policy(v)
 
 
+def near_uniform(model, x, train, compressor: str, target: float, options: Dict[str, Any], n: int, sigma: float,
+                 seed: int) -> List[Dict[str, float]]:
+    """GA's first generation around the uniform policy: it, then n-1 copies with every ratio moved by
+    N(0, sigma) (clipped to the space; the GA repairs them to the budget like any candidate)."""
+    space = build_space(model, (x,), target, compressor, calibration=train, compressor_options=options)
+    u = space.vector(uniform_net(model, x, train, compressor, target, options)[1])
+    rng = np.random.default_rng(seed)
+    return [space.policy(u)] + [space.policy(space.clip(u + rng.normal(0, sigma, len(u)))) for _ in range(n - 1)]
+
+
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     torch.set_num_threads(1 if args.data == "digits" else torch.get_num_threads())
     out: Dict[str, Any] = {"args": vars(args), "rows": [], "spearman": {}, "cost": [], "executors": [],
@@ -159,7 +169,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     print(json.dumps({k: v for k, v in row.items() if k != "policy"}), flush=True)
                 for tuner in args.tuners:
                     for seed in args.seeds:
-                        t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size)
+                        if tuner == "ga" and args.initial_uniform is not None:  # make_tuner's GA, seeded
+                            t = GA(generations=max(1, args.evaluations // args.pop_size), pop_size=args.pop_size,
+                                   seed=seed, initial=near_uniform(model, x, train, comp, target,
+                                                                   compressor_options(args, comp), args.pop_size,
+                                                                   args.initial_uniform, seed))
+                        else:
+                            t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size)
                         load0 = os.getloadavg()[0]
                         t0 = time.perf_counter()
                         res = t.search(model, example_inputs=(x,), target_macs=target, compressor=comp,
@@ -260,8 +276,13 @@ def render(out: Dict[str, Any]) -> str:
                 if a.get("rerank") else "")
              + (f" --channel-calibration {a['channel_calibration']}" if "channel" in a["compressors"]
                 and a.get("channel_calibration", 0.1) != 0.1 else "") + (" --ray-only" if a.get("ray_only") else "")
-             + "`", "",
+             + (f" --tuners {' '.join(a['tuners'])}" if a.get("tuners", list(TUNERS)) != list(TUNERS) else "")
+             + (f" --initial-uniform {a['initial_uniform']}" if a.get("initial_uniform") is not None else "")
+             + (" --skip-uniform" if a.get("skip_uniform") else "") + "`", "",
              *([out["note"], ""] if out.get("note") else []),
+             *([f"GA's first generation: the uniform policy and {a['pop_size'] - 1} copies of it with every ratio "
+                f"moved by N(0, {a['initial_uniform']}) (clipped to the space; repaired to the budget like every "
+                "candidate), not uniformly random policies.", ""] if a.get("initial_uniform") is not None else []),
              f"Every search evaluates {a['evaluations']} policies (DDPG: episodes, warm-up a third; GA: "
              f"{a['evaluations'] // a['pop_size']} generations x {a['pop_size']}; random: samples). "
              "Proxy = accuracy on 8 training batches after BN re-estimation on 4 others"
@@ -341,6 +362,17 @@ def render(out: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(stem: Path, out: Dict[str, Any], render_fn, measured: bool = True) -> None:
+    """`stem`.json (the measurements, unless only re-rendered) and `stem`.md (their table), each written
+    atomically; the table printed."""
+    if measured:
+        with atomic_write(str(stem) + ".json", "w") as f:
+            json.dump(out, f, indent=1)
+    with atomic_write(str(stem) + ".md", "w") as f:
+        f.write(render_fn(out))
+    print(render_fn(out))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="digits", choices=("digits", "fashion_mnist"))
@@ -370,6 +402,9 @@ def main() -> None:
                         "table then also shows the search's own best after FT")
     p.add_argument("--rerank-steps", type=int, default=100)
     p.add_argument("--rerank-batches", type=int, default=32)
+    p.add_argument("--initial-uniform", type=float, default=None, metavar="SIGMA",
+                   help="GA starts from the uniform policy and pop_size-1 copies with each ratio moved by "
+                        "N(0, SIGMA) (search(initial=...)), instead of uniformly random policies")
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--merge", nargs="+", default=None, metavar="TAG",
@@ -387,18 +422,12 @@ def main() -> None:
             out["cost"] += q["cost"]
             out["executors"] += q.get("executors", [])
             out["spearman"].update(q["spearman"])
-        with atomic_write(str(stem) + ".json", "w") as f:
-            json.dump(out, f, indent=1)
     elif args.render_only:
         out = json.loads(Path(str(stem) + ".json").read_text())
     else:
         RESULTS.mkdir(exist_ok=True)
         out = run(args)
-        with atomic_write(str(stem) + ".json", "w") as f:
-            json.dump(out, f, indent=1)
-    with atomic_write(str(stem) + ".md", "w") as f:
-        f.write(render(out))
-    print(render(out))
+    save(stem, out, render, measured=not args.render_only)
 
 
 if __name__ == "__main__":

@@ -62,9 +62,11 @@ class Finetunes:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path, self.bn, self.ft_train, self.test = path, bn, ft_train, test
         self.done: Dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.hits = 0  # fine-tunings read from the memo instead of run
 
     def __call__(self, net: torch.nn.Module, policy: Dict[str, float], seed: int) -> float:
         key = json.dumps([sorted(policy.items()), seed])
+        self.hits += key in self.done
         if key not in self.done:
             self.done[key] = train_classifier(recalibrate_bn(net, self.bn), self.ft_train, self.test, epochs=1,
                                               lr=bt.FT_LR, seed=seed)["acc"]
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                 print(picks[-1]["tuner"], picks[-1]["seed"], picks[-1]["after_ft"], flush=True)
     out["picks"] = picks
     out["wall_s"] = time.perf_counter() - t0
+    out["memo_hits"] = finetune.hits
     out["load_avg_1m_end"] = os.getloadavg()[0]
     return out
 
@@ -159,7 +162,9 @@ def render(out: Dict[str, Any]) -> str:
              + (f" --compressor channel --channel-calibration {a['channel_calibration']}" if comp == "channel" else "")
              + f" --policies "
              f"{a['policies']} --ft-seeds {seeds} --picks-from "
-             + " ".join(os.path.relpath(f, HERE.parent) for f in a["picks_from"]) + f"` ({out['started']}, {out['wall_s'] / 60:.0f} min, "
+             + " ".join(os.path.relpath(f, HERE.parent) for f in a["picks_from"]) + f"` ({out['started']}, {out['wall_s'] / 60:.0f} min"
+             + (f" with {out['memo_hits']} fine-tunings read from an earlier run's memo" if out.get("memo_hits") else "")
+             + ", "
              f"{out['threads']} torch threads, 1-min load average {out['load_avg_1m_start']:.2f} at the start, "
              f"{out['load_avg_1m_end']:.2f} at the end). Fine-tuning as in `bench_tuners.py`: BN re-estimated on "
              f"the same 4 training batches, 1 epoch on the same {a['ft_train_limit']:,}-image subset, lr "

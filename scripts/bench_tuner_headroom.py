@@ -104,16 +104,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     res = make_tuner("random", args.evaluations, 0, pop_size=10).search(
         model, example_inputs=(x,), target_macs=args.target, compressor=args.compressor, evaluate=bt.proxy(train),
         calibration=train, progress=False, holdout_batches=8, compressor_options=options)
-    seen, pols = set(), []
-    for h in res.history:
-        key = tuple(sorted(h["policy"].items()))
-        if h["status"] == "ok" and key not in seen and len(pols) < args.policies:
-            seen.add(key)
-            net = space.compress(space.vector(h["policy"]))
-            pols.append({"policy": h["policy"], "proxy": h["score"], "params": params(net) / base_params,
-                         "min_kept": 1 - max(h["policy"].values()),
-                         "after_ft": finetune(net, h["policy"], args.ft_seeds[0])})
-            print(len(pols), round(pols[-1]["proxy"], 4), pols[-1]["after_ft"], flush=True)
+    pols = []
+    for h in bt.distinct_policies(res.history, args.policies):  # as bench_tuners' Spearman part takes them
+        net = space.compress(space.vector(h["policy"]))
+        pols.append({"policy": h["policy"], "proxy": h["score"], "params": params(net) / base_params,
+                     "min_kept": 1 - max(h["policy"].values()),
+                     "after_ft": finetune(net, h["policy"], args.ft_seeds[0])})
+        print(len(pols), round(pols[-1]["proxy"], 4), pols[-1]["after_ft"], flush=True)
     out["random_policies"] = pols
 
     picks, out["picks_without_policy"] = [], []

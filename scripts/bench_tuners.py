@@ -235,18 +235,25 @@ def executor_cost(model, x, train, score, comp: str, target: float, n: int = 24)
     return rows
 
 
+def distinct_policies(history: List[Dict[str, Any]], limit: int) -> List[Dict[str, Any]]:
+    """The first `limit` successfully evaluated history entries with distinct policies, in search order."""
+    seen, picked = set(), []
+    for h in history:
+        key = tuple(sorted(h["policy"].items()))
+        if h["status"] == "ok" and key not in seen and len(picked) < limit:
+            seen.add(key)
+            picked.append(h)
+    return picked
+
+
 def spearman(res, model, x, train, test, comp: str, ft_epochs: int, options: Dict[str, Any],
              limit: int = 24) -> Dict[str, Any]:
     from scipy.stats import spearmanr
 
     space = build_space(model, (x,), res.target_macs, comp, calibration=train, compressor_options=options)
     adaptive_bn = proxy(train)  # the plain proxy, beside
-    seen, proxies, tuned, plain = set(), [], [], []
-    for h in res.history:
-        key = tuple(sorted(h["policy"].items()))
-        if h["status"] != "ok" or key in seen or len(seen) >= limit:
-            continue
-        seen.add(key)
+    proxies, tuned, plain = [], [], []
+    for h in distinct_policies(res.history, limit):
         net = space.compress(space.vector(h["policy"]))
         proxies.append(h["score"])
         plain.append(adaptive_bn(net))

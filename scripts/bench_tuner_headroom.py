@@ -142,10 +142,13 @@ def _spearman(a: List[float], b: List[float]) -> str:
 
 
 def label(pick: Dict[str, Any]) -> str:
-    """The tuner, and how GA's first generation was drawn when its source run started it near uniform."""
+    """The tuner, and whether its source run started it near uniform (GA's first generation, DDPG's warm-up)."""
     src = RESULTS / pick["file"]
-    sigma = json.loads(src.read_text())["args"].get("initial_uniform") if src.exists() else None
-    return pick["tuner"] + (f" (first generation near uniform, sigma {sigma})" if sigma is not None else "")
+    a = json.loads(src.read_text())["args"] if src.exists() else {}
+    sigma, count = a.get("initial_uniform"), a.get("initial_uniform_count")
+    start = {"ga": "first generation", "ddpg": "warm-up"}.get(pick["tuner"])
+    return pick["tuner"] + (f" ({start} {f'{count} policies ' if count else ''}near uniform, sigma {sigma})"
+                            if sigma is not None and start else "")
 
 
 def render(out: Dict[str, Any]) -> str:

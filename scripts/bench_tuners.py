@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
-import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -37,7 +36,7 @@ from amc.export.atomic import atomic_write  # noqa: E402
 from amc.jobs.search import make_tuner  # noqa: E402
 from amc.models import create, evaluate, train_classifier  # noqa: E402
 from amc.trainers import recalibrate_bn  # noqa: E402
-from amc.tuners import GA, build_space  # noqa: E402
+from amc.tuners import build_space  # noqa: E402
 from amc.tuners.evaluation import default_evaluator, take_batches  # noqa: E402
 
 RESULTS = HERE / "results"
@@ -107,34 +106,23 @@ def compressor_options(args: argparse.Namespace, compressor: str) -> Dict[str, A
 
 
 def uniform_net(model, x, train, compressor: str, target: float, options: Dict[str, Any]):
-    """The uniform policy at the searches' budget: the smallest common ratio that meets it, then the
-    rounding slack spent one variable at a time (one more kept channel where it still fits), so the
-    uniform row's MACs sit within ~1% of the target like the searched ones (a plain uniform ratio lands
-    up to 5% under it on these 16/32/64-channel nets, because every layer rounds at once)."""
+    """The uniform policy at the searches' budget (SearchSpace.uniform: the smallest common ratio that
+    meets it, then the rounding slack spent), so the uniform row's MACs sit within ~1% of the target like
+    the searched ones."""
     space = build_space(model, (x,), target, compressor, calibration=train, compressor_options=options)
-    full = lambda r: space.clip(np.full(len(space.keys), r))  # noqa: E731
-    lo, hi = 0.0, 1.0
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if space.feasible(full(mid)) else (mid, hi)
-    v = full(hi)
-    for i in range(len(v)):
-        sig, w = space.signature(v), v.copy()
-        while w[i] > space.lo[i] and space.signature(w) == sig:
-            w[i] = max(space.lo[i], w[i] - 0.005)
-        if space.signature(w) != sig and space.feasible(w):
-            v = w
+    v = space.uniform()
     return space.compress(v), space.policy(v)
 
 
-def near_uniform(model, x, train, compressor: str, target: float, options: Dict[str, Any], n: int, sigma: float,
-                 seed: int) -> List[Dict[str, float]]:
-    """GA's first generation around the uniform policy: it, then n-1 copies with every ratio moved by
-    N(0, sigma) (clipped to the space; the GA repairs them to the budget like any candidate)."""
-    space = build_space(model, (x,), target, compressor, calibration=train, compressor_options=options)
-    u = space.vector(uniform_net(model, x, train, compressor, target, options)[1])
-    rng = np.random.default_rng(seed)
-    return [space.policy(u)] + [space.policy(space.clip(u + rng.normal(0, sigma, len(u)))) for _ in range(n - 1)]
+def start_policies(args: argparse.Namespace, model, x, train, comp: str, target: float, tuner: str, seed: int):
+    """--initial-uniform: GA's first generation / DDPG's warm-up near uniform ("uniform"), or with
+    --initial-uniform-count N only its first N policies (the rest random, as without the flag)."""
+    if args.initial_uniform is None or tuner not in ("ga", "ddpg"):
+        return ()
+    if not args.initial_uniform_count:
+        return "uniform"
+    space = build_space(model, (x,), target, comp, calibration=train, compressor_options=compressor_options(args, comp))
+    return [space.policy(v) for v in space.near_uniform(args.initial_uniform_count, args.initial_uniform, seed)]
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -169,13 +157,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     print(json.dumps({k: v for k, v in row.items() if k != "policy"}), flush=True)
                 for tuner in args.tuners:
                     for seed in args.seeds:
-                        if tuner == "ga" and args.initial_uniform is not None:  # make_tuner's GA, seeded
-                            t = GA(generations=max(1, args.evaluations // args.pop_size), pop_size=args.pop_size,
-                                   seed=seed, initial=near_uniform(model, x, train, comp, target,
-                                                                   compressor_options(args, comp), args.pop_size,
-                                                                   args.initial_uniform, seed))
-                        else:
-                            t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size)
+                        start = start_policies(args, model, x, train, comp, target, tuner, seed)
+                        t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size, initial=start,
+                                       initial_sigma=args.initial_uniform or 0.0)
                         load0 = os.getloadavg()[0]
                         t0 = time.perf_counter()
                         res = t.search(model, example_inputs=(x,), target_macs=target, compressor=comp,
@@ -285,11 +269,16 @@ def render(out: Dict[str, Any]) -> str:
                 and a.get("channel_calibration", 0.1) != 0.1 else "") + (" --ray-only" if a.get("ray_only") else "")
              + (f" --tuners {' '.join(a['tuners'])}" if a.get("tuners", list(TUNERS)) != list(TUNERS) else "")
              + (f" --initial-uniform {a['initial_uniform']}" if a.get("initial_uniform") is not None else "")
+             + (f" --initial-uniform-count {a['initial_uniform_count']}" if a.get("initial_uniform_count") else "")
              + (" --skip-uniform" if a.get("skip_uniform") else "") + "`", "",
              *([out["note"], ""] if out.get("note") else []),
-             *([f"GA's first generation: the uniform policy and {a['pop_size'] - 1} copies of it with every ratio "
+             *([(f"The first {a['initial_uniform_count']} policies of GA's first generation and of DDPG's warm-up"
+                 if a.get("initial_uniform_count") else f"GA's first generation ({a['pop_size']} policies) and "
+                 f"DDPG's warm-up episodes ({a['evaluations'] // 3})")
+                + ": the uniform policy and copies of it with every ratio "
                 f"moved by N(0, {a['initial_uniform']}) (clipped to the space; repaired to the budget like every "
-                "candidate), not uniformly random policies.", ""] if a.get("initial_uniform") is not None else []),
+                "candidate), not uniformly random policies" + (" (the others are)" if a.get("initial_uniform_count") else "")
+                + ".", ""] if a.get("initial_uniform") is not None else []),
              f"Every search evaluates {a['evaluations']} policies (DDPG: episodes, warm-up a third; GA: "
              f"{a['evaluations'] // a['pop_size']} generations x {a['pop_size']}; random: samples). "
              "Proxy = accuracy on 8 training batches after BN re-estimation on 4 others"
@@ -410,8 +399,11 @@ def main() -> None:
     p.add_argument("--rerank-steps", type=int, default=100)
     p.add_argument("--rerank-batches", type=int, default=32)
     p.add_argument("--initial-uniform", type=float, default=None, metavar="SIGMA",
-                   help="GA starts from the uniform policy and pop_size-1 copies with each ratio moved by "
-                        "N(0, SIGMA) (search(initial=...)), instead of uniformly random policies")
+                   help="GA's first generation and DDPG's warm-up episodes: the uniform policy and copies with "
+                        "each ratio moved by N(0, SIGMA) (initial='uniform', initial_sigma=SIGMA), instead of "
+                        "uniformly random policies")
+    p.add_argument("--initial-uniform-count", type=int, default=None, metavar="N",
+                   help="with --initial-uniform: only the first N policies start near uniform, the rest random")
     p.add_argument("--tag", default=None, help="suffix of the result files")
     p.add_argument("--render-only", action="store_true")
     p.add_argument("--merge", nargs="+", default=None, metavar="TAG",

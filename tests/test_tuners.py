@@ -114,6 +114,52 @@ def test_ga_starts_from_given_policies(digits):
         _search(GA(generations=1, pop_size=2, initial=[{"no_such_layer": 0.5}]), digits)
 
 
+def test_ddpg_warms_up_on_given_policies(digits):
+    """DDPG's `initial=`: the first warm-up episodes execute the given policies (a feasible one unchanged),
+    the others stay random; more than `warmup` of them or unknown layer names are refused."""
+    first = _search(RandomSearch(samples=2, seed=1), digits)
+    res = _search(DDPG(episodes=6, warmup=3, seed=0, initial=[first.policy]), digits)
+    assert res.history[0]["policy"] == first.policy
+    assert res.history[1]["policy"] != first.policy
+    assert res.score >= first.score
+    with pytest.raises(PruningError, match="at most warmup=1 policies"):
+        DDPG(warmup=1, initial=[first.policy] * 2)
+    with pytest.raises(PruningError, match="unknown layers"):
+        _search(DDPG(episodes=2, warmup=1, initial={"no_such_layer": 0.5}), digits)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_uniform_policy_spends_the_budget(digits, target):
+    """SearchSpace.uniform: one common ratio (up to the rounding slack it spends), within the budget and
+    within 2% of it on the digits CNN, where a plain common ratio rounds every layer down at once."""
+    model, x, train, _ = digits
+    space = amc.tuners.build_space(model, (x,), target, "prune", calibration=train)
+    u = space.uniform()
+    assert space.feasible(u) and space.macs(u) >= 0.98 * space.budget
+    assert u.max() - u.min() < 0.05
+    copies = space.near_uniform(5, 0.1, seed=0)
+    assert np.array_equal(copies[0], space.clip(space.vector(space.policy(u)))) and len(copies) == 5
+    assert all(np.abs(c - u).max() > 0 for c in copies[1:])
+
+
+@pytest.mark.parametrize("make", [lambda: GA(generations=1, pop_size=4, seed=0, initial="uniform"),
+                                  lambda: DDPG(episodes=5, warmup=3, seed=0, initial="uniform")], ids=["ga", "ddpg"])
+def test_tuners_start_near_uniform(digits, make):
+    """initial="uniform": GA's first generation / DDPG's warm-up is the uniform policy and copies moved by
+    N(0, initial_sigma), all within the budget; other strings are refused by name."""
+    model, x, train, _ = digits
+    u = amc.tuners.build_space(model, (x,), 0.5, "prune", calibration=train).uniform()
+    tuner = make()
+    res = _search(tuner, digits)
+    first = res.history[:tuner.pop_size if isinstance(tuner, GA) else tuner.warmup]
+    keys = list(res.history[0]["policy"])
+    dist = [np.abs(np.array([h["policy"][k] for k in keys]) - u).max() for h in first]
+    assert min(dist) < 1e-5 and max(dist) < 0.5
+    _assert_budget(res, model, x, 0.5)
+    with pytest.raises(PruningError, match="'uniform' or a list"):
+        type(tuner)(initial="uniformly")
+
+
 def test_multi_objective_ga_returns_a_pareto_front(digits):
     res = _search(GA(generations=3, pop_size=6, seed=0, objectives=("score", "macs")), digits, target_macs=0.7)
     front = res.front
@@ -133,7 +179,8 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(digits, tmp_path):
 
     score = default_evaluator(train, val)
     for make in (lambda: DDPG(episodes=12, warmup=4, seed=3, parallel_episodes=2, batch_size=8),
-                 lambda: GA(generations=3, pop_size=4, seed=3)):
+                 lambda: GA(generations=3, pop_size=4, seed=3),
+                 lambda: DDPG(episodes=10, warmup=8, seed=3, parallel_episodes=2, batch_size=8, initial="uniform")):
         full = _search(make(), digits, evaluate=score)
         calls = {"n": 0}
 
@@ -150,6 +197,9 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(digits, tmp_path):
         assert _strip(resumed.history) == _strip(full.history)
         assert resumed.policy == full.policy
         assert any(h["cached"] is False for h in resumed.history[-2:])  # it really evaluated after resuming
+    with pytest.raises(LoadError, match="another search"):  # the same DDPG, started wider
+        _search(DDPG(episodes=10, warmup=8, seed=3, parallel_episodes=2, batch_size=8, initial="uniform",
+                     initial_sigma=0.2), digits, checkpoint=ckpt, resume=True)
     with pytest.raises(LoadError, match="another search"):
         _search(GA(generations=4, pop_size=4, seed=3), digits, checkpoint=ckpt, resume=True)
 
@@ -275,6 +325,20 @@ def test_cli_search_with_a_finetuning_proxy(tmp_path, one_thread):
                  "--finetune-steps", "3", "--out", str(out), "--no-progress"]) == 0
     hist = json.loads((out / "history.json").read_text())["history"]
     assert len(hist) == 2 and all(h["status"] == "ok" for h in hist)
+
+
+def test_cli_search_starting_near_uniform(tmp_path, one_thread, capsys):
+    from amc.cli import main
+
+    out = tmp_path / "search"
+    assert main(["search", "--tuner", "ga", "--start", "uniform", "--start-sigma", "-1", "--out", str(out),
+                 "--no-progress"]) == 1
+    assert "--start-sigma must be >= 0" in capsys.readouterr().err
+    assert main(["search", "--tuner", "ga", "--pop-size", "3", "--target-macs", "0.5", "--evaluations", "3",
+                 "--epochs", "1", "--start", "uniform", "--out", str(out), "--no-progress"]) == 0
+    hist = json.loads((out / "history.json").read_text())["history"]
+    ratios = [list(h["policy"].values()) for h in hist]
+    assert len(hist) == 3 and any(max(r) - min(r) < 0.05 for r in ratios)  # the uniform policy is evaluated
 
 
 def test_cli_search_with_reranking(tmp_path, one_thread, capsys):

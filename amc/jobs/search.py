@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 from ..errors import LoadError, PruningError
 
@@ -41,6 +41,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="policies evaluated: DDPG episodes, GA generations x population, random samples (default: 300)")
     p.add_argument("--warmup", type=int, default=None, help="DDPG warm-up episodes (default: a third of the episodes)")
     p.add_argument("--pop-size", type=int, default=20, help="GA population (default: 20)")
+    p.add_argument("--start", default="random", choices=("random", "uniform"),
+                   help="DDPG's warm-up episodes and GA's first generation: random policies (default) or the "
+                        "uniform policy and copies moved by N(0, --start-sigma)")
+    p.add_argument("--start-sigma", type=float, default=0.1, help="spread of --start uniform (default: 0.1)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="the proxy takes this many SGD steps on a copy of each candidate before scoring (default 0: "
                         "BN re-estimation only, which ranked better on resnet20 at 0.3x than 30 steps; README, Tuners)")
@@ -61,16 +65,19 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def make_tuner(name: str, evaluations: int, seed: int, warmup: Optional[int] = None, pop_size: int = 20,
-               parallel: int = 1) -> Any:
-    """A registered tuner sized to about `evaluations` evaluated policies."""
+               parallel: int = 1, initial: Union[str, Sequence[Mapping[str, float]]] = (),
+               initial_sigma: float = 0.1) -> Any:
+    """A registered tuner sized to about `evaluations` evaluated policies; `initial` ("uniform" or
+    policies) starts DDPG's warm-up or GA's first generation."""
     from ..tuners import get_tuner
 
     cls = get_tuner(name)
     if name == "ddpg":
         return cls(episodes=evaluations, warmup=evaluations // 3 if warmup is None else warmup, seed=seed,
-                   parallel_episodes=parallel)
+                   parallel_episodes=parallel, initial=initial, initial_sigma=initial_sigma)
     if name == "ga":
-        return cls(generations=max(1, evaluations // pop_size), pop_size=pop_size, seed=seed)
+        return cls(generations=max(1, evaluations // pop_size), pop_size=pop_size, seed=seed, initial=initial,
+                   initial_sigma=initial_sigma)
     if name == "random":
         return cls(samples=evaluations, seed=seed, batch=parallel)
     return cls(seed=seed)
@@ -97,8 +104,12 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
     if getattr(ns, "finetune_steps", 0) < 0:
         raise PruningError(f"--finetune-steps must be >= 0, got {ns.finetune_steps}")
     check_rerank(getattr(ns, "rerank", 0), getattr(ns, "rerank_steps", 100), getattr(ns, "rerank_batches", 32))
+    start = getattr(ns, "start", "random")
+    if getattr(ns, "start_sigma", 0.1) < 0:
+        raise PruningError(f"--start-sigma must be >= 0, got {ns.start_sigma}")
     tuner = make_tuner(ns.tuner, ns.evaluations, ns.seed, ns.warmup, ns.pop_size,  # a bad name fails before training
-                       parallel=ns.workers if ns.executor == "ray" else 1)
+                       parallel=ns.workers if ns.executor == "ray" else 1,
+                       initial="uniform" if start == "uniform" else (), initial_sigma=getattr(ns, "start_sigma", 0.1))
     threads = torch.get_num_threads()
     if ns.data == "digits":
         torch.set_num_threads(1)  # tiny models: one thread is faster and leaves the other core alone

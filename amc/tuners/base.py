@@ -135,6 +135,37 @@ def pareto_front(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return front
 
 
+def check_initial(initial: Any, limit: int, where: str) -> Union[str, List[Dict[str, float]]]:
+    """`initial=` of a tuner: "uniform", or at most `limit` policies ({layer: ratio} dicts; one dict
+    alone is one policy)."""
+    if isinstance(initial, str):
+        if initial != "uniform":
+            raise PruningError(f"initial must be 'uniform' or a list of policies, got {initial!r}")
+        return initial
+    initial = list(initial) if isinstance(initial, (list, tuple)) else [initial]
+    if len(initial) > limit or any(not isinstance(p, Mapping) for p in initial):
+        raise PruningError(f"initial must be 'uniform' or at most {where} policies ({{layer: ratio}} dicts), "
+                           f"got {len(initial)} item(s)")
+    return [dict(p) for p in initial]
+
+
+def start_config(initial: Union[str, List[Dict[str, float]]], sigma: float, keep_empty: bool = False) -> Dict[str, Any]:
+    """The `initial=` part of a tuner's config(): absent when unused unless `keep_empty` (so checkpoints
+    written before the option existed still resume), `initial_sigma` only where it is read."""
+    if not initial:
+        return {"initial": initial} if keep_empty else {}
+    return {"initial": initial, **({"initial_sigma": sigma} if initial == "uniform" else {})}
+
+
+def initial_vectors(space: SearchSpace, initial: Union[str, List[Dict[str, float]]], n: int, sigma: float,
+                    seed: int) -> List[np.ndarray]:
+    """The vectors a tuner starts from: the given policies, or for "uniform" the uniform policy at the
+    budget and n-1 copies moved by N(0, sigma) (space.near_uniform). Unknown layer names raise here."""
+    if initial == "uniform":
+        return space.near_uniform(n, sigma, seed) if n > 0 else []
+    return [space.clip(space.vector(p)) for p in initial]
+
+
 class Tuner:
     """Base class of the tuners (see the module docstring)."""
 

@@ -15,7 +15,7 @@ Action: the pruned fraction mapped from [0, 1] onto [min_ratio, max_ratio] of th
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from scipy.stats import truncnorm
 
 from ..compressors.base import check_count, check_number
 from ..errors import PruningError
-from .base import Tuner
+from .base import Tuner, check_initial, initial_vectors, start_config
 from .registry import register_tuner
 from .space import SearchSpace
 
@@ -68,12 +68,19 @@ class DDPG(Tuner):
     noise / noise_decay: initial std of the truncated-normal exploration noise and its decay per
       episode after warm-up. parallel_episodes: episodes rolled out per agent update (evaluated
       concurrently by executor="ray"; the history does not depend on the executor).
+    initial: policies ({layer: ratio}, as `result.policy` gives) the first warm-up episodes execute
+      instead of random actions (clamped to the budget like any action), so the critic first learns
+      around a known good allocation (a uniform ratio, an earlier search); at most `warmup` of them.
+      initial="uniform": every warm-up episode executes the uniform policy at the budget or a copy with
+      every ratio moved by N(0, initial_sigma).
     """
 
     def __init__(self, episodes: int = 300, warmup: int = 100, seed: int = 0, reward: str = "score",
                  hidden: int = 300, lr_actor: float = 1e-4, lr_critic: float = 1e-3, tau: float = 0.01,
                  discount: float = 1.0, batch_size: int = 64, replay_size: int = 2000, noise: float = 0.5,
-                 noise_decay: float = 0.95, moving_alpha: float = 0.5, parallel_episodes: int = 1, **unknown: Any):
+                 noise_decay: float = 0.95, moving_alpha: float = 0.5, parallel_episodes: int = 1,
+                 initial: Union[str, Sequence[Mapping[str, float]]] = (), initial_sigma: float = 0.1,
+                 **unknown: Any):
         super().__init__(seed, **unknown)
         if reward not in REWARDS:
             raise PruningError(f"reward must be one of {REWARDS}, got {reward!r}")
@@ -89,11 +96,14 @@ class DDPG(Tuner):
         self.noise_decay = check_number(noise_decay, "noise_decay", low=0.0, high=1.0, low_open=True)
         self.moving_alpha = check_number(moving_alpha, "moving_alpha (reward baseline)", low=0.0, high=1.0)
         self.parallel_episodes = check_count(parallel_episodes, "parallel_episodes")
+        self.initial = check_initial(initial, self.warmup, f"warmup={self.warmup}")
+        self.initial_sigma = check_number(initial_sigma, "initial_sigma", low=0.0)
 
     def config(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in ("seed", "episodes", "warmup", "reward_kind", "hidden", "lr_actor",
                                               "lr_critic", "tau", "discount", "batch_size", "replay_size",
-                                              "noise0", "noise_decay", "moving_alpha", "parallel_episodes")}
+                                              "noise0", "noise_decay", "moving_alpha", "parallel_episodes")} \
+            | start_config(self.initial, self.initial_sigma)
 
     @property
     def total_evaluations(self) -> int:
@@ -120,6 +130,7 @@ class DDPG(Tuner):
         self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=self.lr_critic)
         self.memory = _Replay(self.replay_size, self.state_dim)
         self.rng = np.random.default_rng(self.seed)
+        self.initial_x = initial_vectors(space, self.initial, self.warmup, self.initial_sigma, self.seed)
         self.episode, self.noise, self.moving_average = 0, float(self.noise0), None
 
     def _state(self, t: int, x: np.ndarray, prev_u: float) -> np.ndarray:
@@ -141,7 +152,9 @@ class DDPG(Tuner):
         x = np.zeros(n)
         prev_u = 0.0
         for t in range(n):
-            if self.episode < self.warmup:
+            if self.episode < len(self.initial_x):
+                u = None
+            elif self.episode < self.warmup:
                 u = float(self.rng.uniform(0.0, 1.0))
             else:
                 with torch.no_grad():
@@ -149,7 +162,7 @@ class DDPG(Tuner):
                 sigma = max(self.noise, 1e-6)
                 a, b = (0.0 - mu) / sigma, (1.0 - mu) / sigma
                 u = float(truncnorm.rvs(a, b, loc=mu, scale=sigma, random_state=self.rng))
-            r = sp.lo[t] + u * (sp.hi[t] - sp.lo[t])
+            r = self.initial_x[self.episode][t] if u is None else sp.lo[t] + u * (sp.hi[t] - sp.lo[t])
             r = max(r, sp.min_ratio_at(x, t))  # the remaining layers can still reach the budget
             x[t] = r
             prev_u = self._to_u(t, r)

@@ -198,6 +198,33 @@ class SearchSpace:
         t = self._largest_feasible(lambda t: self.clip(np.round(x - t * (x - self.lo), 6)), steps)
         return self.clip(np.round(x - t * (x - self.lo), 6))
 
+    def uniform(self) -> np.ndarray:
+        """The uniform policy at the budget: the smallest common ratio that meets it (bisected on exact
+        MACs), then the rounding slack spent one variable at a time (one more kept channel or rank where it
+        still fits), so its MACs sit near the target (every layer rounding at once lands up to 5% under it
+        on 16/32/64-channel nets)."""
+        full = lambda r: self.clip(np.full(len(self.keys), r))  # noqa: E731
+        lo, hi = 0.0, 1.0
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if self.feasible(full(mid)) else (mid, hi)
+        v = full(hi)
+        for i in range(len(v)):
+            sig, w = self.signature(v), v.copy()
+            while w[i] > self.lo[i] and self.signature(w) == sig:
+                w[i] = max(self.lo[i], w[i] - 0.005)
+            if self.signature(w) != sig and self.feasible(w):
+                v = w
+        return v
+
+    def near_uniform(self, n: int, sigma: float, seed: int) -> List[np.ndarray]:
+        """The uniform policy and n-1 copies with every ratio moved by N(0, sigma), clipped to the bounds
+        (the search loop repairs them to the budget like any candidate); as policies would round them."""
+        u = self.clip(self.vector(self.policy(self.uniform())))
+        rng = np.random.default_rng(seed)
+        xs = [u] + [self.clip(u + rng.normal(0, sigma, len(u))) for _ in range(n - 1)]
+        return [self.clip(self.vector(self.policy(x))) for x in xs]
+
     def min_ratio_at(self, decided: np.ndarray, t: int, steps: int = 30) -> float:
         """Smallest ratio of variable t such that, with variables < t at `decided` and the rest at
         `hi`, the MACs model still meets the budget (AMC's action clamp)."""

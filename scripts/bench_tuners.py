@@ -114,15 +114,12 @@ def uniform_net(model, x, train, compressor: str, target: float, options: Dict[s
     return space.compress(v), space.policy(v)
 
 
-def start_policies(args: argparse.Namespace, model, x, train, comp: str, target: float, tuner: str, seed: int):
-    """--initial-uniform: GA's first generation / DDPG's warm-up near uniform ("uniform"), or with
-    --initial-uniform-count N only its first N policies (the rest random, as without the flag)."""
+def start_policies(args: argparse.Namespace, tuner: str) -> Dict[str, Any]:
+    """--initial-uniform: GA's first generation / DDPG's warm-up near uniform (initial="uniform"), with
+    --initial-uniform-count N only its first N policies (initial_count; the rest random, as without the flag)."""
     if args.initial_uniform is None or tuner not in ("ga", "ddpg"):
-        return ()
-    if not args.initial_uniform_count:
-        return "uniform"
-    space = build_space(model, (x,), target, comp, calibration=train, compressor_options=compressor_options(args, comp))
-    return [space.policy(v) for v in space.near_uniform(args.initial_uniform_count, args.initial_uniform, seed)]
+        return {"initial": (), "initial_sigma": 0.0}
+    return {"initial": "uniform", "initial_sigma": args.initial_uniform, "initial_count": args.initial_uniform_count}
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
@@ -157,9 +154,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                     print(json.dumps({k: v for k, v in row.items() if k != "policy"}), flush=True)
                 for tuner in args.tuners:
                     for seed in args.seeds:
-                        start = start_policies(args, model, x, train, comp, target, tuner, seed)
-                        t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size, initial=start,
-                                       initial_sigma=args.initial_uniform or 0.0)
+                        t = make_tuner(tuner, args.evaluations, seed, pop_size=args.pop_size,
+                                       **start_policies(args, tuner))
                         load0 = os.getloadavg()[0]
                         t0 = time.perf_counter()
                         res = t.search(model, example_inputs=(x,), target_macs=target, compressor=comp,

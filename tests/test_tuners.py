@@ -160,6 +160,31 @@ def test_tuners_start_near_uniform(digits, make):
         type(tuner)(initial="uniformly")
 
 
+@pytest.mark.parametrize("make", [lambda **kw: GA(generations=1, pop_size=5, seed=2, **kw),
+                                  lambda **kw: DDPG(episodes=5, warmup=5, seed=2, **kw)], ids=["ga", "ddpg"])
+def test_initial_count_starts_only_the_first_policies_near_uniform(digits, make):
+    """initial="uniform", initial_count=k evaluates what the k listed near-uniform policies give (the
+    half-and-half start the benchmark measured), and the rest is what a random start draws."""
+    model, x, train, _ = digits
+    space = amc.tuners.build_space(model, (x,), 0.5, "prune", calibration=train)
+    listed = [space.policy(v) for v in space.near_uniform(2, 0.1, seed=2)]
+    counted = _search(make(initial="uniform", initial_count=2), digits)
+    assert _strip(counted.history) == _strip(_search(make(initial=listed), digits).history)
+    assert counted.history[0]["policy"] == listed[0]  # the uniform policy meets the budget: not repaired
+    everything = _search(make(initial="uniform"), digits).history  # all near uniform: the same first two
+    assert _strip(everything[:2]) == _strip(counted.history[:2]) and everything[2]["policy"] != counted.history[2]["policy"]
+    with pytest.raises(PruningError, match="initial='uniform' only"):
+        make(initial=listed, initial_count=1)
+    with pytest.raises(PruningError, match="initial_count must be an int >= 1"):
+        make(initial="uniform", initial_count=0)
+    with pytest.raises(PruningError, match="initial_count must be at most"):
+        make(initial="uniform", initial_count=6)
+    with pytest.raises(PruningError, match="sigma must be a finite number >= 0"):
+        space.near_uniform(2, -0.1, seed=0)
+    with pytest.raises(PruningError, match=r"n \(policies near uniform\) must be an int >= 1"):
+        space.near_uniform(0, 0.1, seed=0)
+
+
 def test_multi_objective_ga_returns_a_pareto_front(digits):
     res = _search(GA(generations=3, pop_size=6, seed=0, objectives=("score", "macs")), digits, target_macs=0.7)
     front = res.front
@@ -334,6 +359,11 @@ def test_cli_search_starting_near_uniform(tmp_path, one_thread, capsys):
     assert main(["search", "--tuner", "ga", "--start", "uniform", "--start-sigma", "-1", "--out", str(out),
                  "--no-progress"]) == 1
     assert "--start-sigma must be >= 0" in capsys.readouterr().err
+    assert main(["search", "--tuner", "ga", "--start-count", "2", "--out", str(out), "--no-progress"]) == 1
+    assert "--start-count 2 needs --start uniform" in capsys.readouterr().err
+    assert main(["search", "--tuner", "ga", "--start", "uniform", "--start-count", "0", "--out", str(out),
+                 "--no-progress"]) == 1
+    assert "--start-count must be >= 1" in capsys.readouterr().err
     assert main(["search", "--tuner", "ga", "--pop-size", "3", "--target-macs", "0.5", "--evaluations", "3",
                  "--epochs", "1", "--start", "uniform", "--out", str(out), "--no-progress"]) == 0
     hist = json.loads((out / "history.json").read_text())["history"]

@@ -45,6 +45,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="DDPG's warm-up episodes and GA's first generation: random policies (default) or the "
                         "uniform policy and copies moved by N(0, --start-sigma)")
     p.add_argument("--start-sigma", type=float, default=0.1, help="spread of --start uniform (default: 0.1)")
+    p.add_argument("--start-count", type=int, default=None, metavar="N",
+                   help="with --start uniform: only the first N policies start near uniform, the rest random "
+                        "(default: all)")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="the proxy takes this many SGD steps on a copy of each candidate before scoring (default 0: "
                         "BN re-estimation only, which ranked better on resnet20 at 0.3x than 30 steps; README, Tuners)")
@@ -66,18 +69,19 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def make_tuner(name: str, evaluations: int, seed: int, warmup: Optional[int] = None, pop_size: int = 20,
                parallel: int = 1, initial: Union[str, Sequence[Mapping[str, float]]] = (),
-               initial_sigma: float = 0.1) -> Any:
+               initial_sigma: float = 0.1, initial_count: Optional[int] = None) -> Any:
     """A registered tuner sized to about `evaluations` evaluated policies; `initial` ("uniform" or
-    policies) starts DDPG's warm-up or GA's first generation."""
+    policies) starts DDPG's warm-up or GA's first generation (its first `initial_count` policies)."""
     from ..tuners import get_tuner
 
     cls = get_tuner(name)
     if name == "ddpg":
         return cls(episodes=evaluations, warmup=evaluations // 3 if warmup is None else warmup, seed=seed,
-                   parallel_episodes=parallel, initial=initial, initial_sigma=initial_sigma)
+                   parallel_episodes=parallel, initial=initial, initial_sigma=initial_sigma,
+                   initial_count=initial_count)
     if name == "ga":
         return cls(generations=max(1, evaluations // pop_size), pop_size=pop_size, seed=seed, initial=initial,
-                   initial_sigma=initial_sigma)
+                   initial_sigma=initial_sigma, initial_count=initial_count)
     if name == "random":
         return cls(samples=evaluations, seed=seed, batch=parallel)
     return cls(seed=seed)
@@ -107,9 +111,15 @@ def search_job(ns: argparse.Namespace) -> Dict[str, Any]:
     start = getattr(ns, "start", "random")
     if getattr(ns, "start_sigma", 0.1) < 0:
         raise PruningError(f"--start-sigma must be >= 0, got {ns.start_sigma}")
+    start_count = getattr(ns, "start_count", None)
+    if start_count is not None and start != "uniform":
+        raise PruningError(f"--start-count {start_count} needs --start uniform")
+    if start_count is not None and start_count < 1:
+        raise PruningError(f"--start-count must be >= 1, got {start_count}")
     tuner = make_tuner(ns.tuner, ns.evaluations, ns.seed, ns.warmup, ns.pop_size,  # a bad name fails before training
                        parallel=ns.workers if ns.executor == "ray" else 1,
-                       initial="uniform" if start == "uniform" else (), initial_sigma=getattr(ns, "start_sigma", 0.1))
+                       initial="uniform" if start == "uniform" else (), initial_sigma=getattr(ns, "start_sigma", 0.1),
+                       initial_count=start_count)
     threads = torch.get_num_threads()
     if ns.data == "digits":
         torch.set_num_threads(1)  # tiny models: one thread is faster and leaves the other core alone

@@ -149,19 +149,38 @@ def check_initial(initial: Any, limit: int, where: str) -> Union[str, List[Dict[
     return [dict(p) for p in initial]
 
 
-def start_config(initial: Union[str, List[Dict[str, float]]], sigma: float, keep_empty: bool = False) -> Dict[str, Any]:
+def check_initial_count(count: Any, initial: Union[str, List[Dict[str, float]]], limit: int,
+                        where: str) -> Optional[int]:
+    """`initial_count=`: how many of the first policies start near uniform (None: all of them); only
+    with initial="uniform", where a list of policies already says how many there are."""
+    if count is None:
+        return None
+    if initial != "uniform":
+        raise PruningError(f"initial_count={count!r} applies to initial='uniform' only, got initial={initial!r}")
+    count = check_count(count, "initial_count")
+    if count > limit:
+        raise PruningError(f"initial_count must be at most {where}, got {count}")
+    return count
+
+
+def start_config(initial: Union[str, List[Dict[str, float]]], sigma: float, keep_empty: bool = False,
+                 count: Optional[int] = None) -> Dict[str, Any]:
     """The `initial=` part of a tuner's config(): absent when unused unless `keep_empty` (so checkpoints
-    written before the option existed still resume), `initial_sigma` only where it is read."""
+    written before the option existed still resume), `initial_sigma` and `initial_count` only where read."""
     if not initial:
         return {"initial": initial} if keep_empty else {}
-    return {"initial": initial, **({"initial_sigma": sigma} if initial == "uniform" else {})}
+    if initial != "uniform":
+        return {"initial": initial}
+    return {"initial": initial, "initial_sigma": sigma, **({"initial_count": count} if count is not None else {})}
 
 
 def initial_vectors(space: SearchSpace, initial: Union[str, List[Dict[str, float]]], n: int, sigma: float,
-                    seed: int) -> List[np.ndarray]:
+                    seed: int, count: Optional[int] = None) -> List[np.ndarray]:
     """The vectors a tuner starts from: the given policies, or for "uniform" the uniform policy at the
-    budget and n-1 copies moved by N(0, sigma) (space.near_uniform). Unknown layer names raise here."""
+    budget and copies moved by N(0, sigma) (space.near_uniform), n in all or the first `count` of the n
+    (the tuner draws the rest at random). Unknown layer names raise here."""
     if initial == "uniform":
+        n = n if count is None else min(n, count)
         return space.near_uniform(n, sigma, seed) if n > 0 else []
     return [space.clip(space.vector(p)) for p in initial]
 

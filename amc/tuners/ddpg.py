@@ -24,7 +24,7 @@ from scipy.stats import truncnorm
 
 from ..compressors.base import check_count, check_number
 from ..errors import PruningError
-from .base import Tuner, check_initial, initial_vectors, start_config
+from .base import Tuner, check_initial, check_initial_count, initial_vectors, start_config
 from .registry import register_tuner
 from .space import SearchSpace
 
@@ -72,7 +72,8 @@ class DDPG(Tuner):
       instead of random actions (clamped to the budget like any action), so the critic first learns
       around a known good allocation (a uniform ratio, an earlier search); at most `warmup` of them.
       initial="uniform": every warm-up episode executes the uniform policy at the budget or a copy with
-      every ratio moved by N(0, initial_sigma).
+      every ratio moved by N(0, initial_sigma); initial_count=k: only the first k warm-up episodes
+      (the rest random).
     """
 
     def __init__(self, episodes: int = 300, warmup: int = 100, seed: int = 0, reward: str = "score",
@@ -80,7 +81,7 @@ class DDPG(Tuner):
                  discount: float = 1.0, batch_size: int = 64, replay_size: int = 2000, noise: float = 0.5,
                  noise_decay: float = 0.95, moving_alpha: float = 0.5, parallel_episodes: int = 1,
                  initial: Union[str, Sequence[Mapping[str, float]]] = (), initial_sigma: float = 0.1,
-                 **unknown: Any):
+                 initial_count: Optional[int] = None, **unknown: Any):
         super().__init__(seed, **unknown)
         if reward not in REWARDS:
             raise PruningError(f"reward must be one of {REWARDS}, got {reward!r}")
@@ -98,12 +99,13 @@ class DDPG(Tuner):
         self.parallel_episodes = check_count(parallel_episodes, "parallel_episodes")
         self.initial = check_initial(initial, self.warmup, f"warmup={self.warmup}")
         self.initial_sigma = check_number(initial_sigma, "initial_sigma", low=0.0)
+        self.initial_count = check_initial_count(initial_count, self.initial, self.warmup, f"warmup={self.warmup}")
 
     def config(self) -> Dict[str, Any]:
         return {k: getattr(self, k) for k in ("seed", "episodes", "warmup", "reward_kind", "hidden", "lr_actor",
                                               "lr_critic", "tau", "discount", "batch_size", "replay_size",
                                               "noise0", "noise_decay", "moving_alpha", "parallel_episodes")} \
-            | start_config(self.initial, self.initial_sigma)
+            | start_config(self.initial, self.initial_sigma, count=self.initial_count)
 
     @property
     def total_evaluations(self) -> int:
@@ -130,7 +132,8 @@ class DDPG(Tuner):
         self.opt_c = torch.optim.Adam(self.critic.parameters(), lr=self.lr_critic)
         self.memory = _Replay(self.replay_size, self.state_dim)
         self.rng = np.random.default_rng(self.seed)
-        self.initial_x = initial_vectors(space, self.initial, self.warmup, self.initial_sigma, self.seed)
+        self.initial_x = initial_vectors(space, self.initial, self.warmup, self.initial_sigma, self.seed,
+                                         self.initial_count)
         self.episode, self.noise, self.moving_average = 0, float(self.noise0), None
 
     def _state(self, t: int, x: np.ndarray, prev_u: float) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 import torch.nn as nn
 
 from ..compressors.budget import per_sample as _batch1
+from ..compressors.base import check_count, check_number
 from ..errors import PruningError
 from ..graph.counting import count, node_costs
 from ..graph.network import ReconstructedNetwork
@@ -220,6 +221,7 @@ class SearchSpace:
     def near_uniform(self, n: int, sigma: float, seed: int) -> List[np.ndarray]:
         """The uniform policy and n-1 copies with every ratio moved by N(0, sigma), clipped to the bounds
         (the search loop repairs them to the budget like any candidate); as policies would round them."""
+        n, sigma = check_count(n, "n (policies near uniform)"), check_number(sigma, "sigma", low=0.0)
         u = self.clip(self.vector(self.policy(self.uniform())))
         rng = np.random.default_rng(seed)
         xs = [u] + [self.clip(u + rng.normal(0, sigma, len(u))) for _ in range(n - 1)]

@@ -141,14 +141,24 @@ def _spearman(a: List[float], b: List[float]) -> str:
     return f"{rho:.2f} (p = {p:.3f})"
 
 
-def label(pick: Dict[str, Any]) -> str:
-    """The tuner, and whether its source run started it near uniform (GA's first generation, DDPG's warm-up)."""
+def budget(pick: Dict[str, Any], evaluations: int) -> str:
+    """", N evaluations" where the pick's search evaluated another number than this run's --evaluations."""
+    src = RESULTS / pick["file"]
+    n = json.loads(src.read_text())["args"].get("evaluations", evaluations) if src.exists() else evaluations
+    return "" if n == evaluations else f", {n} evaluations"
+
+
+def label(pick: Dict[str, Any], evaluations: int = 40) -> str:
+    """The tuner, whether its source run started it near uniform (GA's first generation, DDPG's warm-up),
+    and its search budget where it is not the others'."""
     src = RESULTS / pick["file"]
     a = json.loads(src.read_text())["args"] if src.exists() else {}
     sigma, count = a.get("initial_uniform"), a.get("initial_uniform_count")
     start = {"ga": "first generation", "ddpg": "warm-up"}.get(pick["tuner"])
-    return pick["tuner"] + (f" ({start} {f'{count} policies ' if count else ''}near uniform, sigma {sigma})"
-                            if sigma is not None and start else "")
+    near = (f"{start} {f'{count} policies ' if count else ''}near uniform, sigma {sigma}"
+            if sigma is not None and start else "")
+    more = budget(pick, evaluations)
+    return pick["tuner"] + (f" ({near}{more})" if near else f" ({more[2:]})" if more else "")
 
 
 def render(out: Dict[str, Any]) -> str:
@@ -209,7 +219,10 @@ def render(out: Dict[str, Any]) -> str:
                   "above uniform, paired | above random search, paired |", "|---|---|---|---|---|---|"]
         um = statistics.mean(u)
         lines.append(f"| uniform | {um * 100:.2f} | - | - | - | - |")
-        labels = {id(p): label(p) for p in out["picks"]}
+        labels = {id(p): label(p, a["evaluations"]) for p in out["picks"]}
+        rival = {id(p): "random" + (f" ({budget(p, a['evaluations'])[2:]})" if budget(p, a["evaluations"]) else "")
+                 for p in out["picks"]}  # random search with the same number of evaluations
+        rival = {labels[i]: r for i, r in rival.items()}
         per_seed = {t: [statistics.mean(p["after_ft"][s] for p in out["picks"] if labels[id(p)] == t)
                         for s in out["uniform"]["after_ft"]]
                     for t in dict.fromkeys(labels[id(p)] for p in out["picks"])}
@@ -217,8 +230,9 @@ def render(out: Dict[str, Any]) -> str:
             means = [statistics.mean(p["after_ft"].values()) for p in out["picks"] if labels[id(p)] == t]
             sd = statistics.stdev(means) * 100 if len(means) > 1 else float("nan")
             over_u = sum(a > b for a, b in zip(by_seed, u))
-            over_r = "-" if t == "random" or "random" not in per_seed else \
-                f"{sum(a > b for a, b in zip(by_seed, per_seed['random']))} of {len(u)}"
+            r = rival[t]
+            over_r = "-" if t == r or r not in per_seed else \
+                f"{sum(x > y for x, y in zip(by_seed, per_seed[r]))} of {len(u)}"
             lines.append(f"| {t} | {statistics.mean(means) * 100:.2f} | {sd:.2f} | "
                          f"{(statistics.mean(means) - um) * 100:+.2f} | {over_u} of {len(u)} | {over_r} |")
     return "\n".join(lines) + "\n"

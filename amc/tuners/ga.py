@@ -32,8 +32,8 @@ class GA(Tuner):
     (a uniform ratio, a hand-made rule, an earlier search) is refined instead of rediscovered;
     initial="uniform": the whole first generation is the uniform policy at the budget and copies with every
     ratio moved by N(0, initial_sigma), where uniformly random policies would start far from it;
-    initial_count=k starts only the first k of them so, the rest random (half and half was the best start
-    measured on resnet20; README, Tuners)."""
+    initial_count=k: only the first k policies start near uniform, the rest random (half and half was the
+    best start measured on resnet20; README, Tuners)."""
 
     def __init__(self, generations: int = 20, pop_size: int = 16, seed: int = 0,
                  objectives: Sequence[str] = ("score",), crossover_eta: float = 15.0, mutation_eta: float = 20.0,

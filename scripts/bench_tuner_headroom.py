@@ -141,24 +141,18 @@ def _spearman(a: List[float], b: List[float]) -> str:
     return f"{rho:.2f} (p = {p:.3f})"
 
 
-def budget(pick: Dict[str, Any], evaluations: int) -> str:
-    """", N evaluations" where the pick's search evaluated another number than this run's --evaluations."""
-    src = RESULTS / pick["file"]
-    n = json.loads(src.read_text())["args"].get("evaluations", evaluations) if src.exists() else evaluations
-    return "" if n == evaluations else f", {n} evaluations"
-
-
 def label(pick: Dict[str, Any], evaluations: int = 40) -> str:
     """The tuner, whether its source run started it near uniform (GA's first generation, DDPG's warm-up),
-    and its search budget where it is not the others'."""
+    and its search budget where it is not this run's --evaluations."""
     src = RESULTS / pick["file"]
     a = json.loads(src.read_text())["args"] if src.exists() else {}
     sigma, count = a.get("initial_uniform"), a.get("initial_uniform_count")
     start = {"ga": "first generation", "ddpg": "warm-up"}.get(pick["tuner"])
-    near = (f"{start} {f'{count} policies ' if count else ''}near uniform, sigma {sigma}"
-            if sigma is not None and start else "")
-    more = budget(pick, evaluations)
-    return pick["tuner"] + (f" ({near}{more})" if near else f" ({more[2:]})" if more else "")
+    parts = [f"{start} {f'{count} policies ' if count else ''}near uniform, sigma {sigma}"] \
+        if sigma is not None and start else []
+    if a.get("evaluations", evaluations) != evaluations:
+        parts.append(f"{a['evaluations']} evaluations")
+    return pick["tuner"] + (f" ({', '.join(parts)})" if parts else "")
 
 
 def render(out: Dict[str, Any]) -> str:
@@ -220,9 +214,8 @@ def render(out: Dict[str, Any]) -> str:
         um = statistics.mean(u)
         lines.append(f"| uniform | {um * 100:.2f} | - | - | - | - |")
         labels = {id(p): label(p, a["evaluations"]) for p in out["picks"]}
-        rival = {id(p): "random" + (f" ({budget(p, a['evaluations'])[2:]})" if budget(p, a["evaluations"]) else "")
-                 for p in out["picks"]}  # random search with the same number of evaluations
-        rival = {labels[i]: r for i, r in rival.items()}
+        rival = {labels[id(p)]: label({**p, "tuner": "random"}, a["evaluations"])  # same number of evaluations
+                 for p in out["picks"]}
         per_seed = {t: [statistics.mean(p["after_ft"][s] for p in out["picks"] if labels[id(p)] == t)
                         for s in out["uniform"]["after_ft"]]
                     for t in dict.fromkeys(labels[id(p)] for p in out["picks"])}

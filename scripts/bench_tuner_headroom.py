@@ -143,7 +143,8 @@ def _spearman(a: List[float], b: List[float]) -> str:
 
 def label(pick: Dict[str, Any], evaluations: int = 40) -> str:
     """The tuner, whether its source run started it near uniform (GA's first generation, DDPG's warm-up),
-    and its search budget where it is not this run's --evaluations."""
+    its search budget where it is not this run's --evaluations, and whether it re-ranked its best few
+    (a table may mix plain and re-ranked picks of one tuner; each is compared with random search run alike)."""
     src = RESULTS / pick["file"]
     a = json.loads(src.read_text())["args"] if src.exists() else {}
     sigma, count = a.get("initial_uniform"), a.get("initial_uniform_count")
@@ -152,6 +153,8 @@ def label(pick: Dict[str, Any], evaluations: int = 40) -> str:
         if sigma is not None and start else []
     if a.get("evaluations", evaluations) != evaluations:
         parts.append(f"{a['evaluations']} evaluations")
+    if a.get("rerank"):
+        parts.append(f"re-ranked {a['rerank']}")
     return pick["tuner"] + (f" ({', '.join(parts)})" if parts else "")
 
 

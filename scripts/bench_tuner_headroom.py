@@ -153,6 +153,8 @@ def label(pick: Dict[str, Any], evaluations: int = 40) -> str:
         if sigma is not None and start else []
     if a.get("evaluations", evaluations) != evaluations:
         parts.append(f"{a['evaluations']} evaluations")
+    if a.get("proxy_holdout_batches", 8) != 8:
+        parts.append(f"proxy on {a['proxy_holdout_batches']} batches")
     if a.get("rerank"):
         parts.append(f"re-ranked {a['rerank']}")
     return pick["tuner"] + (f" ({', '.join(parts)})" if parts else "")

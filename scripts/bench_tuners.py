@@ -94,10 +94,11 @@ def test_scores(net: torch.nn.Module, train, test, ft_epochs: int) -> Dict[str, 
     return {"before_ft": before, "after_ft": after}
 
 
-def proxy(train, finetune_steps: int = 0):
-    """The search's score: accuracy on 8 training batches after BN re-estimation on 4 others (and
-    `finetune_steps` SGD steps on a copy); the test split is never used for a choice."""
-    return default_evaluator(train, None, bn_batches=4, holdout_batches=8, finetune_steps=finetune_steps)
+def proxy(train, finetune_steps: int = 0, holdout_batches: int = 8):
+    """The search's score: accuracy on `holdout_batches` training batches after BN re-estimation on 4 others
+    (and `finetune_steps` SGD steps on a copy); the test split is never used for a choice."""
+    return default_evaluator(train, None, bn_batches=4, holdout_batches=holdout_batches,
+                             finetune_steps=finetune_steps)
 
 
 def compressor_options(args: argparse.Namespace, compressor: str) -> Dict[str, Any]:
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         base_acc = evaluate(model, test)["acc"]
         test_scores(model, train, test, 0)  # fixes the rows' BN batches before anything reads the loader
         base_macs = amc.count(model, x)[0]
-        score = proxy(train, args.proxy_finetune_steps)
+        score = proxy(train, args.proxy_finetune_steps, args.proxy_holdout_batches)
         if args.ray or args.ray_only:
             out["executors"] += [{"model": name, **e} for e in
                                  executor_cost(model, x, train, score, args.compressors[0], args.targets[0])]
@@ -160,7 +161,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                         t0 = time.perf_counter()
                         res = t.search(model, example_inputs=(x,), target_macs=target, compressor=comp,
                                        evaluate=score, calibration=train, progress=False,
-                                       compressor_options=compressor_options(args, comp), holdout_batches=8,
+                                       compressor_options=compressor_options(args, comp),
+                                       holdout_batches=args.proxy_holdout_batches,
                                        rerank=args.rerank, rerank_steps=args.rerank_steps,
                                        rerank_batches=args.rerank_batches)
                         wall = time.perf_counter() - t0
@@ -259,6 +261,8 @@ def render(out: Dict[str, Any]) -> str:
              + (f" --ft-train-limit {a['ft_train_limit']}" if a.get("ft_train_limit") else "")
              + ("" if a.get("spearman", True) else " --no-spearman")
              + (f" --proxy-finetune-steps {a['proxy_finetune_steps']}" if a.get("proxy_finetune_steps") else "")
+             + (f" --proxy-holdout-batches {a['proxy_holdout_batches']}" if a.get("proxy_holdout_batches", 8) != 8
+                else "")
              + (f" --rerank {a['rerank']} --rerank-steps {a['rerank_steps']} --rerank-batches {a['rerank_batches']}"
                 if a.get("rerank") else "")
              + (f" --channel-calibration {a['channel_calibration']}" if "channel" in a["compressors"]
@@ -277,7 +281,7 @@ def render(out: Dict[str, Any]) -> str:
                 + ".", ""] if a.get("initial_uniform") is not None else []),
              f"Every search evaluates {a['evaluations']} policies (DDPG: episodes, warm-up a third; GA: "
              f"{a['evaluations'] // a['pop_size']} generations x {a['pop_size']}; random: samples). "
-             "Proxy = accuracy on 8 training batches after BN re-estimation on 4 others"
+             f"Proxy = accuracy on {a.get('proxy_holdout_batches', 8)} training batches after BN re-estimation on 4 others"
              + (f" and {a['proxy_finetune_steps']} SGD steps (lr 0.01, batch of the loader) on the next "
                 f"{a['proxy_finetune_steps']} (a copy trained; `finetune_steps=` of the default evaluator). "
                 if a.get("proxy_finetune_steps") else ". ")
@@ -384,6 +388,9 @@ def main() -> None:
     p.add_argument("--proxy-finetune-steps", type=int, default=0,
                    help="the proxy also takes this many SGD steps on a copy before scoring (default 0: adaptive "
                         "BN only)")
+    p.add_argument("--proxy-holdout-batches", type=int, default=8,
+                   help="the proxy scores accuracy on this many training batches after the 4 BN ones (default 8; "
+                        "more = less noise between near-equal policies, e.g. after LASSO's least-squares refit)")
     p.add_argument("--skip-uniform", action="store_true", help="searches only (to finish a split run)")
     p.add_argument("--no-spearman", dest="spearman", action="store_false")
     p.add_argument("--ray", action="store_true", help="also time 24 evaluations in-process vs on 2 Ray workers")

@@ -412,6 +412,8 @@ def main() -> None:
     p.add_argument("--merge", nargs="+", default=None, metavar="TAG",
                    help="join the JSON of runs with these tags (e.g. one process per model) into --tag's files")
     args = p.parse_args()
+    if args.proxy_holdout_batches < 1:  # 0 would silently fall back to the evaluator's default of 4
+        p.error(f"--proxy-holdout-batches must be >= 1, got {args.proxy_holdout_batches}")
     if args.models is None:
         args.models = ["digits_resnet"] if args.data == "digits" else ["resnet20", "vgg_small"]
     stem = RESULTS / f"tuners_{args.data}{'_' + args.tag if args.tag else ''}"

@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import bench_tuner_headroom as bh  # noqa: E402  (its tables hold the policies and their fine-tuned accuracy)
 import bench_tuners as bt  # noqa: E402  (the benchmark's originals and loaders)
 
 from amc.export.atomic import atomic_write  # noqa: E402
@@ -57,8 +58,8 @@ def per_batch(net: nn.Module, bn: List[Any], held: List[Any]) -> List[Tuple[floa
 
 
 def headroom(model: str, target: float, comp: str) -> Dict[str, Any]:
-    return json.loads((RESULTS / f"tuner_headroom_{model}{'' if comp == 'prune' else '_' + comp}_{target}.json")
-                      .read_text())
+    name = bh.stem_name(argparse.Namespace(model=model, target=target, compressor=comp))
+    return json.loads((RESULTS / f"{name}.json").read_text())
 
 
 def policies(model: str, target: float, comp: str) -> List[Tuple[str, Dict[str, float], float, int]]:
@@ -86,7 +87,8 @@ def run(rows, path: Path) -> Dict[str, Any]:
         if model not in originals:
             originals[model] = bt.original("fashion_mnist", model)
         net0, train, _, x = originals[model]
-        options = {"trainset_ratio": 0.02} if comp == "channel" else {}
+        calibration = headroom(model, target, comp)["args"]["channel_calibration"]  # as its picks were compressed
+        options = {"trainset_ratio": calibration} if comp == "channel" else {}
         space = build_space(net0, (x,), target, comp, calibration=train, compressor_options=options)
         bns = {k: take_batches(train, n) for k, n in BN.items()}
         held = take_batches(train, max(HELD), skip=4)  # after the 4 BN batches, as the searches' proxy takes them

@@ -16,8 +16,9 @@ tuners or of one fine-tuning draw:
    part takes them) fine-tuned with seed 0: how many end above uniform, and by how much the best one
    does. Picking that best one reads the test set, so it is an oracle no tuner can beat with this
    fine-tuning draw.
-3. **The tuners' picks, averaged over the noise**: the committed policies of `--from` (the rows of
-   `tuners_fashion_mnist.json`) re-fine-tuned with every seed; mean per tuner against uniform's mean.
+3. **The tuners' picks, averaged over the noise**: the committed policies of `--picks-from` (the rows of
+   `tuners_fashion_mnist.json`) re-fine-tuned with every seed; mean per tuner against uniform's mean, and the
+   95% interval of its difference to random search run alike (3 search seeds resolve about 0.45 points).
 4. **What predicts the fine-tuned accuracy** over the N policies: Spearman of it with the search's proxy,
    the kept parameters and the smallest kept fraction of any layer.
 
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+import scipy.stats
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -160,6 +162,15 @@ def label(pick: Dict[str, Any], evaluations: int = 40) -> str:
     return pick["tuner"] + (f" ({', '.join(parts)})" if parts else "")
 
 
+def difference_interval(a: List[float], b: List[float]) -> str:
+    """95% interval of mean(a) - mean(b) in points, Welch's t (scipy): with 3 search seeds a side its width shows
+    how large a difference the benchmark can resolve at all."""
+    if min(len(a), len(b)) < 2:
+        return "-"
+    lo, hi = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    return f"{lo * 100:+.2f} to {hi * 100:+.2f}"
+
+
 def render(out: Dict[str, Any]) -> str:
     a = out["args"]
     u = list(out["uniform"]["after_ft"].values())
@@ -213,26 +224,33 @@ def render(out: Dict[str, Any]) -> str:
             lines += ["", "Rows of `--picks-from` without a saved policy (left out): "
                       + "; ".join(out["picks_without_policy"]) + "."]
         lines += ["", "Per tuner: the mean over its picks and the FT seeds; paired by data order, the seeds at which "
-                  "the mean of its picks is above uniform's (and above random search's picks) with that seed.", "",
+                  "the mean of its picks is above uniform's (and above random search's picks) with that seed; and "
+                  "the 95% interval of its difference to random search run alike (Welch's t over the per-policy "
+                  "means, one per search seed: an interval that holds 0 means the search seeds cannot tell the two "
+                  "apart).", "",
                   "| policy | mean over search seeds and FT seeds | std of the per-policy means | vs uniform | "
-                  "above uniform, paired | above random search, paired |", "|---|---|---|---|---|---|"]
+                  "above uniform, paired | above random search, paired | vs random search, 95% interval |",
+                  "|---|---|---|---|---|---|---|"]
         um = statistics.mean(u)
-        lines.append(f"| uniform | {um * 100:.2f} | - | - | - | - |")
+        lines.append(f"| uniform | {um * 100:.2f} | - | - | - | - | - |")
         labels = {id(p): label(p, a["evaluations"]) for p in out["picks"]}
         rival = {labels[id(p)]: label({**p, "tuner": "random"}, a["evaluations"])  # same number of evaluations
                  for p in out["picks"]}
         per_seed = {t: [statistics.mean(p["after_ft"][s] for p in out["picks"] if labels[id(p)] == t)
                         for s in out["uniform"]["after_ft"]]
                     for t in dict.fromkeys(labels[id(p)] for p in out["picks"])}
+        pick_means = {t: [statistics.mean(p["after_ft"].values()) for p in out["picks"] if labels[id(p)] == t]
+                      for t in per_seed}
         for t, by_seed in per_seed.items():
-            means = [statistics.mean(p["after_ft"].values()) for p in out["picks"] if labels[id(p)] == t]
+            means = pick_means[t]
             sd = statistics.stdev(means) * 100 if len(means) > 1 else float("nan")
             over_u = sum(a > b for a, b in zip(by_seed, u))
             r = rival[t]
-            over_r = "-" if t == r or r not in per_seed else \
-                f"{sum(x > y for x, y in zip(by_seed, per_seed[r]))} of {len(u)}"
+            alike = t != r and r in per_seed
+            over_r = f"{sum(x > y for x, y in zip(by_seed, per_seed[r]))} of {len(u)}" if alike else "-"
             lines.append(f"| {t} | {statistics.mean(means) * 100:.2f} | {sd:.2f} | "
-                         f"{(statistics.mean(means) - um) * 100:+.2f} | {over_u} of {len(u)} | {over_r} |")
+                         f"{(statistics.mean(means) - um) * 100:+.2f} | {over_u} of {len(u)} | {over_r} | "
+                         f"{difference_interval(means, pick_means[r]) if alike else '-'} |")
     return "\n".join(lines) + "\n"
 
 

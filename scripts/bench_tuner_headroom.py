@@ -236,11 +236,12 @@ def render(out: Dict[str, Any]) -> str:
         labels = {id(p): label(p, a["evaluations"]) for p in out["picks"]}
         rival = {labels[id(p)]: label({**p, "tuner": "random"}, a["evaluations"])  # same number of evaluations
                  for p in out["picks"]}
-        per_seed = {t: [statistics.mean(p["after_ft"][s] for p in out["picks"] if labels[id(p)] == t)
-                        for s in out["uniform"]["after_ft"]]
-                    for t in dict.fromkeys(labels[id(p)] for p in out["picks"])}
-        pick_means = {t: [statistics.mean(p["after_ft"].values()) for p in out["picks"] if labels[id(p)] == t]
-                      for t in per_seed}
+        groups: Dict[str, List[Dict[str, Any]]] = {}
+        for p in out["picks"]:
+            groups.setdefault(labels[id(p)], []).append(p)
+        per_seed = {t: [statistics.mean(p["after_ft"][s] for p in ps) for s in out["uniform"]["after_ft"]]
+                    for t, ps in groups.items()}
+        pick_means = {t: [statistics.mean(p["after_ft"].values()) for p in ps] for t, ps in groups.items()}
         for t, by_seed in per_seed.items():
             means = pick_means[t]
             sd = statistics.stdev(means) * 100 if len(means) > 1 else float("nan")
